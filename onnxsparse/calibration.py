@@ -1,0 +1,281 @@
+"""Input sources: where the feeds come from that validation (and calibration) run the model on.
+
+A source yields feed dicts ``{input name: array}``. It can be ``.npz`` files, a folder of them, any
+iterable of feed dicts (onnxruntime's ``CalibrationDataReader`` too), or seeded synthetic data built
+from the graph's input types.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import InputDataError
+from .graph import constant_value, to_gs
+
+Feed = dict[str, np.ndarray]
+
+DEFAULT_BATCH = 1
+DEFAULT_DYNAMIC_DIM = 32
+DEFAULT_SYNTHETIC_SAMPLES = 4
+DEFAULT_INT_RANGE = (0, 100)
+
+
+@runtime_checkable
+class InputSource(Protocol):
+    """Anything that can yield feeds, again and again, and say where they come from."""
+
+    def feeds(self) -> Iterator[Feed]: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """A graph input the caller must feed (initializer-backed inputs are optional and left out)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+
+def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    inputs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            raise InputDataError(f"input '{value.name}' is not a tensor; only tensor inputs are supported")
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
+        )
+        inputs.append(ModelInput(value.name, helper.tensor_dtype_to_np_dtype(tensor_type.elem_type), dims))
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NpzInputs:
+    """One feed per ``.npz`` file; the archive's keys are the input names."""
+
+    paths: tuple[Path, ...]
+
+    def feeds(self) -> Iterator[Feed]:
+        for path in self.paths:
+            try:
+                with np.load(path, allow_pickle=False) as archive:
+                    yield {key: archive[key] for key in archive.files}
+            except (OSError, ValueError) as error:
+                raise InputDataError(f"{path}: cannot be read as .npz ({error})") from error
+
+    def describe(self) -> str:
+        return f"{len(self.paths)} .npz file(s)" if len(self.paths) != 1 else str(self.paths[0])
+
+
+@dataclass
+class IterableInputs:
+    """Feeds from any iterable of dicts, or from an object with ``get_next()`` (CalibrationDataReader).
+
+    Such sources are often single-use, so the feeds are kept after the first pass over them.
+    """
+
+    source: Any
+    _kept: list[Feed] | None = field(default=None, repr=False)
+
+    def feeds(self) -> Iterator[Feed]:
+        if self._kept is None:
+            self._kept = [dict(feed) for feed in _drain(self.source)]
+        return iter(self._kept)
+
+    def describe(self) -> str:
+        return f"{type(self.source).__name__} ({len(self._kept) if self._kept is not None else '?'} feeds)"
+
+
+def _drain(source: Any) -> Iterator[Mapping[str, np.ndarray]]:
+    if hasattr(source, "get_next"):
+        while (feed := source.get_next()) is not None:
+            yield feed
+        if hasattr(source, "rewind"):
+            source.rewind()
+        return
+    if isinstance(source, Mapping):
+        yield source
+        return
+    yield from source
+
+
+@dataclass(frozen=True)
+class SyntheticInputs:
+    """Seeded random feeds built from the graph's input types.
+
+    Dynamic dims take ``dims[name]`` (by dim_param), else 1 on axis 0 (the batch) and 32 elsewhere.
+    Floats are standard normal; integers uniform in ``int_range``, narrowed to the table size when
+    the input indexes a constant embedding table through Gather (token ids); booleans are coin flips.
+    """
+
+    model: onnx.ModelProto
+    samples: int = DEFAULT_SYNTHETIC_SAMPLES
+    seed: int = 0
+    dims: Mapping[str, int] = field(default_factory=dict)
+    int_range: tuple[int, int] | None = None
+
+    def feeds(self) -> Iterator[Feed]:
+        rng = np.random.default_rng(self.seed)
+        inputs = model_inputs(self.model)
+        int_bounds = {i.name: self._int_bounds(i.name) for i in inputs if np.issubdtype(i.dtype, np.integer)}
+        for _ in range(self.samples):
+            yield {i.name: self._sample(rng, i, int_bounds.get(i.name)) for i in inputs}
+
+    def describe(self) -> str:
+        return f"{self.samples} synthetic sample(s), seed {self.seed}"
+
+    def resolved_shape(self, model_input: ModelInput) -> tuple[int, ...]:
+        shape = []
+        for axis, dim in enumerate(model_input.shape):
+            if isinstance(dim, int) and dim > 0:
+                shape.append(dim)
+            elif isinstance(dim, str) and dim in self.dims:
+                shape.append(int(self.dims[dim]))
+            else:
+                shape.append(DEFAULT_BATCH if axis == 0 else DEFAULT_DYNAMIC_DIM)
+        return tuple(shape)
+
+    def _sample(self, rng: np.random.Generator, model_input: ModelInput, bounds: tuple[int, int] | None) -> np.ndarray:
+        shape = self.resolved_shape(model_input)
+        if np.issubdtype(model_input.dtype, np.floating):
+            return rng.standard_normal(shape).astype(model_input.dtype)
+        if model_input.dtype == np.bool_:
+            return rng.random(shape) < 0.5
+        if np.issubdtype(model_input.dtype, np.integer):
+            low, high = bounds or DEFAULT_INT_RANGE
+            return rng.integers(low, high, size=shape).astype(model_input.dtype)
+        raise InputDataError(f"input '{model_input.name}' has dtype {model_input.dtype}; give inputs for it")
+
+    def _int_bounds(self, name: str) -> tuple[int, int]:
+        if self.int_range is not None:
+            return self.int_range
+        table_rows = _gather_table_rows(self.model, name)
+        return (0, table_rows) if table_rows else DEFAULT_INT_RANGE
+
+
+def _gather_table_rows(model: onnx.ModelProto, input_name: str) -> int | None:
+    """Rows of the smallest constant table that ``input_name`` indexes through Gather, if any."""
+    graph = to_gs(model)
+    tensor = graph.tensors().get(input_name)
+    rows = []
+    for node in tensor.outputs if tensor is not None else []:
+        if node.op == "Gather" and len(node.inputs) > 1 and node.inputs[1] is tensor:
+            table = constant_value(node.inputs[0])
+            if table is not None and table.ndim >= 1 and node.attrs.get("axis", 0) == 0:
+                rows.append(int(table.shape[0]))
+    return min(rows) if rows else None
+
+
+# ---------------------------------------------------------------------------------------------
+# resolving what the user gave
+# ---------------------------------------------------------------------------------------------
+
+InputSpec = str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | InputSource | None
+
+
+def resolve_inputs(
+    spec: InputSpec | Iterable[InputSpec],
+    model: onnx.ModelProto,
+    *,
+    samples: int = DEFAULT_SYNTHETIC_SAMPLES,
+    seed: int = 0,
+    dims: Mapping[str, int] | None = None,
+    int_range: tuple[int, int] | None = None,
+) -> InputSource:
+    """Turn what the user gave (nothing, paths, a folder, an iterable, a source) into a source."""
+    if spec is None:
+        return SyntheticInputs(model, samples=samples, seed=seed, dims=dict(dims or {}), int_range=int_range)
+    if isinstance(spec, InputSource):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        return NpzInputs(_npz_paths(Path(spec)))
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, (str, os.PathLike)) for s in spec):
+        return NpzInputs(tuple(p for s in spec for p in _npz_paths(Path(s))))
+    return IterableInputs(spec)
+
+
+def _npz_paths(path: Path) -> tuple[Path, ...]:
+    if path.is_dir():
+        found = tuple(sorted(path.glob("*.npz")))
+        if not found:
+            raise InputDataError(f"{path}: folder holds no .npz files")
+        return found
+    if not path.is_file():
+        raise InputDataError(f"{path}: no such input file or folder")
+    return (path,)
+
+
+def parse_dims(text: str) -> dict[str, int]:
+    """``"batch=4,seq=128"`` → ``{"batch": 4, "seq": 128}`` (the CLI's ``--dims``)."""
+    dims = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        match = re.fullmatch(r"([^=]+)=(\d+)", item)
+        if not match:
+            raise InputDataError(f"--dims: '{item}' is not NAME=INTEGER")
+        dims[match.group(1).strip()] = int(match.group(2))
+    return dims
+
+
+# ---------------------------------------------------------------------------------------------
+# checking feeds against the model
+# ---------------------------------------------------------------------------------------------
+
+
+def check_feed(feed: Mapping[str, np.ndarray], inputs: list[ModelInput], origin: str) -> Feed:
+    """The feed restricted to the model's inputs, or an error naming the mismatch.
+
+    Extra keys (labels stored beside the inputs) are ignored: a misspelt input name still fails,
+    as the input it was meant for is then missing.
+    """
+    checked: Feed = {}
+    for model_input in inputs:
+        if model_input.name not in feed:
+            raise InputDataError(
+                f"{origin}: input '{model_input.name}' is missing (it has {sorted(feed)}; the model needs {[i.name for i in inputs]})"
+            )
+        array = np.asarray(feed[model_input.name])
+        if array.dtype != model_input.dtype:
+            raise InputDataError(
+                f"{origin}: input '{model_input.name}' has dtype {array.dtype}, the model expects {model_input.dtype}"
+            )
+        if array.ndim != len(model_input.shape) or any(
+            isinstance(d, int) and d > 0 and d != n for d, n in zip(model_input.shape, array.shape)
+        ):
+            expected = tuple(d if isinstance(d, int) and d > 0 else (d or "?") for d in model_input.shape)
+            raise InputDataError(
+                f"{origin}: input '{model_input.name}' has shape {array.shape}, the model expects {expected}"
+            )
+        checked[model_input.name] = array
+    return checked
+
+
+def collect_feeds(source: InputSource, model: onnx.ModelProto, *, limit: int | None = None) -> list[Feed]:
+    """All feeds of a source (up to ``limit``), each checked against the model's inputs."""
+    inputs = model_inputs(model)
+    collected = []
+    for index, feed in enumerate(source.feeds()):
+        if limit is not None and index >= limit:
+            break
+        collected.append(check_feed(feed, inputs, f"{source.describe()}, feed {index}"))
+    if not collected:
+        raise InputDataError(f"{source.describe()}: yielded no feeds")
+    return collected

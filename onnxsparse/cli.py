@@ -1,0 +1,350 @@
+"""``onnxsparse optimize | validate | inspect | passes``.
+
+Exit status: 0 done, 1 a model failed validation (or a pass failed under ``--policy raise``),
+2 bad input (missing or invalid file, unknown pass or option, output path equal to the input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from tqdm import tqdm
+
+from . import __version__
+from .calibration import parse_dims
+from .errors import InputDataError, OnnxsparseError
+from .inspect_model import ModelSummary, summarize
+from .io import load_with_info
+from .passes import registered_passes
+from .report import RunReport, worst_output
+from .spec import option_fields, option_types, parse_tolerance_text, type_text, format_value, _default_of
+from .validate import Tolerances, ValidationResult
+
+log = logging.getLogger("onnxsparse")
+
+
+# ---------------------------------------------------------------------------------------------
+# plain-text tables and progress
+# ---------------------------------------------------------------------------------------------
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """Columns padded to their widest cell; columns listed in ``right`` are right-aligned (numbers)."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(row) for row in cells[1:]])
+
+
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A progress callback drawing one tqdm bar per label on stderr (only on a terminal)."""
+    if not enabled:
+        yield None
+        return
+    bars: dict[str, tqdm] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        bar = bars.get(label)
+        if bar is None:
+            bar = bars[label] = tqdm(total=total, desc=label, leave=False, unit="step", disable=None, file=sys.stderr)
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def _human_bytes(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024  # type: ignore[assignment]
+    return str(count)
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnxsparse", description="Make ONNX models smaller and faster, and measure what it costs.")
+    parser.add_argument("--version", action="version", version=f"onnxsparse {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    optimize = commands.add_parser("optimize", help="run a pipeline of passes over a model, validated against the original")
+    optimize.add_argument("model", help="input .onnx file (never modified)")
+    optimize.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
+    source = optimize.add_mutually_exclusive_group(required=True)
+    source.add_argument("-p", "--pipeline", help='passes, e.g. "cleanup,fold-batchnorm" (see `onnxsparse passes`)')
+    source.add_argument("--recipe", help="a TOML recipe file with [[pass]] entries, tolerances and policy")
+    optimize.add_argument("--calibration", nargs="+", metavar="NPZ|DIR", help="calibration inputs for passes that need data")
+    optimize.add_argument("--policy", choices=("rollback", "raise", "keep"), help="what to do when a pass breaks tolerance (default rollback)")
+    optimize.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
+    optimize.add_argument("--markdown", metavar="FILE.md", help="write the report as Markdown")
+    optimize.add_argument("--overwrite-input", action="store_true", help="allow the output to replace the input file")
+    _add_input_options(optimize)
+    _add_tolerance_options(optimize)
+    _add_common_options(optimize)
+
+    validate = commands.add_parser("validate", help="compare a candidate model with a reference in onnxruntime")
+    validate.add_argument("reference", help="the original .onnx")
+    validate.add_argument("candidate", help="the optimized .onnx")
+    _add_input_options(validate)
+    _add_tolerance_options(validate)
+    _add_common_options(validate)
+
+    inspect = commands.add_parser("inspect", help="ops, tensors, bytes and sparsity of a model")
+    inspect.add_argument("model")
+    inspect.add_argument("--top", type=int, default=20, help="tensors listed, largest first (default 20; 0 for all)")
+    _add_common_options(inspect)
+
+    passes = commands.add_parser("passes", help="every pass with its options and defaults")
+    _add_common_options(passes)
+    return parser
+
+
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("validation inputs (default: seeded synthetic data from the input types)")
+    group.add_argument("--inputs", nargs="+", metavar="NPZ|DIR", help=".npz files (keys = input names) or folders of them")
+    group.add_argument("--samples", type=int, default=4, help="synthetic samples (default 4)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the synthetic samples (default 0)")
+    group.add_argument("--dims", default="", metavar="NAME=N,...", help="values of dynamic dims (default 1 for the batch axis, 32 elsewhere)")
+    group.add_argument("--int-range", default=None, metavar="LOW,HIGH", help="range of synthetic integer inputs, e.g. token ids")
+
+
+def _add_tolerance_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tolerances (bounds: max_abs max_rel min_cosine min_sqnr_db min_top1 max_kl min_agreement)")
+    group.add_argument("--tolerance", metavar='"max_rel=1e-3 ..."', help="global tolerance")
+    group.add_argument("--output-tolerance", action="append", default=[], metavar='NAME:"min_cosine=0.99 ..."', help="per output (repeatable)")
+    group.add_argument("--pass-tolerance", action="append", default=[], metavar='PASS:"min_top1=0.9 ..."', help="per pass (repeatable)")
+    group.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL divergence (default 1)")
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def _tolerances(args: argparse.Namespace) -> Tolerances | None:
+    if not (args.tolerance or args.output_tolerance or getattr(args, "pass_tolerance", [])):
+        return None
+
+    def keyed(items: list[str], flag: str) -> dict[str, Any]:
+        parsed = {}
+        for item in items:
+            key, separator, bounds = item.partition(":")
+            if not separator:
+                raise InputDataError(f"{flag}: '{item}' is not NAME:\"bounds\"")
+            parsed[key] = parse_tolerance_text(bounds, f"{flag} {key}")
+        return parsed
+
+    return Tolerances(
+        default=parse_tolerance_text(args.tolerance) if args.tolerance else None,
+        per_output=keyed(args.output_tolerance, "--output-tolerance"),
+        per_pass=keyed(getattr(args, "pass_tolerance", []), "--pass-tolerance"),
+    )
+
+
+def _int_range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    low, _, high = text.partition(",")
+    try:
+        bounds = int(low), int(high)
+    except ValueError:
+        raise InputDataError(f"--int-range: '{text}' is not LOW,HIGH") from None
+    if bounds[0] >= bounds[1]:
+        raise InputDataError(f"--int-range: LOW must be below HIGH, got '{text}'")
+    return bounds
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------
+
+
+def run_optimize(args: argparse.Namespace) -> int:
+    from .pipeline import optimize
+
+    with progress_bars(not args.json) as progress:
+        report = optimize(
+            args.model,
+            args.output,
+            args.pipeline,
+            recipe=args.recipe,
+            inputs=args.inputs,
+            calibration=args.calibration,
+            tolerances=_tolerances(args),
+            policy=args.policy,
+            samples=args.samples,
+            seed=args.seed,
+            dims=parse_dims(args.dims),
+            int_range=_int_range(args.int_range),
+            report_path=args.report,
+            overwrite_input=args.overwrite_input,
+            progress=progress,
+        )
+    if args.markdown:
+        from .report import write_text_atomically
+
+        write_text_atomically(args.markdown, report.to_markdown())
+    print(json.dumps(report.to_dict(), indent=2) if args.json else render_run(report))
+    return 0
+
+
+def render_run(report: RunReport) -> str:
+    rows = [
+        [step.spec, step.status, len(step.changes), len(step.skipped), worst_output(step.validation), f"{sum(step.seconds.values()):.2f}"]
+        for step in report.steps
+    ]
+    lines = [format_table(["pass", "status", "changes", "skipped", "worst output vs original", "s"], rows, right=(2, 3, 5)), ""]
+    for step in report.steps:
+        if step.reason:
+            lines.append(f"{step.pass_name} {step.status}: {step.reason}")
+    before, after = report.input, report.output
+    if after is not None:
+        lines.append(
+            f"{report.output_path}: {_human_bytes(after.file_bytes)} ({after.file_bytes / max(before.file_bytes, 1):.2f}x of "
+            f"{_human_bytes(before.file_bytes)}), nodes {before.nodes} -> {after.nodes}, parameters {before.parameters:,} -> {after.parameters:,}"
+        )
+    if report.final_validation is not None:
+        verdict = "passed" if report.final_validation.passed else "FAILED: " + "; ".join(report.final_validation.verdict.failures)
+        lines.append(f"final validation on {report.inputs}: {verdict}; {worst_output(report.final_validation)}")
+    lines.extend(f"warning: {w}" for w in report.warnings)
+    return "\n".join(lines)
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from . import validate
+
+    result = validate(
+        args.reference,
+        args.candidate,
+        inputs=args.inputs,
+        tolerances=_tolerances(args),
+        samples=args.samples,
+        seed=args.seed,
+        dims=parse_dims(args.dims),
+        int_range=_int_range(args.int_range),
+        temperature=args.temperature,
+    )
+    print(json.dumps(_validation_dict(result), indent=2) if args.json else render_validation(result))
+    return 0 if result.passed else 1
+
+
+def _validation_dict(result: ValidationResult) -> dict[str, Any]:
+    import dataclasses
+
+    from .report import _plain
+
+    return _plain(dataclasses.asdict(result) | {"passed": result.passed})
+
+
+def render_validation(result: ValidationResult) -> str:
+    def number(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    rows = [
+        [o.name, o.dtype, "x".join(map(str, o.shape)), number(o.max_abs, ".3g"), number(o.max_rel, ".3g"), number(o.cosine, ".6f"),
+         number(o.sqnr_db, ".1f"), number(o.top1, ".3f"), number(o.kl, ".3g"), number(o.agreement, ".3f"), o.note]
+        for o in result.outputs
+    ]
+    table = format_table(["output", "dtype", "shape", "max abs", "max rel", "cosine", "SQNR dB", "top-1", "KL", "equal", "note"], rows, right=range(3, 10))
+    verdict = "passed" if result.passed else "FAILED\n" + "\n".join(f"  {f}" for f in result.verdict.failures)
+    return f"{table}\n\n{result.feeds} feed(s), tolerance {next(iter(result.verdict.tolerances.values()), 'none')}: {verdict}"
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    model, info = load_with_info(args.model)
+    summary = summarize(model, info)
+    if args.json:
+        import dataclasses
+
+        from .report import _plain
+
+        print(json.dumps(_plain(dataclasses.asdict(summary)), indent=2))
+    else:
+        print(render_summary(summary, args.top))
+    return 0
+
+
+def render_summary(summary: ModelSummary, top: int) -> str:
+    opsets = ", ".join(f"{d} {v}" for d, v in summary.opsets.items())
+    lines = [
+        f"{summary.source}: {_human_bytes(summary.file_bytes)}, IR {summary.ir_version}, opsets {opsets}",
+        f"{summary.nodes} nodes, {summary.parameters:,} parameters ({_human_bytes(summary.parameter_bytes)}) in constant tensors read by nodes"
+        + (f"; {summary.unused_tensors} unused tensor(s), {_human_bytes(summary.unused_bytes)}" if summary.unused_tensors else ""),
+        "",
+        format_table(["op", "count"], list(summary.op_histogram.items()), right=(1,)),
+        "",
+        format_table(["bytes read by", "bytes"], [[k, _human_bytes(v)] for k, v in summary.bytes_by_op.items()], right=(1,)),
+        "",
+        format_table(["bytes held in", "bytes"], [[k, _human_bytes(v)] for k, v in summary.bytes_by_location.items()], right=(1,)),
+        "",
+    ]
+    tensors = sorted(summary.tensors, key=lambda t: t.bytes, reverse=True)
+    shown = tensors[:top] if top else tensors
+    rows = [
+        [t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", _human_bytes(t.bytes), f"{t.sparsity:.1%}", t.location,
+         "/".join(t.consumers) or "(unused)", _human_bytes(t.sparse_encoded_bytes) if t.sparse_encoded_bytes is not None else ""]
+        for t in shown
+    ]
+    lines.append(format_table(["tensor", "dtype", "shape", "bytes", "zeros", "held in", "read by", "sparse on disk"], rows, right=(3, 4)))
+    if len(tensors) > len(shown):
+        lines.append(f"... {len(tensors) - len(shown)} smaller tensor(s) not shown (--top 0 lists all)")
+    return "\n".join(lines)
+
+
+def run_passes(args: argparse.Namespace) -> int:
+    catalogue = []
+    for name, cls in registered_passes().items():
+        types_by_name = option_types(cls)
+        options = [
+            {"name": f.name, "type": type_text(types_by_name[f.name]), "default": format_value(_default_of(f)), "help": f.metadata.get("help", "")}
+            for f in option_fields(cls)
+        ]
+        catalogue.append({"name": name, "summary": cls.summary(), "requires": sorted(r.value for r in cls.requires), "options": options})
+    if args.json:
+        print(json.dumps(catalogue, indent=2))
+        return 0
+    for entry in catalogue:
+        needs = f" (needs {', '.join(entry['requires'])})" if entry["requires"] else ""
+        print(f"{entry['name']}: {entry['summary']}{needs}")
+        for option in entry["options"]:
+            print(f"    {option['name']} = {option['default']}  [{option['type']}]  {option['help']}".rstrip())
+    return 0
+
+
+_COMMANDS = {"optimize": run_optimize, "validate": run_validate, "inspect": run_inspect, "passes": run_passes}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)], format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except OnnxsparseError as error:
+        print(f"onnxsparse: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("onnxsparse: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

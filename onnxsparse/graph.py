@@ -1,0 +1,208 @@
+"""The few graph helpers every pass needs: walking (sub)graphs, reading weights read-only, and
+moving between ``onnx.ModelProto`` and onnx-graphsurgeon without losing what graphsurgeon drops.
+
+The ModelProto is the canonical form between passes (the checker and onnxruntime read it); a pass
+that edits topology imports it into onnx-graphsurgeon with :func:`to_gs` and exports it back with
+:func:`from_gs`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+_SUBGRAPH_ATTRIBUTE_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs held by a node's attributes (If branches, Loop/Scan bodies)."""
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            yield attribute.g
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            yield from attribute.graphs
+
+
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every graph nested in it, outermost first."""
+    yield graph
+    for node in graph.node:
+        for subgraph in subgraphs_of(node):
+            yield from iter_graphs(subgraph)
+
+
+def iter_model_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
+    """Every graph of a model: the main graph, its subgraphs, and the bodies of local functions."""
+    yield from iter_graphs(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            for subgraph in subgraphs_of(node):
+                yield from iter_graphs(subgraph)
+
+
+def iter_attribute_tensors(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, onnx.TensorProto]]:
+    """Tensors held in node attributes of this graph only (Constant ``value``, ConstantOfShape...)."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield node, attribute.t
+            elif attribute.type == onnx.AttributeProto.TENSORS:
+                for tensor in attribute.tensors:
+                    yield node, tensor
+
+
+def iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto that can carry data: initializers, attribute tensors, sparse parts."""
+    for graph in iter_model_graphs(model):
+        yield from graph.initializer
+        for _, tensor in iter_attribute_tensors(graph):
+            yield tensor
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+    for function in model.functions:
+        for node in function.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    yield attribute.t
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """A read-only numpy view of a tensor, so that a pass writing into shared weights fails loudly."""
+    array = numpy_helper.to_array(tensor)
+    array.flags.writeable = False
+    return array
+
+
+def op_histogram(model: onnx.ModelProto) -> Counter[str]:
+    """How many nodes of each op type the model holds, subgraphs included (``domain:op`` outside ai.onnx)."""
+    histogram: Counter[str] = Counter()
+    for graph in iter_model_graphs(model):
+        for node in graph.node:
+            histogram[f"{node.domain}:{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
+    return histogram
+
+
+def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
+    """The model's opset for a domain ('' is ai.onnx); 0 when the domain is not imported."""
+    for opset in model.opset_import:
+        if opset.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return opset.version
+    return 0
+
+
+def used_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a graph reads, including outer-scope names read inside its subgraphs."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(name for name in node.input if name)
+        for subgraph in subgraphs_of(node):
+            names.update(outer_scope_reads(subgraph))
+    names.update(output.name for output in graph.output)
+    return names
+
+
+def outer_scope_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names a (sub)graph reads but does not define itself: its captures from enclosing scopes."""
+    defined = {value.name for value in graph.input}
+    defined.update(tensor.name for tensor in graph.initializer)
+    defined.update(sparse.values.name for sparse in graph.sparse_initializer)
+    for node in graph.node:
+        defined.update(name for name in node.output if name)
+    return used_names(graph) - defined
+
+
+# ---------------------------------------------------------------------------------------------
+# onnx-graphsurgeon round trip
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelEnvelope:
+    """What graphsurgeon's export would lose or reset: restored by :func:`from_gs`.
+
+    Opsets are not part of it: graphsurgeon exports ``graph.opset`` and ``graph.import_domains``,
+    which a pass may raise on purpose (per-channel QDQ needs opset 13).
+    """
+
+    ir_version: int
+    producer_name: str
+    producer_version: str
+    domain: str
+    model_version: int
+    doc_string: str
+    metadata_props: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> ModelEnvelope:
+        return cls(
+            ir_version=model.ir_version,
+            producer_name=model.producer_name,
+            producer_version=model.producer_version,
+            domain=model.domain,
+            model_version=model.model_version,
+            doc_string=model.doc_string,
+            metadata_props=tuple((p.key, p.value) for p in model.metadata_props),
+        )
+
+    def apply(self, model: onnx.ModelProto) -> None:
+        model.ir_version = self.ir_version
+        model.producer_name = self.producer_name
+        model.producer_version = self.producer_version
+        model.domain = self.domain
+        model.model_version = self.model_version
+        model.doc_string = self.doc_string
+        del model.metadata_props[:]
+        for key, value in self.metadata_props:
+            model.metadata_props.add(key=key, value=value)
+
+
+def to_gs(model: onnx.ModelProto) -> gs.Graph:
+    """Import into onnx-graphsurgeon. Constant values load as read-only arrays on first use."""
+    return gs.import_onnx(model)
+
+
+def from_gs(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export from onnx-graphsurgeon, keeping ``like``'s IR version, opsets and metadata."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    ModelEnvelope.of(like).apply(model)
+    # An opset bump may need a newer IR version than the input had; never go below what it needs.
+    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
+    return model
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a tensor known at export time: an initializer, or the output of a Constant node.
+
+    Exporters such as paddle2onnx keep weights in Constant nodes, so a pass that only looks at
+    initializers misses them.
+    """
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        attrs = tensor.inputs[0].attrs
+        value = attrs.get("value")
+        if isinstance(value, gs.Constant):
+            return value.values
+        if isinstance(value, np.ndarray):
+            return value
+    return None
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    """A tensor name not yet used in ``graph`` (nor in its subgraphs), derived from ``base``."""
+    taken = set(graph.tensors(check_duplicates=False).keys())
+    for subgraph in graph.subgraphs(recursive=True):
+        taken.update(subgraph.tensors(check_duplicates=False).keys())
+    if base not in taken:
+        return base
+    index = 1
+    while f"{base}_{index}" in taken:
+        index += 1
+    return f"{base}_{index}"

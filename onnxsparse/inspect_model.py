@@ -1,0 +1,115 @@
+"""What is in a model and where its bytes are: the data behind ``onnxsparse inspect`` and the
+before/after figures of every report."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .graph import iter_attribute_tensors, iter_model_graphs, op_histogram, outer_scope_reads, subgraphs_of
+from .io import LoadInfo
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: list[int]
+    bytes: int
+    sparsity: float  # fraction of exact zeros
+    location: str  # initializer | Constant node | subgraph initializer | subgraph Constant node
+    consumers: list[str]  # op types reading it
+    sparse_encoded_bytes: int | None = None  # size on disk when the file holds it as sparse_initializer
+
+
+@dataclass
+class ModelSummary:
+    source: str
+    file_bytes: int
+    ir_version: int
+    opsets: dict[str, int]
+    nodes: int
+    parameters: int  # elements of every constant tensor (initializers and Constant nodes)
+    parameter_bytes: int
+    unused_tensors: int  # constant tensors no node reads (left in the file, counted apart)
+    unused_bytes: int
+    op_histogram: dict[str, int]
+    tensors: list[TensorInfo] = field(default_factory=list)
+    bytes_by_op: dict[str, int] = field(default_factory=dict)
+    bytes_by_location: dict[str, int] = field(default_factory=dict)
+    sparse_encoded: dict[str, int] = field(default_factory=dict)
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[str]]:
+    """Op types reading each name; a name read inside a node's subgraph counts that node (If, Loop)."""
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+        for subgraph in subgraphs_of(node):
+            for name in outer_scope_reads(subgraph):
+                readers.setdefault(name, []).append(node.op_type)
+    return readers
+
+
+def tensor_infos(model: onnx.ModelProto) -> list[TensorInfo]:
+    """Every constant tensor of the model, subgraphs included, with where it lives and who reads it."""
+    infos = []
+    for graph in iter_model_graphs(model):
+        prefix = "subgraph " if graph is not model.graph else ""
+        readers = _consumers(graph)
+        for tensor in graph.initializer:
+            infos.append(_info(tensor, tensor.name, f"{prefix}initializer", readers.get(tensor.name, [])))
+        for node, tensor in iter_attribute_tensors(graph):
+            if node.op_type == "Constant" and node.output:
+                infos.append(_info(tensor, node.output[0], f"{prefix}Constant node", readers.get(node.output[0], [])))
+    return infos
+
+
+def _info(tensor: onnx.TensorProto, name: str, location: str, consumers: list[str]) -> TensorInfo:
+    array = numpy_helper.to_array(tensor)
+    zeros = int(array.size - np.count_nonzero(array)) if array.dtype != object else 0
+    return TensorInfo(
+        name=name,
+        dtype=str(array.dtype),
+        shape=list(array.shape),
+        bytes=int(array.nbytes),
+        sparsity=zeros / array.size if array.size else 0.0,
+        location=location,
+        consumers=sorted(set(consumers)),
+    )
+
+
+def summarize(model: onnx.ModelProto, info: LoadInfo | None = None, *, with_tensors: bool = True) -> ModelSummary:
+    tensors = tensor_infos(model)
+    sparse = dict(info.densified) if info else {}
+    for tensor in tensors:
+        tensor.sparse_encoded_bytes = sparse.get(tensor.name)
+    used = [t for t in tensors if t.consumers]
+    bytes_by_op: Counter[str] = Counter()
+    for tensor in used:
+        bytes_by_op["/".join(tensor.consumers)] += tensor.bytes
+    bytes_by_location: Counter[str] = Counter()
+    for tensor in tensors:
+        bytes_by_location[tensor.location] += tensor.bytes
+    histogram = op_histogram(model)
+    return ModelSummary(
+        source=info.source if info else "",
+        file_bytes=info.file_bytes if info else model.ByteSize(),
+        ir_version=model.ir_version,
+        opsets={o.domain or "ai.onnx": o.version for o in model.opset_import},
+        nodes=sum(histogram.values()),
+        parameters=sum(int(np.prod(t.shape, dtype=np.int64)) for t in used),
+        parameter_bytes=sum(t.bytes for t in used),
+        unused_tensors=len(tensors) - len(used),
+        unused_bytes=sum(t.bytes for t in tensors if not t.consumers),
+        op_histogram=dict(histogram.most_common()),
+        tensors=tensors if with_tensors else [],
+        bytes_by_op=dict(bytes_by_op.most_common()),
+        bytes_by_location=dict(bytes_by_location.most_common()),
+        sparse_encoded=sparse,
+    )

@@ -1,0 +1,291 @@
+"""Loading and saving models without losing anything and without surprises.
+
+Load: external data only from inside the model's folder, ``sparse_initializer`` densified before any
+other library sees the graph (onnx-graphsurgeon 0.6 reads raw-data sparse tensors as zeros; other
+tools drop or reject them), the onnx checker run on what was read.
+
+Save: atomically (temporary file in the target folder, verified, then renamed), never over the input
+unless asked, keeping the IR version the caller gives, with external data when the model would pass
+protobuf's 2 GB limit or when asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper, numpy_helper
+
+from .errors import ExternalDataError, ModelLoadError, OutputPathError
+from .graph import iter_all_tensors, iter_model_graphs
+
+log = logging.getLogger(__name__)
+
+# protobuf refuses to serialize a message of 2 GiB or more; leave room for the graph itself.
+PROTOBUF_LIMIT_BYTES = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD_BYTES = PROTOBUF_LIMIT_BYTES - 64 * 2**20
+
+
+@dataclass
+class LoadInfo:
+    """What the loader did to the file on its way in (reported by ``inspect`` and the pipeline)."""
+
+    source: str
+    file_bytes: int
+    densified: dict[str, int] = field(default_factory=dict)  # sparse tensor name -> bytes on disk
+    external_data_files: list[str] = field(default_factory=list)
+
+
+def load(
+    source: str | os.PathLike[str] | bytes,
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    check: bool = True,
+) -> onnx.ModelProto:
+    """Load a model from a path or bytes; see :func:`load_with_info`."""
+    return load_with_info(source, base_dir=base_dir, check=check)[0]
+
+
+def load_with_info(
+    source: str | os.PathLike[str] | bytes,
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    check: bool = True,
+    densify: bool = True,
+) -> tuple[onnx.ModelProto, LoadInfo]:
+    """Load a model and say what was done on the way in.
+
+    ``base_dir`` is where external data lives for a model given as bytes (for a path, its folder).
+    """
+    if isinstance(source, (bytes, bytearray)):
+        label, data = "<bytes>", bytes(source)
+        folder = Path(base_dir) if base_dir is not None else None
+    else:
+        path = Path(source)
+        label, data = str(path), _read_file(path)
+        folder = Path(base_dir) if base_dir is not None else path.resolve().parent
+    model = _parse(data, label)
+    info = LoadInfo(source=label, file_bytes=len(data))
+    info.external_data_files = _load_external_data(model, folder, label)
+    if densify:
+        info.densified = densify_sparse_initializers(model)
+    if check:
+        check_model(model, label)
+    return model, info
+
+
+def _read_file(path: Path) -> bytes:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, not an .onnx file")
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ModelLoadError(f"{path}: cannot be read ({error.strerror})") from error
+
+
+def _parse(data: bytes, label: str) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    if not data:
+        raise ModelLoadError(f"{label}: empty file, not an ONNX model")
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as error:
+        raise ModelLoadError(f"{label}: not an ONNX model or truncated (protobuf: {error})") from error
+    # Arbitrary bytes sometimes parse as a ModelProto with nothing in it.
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        raise ModelLoadError(f"{label}: not an ONNX model (no IR version or no graph)")
+    return model
+
+
+def check_model(model: onnx.ModelProto, label: str) -> None:
+    """The full onnx checker (with strict shape inference), as one clear error."""
+    try:
+        if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD_BYTES:
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / "model.onnx"
+                _write_model(model, path, external=True)
+                onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"{label}: fails the onnx checker: {first_line}") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# external data
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_external_data(model: onnx.ModelProto, folder: Path | None, label: str) -> list[str]:
+    """Validate every external reference before reading any of it, then read it in."""
+    external = [t for t in iter_all_tensors(model) if external_data_helper.uses_external_data(t)]
+    if not external:
+        return []
+    if folder is None:
+        raise ExternalDataError(f"{label}: model has external data; give base_dir to load it from bytes")
+    root = folder.resolve()
+    files: set[str] = set()
+    for tensor in external:
+        files.add(_validated_location(tensor, root, label))
+    for tensor in external:
+        external_data_helper.load_external_data_for_tensor(tensor, str(root))
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+    return sorted(files)
+
+
+def _validated_location(tensor: onnx.TensorProto, root: Path, label: str) -> str:
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    location = entries.get("location", "")
+    if not location:
+        raise ExternalDataError(f"{label}: tensor '{tensor.name}' is external but names no file")
+    target = (root / location).resolve()
+    if os.path.isabs(location) or not target.is_relative_to(root):
+        raise ExternalDataError(
+            f"{label}: tensor '{tensor.name}' points to external data '{location}' outside the model's folder; refused"
+        )
+    if not target.is_file():
+        raise ExternalDataError(f"{label}: external data file '{location}' of tensor '{tensor.name}' is missing")
+    offset = int(entries.get("offset", 0))
+    length = int(entries["length"]) if "length" in entries else target.stat().st_size - offset
+    if offset < 0 or length < 0 or offset + length > target.stat().st_size:
+        raise ExternalDataError(
+            f"{label}: tensor '{tensor.name}' reads bytes {offset}..{offset + length} "
+            f"of '{location}', which has {target.stat().st_size}"
+        )
+    return location
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse initializers
+# ---------------------------------------------------------------------------------------------
+
+
+def sparse_to_dense(sparse: onnx.SparseTensorProto) -> onnx.TensorProto:
+    """A dense TensorProto with the same name and values as a sparse one."""
+    dims = tuple(sparse.dims)
+    values = numpy_helper.to_array(sparse.values)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dense = np.zeros(int(np.prod(dims, dtype=np.int64)), dtype=values.dtype)
+    if indices.ndim == 2:  # coordinate format: [NNZ, rank]
+        indices = np.ravel_multi_index(tuple(indices.T), dims) if indices.size else indices.reshape(-1)
+    dense[indices] = values.reshape(-1)
+    return numpy_helper.from_array(dense.reshape(dims), name=sparse.values.name)
+
+
+def densify_sparse_initializers(model: onnx.ModelProto) -> dict[str, int]:
+    """Replace every sparse initializer and sparse Constant by its dense twin, in place.
+
+    Returns the names that were sparse with their encoded size in bytes.
+    """
+    densified: dict[str, int] = {}
+    for graph in iter_model_graphs(model):
+        for sparse in graph.sparse_initializer:
+            graph.initializer.append(sparse_to_dense(sparse))
+            densified[sparse.values.name] = sparse.ByteSize()
+        del graph.sparse_initializer[:]
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.SPARSE_TENSOR:
+                    densified[node.output[0] if node.output else attribute.name] = attribute.sparse_tensor.ByteSize()
+                    dense = sparse_to_dense(attribute.sparse_tensor)
+                    attribute.Clear()
+                    attribute.CopyFrom(onnx.helper.make_attribute("value", dense))
+    return densified
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+# ---------------------------------------------------------------------------------------------
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """True when two paths name one file (also through links), or the same path when neither exists."""
+    path_a, path_b = Path(a), Path(b)
+    if path_a.exists() and path_b.exists():
+        return os.path.samefile(path_a, path_b)
+    return path_a.resolve() == path_b.resolve()
+
+
+def save(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    protect: tuple[str | os.PathLike[str], ...] = (),
+    external_data: bool | None = None,
+    verify: bool = True,
+    standard: bool = True,
+) -> Path:
+    """Write ``model`` to ``path`` atomically; return the path.
+
+    ``protect``: paths that must not be overwritten (the input). ``external_data``: None decides by
+    size (beyond protobuf's 2 GB limit), True/False forces. ``verify``: the written file must pass
+    the full checker (unless ``standard`` is False: a deliberately non-standard encoding) and load in
+    onnxruntime before it replaces anything.
+    """
+    target = Path(path)
+    for protected in protect:
+        if same_file(target, protected):
+            raise OutputPathError(f"{target}: output path is the input model; choose another output path")
+    if target.is_dir():
+        raise OutputPathError(f"{target}: is a directory; give a file path for the output")
+    folder = target.resolve().parent
+    if not folder.is_dir():
+        raise OutputPathError(f"{target}: folder {folder} does not exist")
+    external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD_BYTES if external_data is None else external_data
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
+    try:
+        staged_model = staging / target.name
+        _write_model(model, staged_model, external=external)
+        if verify:
+            _verify_written(staged_model, standard=standard)
+        _move_into_place(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote %s (%d bytes)", target, target.stat().st_size)
+    return target
+
+
+def _write_model(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
+    if not external:
+        path.write_bytes(model.SerializeToString())
+        return
+    # onnx.save rewrites the tensors it moves out: never let it touch the caller's model.
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(
+        copy,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+        size_threshold=1024,
+    )
+
+
+def _verify_written(path: Path, *, standard: bool) -> None:
+    try:
+        if standard:
+            onnx.checker.check_model(str(path), full_check=True)
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - both libraries raise many types; all mean "not written"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OutputPathError(f"{path.name}: refusing to write a model that does not verify: {first_line}") from error
+
+
+def _move_into_place(staging: Path, folder: Path) -> None:
+    """Rename the data file first, the model last, so a reader never sees a model without its data."""
+    staged = sorted(staging.iterdir(), key=lambda p: p.suffix != ".data")
+    for item in staged:
+        os.replace(item, folder / item.name)

@@ -1,0 +1,32 @@
+"""The passes: one module per pass family, each registering its passes by name.
+
+To add a pass, copy ``cleanup.py`` (the smallest), rename the class and its ``name``, and import the
+module below. Third-party packages register passes through the ``onnxsparse.passes`` entry-point group.
+"""
+
+from .base import (
+    ENTRY_POINT_GROUP,
+    Change,
+    Pass,
+    PassContext,
+    PassResult,
+    Requirement,
+    Skip,
+    pass_class,
+    register,
+    registered_passes,
+)
+from . import cleanup, fold_batchnorm  # noqa: E402,F401  (registers the built-in passes)
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Change",
+    "Pass",
+    "PassContext",
+    "PassResult",
+    "Requirement",
+    "Skip",
+    "pass_class",
+    "register",
+    "registered_passes",
+]

@@ -1,0 +1,152 @@
+"""The pass contract: a small frozen dataclass whose fields are its options, registered by name.
+
+A pass receives a private copy of the model (the manager cloned it), edits or replaces it, and
+returns a :class:`PassResult` saying what it changed, what it skipped and why, and the figures that
+matter to it. It never writes into an array it did not create: weights read through
+:func:`onnxsparse.graph.tensor_array` are read-only, so such a bug fails loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, ClassVar
+
+import onnx
+
+from ..calibration import InputSource
+from ..errors import PipelineSpecError
+from ..validate import EXACT, Tolerance
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "onnxsparse.passes"
+
+
+class Requirement(enum.Enum):
+    """What a pass may need the manager to provide before it runs."""
+
+    SHAPES = "shapes"  # value_info filled by shape inference
+    CALIBRATION = "calibration"  # representative inputs to run the model on
+
+
+@dataclass(frozen=True)
+class Change:
+    """One thing a pass changed: a tensor, a node, a group of channels."""
+
+    target: str
+    action: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """One thing a pass looked at and left alone, with the reason (every skip has one)."""
+
+    target: str
+    reason: str
+
+
+@dataclass
+class PassResult:
+    """What a pass hands back to the manager."""
+
+    model: onnx.ModelProto
+    changes: list[Change] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    figures: dict[str, float | int | str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PassContext:
+    """What the manager provides to a pass, according to its ``requires``."""
+
+    calibration: InputSource | None = None
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base of every pass. Subclasses are frozen dataclasses registered with :func:`register`.
+
+    Class attributes: ``name`` (the registry key, e.g. ``fold-batchnorm``), ``requires`` (what the
+    manager must provide), ``preserves`` (analyses the pass keeps valid), ``default_tolerance``
+    (how far outputs may move when the user sets no tolerance: exact passes keep :data:`EXACT`).
+    Option fields take ``metadata={"help": "..."}``.
+    """
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[frozenset[Requirement]] = frozenset()
+    preserves: ClassVar[frozenset[Requirement]] = frozenset()
+    default_tolerance: ClassVar[Tolerance] = EXACT
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    @classmethod
+    def summary(cls) -> str:
+        """The first line of the pass's docstring."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    def spec(self) -> str:
+        """The pass as pipeline text (non-default options only); parses back to an equal pass."""
+        from ..spec import format_pass
+
+        return format_pass(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+# ---------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Pass]] = {}
+_entry_points_loaded = False
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available by its ``name``."""
+    if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
+        raise TypeError(f"pass {cls.__name__} must be a frozen dataclass")
+    if not cls.name:
+        raise TypeError(f"pass {cls.__name__} has no name")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise TypeError(f"pass name '{cls.name}' is taken by {existing.__module__}.{existing.__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_entry_points() -> None:
+    """Third-party passes: packages declare ``[project.entry-points."onnxsparse.passes"]``."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = entry_point.load()
+        except Exception as error:  # noqa: BLE001 - a broken plugin must not break the built-in passes
+            log.warning("pass plugin %s could not be loaded: %s", entry_point.value, error)
+            continue
+        for cls in loaded if isinstance(loaded, Iterable) else [loaded]:
+            if isinstance(cls, type) and issubclass(cls, Pass) and cls.name not in _REGISTRY:
+                register(cls)
+
+
+def pass_class(name: str) -> type[Pass]:
+    """The pass registered as ``name``, or an error listing the known ones."""
+    if name not in _REGISTRY:
+        _load_entry_points()
+    if name not in _REGISTRY:
+        raise PipelineSpecError(f"unknown pass '{name}'; known passes: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    """Every known pass by name, plugins included, sorted by name."""
+    _load_entry_points()
+    return dict(sorted(_REGISTRY.items()))

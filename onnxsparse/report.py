@@ -1,0 +1,120 @@
+"""The per-pass and per-run report: JSON for machines, Markdown for people."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputPathError
+from .inspect_model import ModelSummary
+from .passes import Change, Skip
+from .validate import ValidationResult
+
+COMMITTED = "committed"
+ROLLED_BACK = "rolled-back"
+KEPT_FAILING = "kept-failing"  # tolerance broken, kept because the policy is "keep"
+
+
+@dataclass
+class StepReport:
+    pass_name: str
+    spec: str
+    status: str = COMMITTED
+    reason: str = ""
+    changes: list[Change] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    validation: ValidationResult | None = None
+
+
+@dataclass
+class RunReport:
+    pipeline: str
+    policy: str
+    inputs: str
+    input: ModelSummary
+    output: ModelSummary | None = None
+    output_path: str | None = None
+    steps: list[StepReport] = field(default_factory=list)
+    final_validation: ValidationResult | None = None
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def rolled_back(self) -> list[StepReport]:
+        return [step for step in self.steps if step.status == ROLLED_BACK]
+
+    def to_dict(self, *, tensors: bool = False) -> dict[str, Any]:
+        data = _plain(dataclasses.asdict(self))
+        if not tensors:
+            for summary in (data["input"], data.get("output")):
+                if summary:
+                    summary.pop("tensors", None)
+        return data
+
+    def to_json(self, *, tensors: bool = False) -> str:
+        return json.dumps(self.to_dict(tensors=tensors), indent=2)
+
+    def to_markdown(self) -> str:
+        lines = [f"# onnxsparse report: `{self.pipeline}`", ""]
+        lines += [f"- input: `{self.input.source}` ({self.input.file_bytes:,} bytes, {self.input.nodes} nodes, {self.input.parameters:,} parameters)"]
+        if self.output is not None:
+            lines += [f"- output: `{self.output_path}` ({self.output.file_bytes:,} bytes, {self.output.nodes} nodes, {self.output.parameters:,} parameters)"]
+        lines += [f"- validation inputs: {self.inputs}; failure policy: {self.policy}; total {self.seconds:.2f} s", ""]
+        lines += ["| pass | status | changes | skipped | worst output | run s | validate s |", "|---|---|---|---|---|---|---|"]
+        for step in self.steps:
+            lines.append(
+                f"| `{step.spec}` | {step.status} | {len(step.changes)} | {len(step.skipped)} | "
+                f"{worst_output(step.validation)} | {step.seconds.get('run', 0):.3f} | {step.seconds.get('validate', 0):.3f} |"
+            )
+        for step in self.steps:
+            if step.reason:
+                lines += ["", f"**{step.pass_name}** {step.status}: {step.reason}"]
+        for warning in self.warnings:
+            lines += ["", f"> {warning}"]
+        return "\n".join(lines) + "\n"
+
+
+def worst_output(validation: ValidationResult | None) -> str:
+    """A one-cell summary of the output that moved most (by scale-relative max error)."""
+    if validation is None:
+        return "-"
+    compared = [o for o in validation.outputs if o.compared]
+    if not compared:
+        return "not compared"
+    worst = max(compared, key=lambda o: o.max_rel)
+    text = f"{worst.name}: rel {worst.max_rel:.2g}, cos {worst.cosine:.6f}"
+    if worst.top1 is not None:
+        text += f", top1 {worst.top1:.3f}"
+    return text
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: non-finite floats become strings ("inf"), mappings and tuples plain containers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return _plain(value.item())
+    return value
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
+    target = Path(path)
+    staging = target.with_name(f".{target.name}.partial")
+    try:
+        staging.write_text(text, encoding="utf-8")
+        os.replace(staging, target)
+    except OSError as error:
+        staging.unlink(missing_ok=True)
+        raise OutputPathError(f"{target}: cannot write the report ({error.strerror})") from error

@@ -1,0 +1,357 @@
+"""The validator: run the original and the candidate in onnxruntime and say how far outputs moved.
+
+Per output: max abs error, max error relative to the output's scale (max |reference|), cosine
+similarity, SQNR in dB; for score-like outputs (float, rank >= 2, last axis >= 2) top-1 agreement
+and KL divergence of the softmax at a temperature; for integer outputs the fraction of exactly equal
+elements. NaN/Inf where the reference is finite fails whatever the tolerance.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import InputDataError, RuntimeLoadError
+
+log = logging.getLogger(__name__)
+
+Feed = dict[str, np.ndarray]
+ProgressCallback = Callable[[str, int, int], None]
+
+# Above this, a model is handed to onnxruntime as a file with external data (protobuf's 2 GB limit).
+_SESSION_FROM_FILE_BYTES = 2**31 - 256 * 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# tolerances
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Bounds on the metrics of one output; a bound left None is not checked."""
+
+    max_abs: float | None = None
+    max_rel: float | None = None
+    min_cosine: float | None = None
+    min_sqnr_db: float | None = None
+    min_top1: float | None = None
+    max_kl: float | None = None
+    min_agreement: float | None = None
+
+    def describe(self) -> str:
+        bounds = [f"{name}={value:g}" for name, value in asdict(self).items() if value is not None]
+        return " ".join(bounds) or "none"
+
+
+# Exact passes (cleanup, folding): float rounding only, relative to each output's scale.
+EXACT = Tolerance(max_rel=1e-4, min_agreement=1.0)
+
+TOLERANCE_FIELDS = tuple(f.name for f in fields(Tolerance))
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Which tolerance applies where: per output, then per pass, then global, then the pass's default."""
+
+    default: Tolerance | None = None
+    per_pass: Mapping[str, Tolerance] = field(default_factory=dict)
+    per_output: Mapping[str, Tolerance] = field(default_factory=dict)
+
+    def for_output(self, output: str, pass_name: str | None, pass_default: Tolerance) -> Tolerance:
+        """The most specific tolerance the user set for this output and pass, else the pass's default."""
+        if output in self.per_output:
+            return self.per_output[output]
+        if pass_name is not None and pass_name in self.per_pass:
+            return self.per_pass[pass_name]
+        return self.default if self.default is not None else pass_default
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OutputMetrics:
+    """How far one output moved, over every feed."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    cosine: float = 1.0
+    sqnr_db: float = math.inf
+    top1: float | None = None
+    kl: float | None = None
+    agreement: float | None = None  # integer/bool/string outputs: fraction of equal elements
+    nonfinite: int = 0
+    compared: bool = True
+    broken: bool = False
+    note: str = ""
+
+    def value_of(self, bound: str) -> float | None:
+        """The metric a tolerance bound constrains (``max_abs`` -> max_abs, ``min_top1`` -> top1)."""
+        metric = bound.removeprefix("max_").removeprefix("min_") if bound not in ("max_abs", "max_rel") else bound
+        return getattr(self, metric)
+
+
+class _OutputAccumulator:
+    """Streams one output's statistics over feeds, so memory does not grow with the feed count."""
+
+    def __init__(self, name: str, temperature: float) -> None:
+        self.name = name
+        self.temperature = temperature
+        self.dtype = ""
+        self.shape: list[int] = []
+        self.max_abs = 0.0
+        self.scale = 0.0
+        self.dot = self.ref_sq = self.cand_sq = self.err_sq = 0.0
+        self.equal = self.count = self.nonfinite = 0
+        self.top1_equal = self.rows = 0
+        self.kl_sum = 0.0
+        self.note = ""
+        self.broken = False
+        self.scored = False
+
+    def mark_broken(self, why: str) -> None:
+        """The candidate's output cannot be compared at all: a failure whatever the tolerance."""
+        self.broken = True
+        self.note = why
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        if not isinstance(reference, np.ndarray) or not isinstance(candidate, np.ndarray):
+            self.note = "not a tensor output; not compared"
+            return
+        self.dtype, self.shape = str(reference.dtype), list(reference.shape)
+        if reference.shape != candidate.shape:
+            self.mark_broken(f"shape changed from {list(reference.shape)} to {list(candidate.shape)}")
+            return
+        if not (np.issubdtype(reference.dtype, np.number) or reference.dtype == np.bool_):
+            self.equal += int(np.sum(reference == candidate))
+            self.count += reference.size
+            return
+        ref = reference.astype(np.float64)
+        cand = candidate.astype(np.float64)
+        bad = ~np.isfinite(cand) & np.isfinite(ref)
+        self.nonfinite += int(bad.sum())
+        finite = np.isfinite(ref) & np.isfinite(cand)
+        ref_f, cand_f = np.where(finite, ref, 0.0), np.where(finite, cand, 0.0)
+        error = cand_f - ref_f
+        if error.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(error))))
+            self.scale = max(self.scale, float(np.max(np.abs(ref_f))))
+        self.dot += float(np.sum(ref_f * cand_f))
+        self.ref_sq += float(np.sum(ref_f * ref_f))
+        self.cand_sq += float(np.sum(cand_f * cand_f))
+        self.err_sq += float(np.sum(error * error))
+        self.equal += int(np.sum(reference == candidate))
+        self.count += reference.size
+        if np.issubdtype(reference.dtype, np.floating) and reference.ndim >= 2 and reference.shape[-1] >= 2:
+            self._add_scores(ref_f, cand_f)
+
+    def _add_scores(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        self.scored = True
+        ref2, cand2 = ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])
+        self.top1_equal += int(np.sum(ref2.argmax(axis=1) == cand2.argmax(axis=1)))
+        self.rows += ref2.shape[0]
+        log_p = _log_softmax(ref2 / self.temperature)
+        log_q = _log_softmax(cand2 / self.temperature)
+        self.kl_sum += float(np.sum(np.exp(log_p) * (log_p - log_q)))
+
+    def result(self) -> OutputMetrics:
+        metrics = OutputMetrics(name=self.name, dtype=self.dtype, shape=self.shape, note=self.note, broken=self.broken)
+        if self.broken or self.count == 0:
+            metrics.compared = False
+            return metrics
+        metrics.max_abs = self.max_abs
+        metrics.max_rel = self.max_abs / self.scale if self.scale > 0 else (0.0 if self.max_abs == 0 else math.inf)
+        denominator = math.sqrt(self.ref_sq * self.cand_sq)
+        metrics.cosine = self.dot / denominator if denominator > 0 else (1.0 if self.ref_sq == self.cand_sq else 0.0)
+        metrics.sqnr_db = 10 * math.log10(self.ref_sq / self.err_sq) if self.err_sq > 0 and self.ref_sq > 0 else (math.inf if self.err_sq == 0 else -math.inf)
+        if not self.dtype.startswith(("float", "complex")):
+            metrics.agreement = self.equal / self.count
+        metrics.nonfinite = self.nonfinite
+        if self.scored and self.rows:
+            metrics.top1 = self.top1_equal / self.rows
+            metrics.kl = self.kl_sum / self.rows
+        return metrics
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# verdict
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    """Whether every output held its tolerance; if not, which failed, by how much, and what would pass."""
+
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+    tolerances: dict[str, str] = field(default_factory=dict)
+    # per output, per bound: the loosest value the output reached = the tightest bound that passes
+    smallest_passing: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def judge(metrics: Sequence[OutputMetrics], tolerance_of: Callable[[str], Tolerance]) -> Verdict:
+    verdict = Verdict(passed=True)
+    for output in metrics:
+        tolerance = tolerance_of(output.name)
+        verdict.tolerances[output.name] = tolerance.describe()
+        if output.nonfinite:
+            verdict.failures.append(f"output '{output.name}': {output.nonfinite} NaN/Inf value(s) where the original is finite")
+        if output.broken:
+            verdict.failures.append(f"output '{output.name}': {output.note}")
+        if not output.compared:
+            continue
+        reached: dict[str, float] = {}
+        for bound in TOLERANCE_FIELDS:
+            value = output.value_of(bound)
+            if value is None:
+                continue
+            reached[bound] = value
+            limit = getattr(tolerance, bound)
+            if limit is None:
+                continue
+            too_far = value > limit if bound.startswith("max_") else value < limit
+            if too_far:
+                verdict.failures.append(
+                    f"output '{output.name}': {bound.removeprefix('max_').removeprefix('min_')} {value:.4g} "
+                    f"{'>' if bound.startswith('max_') else '<'} {limit:g} (passes with {bound}={_loosened(value, bound):.4g})"
+                )
+        verdict.smallest_passing[output.name] = reached
+    verdict.passed = not verdict.failures
+    return verdict
+
+
+def _loosened(value: float, bound: str) -> float:
+    """The printed bound that passes: rounded outward so that 4 significant digits still pass."""
+    if not math.isfinite(value) or value == 0:
+        return value
+    digits = 3 - math.floor(math.log10(abs(value)))
+    factor = 10.0**digits
+    return (math.ceil if bound.startswith("max_") else math.floor)(value * factor) / factor
+
+
+@dataclass
+class ValidationResult:
+    outputs: list[OutputMetrics]
+    verdict: Verdict
+    feeds: int
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict.passed
+
+
+# ---------------------------------------------------------------------------------------------
+# running models
+# ---------------------------------------------------------------------------------------------
+
+
+def make_session(model: onnx.ModelProto, label: str, *, threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime session on the CPU, or a RuntimeLoadError naming the model and the problem."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        if model.ByteSize() < _SESSION_FROM_FILE_BYTES:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.onnx"
+            onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises several private exception types
+        raise RuntimeLoadError(f"{label}: onnxruntime cannot load it: {_first_line(error)}") from error
+
+
+def run_feeds(
+    session: ort.InferenceSession,
+    feeds: Sequence[Feed],
+    label: str,
+    progress: ProgressCallback | None = None,
+) -> list[dict[str, np.ndarray]]:
+    names = [output.name for output in session.get_outputs()]
+    results = []
+    for index, feed in enumerate(feeds):
+        try:
+            values = session.run(names, feed)
+        except Exception as error:  # noqa: BLE001
+            message = _first_line(error)
+            kind = InputDataError if "input" in message.lower() or "dimension" in message.lower() else RuntimeLoadError
+            raise kind(f"{label}: onnxruntime failed on feed {index}: {message}") from error
+        results.append(dict(zip(names, values)))
+        if progress is not None:
+            progress(label, index + 1, len(feeds))
+    return results
+
+
+def compare(
+    reference: Sequence[Mapping[str, np.ndarray]],
+    candidate: Sequence[Mapping[str, np.ndarray]],
+    tolerance_of: Callable[[str], Tolerance],
+    *,
+    temperature: float = 1.0,
+    seconds: float = 0.0,
+) -> ValidationResult:
+    """Metrics and verdict for candidate outputs against reference outputs, feed by feed."""
+    accumulators: dict[str, _OutputAccumulator] = {}
+    for ref_outputs, cand_outputs in zip(reference, candidate, strict=True):
+        for name, ref_value in ref_outputs.items():
+            accumulator = accumulators.setdefault(name, _OutputAccumulator(name, temperature))
+            if name not in cand_outputs:
+                accumulator.mark_broken("output missing from the candidate")
+            elif not accumulator.broken:
+                accumulator.add(ref_value, cand_outputs[name])
+    metrics = [accumulator.result() for accumulator in accumulators.values()]
+    return ValidationResult(metrics, judge(metrics, tolerance_of), feeds=len(reference), seconds=seconds)
+
+
+@dataclass
+class Reference:
+    """The original model's outputs on the validation feeds, computed once per run."""
+
+    feeds: list[Feed]
+    outputs: list[dict[str, np.ndarray]]
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, feeds: list[Feed], label: str, progress: ProgressCallback | None = None) -> Reference:
+        session = make_session(model, label)
+        return cls(feeds, run_feeds(session, feeds, label, progress))
+
+    def validate(
+        self,
+        candidate: onnx.ModelProto,
+        tolerance_of: Callable[[str], Tolerance],
+        label: str,
+        *,
+        temperature: float = 1.0,
+        progress: ProgressCallback | None = None,
+    ) -> ValidationResult:
+        start = time.perf_counter()
+        session = make_session(candidate, label)
+        outputs = run_feeds(session, self.feeds, label, progress)
+        return compare(self.outputs, outputs, tolerance_of, temperature=temperature, seconds=time.perf_counter() - start)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,74 @@
+"""Shared helpers: models built from ONNX text, the bundled models, running in onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "models"
+BUNDLED = ("digits_cnn", "digits_transformer", "digits_sklearn_mlp")
+
+
+def parse(text: str) -> onnx.ModelProto:
+    """A model from ONNX text (onnx.parser), checked."""
+    model = onnx.parser.parse_model(text)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def with_initializers(model: onnx.ModelProto, **arrays: np.ndarray) -> onnx.ModelProto:
+    for name, array in arrays.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(array), name=name))
+    return model
+
+
+def run(model: onnx.ModelProto | str | Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def bundled_inputs(name: str) -> dict[str, np.ndarray]:
+    with np.load(MODELS / f"{name}.inputs.npz") as archive:
+        return {"input": archive["input"]}
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+# A Conv -> BatchNormalization -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> BatchNormalization chain.
+CONV_BN_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+agraph (float[N, 3, 8, 8] x) => (float[N, 4] y) <float[6, 3, 3, 3] w, float[6] b, float[6] g, float[6] beta, float[6] mean, float[6] var,
+    float[4, 6] fw, float[4] fb, float[4] g2, float[4] beta2, float[4] mean2, float[4] var2> {
+    c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    n = BatchNormalization <epsilon = 0.001> (c, g, beta, mean, var)
+    r = Relu (n)
+    p = GlobalAveragePool (r)
+    f = Flatten (p)
+    h = Gemm <transB = 1, beta = 0.5> (f, fw, fb)
+    y = BatchNormalization (h, g2, beta2, mean2, var2)
+}
+"""
+
+
+def conv_bn_model(rng: np.random.Generator) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(CONV_BN_TEXT)
+    del model.graph.initializer[:]
+    f32 = np.float32
+    return with_initializers(
+        model,
+        w=rng.standard_normal((6, 3, 3, 3)).astype(f32), b=rng.standard_normal(6).astype(f32),
+        g=rng.uniform(0.5, 2, 6).astype(f32), beta=rng.standard_normal(6).astype(f32),
+        mean=rng.standard_normal(6).astype(f32), var=rng.uniform(0.5, 2, 6).astype(f32),
+        fw=rng.standard_normal((4, 6)).astype(f32), fb=rng.standard_normal(4).astype(f32),
+        g2=rng.uniform(0.5, 2, 4).astype(f32), beta2=rng.standard_normal(4).astype(f32),
+        mean2=rng.standard_normal(4).astype(f32), var2=rng.uniform(0.5, 2, 4).astype(f32),
+    )
