@@ -1,0 +1,168 @@
+"""The pass manager: commit, roll back, raise or keep; the original model is never touched."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import BUNDLED, MODELS, bundled_inputs, run
+from onnxsparse import load, optimize
+from onnxsparse.calibration import resolve_inputs
+from onnxsparse.errors import PassFailed, RequirementError, ValidationFailed
+from onnxsparse.graph import tensor_array
+from onnxsparse.passes import Pass, PassContext, PassResult, Requirement, register
+from onnxsparse.passes.cleanup import Cleanup
+from onnxsparse.pipeline import PassManager
+
+
+def _first_float_weight(model: onnx.ModelProto) -> onnx.TensorProto:
+    return next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2)
+
+
+@register
+@dataclass(frozen=True)
+class CorruptWeight(Pass):
+    """Test pass: negates the largest weight tensor (a new array, as the contract demands)."""
+
+    name = "test-corrupt-weight"
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        tensor = _first_float_weight(model)
+        tensor.CopyFrom(onnx.numpy_helper.from_array(-tensor_array(tensor), tensor.name))
+        return PassResult(model)
+
+
+@register
+@dataclass(frozen=True)
+class WriteInPlace(Pass):
+    """Test pass: writes into a weight array it did not create (a contract breach)."""
+
+    name = "test-write-in-place"
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        tensor_array(_first_float_weight(model))[...] = 0
+        return PassResult(model)
+
+
+@register
+@dataclass(frozen=True)
+class DanglingInput(Pass):
+    """Test pass: leaves a node reading a tensor nobody produces (fails the checker)."""
+
+    name = "test-dangling-input"
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        model.graph.node[0].input[0] = "no_such_tensor"
+        return PassResult(model)
+
+
+@register
+@dataclass(frozen=True)
+class NeedsCalibration(Pass):
+    """Test pass: needs calibration data and does nothing with it."""
+
+    name = "test-needs-calibration"
+    requires = frozenset({Requirement.CALIBRATION})
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        assert context.calibration is not None
+        return PassResult(model)
+
+
+@pytest.fixture
+def cnn() -> onnx.ModelProto:
+    return load(MODELS / "digits_cnn.onnx")
+
+
+def _manager(model: onnx.ModelProto, passes: list[Pass], **options) -> PassManager:
+    return PassManager(passes, inputs=resolve_inputs(str(MODELS / "digits_cnn.inputs.npz"), model), **options)
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_cleanup_and_fold_batchnorm_on_bundled_models_are_exact(tmp_path, name):
+    output, report_path = tmp_path / f"{name}.onnx", tmp_path / "report.json"
+    report = optimize(MODELS / f"{name}.onnx", output, "cleanup,fold-batchnorm", inputs=MODELS / f"{name}.inputs.npz", report_path=report_path)
+
+    written = onnx.load(output)
+    onnx.checker.check_model(written, full_check=True)
+    assert written.ir_version == onnx.load(MODELS / f"{name}.onnx").ir_version
+    feed = bundled_inputs(name)
+    for before, after in zip(run(MODELS / f"{name}.onnx", feed), run(output, feed)):
+        scale = max(float(np.max(np.abs(before.astype(np.float64)))), 1e-12)
+        assert np.max(np.abs(after.astype(np.float64) - before)) <= 1e-4 * scale
+    data = json.loads(report_path.read_text())
+    assert [s["status"] for s in data["steps"]] == ["committed", "committed"]
+    assert all({"run", "check", "validate"} <= set(s["seconds"]) for s in data["steps"])
+    assert data["final_validation"]["verdict"]["passed"] is True
+    assert all("max_rel" in o and "cosine" in o for s in data["steps"] for o in s["validation"]["outputs"])
+    assert report.final_validation.passed
+
+
+def test_fold_batchnorm_on_the_cnn_removes_every_batchnorm(tmp_path):
+    report = optimize(MODELS / "digits_cnn.onnx", tmp_path / "out.onnx", "fold-batchnorm")
+    assert "BatchNormalization" not in report.output.op_histogram
+    assert report.input.op_histogram["BatchNormalization"] == 5
+    assert report.steps[0].figures["folded"] == 5
+    assert report.output.parameters < report.input.parameters
+
+
+def test_a_pass_that_corrupts_a_weight_is_rolled_back_and_the_original_is_unchanged(cnn):
+    pristine = cnn.SerializeToString()
+    final, report = _manager(cnn, [Cleanup(), CorruptWeight()]).run(cnn)
+
+    assert cnn.SerializeToString() == pristine
+    assert [s.status for s in report.steps] == ["committed", "rolled-back"]
+    assert "output 'logits'" in report.steps[1].reason and "passes with" in report.steps[1].reason
+    assert report.steps[1].validation is not None and not report.steps[1].validation.passed
+    assert final.SerializeToString() == pristine  # cleanup changed nothing, the corruption was undone
+    assert report.final_validation.passed
+
+
+def test_a_pass_writing_into_shared_weights_fails_loudly_and_is_rolled_back(cnn):
+    pristine = cnn.SerializeToString()
+    _, report = _manager(cnn, [WriteInPlace()]).run(cnn)
+    assert report.steps[0].status == "rolled-back"
+    assert "ValueError" in report.steps[0].reason and "read-only" in report.steps[0].reason
+    assert cnn.SerializeToString() == pristine
+
+
+def test_a_pass_that_breaks_the_graph_is_rolled_back_whatever_the_policy(cnn):
+    _, report = _manager(cnn, [DanglingInput()], policy="keep").run(cnn)
+    assert report.steps[0].status == "rolled-back"
+    assert "fails the onnx checker" in report.steps[0].reason
+
+
+def test_policy_raise_raises_on_a_tolerance_breach_and_on_a_broken_pass(cnn):
+    with pytest.raises(ValidationFailed, match="test-corrupt-weight: output 'logits'"):
+        _manager(cnn, [CorruptWeight()], policy="raise").run(cnn)
+    with pytest.raises(PassFailed, match="test-dangling-input"):
+        _manager(cnn, [DanglingInput()], policy="raise").run(cnn)
+
+
+def test_policy_keep_keeps_the_failing_step_and_the_final_verdict_says_so(cnn):
+    final, report = _manager(cnn, [CorruptWeight()], policy="keep").run(cnn)
+    assert report.steps[0].status == "kept-failing"
+    assert not report.final_validation.passed
+    assert final.SerializeToString() != cnn.SerializeToString()
+
+
+def test_a_missing_requirement_stops_before_any_work_with_the_way_to_provide_it(cnn):
+    with pytest.raises(RequirementError, match="test-needs-calibration needs calibration data: pass --calibration"):
+        _manager(cnn, [NeedsCalibration()]).run(cnn)
+    calibration = resolve_inputs(str(MODELS / "digits_cnn.inputs.npz"), cnn)
+    _, report = _manager(cnn, [NeedsCalibration()], calibration=calibration).run(cnn)
+    assert report.steps[0].status == "committed"
+
+
+def test_pass_objects_and_recipes_drive_optimize_too(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[pass]]\nname = "cleanup"\n[[pass]]\nname = "fold-batchnorm"\n', encoding="utf-8")
+    from_recipe = optimize(MODELS / "digits_cnn.onnx", tmp_path / "a.onnx", recipe=recipe)
+    from_objects = optimize(MODELS / "digits_cnn.onnx", tmp_path / "b.onnx", [Cleanup(), CorruptWeight()])
+    assert from_recipe.pipeline == "cleanup,fold-batchnorm"
+    assert [s.status for s in from_objects.steps] == ["committed", "rolled-back"]
+    assert (tmp_path / "a.onnx").read_bytes() != (tmp_path / "b.onnx").read_bytes()
