@@ -183,16 +183,18 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     Exporters such as paddle2onnx keep weights in Constant nodes, so a pass that only looks at
     initializers misses them.
     """
+    value = None
     if isinstance(tensor, gs.Constant):
-        return tensor.values
-    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
-        attrs = tensor.inputs[0].attrs
-        value = attrs.get("value")
-        if isinstance(value, gs.Constant):
-            return value.values
-        if isinstance(value, np.ndarray):
-            return value
-    return None
+        value = tensor.values
+    elif len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        attribute = tensor.inputs[0].attrs.get("value")
+        value = attribute.values if isinstance(attribute, gs.Constant) else attribute
+    if not isinstance(value, np.ndarray):
+        return None
+    # A read-only view: graphsurgeon hands out its own buffer, which a pass must never write into.
+    view = value.view()
+    view.flags.writeable = False
+    return view
 
 
 def unique_name(graph: gs.Graph, base: str) -> str:

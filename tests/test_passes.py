@@ -176,3 +176,25 @@ def test_fold_batchnorm_keeps_a_float16_weight_float16(rng):
     assert {t.data_type for t in result.model.graph.initializer} == {onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))}
     feed = {"x": rng.standard_normal((1, 2, 4, 4)).astype(dtype)}
     np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], rtol=5e-3, atol=5e-3)
+
+
+def test_fold_batchnorm_folds_inside_if_subgraphs(rng):
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (bool cond, float[1, 2, 4, 4] x) => (float[1, 2, 4, 4] y) {
+        y = If (cond) <
+            then_branch = then_graph () => (float[1, 2, 4, 4] t) { c = Conv (x, w)  t = BatchNormalization (c, g, b, m, v) },
+            else_branch = else_graph () => (float[1, 2, 4, 4] e) { e = Identity (x) }
+        >
+    }
+    """
+    model = with_initializers(
+        onnx.parser.parse_model(text),
+        w=rng.standard_normal((2, 2, 1, 1)).astype(np.float32), g=np.array([2.0, 3.0], np.float32),
+        b=np.array([0.5, -1.0], np.float32), m=np.array([0.1, 0.2], np.float32), v=np.array([1.0, 4.0], np.float32),
+    )
+    result = _apply(FoldBatchNorm(), model)
+    then_branch = result.model.graph.node[0].attribute[0].g
+    assert [n.op_type for n in then_branch.node] == ["Conv"]
+    feed = {"cond": np.array(True), "x": rng.standard_normal((1, 2, 4, 4)).astype(np.float32)}
+    np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-6)

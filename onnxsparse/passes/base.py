@@ -8,7 +8,6 @@ matter to it. It never writes into an array it did not create: weights read thro
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import logging
 from collections.abc import Iterable
@@ -109,7 +108,10 @@ _entry_points_loaded = False
 
 def register(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make a pass available by its ``name``."""
-    if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
+    # Checked on the class itself: a subclass of a dataclass that is not decorated inherits the flag,
+    # and its own fields would then be plain class attributes that no option parser can see.
+    params = cls.__dict__.get("__dataclass_params__")
+    if params is None or not params.frozen:
         raise TypeError(f"pass {cls.__name__} must be a frozen dataclass")
     if not cls.name:
         raise TypeError(f"pass {cls.__name__} has no name")

@@ -29,19 +29,23 @@ class FoldBatchNorm(Pass):
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = to_gs(model)
         result = PassResult(model)
-        for bn in [node for node in graph.nodes if node.op == "BatchNormalization"]:
-            reason = self._fold(graph, bn, result)
-            if reason:
-                result.skipped.append(Skip(bn.name or bn.outputs[0].name, reason))
+        scopes = [graph, *graph.subgraphs(recursive=True)]  # BatchNorms inside If/Loop bodies too
+        for scope in scopes:
+            for bn in [node for node in scope.nodes if node.op == "BatchNormalization"]:
+                reason = self._fold(graph, scope, bn, result)
+                if reason:
+                    result.skipped.append(Skip(bn.name or bn.outputs[0].name, reason))
         if result.changes:  # an untouched model is returned as it came, not re-exported
-            graph.cleanup().toposort()
+            for scope in scopes:
+                scope.cleanup().toposort()
             result.model = from_gs(graph, like=model)
         result.figures["folded"] = len(result.changes)
         result.figures["skipped"] = len(result.skipped)
         return result
 
-    def _fold(self, graph: gs.Graph, bn: gs.Node, result: PassResult) -> str | None:
-        """Fold one BatchNormalization; return why not when it cannot be folded."""
+    def _fold(self, graph: gs.Graph, scope: gs.Graph, bn: gs.Node, result: PassResult) -> str | None:
+        """Fold one BatchNormalization of ``scope`` (the main graph or a subgraph of ``graph``);
+        return why not when it cannot be folded."""
         if len(bn.outputs) != 1 or bn.attrs.get("training_mode", 0) or not bn.attrs.get("spatial", 1):
             return "training-mode or non-spatial BatchNormalization"
         producer_output = bn.inputs[0]
@@ -50,7 +54,7 @@ class FoldBatchNorm(Pass):
         producer = producer_output.inputs[0]
         if producer.op not in ("Conv", "Gemm"):
             return f"produced by {producer.op}, not Conv/Gemm"
-        if len(producer_output.outputs) != 1 or producer_output in graph.outputs:
+        if len(producer_output.outputs) != 1 or producer_output in scope.outputs:
             return f"output of {producer.op} '{producer.name}' is also read elsewhere"
         parameters = [constant_value(tensor) for tensor in bn.inputs[1:5]]
         if any(value is None for value in parameters):

@@ -1,0 +1,77 @@
+"""The pass registry: built-in passes, the frozen-dataclass contract, third-party entry points."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from onnxsparse import list_passes
+from onnxsparse.errors import PipelineSpecError
+from onnxsparse.passes import Pass, base, pass_class, register
+from onnxsparse.spec import parse_pipeline
+
+
+def test_built_in_passes_are_registered_with_a_summary():
+    passes = list_passes()
+    assert {"cleanup", "fold-batchnorm"} <= set(passes)
+    assert all(cls.summary() for cls in passes.values())
+
+
+def test_a_pass_must_be_a_frozen_dataclass_with_a_free_name():
+    class NotADataclass(Pass):
+        name = "test-not-a-dataclass"
+
+    with pytest.raises(TypeError, match="frozen dataclass"):
+        register(NotADataclass)
+
+    @dataclass(frozen=True)
+    class Impostor(Pass):
+        name = "cleanup"
+
+    with pytest.raises(TypeError, match="'cleanup' is taken"):
+        register(Impostor)
+
+
+def test_passes_are_immutable():
+    cleanup = parse_pipeline("cleanup")[0]
+    with pytest.raises(AttributeError):
+        cleanup.drop_unused_inputs = True  # type: ignore[misc]
+
+
+def test_third_party_passes_load_through_the_entry_point_group(tmp_path: Path, monkeypatch):
+    package = tmp_path / "thirdparty_passes.py"
+    package.write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        from onnxsparse.passes import Pass, PassResult
+
+        @dataclass(frozen=True)
+        class Plugged(Pass):
+            """A pass from another package."""
+            name = "test-plugged"
+            strength: int = 1
+
+            def run(self, model, context):
+                return PassResult(model)
+    '''), encoding="utf-8")
+    dist_info = tmp_path / "thirdparty_passes-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-passes\nVersion: 1.0\n", encoding="utf-8")
+    (dist_info / "entry_points.txt").write_text("[onnxsparse.passes]\nplugged = thirdparty_passes:Plugged\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(base, "_entry_points_loaded", False)
+
+    plugged = parse_pipeline("cleanup,test-plugged{strength=3}")[1]
+
+    assert type(plugged).__module__ == "thirdparty_passes" and plugged.strength == 3
+    assert pass_class("test-plugged") is type(plugged)
+    monkeypatch.delitem(base._REGISTRY, "test-plugged")
+    monkeypatch.delitem(sys.modules, "thirdparty_passes")
+
+
+def test_unknown_pass_lists_the_known_ones():
+    with pytest.raises(PipelineSpecError, match=r"unknown pass 'nope'; known passes: .*cleanup.*fold-batchnorm"):
+        pass_class("nope")
