@@ -100,7 +100,7 @@ class PassManager:
     def _check_requirements(self) -> None:
         """Fail before any work when a pass needs something that was not given."""
         for pass_ in self.passes:
-            if Requirement.CALIBRATION in pass_.requires and self.calibration is None:
+            if Requirement.CALIBRATION in pass_.needs() and self.calibration is None:
                 raise RequirementError(f"{pass_.name} needs calibration data: {_REQUIREMENT_HINTS[Requirement.CALIBRATION]}")
 
     def _run_step(
@@ -140,7 +140,7 @@ class PassManager:
 
     def _prepared_copy(self, pass_: Pass, current: onnx.ModelProto) -> onnx.ModelProto:
         candidate = clone(current)
-        if Requirement.SHAPES in pass_.requires:
+        if Requirement.SHAPES in pass_.needs():
             try:
                 candidate = onnx.shape_inference.infer_shapes(candidate, strict_mode=True, data_prop=True)
             except Exception as error:  # noqa: BLE001 - onnx raises several types
@@ -150,7 +150,7 @@ class PassManager:
     def _structural_failure(self, step: StepReport, reason: str) -> StepReport:
         """The pass crashed or produced an invalid model: never kept, whatever the policy."""
         step.status, step.reason = ROLLED_BACK, reason
-        log.warning("%s rolled back: %s", step.pass_name, reason)
+        log.info("%s rolled back: %s", step.pass_name, reason)
         if self.policy == "raise":
             raise PassFailed(f"{step.pass_name}: {reason}")
         return step
@@ -163,7 +163,7 @@ class PassManager:
             raise ValidationFailed(f"{step.pass_name}: {reason}")
         step.status = KEPT_FAILING if self.policy == "keep" else ROLLED_BACK
         step.reason = reason
-        log.warning("%s %s: %s", step.pass_name, step.status, reason)
+        log.info("%s %s: %s", step.pass_name, step.status, reason)
         return step
 
     def _progress(self, label: str) -> ProgressCallback | None:

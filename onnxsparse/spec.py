@@ -229,13 +229,14 @@ def format_value(value: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(_format_scalar(item) for item in value)
     if isinstance(value, Mapping):
-        return ",".join(f"{_format_scalar(k)}:{_format_scalar(v)}" for k, v in value.items())
+        return ",".join(f"{_format_scalar(k, in_map=True)}:{_format_scalar(v, in_map=True)}" for k, v in value.items())
     return _format_scalar(value)
 
 
-def _format_scalar(value: Any) -> str:
+def _format_scalar(value: Any, *, in_map: bool = False) -> str:
     text = repr(value) if isinstance(value, float) else str(value)
-    if text == "" or re.search(r"[\s{}=,\"':]", text):
+    special = r"[\s{}=,\"':]" if in_map else r"[\s{}=,\"']"
+    if text == "" or re.search(special, text):
         if '"' in text:
             raise PipelineSpecError(f"option value {text!r} cannot be written as pipeline text")
         return f'"{text}"'

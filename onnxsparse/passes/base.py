@@ -86,6 +86,10 @@ class Pass:
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         raise NotImplementedError
 
+    def needs(self) -> frozenset[Requirement]:
+        """What this instance needs; options can add to the class's ``requires`` (wanda needs data)."""
+        return self.requires
+
     @classmethod
     def summary(cls) -> str:
         """The first line of the pass's docstring."""

@@ -1,0 +1,93 @@
+"""Statistics of intermediate tensors, streamed over calibration feeds: run the model in onnxruntime
+with the wanted tensors exposed as extra outputs and reduce each batch as it comes, so memory does
+not grow with the number of feeds."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .calibration import InputSource, model_inputs, check_feed
+from .validate import make_session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChannelStats:
+    """Per-channel running sums of one tensor along its feature axis."""
+
+    sum: np.ndarray
+    sum_squares: np.ndarray
+    count: int = 0
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def l2_norm(self) -> np.ndarray:
+        """The L2 norm of each channel over every sample and position (Wanda's ||X_j||)."""
+        return np.sqrt(self.sum_squares)
+
+
+def with_extra_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the given intermediate tensors of its main graph."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    existing = {output.name for output in exposed.graph.output}
+    types = _elem_types(model)
+    for name in names:
+        if name not in existing:
+            exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
+    return exposed
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of the main graph's values, from shape inference where it succeeds."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - fall back to float for every tensor
+        log.debug("shape inference failed; exposing intermediate tensors as float", exc_info=True)
+        return {}
+    values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    return {v.name: v.type.tensor_type.elem_type for v in values if v.type.HasField("tensor_type")}
+
+
+def collect_channel_stats(
+    model: onnx.ModelProto,
+    source: InputSource,
+    feature_axes: Mapping[str, int],
+    *,
+    limit: int | None = None,
+    label: str = "calibration",
+) -> dict[str, ChannelStats]:
+    """Per-channel sums and sums of squares of each named main-graph tensor along its feature axis."""
+    graph_inputs = {i.name for i in model.graph.input}
+    session = make_session(with_extra_outputs(model, [n for n in feature_axes if n not in graph_inputs]), label)
+    wanted = [n for n in feature_axes if n not in graph_inputs]
+    inputs = model_inputs(model)
+    stats: dict[str, ChannelStats] = {}
+    for index, feed in enumerate(source.feeds()):
+        if limit is not None and index >= limit:
+            break
+        checked = check_feed(feed, inputs, f"{source.describe()}, feed {index}")
+        values = dict(zip(wanted, session.run(wanted, checked))) if wanted else {}
+        values.update({n: checked[n] for n in feature_axes if n in graph_inputs})
+        for name, axis in feature_axes.items():
+            _accumulate(stats, name, np.asarray(values[name], dtype=np.float64), axis)
+    return stats
+
+
+def _accumulate(stats: dict[str, ChannelStats], name: str, value: np.ndarray, axis: int) -> None:
+    moved = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
+    entry = stats.get(name)
+    if entry is None:
+        entry = stats[name] = ChannelStats(np.zeros(moved.shape[1]), np.zeros(moved.shape[1]))
+    entry.sum += moved.sum(axis=0)
+    entry.sum_squares += np.square(moved).sum(axis=0)
+    entry.count += moved.shape[0]

@@ -1,0 +1,282 @@
+"""``magnitude-prune``: zero the least important weights, unstructured or N:M, by magnitude or Wanda."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..activations import collect_channel_stats
+from ..graph import from_gs, to_gs
+from ..validate import Tolerance
+from ..weights import RNN_OPS, WEIGHT_OPS, WeightSite, find_weights, matches, replace_weight
+from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
+
+log = logging.getLogger(__name__)
+
+SPEED_WARNING = (
+    "unstructured and N:M sparsity does not make onnxruntime faster on CPU: it runs zeros like any other "
+    "weight. Channel removal (channel-prune) and int8 (qdq) make it faster; sparse-encode makes the file smaller."
+)
+
+
+def parse_nm(pattern: str) -> tuple[int, int] | None:
+    """``"2:4"`` → (2, 4); ``"unstructured"`` → None; anything else is a ValueError."""
+    if pattern == "unstructured":
+        return None
+    match = re.fullmatch(r"(\d+):(\d+)", pattern)
+    if not match or not 0 < int(match.group(1)) < int(match.group(2)):
+        raise ValueError(f"pattern '{pattern}' is neither 'unstructured' nor N:M with 0 < N < M (e.g. 2:4)")
+    return int(match.group(1)), int(match.group(2))
+
+
+@register
+@dataclass(frozen=True)
+class MagnitudePrune(Pass):
+    """Zero the smallest weights of Conv/ConvTranspose/Gemm/MatMul (unstructured or N:M), wherever they live.
+
+    Weights in initializers, Constant nodes and If/Loop subgraphs alike; each tensor once, even when
+    shared. The ``wanda`` criterion scales |W| by the L2 norm of each input channel's activation
+    over calibration data. Zeros cost the same time as any weight in onnxruntime: follow with
+    ``sparse-encode`` for a smaller file.
+    """
+
+    name = "magnitude-prune"
+    default_tolerance = Tolerance(min_cosine=0.99)
+
+    sparsity: float = field(default=0.5, metadata={"help": "fraction of weights zeroed, in [0, 1) (N:M patterns imply M-N / M)"})
+    scope: Literal["per-tensor", "per-row", "global"] = field(
+        default="per-tensor", metadata={"help": "where the threshold applies: each tensor, each output unit, or one across tensors"}
+    )
+    pattern: str = field(default="unstructured", metadata={"help": "unstructured, or N:M along the reduction axis (e.g. 2:4)"})
+    criterion: Literal["magnitude", "wanda"] = field(default="magnitude", metadata={"help": "wanda needs calibration data"})
+    include: tuple[str, ...] = field(default=WEIGHT_OPS, metadata={"help": "op types or name patterns to prune (add LSTM, GRU for RNNs)"})
+    exclude: tuple[str, ...] = field(default=(), metadata={"help": "op types or tensor/node name patterns to leave alone"})
+    overrides: Mapping[str, float] = field(default_factory=dict, metadata={"help": "pattern:sparsity for matching tensors"})
+    skip_depthwise: bool = field(default=False, metadata={"help": "leave depthwise convolutions dense"})
+    skip_first: bool = field(default=False, metadata={"help": "leave the first weight layer dense"})
+    skip_last: bool = field(default=False, metadata={"help": "leave the last weight layer dense"})
+    min_size: int = field(default=0, metadata={"help": "leave tensors with fewer elements dense"})
+    calibration_samples: int = field(default=64, metadata={"help": "feeds read for wanda statistics"})
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity {self.sparsity} is outside [0, 1)")
+        parse_nm(self.pattern)
+        for pattern, value in self.overrides.items():
+            if not 0 <= value < 1:
+                raise ValueError(f"override {pattern}:{value} is outside [0, 1)")
+        if self.min_size < 0 or self.calibration_samples < 1:
+            raise ValueError("min_size must be >= 0 and calibration_samples >= 1")
+
+    def needs(self) -> frozenset[Requirement]:
+        return frozenset({Requirement.CALIBRATION}) if self.criterion == "wanda" else frozenset()
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        graph = to_gs(model)
+        result = PassResult(model)
+        sites, rejected = find_weights(graph, WEIGHT_OPS + RNN_OPS)
+        result.skipped.extend(Skip(r.name, r.reason) for r in rejected)
+        chosen = self._choose(sites, result)
+        self._warn_unmatched(sites, result)
+        if not chosen:
+            result.warnings.append("magnitude-prune matched no weight tensor: nothing pruned")
+            return result
+        scores = self._scores(model, chosen, context, result)
+        masks = self._masks(chosen, scores)
+        for (site, _), keep in zip(chosen, masks):
+            replace_weight(site, np.where(keep, site.value, np.zeros((), dtype=site.value.dtype)))
+        graph.cleanup()
+        result.model = from_gs(graph, like=model)
+        self._summarize(chosen, masks, result)
+        result.warnings.append(SPEED_WARNING)
+        return result
+
+    # -- selection ------------------------------------------------------------------------------
+
+    def _choose(self, sites: list[WeightSite], result: PassResult) -> list[tuple[WeightSite, float]]:
+        main = [s for s in sites if not s.in_subgraph]
+        first, last = (main[0].name, main[-1].name) if main else ("", "")
+        chosen = []
+        for site in sites:
+            reason = self._skip_reason(site, first, last)
+            if reason:
+                result.skipped.append(Skip(site.name, reason))
+            else:
+                chosen.append((site, self._target(site)))
+        return chosen
+
+    def _skip_reason(self, site: WeightSite, first: str, last: str) -> str:
+        names = (site.name, *site.node_names, site.op)
+        if not matches(self.include, *names):
+            return f"{site.op} not in include"
+        if matches(self.exclude, *names):
+            return "excluded by pattern"
+        if self.skip_depthwise and site.depthwise:
+            return "depthwise convolution (skip_depthwise)"
+        if self.skip_first and site.name == first:
+            return "first weight layer (skip_first)"
+        if self.skip_last and site.name == last:
+            return "last weight layer (skip_last)"
+        if site.value.size < self.min_size:
+            return f"{site.value.size} elements < min_size {self.min_size}"
+        nm = parse_nm(self.pattern)
+        if nm and site.value.shape[site.reduction_axis] % nm[1]:
+            return f"reduction axis of {site.value.shape[site.reduction_axis]} is not a multiple of {nm[1]} ({self.pattern})"
+        return ""
+
+    def _target(self, site: WeightSite) -> float:
+        nm = parse_nm(self.pattern)
+        if nm:
+            return (nm[1] - nm[0]) / nm[1]
+        names = (site.name, *site.node_names, site.op)
+        for pattern, value in self.overrides.items():
+            if matches([pattern], *names):
+                return value
+        return self.sparsity
+
+    def _warn_unmatched(self, sites: list[WeightSite], result: PassResult) -> None:
+        every_name = [(s.name, *s.node_names, s.op) for s in sites]
+        for option, patterns in (("include", self.include), ("exclude", self.exclude), ("overrides", tuple(self.overrides))):
+            for pattern in patterns:
+                if option == "include" and pattern in WEIGHT_OPS + RNN_OPS:
+                    continue  # an op type the model lacks is no typo
+                if not any(matches([pattern], *names) for names in every_name):
+                    result.warnings.append(f"magnitude-prune: {option} pattern '{pattern}' matched no weight tensor")
+
+    # -- scores and masks -----------------------------------------------------------------------
+
+    def _scores(self, model: onnx.ModelProto, chosen: list[tuple[WeightSite, float]], context: PassContext, result: PassResult) -> list[np.ndarray]:
+        magnitudes = [np.abs(site.value.astype(np.float32)) for site, _ in chosen]
+        if self.criterion == "magnitude":
+            return magnitudes
+        assert context.calibration is not None  # the manager checked needs()
+        activations = {site.name: _activation_of(site) for site, _ in chosen}
+        requests = {name: axis for entry in activations.values() if entry for name, axis in [entry]}
+        stats = collect_channel_stats(model, context.calibration, requests, limit=self.calibration_samples, label="wanda statistics")
+        scores = []
+        for (site, _), magnitude in zip(chosen, magnitudes):
+            entry = activations[site.name]
+            if entry is None:
+                result.skipped.append(Skip(site.name, "no activation statistics (inside a subgraph or shared): scored by magnitude"))
+                scores.append(magnitude)
+                continue
+            scores.append(magnitude * _norm_for_weight(site, stats[entry[0]].l2_norm))
+        return scores
+
+    def _masks(self, chosen: list[tuple[WeightSite, float]], scores: list[np.ndarray]) -> list[np.ndarray]:
+        nm = parse_nm(self.pattern)
+        if nm:
+            return [nm_mask(score, site.reduction_axis, *nm) for (site, _), score in zip(chosen, scores)]
+        if self.scope == "per-row":
+            return [per_row_mask(score, site.out_axis, target) for (site, target), score in zip(chosen, scores)]
+        if self.scope == "global":
+            overridden = [matches(self.overrides, site.name, *site.node_names, site.op) for site, _ in chosen]
+            masks = global_masks([s for s, o in zip(scores, overridden) if not o], self.sparsity)
+            shared = iter(masks)
+            return [unstructured_mask(score, target) if o else next(shared) for (_, target), score, o in zip(chosen, scores, overridden)]
+        return [unstructured_mask(score, target) for (_, target), score in zip(chosen, scores)]
+
+    # -- reporting -----------------------------------------------------------------
+
+    def _summarize(self, chosen: list[tuple[WeightSite, float]], masks: list[np.ndarray], result: PassResult) -> None:
+        zeros_total = size_total = 0
+        for (site, target), keep in zip(chosen, masks):
+            zeros = int(keep.size - np.count_nonzero(keep & (site.value != 0)))
+            zeros_total += zeros
+            size_total += keep.size
+            result.changes.append(Change(site.name, "pruned", {
+                "op": site.op, "nodes": site.node_names, "size": int(keep.size), "target": round(target, 6),
+                "sparsity": round(zeros / keep.size, 6), "pattern": self.pattern, "criterion": self.criterion,
+                "scope": self.scope if not parse_nm(self.pattern) else "N:M groups",
+            }))
+        result.figures.update(tensors_pruned=len(chosen), weights_considered=size_total, zeros=zeros_total,
+                              sparsity=round(zeros_total / max(size_total, 1), 6))
+
+
+# ---------------------------------------------------------------------------------------------
+# masks (True = keep): exact counts, ties broken by position
+# ---------------------------------------------------------------------------------------------
+
+
+def unstructured_mask(scores: np.ndarray, sparsity: float) -> np.ndarray:
+    flat = scores.reshape(-1)
+    drop = int(round(sparsity * flat.size))
+    keep = np.ones(flat.size, dtype=bool)
+    if drop:
+        keep[np.argpartition(flat, drop - 1)[:drop]] = False
+    return keep.reshape(scores.shape)
+
+
+def per_row_mask(scores: np.ndarray, out_axis: int, sparsity: float) -> np.ndarray:
+    """Each output unit (filter, output feature) to the target: Wanda's comparison group."""
+    moved = np.moveaxis(scores, out_axis, 0)
+    rows = moved.reshape(moved.shape[0], -1)
+    drop = int(round(sparsity * rows.shape[1]))
+    keep = np.ones(rows.shape, dtype=bool)
+    if drop:
+        np.put_along_axis(keep, np.argpartition(rows, drop - 1, axis=1)[:, :drop], False, axis=1)
+    return np.moveaxis(keep.reshape(moved.shape), 0, out_axis)
+
+
+def nm_mask(scores: np.ndarray, reduction_axis: int, n: int, m: int) -> np.ndarray:
+    """Keep the N largest of every M consecutive weights along the reduction axis."""
+    moved = np.moveaxis(scores, reduction_axis, -1)
+    groups = moved.reshape(-1, m)
+    keep = np.ones(groups.shape, dtype=bool)
+    np.put_along_axis(keep, np.argpartition(groups, m - n - 1, axis=1)[:, : m - n], False, axis=1)
+    return np.moveaxis(keep.reshape(moved.shape), -1, reduction_axis)
+
+
+def global_masks(scores: list[np.ndarray], sparsity: float) -> list[np.ndarray]:
+    """One threshold across every tensor: the smallest scores overall are dropped."""
+    if not scores:
+        return []
+    joined = unstructured_mask(np.concatenate([s.reshape(-1) for s in scores]), sparsity)
+    bounds = np.cumsum([0] + [s.size for s in scores])
+    return [joined[a:b].reshape(s.shape) for a, b, s in zip(bounds[:-1], bounds[1:], scores)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Wanda: |W| times the input channel's activation norm
+# ---------------------------------------------------------------------------------------------
+
+
+def _activation_of(site: WeightSite) -> tuple[str, int] | None:
+    """(activation tensor name, its feature axis) feeding the weight's only use in the main graph."""
+    if site.in_subgraph or len(site.uses) != 1:
+        return None
+    node, index = site.uses[0].node, site.uses[0].index
+    if node.op in ("Conv", "ConvTranspose"):
+        return node.inputs[0].name, 1
+    if node.op == "Gemm":
+        transposed = node.attrs.get("transA" if index == 1 else "transB", 0)
+        other = node.inputs[1 - index]
+        return other.name, (0 if transposed else 1) if index == 1 else (1 if transposed else 0)
+    if node.op == "MatMul":
+        other = node.inputs[1 - index]
+        return other.name, -1 if index == 1 else -2
+    return None
+
+
+def _norm_for_weight(site: WeightSite, norm: np.ndarray) -> np.ndarray:
+    """The activation norm laid out to broadcast against the weight along its reduction axis."""
+    value = site.value
+    node = site.uses[0].node
+    groups = int(node.attrs.get("group", 1)) if node.op in ("Conv", "ConvTranspose") else 1
+    if groups > 1 and node.op == "Conv":
+        per_group = norm.reshape(groups, -1)  # [groups, C_in / groups]
+        out_per_group = value.shape[0] // groups
+        table = per_group[np.arange(value.shape[0]) // out_per_group]  # [C_out, C_in / groups]
+        return table.reshape(table.shape + (1,) * (value.ndim - 2))
+    shape = [1] * value.ndim
+    shape[site.reduction_axis] = value.shape[site.reduction_axis]
+    if norm.size != value.shape[site.reduction_axis]:
+        return np.ones(shape)  # grouped ConvTranspose: fall back to magnitude for this tensor
+    return norm.reshape(shape)

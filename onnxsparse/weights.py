@@ -1,0 +1,152 @@
+"""Where the weights are: the constant operands of Conv, ConvTranspose, Gemm, MatMul (and RNNs),
+whether stored as initializers or in Constant nodes (paddle2onnx, some TF exports), in the main
+graph or inside If/Loop bodies, with the axes that give them meaning (output units, reduction)."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graph import constant_value
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+RNN_OPS = ("LSTM", "GRU", "RNN")
+
+
+@dataclass
+class WeightUse:
+    """One node reading the weight, at one input index."""
+
+    node: gs.Node
+    index: int
+    scope: gs.Graph
+
+
+@dataclass
+class WeightSite:
+    """A constant weight tensor with the axes along which its values mean something."""
+
+    name: str
+    tensor: gs.Tensor
+    value: np.ndarray  # read-only
+    op: str
+    out_axis: int  # the axis of output units (filters, output features)
+    reduction_axis: int  # the axis summed over (input channels, input features): where N:M groups run
+    uses: list[WeightUse] = field(default_factory=list)
+    depthwise: bool = False
+    in_subgraph: bool = False
+
+    @property
+    def node_names(self) -> list[str]:
+        return [use.node.name for use in self.uses]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A constant operand of a weight op that is not treated as a weight, and why."""
+
+    name: str
+    reason: str
+
+
+def weight_axes(node: gs.Node, index: int, rank: int) -> tuple[int, int] | None:
+    """(output axis, reduction axis) of ``node``'s constant input ``index``, or None if not a weight."""
+    op, attrs = node.op, node.attrs
+    if op == "Conv" and index == 1 and rank >= 3:
+        return 0, 1
+    if op == "ConvTranspose" and index == 1 and rank >= 3:
+        return 1, 0
+    if op == "Gemm" and rank == 2:
+        if index == 1:
+            return (0, 1) if attrs.get("transB", 0) else (1, 0)
+        if index == 0:
+            return (1, 0) if attrs.get("transA", 0) else (0, 1)
+    if op == "MatMul" and rank >= 2:
+        if index == 1:
+            return rank - 1, rank - 2
+        if index == 0:
+            return rank - 2, rank - 1
+    if op in RNN_OPS and index in (1, 2) and rank == 3:
+        return 1, 2
+    return None
+
+
+def find_weights(graph: gs.Graph, ops: Iterable[str] = WEIGHT_OPS) -> tuple[list[WeightSite], list[Rejected]]:
+    """Every constant weight read by ``ops`` in ``graph`` and its subgraphs, each tensor once.
+
+    A tensor that some other node reads in a non-weight role (a tied embedding read by Gather, a
+    weight also added to something) is rejected with the reason, never pruned behind that node's back.
+    """
+    wanted = set(ops)
+    sites: dict[str, WeightSite] = {}
+    rejected: dict[str, str] = {}
+    scopes = [graph, *graph.subgraphs(recursive=True)]
+    for scope in scopes:
+        for node in scope.nodes:
+            if node.op not in wanted:
+                continue
+            for index, tensor in enumerate(node.inputs):
+                _consider(node, index, tensor, scope, scope is not graph, sites, rejected)
+    readers = _readers_by_name(scopes)
+    for site in list(sites.values()):
+        weight_uses = {(id(use.node), use.index) for use in site.uses}
+        other = ", ".join(sorted({op for key, op in readers.get(site.name, []) if key not in weight_uses}))
+        if other:
+            rejected[site.name] = f"also read by {other} (not as a weight)"
+            del sites[site.name]
+    return list(sites.values()), [Rejected(n, r) for n, r in rejected.items()]
+
+
+def _consider(
+    node: gs.Node, index: int, tensor: gs.Tensor, scope: gs.Graph, in_subgraph: bool,
+    sites: dict[str, WeightSite], rejected: dict[str, str],
+) -> None:
+    if index == 2 and node.op in ("Conv", "ConvTranspose", "Gemm"):
+        return  # biases are not weights to prune or quantize per channel
+    value = constant_value(tensor)
+    if value is None or not np.issubdtype(value.dtype, np.floating):
+        return
+    axes = weight_axes(node, index, value.ndim)
+    if axes is None:
+        rejected.setdefault(tensor.name, f"{value.ndim}-D operand {index} of {node.op} '{node.name}' has no weight layout")
+        return
+    site = sites.get(tensor.name)
+    if site is None:
+        site = sites[tensor.name] = WeightSite(tensor.name, tensor, value, node.op, *axes, in_subgraph=in_subgraph)
+        site.depthwise = node.op == "Conv" and int(node.attrs.get("group", 1)) > 1 and value.shape[1] == 1
+    elif (site.op, site.out_axis, site.reduction_axis) != (node.op, *axes):
+        rejected[tensor.name] = f"read as a weight with different layouts ({site.op} and {node.op})"
+    site.uses.append(WeightUse(node, index, scope))
+
+
+def _readers_by_name(scopes: list[gs.Graph]) -> dict[str, list[tuple[tuple[int, int], str]]]:
+    """For each tensor name, who reads it: ((node id, input index), op type); graph outputs too."""
+    readers: dict[str, list[tuple[tuple[int, int], str]]] = {}
+    for scope in scopes:
+        for node in scope.nodes:
+            for index, tensor in enumerate(node.inputs):
+                readers.setdefault(tensor.name, []).append(((id(node), index), node.op))
+        for output in scope.outputs:
+            readers.setdefault(output.name, []).append(((0, -1), "a graph output"))
+    return readers
+
+
+def matches(patterns: Iterable[str], *names: str) -> bool:
+    """fnmatch-style: does any pattern match any of the names (tensor, node, op type)?"""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names if name)
+
+
+def replace_weight(site: WeightSite, value: np.ndarray) -> gs.Constant:
+    """Point every use of the weight at a new constant holding ``value`` (never the old buffer).
+
+    The new constant keeps the weight's name; the old initializer or Constant node becomes unused
+    and is dropped by the graph cleanup that follows.
+    """
+    replacement = gs.Constant(site.name, np.ascontiguousarray(value))
+    for use in site.uses:
+        use.node.inputs[use.index] = replacement
+    return replacement
