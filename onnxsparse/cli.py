@@ -20,7 +20,7 @@ from . import __version__
 from .calibration import parse_dims
 from .errors import InputDataError, OnnxsparseError
 from .inspect_model import ModelSummary, summarize
-from .io import load_with_info
+from .io import load_with_info, save
 from .passes import registered_passes
 from .report import RunReport, worst_output
 from .spec import option_fields, option_types, parse_tolerance_text, type_text, format_value, _default_of
@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model")
     inspect.add_argument("--top", type=int, default=20, help="tensors listed, largest first (default 20; 0 for all)")
     _add_common_options(inspect)
+
+    densify = commands.add_parser("densify", help="write a sparse-encoded model back as a plain one (for tools that cannot read sparse_initializer)")
+    densify.add_argument("model")
+    densify.add_argument("-o", "--output", required=True)
 
     passes = commands.add_parser("passes", help="every pass with its options and defaults")
     _add_common_options(passes)
@@ -330,7 +334,14 @@ def run_passes(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"optimize": run_optimize, "validate": run_validate, "inspect": run_inspect, "passes": run_passes}
+def run_densify(args: argparse.Namespace) -> int:
+    model, info = load_with_info(args.model)
+    written = save(model, args.output, protect=(args.model,))
+    print(f"{written}: {len(info.densified)} sparse tensor(s) densified, {_human_bytes(info.file_bytes)} -> {_human_bytes(written.stat().st_size)}")
+    return 0
+
+
+_COMMANDS = {"optimize": run_optimize, "validate": run_validate, "inspect": run_inspect, "densify": run_densify, "passes": run_passes}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

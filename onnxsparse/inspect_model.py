@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from .graph import iter_attribute_tensors, iter_model_graphs, op_histogram, outer_scope_reads, subgraphs_of
-from .io import LoadInfo
+from .io import LoadInfo, sparse_to_dense
 
 
 @dataclass
@@ -64,6 +64,10 @@ def tensor_infos(model: onnx.ModelProto) -> list[TensorInfo]:
         readers = _consumers(graph)
         for tensor in graph.initializer:
             infos.append(_info(tensor, tensor.name, f"{prefix}initializer", readers.get(tensor.name, [])))
+        for sparse in graph.sparse_initializer:
+            info = _info(sparse_to_dense(sparse), sparse.values.name, f"{prefix}sparse_initializer", readers.get(sparse.values.name, []))
+            info.sparse_encoded_bytes = sparse.ByteSize()
+            infos.append(info)
         for node, tensor in iter_attribute_tensors(graph):
             if node.op_type == "Constant" and node.output:
                 infos.append(_info(tensor, node.output[0], f"{prefix}Constant node", readers.get(node.output[0], [])))
@@ -88,7 +92,8 @@ def summarize(model: onnx.ModelProto, info: LoadInfo | None = None, *, with_tens
     tensors = tensor_infos(model)
     sparse = dict(info.densified) if info else {}
     for tensor in tensors:
-        tensor.sparse_encoded_bytes = sparse.get(tensor.name)
+        if tensor.name in sparse:
+            tensor.sparse_encoded_bytes = sparse[tensor.name]
     used = [t for t in tensors if t.consumers]
     bytes_by_op: Counter[str] = Counter()
     for tensor in used:

@@ -69,6 +69,9 @@ class PassManager:
             raise PipelineSpecError(f"policy '{self.policy}' is not one of {', '.join(POLICIES)}")
         if not self.passes:
             raise PipelineSpecError("empty pipeline: give at least one pass (see `onnxsparse passes`)")
+        for pass_ in self.passes[:-1]:
+            if pass_.must_be_last:
+                raise PipelineSpecError(f"{pass_.name} must be the last pass: it encodes the file for disk, and later passes read dense tensors")
 
     def run(self, model: onnx.ModelProto, label: str = "model", info: LoadInfo | None = None) -> tuple[onnx.ModelProto, RunReport]:
         started = time.perf_counter()
@@ -87,6 +90,7 @@ class PassManager:
             report.steps.append(step)
             if step.status in (COMMITTED, KEPT_FAILING):
                 current, last_tolerance = result_model, (pass_.name, pass_.default_tolerance)
+                report.standard = report.standard and step.standard
         self._report_progress("passes", len(self.passes), len(self.passes))
         final = _finalize_versions(clone(current), model)
         report.final_validation = reference.validate(
@@ -120,7 +124,7 @@ class PassManager:
         _copy_result(step, result)
         checked = time.perf_counter()
         try:
-            check_model(result.model, f"{label} after {pass_.name}")
+            check_model(result.model, f"{label} after {pass_.name}", standard=result.standard)
         except ModelLoadError as error:
             return self._structural_failure(step, str(error)), None
         step.seconds["check"] = time.perf_counter() - checked
@@ -179,7 +183,7 @@ class PassManager:
 
 def _copy_result(step: StepReport, result: PassResult) -> None:
     step.changes, step.skipped = result.changes, result.skipped
-    step.figures, step.warnings = result.figures, result.warnings
+    step.figures, step.warnings, step.standard = result.figures, result.warnings, result.standard
 
 
 def _finalize_versions(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -234,7 +238,7 @@ def optimize(
     )
     final, report = manager.run(model, label=str(input_path), info=info)
     if output_path is not None:
-        written = save(final, output_path, protect=() if overwrite_input else (input_path,))
+        written = save(final, output_path, protect=() if overwrite_input else (input_path,), standard=report.standard)
         report.output_path = str(written)
         report.output.source = str(written)
         report.output.file_bytes = Path(written).stat().st_size

@@ -32,6 +32,7 @@ class StepReport:
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     validation: ValidationResult | None = None
+    standard: bool = True  # False: deliberately non-standard ONNX (checked in onnxruntime only)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class RunReport:
     final_validation: ValidationResult | None = None
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    standard: bool = True
 
     @property
     def rolled_back(self) -> list[StepReport]:

@@ -277,7 +277,11 @@ def make_session(model: onnx.ModelProto, label: str, *, threads: int = 0) -> ort
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model.onnx"
-            onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+            # onnx.save_model moves the tensors of the model it is given out to the (temporary) file:
+            # give it a copy, or the caller's model would point into a deleted folder.
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - onnxruntime raises several private exception types
         raise RuntimeLoadError(f"{label}: onnxruntime cannot load it: {_first_line(error)}") from error

@@ -59,6 +59,9 @@ class PassResult:
     skipped: list[Skip] = field(default_factory=list)
     figures: dict[str, float | int | str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # False when the model deliberately leaves the ONNX standard (onnxruntime loads it, the checker
+    # does not): the manager then checks it by loading it in onnxruntime only, and says so.
+    standard: bool = True
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Pass:
     requires: ClassVar[frozenset[Requirement]] = frozenset()
     preserves: ClassVar[frozenset[Requirement]] = frozenset()
     default_tolerance: ClassVar[Tolerance] = EXACT
+    must_be_last: ClassVar[bool] = False  # an encoding for the file on disk (sparse-encode)
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         raise NotImplementedError

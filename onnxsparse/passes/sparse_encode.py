@@ -1,0 +1,88 @@
+"""``sparse-encode``: store sparse-enough initializers as ONNX ``sparse_initializer``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..graph import tensor_array
+from .base import Change, Pass, PassContext, PassResult, Skip, register
+
+_INDEX_DTYPES = {"int64": (np.int64, onnx.TensorProto.INT64), "int32": (np.int32, onnx.TensorProto.INT32)}
+
+
+@register
+@dataclass(frozen=True)
+class SparseEncode(Pass):
+    """Store initializers as sparse_initializer (values + linear indices) wherever that makes them smaller.
+
+    Runs last: the saving is on disk and in transfer; onnxruntime densifies at load, so inference is
+    unchanged. Indices are written whichever way is smaller, as packed varints (3 bytes for a tensor
+    under 2M elements) or raw; ``index_dtype=int32`` is loaded by onnxruntime but rejected by the onnx
+    checker, so it is reported as non-standard. ``onnxsparse densify`` turns the file back into a
+    plain one; every onnxsparse command reads it as it is.
+    """
+
+    name = "sparse-encode"
+    must_be_last: ClassVar[bool] = True
+
+    index_dtype: Literal["int64", "int32"] = field(default="int64", metadata={"help": "int32 is smaller but fails the onnx checker"})
+    min_size: int = field(default=16, metadata={"help": "leave tensors with fewer elements dense"})
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        result = PassResult(model, standard=self.index_dtype == "int64")
+        graph = model.graph
+        graph_inputs = {value.name for value in graph.input}
+        keep_dense = []
+        for tensor in graph.initializer:
+            encoded, reason = self._encode(tensor, graph_inputs)
+            if encoded is None:
+                keep_dense.append(tensor)
+                if reason:
+                    result.skipped.append(Skip(tensor.name, reason))
+                continue
+            graph.sparse_initializer.append(encoded)
+            result.changes.append(Change(tensor.name, "sparse-encoded", {
+                "dense_bytes": tensor.ByteSize(), "encoded_bytes": encoded.ByteSize(),
+                "density": round(int(encoded.values.dims[0]) / int(np.prod(tensor.dims, dtype=np.int64)), 6),
+                "index_dtype": self.index_dtype,
+            }))
+        if result.changes:
+            del graph.initializer[:]
+            graph.initializer.extend(keep_dense)
+        saved = sum(c.details["dense_bytes"] - c.details["encoded_bytes"] for c in result.changes)
+        result.figures.update(tensors_encoded=len(result.changes), bytes_saved=saved, index_dtype=self.index_dtype)
+        if not result.standard:
+            result.warnings.append("sparse-encode{index_dtype=int32}: onnxruntime loads this file, the onnx checker and most tools reject it")
+        return result
+
+    def _encode(self, tensor: onnx.TensorProto, graph_inputs: set[str]) -> tuple[onnx.SparseTensorProto | None, str]:
+        if tensor.name in graph_inputs:
+            return None, "also a graph input (overridable): kept dense"
+        if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            return None, ""
+        size = int(np.prod(tensor.dims, dtype=np.int64))
+        if size < self.min_size:
+            return None, ""
+        dense = tensor_array(tensor).reshape(-1)
+        positions = np.flatnonzero(dense)
+        if positions.size > 0.6 * size:
+            return None, ""  # above this, no index encoding is smaller; dense tensors get no report line
+        encoded = self._smallest(tensor, dense[positions], positions)
+        if encoded.ByteSize() >= tensor.ByteSize():
+            return None, f"density {positions.size / size:.2f}: encoding would not be smaller"
+        return encoded, ""
+
+    def _smallest(self, tensor: onnx.TensorProto, values: np.ndarray, positions: np.ndarray) -> onnx.SparseTensorProto:
+        """The encoding with packed-varint indices or raw ones, whichever is smaller."""
+        numpy_dtype, onnx_dtype = _INDEX_DTYPES[self.index_dtype]
+        value_tensor = numpy_helper.from_array(values, name=tensor.name)
+        candidates = []
+        for raw in (False, True):
+            indices = onnx.helper.make_tensor("", onnx_dtype, [positions.size], positions.astype(numpy_dtype).tobytes() if raw else positions.astype(numpy_dtype).tolist(), raw=raw)
+            candidates.append(onnx.helper.make_sparse_tensor(value_tensor, indices, list(tensor.dims)))
+        return min(candidates, key=lambda candidate: candidate.ByteSize())

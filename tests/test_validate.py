@@ -1,0 +1,315 @@
+"""The validator's metrics and verdicts on hand-computed values, and the input sources it runs on."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+
+import numpy as np
+import onnx
+import pytest
+from conftest import MODELS, parse, run, with_initializers
+from onnxruntime.quantization import CalibrationDataReader
+from onnxsparse.calibration import SyntheticInputs, collect_feeds, resolve_inputs
+from onnxsparse.errors import InputDataError
+from onnxsparse.validate import EXACT, Reference, Tolerance, Tolerances, compare, judge
+
+NONE = Tolerance()
+
+
+def metrics_of(ref: np.ndarray, cand: np.ndarray, tolerance: Tolerance = NONE, **kwargs):
+    result = compare([{"y": ref}], [{"y": cand}], lambda _: tolerance, **kwargs)
+    return result.outputs[0], result.verdict
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def test_identical_outputs_have_perfect_metrics():
+    ref = np.array([[1.0, -2.0, 3.0], [0.5, 0.25, -4.0]], np.float32)
+    metrics, verdict = metrics_of(ref, ref.copy(), Tolerance(max_abs=0.0, min_cosine=1.0, min_top1=1.0, max_kl=0.0))
+    assert (metrics.max_abs, metrics.max_rel, metrics.cosine, metrics.sqnr_db) == (0.0, 0.0, 1.0, math.inf)
+    assert (metrics.top1, metrics.kl) == (1.0, 0.0)
+    assert verdict.passed and verdict.failures == []
+
+
+def test_known_perturbation_gives_hand_computed_metrics():
+    ref = np.array([1.0, -2.0, 3.0, 4.0], np.float32)
+    cand = ref + np.array([0.0, 0.5, 0.0, -0.25], np.float32)  # = [1, -1.5, 3, 3.75]
+    metrics, _ = metrics_of(ref, cand)
+    assert metrics.max_abs == 0.5
+    assert metrics.max_rel == 0.5 / 4.0
+    # dot = 1 + 3 + 9 + 15 = 28; |ref|^2 = 30; |cand|^2 = 26.3125; |err|^2 = 0.3125
+    assert metrics.cosine == pytest.approx(28 / math.sqrt(30 * 26.3125), rel=1e-12)
+    assert metrics.sqnr_db == pytest.approx(10 * math.log10(30 / 0.3125), rel=1e-12)
+    assert (metrics.top1, metrics.kl, metrics.agreement) == (None, None, None)  # 1-D: not a score output
+
+
+def test_metrics_accumulate_over_feeds():
+    refs = [{"y": np.array([-8.0, 0.0], np.float32)}, {"y": np.array([1.0, 2.0], np.float32)}]
+    cands = [{"y": np.array([-8.0, 0.25], np.float32)}, {"y": np.array([1.5, 2.0], np.float32)}]
+    [metrics] = compare(refs, cands, lambda _: NONE).outputs
+    assert metrics.max_abs == 0.5 and metrics.max_rel == 0.5 / 8.0  # the max error over the max scale
+    assert metrics.sqnr_db == pytest.approx(10 * math.log10(69 / (0.25 + 0.0625)), rel=1e-12)
+
+
+def test_top1_agreement_counts_rows_whose_argmax_is_kept():
+    ref = np.array([[3, 1, 0], [0, 2, 1], [1, 0, 4], [5, 6, 0]], np.float32)
+    cand = ref.copy()
+    cand[1] = [0, 2, 2.5]  # argmax 1 -> 2
+    cand[2] = [1, 0, 3.9]  # moved, argmax kept
+    metrics, _ = metrics_of(ref, cand)
+    assert metrics.top1 == 0.75
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kl_divergence_at_a_temperature_matches_softmax_by_hand(temperature):
+    ref = np.array([[2.0, 1.0, 0.0], [0.5, 0.5, 3.0]], np.float32)
+    cand = np.array([[1.0, 1.5, 0.0], [0.5, 1.0, 2.0]], np.float32)
+
+    def softmax(x):
+        e = np.exp(x.astype(np.float64) / temperature)
+        return e / e.sum(axis=1, keepdims=True)
+
+    p, q = softmax(ref), softmax(cand)
+    expected = float(np.mean(np.sum(p * np.log(p / q), axis=1)))
+    metrics, _ = metrics_of(ref, cand, temperature=temperature)
+    assert expected > 0.01
+    assert metrics.kl == pytest.approx(expected, rel=1e-9)
+
+
+def test_integer_outputs_get_agreement_and_float_outputs_do_not():
+    ints, _ = metrics_of(np.array([1, 2, 3, 4], np.int64), np.array([1, 2, 0, 4], np.int64))
+    floats, _ = metrics_of(np.array([1, 2, 3, 4], np.float32), np.array([1, 2, 0, 4], np.float32))
+    assert ints.agreement == 0.75
+    assert floats.agreement is None
+
+
+def test_integer_disagreement_fails_exact():
+    _, verdict = metrics_of(np.array([[1, 2, 3]], np.int64), np.array([[1, 2, 0]], np.int64), EXACT)
+    assert not verdict.passed and any("agreement" in f for f in verdict.failures)
+
+
+# ------------------------------------------------------------------------------ failures whatever the tolerance
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("tolerance", [NONE, Tolerance(max_abs=1e30, max_rel=1e30, min_cosine=-1.0)])
+def test_non_finite_candidate_fails_whatever_the_tolerance(bad, tolerance):
+    ref = np.array([1.0, 2.0, 3.0], np.float32)
+    metrics, verdict = metrics_of(ref, np.array([1.0, bad, 3.0], np.float32), tolerance)
+    assert metrics.nonfinite == 1
+    assert not verdict.passed
+    assert verdict.failures == ["output 'y': 1 NaN/Inf value(s) where the original is finite"]
+
+
+def test_non_finite_where_the_reference_is_non_finite_too_is_not_a_failure():
+    ref = np.array([np.nan, 2.0, np.inf], np.float32)
+    metrics, verdict = metrics_of(ref, ref.copy(), Tolerance(max_abs=0.0))
+    assert metrics.nonfinite == 0 and verdict.passed
+
+
+def test_shape_change_fails_whatever_the_tolerance():
+    metrics, verdict = metrics_of(np.zeros((2, 3), np.float32), np.zeros((3, 2), np.float32))
+    assert not metrics.compared and not verdict.passed
+    assert verdict.failures == ["output 'y': shape changed from [2, 3] to [3, 2]"]
+
+
+def test_output_missing_from_the_candidate_fails():
+    result = compare([{"y": np.ones(2, np.float32), "z": np.ones(2, np.float32)}], [{"y": np.ones(2, np.float32)}], lambda _: NONE)
+    assert not result.passed
+    assert result.verdict.failures == ["output 'z': output missing from the candidate"]
+
+
+# ------------------------------------------------------------------------------ verdicts
+
+
+def test_verdict_names_the_output_and_bound_and_what_would_pass():
+    ref = np.array([[1.0, -2.0, 3.0, 4.0]], np.float32)
+    cand = ref + np.array([[0.0, 0.123456, 0.0, 0.0]], np.float32)
+    tolerance = Tolerance(max_abs=0.01, min_cosine=0.999999, min_sqnr_db=80.0)
+    metrics, verdict = metrics_of(ref, cand, tolerance)
+    assert not verdict.passed and len(verdict.failures) == 3
+    assert all(f.startswith("output 'y': ") for f in verdict.failures)
+    assert [re.search(r"passes with (\w+)=", f).group(1) for f in verdict.failures] == ["max_abs", "min_cosine", "min_sqnr_db"]
+    passing = verdict.smallest_passing["y"]
+    assert passing["max_abs"] == metrics.max_abs and passing["min_sqnr_db"] == metrics.sqnr_db
+    assert judge([metrics], lambda _: Tolerance(**passing)).passed
+    # the rounded value printed in the message passes too
+    printed = {m.group(1): float(m.group(2)) for f in verdict.failures for m in [re.search(r"passes with (\w+)=(\S+)\)", f)]}
+    assert judge([metrics], lambda _: Tolerance(**printed)).passed
+
+
+def test_tolerance_precedence_per_output_then_per_pass_then_default_then_pass_default():
+    per_output, per_pass, default, pass_default = (Tolerance(max_abs=v) for v in (1.0, 2.0, 3.0, 4.0))
+    full = Tolerances(default=default, per_pass={"prune": per_pass}, per_output={"y": per_output})
+    assert full.for_output("y", "prune", pass_default) is per_output
+    assert full.for_output("z", "prune", pass_default) is per_pass
+    assert full.for_output("z", "quantize", pass_default) is default
+    assert full.for_output("z", None, pass_default) is default
+    assert Tolerances(per_pass={"prune": per_pass}).for_output("z", "fold", pass_default) is pass_default
+
+
+# ------------------------------------------------------------------------------ input sources
+
+DYNAMIC_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+agraph (float[batch, seq, feat] x, float[?, 3] z) => (float[batch, seq, feat] y, float[?, 3] w) {
+    y = Relu (x)
+    w = Neg (z)
+}
+"""
+EMBED_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+agraph (int64[1, 64] ids) => (float[1, 64, 4] y) {
+    y = Gather (table, ids)
+}
+"""
+FIXED_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+agraph (float[N, 3] x) => (float[N, 3] y) {
+    y = Relu (x)
+}
+"""
+
+
+def test_synthetic_inputs_shape_dynamic_dims():
+    feeds = list(SyntheticInputs(parse(DYNAMIC_TEXT), samples=2, dims={"seq": 5}).feeds())
+    assert len(feeds) == 2
+    assert feeds[0]["x"].shape == (1, 5, 32) and feeds[0]["x"].dtype == np.float32
+    assert feeds[0]["z"].shape == (1, 3)
+    assert next(SyntheticInputs(parse(DYNAMIC_TEXT), dims={"batch": 3, "feat": 2}).feeds())["x"].shape == (3, 32, 2)
+
+
+def test_synthetic_inputs_are_deterministic_per_seed():
+    model = parse(DYNAMIC_TEXT)
+    first, again, other = (list(SyntheticInputs(model, seed=s).feeds()) for s in (7, 7, 8))
+    assert len(first) == 4
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a["x"], b["x"])
+    assert not np.array_equal(first[0]["x"], other[0]["x"])
+    assert not np.array_equal(first[0]["x"], first[1]["x"])
+
+
+def test_token_ids_for_gather_stay_inside_the_table(rng):
+    model = with_initializers(onnx.parser.parse_model(EMBED_TEXT), table=rng.standard_normal((11, 4)).astype(np.float32))
+    feeds = list(SyntheticInputs(model, samples=8).feeds())
+    ids = np.concatenate([f["ids"] for f in feeds])
+    assert ids.dtype == np.int64 and ids.min() >= 0 and ids.max() == 10  # [0, 11), and the range is used
+    run(model, feeds[0])  # onnxruntime accepts them
+
+
+def test_int_range_overrides_the_table_size(rng):
+    model = with_initializers(onnx.parser.parse_model(EMBED_TEXT), table=rng.standard_normal((11, 4)).astype(np.float32))
+    ids = np.concatenate([f["ids"] for f in SyntheticInputs(model, int_range=(3, 5)).feeds()])
+    assert set(np.unique(ids)) == {3, 4}
+
+
+def _x(value: float, rows: int = 2) -> np.ndarray:
+    return np.full((rows, 3), value, np.float32)
+
+
+def test_resolve_inputs_reads_an_npz_file_and_a_folder(tmp_path):
+    model = parse(FIXED_TEXT)
+    np.savez(tmp_path / "b.npz", x=_x(2.0), label=np.array([1, 2]))
+    np.savez(tmp_path / "a.npz", x=_x(1.0, rows=4))
+    [one] = collect_feeds(resolve_inputs(tmp_path / "b.npz", model), model)
+    assert list(one) == ["x"]  # the label is ignored
+    np.testing.assert_array_equal(one["x"], _x(2.0))
+    both = collect_feeds(resolve_inputs(str(tmp_path), model), model)
+    assert [f["x"][0, 0] for f in both] == [1.0, 2.0] and both[0]["x"].shape == (4, 3)
+
+
+def test_resolve_inputs_takes_a_list_of_dicts():
+    model = parse(FIXED_TEXT)
+    feeds = collect_feeds(resolve_inputs([{"x": _x(1.0)}, {"x": _x(5.0), "label": 3}], model), model)
+    assert [f["x"][0, 0] for f in feeds] == [1.0, 5.0]
+
+
+class Reader(CalibrationDataReader):
+    """A single-use reader, as onnxruntime's quantization tools expect."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.pending = iter([{"x": _x(v)} for v in values])
+
+    def get_next(self):
+        return next(self.pending, None)
+
+
+def test_resolve_inputs_takes_a_calibration_data_reader():
+    model = parse(FIXED_TEXT)
+    source = resolve_inputs(Reader([1.0, 2.0, 3.0]), model)
+    assert [f["x"][0, 0] for f in collect_feeds(source, model)] == [1.0, 2.0, 3.0]
+    assert len(collect_feeds(source, model)) == 3  # kept: a second pass sees the same feeds
+    assert len(collect_feeds(source, model, limit=2)) == 2
+
+
+def test_resolve_inputs_without_a_spec_is_synthetic():
+    source = resolve_inputs(None, parse(FIXED_TEXT), samples=3, seed=5)
+    assert isinstance(source, SyntheticInputs) and (source.samples, source.seed) == (3, 5)
+
+
+@pytest.mark.parametrize(
+    ("feed", "message"),
+    [
+        ({"label": np.zeros(2)}, "input 'x' is missing"),
+        ({"x": _x(1.0).astype(np.float64)}, "input 'x' has dtype float64, the model expects float32"),
+        ({"x": np.zeros((2, 4), np.float32)}, r"input 'x' has shape \(2, 4\), the model expects \('N', 3\)"),
+        ({"x": np.zeros((2, 3, 1), np.float32)}, "input 'x' has shape"),
+    ],
+)
+def test_collect_feeds_names_the_input_that_does_not_match(feed, message):
+    model = parse(FIXED_TEXT)
+    with pytest.raises(InputDataError, match=message):
+        collect_feeds(resolve_inputs([feed], model), model)
+
+
+def test_empty_folder_and_missing_path_are_input_errors(tmp_path):
+    model = parse(FIXED_TEXT)
+    with pytest.raises(InputDataError, match="no .npz"):
+        resolve_inputs(tmp_path, model)
+    with pytest.raises(InputDataError, match="no such input"):
+        resolve_inputs(tmp_path / "gone.npz", model)
+    with pytest.raises(InputDataError, match="yielded no feeds"):
+        collect_feeds(resolve_inputs([], model), model)
+
+
+# ------------------------------------------------------------------------------ reference runs
+
+
+def test_reference_validates_the_same_model_with_exact():
+    model = onnx.load(str(MODELS / "digits_cnn.onnx"))
+    feeds = collect_feeds(resolve_inputs(MODELS / "digits_cnn.inputs.npz", model), model)
+    assert feeds[0]["input"].shape == (32, 1, 8, 8)
+    result = Reference.of(model, feeds, "digits_cnn").validate(model, lambda _: EXACT, "same")
+    assert result.passed and result.feeds == 1
+    [logits] = result.outputs
+    assert (logits.name, logits.shape, logits.max_abs, logits.top1) == ("logits", [32, 10], 0.0, 1.0)
+
+
+def test_reference_fails_a_model_with_a_perturbed_weight():
+    model = onnx.load(str(MODELS / "digits_cnn.onnx"))
+    feeds = collect_feeds(resolve_inputs(MODELS / "digits_cnn.inputs.npz", model), model)
+    reference = Reference.of(model, feeds, "digits_cnn")
+    perturbed = onnx.ModelProto()
+    perturbed.CopyFrom(model)
+    gemm = next(n for n in perturbed.graph.node if n.op_type == "Gemm")
+    tensor = next(t for t in perturbed.graph.initializer if t.name == gemm.input[1])
+    values = onnx.numpy_helper.to_array(tensor) * np.float32(1.05)
+    tensor.CopyFrom(onnx.numpy_helper.from_array(values, name=tensor.name))
+    result = reference.validate(perturbed, lambda _: EXACT, "perturbed")
+    assert not result.passed
+    assert result.verdict.failures[0].startswith("output 'logits': rel ")
+    assert result.outputs[0].max_rel > 1e-3
+
+
+def test_session_from_a_file_leaves_the_callers_model_untouched(monkeypatch):
+    # Models near protobuf's 2 GB limit go to onnxruntime as a file with external data; force that path.
+    monkeypatch.setattr(importlib.import_module("onnxsparse.validate"), "_SESSION_FROM_FILE_BYTES", 0)
+    model = onnx.load(str(MODELS / "digits_cnn.onnx"))
+    before = model.SerializeToString()
+    feeds = collect_feeds(resolve_inputs(MODELS / "digits_cnn.inputs.npz", model), model)
+    result = Reference.of(model, feeds, "digits_cnn").validate(model, lambda _: EXACT, "same")
+    assert result.passed
+    assert model.SerializeToString() == before
