@@ -5,7 +5,7 @@ not grow with the number of feeds."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +58,29 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return {v.name: v.type.tensor_type.elem_type for v in values if v.type.HasField("tensor_type")}
 
 
+def tensor_values(
+    model: onnx.ModelProto,
+    source: InputSource,
+    names: Iterable[str],
+    *,
+    limit: int | None = None,
+    label: str = "calibration",
+) -> Iterator[dict[str, np.ndarray]]:
+    """For each feed of ``source`` (up to ``limit``), the values of the named main-graph tensors."""
+    wanted = list(dict.fromkeys(names))
+    graph_inputs = {i.name for i in model.graph.input}
+    computed = [n for n in wanted if n not in graph_inputs]
+    session = make_session(with_extra_outputs(model, computed), label)
+    inputs = model_inputs(model)
+    for index, feed in enumerate(source.feeds()):
+        if limit is not None and index >= limit:
+            break
+        checked = check_feed(feed, inputs, f"{source.describe()}, feed {index}")
+        values = dict(zip(computed, session.run(computed, checked))) if computed else {}
+        values.update({n: checked[n] for n in wanted if n in graph_inputs})
+        yield values
+
+
 def collect_channel_stats(
     model: onnx.ModelProto,
     source: InputSource,
@@ -67,17 +90,8 @@ def collect_channel_stats(
     label: str = "calibration",
 ) -> dict[str, ChannelStats]:
     """Per-channel sums and sums of squares of each named main-graph tensor along its feature axis."""
-    graph_inputs = {i.name for i in model.graph.input}
-    session = make_session(with_extra_outputs(model, [n for n in feature_axes if n not in graph_inputs]), label)
-    wanted = [n for n in feature_axes if n not in graph_inputs]
-    inputs = model_inputs(model)
     stats: dict[str, ChannelStats] = {}
-    for index, feed in enumerate(source.feeds()):
-        if limit is not None and index >= limit:
-            break
-        checked = check_feed(feed, inputs, f"{source.describe()}, feed {index}")
-        values = dict(zip(wanted, session.run(wanted, checked))) if wanted else {}
-        values.update({n: checked[n] for n in feature_axes if n in graph_inputs})
+    for values in tensor_values(model, source, feature_axes, limit=limit, label=label):
         for name, axis in feature_axes.items():
             _accumulate(stats, name, np.asarray(values[name], dtype=np.float64), axis)
     return stats

@@ -14,6 +14,8 @@ Produces (in ``--out``):
 * ``<model>.inputs.npz``         the first 32 held-out test digits, scaled the way
                                  that model expects (key ``input``; key ``label``
                                  holds the true digits as int64)
+* ``<model>.calibration.npz``    the first 64 TRAINING digits (disjoint from the test
+                                 split), for passes that calibrate on data
 * ``README.md``                  provenance: versions, opsets, accuracy, sha256
 
 Needs (versions used to produce the committed files)::
@@ -61,6 +63,7 @@ OPSET = 17
 # built model; opset 17 belongs to IR 8, so never write anything newer than that.
 MAX_IR_VERSION = 8
 N_SAMPLE_INPUTS = 32
+N_CALIBRATION = 64  # training digits for calibration (wanda, sparsegpt, int8 ranges)
 REGEN_COMMAND = "python tools/export_models.py --out models/"
 
 
@@ -352,8 +355,11 @@ def ort_outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
     return sess.run(None, {"input": x})
 
 
-def save_inputs(path: Path, x: np.ndarray, y: np.ndarray) -> None:
-    np.savez(path, input=x[:N_SAMPLE_INPUTS], label=y[:N_SAMPLE_INPUTS])
+def save_inputs(out: Path, name: str, x_test: np.ndarray, y_test: np.ndarray, x_train: np.ndarray, y_train: np.ndarray) -> None:
+    """Validation inputs from the test split; calibration inputs from the TRAIN split, so that a
+    method tuned on its calibration data is never judged on the same digits."""
+    np.savez(out / f"{name}.inputs.npz", input=x_test[:N_SAMPLE_INPUTS], label=y_test[:N_SAMPLE_INPUTS])
+    np.savez(out / f"{name}.calibration.npz", input=x_train[:N_CALIBRATION], label=y_train[:N_CALIBRATION])
 
 
 def run_torch_model(
@@ -369,7 +375,7 @@ def run_torch_model(
     with torch.no_grad():
         ref = model(torch.from_numpy(x_test)).numpy()
     (got,) = ort_outputs(path, x_test)
-    save_inputs(out / f"{name}.inputs.npz", x_test, split.y_test)
+    save_inputs(out, name, x_test, split.y_test, prep(split.x_train), split.y_train)
     return Report(
         name, path, proto, f"PyTorch {torch.__version__}",
         exporter_note(keep_batchnorm),
@@ -390,7 +396,7 @@ def run_sklearn_model(out: Path, split: DigitsSplit) -> Report:
     )
     proto = finalize(export_sklearn(pipe), path, f"{name}: {architecture}")
     label, proba = ort_outputs(path, x_test)
-    save_inputs(out / f"{name}.inputs.npz", x_test, split.y_test)
+    save_inputs(out, name, x_test, split.y_test, to_flat(split.x_train), split.y_train)
     clf = pipe.named_steps["mlp"]
     return Report(
         name, path, proto, f"scikit-learn {sklearn.__version__}",
@@ -452,7 +458,8 @@ def describe(r: Report) -> str:
     lines += [f"- {e}" for e in r.extra]
     lines += [
         f"- Sample inputs: `{r.path.stem}.inputs.npz` (first {N_SAMPLE_INPUTS} test digits; "
-        "key `input`, plus `label` int64 with the true digits)",
+        "key `input`, plus `label` int64 with the true digits); calibration inputs: "
+        f"`{r.path.stem}.calibration.npz` (first {N_CALIBRATION} training digits, disjoint from the test split)",
         f"- File size: {len(data)} bytes",
         f"- sha256: `{hashlib.sha256(data).hexdigest()}`",
         f"- Regenerate: `{REGEN_COMMAND}`",

@@ -12,8 +12,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..activations import collect_channel_stats
+from ..activations import collect_channel_stats, tensor_values
 from ..graph import from_gs, to_gs
+from ..layerwise import activation_name, correct_biases, from_matrix, hessian_blocks, input_rows, sparsegpt, to_matrix, unsupported_reason
 from ..validate import Tolerance
 from ..weights import RNN_OPS, WEIGHT_OPS, WeightSite, find_weights, matches, replace_weight
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
@@ -55,7 +56,9 @@ class MagnitudePrune(Pass):
         default="per-tensor", metadata={"help": "where the threshold applies: each tensor, each output unit, or one across tensors"}
     )
     pattern: str = field(default="unstructured", metadata={"help": "unstructured, or N:M along the reduction axis (e.g. 2:4)"})
-    criterion: Literal["magnitude", "wanda"] = field(default="magnitude", metadata={"help": "wanda needs calibration data"})
+    criterion: Literal["magnitude", "wanda", "sparsegpt"] = field(
+        default="magnitude", metadata={"help": "wanda and sparsegpt need calibration data"}
+    )
     include: tuple[str, ...] = field(default=WEIGHT_OPS, metadata={"help": "op types or name patterns to prune (add LSTM, GRU for RNNs)"})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "op types or tensor/node name patterns to leave alone"})
     overrides: Mapping[str, float] = field(default_factory=dict, metadata={"help": "pattern:sparsity for matching tensors"})
@@ -63,7 +66,10 @@ class MagnitudePrune(Pass):
     skip_first: bool = field(default=False, metadata={"help": "leave the first weight layer dense"})
     skip_last: bool = field(default=False, metadata={"help": "leave the last weight layer dense"})
     min_size: int = field(default=0, metadata={"help": "leave tensors with fewer elements dense"})
-    calibration_samples: int = field(default=64, metadata={"help": "feeds read for wanda statistics"})
+    calibration_samples: int = field(default=64, metadata={"help": "feeds read for wanda/sparsegpt/bias_correction statistics"})
+    bias_correction: bool = field(default=False, metadata={"help": "re-centre each pruned layer's mean output on calibration data"})
+    block: int = field(default=128, metadata={"help": "sparsegpt: columns per block"})
+    damp: float = field(default=0.01, metadata={"help": "sparsegpt: damping, a fraction of the mean Hessian diagonal"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.sparsity < 1:
@@ -72,11 +78,14 @@ class MagnitudePrune(Pass):
         for pattern, value in self.overrides.items():
             if not 0 <= value < 1:
                 raise ValueError(f"override {pattern}:{value} is outside [0, 1)")
-        if self.min_size < 0 or self.calibration_samples < 1:
-            raise ValueError("min_size must be >= 0 and calibration_samples >= 1")
+        if self.min_size < 0 or self.calibration_samples < 1 or self.block < 1 or self.damp < 0:
+            raise ValueError("min_size and damp must be >= 0, calibration_samples and block >= 1")
+        if self.criterion == "sparsegpt" and self.scope == "global":
+            raise ValueError("criterion sparsegpt works layer by layer: use scope per-tensor or per-row")
 
     def needs(self) -> frozenset[Requirement]:
-        return frozenset({Requirement.CALIBRATION}) if self.criterion == "wanda" else frozenset()
+        data_driven = self.criterion != "magnitude" or self.bias_correction
+        return frozenset({Requirement.CALIBRATION}) if data_driven else frozenset()
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = to_gs(model)
@@ -88,13 +97,20 @@ class MagnitudePrune(Pass):
         if not chosen:
             result.warnings.append("magnitude-prune matched no weight tensor: nothing pruned")
             return result
-        scores = self._scores(model, chosen, context, result)
-        masks = self._masks(chosen, scores)
-        for (site, _), keep in zip(chosen, masks):
-            replace_weight(site, np.where(keep, site.value, np.zeros((), dtype=site.value.dtype)))
-        graph.cleanup()
+        if self.criterion == "sparsegpt":
+            pruned = self._reconstruct(model, graph, chosen, context, result)
+        else:
+            masks = self._masks(chosen, self._scores(model, chosen, context, result))
+            pruned = [np.where(keep, site.value, np.zeros((), dtype=site.value.dtype)) for (site, _), keep in zip(chosen, masks)]
+            for (site, _), value in zip(chosen, pruned):
+                replace_weight(site, value)
+        if self.bias_correction:
+            assert context.calibration is not None
+            corrected = correct_biases(model, graph, [s for s, _ in chosen], context.calibration, self.calibration_samples)
+            result.figures["biases_corrected"] = corrected
+        graph.cleanup().toposort()
         result.model = from_gs(graph, like=model)
-        self._summarize(chosen, masks, result)
+        self._summarize(chosen, pruned, result)
         result.warnings.append(SPEED_WARNING)
         return result
 
@@ -183,17 +199,55 @@ class MagnitudePrune(Pass):
             return [unstructured_mask(score, target) if o else next(shared) for (_, target), score, o in zip(chosen, scores, overridden)]
         return [unstructured_mask(score, target) for (_, target), score in zip(chosen, scores)]
 
+    # -- SparseGPT: layer by layer, each fed the already-pruned model's activations -------------
+
+    def _reconstruct(
+        self, model: onnx.ModelProto, graph: gs.Graph, chosen: list[tuple[WeightSite, float]], context: PassContext, result: PassResult
+    ) -> list[np.ndarray]:
+        assert context.calibration is not None
+        nm = parse_nm(self.pattern)
+        pruned = []
+        for site, target in chosen:
+            reason = unsupported_reason(site)
+            if reason:
+                result.skipped.append(Skip(site.name, f"sparsegpt: {reason}; pruned by magnitude instead"))
+                keep = nm_mask(np.abs(site.value), site.reduction_axis, *nm) if nm else unstructured_mask(np.abs(site.value), target)
+                value = np.where(keep, site.value, np.zeros((), dtype=site.value.dtype))
+            else:
+                current = from_gs(graph, like=model)  # the model with every earlier layer already pruned
+                value = self._reconstruct_layer(current, site, target, nm, context)
+            replace_weight(site, value)
+            pruned.append(value)
+        return pruned
+
+    def _reconstruct_layer(self, current: onnx.ModelProto, site: WeightSite, target: float, nm: tuple[int, int] | None, context: PassContext) -> np.ndarray:
+        assert context.calibration is not None
+        hessians: list[np.ndarray] | None = None
+        name = activation_name(site)
+        for values in tensor_values(current, context.calibration, [name], limit=self.calibration_samples, label="sparsegpt inputs"):
+            blocks = hessian_blocks(site, input_rows(site, values[name]))
+            hessians = blocks if hessians is None else [a + b for a, b in zip(hessians, blocks)]
+        assert hessians is not None
+        matrix = to_matrix(site)
+        rows_per_group = matrix.shape[0] // len(hessians)
+        solved = [
+            sparsegpt(matrix[g * rows_per_group : (g + 1) * rows_per_group], h, target, nm=nm,
+                      per_row=self.scope == "per-row", block=self.block, damp=self.damp)
+            for g, h in enumerate(hessians)
+        ]
+        return from_matrix(site, np.concatenate(solved, axis=0))
+
     # -- reporting -----------------------------------------------------------------
 
-    def _summarize(self, chosen: list[tuple[WeightSite, float]], masks: list[np.ndarray], result: PassResult) -> None:
+    def _summarize(self, chosen: list[tuple[WeightSite, float]], pruned: list[np.ndarray], result: PassResult) -> None:
         zeros_total = size_total = 0
-        for (site, target), keep in zip(chosen, masks):
-            zeros = int(keep.size - np.count_nonzero(keep & (site.value != 0)))
+        for (site, target), value in zip(chosen, pruned):
+            zeros = int(value.size - np.count_nonzero(value))
             zeros_total += zeros
-            size_total += keep.size
+            size_total += value.size
             result.changes.append(Change(site.name, "pruned", {
-                "op": site.op, "nodes": site.node_names, "size": int(keep.size), "target": round(target, 6),
-                "sparsity": round(zeros / keep.size, 6), "pattern": self.pattern, "criterion": self.criterion,
+                "op": site.op, "nodes": site.node_names, "size": int(value.size), "target": round(target, 6),
+                "sparsity": round(zeros / value.size, 6), "pattern": self.pattern, "criterion": self.criterion,
                 "scope": self.scope if not parse_nm(self.pattern) else "N:M groups",
             }))
         result.figures.update(tensors_pruned=len(chosen), weights_considered=size_total, zeros=zeros_total,

@@ -1,0 +1,249 @@
+"""Layer-wise views of weights and their inputs: each weight as a matrix [outputs, inputs] and each
+layer's input activation as rows [samples, inputs] in the same column order, so that the layer is
+``rows @ matrix.T``. SparseGPT's Hessian H = XᵀX, bias correction and least-squares refits all work
+on this view.
+
+Convolutions are unfolded (im2col) with the input channel innermost, (kernel positions..., channel),
+so that N:M groups of consecutive columns are groups of input channels at one kernel position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .activations import collect_channel_stats
+from .calibration import InputSource
+from .graph import constant_value, from_gs, unique_name
+from .weights import WeightSite
+
+SUPPORTED = ("Conv", "Gemm", "MatMul")
+
+
+def unsupported_reason(site: WeightSite) -> str:
+    """Why a weight has no layer-wise view (empty when it has one)."""
+    if site.in_subgraph:
+        return "inside a subgraph"
+    if len(site.uses) != 1:
+        return "shared by several nodes"
+    node, index = site.uses[0].node, site.uses[0].index
+    if node.op not in SUPPORTED:
+        return f"{node.op} has no layer-wise view"
+    if node.op == "MatMul" and index != 1:
+        return "MatMul weight on the left"
+    if node.op == "Gemm" and index != 1:
+        return "Gemm weight as operand A"
+    if node.op == "Conv" and node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return "Conv with auto_pad SAME_*"
+    if node.op == "MatMul" and site.value.ndim != 2:
+        return "batched MatMul weight"
+    return ""
+
+
+def groups_of(site: WeightSite) -> int:
+    node = site.uses[0].node
+    return int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
+
+
+def to_matrix(site: WeightSite, value: np.ndarray | None = None) -> np.ndarray:
+    """The weight as [outputs, inputs]; a Conv as [C_out, kernel positions x C_in/groups]."""
+    w = site.value if value is None else value
+    node = site.uses[0].node
+    if node.op == "Conv":
+        return np.moveaxis(w, 1, -1).reshape(w.shape[0], -1)
+    if node.op == "Gemm" and node.attrs.get("transB", 0):
+        return w
+    return w.T
+
+
+def from_matrix(site: WeightSite, matrix: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_matrix`, in the weight's own layout and dtype."""
+    w = site.value
+    node = site.uses[0].node
+    if node.op == "Conv":
+        kernel_first = (w.shape[0], *w.shape[2:], w.shape[1])
+        out = np.moveaxis(matrix.reshape(kernel_first), -1, 1)
+    elif node.op == "Gemm" and node.attrs.get("transB", 0):
+        out = matrix
+    else:
+        out = matrix.T
+    return np.ascontiguousarray(out, dtype=w.dtype)
+
+
+def activation_name(site: WeightSite) -> str:
+    return site.uses[0].node.inputs[0].name
+
+
+def input_rows(site: WeightSite, activation: np.ndarray) -> np.ndarray:
+    """The layer's input as rows [samples, inputs] matching :func:`to_matrix`'s columns.
+
+    For a grouped Conv the rows hold every group side by side: [samples, groups x columns].
+    """
+    node = site.uses[0].node
+    x = np.asarray(activation, dtype=np.float64)
+    if node.op == "Gemm":
+        return x.T if node.attrs.get("transA", 0) else x
+    if node.op == "MatMul":
+        return x.reshape(-1, x.shape[-1])
+    return _unfold(node, x, site.value.shape)
+
+
+def _unfold(node: gs.Node, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
+    """im2col for an N-d convolution: [N*out positions, groups * (kernel positions x C_in/groups)]."""
+    spatial = x.ndim - 2
+    kernel = tuple(weight_shape[2:])
+    strides = tuple(node.attrs.get("strides", [1] * spatial))
+    dilations = tuple(node.attrs.get("dilations", [1] * spatial))
+    pads = list(node.attrs.get("pads", [0] * 2 * spatial))
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)])
+    span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=tuple(range(2, 2 + spatial)))
+    # windows: [N, C, positions..., span...]; keep every stride-th position and every dilation-th tap
+    windows = windows[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) + tuple(slice(None, None, d) for d in dilations)]
+    groups = int(node.attrs.get("group", 1))
+    n, channels = x.shape[:2]
+    positions = windows.shape[2 : 2 + spatial]
+    # -> [N, positions..., groups, kernel..., C_in/groups] so that each group's columns are contiguous
+    grouped = windows.reshape(n, groups, channels // groups, *positions, *kernel)
+    order = (0, *range(3, 3 + spatial), 1, *range(3 + spatial, 3 + 2 * spatial), 2)
+    return grouped.transpose(order).reshape(n * math.prod(positions), -1)
+
+
+def hessian_blocks(site: WeightSite, rows: np.ndarray) -> list[np.ndarray]:
+    """XᵀX per group of the layer (one block for an ungrouped layer)."""
+    groups = groups_of(site)
+    width = rows.shape[1] // groups
+    return [rows[:, g * width : (g + 1) * width].T @ rows[:, g * width : (g + 1) * width] for g in range(groups)]
+
+
+# ---------------------------------------------------------------------------------------------
+# SparseGPT (Frantar & Alistarh, 2023): prune with the inverse Hessian, update the survivors
+# ---------------------------------------------------------------------------------------------
+
+
+def sparsegpt(
+    matrix: np.ndarray,
+    hessian: np.ndarray,
+    sparsity: float,
+    *,
+    nm: tuple[int, int] | None = None,
+    per_row: bool = False,
+    block: int = 128,
+    damp: float = 0.01,
+) -> np.ndarray:
+    """Prune ``matrix`` [outputs, inputs] to ``sparsity`` (or N:M along inputs) and update the kept
+    weights so that ``rows @ matrix.T`` changes as little as possible for inputs with Gram matrix H.
+
+    Columns are processed in blocks: the mask of a block is chosen by the saliency w² / [H⁻¹]ᵢᵢ²,
+    and each pruned column's error is spread over the later columns through the Cholesky factor
+    of H⁻¹ (the optimal brain surgeon update, one column at a time).
+    """
+    w = matrix.astype(np.float64).copy()
+    h = hessian.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
+    inverse_factor = _upper_cholesky_of_inverse(h)
+    columns = w.shape[1]
+    for start in range(0, columns, block):
+        end = min(start + block, columns)
+        _prune_block(w, inverse_factor, start, end, sparsity, nm, per_row)
+    return w
+
+
+def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
+    """U with H⁻¹ = UᵀU (upper triangular), raising the damping until H is positive definite."""
+    jitter = 0.0
+    scale = float(np.mean(np.diag(h)))
+    for _ in range(8):
+        try:
+            lower = np.linalg.cholesky(h + jitter * np.eye(len(h)))
+            inverse = np.linalg.inv(lower).T @ np.linalg.inv(lower)
+            return np.linalg.cholesky(inverse).T
+        except np.linalg.LinAlgError:
+            jitter = scale * 0.01 if jitter == 0 else jitter * 10
+    raise np.linalg.LinAlgError("the layer's input Gram matrix stays singular after damping")
+
+
+def _prune_block(w: np.ndarray, u: np.ndarray, start: int, end: int, sparsity: float, nm: tuple[int, int] | None, per_row: bool) -> None:
+    block_w = w[:, start:end].copy()
+    block_u = u[start:end, start:end]
+    diagonal = np.diag(block_u)
+    errors = np.zeros_like(block_w)
+    drop = np.zeros(block_w.shape, dtype=bool)
+    if nm is None:
+        saliency = block_w**2 / diagonal[None, :] ** 2
+        drop = _lowest(saliency, sparsity, per_row)
+    for i in range(end - start):
+        if nm is not None and i % nm[1] == 0:
+            group = block_w[:, i : i + nm[1]] ** 2 / diagonal[None, i : i + nm[1]] ** 2
+            lowest = np.argpartition(group, nm[1] - nm[0] - 1, axis=1)[:, : nm[1] - nm[0]]
+            np.put_along_axis(drop[:, i : i + nm[1]], lowest, True, axis=1)
+        column = block_w[:, i]
+        kept = np.where(drop[:, i], 0.0, column)
+        error = (column - kept) / diagonal[i]
+        block_w[:, i:] -= np.outer(error, block_u[i, i:])
+        block_w[:, i] = kept
+        errors[:, i] = error
+    w[:, start:end] = block_w
+    w[:, end:] -= errors @ u[start:end, end:]
+
+
+def _lowest(saliency: np.ndarray, sparsity: float, per_row: bool) -> np.ndarray:
+    """True where a weight is among the ``sparsity`` fraction with the lowest saliency."""
+    drop = np.zeros(saliency.shape, dtype=bool)
+    if per_row:
+        count = int(round(sparsity * saliency.shape[1]))
+        if count:
+            np.put_along_axis(drop, np.argpartition(saliency, count - 1, axis=1)[:, :count], True, axis=1)
+        return drop
+    count = int(round(sparsity * saliency.size))
+    if count:
+        drop.reshape(-1)[np.argpartition(saliency.reshape(-1), count - 1)[:count]] = True
+    return drop
+
+
+# ---------------------------------------------------------------------------------------------
+# bias correction: re-centre each pruned layer's mean output
+# ---------------------------------------------------------------------------------------------
+
+
+def correct_biases(original: onnx.ModelProto, graph: gs.Graph, sites: list[WeightSite], source: InputSource, limit: int) -> int:
+    """Shift the bias of each layer so that its mean output per channel over the calibration data
+    equals the original model's. Measured in one pass over both models (all layers pruned at once),
+    so each shift also absorbs the drift that earlier layers passed on. Returns the layers corrected."""
+    eligible = [site for site in sites if not unsupported_reason(site)]
+    axes = {site.uses[0].node.outputs[0].name: (-1 if site.uses[0].node.op == "MatMul" else 1) for site in eligible}
+    if not axes:
+        return 0
+    before = collect_channel_stats(original, source, axes, limit=limit, label="bias correction (original)")
+    after = collect_channel_stats(from_gs(graph, like=original), source, axes, limit=limit, label="bias correction (pruned)")
+    for site in eligible:
+        output = site.uses[0].node.outputs[0].name
+        _add_to_bias(graph, site.uses[0].node, before[output].mean - after[output].mean)
+    return len(eligible)
+
+
+def _add_to_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
+    dtype = constant_value(node.inputs[1]).dtype  # type: ignore[union-attr]
+    if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None:
+        bias = constant_value(node.inputs[2]).astype(np.float64)  # type: ignore[union-attr]
+        beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+        if beta != 0:
+            node.inputs[2] = gs.Constant(unique_name(graph, f"{node.inputs[2].name}_corrected"), (bias + shift / beta).astype(dtype))
+            return
+    if node.op in ("Conv", "Gemm") and len(node.inputs) == 2:
+        node.inputs.append(gs.Constant(unique_name(graph, f"{node.name or node.outputs[0].name}.bias"), shift.astype(dtype)))
+        if node.op == "Gemm":
+            node.attrs["beta"] = 1.0
+        return
+    # MatMul (or a Gemm whose bias is not constant): add the shift after the node.
+    output = node.outputs[0]
+    unshifted = gs.Variable(unique_name(graph, f"{output.name}_uncorrected"), dtype=output.dtype)
+    node.outputs[0] = unshifted
+    shift_tensor = gs.Constant(unique_name(graph, f"{output.name}_bias_correction"), shift.astype(dtype))
+    graph.nodes.append(gs.Node("Add", name=unique_name(graph, f"{node.name or output.name}_bias_correction"), inputs=[unshifted, shift_tensor], outputs=[output]))
