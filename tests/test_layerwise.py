@@ -32,10 +32,6 @@ from onnxsparse.weights import find_weights
 def test_unfolded_rows_times_the_weight_matrix_is_the_convolution(rng, attrs, group, shape):
     model = with_initializers(onnx.parser.parse_model(f"""
     <ir_version: 8, opset_import: ["" : 17]>
-    agraph (float[2, 4, 7, 7] x) => (float[2, {shape[0]}, ?, ?] y) {{ y = Conv <{attrs}, group = {group}> (x, w) }}"""
-                                                      .replace(f", group = {group}> (x, w)", f"> (x, w)") if "group" in attrs else
-                                                      f"""
-    <ir_version: 8, opset_import: ["" : 17]>
     agraph (float[2, 4, 7, 7] x) => (float[2, {shape[0]}, ?, ?] y) {{ y = Conv <{attrs}> (x, w) }}"""),
         w=rng.standard_normal(shape).astype(np.float32))
     x = rng.standard_normal((2, 4, 7, 7)).astype(np.float32)
