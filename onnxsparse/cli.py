@@ -225,6 +225,7 @@ def render_run(report: RunReport) -> str:
         lines.append(
             f"{report.output_path}: {_human_bytes(after.file_bytes)} ({after.file_bytes / max(before.file_bytes, 1):.2f}x of "
             f"{_human_bytes(before.file_bytes)}), nodes {before.nodes} -> {after.nodes}, parameters {before.parameters:,} -> {after.parameters:,}"
+            f" (non-zero {before.nonzero_parameters:,} -> {after.nonzero_parameters:,})"
         )
     if report.final_validation is not None:
         verdict = "passed" if report.final_validation.passed else "FAILED: " + "; ".join(report.final_validation.verdict.failures)
@@ -291,7 +292,7 @@ def render_summary(summary: ModelSummary, top: int) -> str:
     opsets = ", ".join(f"{d} {v}" for d, v in summary.opsets.items())
     lines = [
         f"{summary.source}: {_human_bytes(summary.file_bytes)}, IR {summary.ir_version}, opsets {opsets}",
-        f"{summary.nodes} nodes, {summary.parameters:,} parameters ({_human_bytes(summary.parameter_bytes)}) in constant tensors read by nodes"
+        f"{summary.nodes} nodes, {summary.parameters:,} parameters ({summary.nonzero_parameters:,} non-zero, {_human_bytes(summary.parameter_bytes)}) in constant tensors read by nodes"
         + (f"; {summary.unused_tensors} unused tensor(s), {_human_bytes(summary.unused_bytes)}" if summary.unused_tensors else ""),
         "",
         format_table(["op", "count"], list(summary.op_histogram.items()), right=(1,)),

@@ -21,6 +21,7 @@ class TensorInfo:
     shape: list[int]
     bytes: int
     sparsity: float  # fraction of exact zeros
+    elements: int
     location: str  # initializer | Constant node | subgraph initializer | subgraph Constant node
     consumers: list[str]  # op types reading it
     sparse_encoded_bytes: int | None = None  # size on disk when the file holds it as sparse_initializer
@@ -33,7 +34,8 @@ class ModelSummary:
     ir_version: int
     opsets: dict[str, int]
     nodes: int
-    parameters: int  # elements of every constant tensor (initializers and Constant nodes)
+    parameters: int  # elements of every constant tensor read by a node (initializers and Constant nodes)
+    nonzero_parameters: int
     parameter_bytes: int
     unused_tensors: int  # constant tensors no node reads (left in the file, counted apart)
     unused_bytes: int
@@ -83,6 +85,7 @@ def _info(tensor: onnx.TensorProto, name: str, location: str, consumers: list[st
         shape=list(array.shape),
         bytes=int(array.nbytes),
         sparsity=zeros / array.size if array.size else 0.0,
+        elements=int(array.size),
         location=location,
         consumers=sorted(set(consumers)),
     )
@@ -108,7 +111,8 @@ def summarize(model: onnx.ModelProto, info: LoadInfo | None = None, *, with_tens
         ir_version=model.ir_version,
         opsets={o.domain or "ai.onnx": o.version for o in model.opset_import},
         nodes=sum(histogram.values()),
-        parameters=sum(int(np.prod(t.shape, dtype=np.int64)) for t in used),
+        parameters=sum(t.elements for t in used),
+        nonzero_parameters=sum(round(t.elements * (1 - t.sparsity)) for t in used),
         parameter_bytes=sum(t.bytes for t in used),
         unused_tensors=len(tensors) - len(used),
         unused_bytes=sum(t.bytes for t in tensors if not t.consumers),
