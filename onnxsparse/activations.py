@@ -23,7 +23,12 @@ class ChannelStats:
 
     sum: np.ndarray
     sum_squares: np.ndarray
+    sum_abs: np.ndarray
     count: int = 0
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return self.sum_abs / max(self.count, 1)
 
     @property
     def mean(self) -> np.ndarray:
@@ -101,7 +106,8 @@ def _accumulate(stats: dict[str, ChannelStats], name: str, value: np.ndarray, ax
     moved = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
     entry = stats.get(name)
     if entry is None:
-        entry = stats[name] = ChannelStats(np.zeros(moved.shape[1]), np.zeros(moved.shape[1]))
+        entry = stats[name] = ChannelStats(*(np.zeros(moved.shape[1]) for _ in range(3)))
     entry.sum += moved.sum(axis=0)
+    entry.sum_abs += np.abs(moved).sum(axis=0)
     entry.sum_squares += np.square(moved).sum(axis=0)
     entry.count += moved.shape[0]

@@ -11,6 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from .graph import iter_attribute_tensors, iter_model_graphs, op_histogram, outer_scope_reads, subgraphs_of
+from .errors import OnnxsparseError
 from .io import LoadInfo, sparse_to_dense
 
 
@@ -122,3 +123,42 @@ def summarize(model: onnx.ModelProto, info: LoadInfo | None = None, *, with_tens
         bytes_by_location=dict(bytes_by_location.most_common()),
         sparse_encoded=sparse,
     )
+
+
+def count_macs(model: onnx.ModelProto) -> int | None:
+    """Multiply-accumulates of the Conv, ConvTranspose, Gemm and MatMul nodes of the main graph for
+    one sample (dynamic dims counted as 1), from inferred shapes; None when shapes are unknown."""
+    from .shapes import infer_shapes  # shapes observed in onnxruntime where onnx cannot infer them
+
+    try:
+        inferred = infer_shapes(model)
+    except OnnxsparseError:  # no figure rather than a wrong one
+        return None
+    values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else 1 for d in v.type.tensor_type.shape.dim]
+              for v in values if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    shapes.update({t.name: list(t.dims) for t in inferred.graph.initializer})
+    for node in inferred.graph.node:
+        if node.op_type == "Constant" and node.output:
+            shapes[node.output[0]] = list(node.attribute[0].t.dims) if node.attribute[0].HasField("t") else []
+    total = 0
+    for node in inferred.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        operands = [shapes.get(name) for name in node.input[:2]]
+        output = shapes.get(node.output[0])
+        if output is None or any(o is None for o in operands):
+            return None
+        total += _node_macs(node, operands[0], operands[1], output)  # type: ignore[arg-type]
+    return total
+
+
+def _node_macs(node: onnx.NodeProto, a: list[int], b: list[int], out: list[int]) -> int:
+    if node.op_type == "Conv":  # every output element sums C_in/group x kernel products
+        return int(np.prod(out)) * int(np.prod(b[1:]))
+    if node.op_type == "ConvTranspose":  # every input element scatters C_out/group x kernel products
+        return int(np.prod(a)) * int(np.prod(b[1:]))
+    if node.op_type == "Gemm":
+        trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+        return int(np.prod(out)) * (a[0] if trans_a else a[-1])
+    return int(np.prod(out)) * (a[-1] if a else 1)

@@ -224,11 +224,13 @@ def correct_biases(original: onnx.ModelProto, graph: gs.Graph, sites: list[Weigh
     after = collect_channel_stats(from_gs(graph, like=original), source, axes, limit=limit, label="bias correction (pruned)")
     for site in eligible:
         output = site.uses[0].node.outputs[0].name
-        _add_to_bias(graph, site.uses[0].node, before[output].mean - after[output].mean)
+        add_output_shift(graph, site.uses[0].node, before[output].mean - after[output].mean)
     return len(eligible)
 
 
-def _add_to_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
+def add_output_shift(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
+    """Make ``node``'s output larger by ``shift`` (per output channel): through its bias when it
+    has a constant one, else a new bias input, else an Add node after it (MatMul)."""
     dtype = constant_value(node.inputs[1]).dtype  # type: ignore[union-attr]
     if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None:
         bias = constant_value(node.inputs[2]).astype(np.float64)  # type: ignore[union-attr]
@@ -241,9 +243,26 @@ def _add_to_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
         if node.op == "Gemm":
             node.attrs["beta"] = 1.0
         return
-    # MatMul (or a Gemm whose bias is not constant): add the shift after the node.
     output = node.outputs[0]
+    if _shift_following_add(graph, node, shift):
+        return
+    # MatMul (or a Gemm whose bias is not constant) with no bias Add after it: add one.
     unshifted = gs.Variable(unique_name(graph, f"{output.name}_uncorrected"), dtype=output.dtype)
     node.outputs[0] = unshifted
     shift_tensor = gs.Constant(unique_name(graph, f"{output.name}_bias_correction"), shift.astype(dtype))
     graph.nodes.append(gs.Node("Add", name=unique_name(graph, f"{node.name or output.name}_bias_correction"), inputs=[unshifted, shift_tensor], outputs=[output]))
+
+
+def _shift_following_add(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> bool:
+    """A MatMul followed only by ``Add(x, constant bias)`` (the exported Linear): shift that bias."""
+    output = node.outputs[0]
+    if len(output.outputs) != 1 or output in graph.outputs or output.outputs[0].op != "Add":
+        return False
+    add = output.outputs[0]
+    index = 1 if add.inputs[0] is output else 0
+    bias = constant_value(add.inputs[index])
+    if bias is None or bias.ndim < 1 or bias.shape[-1] != shift.shape[0] or bias.size != shift.shape[0]:
+        return False
+    shifted = (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype)
+    add.inputs[index] = gs.Constant(unique_name(graph, f"{add.inputs[index].name}_shifted"), shifted)
+    return True

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import onnx
 
 from .calibration import InputSource, InputSpec, collect_feeds, resolve_inputs
@@ -28,9 +29,10 @@ from .errors import (
 from .inspect_model import summarize
 from .io import LoadInfo, check_model, load_with_info, same_file, save
 from .passes import Pass, PassContext, PassResult, Requirement
+from .shapes import infer_shapes
 from .report import COMMITTED, KEPT_FAILING, ROLLED_BACK, RunReport, StepReport, write_text_atomically
 from .spec import format_pipeline, load_recipe, parse_pipeline
-from .validate import EXACT, ProgressCallback, Reference, Tolerances, ValidationResult
+from .validate import EXACT, Feed, ProgressCallback, Reference, Tolerance, Tolerances, compare, loosest, make_session, run_feeds
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class PassManager:
     temperature: float = 1.0
     max_feeds: int | None = 64
     progress: ProgressCallback | None = None
+    report: RunReport | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -74,30 +77,31 @@ class PassManager:
                 raise PipelineSpecError(f"{pass_.name} must be the last pass: it encodes the file for disk, and later passes read dense tensors")
 
     def run(self, model: onnx.ModelProto, label: str = "model", info: LoadInfo | None = None) -> tuple[onnx.ModelProto, RunReport]:
+        """Run every pass; the report is also kept in ``self.report`` as it grows, so a caller
+        that catches an error (policy ``raise``) can still write what happened."""
         started = time.perf_counter()
         self._check_requirements()
         source = self.inputs if self.inputs is not None else resolve_inputs(None, model)
-        report = RunReport(
-            pipeline=format_pipeline(self.passes), policy=self.policy, inputs=source.describe(), input=summarize(model, info)
-        )
+        report = self.report = RunReport(pipeline=format_pipeline(self.passes), policy=self.policy, inputs="", input=summarize(model, info))
         report.input.source = label
         feeds = collect_feeds(source, model, limit=self.max_feeds)
+        report.inputs = _describe_feeds(source, feeds, self.max_feeds)
         reference = Reference.of(model, feeds, f"{label} (original)", self._progress("reference"))
-        current, last_tolerance = model, (None, EXACT)
+        chain = _Chain(model, reference.outputs)
         for index, pass_ in enumerate(self.passes):
             self._report_progress("passes", index, len(self.passes))
-            step, result_model = self._run_step(pass_, current, reference, label)
+            step, result_model, outputs = self._run_step(pass_, chain, reference, label)
             report.steps.append(step)
-            if step.status in (COMMITTED, KEPT_FAILING):
-                current, last_tolerance = result_model, (pass_.name, pass_.default_tolerance)
+            if step.status in (COMMITTED, KEPT_FAILING) and result_model is not None:
+                chain.commit(result_model, outputs, pass_)
                 report.standard = report.standard and step.standard
         self._report_progress("passes", len(self.passes), len(self.passes))
-        final = _finalize_versions(clone(current), model)
+        final = _finalize_versions(clone(chain.model), model)
         report.final_validation = reference.validate(
-            final, lambda output: self.tolerances.for_output(output, *last_tolerance), f"{label} (final)", temperature=self.temperature
+            final, lambda output: self.tolerances.for_output(output, chain.last_pass, chain.budget), f"{label} (final)", temperature=self.temperature
         )
         report.output = summarize(final, with_tensors=True)
-        report.warnings.extend(w for step in report.steps for w in step.warnings)
+        report.warnings.extend(dict.fromkeys(w for step in report.steps for w in step.warnings))
         report.seconds = time.perf_counter() - started
         return final, report
 
@@ -108,47 +112,46 @@ class PassManager:
                 raise RequirementError(f"{pass_.name} needs calibration data: {_REQUIREMENT_HINTS[Requirement.CALIBRATION]}")
 
     def _run_step(
-        self, pass_: Pass, current: onnx.ModelProto, reference: Reference, label: str
-    ) -> tuple[StepReport, onnx.ModelProto | None]:
+        self, pass_: Pass, chain: _Chain, reference: Reference, label: str
+    ) -> tuple[StepReport, onnx.ModelProto | None, list[dict[str, np.ndarray]] | None]:
         step = StepReport(pass_name=pass_.name, spec=pass_.spec())
         started = time.perf_counter()
         try:
-            candidate = self._prepared_copy(pass_, current)
+            candidate = self._prepared_copy(pass_, chain.model)
             result = pass_.run(candidate, PassContext(calibration=self.calibration))
         except _CALLER_ERRORS:
             raise
         except Exception as error:  # noqa: BLE001 - a broken pass is rolled back, not fatal
             log.debug("pass %s raised", pass_.name, exc_info=True)
-            return self._structural_failure(step, f"pass raised {type(error).__name__}: {_first_line(error)}"), None
+            return self._structural_failure(step, f"pass raised {type(error).__name__}: {_first_line(error)}"), None, None
         step.seconds["run"] = time.perf_counter() - started
         _copy_result(step, result)
         checked = time.perf_counter()
         try:
             check_model(result.model, f"{label} after {pass_.name}", standard=result.standard)
         except ModelLoadError as error:
-            return self._structural_failure(step, str(error)), None
+            return self._structural_failure(step, str(error)), None, None
         step.seconds["check"] = time.perf_counter() - checked
         validated = time.perf_counter()
         try:
-            step.validation = reference.validate(
-                result.model,
-                lambda output: self.tolerances.for_output(output, pass_.name, pass_.default_tolerance),
-                f"{label} after {pass_.name}",
-                temperature=self.temperature,
-                progress=self._progress(f"validate {pass_.name}"),
-            )
+            outputs = run_feeds(make_session(result.model, f"{label} after {pass_.name}"), reference.feeds,
+                                f"{label} after {pass_.name}", self._progress(f"validate {pass_.name}"))
         except (RuntimeLoadError, InputDataError) as error:
-            return self._structural_failure(step, str(error)), None
+            return self._structural_failure(step, str(error)), None, None
+        budget = chain.budget_with(pass_)
+        step.validation = compare(reference.outputs, outputs, lambda o: self.tolerances.for_output(o, pass_.name, budget), temperature=self.temperature)
+        if pass_.tolerance() == EXACT and chain.drifted:
+            # An exact pass after a lossy one: the drift from the original belongs to the earlier
+            # pass; this one is held to its own bound against the model it was given.
+            own = self.tolerances.per_pass.get(pass_.name, EXACT)
+            step.step_validation = compare(chain.outputs, outputs, lambda _: own, temperature=self.temperature)
         step.seconds["validate"] = time.perf_counter() - validated
-        return self._judged(step, step.validation), result.model
+        return self._judged(step), result.model, outputs
 
     def _prepared_copy(self, pass_: Pass, current: onnx.ModelProto) -> onnx.ModelProto:
         candidate = clone(current)
         if Requirement.SHAPES in pass_.needs():
-            try:
-                candidate = onnx.shape_inference.infer_shapes(candidate, strict_mode=True, data_prop=True)
-            except Exception as error:  # noqa: BLE001 - onnx raises several types
-                raise RequirementError(f"{pass_.name} needs tensor shapes, and shape inference fails: {_first_line(error)}") from error
+            candidate = infer_shapes(candidate, f"{pass_.name} needs tensor shapes, and the model")
         return candidate
 
     def _structural_failure(self, step: StepReport, reason: str) -> StepReport:
@@ -159,10 +162,16 @@ class PassManager:
             raise PassFailed(f"{step.pass_name}: {reason}")
         return step
 
-    def _judged(self, step: StepReport, validation: ValidationResult) -> StepReport:
-        if validation.passed:
+    def _judged(self, step: StepReport) -> StepReport:
+        if step.step_validation is not None:
+            # An exact pass after drift is judged on what it changed itself; its distance to the
+            # original is the earlier passes' (and is reported beside it).
+            failures = [f"vs the model before this pass: {f}" for f in step.step_validation.verdict.failures]
+        else:
+            failures = list(step.validation.verdict.failures) if step.validation is not None else []
+        if not failures:
             return step
-        reason = "; ".join(validation.verdict.failures)
+        reason = "; ".join(failures)
         if self.policy == "raise":
             raise ValidationFailed(f"{step.pass_name}: {reason}")
         step.status = KEPT_FAILING if self.policy == "keep" else ROLLED_BACK
@@ -179,6 +188,37 @@ class PassManager:
     def _report_progress(self, label: str, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(label, done, total)
+
+
+@dataclass
+class _Chain:
+    """The committed model so far, its outputs on the validation feeds, and the tolerance budget
+    its passes add up to against the original (lossy passes widen it; exact ones do not)."""
+
+    model: onnx.ModelProto
+    outputs: list[dict[str, np.ndarray]]
+    budget: Tolerance = EXACT
+    last_pass: str | None = None
+    drifted: bool = False
+
+    def budget_with(self, pass_: Pass) -> Tolerance:
+        own = pass_.tolerance()
+        if own == EXACT:
+            return self.budget
+        return own if self.budget == EXACT else loosest(self.budget, own)
+
+    def commit(self, model: onnx.ModelProto, outputs: list[dict[str, np.ndarray]] | None, pass_: Pass) -> None:
+        self.budget = self.budget_with(pass_)
+        self.model, self.last_pass = model, pass_.name
+        self.outputs = outputs if outputs is not None else self.outputs
+        self.drifted = self.drifted or pass_.tolerance() != EXACT
+
+
+def _describe_feeds(source: InputSource, feeds: list[Feed], limit: int | None) -> str:
+    text = source.describe()
+    if limit is not None and len(feeds) == limit:
+        text += f" (validated on the first {limit} feeds)"
+    return text
 
 
 def _copy_result(step: StepReport, result: PassResult) -> None:

@@ -31,7 +31,8 @@ class StepReport:
     figures: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
-    validation: ValidationResult | None = None
+    validation: ValidationResult | None = None  # against the original model
+    step_validation: ValidationResult | None = None  # an exact pass after a lossy one: against the model it was given
     standard: bool = True  # False: deliberately non-standard ONNX (checked in onnxruntime only)
 
 
@@ -91,8 +92,13 @@ def worst_output(validation: ValidationResult | None) -> str:
     compared = [o for o in validation.outputs if o.compared]
     if not compared:
         return "not compared"
-    worst = max(compared, key=lambda o: o.max_rel)
-    text = f"{worst.name}: rel {worst.max_rel:.2g}, cos {worst.cosine:.6f}"
+    floats = [o for o in compared if o.cosine is not None] or compared
+    worst = max(floats, key=lambda o: o.max_rel or 0.0)
+    text = f"{worst.name}: rel {worst.max_rel:.2g}"
+    if worst.cosine is not None:
+        text += f", cos {worst.cosine:.6f}"
+    if worst.agreement is not None:
+        text += f", equal {worst.agreement:.3f}"
     if worst.top1 is not None:
         text += f", top1 {worst.top1:.3f}"
     return text

@@ -36,6 +36,7 @@ from typing import Any
 
 from .errors import PipelineSpecError
 from .passes import Pass, pass_class
+from .passes.base import did_you_mean
 from .validate import TOLERANCE_FIELDS, Tolerance, Tolerances
 
 _POLICIES = ("rollback", "raise", "keep")
@@ -145,7 +146,8 @@ def build_pass(name: str, options: Mapping[str, Any], where: str = "") -> Pass:
     unknown = sorted(set(options) - set(types_by_name))
     if unknown:
         valid = ", ".join(types_by_name) or "none"
-        raise PipelineSpecError(f"{where}{name}: unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+        hint = did_you_mean(unknown[0], types_by_name) if len(unknown) == 1 else ""
+        raise PipelineSpecError(f"{where}{name}: unknown option(s) {', '.join(unknown)}{hint}; valid options: {valid}")
     values = {key: convert(value, types_by_name[key], f"{where}{name}{{{key}}}") for key, value in options.items()}
     try:
         return cls(**values)

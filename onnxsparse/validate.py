@@ -48,15 +48,32 @@ class Tolerance:
     max_kl: float | None = None
     min_agreement: float | None = None
 
+    def __post_init__(self) -> None:
+        for bound in fields(self):
+            value = getattr(self, bound.name)
+            if value is not None and (not isinstance(value, (int, float)) or math.isnan(value)):
+                raise ValueError(f"tolerance {bound.name}={value!r} is not a number")
+
     def describe(self) -> str:
         bounds = [f"{name}={value:g}" for name, value in asdict(self).items() if value is not None]
         return " ".join(bounds) or "none"
 
 
+TOLERANCE_FIELDS = tuple(f.name for f in fields(Tolerance))
+
+
+def loosest(a: Tolerance, b: Tolerance) -> Tolerance:
+    """Every bound either sets, at the looser value where both set it: the budget of two lossy passes."""
+    merged = {}
+    for bound in TOLERANCE_FIELDS:
+        values = [v for v in (getattr(a, bound), getattr(b, bound)) if v is not None]
+        merged[bound] = (max(values) if bound.startswith("max_") else min(values)) if values else None
+    return Tolerance(**merged)
+
+
 # Exact passes (cleanup, folding): float rounding only, relative to each output's scale.
 EXACT = Tolerance(max_rel=1e-4, min_agreement=1.0)
 
-TOLERANCE_FIELDS = tuple(f.name for f in fields(Tolerance))
 
 
 @dataclass(frozen=True)
@@ -88,10 +105,10 @@ class OutputMetrics:
     name: str
     dtype: str
     shape: list[int]
-    max_abs: float = 0.0
-    max_rel: float = 0.0
-    cosine: float = 1.0
-    sqnr_db: float = math.inf
+    max_abs: float | None = 0.0
+    max_rel: float | None = 0.0
+    cosine: float | None = 1.0
+    sqnr_db: float | None = math.inf
     top1: float | None = None
     kl: float | None = None
     agreement: float | None = None  # integer/bool/string outputs: fraction of equal elements
@@ -120,6 +137,7 @@ class _OutputAccumulator:
         self.equal = self.count = self.nonfinite = 0
         self.top1_equal = self.rows = 0
         self.kl_sum = 0.0
+        self.unit = 0.0
         self.note = ""
         self.broken = False
         self.scored = False
@@ -129,35 +147,52 @@ class _OutputAccumulator:
         self.broken = True
         self.note = why
 
-    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+    def add(self, reference: object, candidate: object) -> None:
+        """One feed's value of this output: a tensor, a sequence of tensors, or a map."""
+        if isinstance(reference, list) or isinstance(candidate, list):
+            if not (isinstance(reference, list) and isinstance(candidate, list)) or len(reference) != len(candidate):
+                self.mark_broken("sequence length or type changed")
+                return
+            for ref_item, cand_item in zip(reference, candidate):
+                self.add(ref_item, cand_item)
+            return
+        if isinstance(reference, dict) or isinstance(candidate, dict):
+            if reference != candidate:
+                self.mark_broken("map output changed")
+            return
         if not isinstance(reference, np.ndarray) or not isinstance(candidate, np.ndarray):
-            self.note = "not a tensor output; not compared"
+            self.mark_broken(f"cannot compare outputs of type {type(reference).__name__}")
             return
         self.dtype, self.shape = str(reference.dtype), list(reference.shape)
         if reference.shape != candidate.shape:
             self.mark_broken(f"shape changed from {list(reference.shape)} to {list(candidate.shape)}")
             return
-        if not (np.issubdtype(reference.dtype, np.number) or reference.dtype == np.bool_):
-            self.equal += int(np.sum(reference == candidate))
-            self.count += reference.size
-            return
-        ref = reference.astype(np.float64)
-        cand = candidate.astype(np.float64)
-        bad = ~np.isfinite(cand) & np.isfinite(ref)
-        self.nonfinite += int(bad.sum())
-        finite = np.isfinite(ref) & np.isfinite(cand)
-        ref_f, cand_f = np.where(finite, ref, 0.0), np.where(finite, cand, 0.0)
-        error = cand_f - ref_f
-        if error.size:
-            self.max_abs = max(self.max_abs, float(np.max(np.abs(error))))
-            self.scale = max(self.scale, float(np.max(np.abs(ref_f))))
-        self.dot += float(np.sum(ref_f * cand_f))
-        self.ref_sq += float(np.sum(ref_f * ref_f))
-        self.cand_sq += float(np.sum(cand_f * cand_f))
-        self.err_sq += float(np.sum(error * error))
         self.equal += int(np.sum(reference == candidate))
         self.count += reference.size
-        if np.issubdtype(reference.dtype, np.floating) and reference.ndim >= 2 and reference.shape[-1] >= 2:
+        if np.issubdtype(reference.dtype, np.number) or reference.dtype == np.bool_:
+            self._add_numbers(reference.astype(np.float64), candidate.astype(np.float64))
+
+    def _add_numbers(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        ref_bad, cand_bad = ~np.isfinite(ref), ~np.isfinite(cand)
+        same_nonfinite = ref_bad & cand_bad & ((ref == cand) | (np.isnan(ref) & np.isnan(cand)))
+        self.nonfinite += int(np.sum((ref_bad | cand_bad) & ~same_nonfinite))
+        finite = ~ref_bad & ~cand_bad
+        ref_f, cand_f = np.where(finite, ref, 0.0), np.where(finite, cand, 0.0)
+        error = cand_f - ref_f
+        if not error.size:
+            return
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(error))))
+        self.scale = max(self.scale, float(np.max(np.abs(ref_f))))
+        # Sums are taken in units of the first feed's scale: cosine and SQNR do not depend on it,
+        # and values near 1e200 would otherwise overflow when squared.
+        if self.unit == 0.0:
+            self.unit = self.scale or 1.0
+        ref_u, cand_u, error_u = ref_f / self.unit, cand_f / self.unit, error / self.unit
+        self.dot += float(np.sum(ref_u * cand_u))
+        self.ref_sq += float(np.sum(ref_u * ref_u))
+        self.cand_sq += float(np.sum(cand_u * cand_u))
+        self.err_sq += float(np.sum(error_u * error_u))
+        if ref.ndim >= 2 and ref.shape[-1] >= 2 and self.dtype.startswith("float"):
             self._add_scores(ref_f, cand_f)
 
     def _add_scores(self, ref: np.ndarray, cand: np.ndarray) -> None:
@@ -173,13 +208,17 @@ class _OutputAccumulator:
         metrics = OutputMetrics(name=self.name, dtype=self.dtype, shape=self.shape, note=self.note, broken=self.broken)
         if self.broken or self.count == 0:
             metrics.compared = False
+            metrics.note = metrics.note or "empty output: nothing compared"
+            metrics.max_abs = metrics.max_rel = metrics.cosine = metrics.sqnr_db = None
             return metrics
         metrics.max_abs = self.max_abs
         metrics.max_rel = self.max_abs / self.scale if self.scale > 0 else (0.0 if self.max_abs == 0 else math.inf)
-        denominator = math.sqrt(self.ref_sq * self.cand_sq)
-        metrics.cosine = self.dot / denominator if denominator > 0 else (1.0 if self.ref_sq == self.cand_sq else 0.0)
-        metrics.sqnr_db = 10 * math.log10(self.ref_sq / self.err_sq) if self.err_sq > 0 and self.ref_sq > 0 else (math.inf if self.err_sq == 0 else -math.inf)
-        if not self.dtype.startswith(("float", "complex")):
+        if self.dtype.startswith("float"):
+            denominator = math.sqrt(self.ref_sq * self.cand_sq)
+            metrics.cosine = self.dot / denominator if denominator > 0 else (1.0 if self.ref_sq == self.cand_sq else 0.0)
+            metrics.sqnr_db = 10 * math.log10(self.ref_sq / self.err_sq) if self.err_sq > 0 and self.ref_sq > 0 else (math.inf if self.err_sq == 0 else -math.inf)
+        else:  # labels, ids, masks: exact agreement is the measure; cosine means nothing there
+            metrics.cosine = metrics.sqnr_db = None
             metrics.agreement = self.equal / self.count
         metrics.nonfinite = self.nonfinite
         if self.scored and self.rows:
@@ -229,7 +268,8 @@ def judge(metrics: Sequence[OutputMetrics], tolerance_of: Callable[[str], Tolera
             limit = getattr(tolerance, bound)
             if limit is None:
                 continue
-            too_far = value > limit if bound.startswith("max_") else value < limit
+            # written so that a NaN metric fails instead of slipping through a comparison
+            too_far = not (value <= limit) if bound.startswith("max_") else not (value >= limit)
             if too_far:
                 verdict.failures.append(
                     f"output '{output.name}': {bound.removeprefix('max_').removeprefix('min_')} {value:.4g} "
@@ -317,6 +357,8 @@ def compare(
     seconds: float = 0.0,
 ) -> ValidationResult:
     """Metrics and verdict for candidate outputs against reference outputs, feed by feed."""
+    if not temperature > 0:
+        raise InputDataError(f"temperature {temperature} must be above 0")
     accumulators: dict[str, _OutputAccumulator] = {}
     for ref_outputs, cand_outputs in zip(reference, candidate, strict=True):
         for name, ref_value in ref_outputs.items():

@@ -173,7 +173,7 @@ def test_wanda_without_calibration_data_is_a_requirement_error(cnn):
     ("magnitude-prune{sparsity=1.0}", "outside [0, 1)"),
     ("magnitude-prune{sparsity=-0.1}", "outside [0, 1)"),
     ("magnitude-prune{pattern=4:2}", "N:M with 0 < N < M"),
-    ("magnitude-prune{pattern=blocky}", "neither 'unstructured' nor N:M"),
+    ("magnitude-prune{pattern=blocky}", "not 'unstructured', 'filter' or N:M"),
     ("magnitude-prune{scope=layer}", "not one of per-tensor, per-row, global"),
     ("magnitude-prune{overrides=fc:1.5}", "override fc:1.5 is outside"),
 ])

@@ -64,12 +64,13 @@ def test_third_party_passes_load_through_the_entry_point_group(tmp_path: Path, m
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(base, "_entry_points_loaded", False)
 
-    plugged = parse_pipeline("cleanup,test-plugged{strength=3}")[1]
-
-    assert type(plugged).__module__ == "thirdparty_passes" and plugged.strength == 3
-    assert pass_class("test-plugged") is type(plugged)
-    monkeypatch.delitem(base._REGISTRY, "test-plugged")
-    monkeypatch.delitem(sys.modules, "thirdparty_passes")
+    try:
+        plugged = parse_pipeline("cleanup,test-plugged{strength=3}")[1]
+        assert type(plugged).__module__ == "thirdparty_passes" and plugged.strength == 3
+        assert pass_class("test-plugged") is type(plugged)
+    finally:
+        base._REGISTRY.pop("test-plugged", None)
+        sys.modules.pop("thirdparty_passes", None)
 
 
 def test_unknown_pass_lists_the_known_ones():

@@ -73,8 +73,8 @@ def test_format_writes_only_non_default_options():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("clenaup", "unknown pass 'clenaup'; known passes: cleanup"),
-        ("test-options{sparsty=0.5}", "unknown option(s) sparsty; valid options: sparsity"),
+        ("clenaup", "unknown pass 'clenaup' (did you mean 'cleanup'?); known passes: "),
+        ("test-options{sparsty=0.5}", "unknown option(s) sparsty (did you mean 'sparsity'?); valid options: sparsity"),
         ("test-options{sparsity=half}", "'half' is not a float"),
         ("test-options{steps=1.5}", "'1.5' is not a int"),
         ("test-options{enabled=maybe}", "'maybe' is not true or false"),

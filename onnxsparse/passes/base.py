@@ -8,6 +8,7 @@ matter to it. It never writes into an array it did not create: weights read thro
 
 from __future__ import annotations
 
+import difflib
 import enum
 import logging
 from collections.abc import Iterable
@@ -94,6 +95,10 @@ class Pass:
         """What this instance needs; options can add to the class's ``requires`` (wanda needs data)."""
         return self.requires
 
+    def tolerance(self) -> Tolerance:
+        """The tolerance used when the user sets none; options may make a pass exact (zero-only)."""
+        return self.default_tolerance
+
     @classmethod
     def summary(cls) -> str:
         """The first line of the pass's docstring."""
@@ -152,8 +157,14 @@ def pass_class(name: str) -> type[Pass]:
     if name not in _REGISTRY:
         _load_entry_points()
     if name not in _REGISTRY:
-        raise PipelineSpecError(f"unknown pass '{name}'; known passes: {', '.join(sorted(_REGISTRY))}")
+        raise PipelineSpecError(f"unknown pass '{name}'{did_you_mean(name, _REGISTRY)}; known passes: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or nothing when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def registered_passes() -> dict[str, type[Pass]]:

@@ -28,12 +28,12 @@ SPEED_WARNING = (
 
 
 def parse_nm(pattern: str) -> tuple[int, int] | None:
-    """``"2:4"`` → (2, 4); ``"unstructured"`` → None; anything else is a ValueError."""
-    if pattern == "unstructured":
+    """``"2:4"`` → (2, 4); ``"unstructured"`` or ``"filter"`` → None; anything else is a ValueError."""
+    if pattern in ("unstructured", "filter"):
         return None
     match = re.fullmatch(r"(\d+):(\d+)", pattern)
     if not match or not 0 < int(match.group(1)) < int(match.group(2)):
-        raise ValueError(f"pattern '{pattern}' is neither 'unstructured' nor N:M with 0 < N < M (e.g. 2:4)")
+        raise ValueError(f"pattern '{pattern}' is not 'unstructured', 'filter' or N:M with 0 < N < M (e.g. 2:4)")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -55,7 +55,8 @@ class MagnitudePrune(Pass):
     scope: Literal["per-tensor", "per-row", "global"] = field(
         default="per-tensor", metadata={"help": "where the threshold applies: each tensor, each output unit, or one across tensors"}
     )
-    pattern: str = field(default="unstructured", metadata={"help": "unstructured, or N:M along the reduction axis (e.g. 2:4)"})
+    pattern: str = field(default="unstructured", metadata={
+        "help": "unstructured; filter (whole output units, which channel-prune{mode=zero-only} then removes); or N:M along the reduction axis (e.g. 2:4)"})
     criterion: Literal["magnitude", "wanda", "sparsegpt"] = field(
         default="magnitude", metadata={"help": "wanda and sparsegpt need calibration data"}
     )
@@ -190,6 +191,8 @@ class MagnitudePrune(Pass):
         nm = parse_nm(self.pattern)
         if nm:
             return [nm_mask(score, site.reduction_axis, *nm) for (site, _), score in zip(chosen, scores)]
+        if self.pattern == "filter":
+            return [filter_mask(score, site.out_axis, target) for (site, target), score in zip(chosen, scores)]
         if self.scope == "per-row":
             return [per_row_mask(score, site.out_axis, target) for (site, target), score in zip(chosen, scores)]
         if self.scope == "global":
@@ -277,6 +280,14 @@ def per_row_mask(scores: np.ndarray, out_axis: int, sparsity: float) -> np.ndarr
     if drop:
         np.put_along_axis(keep, np.argpartition(rows, drop - 1, axis=1)[:, :drop], False, axis=1)
     return np.moveaxis(keep.reshape(moved.shape), 0, out_axis)
+
+
+def filter_mask(scores: np.ndarray, out_axis: int, sparsity: float) -> np.ndarray:
+    """Whole output units (filters, output features) with the smallest L2 norm of scores."""
+    moved = np.moveaxis(scores, out_axis, 0)
+    norms = np.sqrt(np.sum(np.square(moved.reshape(moved.shape[0], -1), dtype=np.float64), axis=1))
+    keep_rows = unstructured_mask(norms, sparsity)
+    return np.moveaxis(np.broadcast_to(keep_rows.reshape((-1,) + (1,) * (moved.ndim - 1)), moved.shape), 0, out_axis)
 
 
 def nm_mask(scores: np.ndarray, reduction_axis: int, n: int, m: int) -> np.ndarray:

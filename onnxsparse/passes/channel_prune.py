@@ -1,0 +1,412 @@
+"""``channel-prune``: remove whole channels and everything that depends on them, so the model shrinks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..activations import collect_channel_stats, tensor_values
+from ..channels import Analysis, ConsumerUse, Producer, analyze, apply_plan
+from ..errors import RequirementError
+from ..graph import constant_value, from_gs, to_gs
+from ..inspect_model import count_macs
+from ..layerwise import add_output_shift
+from ..validate import EXACT, Tolerance
+from ..weights import matches
+from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Unit:
+    """Root channels removed together (one channel of every coupled tensor)."""
+
+    members: list[int]
+    group: int
+    importance: float = 0.0
+    pinned: str = ""
+
+
+@dataclass
+class Group:
+    """Producers whose channels are coupled, and their units."""
+
+    producers: list[Producer]
+    units: list[Unit] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return ", ".join(p.node.name or p.node.outputs[0].name for p in self.producers)
+
+
+@register
+@dataclass(frozen=True)
+class ChannelPrune(Pass):
+    """Remove whole output channels (filters, hidden units) with everything coupled to them.
+
+    Coupled channels (residual adds, concats, depthwise convs, norms, Flatten into Gemm) go
+    together; an op without a rule pins its channels, and every pin is reported with that op.
+    ``mode=zero-only`` removes only dead channels (all-zero filters) and is exact: a channel that
+    is constant but not zero is folded into its consumers' biases where they are linear without
+    padding, and kept otherwise.
+    """
+
+    name = "channel-prune"
+    default_tolerance = Tolerance(min_cosine=0.99)
+
+    ratio: float = field(default=0.3, metadata={"help": "fraction of each group's channels removed (global: of all removable channels)"})
+    scope: Literal["uniform", "global"] = field(default="uniform", metadata={"help": "a ratio per group, or one ranking across groups"})
+    mode: Literal["ratio", "zero-only"] = field(default="ratio", metadata={"help": "zero-only: only dead channels, exactly"})
+    criterion: Literal["l1", "l2", "activation"] = field(default="l1", metadata={"help": "filter norm, or mean |activation| (needs calibration)"})
+    reduce: Literal["sum", "mean", "max"] = field(default="sum", metadata={"help": "how a unit's importance combines its coupled filters"})
+    bn_scale: bool = field(default=False, metadata={"help": "scale filter norms by the |gamma| of a BatchNorm right after"})
+    overrides: Mapping[str, float] = field(default_factory=dict, metadata={"help": "producer name pattern:ratio"})
+    exclude: tuple[str, ...] = field(default=(), metadata={"help": "producer name patterns whose channels stay"})
+    round_to: int = field(default=1, metadata={"help": "keep channel counts a multiple of this (8, 16 for vector units)"})
+    min_channels: int = field(default=1, metadata={"help": "channels kept at least in every group"})
+    refit: bool = field(default=False, metadata={"help": "least-squares refit of each consumer on calibration data"})
+    calibration_samples: int = field(default=32, metadata={"help": "feeds read for activation statistics and refits"})
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"ratio {self.ratio} is outside [0, 1)")
+        for pattern, value in self.overrides.items():
+            if not 0 <= value < 1:
+                raise ValueError(f"override {pattern}:{value} is outside [0, 1): it would remove every channel")
+        if self.min_channels < 1:
+            raise ValueError("min_channels must be at least 1: a layer cannot lose every channel")
+        if self.round_to < 1 or self.calibration_samples < 1:
+            raise ValueError("round_to and calibration_samples must be at least 1")
+
+    def needs(self) -> frozenset[Requirement]:
+        needs = {Requirement.SHAPES}
+        if self.criterion == "activation" or self.refit:
+            needs.add(Requirement.CALIBRATION)
+        return frozenset(needs)
+
+    def tolerance(self) -> Tolerance:
+        return EXACT if self.mode == "zero-only" else self.default_tolerance
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        result = PassResult(model)
+        graph = to_gs(model)
+        analysis = analyze(graph)
+        self._pin_excluded(analysis)
+        groups = self._groups(analysis)
+        self._score(model, analysis, groups, context)
+        shifts: dict[int, tuple[gs.Node, np.ndarray]] = {}
+        if self.mode == "zero-only":
+            chosen = self._dead_units(model, analysis, groups, shifts, result)
+        else:
+            chosen = self._select(groups)
+        removed = np.zeros(len(analysis.parent), dtype=bool)
+        for unit in chosen:
+            removed[unit.members] = True
+        self._report_groups(groups, removed, analysis, result)
+        if not removed.any():
+            result.warnings.append("channel-prune removed no channel")
+            return result
+        macs_before = count_macs(model)
+        apply_plan(graph, analysis, removed)
+        self._apply_shifts(graph, analysis, removed, shifts)
+        graph.cleanup().toposort()
+        pruned = _reinfer(from_gs(graph, like=model))
+        if self.refit:
+            assert context.calibration is not None
+            pruned = refit_consumers(model, pruned, analysis, removed, context, self.calibration_samples, result)
+        result.model = pruned
+        result.figures.update(_size_figures(model, pruned, macs_before))
+        result.figures["channels_removed"] = int(sum(len(u.members) for u in chosen))
+        return result
+
+    # -- groups and importance ----------------------------------------------------------------
+
+    def _pin_excluded(self, analysis: Analysis) -> None:
+        for producer in analysis.producers:
+            name = producer.node.name or producer.node.outputs[0].name
+            if self.exclude and matches(self.exclude, name, producer.node.inputs[1].name):
+                analysis.pin(producer.roots, "excluded by pattern")
+
+    @staticmethod
+    def _groups(analysis: Analysis) -> list[Group]:
+        """Units, bundled by the producers they couple (a residual stream is one group)."""
+        units = analysis.units()
+        owner = {id(p): i for i, p in enumerate(analysis.producers)}
+        parent = list(range(len(analysis.producers)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                i = parent[i]
+            return i
+
+        unit_producers = {}
+        for representative, members in units.items():
+            indices = sorted({owner[id(p)] for p in map(analysis.producer_of, members) if p is not None})
+            unit_producers[representative] = indices
+            for i in indices[1:]:
+                parent[find(i)] = find(indices[0])
+        groups = {find(i): Group([]) for i in range(len(analysis.producers))}
+        for i, producer in enumerate(analysis.producers):
+            groups[find(i)].producers.append(producer)
+        for representative, members in units.items():
+            indices = unit_producers[representative]
+            if indices:  # a unit made only of an untracked input's channels has nothing to remove
+                groups[find(indices[0])].units.append(Unit(members, find(indices[0]), pinned=analysis.unit_pin(members)))
+        return [group for group in groups.values() if group.units]
+
+    def _score(self, model: onnx.ModelProto, analysis: Analysis, groups: list[Group], context: PassContext) -> None:
+        per_root = self._root_importance(model, analysis, context)
+        reducer = {"sum": np.sum, "mean": np.mean, "max": np.max}[self.reduce]
+        for group in groups:
+            for unit in group.units:
+                scores = [per_root[m] for m in unit.members if not np.isnan(per_root[m])]
+                unit.importance = float(reducer(scores)) if scores else 0.0
+
+    def _root_importance(self, model: onnx.ModelProto, analysis: Analysis, context: PassContext) -> np.ndarray:
+        importance = np.full(len(analysis.parent), np.nan)
+        if self.criterion == "activation":
+            return _activation_importance(model, analysis, context, self.calibration_samples, importance)
+        order = 1 if self.criterion == "l1" else 2
+        for producer in analysis.producers:
+            moved = np.moveaxis(producer.weight.astype(np.float64), producer.out_axis, 0).reshape(producer.channels, -1)
+            norms = np.linalg.norm(moved, ord=order, axis=1)
+            if self.bn_scale:
+                norms = norms * _batchnorm_scale(producer)
+            importance[producer.roots] = norms
+        return importance
+
+    # -- selection ----------------------------------------------------------------------------
+
+    def _select(self, groups: list[Group]) -> list[Unit]:
+        if self.scope == "global":
+            return self._select_global(groups)
+        chosen = []
+        for group in groups:
+            ratio = self._ratio_of(group)
+            free = sorted((u for u in group.units if not u.pinned), key=lambda u: u.importance)
+            chosen.extend(free[: self._removable(len(group.units), len(free), round(ratio * len(group.units)))])
+        return chosen
+
+    def _select_global(self, groups: list[Group]) -> list[Unit]:
+        """One ranking across groups; importance normalized per group so that layers compare. The
+        ratio is of the channels that can go (pinned ones are not counted)."""
+        ranked = []
+        for index, group in enumerate(groups):
+            mean = np.mean([u.importance for u in group.units]) or 1.0
+            ranked.extend((u.importance / mean, index, u) for u in group.units if not u.pinned)
+        wanted = round(self.ratio * len(ranked))
+        taken: dict[int, list[Unit]] = {i: [] for i in range(len(groups))}
+        for _, index, unit in sorted(ranked, key=lambda item: item[0])[:wanted]:
+            taken[index].append(unit)
+        chosen = []
+        for index, units in taken.items():
+            free = sum(not u.pinned for u in groups[index].units)
+            chosen.extend(units[: self._removable(len(groups[index].units), free, len(units))])
+        return chosen
+
+    def _removable(self, total: int, free: int, wanted: int) -> int:
+        """How many of ``wanted`` may go: at most the free ones, keeping min_channels and round_to."""
+        count = min(wanted, free, total - self.min_channels)
+        while count > 0 and (total - count) % self.round_to:
+            count -= 1  # keep more rather than fewer
+        return max(count, 0)
+
+    def _ratio_of(self, group: Group) -> float:
+        for pattern, value in self.overrides.items():
+            if any(matches([pattern], p.node.name, p.node.inputs[1].name) for p in group.producers):
+                return value
+        return self.ratio
+
+    # -- dead channels (zero-only) ------------------------------------------------------------
+
+    def _dead_units(self, model: onnx.ModelProto, analysis: Analysis, groups: list[Group], shifts: dict[int, tuple[gs.Node, np.ndarray]], result: PassResult) -> list[Unit]:
+        """Units whose every filter is zero: removed when their consumers see exactly 0, or a
+        constant they can absorb (linear without padding); kept, with the reason, otherwise."""
+        candidates = []
+        for group in groups:
+            for unit in group.units:
+                producers = [analysis.producer_of(m) for m in unit.members]
+                if unit.pinned or any(p is None for p in producers):
+                    continue
+                if all(not np.any(p.filter_values(m - p.base)) for p, m in zip(producers, unit.members)):  # type: ignore[union-attr]
+                    candidates.append(unit)
+        if not candidates:
+            return []
+        dead_roots = np.zeros(len(analysis.parent), dtype=bool)
+        for unit in candidates:
+            dead_roots[unit.members] = True
+        constants = _consumer_constants(model, analysis, dead_roots)
+        chosen = []
+        for unit in candidates:
+            reason = _why_not_exact(unit, analysis, constants)
+            if reason:
+                result.skipped.append(Skip(f"channel of {_unit_label(unit, analysis)}", reason))
+                continue
+            chosen.append(unit)
+            for use, values, _ in constants.values():
+                _fold_constant(use, values, unit, shifts)
+        return chosen
+
+    def _apply_shifts(self, graph: gs.Graph, analysis: Analysis, removed: np.ndarray, shifts: dict[int, tuple[gs.Node, np.ndarray]]) -> None:
+        own = {id(p.node): p for p in analysis.producers}
+        for node, shift in shifts.values():
+            producer = own.get(id(node))
+            if producer is not None:
+                shift = shift[~removed[producer.roots]]  # the consumer lost output channels too
+            add_output_shift(graph, node, shift)
+
+    # -- report -------------------------------------------------------------------------------
+
+    def _report_groups(self, groups: list[Group], removed: np.ndarray, analysis: Analysis, result: PassResult) -> None:
+        for group in groups:
+            total = len(group.units)
+            gone = sum(bool(removed[u.members[0]]) for u in group.units)
+            pins = sorted({u.pinned for u in group.units if u.pinned})
+            details = {
+                "producers": [p.node.name for p in group.producers], "channels_before": total, "channels_after": total - gone,
+                "criterion": self.criterion if self.mode == "ratio" else "all-zero filters", "pinned_channels": sum(bool(u.pinned) for u in group.units),
+            }
+            approximate = sorted({analysis.approximate[m] for u in group.units if removed[u.members[0]] for m in u.members if m in analysis.approximate})
+            if approximate:
+                details["not_exact_at"] = approximate
+            if gone:
+                result.changes.append(Change(group.label, "removed channels", details))
+            elif pins and len(pins) and all(u.pinned for u in group.units):
+                result.skipped.append(Skip(group.label, "pinned: " + "; ".join(pins)))
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _unit_label(unit: Unit, analysis: Analysis) -> str:
+    producer = analysis.producer_of(unit.members[0])
+    return f"{producer.node.name}[{unit.members[0] - producer.base}]" if producer else str(unit.members[0])
+
+
+def _batchnorm_scale(producer: Producer) -> np.ndarray:
+    """|gamma| / sqrt(var + eps) of a BatchNormalization reading only this producer's output."""
+    readers = producer.node.outputs[0].outputs
+    if len(readers) == 1 and readers[0].op == "BatchNormalization":
+        bn = readers[0]
+        gamma, var = constant_value(bn.inputs[1]), constant_value(bn.inputs[4])
+        if gamma is not None and var is not None:
+            return np.abs(gamma) / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+    return np.ones(producer.channels)
+
+
+def _activation_importance(model: onnx.ModelProto, analysis: Analysis, context: PassContext, samples: int, importance: np.ndarray) -> np.ndarray:
+    """Mean |activation| of each root where consumers read it (averaged over its positions)."""
+    if context.calibration is None:
+        raise RequirementError("channel-prune{criterion=activation} needs calibration data")
+    axes = {use.tensor.name: _axis_of(analysis, use) for use in analysis.consumers}
+    stats = collect_channel_stats(model, context.calibration, axes, limit=samples, label="channel importance")
+    total = np.zeros(len(analysis.parent))
+    count = np.zeros(len(analysis.parent))
+    for use in analysis.consumers:
+        np.add.at(total, use.roots, stats[use.tensor.name].mean_abs)
+        np.add.at(count, use.roots, 1)
+    seen = count > 0
+    importance[seen] = total[seen] / count[seen]
+    return importance
+
+
+def _axis_of(analysis: Analysis, use: ConsumerUse) -> int:
+    return analysis.spaces[use.tensor.name].axis
+
+
+def _consumer_constants(model: onnx.ModelProto, analysis: Analysis, dead: np.ndarray) -> dict[int, tuple[ConsumerUse, np.ndarray, np.ndarray]]:
+    """For each consumer reading dead roots: per position, the constant value seen (NaN where the
+    value varies), from two synthetic feeds (a dead channel is constant for any input)."""
+    from ..calibration import SyntheticInputs
+
+    uses = [use for use in analysis.consumers if dead[use.roots].any()]
+    names = {use.tensor.name for use in uses}
+    low: dict[str, np.ndarray] = {}
+    high: dict[str, np.ndarray] = {}
+    for values in tensor_values(model, SyntheticInputs(model, samples=2, seed=1), names, label="dead-channel probe"):
+        for name in names:
+            axis = analysis.spaces[name].axis
+            moved = np.moveaxis(np.asarray(values[name], dtype=np.float64), axis, 0).reshape(values[name].shape[axis], -1)
+            low[name] = np.minimum(low.get(name, moved.min(axis=1)), moved.min(axis=1))
+            high[name] = np.maximum(high.get(name, moved.max(axis=1)), moved.max(axis=1))
+    constants = {}
+    for use in uses:
+        value = np.where(low[use.tensor.name] == high[use.tensor.name], low[use.tensor.name], np.nan)
+        constants[id(use)] = (use, value, dead[use.roots])
+    return constants
+
+
+def _why_not_exact(unit: Unit, analysis: Analysis, constants: dict[int, tuple[ConsumerUse, np.ndarray, np.ndarray]]) -> str:
+    if any(m in analysis.approximate for m in unit.members):
+        return analysis.approximate[next(m for m in unit.members if m in analysis.approximate)] + ": removal is not exact"
+    members = set(unit.members)
+    for use, values, _ in constants.values():
+        positions = [i for i, root in enumerate(use.roots.tolist()) if root in members]
+        seen = values[positions]
+        if np.isnan(seen).any():
+            return f"not constant where {use.node.op} '{use.node.name}' reads it (padding or a non-linear path)"
+        if np.any(seen != 0) and not _linear_without_padding(use.node):
+            return f"constant {float(seen[seen != 0][0]):g} feeds {use.node.op} '{use.node.name}', which pads: the border sees zeros"
+    return ""
+
+
+def _linear_without_padding(node: gs.Node) -> bool:
+    if node.op != "Conv":
+        return node.op in ("Gemm", "MatMul")
+    return not any(node.attrs.get("pads", [])) and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
+
+
+def _fold_constant(use: ConsumerUse, values: np.ndarray, unit: Unit, shifts: dict[int, tuple[gs.Node, np.ndarray]]) -> None:
+    """Add what the unit's constant contributed through this consumer to its output shift."""
+    members = set(unit.members)
+    positions = [i for i, root in enumerate(use.roots.tolist()) if root in members and values[i] != 0]
+    if not positions:
+        return
+    weight = constant_value(use.node.inputs[use.weight_index]).astype(np.float64)  # type: ignore[union-attr]
+    moved = np.moveaxis(weight, use.axis, 0)[positions]  # [positions, outputs..., kernel...]
+    contribution = np.tensordot(values[positions], moved, axes=1)
+    node = use.node
+    if node.op in ("Conv",):
+        contribution = contribution.reshape(contribution.shape[0], -1).sum(axis=1)
+    elif node.op == "Gemm":
+        contribution = contribution * float(node.attrs.get("alpha", 1.0))
+    previous = shifts.get(id(node), (node, np.zeros_like(contribution)))[1]
+    shifts[id(node)] = (node, previous + contribution)
+
+
+def _reinfer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shapes inferred again after the plan (value_info of pruned tensors was dropped)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - the checker that follows reports real problems
+        log.debug("shape inference after channel removal failed", exc_info=True)
+        return model
+
+
+def _size_figures(before: onnx.ModelProto, after: onnx.ModelProto, macs_before: int | None) -> dict[str, int | float]:
+    from ..inspect_model import summarize
+
+    params_before = summarize(before, with_tensors=False).parameters
+    params_after = summarize(after, with_tensors=False).parameters
+    macs_after = count_macs(after)
+    figures: dict[str, int | float] = {"parameters_before": params_before, "parameters_after": params_after}
+    if macs_before is not None and macs_after is not None:
+        figures.update(macs_before=macs_before, macs_after=macs_after, macs_ratio=round(macs_after / max(macs_before, 1), 4))
+    return figures
+
+
+def refit_consumers(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analysis, removed: np.ndarray,
+                    context: PassContext, samples: int, result: PassResult) -> onnx.ModelProto:
+    from ..refit import refit_layers
+
+    return refit_layers(original, pruned, [use.node.name for use in analysis.consumers if removed[use.roots].any()],
+                        context.calibration, samples, result)  # type: ignore[arg-type]

@@ -1,0 +1,75 @@
+"""Tensor shapes for passes that need them: onnx's shape inference first, then, for the tensors it
+leaves unknown (ops from ai.onnx.ml or custom domains, data-dependent shapes), shapes observed in
+onnxruntime on two synthetic feeds that differ in batch size, so that a dim that follows the batch
+is recorded as dynamic rather than as the value seen once."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+
+from .activations import with_extra_outputs
+from .calibration import SyntheticInputs, model_inputs
+from .errors import RequirementError
+from .validate import make_session
+
+log = logging.getLogger(__name__)
+
+
+def infer_shapes(model: onnx.ModelProto, label: str = "model") -> onnx.ModelProto:
+    """A copy of ``model`` whose main-graph value_info holds a shape for every tensor it can."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as error:  # noqa: BLE001 - onnx raises several types
+        message = " ".join(str(error).split())
+        raise RequirementError(f"{label}: shape inference fails: {message}") from error
+    missing = _names_without_shape(inferred)
+    if missing:
+        log.info("%d tensor shapes unknown to onnx shape inference; observing them in onnxruntime", len(missing))
+        _observe_shapes(inferred, missing, label)
+    return inferred
+
+
+def _names_without_shape(model: onnx.ModelProto) -> list[str]:
+    graph = model.graph
+    known = {v.name for v in [*graph.value_info, *graph.input, *graph.output] if _has_shape(v)}
+    known.update(t.name for t in graph.initializer)
+    names = []
+    for node in graph.node:
+        names.extend(name for name in node.output if name and name not in known)
+    return names
+
+
+def _has_shape(value: onnx.ValueInfoProto) -> bool:
+    return value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape")
+
+
+def _observe_shapes(model: onnx.ModelProto, names: list[str], label: str) -> None:
+    observed = []
+    for batch in (1, 2):
+        feeds = SyntheticInputs(model, samples=1, seed=0, dims=_batch_dims(model, batch))
+        session = make_session(with_extra_outputs(model, names), f"{label} (shape probe)")
+        outputs = session.run(names, next(iter(feeds.feeds())))
+        observed.append([np.asarray(o) for o in outputs])
+    by_name = {v.name: v for v in model.graph.value_info}
+    for name, first, second in zip(names, observed[0], observed[1]):
+        if not isinstance(first, np.ndarray) or first.dtype == object or first.ndim != second.ndim:
+            continue
+        dims = [a if a == b else None for a, b in zip(first.shape, second.shape)]
+        elem_type = onnx.helper.np_dtype_to_tensor_dtype(first.dtype)
+        value = onnx.helper.make_tensor_value_info(name, elem_type, [d if d is not None else f"dyn_{name}_{i}" for i, d in enumerate(dims)])
+        if name in by_name:
+            by_name[name].CopyFrom(value)
+        else:
+            model.graph.value_info.append(value)
+
+
+def _batch_dims(model: onnx.ModelProto, batch: int) -> dict[str, int]:
+    """Named leading dims set to ``batch``; unnamed ones follow SyntheticInputs' default (1)."""
+    dims = {}
+    for model_input in model_inputs(model):
+        if model_input.shape and isinstance(model_input.shape[0], str):
+            dims[model_input.shape[0]] = batch
+    return dims
