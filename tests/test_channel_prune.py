@@ -1,0 +1,236 @@
+"""channel-prune: coupled channels go together, shapes stay consistent, dead channels go exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import MODELS, run, with_initializers
+from onnxsparse import load
+from onnxsparse.calibration import resolve_inputs
+from onnxsparse.errors import PipelineSpecError, RequirementError
+from onnxsparse.graph import to_gs
+from onnxsparse.passes import PassContext
+from onnxsparse.passes.channel_prune import ChannelPrune
+from onnxsparse.pipeline import PassManager, clone
+from onnxsparse.shapes import infer_shapes
+from onnxsparse.spec import parse_pipeline
+
+
+def _prune(model: onnx.ModelProto, context: PassContext | None = None, **options):
+    result = ChannelPrune(**options).run(infer_shapes(clone(model)), context or PassContext())
+    onnx.checker.check_model(result.model, full_check=True)
+    return result
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+# A graph with every coupling rule: a residual Add, a depthwise conv, a Concat with an untracked
+# branch, a Split, BatchNorm, a per-channel Mul, GlobalAveragePool -> Flatten -> Gemm and
+# Flatten of a spatial map straight into a second Gemm.
+COUPLED = """
+<ir_version: 8, opset_import: ["" : 17]>
+agraph (float[2, 3, 6, 6] x) => (float[2, 5] y, float[2, 4] z) {
+    a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    ar = Relu (a)
+    c = Conv <pads = [1, 1, 1, 1]> (ar, w2, b2)
+    s = Add (c, a)
+    d = Conv <group = 8, pads = [1, 1, 1, 1]> (s, wd, bd)
+    n = BatchNormalization (d, g, be, m, v)
+    k = Mul (n, scale)
+    u = Conv (x, wu)
+    cat = Concat <axis = 1> (k, u)
+    p, q = Split <axis = 1> (cat, sizes)
+    h = Conv (p, w3, b3)
+    hr = Relu (h)
+    pool = GlobalAveragePool (hr)
+    f = Flatten (pool)
+    y = Gemm <transB = 1> (f, fw, fb)
+    qf = Flatten (q)
+    z = Gemm (qf, gw)
+}
+"""
+
+
+def coupled_model(rng: np.random.Generator) -> onnx.ModelProto:
+    f32 = np.float32
+    return with_initializers(
+        onnx.parser.parse_model(COUPLED),
+        w1=rng.standard_normal((8, 3, 3, 3)).astype(f32), b1=rng.standard_normal(8).astype(f32),
+        w2=rng.standard_normal((8, 8, 3, 3)).astype(f32), b2=rng.standard_normal(8).astype(f32),
+        wd=rng.standard_normal((8, 1, 3, 3)).astype(f32), bd=rng.standard_normal(8).astype(f32),
+        g=rng.uniform(0.5, 2, 8).astype(f32), be=rng.standard_normal(8).astype(f32),
+        m=rng.standard_normal(8).astype(f32), v=rng.uniform(0.5, 2, 8).astype(f32),
+        scale=rng.standard_normal((1, 8, 1, 1)).astype(f32),
+        wu=rng.standard_normal((2, 3, 1, 1)).astype(f32), sizes=np.array([6, 4], np.int64),
+        w3=rng.standard_normal((6, 6, 1, 1)).astype(f32), b3=rng.standard_normal(6).astype(f32),
+        fw=rng.standard_normal((5, 6)).astype(f32), fb=rng.standard_normal(5).astype(f32),
+        gw=rng.standard_normal((4 * 36, 4)).astype(f32),
+    )
+
+
+def test_coupled_channels_are_removed_together_and_the_graph_stays_consistent(rng):
+    model = coupled_model(rng)
+    result = _prune(model, ratio=0.25)
+    pruned = result.model
+    # the residual stream (w1, w2, depthwise, BN, Mul) loses the same 2 of its 8 channels everywhere
+    assert _initializer(pruned, "w1").shape == (6, 3, 3, 3) and _initializer(pruned, "w2").shape == (6, 6, 3, 3)
+    assert _initializer(pruned, "wd").shape == (6, 1, 3, 3) and _initializer(pruned, "scale").shape == (1, 6, 1, 1)
+    depthwise = next(n for n in pruned.graph.node if n.op_type == "Conv" and n.input[1] == "wd")
+    assert onnx.helper.get_attribute_value(next(a for a in depthwise.attribute if a.name == "group")) == 6
+    groups = {c.target: c.details for c in result.changes}
+    assert any(d["channels_before"] == 8 and d["channels_after"] == 6 for d in groups.values())
+    # the concat feeds a split: the first section shrinks with the stream, the untracked branch stays
+    split_sizes = _initializer(pruned, next(n.input[1] for n in pruned.graph.node if n.op_type == "Split")).tolist()
+    assert sum(split_sizes) == 8 and split_sizes[1] >= 2  # 6 stream + 2 untracked channels
+    assert _initializer(pruned, "w3").shape[1] == split_sizes[0]
+    assert _initializer(pruned, "gw").shape[0] == split_sizes[1] * 36  # Flatten: one channel = 6x6 features
+    out = run(pruned, {"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)})
+    assert out[0].shape == (2, 5) and out[1].shape == (2, 4)
+    assert result.figures["macs_after"] < result.figures["macs_before"]
+
+
+def test_dead_channels_through_every_coupling_rule_are_removed_exactly(rng):
+    model = coupled_model(rng)
+    # kill stream channel 3 (w1 and w2 filters zero, biases such that the sum stays 0 before the
+    # depthwise conv, whose zero bias keeps it 0) and the hidden channel 2 of w3 (bias < 0 → Relu 0)
+    weights = {t.name: onnx.numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    weights["w1"][3] = 0
+    weights["b1"][3] = 0
+    weights["w2"][3] = 0
+    weights["b2"][3] = 0
+    weights["wd"][3] = 0
+    weights["bd"][3] = 0
+    weights["be"][3] = 0
+    weights["m"][3] = 0
+    weights["w3"][2] = 0
+    weights["b3"][2] = -1.0
+    for tensor in model.graph.initializer:
+        tensor.CopyFrom(onnx.numpy_helper.from_array(weights[tensor.name], tensor.name))
+    result = _prune(model, mode="zero-only")
+    removed = sum(c.details["channels_before"] - c.details["channels_after"] for c in result.changes)
+    assert removed == 2
+    feed = {"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)}
+    for before, after in zip(run(model, feed), run(result.model, feed)):
+        np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+    assert _initializer(result.model, "w3").shape == (5, 5, 1, 1)  # lost hidden channel 2 and stream channel 3
+
+
+def _conv_chain(rng, consumer: str, bias: float) -> onnx.ModelProto:
+    """Conv(3→4) → Relu → consumer; filter 1 is zero with bias ``bias``: a constant max(0, bias)."""
+    tail = {
+        "padded": "y = Conv <pads = [1, 1, 1, 1]> (r, w2, b2)",
+        "pointwise": "y = Conv (r, w2p, b2)",
+        "pooled": "p = GlobalAveragePool (r)\n f = Flatten (p)\n y = Gemm <transB = 1, alpha = 0.5> (f, fw, b2)",
+    }[consumer]
+    output = "float[1, 2]" if consumer == "pooled" else "float[1, 2, 5, 5]"
+    model = with_initializers(onnx.parser.parse_model(f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[1, 3, 5, 5] x) => ({output} y) {{
+        c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = Relu (c)
+        {tail}
+    }}"""), w1=rng.standard_normal((4, 3, 3, 3)).astype(np.float32), b1=np.array([0.1, bias, 0.2, 0.3], np.float32),
+        w2=rng.standard_normal((2, 4, 3, 3)).astype(np.float32), w2p=rng.standard_normal((2, 4, 1, 1)).astype(np.float32),
+        fw=rng.standard_normal((2, 4)).astype(np.float32), b2=np.array([0.5, -0.5], np.float32))
+    w1 = next(t for t in model.graph.initializer if t.name == "w1")
+    value = onnx.numpy_helper.to_array(w1).copy()
+    value[1] = 0
+    w1.CopyFrom(onnx.numpy_helper.from_array(value, "w1"))
+    return model
+
+
+@pytest.mark.parametrize(("consumer", "bias", "removed"), [
+    ("padded", -0.3, True),  # Relu maps the constant to 0: dead even before padding
+    ("padded", 0.7, False),  # a constant 0.7 into a padded 3x3 conv: the border sees zeros, not dead
+    ("pointwise", 0.7, True),  # folded into the 1x1 conv's bias
+    ("pooled", 0.7, True),  # folded through pooling into the Gemm's bias (alpha applied)
+])
+def test_a_constant_channel_is_dead_only_where_its_consumers_can_absorb_it(rng, consumer, bias, removed):
+    model = _conv_chain(rng, consumer, bias)
+    result = _prune(model, mode="zero-only")
+    assert (_initializer(result.model, "w1").shape[0] == 3) is removed
+    if not removed:
+        assert any("pads" in s.reason for s in result.skipped)
+    feed = {"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)}
+    np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_magnitude_filter_pruning_then_zero_only_is_lossless_on_the_bundled_cnn():
+    model = load(MODELS / "digits_cnn.onnx")
+    inputs = resolve_inputs(str(MODELS / "digits_cnn.inputs.npz"), model)
+    manager = PassManager(parse_pipeline("fold-batchnorm,magnitude-prune{pattern=filter sparsity=0.25},channel-prune{mode=zero-only}"),
+                          inputs=inputs, policy="keep")
+    final, report = manager.run(model)
+    prune_step, zero_step = report.steps[1], report.steps[2]
+    assert zero_step.status == "committed" and zero_step.step_validation is not None and zero_step.step_validation.passed
+    assert zero_step.step_validation.outputs[0].max_rel <= 1e-5
+    assert report.output.parameters < report.input.parameters
+    assert zero_step.validation.outputs[0].cosine == pytest.approx(prune_step.validation.outputs[0].cosine, abs=1e-6)
+
+
+def test_pins_are_reported_with_the_op_that_pinned_them():
+    model = load(MODELS / "digits_transformer.onnx")
+    result = _prune(model, ratio=0.25)
+    reasons = " ".join(s.reason for s in result.skipped)
+    assert "Reshape that splits or reorders the channel axis" in reasons  # attention heads
+    assert "reaches graph output 'logits'" in reasons
+    hidden = next(c for c in result.changes if "mlp.0" in c.target)
+    assert (hidden.details["channels_before"], hidden.details["channels_after"]) == (64, 48)
+    assert any("LayerNormalization" in " ".join(c.details.get("not_exact_at", [])) for c in result.changes)
+
+
+def test_round_to_and_min_channels_bound_what_is_kept():
+    model = load(MODELS / "digits_cnn.onnx")
+    result = _prune(model, ratio=0.5, round_to=8, min_channels=8)
+    for change in result.changes:
+        assert change.details["channels_after"] % 8 == 0 and change.details["channels_after"] >= 8
+
+
+def test_global_scope_ranks_across_groups_and_keeps_pinned_channels():
+    model = load(MODELS / "digits_sklearn_mlp.onnx")
+    result = _prune(model, ratio=0.5, scope="global")
+    removed = sum(c.details["channels_before"] - c.details["channels_after"] for c in result.changes)
+    assert removed == round(0.5 * (64 + 32))  # the 10 class scores are pinned by Softmax and the output
+
+
+def test_refit_recovers_accuracy_on_the_bundled_mlp():
+    model = load(MODELS / "digits_sklearn_mlp.onnx")
+    inputs = resolve_inputs(str(MODELS / "digits_sklearn_mlp.inputs.npz"), model)
+    calibration = resolve_inputs(str(MODELS / "digits_sklearn_mlp.calibration.npz"), model)
+    cosine = {}
+    for refit in (False, True):
+        manager = PassManager(parse_pipeline(f"channel-prune{{ratio=0.3 refit={str(refit).lower()}}}"), inputs=inputs,
+                              calibration=calibration, policy="keep")
+        _, report = manager.run(model)
+        cosine[refit] = next(o.cosine for o in report.final_validation.outputs if o.name == "probabilities")
+        if refit:
+            refits = [c for c in report.steps[0].changes if c.action == "refit"]
+            assert refits and all(c.details["relative_error_after"] < c.details["relative_error_before"] for c in refits)
+    assert cosine[True] > 0.999 > cosine[False]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("channel-prune{ratio=1.0}", "outside [0, 1)"),
+    ("channel-prune{min_channels=0}", "cannot lose every channel"),
+    ("channel-prune{overrides=conv:1.0}", "would remove every channel"),
+])
+def test_bad_options_are_clear_errors(text, message):
+    with pytest.raises(PipelineSpecError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        parse_pipeline(text)
+
+
+def test_activation_importance_needs_calibration_and_shapes_must_be_inferable():
+    model = load(MODELS / "digits_cnn.onnx")
+    with pytest.raises(RequirementError, match="needs calibration data"):
+        PassManager(parse_pipeline("channel-prune{criterion=activation}")).run(model)
+    broken = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[1, 4] x) => (float[1, 4] y) { y = Reshape (x, s) }""")
+    with_initializers(broken, s=np.array([3, 3], np.int64))  # 4 elements into 9: inference fails
+    with pytest.raises(RequirementError, match="shape inference fails"):
+        infer_shapes(broken)
+    assert to_gs(model) is not None
