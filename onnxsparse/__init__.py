@@ -48,10 +48,9 @@ def validate(
     original, other = load(reference), load(candidate)
     source = resolve_inputs(inputs, original, samples=samples, seed=seed, dims=dims, int_range=int_range)
     feeds = collect_feeds(source, original, limit=max_feeds)
-    chosen = tolerances or Tolerances(default=tolerance)
+    chosen = (tolerances or Tolerances(default=tolerance)).checked([o.name for o in original.graph.output])
     outputs = Reference.of(original, feeds, str(reference))
     return outputs.validate(other, lambda name: chosen.for_output(name, None, EXACT), str(candidate), temperature=temperature)
-
 
 
 __all__ = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,17 +71,30 @@ def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
 
 @dataclass(frozen=True)
 class NpzInputs:
-    """One feed per ``.npz`` file; the archive's keys are the input names."""
+    """One feed per ``.npz`` file (its keys are the input names), or per ``.npy`` file for a model
+    with a single input."""
 
     paths: tuple[Path, ...]
+    single_input: str | None = None
 
     def feeds(self) -> Iterator[Feed]:
         for path in self.paths:
-            try:
-                with np.load(path, allow_pickle=False) as archive:
-                    yield {key: archive[key] for key in archive.files}
-            except (OSError, ValueError) as error:
-                raise InputDataError(f"{path}: cannot be read as .npz ({error})") from error
+            yield self._read(path)
+
+    def _read(self, path: Path) -> Feed:
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+            raise InputDataError(f"{path}: cannot be read as .npz or .npy ({' '.join(str(error).split())})") from error
+        if isinstance(loaded, np.ndarray):
+            if self.single_input is None:
+                raise InputDataError(f"{path}: a .npy holds one array; this model has several inputs: use .npz with one key per input")
+            return {self.single_input: loaded}
+        try:
+            with loaded as archive:
+                return {key: archive[key] for key in archive.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+            raise InputDataError(f"{path}: cannot be read as .npz ({' '.join(str(error).split())})") from error
 
     def describe(self) -> str:
         return f"{len(self.paths)} .npz file(s)" if len(self.paths) != 1 else str(self.paths[0])
@@ -202,22 +216,35 @@ def resolve_inputs(
     int_range: tuple[int, int] | None = None,
 ) -> InputSource:
     """Turn what the user gave (nothing, paths, a folder, an iterable, a source) into a source."""
+    _check_dim_names(dims or {}, model)
     if spec is None:
         return SyntheticInputs(model, samples=samples, seed=seed, dims=dict(dims or {}), int_range=int_range)
     if isinstance(spec, InputSource):
         return spec
+    names = [i.name for i in model_inputs(model)]
+    single = names[0] if len(names) == 1 else None
     if isinstance(spec, (str, os.PathLike)):
-        return NpzInputs(_npz_paths(Path(spec)))
+        return NpzInputs(_npz_paths(Path(spec)), single)
     if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, (str, os.PathLike)) for s in spec):
-        return NpzInputs(tuple(p for s in spec for p in _npz_paths(Path(s))))
+        return NpzInputs(tuple(p for s in spec for p in _npz_paths(Path(s))), single)
     return IterableInputs(spec)
+
+
+def _check_dim_names(dims: Mapping[str, int], model: onnx.ModelProto) -> None:
+    """A dim name the model's inputs do not use is a typo, not a silent no-op."""
+    from .passes.base import did_you_mean
+
+    known = sorted({d for i in model_inputs(model) for d in i.shape if isinstance(d, str)})
+    for name in dims:
+        if name not in known:
+            raise InputDataError(f"--dims: the model's inputs have no dim '{name}'{did_you_mean(name, known)}; named dims: {known or 'none'}")
 
 
 def _npz_paths(path: Path) -> tuple[Path, ...]:
     if path.is_dir():
-        found = tuple(sorted(path.glob("*.npz")))
+        found = tuple(sorted([*path.glob("*.npz"), *path.glob("*.npy")]))
         if not found:
-            raise InputDataError(f"{path}: folder holds no .npz files")
+            raise InputDataError(f"{path}: folder holds no .npz or .npy files")
         return found
     if not path.is_file():
         raise InputDataError(f"{path}: no such input file or folder")
@@ -229,8 +256,8 @@ def parse_dims(text: str) -> dict[str, int]:
     dims = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         match = re.fullmatch(r"([^=]+)=(\d+)", item)
-        if not match:
-            raise InputDataError(f"--dims: '{item}' is not NAME=INTEGER")
+        if not match or int(match.group(2)) < 1:
+            raise InputDataError(f"--dims: '{item}' is not NAME=POSITIVE_INTEGER")
         dims[match.group(1).strip()] = int(match.group(2))
     return dims
 

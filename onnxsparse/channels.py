@@ -179,12 +179,18 @@ class Analysis:
 # ---------------------------------------------------------------------------------------------
 
 
-def analyze(graph: gs.Graph) -> Analysis:
-    """Channel spaces, units, pins and edits of ``graph`` (shapes must have been inferred)."""
+def analyze(graph: gs.Graph, overridable: set[str] = frozenset()) -> Analysis:
+    """Channel spaces, units, pins and edits of ``graph`` (shapes must have been inferred).
+
+    ``overridable``: initializers that are also graph inputs; channels whose removal would have to
+    slice one of them are pinned (a caller may feed that input at its full size)."""
     analysis = Analysis()
     walker = _Walker(graph, analysis)
     for node in graph.nodes:
         walker.visit(node)
+    for edit in analysis.edits:
+        if isinstance(edit, SliceEdit) and edit.node.inputs[edit.index].name in overridable:
+            analysis.pin(edit.roots, f"slices '{edit.node.inputs[edit.index].name}', an overridable graph input")
     for output in graph.outputs:
         space = analysis.spaces.get(output.name)
         if space is not None:

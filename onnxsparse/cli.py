@@ -1,7 +1,8 @@
 """``onnxsparse optimize | validate | inspect | passes``.
 
 Exit status: 0 done, 1 a model failed validation (or a pass failed under ``--policy raise``),
-2 bad input (missing or invalid file, unknown pass or option, output path equal to the input).
+2 bad input (missing or invalid file, unknown pass or option, output path equal to the input),
+3 an internal error (a bug).
 """
 
 from __future__ import annotations
@@ -99,14 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--markdown", metavar="FILE.md", help="write the report as Markdown")
     optimize.add_argument("--overwrite-input", action="store_true", help="allow the output to replace the input file")
     _add_input_options(optimize)
-    _add_tolerance_options(optimize)
+    _add_tolerance_options(optimize, per_pass=True)
     _add_common_options(optimize)
 
     validate = commands.add_parser("validate", help="compare a candidate model with a reference in onnxruntime")
     validate.add_argument("reference", help="the original .onnx")
     validate.add_argument("candidate", help="the optimized .onnx")
     _add_input_options(validate)
-    _add_tolerance_options(validate)
+    _add_tolerance_options(validate, per_pass=False)
     _add_common_options(validate)
 
     inspect = commands.add_parser("inspect", help="ops, tensors, bytes and sparsity of a model")
@@ -132,11 +133,12 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--int-range", default=None, metavar="LOW,HIGH", help="range of synthetic integer inputs, e.g. token ids")
 
 
-def _add_tolerance_options(parser: argparse.ArgumentParser) -> None:
+def _add_tolerance_options(parser: argparse.ArgumentParser, *, per_pass: bool) -> None:
     group = parser.add_argument_group("tolerances (bounds: max_abs max_rel min_cosine min_sqnr_db min_top1 max_kl min_agreement)")
     group.add_argument("--tolerance", metavar='"max_rel=1e-3 ..."', help="global tolerance")
     group.add_argument("--output-tolerance", action="append", default=[], metavar='NAME:"min_cosine=0.99 ..."', help="per output (repeatable)")
-    group.add_argument("--pass-tolerance", action="append", default=[], metavar='PASS:"min_top1=0.9 ..."', help="per pass (repeatable)")
+    if per_pass:
+        group.add_argument("--pass-tolerance", action="append", default=[], metavar='PASS:"min_top1=0.9 ..."', help="per pass (repeatable)")
     group.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL divergence (default 1)")
 
 
@@ -151,7 +153,7 @@ def _tolerances(args: argparse.Namespace) -> Tolerances | None:
     def keyed(items: list[str], flag: str) -> dict[str, Any]:
         parsed = {}
         for item in items:
-            key, separator, bounds = item.partition(":")
+            key, separator, bounds = item.rpartition(":")
             if not separator:
                 raise InputDataError(f"{flag}: '{item}' is not NAME:\"bounds\"")
             parsed[key] = parse_tolerance_text(bounds, f"{flag} {key}")
@@ -199,14 +201,12 @@ def run_optimize(args: argparse.Namespace) -> int:
             seed=args.seed,
             dims=parse_dims(args.dims),
             int_range=_int_range(args.int_range),
+            temperature=args.temperature,
             report_path=args.report,
+            markdown_path=args.markdown,
             overwrite_input=args.overwrite_input,
             progress=progress,
         )
-    if args.markdown:
-        from .report import write_text_atomically
-
-        write_text_atomically(args.markdown, report.to_markdown())
     print(json.dumps(report.to_dict(), indent=2) if args.json else render_run(report))
     return 0
 
@@ -356,6 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxsparse: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - a bug of ours: one line, the traceback under -vv
+        log.debug("internal error", exc_info=True)
+        print(f"onnxsparse: internal error: {type(error).__name__}: {' '.join(str(error).split())} "
+              "(a bug: please report it with the output of -vv)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ def load_with_info(
     model = _parse(data, label)
     info = LoadInfo(source=label, file_bytes=len(data))
     info.external_data_files = _load_external_data(model, folder, label)
+    if folder is not None:  # what the model costs on disk includes its external data
+        info.file_bytes += sum((folder / name).stat().st_size for name in info.external_data_files)
     if densify:
         try:
             info.densified = densify_sparse_initializers(model)
@@ -179,6 +181,8 @@ def _validated_location(tensor: onnx.TensorProto, root: Path, label: str) -> str
     location = entries.get("location", "")
     if not location:
         raise ExternalDataError(f"{label}: tensor '{tensor.name}' is external but names no file")
+    if "\x00" in location:
+        raise ExternalDataError(f"{label}: tensor '{tensor.name}' names an external data file with a NUL character")
     target = (root / location).resolve()
     if os.path.isabs(location) or not target.is_relative_to(root):
         raise ExternalDataError(
@@ -186,8 +190,11 @@ def _validated_location(tensor: onnx.TensorProto, root: Path, label: str) -> str
         )
     if not target.is_file():
         raise ExternalDataError(f"{label}: external data file '{location}' of tensor '{tensor.name}' is missing")
-    offset = int(entries.get("offset", 0))
-    length = int(entries["length"]) if "length" in entries else target.stat().st_size - offset
+    try:
+        offset = int(entries.get("offset", 0))
+        length = int(entries["length"]) if "length" in entries else target.stat().st_size - offset
+    except ValueError:
+        raise ExternalDataError(f"{label}: tensor '{tensor.name}' has a non-numeric external data offset or length") from None
     if offset < 0 or length < 0 or offset + length > target.stat().st_size:
         raise ExternalDataError(
             f"{label}: tensor '{tensor.name}' reads bytes {offset}..{offset + length} "
@@ -290,7 +297,10 @@ def save(
     if not folder.is_dir():
         raise OutputPathError(f"{target}: folder {folder} does not exist")
     external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD_BYTES if external_data is None else external_data
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
+    except OSError as error:
+        raise OutputPathError(f"{target}: cannot write in {folder} ({error.strerror})") from error
     try:
         staged_model = staging / target.name
         _write_model(model, staged_model, external=external)

@@ -91,7 +91,6 @@ class PassManager:
         for index, pass_ in enumerate(self.passes):
             self._report_progress("passes", index, len(self.passes))
             step, result_model, outputs = self._run_step(pass_, chain, reference, label)
-            report.steps.append(step)
             if step.status in (COMMITTED, KEPT_FAILING) and result_model is not None:
                 chain.commit(result_model, outputs, pass_)
                 report.standard = report.standard and step.standard
@@ -115,6 +114,8 @@ class PassManager:
         self, pass_: Pass, chain: _Chain, reference: Reference, label: str
     ) -> tuple[StepReport, onnx.ModelProto | None, list[dict[str, np.ndarray]] | None]:
         step = StepReport(pass_name=pass_.name, spec=pass_.spec())
+        if self.report is not None:  # in the report at once: a `raise` below still leaves it there
+            self.report.steps.append(step)
         started = time.perf_counter()
         try:
             candidate = self._prepared_copy(pass_, chain.model)
@@ -158,7 +159,7 @@ class PassManager:
         """The pass crashed or produced an invalid model: never kept, whatever the policy."""
         step.status, step.reason = ROLLED_BACK, reason
         log.info("%s rolled back: %s", step.pass_name, reason)
-        if self.policy == "raise":
+        if self.policy == "raise":  # the model stays as it was: the step reads rolled back
             raise PassFailed(f"{step.pass_name}: {reason}")
         return step
 
@@ -173,6 +174,7 @@ class PassManager:
             return step
         reason = "; ".join(failures)
         if self.policy == "raise":
+            step.status, step.reason = ROLLED_BACK, reason
             raise ValidationFailed(f"{step.pass_name}: {reason}")
         step.status = KEPT_FAILING if self.policy == "keep" else ROLLED_BACK
         step.reason = reason
@@ -258,33 +260,83 @@ def optimize(
     seed: int = 0,
     dims: dict[str, int] | None = None,
     int_range: tuple[int, int] | None = None,
+    temperature: float = 1.0,
     report_path: str | os.PathLike[str] | None = None,
+    markdown_path: str | os.PathLike[str] | None = None,
     overwrite_input: bool = False,
     progress: ProgressCallback | None = None,
 ) -> RunReport:
     """Load ``input_path``, run the pipeline (text, pass objects, or a TOML ``recipe``) under
-    validation, write ``output_path`` atomically (None: run and report only), and return the report."""
+    validation, write ``output_path`` atomically (None: run and report only), and return the report.
+
+    Nothing the run reads (the model, its external data, the recipe, input files) is ever
+    overwritten by what it writes (model, report, Markdown), unless ``overwrite_input`` allows the
+    output model to replace the input model itself. The report is written even when a pass fails
+    under policy ``raise``.
+    """
     passes, tolerances, policy = _resolve_pipeline(pipeline, recipe, tolerances, policy)
-    if output_path is not None and not overwrite_input and same_file(output_path, input_path):
-        raise OutputPathError(f"{output_path}: output path is the input model; choose another output path")
+    written_paths = [p for p in (output_path, report_path, markdown_path) if p is not None]
+    read_paths = [recipe, *_paths_in(inputs), *_paths_in(calibration)]
+    _check_output_paths(written_paths, read_paths, model=Path(input_path), overwrite_model=overwrite_input and output_path is not None)
     model, info = load_with_info(input_path)
+    model_folder = Path(input_path).resolve().parent
+    protected = [*(model_folder / name for name in info.external_data_files), *(p for p in read_paths if p is not None)]
+    _check_output_paths(written_paths, protected)
+    if not overwrite_input:
+        protected.append(Path(input_path))
     manager = PassManager(
         passes,
         inputs=resolve_inputs(inputs, model, samples=samples, seed=seed, dims=dims, int_range=int_range),
         calibration=None if calibration is None else resolve_inputs(calibration, model),
-        tolerances=tolerances,
+        tolerances=tolerances.checked([o.name for o in model.graph.output], [p.name for p in passes]),
         policy=policy,
+        temperature=temperature,
         progress=progress,
     )
-    final, report = manager.run(model, label=str(input_path), info=info)
-    if output_path is not None:
-        written = save(final, output_path, protect=() if overwrite_input else (input_path,), standard=report.standard)
-        report.output_path = str(written)
-        report.output.source = str(written)
-        report.output.file_bytes = Path(written).stat().st_size
+    try:
+        final, report = manager.run(model, label=str(input_path), info=info)
+        if output_path is not None:
+            written = save(final, output_path, protect=tuple(protected), standard=report.standard)
+            report.output_path = str(written)
+            report.output.source = str(written)  # type: ignore[union-attr]
+            report.output.file_bytes = Path(written).stat().st_size  # type: ignore[union-attr]
+    finally:
+        _write_reports(manager.report, report_path, markdown_path)
+    return report
+
+
+def _paths_in(spec: InputSpec) -> list[Path]:
+    if isinstance(spec, (str, os.PathLike)):
+        return [Path(spec)]
+    if isinstance(spec, (list, tuple)) and all(isinstance(item, (str, os.PathLike)) for item in spec):
+        return [Path(item) for item in spec]
+    return []
+
+
+def _check_output_paths(written: list, read: list, *, model: Path | None = None, overwrite_model: bool = False) -> None:
+    """Before any work: outputs must not replace what the run reads, nor each other. Only the
+    output model (written[0]) may replace the input ``model``, and only with ``overwrite_model``."""
+    for index, target in enumerate(written):
+        if model is not None and same_file(target, model) and not (overwrite_model and index == 0):
+            raise OutputPathError(f"{target}: output path is the input model; choose another output path")
+        for source in read:
+            if source is not None and same_file(target, source):
+                raise OutputPathError(f"{target}: would overwrite {source}, which this run reads; choose another path")
+        for other in written[index + 1 :]:
+            if same_file(target, other):
+                raise OutputPathError(f"{target}: given for two outputs; choose different paths")
+        folder = Path(target).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise OutputPathError(f"{target}: folder {folder} does not exist or is not writable")
+
+
+def _write_reports(report: RunReport | None, report_path: str | os.PathLike[str] | None, markdown_path: str | os.PathLike[str] | None) -> None:
+    if report is None:
+        return
     if report_path is not None:
         write_text_atomically(report_path, report.to_json())
-    return report
+    if markdown_path is not None:
+        write_text_atomically(markdown_path, report.to_markdown())
 
 
 def _resolve_pipeline(

@@ -76,7 +76,7 @@ def convert(value: Any, annotation: Any, where: str) -> Any:
     """``value`` (text from the pipeline string, or a TOML value) as an instance of ``annotation``."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() == "none")):
+        if type(None) in args and (value is None or (isinstance(value, RawText) and value.lower() == "none")):
             return None
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -85,20 +85,21 @@ def convert(value: Any, annotation: Any, where: str) -> Any:
                 continue
         raise PipelineSpecError(f"{where}: '{value}' is not a {type_text(annotation)}")
     if origin is typing.Literal:
+        value = _unquote(value) if isinstance(value, RawText) else value
         if value not in args:
             raise PipelineSpecError(f"{where}: '{value}' is not one of {', '.join(map(str, args))}")
         return value
     if origin is tuple:
-        items = _split_list(value) if isinstance(value, str) else value
+        items = _split_list(value) if isinstance(value, RawText) else ([value] if isinstance(value, str) else value)
         if not isinstance(items, (list, tuple)):
             raise PipelineSpecError(f"{where}: '{value}' is not a list")
         return tuple(convert(item, args[0], where) for item in items)
     if origin in (dict, Mapping):
-        pairs = _split_map(value, where) if isinstance(value, str) else value
+        pairs = _split_map(value, where) if isinstance(value, RawText) else value
         if not isinstance(pairs, Mapping):
             raise PipelineSpecError(f"{where}: '{value}' is not a map of key:value")
         return types.MappingProxyType({convert(k, args[0], where): convert(v, args[1], where) for k, v in pairs.items()})
-    return _convert_scalar(value, annotation, where)
+    return _convert_scalar(_unquote(value) if isinstance(value, RawText) else value, annotation, where)
 
 
 def _convert_scalar(value: Any, annotation: Any, where: str) -> Any:
@@ -125,17 +126,49 @@ def _convert_scalar(value: Any, annotation: Any, where: str) -> Any:
     raise PipelineSpecError(f"{where}: options of type {type_text(annotation)} are not supported")
 
 
+class RawText(str):
+    """An option value as written in pipeline text: it may hold "quoted" parts with \\ escapes,
+    which are resolved only once the option's type says how to split it (list, map, scalar)."""
+
+
+def _split_outside_quotes(text: str, separator: str) -> list[str]:
+    parts, current, quoted, escaped = [], [], False, False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == separator and not quoted:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", text[1:-1])
+    return text
+
+
 def _split_list(text: str) -> list[str]:
-    return [item for item in (part.strip() for part in text.split(",")) if item]
+    if not text.strip():
+        return []
+    return [_unquote(item) for item in _split_outside_quotes(text, ",")]
 
 
 def _split_map(text: str, where: str) -> dict[str, str]:
     pairs = {}
-    for item in _split_list(text):
-        key, separator, value = item.rpartition(":")
-        if not separator or not key:
+    for item in _split_outside_quotes(text, ",") if text.strip() else []:
+        pieces = _split_outside_quotes(item, ":")
+        if len(pieces) < 2 or not pieces[0].strip():
             raise PipelineSpecError(f"{where}: '{item}' is not key:value")
-        pairs[key] = value
+        pairs[_unquote(":".join(pieces[:-1]))] = _unquote(pieces[-1])
     return pairs
 
 
@@ -182,11 +215,15 @@ def parse_pipeline(text: str) -> list[Pass]:
 
 
 def _split_top_level(text: str) -> list[str]:
-    items, depth, quote, current = [], 0, "", []
+    items, depth, quote, current, escaped = [], 0, "", [], False
     for char in text:
-        if quote:
+        if escaped:
+            escaped = False
+        elif quote and char == "\\":
+            escaped = True
+        elif quote:
             quote = "" if char == quote else quote
-        elif char in "\"'":
+        elif char == '"':
             quote = char
         elif char == "{":
             depth += 1
@@ -205,22 +242,41 @@ def _split_top_level(text: str) -> list[str]:
     return [item for item in items if item]
 
 
-_OPTION = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(\"[^\"]*\"|'[^']*'|[^\s\"']*)")
+_KEY = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*")
 
 
-def _parse_options(text: str, pass_name: str) -> dict[str, str]:
-    options: dict[str, str] = {}
+def _parse_options(text: str, pass_name: str) -> dict[str, RawText]:
+    options: dict[str, RawText] = {}
     position = 0
     while position < len(text.rstrip()):
-        match = _OPTION.match(text, position)
+        match = _KEY.match(text, position)
         if not match:
             raise PipelineSpecError(f"{pass_name}: cannot read options '{text[position:].strip()}' (expected key=value)")
-        key, value = match.group(1).replace("-", "_"), match.group(2)
+        key = match.group(1).replace("-", "_")
         if key in options:
             raise PipelineSpecError(f"{pass_name}: option '{key}' given twice")
-        options[key] = value[1:-1] if value[:1] in "\"'" and len(value) >= 2 else value
-        position = match.end()
+        end = _value_end(text, match.end())
+        options[key] = RawText(text[match.end() : end])
+        position = end
     return options
+
+
+def _value_end(text: str, start: int) -> int:
+    """A value runs to the first whitespace outside double quotes."""
+    quoted = escaped = False
+    for index in range(start, len(text)):
+        char = text[index]
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char.isspace() and not quoted:
+            return index
+    if quoted:
+        raise PipelineSpecError(f"unclosed quote in options '{text[start:]}'")
+    return len(text)
 
 
 def format_value(value: Any) -> str:
@@ -237,11 +293,10 @@ def format_value(value: Any) -> str:
 
 def _format_scalar(value: Any, *, in_map: bool = False) -> str:
     text = repr(value) if isinstance(value, float) else str(value)
-    special = r"[\s{}=,\"':]" if in_map else r"[\s{}=,\"']"
-    if text == "" or re.search(special, text):
-        if '"' in text:
-            raise PipelineSpecError(f"option value {text!r} cannot be written as pipeline text")
-        return f'"{text}"'
+    special = r"[\s{}=,\"':\\]" if in_map else r"[\s{}=,\"'\\]"
+    if text == "" or re.search(special, text) or text.lower() == "none":
+        escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
     return text
 
 
@@ -301,6 +356,8 @@ def parse_recipe(document: Mapping[str, Any], label: str = "recipe") -> Recipe:
         raise PipelineSpecError(f"{label}: no [[pass]] entries")
     passes = []
     for index, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise PipelineSpecError(f"{label}: [[pass]] #{index + 1} is not a table (write [[pass]] then name = \"...\")")
         options = dict(entry)
         name = options.pop("name", None)
         if not isinstance(name, str):
@@ -312,12 +369,22 @@ def parse_recipe(document: Mapping[str, Any], label: str = "recipe") -> Recipe:
     return Recipe(passes, parse_tolerances(document.get("tolerance", {}), label), policy)
 
 
+def _table(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise PipelineSpecError(f"{where} must be a table of bounds, not {value!r}")
+    return value
+
+
 def parse_tolerances(table: Mapping[str, Any], label: str) -> Tolerances:
+    table = _table(table, f"{label}: [tolerance]")
     bounds = {k: v for k, v in table.items() if k not in ("outputs", "passes")}
     default = parse_tolerance(bounds, f"{label}: [tolerance]") if bounds else None
-    per_output = {name: parse_tolerance(t, f"{label}: [tolerance.outputs.{name}]") for name, t in table.get("outputs", {}).items()}
+    outputs = _table(table.get("outputs", {}), f"{label}: [tolerance.outputs]")
+    per_output = {name: parse_tolerance(_table(t, f"{label}: [tolerance.outputs.{name}]"), f"{label}: [tolerance.outputs.{name}]")
+                  for name, t in outputs.items()}
     per_pass = {}
-    for name, t in table.get("passes", {}).items():
+    for name, t in _table(table.get("passes", {}), f"{label}: [tolerance.passes]").items():
+        t = _table(t, f"{label}: [tolerance.passes.{name}]")
         pass_class(name)  # an unknown pass name here is a typo too
         per_pass[name] = parse_tolerance(t, f"{label}: [tolerance.passes.{name}]")
     return Tolerances(default=default, per_pass=per_pass, per_output=per_output)
@@ -328,9 +395,12 @@ def parse_tolerance(bounds: Mapping[str, Any], where: str) -> Tolerance:
     unknown = sorted(set(bounds) - set(TOLERANCE_FIELDS))
     if unknown:
         raise PipelineSpecError(f"{where}: unknown bound(s) {', '.join(unknown)}; valid bounds: {', '.join(TOLERANCE_FIELDS)}")
-    return Tolerance(**{key: convert(value, float, f"{where} {key}") for key, value in bounds.items()})
+    try:
+        return Tolerance(**{key: convert(value, float, f"{where} {key}") for key, value in bounds.items()})
+    except ValueError as error:  # NaN bounds
+        raise PipelineSpecError(f"{where}: {error}") from error
 
 
 def parse_tolerance_text(text: str, where: str = "--tolerance") -> Tolerance:
     """``"max_rel=1e-3 min_cosine=0.999"`` (the CLI form) → Tolerance."""
-    return parse_tolerance(_parse_options(text.replace(",", " "), where), where)
+    return parse_tolerance({k: _unquote(v) for k, v in _parse_options(text.replace(",", " "), where).items()}, where)

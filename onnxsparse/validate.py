@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -83,6 +84,18 @@ class Tolerances:
     default: Tolerance | None = None
     per_pass: Mapping[str, Tolerance] = field(default_factory=dict)
     per_output: Mapping[str, Tolerance] = field(default_factory=dict)
+
+    def checked(self, outputs: list[str], passes: list[str] | None = None) -> Tolerances:
+        """Self, or an error: a tolerance for an output or pass that does not exist is a typo."""
+        from .passes.base import did_you_mean
+
+        for name in self.per_output:
+            if name not in outputs:
+                raise InputDataError(f"tolerance for unknown output '{name}'{did_you_mean(name, outputs)}; the model's outputs are {outputs}")
+        for name in self.per_pass:
+            if passes is None or name not in passes:
+                raise InputDataError(f"tolerance for pass '{name}', which is not in the pipeline ({', '.join(passes or [])})")
+        return self
 
     def for_output(self, output: str, pass_name: str | None, pass_default: Tolerance) -> Tolerance:
         """The most specific tolerance the user set for this output and pass, else the pass's default."""
@@ -324,7 +337,17 @@ def make_session(model: onnx.ModelProto, label: str, *, threads: int = 0) -> ort
             onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - onnxruntime raises several private exception types
-        raise RuntimeLoadError(f"{label}: onnxruntime cannot load it: {_first_line(error)}") from error
+        raise RuntimeLoadError(f"{label}: onnxruntime cannot load it: {_load_failure(error)}") from error
+
+
+def _load_failure(error: BaseException) -> str:
+    """onnxruntime's message, made actionable where we know the cause."""
+    text = " ".join(str(error).split())
+    match = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", text)
+    if match:
+        return (f"IR version {match.group(1)} is newer than this onnxruntime reads (at most {match.group(2)}); "
+                f"re-save the model with ir_version={match.group(2)} (onnx >= 1.23 writes {match.group(1)} by default)")
+    return _first_line(error)
 
 
 def run_feeds(
@@ -334,10 +357,12 @@ def run_feeds(
     progress: ProgressCallback | None = None,
 ) -> list[dict[str, np.ndarray]]:
     names = [output.name for output in session.get_outputs()]
+    accepted = {value.name for value in session.get_inputs()}
     results = []
     for index, feed in enumerate(feeds):
         try:
-            values = session.run(names, feed)
+            # a candidate may have dropped an unused input the original still declares
+            values = session.run(names, {name: value for name, value in feed.items() if name in accepted})
         except Exception as error:  # noqa: BLE001
             message = _first_line(error)
             kind = InputDataError if "input" in message.lower() or "dimension" in message.lower() else RuntimeLoadError

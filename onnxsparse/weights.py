@@ -75,10 +75,11 @@ def weight_axes(node: gs.Node, index: int, rank: int) -> tuple[int, int] | None:
     return None
 
 
-def find_weights(graph: gs.Graph, ops: Iterable[str] = WEIGHT_OPS) -> tuple[list[WeightSite], list[Rejected]]:
+def find_weights(graph: gs.Graph, ops: Iterable[str] = WEIGHT_OPS, overridable: set[str] = frozenset()) -> tuple[list[WeightSite], list[Rejected]]:
     """Every constant weight read by ``ops`` in ``graph`` and its subgraphs, each tensor once.
 
-    A tensor that some other node reads in a non-weight role (a tied embedding read by Gather, a
+    Initializers listed in ``overridable`` (also graph inputs) are rejected: the caller may feed
+    other values. A tensor that some other node reads in a non-weight role (a tied embedding read by Gather, a
     weight also added to something) is rejected with the reason, never pruned behind that node's back.
     """
     wanted = set(ops)
@@ -91,6 +92,9 @@ def find_weights(graph: gs.Graph, ops: Iterable[str] = WEIGHT_OPS) -> tuple[list
                 continue
             for index, tensor in enumerate(node.inputs):
                 _consider(node, index, tensor, scope, scope is not graph, sites, rejected)
+    for name in overridable & set(sites):
+        rejected[name] = "an initializer that is also a graph input (overridable at run time)"
+        del sites[name]
     readers = _readers_by_name(scopes)
     for site in list(sites.values()):
         weight_uses = {(id(use.node), use.index) for use in site.uses}

@@ -65,6 +65,25 @@ def test_text_form_round_trips(text):
     assert format_pipeline(parse_pipeline(formatted)) == formatted
 
 
+@pytest.mark.parametrize(
+    "probe",
+    [
+        OptionsProbe(overrides={"conv1/weight:0": 0.3}),
+        OptionsProbe(include=("Conv", "my layer")),
+        OptionsProbe(include=("a,b",)),
+        OptionsProbe(include=("",)),
+        OptionsProbe(include=("a", "")),
+        OptionsProbe(include=()),
+        OptionsProbe(label='say "hi" {x=1}'),
+        OptionsProbe(label="back\\slash"),
+        OptionsProbe(label="none"),
+        OptionsProbe(label=""),
+    ],
+)
+def test_awkward_values_round_trip_through_text(probe):
+    assert parse_pipeline(format_pipeline([probe])) == [probe]
+
+
 def test_format_writes_only_non_default_options():
     assert format_pipeline([Cleanup(), FoldBatchNorm()]) == "cleanup,fold-batchnorm"
     assert format_pipeline(parse_pipeline("test-options{sparsity=0.5 steps=2}")) == "test-options{steps=2}"

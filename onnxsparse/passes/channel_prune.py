@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 from ..activations import collect_channel_stats, tensor_values
 from ..channels import Analysis, ConsumerUse, Producer, analyze, apply_plan
 from ..errors import RequirementError
-from ..graph import constant_value, from_gs, to_gs
+from ..graph import constant_value, from_gs, overridable_initializers, to_gs
 from ..inspect_model import count_macs
 from ..layerwise import add_output_shift
 from ..validate import EXACT, Tolerance
@@ -97,7 +97,7 @@ class ChannelPrune(Pass):
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         result = PassResult(model)
         graph = to_gs(model)
-        analysis = analyze(graph)
+        analysis = analyze(graph, overridable_initializers(model))
         self._pin_excluded(analysis)
         groups = self._groups(analysis)
         self._score(model, analysis, groups, context)

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..graph import constant_value, from_gs, to_gs, unique_name
+from ..graph import constant_value, from_gs, overridable_initializers, to_gs, unique_name
 from .base import Change, Pass, PassContext, PassResult, Skip, register
 
 _BN_PARAMETERS = ("scale", "bias", "mean", "var")
@@ -29,10 +29,11 @@ class FoldBatchNorm(Pass):
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = to_gs(model)
         result = PassResult(model)
+        overridable = overridable_initializers(model)
         scopes = [graph, *graph.subgraphs(recursive=True)]  # BatchNorms inside If/Loop bodies too
         for scope in scopes:
             for bn in [node for node in scope.nodes if node.op == "BatchNormalization"]:
-                reason = self._fold(graph, scope, bn, result)
+                reason = self._fold(graph, scope, bn, result, overridable)
                 if reason:
                     result.skipped.append(Skip(bn.name or bn.outputs[0].name, reason))
         if result.changes:  # an untouched model is returned as it came, not re-exported
@@ -43,7 +44,7 @@ class FoldBatchNorm(Pass):
         result.figures["skipped"] = len(result.skipped)
         return result
 
-    def _fold(self, graph: gs.Graph, scope: gs.Graph, bn: gs.Node, result: PassResult) -> str | None:
+    def _fold(self, graph: gs.Graph, scope: gs.Graph, bn: gs.Node, result: PassResult, overridable: set[str]) -> str | None:
         """Fold one BatchNormalization of ``scope`` (the main graph or a subgraph of ``graph``);
         return why not when it cannot be folded."""
         if len(bn.outputs) != 1 or bn.attrs.get("training_mode", 0) or not bn.attrs.get("spatial", 1):
@@ -56,6 +57,9 @@ class FoldBatchNorm(Pass):
             return f"produced by {producer.op}, not Conv/Gemm"
         if len(producer_output.outputs) != 1 or producer_output in scope.outputs:
             return f"output of {producer.op} '{producer.name}' is also read elsewhere"
+        fixed = [producer.inputs[1], *producer.inputs[2:3], *bn.inputs[1:5]]
+        if any(tensor.name in overridable for tensor in fixed):
+            return "a weight or parameter is also a graph input (overridable at run time)"
         parameters = [constant_value(tensor) for tensor in bn.inputs[1:5]]
         if any(value is None for value in parameters):
             return "BatchNormalization parameters are not constants"
@@ -120,9 +124,10 @@ class FoldBatchNorm(Pass):
 
 
 def _folded_name(graph: gs.Graph, producer: gs.Node, index: int, role: str) -> str:
+    """The old initializer's name when nothing else reads it (it is dropped), else a fresh one."""
     if index < len(producer.inputs):
         old = producer.inputs[index]
-        if len(old.outputs) == 1:
+        if isinstance(old, gs.Constant) and len(old.outputs) == 1 and old not in graph.outputs:
             return old.name
         return unique_name(graph, f"{old.name}_bnfolded")
     return unique_name(graph, f"{producer.name or producer.outputs[0].name}.{role}")

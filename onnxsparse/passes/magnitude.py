@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..activations import collect_channel_stats, tensor_values
-from ..graph import from_gs, to_gs
+from ..graph import from_gs, overridable_initializers, to_gs
 from ..layerwise import activation_name, correct_biases, from_matrix, hessian_blocks, input_rows, sparsegpt, to_matrix, unsupported_reason
 from ..validate import Tolerance
 from ..weights import RNN_OPS, WEIGHT_OPS, WeightSite, find_weights, matches, replace_weight
@@ -91,7 +91,7 @@ class MagnitudePrune(Pass):
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = to_gs(model)
         result = PassResult(model)
-        sites, rejected = find_weights(graph, WEIGHT_OPS + RNN_OPS)
+        sites, rejected = find_weights(graph, WEIGHT_OPS + RNN_OPS, overridable_initializers(model))
         result.skipped.extend(Skip(r.name, r.reason) for r in rejected)
         chosen = self._choose(sites, result)
         self._warn_unmatched(sites, result)
