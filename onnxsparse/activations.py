@@ -5,7 +5,7 @@ not grow with the number of feeds."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,3 +111,63 @@ def _accumulate(stats: dict[str, ChannelStats], name: str, value: np.ndarray, ax
     entry.sum_abs += np.abs(moved).sum(axis=0)
     entry.sum_squares += np.square(moved).sum(axis=0)
     entry.count += moved.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# activation ranges for quantization: min/max in one streamed pass, histograms in a second
+# ---------------------------------------------------------------------------------------------
+
+HISTOGRAM_BINS = 2048  # over [-A, A] with A = max |x|: symmetric, so that |x| folds bin onto bin
+
+
+@dataclass
+class RangeStats:
+    low: float = np.inf
+    high: float = -np.inf
+    histogram: np.ndarray | None = None  # counts over [-bound, bound]
+
+    @property
+    def bound(self) -> float:
+        return max(abs(self.low), abs(self.high), 1e-12)
+
+
+def collect_ranges(
+    model: onnx.ModelProto,
+    source: InputSource,
+    names: Iterable[str],
+    *,
+    method: str,
+    percentile: float = 99.999,
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, tuple[float, float]]:
+    """The quantization range [low, high] of each named tensor over the calibration feeds.
+
+    ``minmax`` reads the feeds once; ``percentile``, ``entropy`` and ``mse`` read them twice (the
+    second time into fixed-range histograms), so memory does not grow with the number of feeds.
+    """
+    wanted = list(dict.fromkeys(names))
+    stats = {name: RangeStats() for name in wanted}
+    for index, values in enumerate(tensor_values(model, source, wanted, limit=limit, label="calibration")):
+        for name in wanted:
+            array = np.asarray(values[name], dtype=np.float32)
+            finite = array[np.isfinite(array)] if not np.isfinite(array).all() else array
+            if finite.size:
+                stats[name].low = min(stats[name].low, float(finite.min()))
+                stats[name].high = max(stats[name].high, float(finite.max()))
+        if progress is not None:
+            progress(index + 1)
+    if method != "minmax":
+        for values in tensor_values(model, source, wanted, limit=limit, label="calibration histograms"):
+            for name in wanted:
+                _add_to_histogram(stats[name], np.asarray(values[name], dtype=np.float32))
+    from .quantization import choose_range
+
+    return {name: choose_range(entry.low, entry.high, entry.histogram, method, percentile) for name, entry in stats.items()}
+
+
+def _add_to_histogram(entry: RangeStats, values: np.ndarray) -> None:
+    if not np.isfinite(entry.low):
+        return
+    counts, _ = np.histogram(values[np.isfinite(values)], bins=HISTOGRAM_BINS, range=(-entry.bound, entry.bound))
+    entry.histogram = counts if entry.histogram is None else entry.histogram + counts

@@ -199,6 +199,31 @@ def _gather_table_rows(model: onnx.ModelProto, input_name: str) -> int | None:
     return min(rows) if rows else None
 
 
+@dataclass(frozen=True)
+class FirstSamples:
+    """The first ``count`` samples of another source, cutting a batched feed along axis 0 where
+    its inputs share a batch size (a feed of 80 images counts as 80 samples, not one)."""
+
+    source: InputSource
+    count: int
+
+    def feeds(self) -> Iterator[Feed]:
+        remaining = self.count
+        for feed in self.source.feeds():
+            if remaining <= 0:
+                return
+            sizes = {np.asarray(v).shape[0] if np.asarray(v).ndim else 1 for v in feed.values()}
+            size = sizes.pop() if len(sizes) == 1 else 1
+            if size > remaining:
+                feed = {name: np.asarray(value)[:remaining] for name, value in feed.items()}
+                size = remaining
+            remaining -= size
+            yield feed
+
+    def describe(self) -> str:
+        return f"the first {self.count} samples of {self.source.describe()}"
+
+
 # ---------------------------------------------------------------------------------------------
 # resolving what the user gave
 # ---------------------------------------------------------------------------------------------

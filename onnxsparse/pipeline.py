@@ -32,7 +32,7 @@ from .passes import Pass, PassContext, PassResult, Requirement
 from .shapes import infer_shapes
 from .report import COMMITTED, KEPT_FAILING, ROLLED_BACK, RunReport, StepReport, write_text_atomically
 from .spec import format_pipeline, load_recipe, parse_pipeline
-from .validate import EXACT, Feed, ProgressCallback, Reference, Tolerance, Tolerances, compare, loosest, make_session, run_feeds
+from .validate import EXACT, Feed, ProgressCallback, Reference, Tolerance, Tolerances, ValidationResult, compare, loosest, make_session, run_feeds
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,15 @@ class PassManager:
         if self.report is not None:  # in the report at once: a `raise` below still leaves it there
             self.report.steps.append(step)
         started = time.perf_counter()
+        budget = chain.budget_with(pass_)
+
+        def validate(model: onnx.ModelProto) -> ValidationResult:
+            outputs = run_feeds(make_session(model, f"{label} trial of {pass_.name}"), reference.feeds, label)
+            return compare(reference.outputs, outputs, lambda o: self.tolerances.for_output(o, pass_.name, budget), temperature=self.temperature)
+
         try:
             candidate = self._prepared_copy(pass_, chain.model)
-            result = pass_.run(candidate, PassContext(calibration=self.calibration))
+            result = pass_.run(candidate, PassContext(calibration=self.calibration, validate=validate, progress=self.progress))
         except _CALLER_ERRORS:
             raise
         except Exception as error:  # noqa: BLE001 - a broken pass is rolled back, not fatal
@@ -139,7 +145,6 @@ class PassManager:
                                 f"{label} after {pass_.name}", self._progress(f"validate {pass_.name}"))
         except (RuntimeLoadError, InputDataError) as error:
             return self._structural_failure(step, str(error)), None, None
-        budget = chain.budget_with(pass_)
         step.validation = compare(reference.outputs, outputs, lambda o: self.tolerances.for_output(o, pass_.name, budget), temperature=self.temperature)
         if pass_.tolerance() == EXACT and chain.drifted:
             # An exact pass after a lossy one: the drift from the original belongs to the earlier

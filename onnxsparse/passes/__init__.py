@@ -16,7 +16,7 @@ from .base import (
     register,
     registered_passes,
 )
-from . import channel_prune, cleanup, fold_batchnorm, magnitude, sparse_encode  # noqa: E402,F401  (registers the built-in passes)
+from . import channel_prune, cleanup, fold_batchnorm, magnitude, qdq, sparse_encode  # noqa: E402,F401  (registers the built-in passes)
 
 __all__ = [
     "ENTRY_POINT_GROUP",

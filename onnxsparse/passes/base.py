@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import enum
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, ClassVar
@@ -20,7 +20,7 @@ import onnx
 
 from ..calibration import InputSource
 from ..errors import PipelineSpecError
-from ..validate import EXACT, Tolerance
+from ..validate import EXACT, Tolerance, ValidationResult
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,15 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What the manager provides to a pass, according to its ``requires``."""
+    """What the manager provides to a pass, according to its ``requires``.
+
+    ``validate`` compares a candidate with the original model under this step's tolerance (a
+    pass that searches, like the quantizer's accuracy guard, uses it); ``progress`` reports
+    (label, done, total) of long work."""
 
     calibration: InputSource | None = None
+    validate: Callable[[onnx.ModelProto], ValidationResult] | None = None
+    progress: Callable[[str, int, int], None] | None = None
 
 
 @dataclass(frozen=True)
