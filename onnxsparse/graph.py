@@ -173,6 +173,21 @@ def to_gs(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(model)
 
 
+def name_unnamed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every main-graph node a unique name (op type and index), in place: passes that plan
+    on one import and apply on another find nodes by name, and exporters often leave them empty."""
+    taken = {node.name for node in model.graph.node if node.name}
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            name, suffix = f"{node.op_type}_{index}", 0
+            while name in taken:
+                suffix += 1
+                name = f"{node.op_type}_{index}_{suffix}"
+            node.name = name
+            taken.add(name)
+    return model
+
+
 def overridable_initializers(model: onnx.ModelProto) -> set[str]:
     """Initializers that are also graph inputs: defaults a caller may override at run time, so a
     pass must not treat them as fixed weights (graphsurgeon silently drops them from the inputs)."""

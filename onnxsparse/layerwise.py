@@ -231,7 +231,8 @@ def correct_biases(original: onnx.ModelProto, graph: gs.Graph, sites: list[Weigh
 def add_output_shift(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
     """Make ``node``'s output larger by ``shift`` (per output channel): through its bias when it
     has a constant one, else a new bias input, else an Add node after it (MatMul)."""
-    dtype = constant_value(node.inputs[1]).dtype  # type: ignore[union-attr]
+    weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    dtype = weight.dtype if weight is not None else np.dtype(np.float32)
     if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None:
         bias = constant_value(node.inputs[2]).astype(np.float64)  # type: ignore[union-attr]
         beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0

@@ -1,0 +1,168 @@
+"""qdq: int8 graphs that onnxruntime fuses, that keep zeros zero, and that work where weights hide."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import MODELS, parse, run, with_initializers
+from onnxsparse import load, optimize
+from onnxsparse.calibration import IterableInputs, resolve_inputs
+from onnxsparse.errors import PipelineSpecError, RequirementError
+from onnxsparse.passes import PassContext
+from onnxsparse.passes.qdq import Qdq
+from onnxsparse.pipeline import PassManager, clone
+from onnxsparse.spec import parse_pipeline
+
+
+def _fused_ops(path: Path, tmp_path: Path) -> Counter[str]:
+    """The op types onnxruntime actually runs after its graph optimizations."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(node.op_type for node in onnx.load(tmp_path / "ort_optimized.onnx").graph.node)
+
+
+def _quantize(name: str, tmp_path: Path, pipeline: str = "qdq", **options) -> tuple[Path, object]:
+    out = tmp_path / f"{name}.int8.onnx"
+    report = optimize(MODELS / f"{name}.onnx", out, pipeline, inputs=MODELS / f"{name}.inputs.npz",
+                      calibration=MODELS / f"{name}.calibration.npz", **options)
+    return out, report
+
+
+def test_the_bundled_cnn_runs_on_int8_kernels_and_stays_accurate(tmp_path):
+    out, report = _quantize("digits_cnn", tmp_path, "fold-batchnorm,qdq")
+    ops = _fused_ops(out, tmp_path)
+    assert ops["QLinearConv"] == 5 and ops["QLinearAdd"] == 1 and "Conv" not in ops
+    assert report.final_validation.passed
+    logits = report.final_validation.outputs[0]
+    assert logits.top1 == 1.0 and logits.cosine > 0.99
+    assert out.stat().st_size < 0.8 * (MODELS / "digits_cnn.onnx").stat().st_size
+
+
+def test_matmuls_of_the_transformer_and_the_mlp_run_on_int8_kernels(tmp_path):
+    for name in ("digits_transformer", "digits_sklearn_mlp"):
+        out, report = _quantize(name, tmp_path)
+        ops = _fused_ops(out, tmp_path)
+        assert ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] + ops["QGemm"] >= 3, (name, ops)
+        assert report.final_validation.passed
+
+
+def test_dynamic_mode_fuses_into_dynamic_quantize_matmul(tmp_path):
+    out, report = _quantize("digits_sklearn_mlp", tmp_path, "qdq{mode=dynamic}")
+    ops = _fused_ops(out, tmp_path)
+    assert ops["DynamicQuantizeMatMul"] == 3 and "MatMul" not in ops
+    assert report.steps[0].figures["nodes_quantized"] == 3
+    probabilities = next(o for o in report.final_validation.outputs if o.name == "probabilities")
+    assert probabilities.cosine > 0.999
+
+
+def test_pruned_zeros_stay_exactly_zero_in_the_int8_weights(tmp_path):
+    out, report = _quantize("digits_cnn", tmp_path, "fold-batchnorm,magnitude-prune{sparsity=0.5},qdq", policy="keep")
+    assert report.steps[1].figures["tensors_pruned"] == 6 and report.steps[2].figures["nodes_quantized"] > 0
+    model = onnx.load(out)
+    int8 = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert int8 and all(abs(np.count_nonzero(w == 0) / w.size - 0.5) < 0.02 for w in int8)
+
+
+def _constant_and_subgraph_model(rng) -> onnx.ModelProto:
+    """A Conv whose weight is a Constant node, and a MatMul inside an If branch."""
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (bool cond, float[1, 2, 4, 4] x) => (float[1, 3, 4, 4] y, float[1, 3] z) {
+        y = Conv <pads = [1, 1, 1, 1]> (x, w)
+        p = GlobalAveragePool (y)
+        f = Flatten (p)
+        z = If (cond) <
+            then_branch = g1 () => (float[1, 3] t) { t = MatMul (f, m) },
+            else_branch = g2 () => (float[1, 3] e) { e = Identity (f) }
+        >
+    }""")
+    model.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["w"], value=onnx.numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32))))
+    return with_initializers(model, m=rng.standard_normal((3, 3)).astype(np.float32))
+
+
+def test_weights_in_constant_nodes_and_subgraphs_are_quantized(rng):
+    model = _constant_and_subgraph_model(rng)
+    onnx.checker.check_model(model, full_check=True)
+    feeds = [{"cond": np.array(True), "x": rng.standard_normal((1, 2, 4, 4)).astype(np.float32)} for _ in range(4)]
+    result = Qdq(guard=False).run(clone(model), PassContext(calibration=IterableInputs(feeds)))
+    onnx.checker.check_model(result.model, full_check=True)
+    main_ops = Counter(n.op_type for n in result.model.graph.node)
+    assert main_ops["QuantizeLinear"] >= 1 and "Constant" not in main_ops  # the Constant weight became int8
+    if_node = next(n for n in result.model.graph.node if n.op_type == "If")
+    branch = next(a.g for a in if_node.attribute if a.name == "then_branch")
+    assert [n.op_type for n in branch.node] == ["DequantizeLinear", "MatMul"]
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in branch.initializer)
+    for feed in feeds:
+        for a, b in zip(run(result.model, feed), run(model, feed)):
+            np.testing.assert_allclose(a, b, rtol=0.1, atol=0.1)
+
+
+def test_an_opset_12_model_is_raised_to_13_for_per_channel_scales(tmp_path, rng):
+    model = with_initializers(onnx.parser.parse_model("""
+    <ir_version: 7, opset_import: ["" : 12]>
+    agraph (float[N, 64] input) => (float[N, 10] y) {
+        h = Gemm <transB = 1> (input, w1, b1)
+        r = Relu (h)
+        y = Gemm <transB = 1> (r, w2, b2)
+    }"""), w1=rng.standard_normal((32, 64)).astype(np.float32), b1=rng.standard_normal(32).astype(np.float32),
+        w2=rng.standard_normal((10, 32)).astype(np.float32), b2=rng.standard_normal(10).astype(np.float32))
+    onnx.save(model, tmp_path / "opset12.onnx")
+    report = optimize(tmp_path / "opset12.onnx", tmp_path / "q.onnx", "qdq", calibration=MODELS / "digits_sklearn_mlp.calibration.npz",
+                      inputs=MODELS / "digits_sklearn_mlp.inputs.npz")
+    written = onnx.load(tmp_path / "q.onnx")
+    assert next(o.version for o in written.opset_import if o.domain in ("", "ai.onnx")) == 13
+    assert report.steps[0].figures["opset_raised_to"] == 13
+    assert any(any(a.name == "axis" for a in n.attribute) for n in written.graph.node if n.op_type == "DequantizeLinear")
+
+
+def test_an_already_quantized_model_is_left_alone_with_a_warning(tmp_path):
+    out, _ = _quantize("digits_sklearn_mlp", tmp_path)
+    again = Qdq().run(onnx.load(out), PassContext(calibration=resolve_inputs(str(MODELS / "digits_sklearn_mlp.calibration.npz"), onnx.load(out))))
+    assert not again.changes and any("already quantized" in w for w in again.warnings)
+
+
+def test_the_calibration_cache_is_written_then_read(tmp_path):
+    cache = tmp_path / "ranges.json"
+    _, first = _quantize("digits_cnn", tmp_path, f"qdq{{cache={cache}}}")
+    data = json.loads(cache.read_text())
+    assert data["method"] == "minmax" and len(data["ranges"]) == first.steps[0].figures["tensors_calibrated"]
+    _, second = _quantize("digits_cnn", tmp_path, f"qdq{{cache={cache}}}")
+    assert second.steps[0].figures["calibration"] == f"read from {cache}"
+
+
+def test_the_guard_keeps_harmful_nodes_in_float_until_a_strict_tolerance_holds(tmp_path):
+    model = load(MODELS / "digits_transformer.onnx")
+    inputs = resolve_inputs(str(MODELS / "digits_transformer.inputs.npz"), model)
+    calibration = resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model)
+    from onnxsparse.validate import Tolerance, Tolerances
+
+    strict = Tolerances(per_pass={"qdq": Tolerance(min_cosine=0.99995)})
+    _, report = PassManager(parse_pipeline("qdq"), inputs=inputs, calibration=calibration, tolerances=strict).run(model)
+    step = report.steps[0]
+    assert step.status == "committed" and 0 < step.figures["guard_kept_float"] < step.figures["nodes_quantized"] + step.figures["guard_kept_float"]
+    assert any("accuracy guard" in s.reason for s in step.skipped)
+    assert step.validation.outputs[0].cosine >= 0.99995
+
+
+def test_static_mode_needs_calibration_and_bad_options_are_errors():
+    model = load(MODELS / "digits_cnn.onnx")
+    with pytest.raises(RequirementError, match="qdq needs calibration data"):
+        PassManager(parse_pipeline("qdq")).run(model)
+    for text, message in (("qdq{method=kl}", "not one of"), ("qdq{percentile=0}", "outside"), ("qdq{activations=int4}", "not one of")):
+        with pytest.raises(PipelineSpecError, match=message):
+            parse_pipeline(text)
+
+
+def test_an_exclude_pattern_that_matches_nothing_is_reported(tmp_path):
+    _, report = _quantize("digits_cnn", tmp_path, "qdq{exclude=NoSuchOp}")
+    assert any("exclude pattern 'NoSuchOp' matched no node" in w for w in report.warnings)
+    _, excluded = _quantize("digits_cnn", tmp_path, "qdq{exclude=Gemm}")
+    assert any(s.reason == "excluded by pattern" for s in excluded.steps[0].skipped)
