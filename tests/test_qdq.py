@@ -37,7 +37,7 @@ def _quantize(name: str, tmp_path: Path, pipeline: str = "qdq", **options) -> tu
 
 
 def test_the_bundled_cnn_runs_on_int8_kernels_and_stays_accurate(tmp_path):
-    out, report = _quantize("digits_cnn", tmp_path, "fold-batchnorm,qdq")
+    out, report = _quantize("digits_cnn", tmp_path, "fold-batchnorm,qdq{mode=static}")
     ops = _fused_ops(out, tmp_path)
     assert ops["QLinearConv"] == 5 and ops["QLinearAdd"] == 1 and "Conv" not in ops
     assert report.final_validation.passed
@@ -48,7 +48,7 @@ def test_the_bundled_cnn_runs_on_int8_kernels_and_stays_accurate(tmp_path):
 
 def test_matmuls_of_the_transformer_and_the_mlp_run_on_int8_kernels(tmp_path):
     for name in ("digits_transformer", "digits_sklearn_mlp"):
-        out, report = _quantize(name, tmp_path)
+        out, report = _quantize(name, tmp_path, "qdq{mode=static}")
         ops = _fused_ops(out, tmp_path)
         assert ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] + ops["QGemm"] >= 3, (name, ops)
         assert report.final_validation.passed
@@ -64,7 +64,7 @@ def test_dynamic_mode_fuses_into_dynamic_quantize_matmul(tmp_path):
 
 
 def test_pruned_zeros_stay_exactly_zero_in_the_int8_weights(tmp_path):
-    out, report = _quantize("digits_cnn", tmp_path, "fold-batchnorm,magnitude-prune{sparsity=0.5},qdq", policy="keep")
+    out, report = _quantize("digits_cnn", tmp_path, "fold-batchnorm,magnitude-prune{sparsity=0.5},qdq{mode=static}", policy="keep")
     assert report.steps[1].figures["tensors_pruned"] == 6 and report.steps[2].figures["nodes_quantized"] > 0
     model = onnx.load(out)
     int8 = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
@@ -124,17 +124,17 @@ def test_an_opset_12_model_is_raised_to_13_for_per_channel_scales(tmp_path, rng)
 
 
 def test_an_already_quantized_model_is_left_alone_with_a_warning(tmp_path):
-    out, _ = _quantize("digits_sklearn_mlp", tmp_path)
+    out, _ = _quantize("digits_sklearn_mlp", tmp_path, "qdq{mode=static}")
     again = Qdq().run(onnx.load(out), PassContext(calibration=resolve_inputs(str(MODELS / "digits_sklearn_mlp.calibration.npz"), onnx.load(out))))
     assert not again.changes and any("already quantized" in w for w in again.warnings)
 
 
 def test_the_calibration_cache_is_written_then_read(tmp_path):
     cache = tmp_path / "ranges.json"
-    _, first = _quantize("digits_cnn", tmp_path, f"qdq{{cache={cache}}}")
+    _, first = _quantize("digits_cnn", tmp_path, f"qdq{{mode=static cache={cache}}}")
     data = json.loads(cache.read_text())
     assert data["method"] == "minmax" and len(data["ranges"]) == first.steps[0].figures["tensors_calibrated"]
-    _, second = _quantize("digits_cnn", tmp_path, f"qdq{{cache={cache}}}")
+    _, second = _quantize("digits_cnn", tmp_path, f"qdq{{mode=static cache={cache}}}")
     assert second.steps[0].figures["calibration"] == f"read from {cache}"
 
 
@@ -145,7 +145,7 @@ def test_the_guard_keeps_harmful_nodes_in_float_until_a_strict_tolerance_holds(t
     from onnxsparse.validate import Tolerance, Tolerances
 
     strict = Tolerances(per_pass={"qdq": Tolerance(min_cosine=0.99995)})
-    _, report = PassManager(parse_pipeline("qdq"), inputs=inputs, calibration=calibration, tolerances=strict).run(model)
+    _, report = PassManager(parse_pipeline("qdq{mode=static}"), inputs=inputs, calibration=calibration, tolerances=strict).run(model)
     step = report.steps[0]
     assert step.status == "committed" and 0 < step.figures["guard_kept_float"] < step.figures["nodes_quantized"] + step.figures["guard_kept_float"]
     assert any("accuracy guard" in s.reason for s in step.skipped)
@@ -162,7 +162,16 @@ def test_static_mode_needs_calibration_and_bad_options_are_errors():
 
 
 def test_an_exclude_pattern_that_matches_nothing_is_reported(tmp_path):
-    _, report = _quantize("digits_cnn", tmp_path, "qdq{exclude=NoSuchOp}")
+    _, report = _quantize("digits_cnn", tmp_path, "qdq{mode=static exclude=NoSuchOp}")
     assert any("exclude pattern 'NoSuchOp' matched no node" in w for w in report.warnings)
-    _, excluded = _quantize("digits_cnn", tmp_path, "qdq{exclude=Gemm}")
+    _, excluded = _quantize("digits_cnn", tmp_path, "qdq{mode=static exclude=Gemm}")
     assert any(s.reason == "excluded by pattern" for s in excluded.steps[0].skipped)
+
+
+def test_auto_mode_keeps_the_result_within_tolerance_and_says_why(tmp_path):
+    _, report = _quantize("digits_transformer", tmp_path)
+    figures = report.steps[0].figures
+    assert figures["mode"] in ("static", "dynamic") and report.final_validation.passed
+    other = "dynamic" if figures["mode"] == "static" else "static"
+    if figures["mode_choice"] == "both within tolerance; the faster":
+        assert figures[f"{figures['mode']}_latency_ratio"] <= figures[f"{other}_latency_ratio"]
