@@ -409,10 +409,7 @@ class _Walker:
         rank = self.rank(node.inputs[0])
         if inp is None:
             return
-        axes = node.attrs.get("axes")
-        if axes is None and len(node.inputs) > 1:
-            value = constant_value(node.inputs[1])
-            axes = None if value is None else value.tolist()
+        axes = _attribute_or_input(node, "axes", 1)
         if rank is None or axes is None:
             self.pin_inputs(node, "reduction over unknown axes")
             return
@@ -457,10 +454,7 @@ class _Walker:
         rank = self.rank(node.inputs[0])
         if inp is None:
             return
-        pads = node.attrs.get("pads")
-        if pads is None and len(node.inputs) > 1:
-            value = constant_value(node.inputs[1])
-            pads = None if value is None else value.tolist()
+        pads = _attribute_or_input(node, "pads", 1)
         axes_input = constant_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
         if pads is None or rank is None or axes_input is not None:
             self.pin_inputs(node, "Pad with unknown pads")
@@ -677,6 +671,15 @@ class _Walker:
         roots = np.broadcast_to(inp.roots.reshape(view), shape).reshape(-1)
         self.set_space(node.outputs[0], out_axis, roots)
         return True
+
+
+def _attribute_or_input(node: gs.Node, attribute: str, index: int) -> list[int] | None:
+    """A list given as an attribute (older opsets) or as a constant input (newer ones)."""
+    value = node.attrs.get(attribute)
+    if value is None and len(node.inputs) > index and node.inputs[index].name:
+        constant = constant_value(node.inputs[index])
+        value = None if constant is None else constant.tolist()
+    return None if value is None else list(value)
 
 
 def _merged_run(in_dims: list[int], out_dims: list[int], axis: int) -> tuple[int, int, int] | None:

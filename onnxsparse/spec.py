@@ -29,7 +29,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,22 +131,28 @@ class RawText(str):
     which are resolved only once the option's type says how to split it (list, map, scalar)."""
 
 
-def _split_outside_quotes(text: str, separator: str) -> list[str]:
-    parts, current, quoted, escaped = [], [], False, False
-    for char in text:
+def _outside_quotes(text: str, start: int = 0) -> Iterator[tuple[int, str]]:
+    """(index, character) of the characters outside double quotes (with \\ escapes inside them);
+    a ValueError at the end if a quote is left open."""
+    quoted = escaped = False
+    for index in range(start, len(text)):
+        char = text[index]
         if escaped:
             escaped = False
         elif quoted and char == "\\":
             escaped = True
         elif char == '"':
             quoted = not quoted
-        elif char == separator and not quoted:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(char)
-    parts.append("".join(current))
-    return parts
+        elif not quoted:
+            yield index, char
+    if quoted:
+        raise PipelineSpecError(f"unclosed quote in '{text[start:]}'")
+
+
+def _split_outside_quotes(text: str, separator: str) -> list[str]:
+    cuts = [index for index, char in _outside_quotes(text) if char == separator]
+    bounds = [-1, *cuts, len(text)]
+    return [text[a + 1 : b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _unquote(text: str) -> str:
@@ -215,31 +221,24 @@ def parse_pipeline(text: str) -> list[Pass]:
 
 
 def _split_top_level(text: str) -> list[str]:
-    items, depth, quote, current, escaped = [], 0, "", [], False
-    for char in text:
-        if escaped:
-            escaped = False
-        elif quote and char == "\\":
-            escaped = True
-        elif quote:
-            quote = "" if char == quote else quote
-        elif char == '"':
-            quote = char
-        elif char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth < 0:
-                raise PipelineSpecError(f"pipeline '{text}': unbalanced '}}'")
-        elif char == "," and depth == 0:
-            items.append("".join(current).strip())
-            current = []
-            continue
-        current.append(char)
-    if depth or quote:
+    """The passes of a pipeline: split at commas outside braces and quotes."""
+    depth, cuts = 0, []
+    try:
+        for index, char in _outside_quotes(text):
+            if char == "{":
+                depth += 1
+            elif char == "}":
+                depth -= 1
+                if depth < 0:
+                    raise PipelineSpecError(f"pipeline '{text}': unbalanced '}}'")
+            elif char == "," and depth == 0:
+                cuts.append(index)
+    except PipelineSpecError as error:
+        raise PipelineSpecError(f"pipeline '{text}': unbalanced braces or quotes") from error
+    if depth:
         raise PipelineSpecError(f"pipeline '{text}': unbalanced braces or quotes")
-    items.append("".join(current).strip())
-    return [item for item in items if item]
+    bounds = [-1, *cuts, len(text)]
+    return [item for item in (text[a + 1 : b].strip() for a, b in zip(bounds[:-1], bounds[1:])) if item]
 
 
 _KEY = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*")
@@ -263,20 +262,7 @@ def _parse_options(text: str, pass_name: str) -> dict[str, RawText]:
 
 def _value_end(text: str, start: int) -> int:
     """A value runs to the first whitespace outside double quotes."""
-    quoted = escaped = False
-    for index in range(start, len(text)):
-        char = text[index]
-        if escaped:
-            escaped = False
-        elif quoted and char == "\\":
-            escaped = True
-        elif char == '"':
-            quoted = not quoted
-        elif char.isspace() and not quoted:
-            return index
-    if quoted:
-        raise PipelineSpecError(f"unclosed quote in options '{text[start:]}'")
-    return len(text)
+    return next((index for index, char in _outside_quotes(text, start) if char.isspace()), len(text))
 
 
 def format_value(value: Any) -> str:
