@@ -21,11 +21,10 @@ from .weights import WeightSite, find_weights, replace_weight
 
 log = logging.getLogger(__name__)
 
-RIDGE = 1e-4  # relative to the mean diagonal of XᵀX: keeps the solve stable for dead inputs
 
 
 def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, node_names: list[str],
-                 source: InputSource, samples: int, result: PassResult) -> onnx.ModelProto:
+                 source: InputSource, samples: int, result: PassResult, strength: float = 0.1) -> onnx.ModelProto:
     """Refit the named Conv/Gemm/MatMul nodes of ``pruned`` toward ``original``'s outputs."""
     wanted = set(node_names)
     graph = to_gs(pruned)
@@ -39,13 +38,13 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, node_names:
             result.skipped.append(Skip(node.name, f"refit: {reason}"))
             continue
         current = from_gs(graph, like=pruned)
-        _refit_one(original, current, graph, site, source, samples, result)  # type: ignore[arg-type]
+        _refit_one(original, current, graph, site, source, samples, result, strength)  # type: ignore[arg-type]
     graph.cleanup().toposort()
     return from_gs(graph, like=pruned)
 
 
 def _refit_one(original: onnx.ModelProto, current: onnx.ModelProto, graph: gs.Graph, site: WeightSite,
-               source: InputSource, samples: int, result: PassResult) -> None:
+               source: InputSource, samples: int, result: PassResult, strength: float) -> None:
     node = site.uses[0].node
     output = node.outputs[0].name
     with_bias = node.op in ("Conv", "Gemm")
@@ -68,8 +67,11 @@ def _refit_one(original: onnx.ModelProto, current: onnx.ModelProto, graph: gs.Gr
         norm += float(np.sum(target**2))
     if gram is None or cross is None:
         return
-    ridge = RIDGE * float(np.mean(np.diag(gram))) or RIDGE
-    solution = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross)
+    # Ridge towards the layer's current weights, not towards zero: a small calibration set then
+    # moves the weights only where the data says so, instead of being memorized.
+    start = np.vstack([matrix.T, bias[None, :]]) if with_bias else matrix.T
+    ridge = max(strength, 1e-6) * (float(np.mean(np.diag(gram))) or 1.0)
+    solution = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross + ridge * start)
     new_matrix = solution[: matrix.shape[1]].T
     new_bias = solution[-1] if with_bias else np.zeros(matrix.shape[0])
     # the fitted error follows from the normal equations: |Y|² - 2 θᵀXᵀY + θᵀXᵀXθ

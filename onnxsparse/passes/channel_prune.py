@@ -72,6 +72,7 @@ class ChannelPrune(Pass):
     round_to: int = field(default=1, metadata={"help": "keep channel counts a multiple of this (8, 16 for vector units)"})
     min_channels: int = field(default=1, metadata={"help": "channels kept at least in every group"})
     refit: bool = field(default=False, metadata={"help": "least-squares refit of each consumer on calibration data"})
+    refit_strength: float = field(default=0.1, metadata={"help": "ridge towards the original weights, relative to the mean input energy"})
     calibration_samples: int = field(default=32, metadata={"help": "feeds read for activation statistics and refits"})
 
     def __post_init__(self) -> None:
@@ -84,6 +85,8 @@ class ChannelPrune(Pass):
             raise ValueError("min_channels must be at least 1: a layer cannot lose every channel")
         if self.round_to < 1 or self.calibration_samples < 1:
             raise ValueError("round_to and calibration_samples must be at least 1")
+        if not self.refit_strength >= 0:
+            raise ValueError(f"refit_strength {self.refit_strength} must be >= 0")
 
     def needs(self) -> frozenset[Requirement]:
         needs = {Requirement.SHAPES}
@@ -120,7 +123,7 @@ class ChannelPrune(Pass):
         pruned = _reinfer(from_gs(graph, like=model))
         if self.refit:
             assert context.calibration is not None
-            pruned = refit_consumers(model, pruned, analysis, removed, context, self.calibration_samples, result)
+            pruned = refit_consumers(model, pruned, analysis, removed, context, self.calibration_samples, result, self.refit_strength)
         result.model = pruned
         result.figures.update(_size_figures(model, pruned, macs_before))
         result.figures["channels_removed"] = int(sum(len(u.members) for u in chosen))
@@ -405,8 +408,8 @@ def _size_figures(before: onnx.ModelProto, after: onnx.ModelProto, macs_before: 
 
 
 def refit_consumers(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analysis, removed: np.ndarray,
-                    context: PassContext, samples: int, result: PassResult) -> onnx.ModelProto:
+                    context: PassContext, samples: int, result: PassResult, strength: float) -> onnx.ModelProto:
     from ..refit import refit_layers
 
     return refit_layers(original, pruned, [use.node.name for use in analysis.consumers if removed[use.roots].any()],
-                        context.calibration, samples, result)  # type: ignore[arg-type]
+                        context.calibration, samples, result, strength)  # type: ignore[arg-type]
