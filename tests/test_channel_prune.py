@@ -234,3 +234,16 @@ def test_activation_importance_needs_calibration_and_shapes_must_be_inferable():
     with pytest.raises(RequirementError, match="shape inference fails"):
         infer_shapes(broken)
     assert to_gs(model) is not None
+
+
+def test_sensitivity_scope_spends_the_budget_where_the_calibration_drift_is_smallest():
+    model = load(MODELS / "digits_transformer.onnx")
+    calibration = resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model)
+    result = _prune(model, PassContext(calibration=calibration), ratio=0.25, scope="sensitivity")
+    scan = result.figures["sensitivity"]
+    assert len(scan) == 2 and all(entry["drift_at_ratio"] > 0 for entry in scan.values())
+    removed = sum(entry["removed"] for entry in scan.values())
+    assert removed == round(0.25 * (64 + 32))
+    # the group that drifted least at the probe gives up at least its share
+    calm, loud = sorted(scan.values(), key=lambda e: e["drift_at_ratio"])
+    assert calm["removed"] / calm["channels"] >= loud["removed"] / loud["channels"]

@@ -62,7 +62,8 @@ class ChannelPrune(Pass):
     default_tolerance = Tolerance(min_cosine=0.99)
 
     ratio: float = field(default=0.3, metadata={"help": "fraction of each group's channels removed (global: of all removable channels)"})
-    scope: Literal["uniform", "global"] = field(default="uniform", metadata={"help": "a ratio per group, or one ranking across groups"})
+    scope: Literal["uniform", "global", "sensitivity"] = field(default="uniform", metadata={
+        "help": "a ratio per group; one ranking across groups; or per-group ratios from a sensitivity scan on calibration data"})
     mode: Literal["ratio", "zero-only"] = field(default="ratio", metadata={"help": "zero-only: only dead channels, exactly"})
     criterion: Literal["l1", "l2", "activation"] = field(default="l1", metadata={"help": "filter norm, or mean |activation| (needs calibration)"})
     reduce: Literal["sum", "mean", "max"] = field(default="sum", metadata={"help": "how a unit's importance combines its coupled filters"})
@@ -90,7 +91,7 @@ class ChannelPrune(Pass):
 
     def needs(self) -> frozenset[Requirement]:
         needs = {Requirement.SHAPES}
-        if self.criterion == "activation" or self.refit:
+        if self.criterion == "activation" or self.refit or self.scope == "sensitivity":
             needs.add(Requirement.CALIBRATION)
         return frozenset(needs)
 
@@ -107,6 +108,8 @@ class ChannelPrune(Pass):
         shifts: dict[int, tuple[gs.Node, np.ndarray]] = {}
         if self.mode == "zero-only":
             chosen = self._dead_units(model, analysis, groups, shifts, result)
+        elif self.scope == "sensitivity":
+            chosen = self._select_by_sensitivity(model, groups, context, result)
         else:
             chosen = self._select(groups)
         removed = np.zeros(len(analysis.parent), dtype=bool)
@@ -214,6 +217,47 @@ class ChannelPrune(Pass):
             chosen.extend(units[: self._removable(len(groups[index].units), free, len(units))])
         return chosen
 
+    def _select_by_sensitivity(self, model: onnx.ModelProto, groups: list[Group], context: PassContext, result: PassResult) -> list[Unit]:
+        """Per-group amounts from a scan: each group alone loses ``ratio`` of its channels and the
+        output drift on calibration data is measured; damage is then modelled as growing with the
+        square of the share removed, and channels are taken where the marginal damage is lowest
+        until ``ratio`` of all removable channels are gone (a group keeps at least 20%)."""
+        assert context.calibration is not None
+        from ..calibration import FirstSamples
+
+        source = FirstSamples(context.calibration, 16)
+        reference = _outputs(model, source)
+        free = {i: sorted((u for u in g.units if not u.pinned), key=lambda u: u.importance) for i, g in enumerate(groups)}
+        damage: dict[int, float] = {}
+        probes = {i: self._removable(len(groups[i].units), len(units), round(self.ratio * len(groups[i].units))) for i, units in free.items()}
+        for index, (i, units) in enumerate(free.items()):
+            if probes[i] == 0:
+                continue
+            trial = _pruned_copy(model, [m for u in units[: probes[i]] for m in u.members])
+            damage[i] = _drift(reference, _outputs(trial, source))
+            if context.progress:
+                context.progress("channel-prune sensitivity", index + 1, len(free))
+        wanted = round(self.ratio * sum(len(units) for units in free.values()))
+        taken = {i: 0 for i in free}
+        caps = {i: self._removable(len(groups[i].units), len(units), int(0.8 * len(groups[i].units))) for i, units in free.items()}
+
+        def marginal(i: int) -> float:  # d/dk of damage_i * (k / probe_i)^2 at k + 1
+            return damage.get(i, np.inf) * (2 * taken[i] + 1) / max(probes[i], 1) ** 2
+
+        for _ in range(wanted):
+            open_groups = [i for i in free if taken[i] < caps[i] and i in damage]
+            if not open_groups:
+                break
+            taken[min(open_groups, key=marginal)] += 1
+        chosen = []
+        for i, count in taken.items():
+            count = self._removable(len(groups[i].units), len(free[i]), count)
+            chosen.extend(free[i][:count])
+            if i in damage:
+                result.figures.setdefault("sensitivity", {})[groups[i].label] = {  # type: ignore[union-attr]
+                    "drift_at_ratio": round(damage[i], 5), "removed": count, "channels": len(groups[i].units)}
+        return chosen
+
     def _removable(self, total: int, free: int, wanted: int) -> int:
         """How many of ``wanted`` may go: at most the free ones, keeping min_channels and round_to."""
         count = min(wanted, free, total - self.min_channels)
@@ -288,6 +332,32 @@ class ChannelPrune(Pass):
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _outputs(model: onnx.ModelProto, source) -> list[dict[str, np.ndarray]]:
+    from ..calibration import collect_feeds
+    from ..validate import make_session, run_feeds
+
+    return run_feeds(make_session(model, "sensitivity probe"), collect_feeds(source, model), "sensitivity probe")
+
+
+def _drift(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> float:
+    """1 - the worst float output's cosine to the reference (0: unchanged)."""
+    from ..validate import Tolerance, compare
+
+    cosines = [o.cosine for o in compare(reference, candidate, lambda _: Tolerance()).outputs if o.cosine is not None]
+    return 1.0 - min(cosines) if cosines else 0.0
+
+
+def _pruned_copy(model: onnx.ModelProto, roots: list[int]) -> onnx.ModelProto:
+    """The model with the given root channels removed (analysed afresh: edits hold graph nodes)."""
+    graph = to_gs(model)
+    analysis = analyze(graph, overridable_initializers(model))
+    removed = np.zeros(len(analysis.parent), dtype=bool)
+    removed[roots] = True
+    apply_plan(graph, analysis, removed)
+    graph.cleanup().toposort()
+    return from_gs(graph, like=model)
 
 
 def _unit_label(unit: Unit, analysis: Analysis) -> str:
