@@ -1,0 +1,104 @@
+"""The benchmark's rows: every configuration in one list, so adding one is one line.
+
+A configuration is a name (the row label and, slugged, its results folder), a pipeline text and the
+tool that runs it:
+
+* ``fp32``        the cached model itself: the reference every other row is compared with;
+* ``onnxsparse``  an onnxsparse pipeline, run with ``onnxsparse optimize ... --policy keep`` so the row
+                  shows what the passes do even past their tolerance;
+* ``ort``         onnxruntime's quantizer (``onnxruntime.quantization``), run in the peers venv;
+* ``onnxsim``     onnxsim's Python API, run in the peers venv.
+
+Peer pipelines are calls separated by ``;``, written as Python calls with literal keyword arguments,
+e.g. ``simplify(); apply_structured_pruning(sparsity=0.3)`` (see ``benchmark.peer``). A function that
+takes calibration data gets the task's calibration feeds; the rows say nothing else implicitly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+FP32 = "fp32"
+ONNXSPARSE = "onnxsparse"
+ORT = "ort"
+ONNXSIM = "onnxsim"
+TOOLS = (FP32, ONNXSPARSE, ORT, ONNXSIM)
+PEER_TOOLS = (ORT, ONNXSIM)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    pipeline: str
+    tool: str = ONNXSPARSE
+
+    @property
+    def slug(self) -> str:
+        """A folder name: 'magnitude 50% wanda' -> 'magnitude-50pct-wanda'."""
+        text = self.name.replace("%", "pct").replace("+", "plus").replace(":", "of")
+        return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-").lower()
+
+
+# Every pruning row folds BatchNorm first: pruning an unfolded Conv would be undone in spirit by the
+# BN scale, and the peers' rows do the same with onnxsim's simplify (which fuses BN too).
+_PRUNE = "fold-batchnorm,magnitude-prune"
+# ort rows name every setting, defaults included, so the table says exactly what was asked for.
+_ORT_STATIC = 'quantize_static(quant_format="QDQ", per_channel=True, activation_type="QUInt8", weight_type="QInt8", calibrate_method="MinMax")'
+
+CONFIGS: tuple[Config, ...] = (
+    Config("fp32", "", FP32),
+    Config("cleanup", "cleanup"),
+    Config("magnitude 50%", f"{_PRUNE}{{sparsity=0.5}}"),
+    Config("magnitude 90%", f"{_PRUNE}{{sparsity=0.9}}"),
+    Config("magnitude 50% wanda", f"{_PRUNE}{{sparsity=0.5 criterion=wanda scope=per-row}}"),
+    Config("magnitude 50% sparsegpt", f"{_PRUNE}{{sparsity=0.5 criterion=sparsegpt}}"),
+    Config("2:4 sparsegpt", f"{_PRUNE}{{pattern=2:4 criterion=sparsegpt}}"),
+    Config("channel 30%", "fold-batchnorm,channel-prune{ratio=0.3}"),
+    Config("channel 50%", "fold-batchnorm,channel-prune{ratio=0.5}"),
+    Config("channel 30% round 8", "fold-batchnorm,channel-prune{ratio=0.3 round_to=8}"),
+    Config("int8", "qdq"),
+    Config("channel 30% + int8", "fold-batchnorm,channel-prune{ratio=0.3},qdq"),
+    Config("magnitude 90% + sparse-encode", f"{_PRUNE}{{sparsity=0.9}},sparse-encode"),
+    Config("ort quantize_static", _ORT_STATIC, ORT),
+    Config("ort quantize_dynamic", 'quantize_dynamic(weight_type="QInt8")', ORT),
+    Config("onnxsim simplify", "simplify()", ONNXSIM),
+    Config("onnxsim magnitude 50%", "simplify(); apply_magnitude_pruning(sparsity=0.5)", ONNXSIM),
+    Config("onnxsim magnitude 90%", "simplify(); apply_magnitude_pruning(sparsity=0.9)", ONNXSIM),
+    Config("onnxsim wanda 50%", "simplify(); apply_wanda_pruning(sparsity=0.5)", ONNXSIM),
+    Config("onnxsim sparsegpt 50%", "simplify(); apply_sparsegpt_pruning(sparsity=0.5)", ONNXSIM),
+    Config("onnxsim 2:4 sparsegpt", "simplify(); apply_sparsegpt_pruning(n=2, m=4)", ONNXSIM),
+    Config("onnxsim structured 30%", "simplify(); apply_structured_pruning(sparsity=0.3)", ONNXSIM),
+    Config("onnxsim structured 50%", "simplify(); apply_structured_pruning(sparsity=0.5)", ONNXSIM),
+    # Without simplify() first, onnxsim 0.8.1's quantize_static/quantize_dynamic return the torch
+    # exports here unchanged (no error): measured, see the benchmark's notes.
+    Config("onnxsim quantize_static", 'simplify(); quantize_static(method="minmax", per_channel=True)', ONNXSIM),
+    Config("onnxsim quantize_dynamic", "simplify(); quantize_dynamic()", ONNXSIM),
+)
+
+# The task metrics shown in the table, per model (result.json keeps all of them). Keys come from
+# realmodels.tasks' evaluators; "higher" says which direction is better, for the reader's legend.
+HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
+    "mobilenetv2": ("top1_agreement", "logit_cosine"),
+    "ppocr_rec": ("exact_match", "cer"),
+    "minilm": ("embedding_cosine", "nn_agreement"),
+    "mnist": ("accuracy", "top1_agreement"),
+}
+
+
+def find_config(name: str) -> Config:
+    for config in CONFIGS:
+        if config.name == name or config.slug == name:
+            return config
+    raise KeyError(f"unknown configuration {name!r}; known: {', '.join(c.name for c in CONFIGS)}")
+
+
+def _check_unique() -> None:
+    # Two rows with one slug would share a results folder and overwrite each other's cache.
+    slugs = [config.slug for config in CONFIGS]
+    duplicates = sorted({slug for slug in slugs if slugs.count(slug) > 1})
+    if duplicates:
+        raise ValueError(f"configurations share a results folder: {', '.join(duplicates)}")
+
+
+_check_unique()
