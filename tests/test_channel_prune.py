@@ -190,9 +190,17 @@ def test_round_to_and_min_channels_bound_what_is_kept():
         assert change.details["channels_after"] % 8 == 0 and change.details["channels_after"] >= 8
 
 
+def test_by_default_groups_of_32_or_more_keep_multiples_of_8():
+    model = load(MODELS / "digits_sklearn_mlp.onnx")
+    result = _prune(model, ratio=0.3)
+    after = {c.details["channels_before"]: c.details["channels_after"] for c in result.changes}
+    # 30% of 64 is 19 (45 kept) and of 32 is 10 (22 kept): rounded to multiples of 8, keeping more
+    assert after == {64: 48, 32: 24}
+
+
 def test_global_scope_ranks_across_groups_and_keeps_pinned_channels():
     model = load(MODELS / "digits_sklearn_mlp.onnx")
-    result = _prune(model, ratio=0.5, scope="global")
+    result = _prune(model, ratio=0.5, scope="global", round_to=1)
     removed = sum(c.details["channels_before"] - c.details["channels_after"] for c in result.changes)
     assert removed == round(0.5 * (64 + 32))  # the 10 class scores are pinned by Softmax and the output
 
@@ -239,7 +247,7 @@ def test_activation_importance_needs_calibration_and_shapes_must_be_inferable():
 def test_sensitivity_scope_spends_the_budget_where_the_calibration_drift_is_smallest():
     model = load(MODELS / "digits_transformer.onnx")
     calibration = resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model)
-    result = _prune(model, PassContext(calibration=calibration), ratio=0.25, scope="sensitivity")
+    result = _prune(model, PassContext(calibration=calibration), ratio=0.25, scope="sensitivity", round_to=1)
     scan = result.figures["sensitivity"]
     assert len(scan) == 2 and all(entry["drift_at_ratio"] > 0 for entry in scan.values())
     removed = sum(entry["removed"] for entry in scan.values())
