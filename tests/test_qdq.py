@@ -175,3 +175,18 @@ def test_auto_mode_keeps_the_result_within_tolerance_and_says_why(tmp_path):
     other = "dynamic" if figures["mode"] == "static" else "static"
     if figures["mode_choice"] == "both within tolerance; the faster":
         assert figures[f"{figures['mode']}_latency_ratio"] <= figures[f"{other}_latency_ratio"]
+
+
+def test_embedding_tables_become_int8_on_request(rng):
+    model = with_initializers(onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (int64[2, 5] ids) => (float[2, 5, 16] y) { e = Gather (table, ids)  y = Relu (e) }"""),
+        table=rng.standard_normal((100, 16)).astype(np.float32))
+    feed = {"ids": rng.integers(0, 100, (2, 5)).astype(np.int64)}
+    plain = Qdq(mode="dynamic").run(clone(model), PassContext())
+    assert not any(n.op_type == "DequantizeLinear" for n in plain.model.graph.node)
+    result = Qdq(mode="dynamic", embeddings=True).run(clone(model), PassContext())
+    onnx.checker.check_model(result.model, full_check=True)
+    assert [n.op_type for n in result.model.graph.node][:2] == ["DequantizeLinear", "Gather"]
+    assert any(t.data_type == onnx.TensorProto.INT8 and list(t.dims) == [100, 16] for t in result.model.graph.initializer)
+    np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], atol=np.abs(run(model, feed)[0]).max() / 100)

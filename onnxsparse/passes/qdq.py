@@ -79,6 +79,8 @@ class Qdq(Pass):
     bias_correction: Literal["auto", "on", "off"] = field(default="auto", metadata={
         "help": "shift each layer's bias, in graph order, so its mean int8 output matches float (auto: with minmax ranges only)"})
     correction_samples: int = field(default=16, metadata={"help": "calibration samples read per layer by bias_correction"})
+    embeddings: bool = field(default=False, metadata={
+        "help": "int8 embedding tables (DequantizeLinear before Gather): MiniLM 0.65x -> 0.26x the file, but 0.46x -> 0.65x latency"})
     calibration_samples: int = field(default=64, metadata={"help": "feeds read for calibration"})
     cache: str = field(default="", metadata={"help": "JSON file of calibrated ranges: read if present, written if not"})
 
@@ -103,12 +105,29 @@ class Qdq(Pass):
         model = name_unnamed_nodes(_typed(model))
         self._warn_unmatched(model, result)
         if self.mode == "dynamic":
-            return self._dynamic(model, result, per_channel)
+            return self._with_embeddings(self._dynamic(model, result, per_channel))
         static = self._static(model, context, result, per_channel)
         if self.mode == "static" or context.validate is None or context.calibration is None:
-            return static
+            return self._with_embeddings(static)
         dynamic = self._dynamic(model, PassResult(model, warnings=list(result.warnings)), per_channel)
-        return _pick(static, dynamic, model, context)
+        return self._with_embeddings(_pick(static, dynamic, model, context))
+
+    def _with_embeddings(self, result: PassResult) -> PassResult:
+        """Embedding tables (constant 2-D data of a Gather) to int8 with a scale per row. onnxruntime
+        dequantizes the whole table at every run (it does not fold DequantizeLinear), hence opt-in."""
+        if not self.embeddings:
+            return result
+        graph = to_gs(result.model)
+        for node in [n for n in graph.nodes if n.op == "Gather" and int(n.attrs.get("axis", 0)) == 0]:
+            table = constant_value(node.inputs[0])
+            if table is None or table.ndim != 2 or table.dtype != np.float32 or table.size < 1024 or matches(self.exclude, node.name, node.op):
+                continue
+            quant = quantize_weight(table, 0)
+            node.inputs[0] = _dequantized(graph, graph, node.inputs[0].name, quant.values, quant.scale, quant.zero_point, 0)
+            result.changes.append(Change(node.name or node.outputs[0].name, "int8 embedding table", {"rows": int(table.shape[0])}))
+        graph.cleanup().toposort()
+        result.model = from_gs(graph, like=result.model)
+        return result
 
     def _static(self, model: onnx.ModelProto, context: PassContext, result: PassResult, per_channel: bool) -> PassResult:
         plan = plan_static(to_gs(model), self.exclude, overridable_initializers(model), result)
