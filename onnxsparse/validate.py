@@ -426,3 +426,16 @@ class Reference:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def outputs_on(model: onnx.ModelProto, source: object) -> list[dict[str, np.ndarray]]:
+    """The model's outputs on every feed of an input source (for scans on calibration data)."""
+    from .calibration import collect_feeds
+
+    return run_feeds(make_session(model, "probe"), collect_feeds(source, model), "probe")  # type: ignore[arg-type]
+
+
+def output_drift(reference: Sequence[Mapping[str, np.ndarray]], candidate: Sequence[Mapping[str, np.ndarray]]) -> float:
+    """1 - the worst float output's cosine to the reference (0: unchanged)."""
+    cosines = [o.cosine for o in compare(reference, candidate, lambda _: Tolerance()).outputs if o.cosine is not None]
+    return 1.0 - min(cosines) if cosines else 0.0

@@ -188,3 +188,19 @@ def test_patterns_that_match_nothing_are_reported(cnn):
     assert any("overrides pattern 'missing' matched no weight" in w for w in result.warnings)
     nothing = _prune(cnn, include=("LSTM",))
     assert not nothing.changes and any("matched no weight tensor" in w for w in nothing.warnings)
+
+
+def test_sensitivity_scope_keeps_the_total_and_spares_the_sensitive_tensors():
+    model = load(MODELS / "digits_transformer.onnx")
+    calibration = resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model)
+    result = _prune(model, PassContext(calibration=calibration), sparsity=0.5, scope="sensitivity")
+    scan = result.figures["sensitivity"]
+    sizes = {c.target: c.details["size"] for c in result.changes}
+    zeros = sum(c.details["sparsity"] * c.details["size"] for c in result.changes)
+    assert zeros == pytest.approx(0.5 * sum(sizes.values()), rel=0.01)
+    shares = {name: entry["sparsity"] for name, entry in scan.items()}
+    assert max(shares.values()) > 0.5 > min(shares.values())
+    # per unit of size, the tensor that drifted most alone is pruned least
+    most = max(scan, key=lambda n: scan[n]["drift_at_target"] / sizes[n])
+    least = min(scan, key=lambda n: scan[n]["drift_at_target"] / sizes[n])
+    assert shares[most] <= shares[least]

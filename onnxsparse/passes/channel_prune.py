@@ -17,7 +17,7 @@ from ..errors import RequirementError
 from ..graph import constant_value, from_gs, overridable_initializers, to_gs
 from ..inspect_model import count_macs
 from ..layerwise import add_output_shift
-from ..validate import EXACT, Tolerance
+from ..validate import EXACT, Tolerance, output_drift, outputs_on
 from ..weights import matches
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 
@@ -227,7 +227,7 @@ class ChannelPrune(Pass):
         from ..calibration import FirstSamples
 
         source = FirstSamples(context.calibration, 16)
-        reference = _outputs(model, source)
+        reference = outputs_on(model, source)
         free = {i: sorted((u for u in g.units if not u.pinned), key=lambda u: u.importance) for i, g in enumerate(groups)}
         damage: dict[int, float] = {}
         probes = {i: self._removable(len(groups[i].units), len(units), round(self.ratio * len(groups[i].units))) for i, units in free.items()}
@@ -235,7 +235,7 @@ class ChannelPrune(Pass):
             if probes[i] == 0:
                 continue
             trial = _pruned_copy(model, [m for u in units[: probes[i]] for m in u.members])
-            damage[i] = _drift(reference, _outputs(trial, source))
+            damage[i] = output_drift(reference, outputs_on(trial, source))
             if context.progress:
                 context.progress("channel-prune sensitivity", index + 1, len(free))
         wanted = round(self.ratio * sum(len(units) for units in free.values()))
@@ -334,21 +334,6 @@ class ChannelPrune(Pass):
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _outputs(model: onnx.ModelProto, source) -> list[dict[str, np.ndarray]]:
-    from ..calibration import collect_feeds
-    from ..validate import make_session, run_feeds
-
-    return run_feeds(make_session(model, "sensitivity probe"), collect_feeds(source, model), "sensitivity probe")
-
-
-def _drift(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> float:
-    """1 - the worst float output's cosine to the reference (0: unchanged)."""
-    from ..validate import Tolerance, compare
-
-    cosines = [o.cosine for o in compare(reference, candidate, lambda _: Tolerance()).outputs if o.cosine is not None]
-    return 1.0 - min(cosines) if cosines else 0.0
 
 
 def _pruned_copy(model: onnx.ModelProto, roots: list[int]) -> onnx.ModelProto:

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from ..activations import collect_channel_stats, tensor_values
 from ..graph import from_gs, overridable_initializers, to_gs
 from ..layerwise import activation_name, correct_biases, from_matrix, hessian_blocks, input_rows, sparsegpt, to_matrix, unsupported_reason
-from ..validate import Tolerance
+from ..validate import Tolerance, output_drift, outputs_on
 from ..weights import RNN_OPS, WEIGHT_OPS, WeightSite, find_weights, matches, replace_weight
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 
@@ -52,8 +52,9 @@ class MagnitudePrune(Pass):
     default_tolerance = Tolerance(min_cosine=0.99)
 
     sparsity: float = field(default=0.5, metadata={"help": "fraction of weights zeroed, in [0, 1) (N:M patterns imply M-N / M)"})
-    scope: Literal["per-tensor", "per-row", "global"] = field(
-        default="per-tensor", metadata={"help": "where the threshold applies: each tensor, each output unit, or one across tensors"}
+    scope: Literal["per-tensor", "per-row", "global", "sensitivity"] = field(
+        default="per-tensor", metadata={"help": "where the threshold applies: each tensor, each output unit, one across tensors, "
+                                                "or per-tensor amounts from a sensitivity scan on calibration data"}
     )
     pattern: str = field(default="unstructured", metadata={
         "help": "unstructured; filter (whole output units, which channel-prune{mode=zero-only} then removes); or N:M along the reduction axis (e.g. 2:4)"})
@@ -85,7 +86,7 @@ class MagnitudePrune(Pass):
             raise ValueError("criterion sparsegpt works layer by layer: use scope per-tensor or per-row")
 
     def needs(self) -> frozenset[Requirement]:
-        data_driven = self.criterion != "magnitude" or self.bias_correction
+        data_driven = self.criterion != "magnitude" or self.bias_correction or self.scope == "sensitivity"
         return frozenset({Requirement.CALIBRATION}) if data_driven else frozenset()
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
@@ -98,6 +99,8 @@ class MagnitudePrune(Pass):
         if not chosen:
             result.warnings.append("magnitude-prune matched no weight tensor: nothing pruned")
             return result
+        if self.scope == "sensitivity" and not parse_nm(self.pattern):
+            chosen = self._sensitivity_targets(model, chosen, context, result)
         if self.criterion == "sparsegpt":
             pruned = self._reconstruct(model, graph, chosen, context, result)
         else:
@@ -116,6 +119,39 @@ class MagnitudePrune(Pass):
         return result
 
     # -- selection ------------------------------------------------------------------------------
+
+    def _sensitivity_targets(self, model: onnx.ModelProto, chosen: list[tuple[WeightSite, float]], context: PassContext,
+                             result: PassResult) -> list[tuple[WeightSite, float]]:
+        """Per-tensor sparsities with the same total: each tensor alone is pruned (by magnitude) to
+        its target and the output drift on calibration data measured; with damage modelled as
+        drift x (share / target)², the least total damage puts share ∝ size / drift, so large,
+        robust tensors give more and small, sensitive ones (the first conv, the classifier) less."""
+        assert context.calibration is not None
+        from ..calibration import FirstSamples
+
+        source = FirstSamples(context.calibration, 16)
+        reference = outputs_on(model, source)
+        drift = []
+        for index, (site, target) in enumerate(chosen):
+            trial_graph = to_gs(model)
+            trial_site = next(s for s in find_weights(trial_graph, WEIGHT_OPS + RNN_OPS)[0] if s.name == site.name)
+            replace_weight(trial_site, np.where(unstructured_mask(np.abs(trial_site.value), target), trial_site.value, 0).astype(trial_site.value.dtype))
+            drift.append(max(output_drift(reference, outputs_on(from_gs(trial_graph, like=model), source)), 1e-9))
+            if context.progress:
+                context.progress("magnitude-prune sensitivity", index + 1, len(chosen))
+        sizes = np.array([site.value.size for site, _ in chosen], dtype=np.float64)
+        wanted = float(sum(size * target for size, (_, target) in zip(sizes, chosen)))
+        weight = sizes / np.array(drift)
+        low, high = 0.0, 1.0
+        while float(np.sum(sizes * np.minimum(0.95, high * weight))) < wanted and high < 1e12:
+            high *= 2
+        for _ in range(60):  # bisect the scale so that the shares add up to the wanted total
+            middle = (low + high) / 2
+            low, high = (middle, high) if float(np.sum(sizes * np.minimum(0.95, middle * weight))) < wanted else (low, middle)
+        shares = np.minimum(0.95, high * weight)
+        result.figures["sensitivity"] = {site.name: {"drift_at_target": round(d, 6), "sparsity": round(float(share), 4)}
+                                         for (site, _), d, share in zip(chosen, drift, shares)}
+        return [(site, float(share)) for (site, _), share in zip(chosen, shares)]
 
     def _choose(self, sites: list[WeightSite], result: PassResult) -> list[tuple[WeightSite, float]]:
         main = [s for s in sites if not s.in_subgraph]
