@@ -107,8 +107,9 @@ class Pass:
 
     @classmethod
     def summary(cls) -> str:
-        """The first line of the pass's docstring."""
-        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        """The first paragraph of the pass's docstring, on one line."""
+        first = (cls.__doc__ or "").strip().split("\n\n")[0]
+        return " ".join(first.split())
 
     def spec(self) -> str:
         """The pass as pipeline text (non-default options only); parses back to an equal pass."""

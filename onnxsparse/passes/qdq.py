@@ -77,7 +77,7 @@ class Qdq(Pass):
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "node name or op type patterns kept in float"})
     guard: bool = field(default=True, metadata={"help": "keep the most harmful nodes in float until the tolerance holds"})
     bias_correction: Literal["auto", "on", "off"] = field(default="auto", metadata={
-        "help": "shift each layer's bias, in graph order, so its mean int8 output matches float (auto: with minmax ranges only)"})
+        "help": "shift each layer's bias, in graph order, so its mean int8 output matches float (auto: convolutions, with minmax ranges)"})
     correction_samples: int = field(default=16, metadata={"help": "calibration samples read per layer by bias_correction"})
     embeddings: bool = field(default=False, metadata={
         "help": "int8 embedding tables (DequantizeLinear before Gather): MiniLM 0.65x -> 0.26x the file, but 0.46x -> 0.65x latency"})
