@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -356,6 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxsparse: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `onnxsparse inspect m.onnx | head`: the reader left; nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as error:  # noqa: BLE001 - a bug of ours: one line, the traceback under -vv
         log.debug("internal error", exc_info=True)
         print(f"onnxsparse: internal error: {type(error).__name__}: {' '.join(str(error).split())} "
