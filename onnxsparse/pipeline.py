@@ -119,9 +119,12 @@ class PassManager:
         started = time.perf_counter()
         budget = chain.budget_with(pass_)
 
-        def validate(model: onnx.ModelProto) -> ValidationResult:
-            outputs = run_feeds(make_session(model, f"{label} trial of {pass_.name}"), reference.feeds, label)
-            return compare(reference.outputs, outputs, lambda o: self.tolerances.for_output(o, pass_.name, budget), temperature=self.temperature)
+        def against_original(model: onnx.ModelProto, name: str, progress: ProgressCallback | None = None) -> tuple[list[dict[str, np.ndarray]], ValidationResult]:
+            outputs = run_feeds(make_session(model, name), reference.feeds, name, progress)
+            return outputs, compare(reference.outputs, outputs, lambda o: self.tolerances.for_output(o, pass_.name, budget), temperature=self.temperature)
+
+        def validate(model: onnx.ModelProto) -> ValidationResult:  # for passes that search (the qdq guard)
+            return against_original(model, f"{label} trial of {pass_.name}")[1]
 
         try:
             candidate = self._prepared_copy(pass_, chain.model)
@@ -141,11 +144,9 @@ class PassManager:
         step.seconds["check"] = time.perf_counter() - checked
         validated = time.perf_counter()
         try:
-            outputs = run_feeds(make_session(result.model, f"{label} after {pass_.name}"), reference.feeds,
-                                f"{label} after {pass_.name}", self._progress(f"validate {pass_.name}"))
+            outputs, step.validation = against_original(result.model, f"{label} after {pass_.name}", self._progress(f"validate {pass_.name}"))
         except (RuntimeLoadError, InputDataError) as error:
             return self._structural_failure(step, str(error)), None, None
-        step.validation = compare(reference.outputs, outputs, lambda o: self.tolerances.for_output(o, pass_.name, budget), temperature=self.temperature)
         if pass_.tolerance() == EXACT and chain.drifted:
             # An exact pass after a lossy one: the drift from the original belongs to the earlier
             # pass; this one is held to its own bound against the model it was given.

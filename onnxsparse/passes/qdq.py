@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -136,7 +136,9 @@ class Qdq(Pass):
         shifts: dict[str, np.ndarray] = {}
         if self.bias_correction != "off" and (self.bias_correction == "on" or self.method == "minmax"):
             shifts = self._bias_shifts(model, plan, ranges, per_channel, context, result)
-        build = _Builder(self, model, plan, ranges, per_channel, shifts)
+        def build(kept: set[str]) -> onnx.ModelProto:  # the quantized model for a set of nodes kept float
+            return self._build(model, plan, ranges, kept, per_channel, shifts)
+
         quantized = build(kept_float)
         if self.guard and context.validate is not None:
             quantized, kept_float = self._guard(build, plan, quantized, context, result)
@@ -269,7 +271,7 @@ class Qdq(Pass):
 
     # -- the accuracy guard -------------------------------------------------------------------
 
-    def _guard(self, build: _Builder, plan: Plan, quantized: onnx.ModelProto, context: PassContext,
+    def _guard(self, build: Callable[[set[str]], onnx.ModelProto], plan: Plan, quantized: onnx.ModelProto, context: PassContext,
                result: PassResult) -> tuple[onnx.ModelProto, set[str]]:
         """Keep the most harmful nodes in float until the tolerance holds.
 
@@ -297,7 +299,8 @@ class Qdq(Pass):
         return kept[0], kept[1]
 
     @staticmethod
-    def _fewest(items: list[str], expand, build: _Builder, context: PassContext, label: str) -> tuple[onnx.ModelProto, set[str]] | None:
+    def _fewest(items: list[str], expand: Callable[[list[str]], set[str]], build: Callable[[set[str]], onnx.ModelProto],
+                context: PassContext, label: str) -> tuple[onnx.ModelProto, set[str]] | None:
         """The shortest prefix of ``items`` (ordered by how much keeping each alone in float helps)
         whose float nodes ``expand(prefix)`` meet the tolerance, with its model."""
         assert context.validate is not None
@@ -360,21 +363,6 @@ class Qdq(Pass):
             nodes_quantized=len(plan.nodes) - len(kept_float), nodes_kept_float=len(kept_float),
             tensors_calibrated=len(plan.tensors), activations=self.activations, weights="int8 per-channel" if per_channel else "int8 per-tensor",
         )
-
-
-@dataclass(frozen=True)
-class _Builder:
-    """Builds the quantized model for a set of nodes kept float, everything else fixed."""
-
-    owner: Qdq
-    model: onnx.ModelProto
-    plan: Plan
-    ranges: dict[str, tuple[float, float]]
-    per_channel: bool
-    shifts: dict[str, np.ndarray]
-
-    def __call__(self, kept_float: set[str]) -> onnx.ModelProto:
-        return self.owner._build(self.model, self.plan, self.ranges, kept_float, self.per_channel, self.shifts)
 
 
 def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
