@@ -119,6 +119,31 @@ def hessian_blocks(site: WeightSite, rows: np.ndarray) -> list[np.ndarray]:
     return [rows[:, g * width : (g + 1) * width].T @ rows[:, g * width : (g + 1) * width] for g in range(groups)]
 
 
+def cross_blocks(site: WeightSite, rows: np.ndarray, teacher_rows: np.ndarray) -> list[np.ndarray]:
+    """X_teacherᵀ X per group: how the original model's layer input correlates with the pruned one's."""
+    groups = groups_of(site)
+    width = rows.shape[1] // groups
+    return [teacher_rows[:, g * width : (g + 1) * width].T @ rows[:, g * width : (g + 1) * width] for g in range(groups)]
+
+
+def fit_to_teacher(matrix: np.ndarray, cross: np.ndarray, hessian: np.ndarray, strength: float) -> np.ndarray:
+    """The weights W' that best map the pruned model's layer input X to the original layer's output
+    X_t Wᵀ, pulled towards W itself:  min ||X W'ᵀ - X_t Wᵀ||² + λ ||W' - W||²  with λ = strength x the
+    mean of diag(XᵀX). Closed form: W' = W (X_tᵀX + λI)(XᵀX + λI)⁻¹.
+
+    This undoes the drift that earlier pruned layers left in this layer's input before the layer
+    is itself pruned; the pull towards W keeps a layer with few calibration rows (a classifier fed
+    one pooled vector per image) from memorising the calibration set.
+    """
+    w = matrix.astype(np.float64)
+    damping = strength * float(np.mean(np.diag(hessian))) * np.eye(len(hessian))
+    if not np.any(damping):
+        damping = 1e-8 * np.eye(len(hessian))
+    right = cross.astype(np.float64) + damping
+    # W' (H + λI) = W (C + λI): solve with the symmetric H + λI from the right.
+    return np.linalg.solve(hessian.astype(np.float64) + damping, (w @ right).T).T
+
+
 # ---------------------------------------------------------------------------------------------
 # SparseGPT (Frantar & Alistarh, 2023): prune with the inverse Hessian, update the survivors
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ memory does not grow with the calibration set."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -23,9 +24,26 @@ log = logging.getLogger(__name__)
 
 
 
+def layers_from(model: onnx.ModelProto, first_names: list[str]) -> list[str]:
+    """The Conv/Gemm/MatMul nodes of the main graph from the first of ``first_names`` on, in graph order."""
+    wanted = set(first_names)
+    names: list[str] = []
+    for node in model.graph.node:
+        if names or node.name in wanted:
+            if node.op_type in ("Conv", "Gemm", "MatMul"):
+                names.append(node.name)
+    return names
+
+
+# Which channels of an original tensor survive in the pruned model: tensor name -> (axis, kept mask).
+KeptChannels = Mapping[str, tuple[int, np.ndarray]]
+
+
 def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, node_names: list[str],
-                 source: InputSource, samples: int, result: PassResult, strength: float = 0.1) -> onnx.ModelProto:
-    """Refit the named Conv/Gemm/MatMul nodes of ``pruned`` toward ``original``'s outputs."""
+                 source: InputSource, samples: int, result: PassResult, strength: float = 0.1,
+                 kept: KeptChannels | None = None) -> onnx.ModelProto:
+    """Refit the named Conv/Gemm/MatMul nodes of ``pruned`` toward ``original``'s outputs (restricted
+    to the channels that ``kept`` says survive, for layers whose own outputs were pruned)."""
     wanted = set(node_names)
     graph = to_gs(pruned)
     sites = {site.uses[0].node.name: site for site in find_weights(graph)[0] if len(site.uses) == 1}
@@ -38,25 +56,37 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, node_names:
             result.skipped.append(Skip(node.name, f"refit: {reason}"))
             continue
         current = from_gs(graph, like=pruned)
-        _refit_one(original, current, graph, site, source, samples, result, strength)  # type: ignore[arg-type]
+        _refit_one(original, current, graph, site, source, samples, result, strength, kept or {})  # type: ignore[arg-type]
     graph.cleanup().toposort()
     return from_gs(graph, like=pruned)
 
 
 def _refit_one(original: onnx.ModelProto, current: onnx.ModelProto, graph: gs.Graph, site: WeightSite,
-               source: InputSource, samples: int, result: PassResult, strength: float) -> None:
+               source: InputSource, samples: int, result: PassResult, strength: float, kept: KeptChannels) -> None:
     node = site.uses[0].node
     output = node.outputs[0].name
     with_bias = node.op in ("Conv", "Gemm")
     matrix = to_matrix(site).astype(np.float64)
     bias = _bias_of(node, matrix.shape[0]) if with_bias else np.zeros(matrix.shape[0])
-    targets = tensor_values(original, source, [output], limit=samples, label="refit targets")
-    inputs = tensor_values(current, source, [activation_name(site)], limit=samples, label="refit inputs")
+    # A layer whose output is added to a residual is fitted so that the SUM matches the original
+    # block's output: its target is the original sum minus the pruned model's residual, which then
+    # also absorbs the drift that the residual path carries.
+    residual = _residual_of(node)
+    target_name = residual[0] if residual else output
+    inputs_read = [activation_name(site), *([residual[1]] if residual else [])]
+    targets = tensor_values(original, source, [target_name], limit=samples, label="refit targets")
+    inputs = tensor_values(current, source, inputs_read, limit=samples, label="refit inputs")
     gram = cross = None
     error_before = norm = 0.0
     for target_values, input_values in zip(targets, inputs):
         rows = input_rows(site, input_values[activation_name(site)])
-        target = _output_rows(node, target_values[output])
+        wanted = _surviving(target_values[target_name], kept.get(target_name))
+        if residual:
+            if input_values[residual[1]].shape != wanted.shape:
+                result.skipped.append(Skip(node.name, "refit: the residual is broadcast"))
+                return
+            wanted = wanted - input_values[residual[1]]
+        target = _output_rows(node, wanted)
         if target.shape[1] != matrix.shape[0]:
             result.skipped.append(Skip(node.name, "refit: output channels differ from the original's"))
             return
@@ -86,6 +116,25 @@ def _refit_one(original: onnx.ModelProto, current: onnx.ModelProto, graph: gs.Gr
         "relative_error_before": round(float(np.sqrt(error_before / max(norm, 1e-30))), 6),
         "relative_error_after": round(float(np.sqrt(max(error_after, 0.0) / max(norm, 1e-30))), 6),
     }))
+
+
+def _surviving(value: np.ndarray, kept: tuple[int, np.ndarray] | None) -> np.ndarray:
+    if kept is None:
+        return value
+    axis, mask = kept
+    return np.compress(mask, value, axis=axis) if value.ndim > axis and value.shape[axis] == mask.size else value
+
+
+def _residual_of(node: gs.Node) -> tuple[str, str] | None:
+    """(the Add's output, the other addend) when the node's only reader is an Add of two activations."""
+    readers = node.outputs[0].outputs
+    if len(readers) != 1 or readers[0].op != "Add" or len(readers[0].inputs) != 2:
+        return None
+    add = readers[0]
+    other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+    if isinstance(other, gs.Constant) or other is node.outputs[0] or not other.inputs:
+        return None  # a bias-like constant, x + x, or a graph input
+    return add.outputs[0].name, other.name
 
 
 def _bias_of(node: gs.Node, outputs: int) -> np.ndarray:

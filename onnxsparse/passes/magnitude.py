@@ -14,7 +14,8 @@ import onnx_graphsurgeon as gs
 
 from ..activations import collect_channel_stats, tensor_values
 from ..graph import from_gs, overridable_initializers, to_gs
-from ..layerwise import activation_name, correct_biases, from_matrix, hessian_blocks, input_rows, sparsegpt, to_matrix, unsupported_reason
+from ..layerwise import (activation_name, correct_biases, cross_blocks, fit_to_teacher, from_matrix, hessian_blocks, input_rows, sparsegpt,
+                         to_matrix, unsupported_reason)
 from ..validate import Tolerance, output_drift, outputs_on
 from ..weights import RNN_OPS, WEIGHT_OPS, WeightSite, find_weights, matches, replace_weight
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
@@ -72,6 +73,9 @@ class MagnitudePrune(Pass):
     bias_correction: bool = field(default=False, metadata={"help": "re-centre each pruned layer's mean output on calibration data"})
     block: int = field(default=128, metadata={"help": "sparsegpt: columns per block"})
     damp: float = field(default=0.01, metadata={"help": "sparsegpt: damping, a fraction of the mean Hessian diagonal"})
+    teacher: float = field(default=0.0, metadata={
+        "help": "sparsegpt: before pruning a layer, refit it to the ORIGINAL model's layer output from the pruned model's input, "
+                "regularized towards its weights by this fraction of the mean Hessian diagonal (0 = off)"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.sparsity < 1:
@@ -80,8 +84,8 @@ class MagnitudePrune(Pass):
         for pattern, value in self.overrides.items():
             if not 0 <= value < 1:
                 raise ValueError(f"override {pattern}:{value} is outside [0, 1)")
-        if self.min_size < 0 or self.calibration_samples < 1 or self.block < 1 or self.damp < 0:
-            raise ValueError("min_size and damp must be >= 0, calibration_samples and block >= 1")
+        if self.min_size < 0 or self.calibration_samples < 1 or self.block < 1 or self.damp < 0 or self.teacher < 0:
+            raise ValueError("min_size, damp and teacher must be >= 0, calibration_samples and block >= 1")
         if self.criterion == "sparsegpt" and self.scope == "global":
             raise ValueError("criterion sparsegpt works layer by layer: use scope per-tensor or per-row")
 
@@ -254,27 +258,41 @@ class MagnitudePrune(Pass):
                 value = np.where(keep, site.value, np.zeros((), dtype=site.value.dtype))
             else:
                 current = from_gs(graph, like=model)  # the model with every earlier layer already pruned
-                value = self._reconstruct_layer(current, site, target, nm, context)
+                value = self._reconstruct_layer(model, current, site, target, nm, context)
             replace_weight(site, value)
             pruned.append(value)
         return pruned
 
-    def _reconstruct_layer(self, current: onnx.ModelProto, site: WeightSite, target: float, nm: tuple[int, int] | None, context: PassContext) -> np.ndarray:
-        assert context.calibration is not None
-        hessians: list[np.ndarray] | None = None
-        name = activation_name(site)
-        for values in tensor_values(current, context.calibration, [name], limit=self.calibration_samples, label="sparsegpt inputs"):
-            blocks = hessian_blocks(site, input_rows(site, values[name]))
-            hessians = blocks if hessians is None else [a + b for a, b in zip(hessians, blocks)]
-        assert hessians is not None
+    def _reconstruct_layer(self, original: onnx.ModelProto, current: onnx.ModelProto, site: WeightSite, target: float,
+                           nm: tuple[int, int] | None, context: PassContext) -> np.ndarray:
+        hessians, crosses = self._layer_statistics(original, current, site, context)
         matrix = to_matrix(site)
         rows_per_group = matrix.shape[0] // len(hessians)
-        solved = [
-            sparsegpt(matrix[g * rows_per_group : (g + 1) * rows_per_group], h, target, nm=nm,
-                      per_row=self.scope == "per-row", block=self.block, damp=self.damp)
-            for g, h in enumerate(hessians)
-        ]
+        groups = [matrix[g * rows_per_group : (g + 1) * rows_per_group] for g in range(len(hessians))]
+        if crosses is not None:
+            groups = [fit_to_teacher(w, c, h, self.teacher) for w, c, h in zip(groups, crosses, hessians)]
+        solved = [sparsegpt(w, h, target, nm=nm, per_row=self.scope == "per-row", block=self.block, damp=self.damp)
+                  for w, h in zip(groups, hessians)]
         return from_matrix(site, np.concatenate(solved, axis=0))
+
+    def _layer_statistics(self, original: onnx.ModelProto, current: onnx.ModelProto, site: WeightSite,
+                          context: PassContext) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """XᵀX per group of the layer's input in the partly pruned model and, with ``teacher``,
+        X_tᵀX with X_t the same input in the original model (the same feeds, in the same order)."""
+        assert context.calibration is not None
+        name = activation_name(site)
+        mine = tensor_values(current, context.calibration, [name], limit=self.calibration_samples, label="sparsegpt inputs")
+        theirs = (tensor_values(original, context.calibration, [name], limit=self.calibration_samples, label="sparsegpt teacher")
+                  if self.teacher > 0 else None)
+        hessians: list[np.ndarray] | None = None
+        crosses: list[np.ndarray] | None = None
+        for values in mine:
+            rows = input_rows(site, values[name])
+            hessians = _add_blocks(hessians, hessian_blocks(site, rows))
+            if theirs is not None:
+                crosses = _add_blocks(crosses, cross_blocks(site, rows, input_rows(site, next(theirs)[name])))
+        assert hessians is not None, "no calibration feed"
+        return hessians, crosses
 
     # -- reporting -----------------------------------------------------------------
 
@@ -291,6 +309,10 @@ class MagnitudePrune(Pass):
             }))
         result.figures.update(tensors_pruned=len(chosen), weights_considered=size_total, zeros=zeros_total,
                               sparsity=round(zeros_total / max(size_total, 1), 6))
+
+
+def _add_blocks(total: list[np.ndarray] | None, blocks: list[np.ndarray]) -> list[np.ndarray]:
+    return blocks if total is None else [a + b for a, b in zip(total, blocks)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,6 +88,7 @@ HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
     "ppocr_rec": ("exact_match", "cer"),
     "minilm": ("embedding_cosine", "nn_agreement"),
     "mnist": ("accuracy", "top1_agreement"),
+    "resnet18": ("accuracy", "top1_agreement"),
 }
 
 
