@@ -221,6 +221,29 @@ def test_refit_recovers_accuracy_on_the_bundled_mlp():
     assert cosine[True] > 0.999 > cosine[False]
 
 
+def test_refit_reaches_pruned_producers_residual_blocks_and_depthwise_convs_on_the_bundled_cnn():
+    model = load(MODELS / "digits_cnn.onnx")
+    inputs = resolve_inputs(str(MODELS / "digits_cnn.inputs.npz"), model)
+    calibration = resolve_inputs(str(MODELS / "digits_cnn.calibration.npz"), model)
+    cosine, refit_nodes = {}, {}
+    for scope in ("none", "consumers", "downstream"):
+        options = "refit=false" if scope == "none" else f"refit=true refit_scope={scope}"
+        manager = PassManager(parse_pipeline(f"fold-batchnorm,channel-prune{{ratio=0.5 {options}}}"), inputs=inputs,
+                              calibration=calibration, policy="keep")
+        _, report = manager.run(model)
+        step = report.steps[-1]
+        assert step.status != "rolled-back"
+        cosine[scope] = report.final_validation.outputs[0].cosine
+        refits = [c for c in step.changes if c.action == "refit"]
+        assert all(c.details["relative_error_after"] < c.details["relative_error_before"] for c in refits)
+        refit_nodes[scope] = {c.target for c in refits}
+    # conv1 and pointwise lose output channels themselves: fit to the original's surviving channels;
+    # conv2 feeds the residual Add: fit so that the sum matches; the depthwise conv is fit per channel.
+    assert {"/block/conv1/Conv", "/block/conv2/Conv", "/pointwise/pointwise.0/Conv", "/fc/Gemm"} <= refit_nodes["consumers"]
+    assert "/depthwise/depthwise.0/Conv" in refit_nodes["downstream"]
+    assert cosine["none"] < 0.3 and cosine["consumers"] > 0.8 and cosine["downstream"] > 0.8  # measured 0.23, 0.84, 0.84
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("channel-prune{ratio=1.0}", "outside [0, 1)"),
     ("channel-prune{min_channels=0}", "cannot lose every channel"),

@@ -109,7 +109,9 @@ class Qdq(Pass):
         static = self._static(model, context, result, per_channel)
         if self.mode == "static" or context.validate is None or context.calibration is None:
             return self._with_embeddings(static)
-        dynamic = self._dynamic(model, PassResult(model, warnings=list(result.warnings)), per_channel)
+        # The dynamic candidate starts from what was already said (opset raised, unmatched patterns),
+        # as the static one does.
+        dynamic = self._dynamic(model, PassResult(model, warnings=list(result.warnings), figures=dict(result.figures)), per_channel)
         return self._with_embeddings(_pick(static, dynamic, model, context))
 
     def _with_embeddings(self, result: PassResult) -> PassResult:
