@@ -29,10 +29,11 @@ def test_relative_spread() -> None:
     assert relative_spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx((5.0 - 1.0) / 3.0)
 
 
-def ok_result(config: str, tool: str = "onnxsparse") -> dict:
+def ok_result(config: str, tool: str = "onnxsparse", macs: int = 800) -> dict:
     return {
         "config": config, "tool": tool, "status": "ok", "note": "", "tool_seconds": 1.25,
-        "figures": {"file_bytes": 1500, "size_ratio": 0.5, "parameters": 1000, "nonzero_parameters": 500, "unused_tensors": 2, "unused_bytes": 64},
+        "figures": {"file_bytes": 1500, "size_ratio": 0.5, "parameters": 1000, "nonzero_parameters": 500, "unused_tensors": 2, "unused_bytes": 64,
+                    "macs": macs},
         "latency": {"ratio": 0.8}, "metrics": {"accuracy": 0.97, "cer": "inf"},
     }  # fmt: skip
 
@@ -40,15 +41,15 @@ def ok_result(config: str, tool: str = "onnxsparse") -> dict:
 def test_render_table_rows_and_error_cells() -> None:
     results = [
         ok_result("fp32", tool="fp32"),
-        ok_result("magnitude 50%") | {"note": "over tolerance (kept): magnitude-prune"},
+        ok_result("magnitude 50%", macs=400) | {"note": "over tolerance (kept): magnitude-prune"},
         {"config": "int8", "tool": "onnxsparse", "status": "error", "error": "unknown pass 'qdq' | known: a\nsecond line", "tool_seconds": 0.3},
     ]
     lines = render_table(results, ["accuracy", "cer"]).splitlines()
     assert lines[0].startswith("| configuration | status | file bytes |") and lines[0].endswith("| accuracy | cer | tool s |")
     assert len(lines) == 2 + len(results)
     assert all(line.count(" | ") == lines[0].count(" | ") for line in lines[2:])  # an escaped pipe is no column
-    assert "| fp32 | ok | 1,500 | 0.500 | 1,000 | 500 | 2 (64 B) | 0.80 | 0.9700 | inf | - |" == lines[2]
-    assert "ok (over tolerance (kept): magnitude-prune)" in lines[3]
+    assert "| fp32 | ok | 1,500 | 0.500 | 1,000 | 500 | 2 (64 B) | 1.000 | 0.80 | 0.9700 | inf | - |" == lines[2]
+    assert "ok (over tolerance (kept): magnitude-prune)" in lines[3] and "| 2 (64 B) | 0.500 | 0.80 |" in lines[3]  # MACs 400 / 800
     assert "unknown pass 'qdq' \\| known: a second line" in lines[4] and lines[4].endswith("| - | - | 0.3 |")
 
 

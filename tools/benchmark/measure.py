@@ -94,7 +94,7 @@ def interleaved_latency(reference: Path, candidate: Path, feed: Mapping[str, Any
 def model_figures(path: Path, reference_bytes: int) -> dict[str, Any]:
     """Size on disk and parameters, with onnxsparse's own inspector: parameters read by nodes (and
     how many are non-zero) apart from constant tensors that no node reads but the file still holds."""
-    from onnxsparse.inspect_model import summarize
+    from onnxsparse.inspect_model import count_macs, summarize
     from onnxsparse.io import load_with_info
 
     # check=False: a peer's output that the onnx checker rejects is still measured if onnxruntime runs it.
@@ -112,6 +112,7 @@ def model_figures(path: Path, reference_bytes: int) -> dict[str, Any]:
         "nodes": summary.nodes,
         "sparse_encoded_tensors": len(summary.sparse_encoded),
         "op_histogram": summary.op_histogram,
+        "macs": count_macs(model),  # per sample, Conv/Gemm/MatMul only; None when shapes are unknown
     }
 
 

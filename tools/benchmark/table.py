@@ -52,7 +52,7 @@ def unused_cell(figures: Mapping[str, Any]) -> str:
     return "0" if count == 0 else f"{count} ({format_int(figures.get('unused_bytes'))} B)"
 
 
-def row_cells(result: Mapping[str, Any], metric_names: Sequence[str]) -> list[str]:
+def row_cells(result: Mapping[str, Any], metric_names: Sequence[str], fp32_macs: Any = None) -> list[str]:
     figures = result.get("figures") or {}
     latency = result.get("latency") or {}
     metrics = result.get("metrics") or {}
@@ -64,13 +64,20 @@ def row_cells(result: Mapping[str, Any], metric_names: Sequence[str]) -> list[st
         format_int(figures.get("parameters")),
         format_int(figures.get("nonzero_parameters")),
         unused_cell(figures),
+        format_ratio(macs_ratio(figures, fp32_macs), 3),
         format_ratio(latency.get("ratio")),
         *(format_metric(metrics.get(name)) for name in metric_names),
         format_ratio(result.get("tool_seconds"), 1) if result.get("tool") != "fp32" else MISSING,
     ]
 
 
-HEADERS = ("configuration", "status", "file bytes", "size x fp32", "params used", "non-zero", "unused tensors", "latency x fp32")
+HEADERS = ("configuration", "status", "file bytes", "size x fp32", "params used", "non-zero", "unused tensors", "MACs x fp32",
+           "latency x fp32")
+
+
+def macs_ratio(figures: Mapping[str, Any], fp32_macs: Any) -> float | None:
+    macs = figures.get("macs")
+    return macs / fp32_macs if isinstance(macs, int) and isinstance(fp32_macs, int) and fp32_macs > 0 else None
 
 
 def render_table(results: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) -> str:
@@ -80,7 +87,9 @@ def render_table(results: Sequence[Mapping[str, Any]], metric_names: Sequence[st
         "| " + " | ".join(headers) + " |",
         "|" + "|".join("---:" if index in numeric else "---" for index in range(len(headers))) + "|",
     ]
-    lines += ["| " + " | ".join(row_cells(result, metric_names)) + " |" for result in results]
+    fp32 = next((r for r in results if r.get("tool") == "fp32"), {})
+    fp32_macs = (fp32.get("figures") or {}).get("macs")
+    lines += ["| " + " | ".join(row_cells(result, metric_names, fp32_macs)) + " |" for result in results]
     return "\n".join(lines)
 
 
