@@ -261,3 +261,26 @@ def test_real_model_calibration_and_eval_are_disjoint(name: str) -> None:
         assert not origins(dict(calibration), key) & origins(dict(evaluation), key)
     assert task.info["calibration"]["size"] == sum(len(next(iter(f.values()))) for f in task.calibration)
     assert task.info["eval"]["size"] == sum(len(next(iter(f.values()))) for f in task.eval_feeds)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["mobilenetv2", "resnet18"])
+def test_removing_all_zero_channels_of_a_real_cnn_leaves_its_outputs_unchanged(name: str, tmp_path: Path) -> None:
+    """magnitude-prune with whole-filter structure, then channel-prune{mode=zero-only}: the channels
+    really go (fewer MACs) and the outputs equal the filter-pruned model's (<= 1e-5 relative)."""
+    from onnxsparse import optimize
+    from onnxsparse.inspect_model import count_macs
+
+    task = cached_task(name)
+    folder = task.model_path.parent
+    data = {"inputs": folder / "eval.npz", "calibration": folder / "calibration.npz", "policy": "keep"}
+    zeroed, removed = tmp_path / "zeroed.onnx", tmp_path / "removed.onnx"
+    prune = "fold-batchnorm,magnitude-prune{pattern=filter sparsity=0.3 skip_depthwise=true}"
+    optimize(task.model_path, zeroed, prune, **data)
+    report = optimize(zeroed, removed, "channel-prune{mode=zero-only}", **data)
+    assert report.steps[0].status == "committed"
+    assert report.steps[0].figures["channels_removed"] > 0
+    assert count_macs(onnx.load(str(removed))) < count_macs(onnx.load(str(zeroed)))
+    before, after = task.run(zeroed), task.run(removed)
+    scale = float(np.max(np.abs(before)))
+    assert float(np.max(np.abs(after - before))) <= 1e-5 * scale
