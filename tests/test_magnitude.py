@@ -12,7 +12,7 @@ from onnxsparse.calibration import IterableInputs, resolve_inputs
 from onnxsparse.errors import PipelineSpecError, RequirementError
 from onnxsparse.graph import iter_model_graphs, tensor_array
 from onnxsparse.passes import PassContext
-from onnxsparse.passes.magnitude import MagnitudePrune
+from onnxsparse.passes.magnitude import MagnitudePrune, allocate_sparsity
 from onnxsparse.pipeline import PassManager, clone
 from onnxsparse.spec import parse_pipeline
 
@@ -204,3 +204,16 @@ def test_sensitivity_scope_keeps_the_total_and_spares_the_sensitive_tensors():
     most = max(scan, key=lambda n: scan[n]["drift_at_target"] / sizes[n])
     least = min(scan, key=lambda n: scan[n]["drift_at_target"] / sizes[n])
     assert shares[most] <= shares[least]
+
+
+def test_sensitivity_allocation_keeps_the_total_and_spares_sensitive_and_steep_tensors():
+    sizes = np.array([1000.0, 1000.0, 1000.0, 50.0])
+    targets = np.full(4, 0.5)
+    drifts = np.array([0.01, 0.04, 0.01, 0.01])
+    exponents = np.array([2.0, 2.0, 6.0, 2.0])
+    shares = allocate_sparsity(sizes, targets, drifts, exponents)
+    assert float(np.sum(sizes * shares)) == pytest.approx(float(np.sum(sizes * targets)), rel=1e-6)
+    assert shares[1] < shares[0]  # four times the drift at the target: pruned less
+    assert shares[2] < shares[0]  # same drift at the target but damage climbs steeply: pruned less
+    assert shares[3] < shares[0]  # small tensor: little to gain from it
+    assert shares.max() <= 0.95

@@ -13,6 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..activations import collect_channel_stats, tensor_values
+from ..calibration import InputSource
 from ..graph import from_gs, overridable_initializers, to_gs
 from ..layerwise import (activation_name, correct_biases, cross_blocks, fit_to_teacher, from_matrix, hessian_blocks, input_rows, sparsegpt,
                          to_matrix, unsupported_reason)
@@ -126,36 +127,41 @@ class MagnitudePrune(Pass):
 
     def _sensitivity_targets(self, model: onnx.ModelProto, chosen: list[tuple[WeightSite, float]], context: PassContext,
                              result: PassResult) -> list[tuple[WeightSite, float]]:
-        """Per-tensor sparsities with the same total: each tensor alone is pruned (by magnitude) to
-        its target and the output drift on calibration data measured; with damage modelled as
-        drift x (share / target)², the least total damage puts share ∝ size / drift, so large,
-        robust tensors give more and small, sensitive ones (the first conv, the classifier) less."""
+        """Per-tensor sparsities with the same total, from a scan on calibration data: each tensor
+        alone is pruned (by magnitude) to the target and to a higher probe, and the output drift
+        measured at both. Each tensor's damage is modelled as drift x (sparsity / target)^p with
+        its own exponent p from the two probes, and the sparsities that minimise the total damage
+        are found by bisection: large, robust tensors give more, small sensitive ones (the first
+        conv, the classifier) less, and a tensor whose damage climbs steeply is not pushed far."""
         assert context.calibration is not None
         from ..calibration import FirstSamples
 
         source = FirstSamples(context.calibration, 16)
         reference = outputs_on(model, source)
-        drift = []
+        drifts: dict[str, list[float]] = {}
         for index, (site, target) in enumerate(chosen):
-            trial_graph = to_gs(model)
-            trial_site = next(s for s in find_weights(trial_graph, WEIGHT_OPS + RNN_OPS)[0] if s.name == site.name)
-            replace_weight(trial_site, np.where(unstructured_mask(np.abs(trial_site.value), target), trial_site.value, 0).astype(trial_site.value.dtype))
-            drift.append(max(output_drift(reference, outputs_on(from_gs(trial_graph, like=model), source)), 1e-9))
+            drifts[site.name] = [self._drift_alone(model, site, amount, source, reference) for amount in (target, _probe_above(target))]
             if context.progress:
                 context.progress("magnitude-prune sensitivity", index + 1, len(chosen))
         sizes = np.array([site.value.size for site, _ in chosen], dtype=np.float64)
-        wanted = float(sum(size * target for size, (_, target) in zip(sizes, chosen)))
-        weight = sizes / np.array(drift)
-        low, high = 0.0, 1.0
-        while float(np.sum(sizes * np.minimum(0.95, high * weight))) < wanted and high < 1e12:
-            high *= 2
-        for _ in range(60):  # bisect the scale so that the shares add up to the wanted total
-            middle = (low + high) / 2
-            low, high = (middle, high) if float(np.sum(sizes * np.minimum(0.95, middle * weight))) < wanted else (low, middle)
-        shares = np.minimum(0.95, high * weight)
-        result.figures["sensitivity"] = {site.name: {"drift_at_target": round(d, 6), "sparsity": round(float(share), 4)}
-                                         for (site, _), d, share in zip(chosen, drift, shares)}
+        targets = np.array([target for _, target in chosen])
+        at_target = np.array([max(drifts[site.name][0], 1e-9) for site, _ in chosen])
+        exponents = np.array([_damage_exponent(target, *drifts[site.name]) for site, target in chosen])
+        shares = allocate_sparsity(sizes, targets, at_target, exponents)
+        result.figures["sensitivity"] = {
+            site.name: {"drift_at_target": round(drifts[site.name][0], 6), "drift_at_probe": round(drifts[site.name][1], 6),
+                        "exponent": round(float(p), 2), "sparsity": round(float(share), 4)}
+            for (site, _), p, share in zip(chosen, exponents, shares)}
         return [(site, float(share)) for (site, _), share in zip(chosen, shares)]
+
+    @staticmethod
+    def _drift_alone(model: onnx.ModelProto, site: WeightSite, sparsity: float, source: InputSource,
+                     reference: list[np.ndarray]) -> float:
+        trial_graph = to_gs(model)
+        trial_site = next(s for s in find_weights(trial_graph, WEIGHT_OPS + RNN_OPS)[0] if s.name == site.name)
+        keep = unstructured_mask(np.abs(trial_site.value), sparsity)
+        replace_weight(trial_site, np.where(keep, trial_site.value, 0).astype(trial_site.value.dtype))
+        return output_drift(reference, outputs_on(from_gs(trial_graph, like=model), source))
 
     def _choose(self, sites: list[WeightSite], result: PassResult) -> list[tuple[WeightSite, float]]:
         main = [s for s in sites if not s.in_subgraph]
@@ -309,6 +315,40 @@ class MagnitudePrune(Pass):
             }))
         result.figures.update(tensors_pruned=len(chosen), weights_considered=size_total, zeros=zeros_total,
                               sparsity=round(zeros_total / max(size_total, 1), 6))
+
+
+MAX_SHARE = 0.95  # no tensor is pruned further than this by the sensitivity scope
+
+
+def _probe_above(target: float) -> float:
+    """The second sparsity a tensor is probed at: halfway from the target to MAX_SHARE."""
+    return target + (MAX_SHARE - target) / 2
+
+
+def _damage_exponent(target: float, at_target: float, at_probe: float) -> float:
+    """p in drift(s) = drift(target) x (s / target)^p through both probes, within [1.5, 8]: a flat
+    or noisy pair must not make a tensor look free to prune, nor one steep pair rule it out."""
+    if target <= 0 or at_target <= 0 or at_probe <= at_target:
+        return 1.5
+    return float(np.clip(np.log(at_probe / at_target) / np.log(_probe_above(target) / target), 1.5, 8.0))
+
+
+def allocate_sparsity(sizes: np.ndarray, targets: np.ndarray, drifts: np.ndarray, exponents: np.ndarray) -> np.ndarray:
+    """Sparsities s minimising sum(drift x (s / target)^p) with sum(size x s) = sum(size x target).
+
+    The optimum has drift p (s/t)^(p-1) / t = λ x size for every tensor, i.e. s = t (λ t size / (drift p))^(1/(p-1));
+    λ is found by bisection on its logarithm (the allocated total grows with λ)."""
+    wanted = float(np.sum(sizes * targets))
+
+    def shares(log_lambda: float) -> np.ndarray:
+        base = np.exp(log_lambda) * targets * sizes / (drifts * exponents)
+        return np.minimum(MAX_SHARE, targets * base ** (1.0 / (exponents - 1.0)))
+
+    low, high = -200.0, 200.0
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if float(np.sum(sizes * shares(middle))) < wanted else (low, middle)
+    return shares(high)
 
 
 def _add_blocks(total: list[np.ndarray] | None, blocks: list[np.ndarray]) -> list[np.ndarray]:
