@@ -10,6 +10,7 @@ so that N:M groups of consecutive columns are groups of input channels at one ke
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -110,6 +111,21 @@ def _unfold(node: gs.Node, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.n
     grouped = windows.reshape(n, groups, channels // groups, *positions, *kernel)
     order = (0, *range(3, 3 + spatial), 1, *range(3 + spatial, 3 + 2 * spatial), 2)
     return grouped.transpose(order).reshape(n * math.prod(positions), -1)
+
+
+# Images per slice when a Conv's input is unfolded: im2col of a whole calibration batch can take
+# gigabytes (160 images x 112 x 112 positions x 288 columns in float64 is 4.6 GB).
+CONV_SAMPLES_PER_SLICE = 8
+
+
+def sample_slices(site: WeightSite, *arrays: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+    """The arrays (a Conv's input and whatever goes with it, sample-aligned) a few images at a time;
+    other layers' arrays whole."""
+    if site.uses[0].node.op != "Conv" or len({a.shape[0] for a in arrays}) != 1:
+        yield arrays
+        return
+    for start in range(0, arrays[0].shape[0], CONV_SAMPLES_PER_SLICE):
+        yield tuple(a[start : start + CONV_SAMPLES_PER_SLICE] for a in arrays)
 
 
 def hessian_blocks(site: WeightSite, rows: np.ndarray) -> list[np.ndarray]:

@@ -7,7 +7,7 @@ memory does not grow with the calibration set."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from .activations import tensor_values
 from .calibration import InputSource
 from .graph import from_gs, to_gs
-from .layerwise import activation_name, add_output_shift, from_matrix, groups_of, input_rows, to_matrix, unsupported_reason
+from .layerwise import activation_name, add_output_shift, from_matrix, groups_of, input_rows, sample_slices, to_matrix, unsupported_reason
 from .passes.base import Change, PassResult, Skip
 from .weights import WeightSite, find_weights, replace_weight
 
@@ -58,11 +58,6 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, node_names:
         _refit_one(original, current, graph, site, source, samples, result, strength, kept or {})  # type: ignore[arg-type]
     graph.cleanup().toposort()
     return from_gs(graph, like=pruned)
-
-
-# Images per slice when a Conv's input is unfolded: im2col of a whole calibration batch can take
-# gigabytes (160 images x 112 x 112 positions x 288 columns in float64 is 4.6 GB).
-CONV_SAMPLES_PER_SLICE = 8
 
 
 @dataclass
@@ -125,7 +120,7 @@ def _refit_one(original: onnx.ModelProto, current: onnx.ModelProto, graph: gs.Gr
                 result.skipped.append(Skip(node.name, "refit: the residual is broadcast"))
                 return
             wanted = wanted - input_values[residual[1]]
-        for activation, target_part in _slices(node, input_values[activation_name(site)], wanted):
+        for activation, target_part in sample_slices(site, input_values[activation_name(site)], wanted):
             rows = input_rows(site, activation).reshape(-1, groups, columns)
             target = _output_rows(node, target_part)
             if target.shape[1] != outputs:
@@ -159,15 +154,6 @@ def _grouped_parameters(matrix: np.ndarray, bias: np.ndarray, groups: int, with_
         weights = matrix[g * per_group : (g + 1) * per_group].T
         blocks.append(np.vstack([weights, bias[None, g * per_group : (g + 1) * per_group]]) if with_bias else weights)
     return np.stack(blocks)
-
-
-def _slices(node: gs.Node, activation: np.ndarray, target: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """A Conv's input and target a few images at a time (im2col memory); other layers whole."""
-    if node.op != "Conv" or activation.shape[0] != target.shape[0]:
-        yield activation, target
-        return
-    for start in range(0, activation.shape[0], CONV_SAMPLES_PER_SLICE):
-        yield activation[start : start + CONV_SAMPLES_PER_SLICE], target[start : start + CONV_SAMPLES_PER_SLICE]
 
 
 def _surviving(value: np.ndarray, kept: tuple[int, np.ndarray] | None) -> np.ndarray:

@@ -15,8 +15,8 @@ import onnx_graphsurgeon as gs
 from ..activations import collect_channel_stats, tensor_values
 from ..calibration import InputSource
 from ..graph import from_gs, overridable_initializers, to_gs
-from ..layerwise import (activation_name, correct_biases, cross_blocks, fit_to_teacher, from_matrix, hessian_blocks, input_rows, sparsegpt,
-                         to_matrix, unsupported_reason)
+from ..layerwise import (activation_name, correct_biases, cross_blocks, fit_to_teacher, from_matrix, hessian_blocks, input_rows,
+                         sample_slices, sparsegpt, to_matrix, unsupported_reason)
 from ..validate import Tolerance, output_drift, outputs_on
 from ..weights import RNN_OPS, WEIGHT_OPS, WeightSite, find_weights, matches, replace_weight
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
@@ -293,10 +293,12 @@ class MagnitudePrune(Pass):
         hessians: list[np.ndarray] | None = None
         crosses: list[np.ndarray] | None = None
         for values in mine:
-            rows = input_rows(site, values[name])
-            hessians = _add_blocks(hessians, hessian_blocks(site, rows))
-            if theirs is not None:
-                crosses = _add_blocks(crosses, cross_blocks(site, rows, input_rows(site, next(theirs)[name])))
+            teacher = next(theirs)[name] if theirs is not None else None
+            for part in sample_slices(site, values[name], *([teacher] if teacher is not None else [])):
+                rows = input_rows(site, part[0])
+                hessians = _add_blocks(hessians, hessian_blocks(site, rows))
+                if teacher is not None:
+                    crosses = _add_blocks(crosses, cross_blocks(site, rows, input_rows(site, part[1])))
         assert hessians is not None, "no calibration feed"
         return hessians, crosses
 
