@@ -74,9 +74,10 @@ class MagnitudePrune(Pass):
     bias_correction: bool = field(default=False, metadata={"help": "re-centre each pruned layer's mean output on calibration data"})
     block: int = field(default=128, metadata={"help": "sparsegpt: columns per block"})
     damp: float = field(default=0.01, metadata={"help": "sparsegpt: damping, a fraction of the mean Hessian diagonal"})
-    teacher: float = field(default=0.0, metadata={
+    # MobileNetV2 30%, sensitivity scope, 96 held-out views: top-1 agreement 0.865 without, 0.885 with 0.1.
+    teacher: float = field(default=0.1, metadata={
         "help": "sparsegpt: before pruning a layer, refit it to the ORIGINAL model's layer output from the pruned model's input, "
-                "regularized towards its weights by this fraction of the mean Hessian diagonal (0 = off)"})
+                "regularized towards its weights by this fraction of the mean Hessian diagonal (0 = off; doubles the model runs)"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.sparsity < 1:
