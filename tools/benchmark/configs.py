@@ -61,6 +61,8 @@ CONFIGS: tuple[Config, ...] = (
     Config("channel 30% round 8", "fold-batchnorm,channel-prune{ratio=0.3 round_to=8}"),
     Config("channel 30% sensitivity refit", "fold-batchnorm,channel-prune{ratio=0.3 scope=sensitivity refit=true}"),
     Config("channel 50% sensitivity refit", "fold-batchnorm,channel-prune{ratio=0.5 scope=sensitivity refit=true}"),
+    Config("channel 20% sensitivity refit downstream",
+           "fold-batchnorm,channel-prune{ratio=0.2 scope=sensitivity refit=true refit_scope=downstream}"),
     Config("channel 30% refit downstream", "fold-batchnorm,channel-prune{ratio=0.3 refit=true refit_scope=downstream}"),
     Config("channel 50% refit downstream", "fold-batchnorm,channel-prune{ratio=0.5 refit=true refit_scope=downstream}"),
     Config("channel 50% sensitivity refit downstream",
