@@ -272,7 +272,7 @@ LEGEND = (
     "intra-op 1, inter-op 1, sequential, interleaved with fp32 in one process; < 1 is smaller / faster). "
     "'params used' counts the elements of constant tensors read by nodes, 'non-zero' those that are not 0; "
     "'unused tensors' are constants left in the file that no node reads. 'MACs' are the multiply-accumulates of "
-    "Conv/Gemm/MatMul per sample, from inferred shapes. Task metrics are on the eval split, "
+    "Conv/Gemm/MatMul per sample, from inferred shapes ('-' on quantized graphs, where they are not counted yet). Task metrics are on the eval split, "
     "against the fp32 model (agreement, cosine) or ground truth (accuracy, exact_match, cer; cer: lower is better). "
     "'tool s' is the wall time of the tool's process (onnxsparse: the CLI with its validation; peers: the peer runner). "
     "onnxsparse rows run with --policy keep: '(over tolerance (kept): ...)' marks passes that broke their default "

@@ -75,7 +75,14 @@ HEADERS = ("configuration", "status", "file bytes", "size x fp32", "params used"
            "latency x fp32")
 
 
+# count_macs counts float Conv/Gemm/MatMul nodes only: on a quantized graph its figure is not comparable.
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                           "QLinearConv", "QLinearMatMul"})
+
+
 def macs_ratio(figures: Mapping[str, Any], fp32_macs: Any) -> float | None:
+    if QUANTIZED_OPS & set(figures.get("op_histogram") or {}):
+        return None
     macs = figures.get("macs")
     return macs / fp32_macs if isinstance(macs, int) and isinstance(fp32_macs, int) and fp32_macs > 0 else None
 
