@@ -195,3 +195,14 @@ def test_embedding_tables_become_int8_on_request(rng):
     assert [n.op_type for n in result.model.graph.node][:2] == ["DequantizeLinear", "Gather"]
     assert any(t.data_type == onnx.TensorProto.INT8 and list(t.dims) == [100, 16] for t in result.model.graph.initializer)
     np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], atol=np.abs(run(model, feed)[0]).max() / 100)
+
+
+def test_auto_mode_after_a_lossy_pass_judges_quantization_against_its_own_input(tmp_path):
+    """channel-prune 50% breaks the tolerance against the original; qdq's auto choice must not then
+    fall back to "the closer to the original" (the mode that quantized least: dynamic's one Gemm)."""
+    _, report = _quantize("digits_cnn", tmp_path, "fold-batchnorm,channel-prune{ratio=0.5},qdq", policy="keep")
+    qdq = report.steps[-1]
+    assert report.steps[1].status == "kept-failing"
+    assert qdq.figures["mode_choice"].startswith("neither within tolerance of the original; judged against this pass's input")
+    if qdq.figures["mode"] == "static":
+        assert qdq.figures["nodes_quantized"] >= 5  # every conv and the Gemm, not one node

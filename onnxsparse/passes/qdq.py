@@ -20,7 +20,7 @@ from ..errors import InputDataError
 from ..layerwise import add_output_shift
 from ..graph import constant_value, from_gs, name_unnamed_nodes, opset_version, overridable_initializers, to_gs, unique_name
 from ..quantization import CALIBRATION_METHODS, ActivationParams, activation_params, quantize_bias, quantize_weight
-from ..validate import Tolerance, ValidationResult
+from ..validate import Tolerance, ValidationResult, output_drift, outputs_on
 from ..weights import matches
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 
@@ -112,7 +112,7 @@ class Qdq(Pass):
         # The dynamic candidate starts from what was already said (opset raised, unmatched patterns),
         # as the static one does.
         dynamic = self._dynamic(model, PassResult(model, warnings=list(result.warnings), figures=dict(result.figures)), per_channel)
-        return self._with_embeddings(_pick(static, dynamic, model, context))
+        return self._with_embeddings(_pick(static, dynamic, model, context, self.default_tolerance.min_cosine or 0.97))
 
     def _with_embeddings(self, result: PassResult) -> PassResult:
         """Embedding tables (constant 2-D data of a Gather) to int8 with a scale per row. onnxruntime
@@ -389,7 +389,15 @@ def _kind(node: gs.Node) -> str:
     return node.op
 
 
-def _pick(static: PassResult, dynamic: PassResult, model: onnx.ModelProto, context: PassContext) -> PassResult:
+def _within_own_bound(model: onnx.ModelProto, results: dict[str, PassResult], context: PassContext, bound: float) -> list[str]:
+    """The modes whose output cosine to ``model`` (the pass's input) is at least ``bound``."""
+    assert context.calibration is not None
+    source = FirstSamples(context.calibration, 16)
+    reference = outputs_on(model, source)
+    return [mode for mode, result in results.items() if 1.0 - output_drift(reference, outputs_on(result.model, source)) >= bound]
+
+
+def _pick(static: PassResult, dynamic: PassResult, model: onnx.ModelProto, context: PassContext, own_bound: float) -> PassResult:
     """mode=auto: the result within tolerance; if both are, the faster in onnxruntime on one thread."""
     assert context.validate is not None and context.calibration is not None
     verdicts = {"static": context.validate(static.model), "dynamic": context.validate(dynamic.model)}
@@ -398,11 +406,18 @@ def _pick(static: PassResult, dynamic: PassResult, model: onnx.ModelProto, conte
     base = median_latency(model, feed)
     ratios = {mode: median_latency(results[mode].model, feed) / base for mode in results}
     passing = [mode for mode, verdict in verdicts.items() if verdict.passed]
+    why_prefix = ""
+    if not passing:
+        # An earlier lossy pass (pruning) may have moved the model past the tolerance already: then
+        # neither candidate can meet it and "the closer to the original" is merely the one that
+        # quantized less. Judge what quantization itself adds: the drift from this pass's input.
+        passing = _within_own_bound(model, results, context, own_bound)
+        why_prefix = "neither within tolerance of the original; judged against this pass's input: "
     if len(passing) == 1:
-        chosen, why = passing[0], "the only one within tolerance"
+        chosen, why = passing[0], why_prefix + "the only one within tolerance"
     elif passing:
         chosen = min(passing, key=lambda mode: ratios[mode])
-        why = "both within tolerance; the faster"
+        why = why_prefix + "both within tolerance; the faster"
     else:
         chosen = max(results, key=lambda mode: _closeness(verdicts[mode]))
         why = "neither within tolerance; the closer to the original"
