@@ -29,10 +29,11 @@ def layers_from(model: onnx.ModelProto, first_names: list[str]) -> list[str]:
     """The Conv/Gemm/MatMul nodes of the main graph from the first of ``first_names`` on, in graph order."""
     wanted = set(first_names)
     names: list[str] = []
+    started = False
     for node in model.graph.node:
-        if names or node.name in wanted:
-            if node.op_type in ("Conv", "Gemm", "MatMul"):
-                names.append(node.name)
+        started = started or node.name in wanted  # the first may be a ConvTranspose, which is not refit
+        if started and node.op_type in ("Conv", "Gemm", "MatMul"):
+            names.append(node.name)
     return names
 
 
@@ -72,9 +73,12 @@ class NormalEquations:
 
     def add(self, design: np.ndarray, target: np.ndarray, current: np.ndarray) -> None:
         """design [n, g, c], target [n, g, o], current Θ [g, c, o]."""
-        self.gram += np.einsum("ngi,ngj->gij", design, design)
-        self.cross += np.einsum("ngi,ngo->gio", design, target)
-        self.error_before += float(np.sum((np.einsum("ngi,gio->ngo", design, current) - target) ** 2))
+        # Batched matmuls per group (BLAS); einsum without a path ran 14x slower on 1000 x 1000.
+        by_group, target_by_group = design.transpose(1, 0, 2), target.transpose(1, 0, 2)  # [g, n, c], [g, n, o]
+        transposed = by_group.transpose(0, 2, 1)
+        self.gram += transposed @ by_group
+        self.cross += transposed @ target_by_group
+        self.error_before += float(np.sum((by_group @ current - target_by_group) ** 2))
         self.norm += float(np.sum(target**2))
 
     def solve(self, current: np.ndarray, strength: float) -> tuple[np.ndarray, float]:
@@ -93,7 +97,8 @@ class NormalEquations:
 
 
 def _refit_one(original: onnx.ModelProto, current: onnx.ModelProto, graph: gs.Graph, site: WeightSite,
-               source: InputSource, samples: int, result: PassResult, strength: float, kept: KeptChannels) -> None:
+               source: InputSource, samples: int, result: PassResult, strength: float, kept: KeptChannels,
+               through_residual: bool = True) -> None:
     node = site.uses[0].node
     groups = groups_of(site)
     with_bias = node.op in ("Conv", "Gemm")
@@ -107,7 +112,7 @@ def _refit_one(original: onnx.ModelProto, current: onnx.ModelProto, graph: gs.Gr
     # A layer whose output is added to a residual is fitted so that the SUM matches the original
     # block's output: its target is the original sum minus the pruned model's residual, which then
     # also absorbs the drift that the residual path carries.
-    residual = _residual_of(node)
+    residual = _residual_of(node) if through_residual else None
     target_name = residual[0] if residual else node.outputs[0].name
     inputs_read = [activation_name(site), *([residual[1]] if residual else [])]
     targets = tensor_values(original, source, [target_name], limit=samples, label="refit targets")
@@ -116,8 +121,8 @@ def _refit_one(original: onnx.ModelProto, current: onnx.ModelProto, graph: gs.Gr
     for target_values, input_values in zip(targets, inputs):
         wanted = _surviving(target_values[target_name], kept.get(target_name))
         if residual:
-            if input_values[residual[1]].shape != wanted.shape:
-                result.skipped.append(Skip(node.name, "refit: the residual is broadcast"))
+            if input_values[residual[1]].shape != wanted.shape:  # a broadcast addend: fit the layer's own output
+                _refit_one(original, current, graph, site, source, samples, result, strength, kept, through_residual=False)
                 return
             wanted = wanted - input_values[residual[1]]
         for activation, target_part in sample_slices(site, input_values[activation_name(site)], wanted):
@@ -170,8 +175,8 @@ def _residual_of(node: gs.Node) -> tuple[str, str] | None:
         return None
     add = readers[0]
     other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
-    if isinstance(other, gs.Constant) or other is node.outputs[0] or not other.inputs:
-        return None  # a bias-like constant, x + x, or a graph input
+    if isinstance(other, gs.Constant) or other is node.outputs[0] or not other.inputs or other.inputs[0].op == "Constant":
+        return None  # a bias-like constant (initializer or Constant node), x + x, or a graph input
     return add.outputs[0].name, other.name
 
 
@@ -182,7 +187,8 @@ def _bias_of(node: gs.Node, outputs: int) -> np.ndarray:
         value = constant_value(node.inputs[2])
         if value is not None:
             scale = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
-            return np.broadcast_to(value.astype(np.float64) * scale, (outputs,)).copy() if value.size in (1, outputs) else np.zeros(outputs)
+            flat = value.astype(np.float64).reshape(-1) * scale  # a Gemm's C may be [1, N]
+            return np.broadcast_to(flat, (outputs,)).copy() if flat.size in (1, outputs) else np.zeros(outputs)
     return np.zeros(outputs)
 
 

@@ -278,3 +278,31 @@ def test_sensitivity_scope_spends_the_budget_where_the_calibration_drift_is_smal
     # the group that drifted least at the probe gives up at least its share
     calm, loud = sorted(scan.values(), key=lambda e: e["drift_at_ratio"])
     assert calm["removed"] / calm["channels"] >= loud["removed"] / loud["channels"]
+
+
+def test_refit_of_a_layer_whose_add_partner_is_a_constant_node_fits_its_own_output(rng):
+    """A Constant node's output is no residual: the layer is fit alone (it was skipped as 'broadcast')."""
+    from onnxsparse.calibration import IterableInputs
+    from onnxsparse.passes.base import PassResult
+    from onnxsparse.refit import refit_layers
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[N, 4, 6, 6] x) => (float[N, 6, 6, 6] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+        shift = Constant <value = float[6, 1, 1] {1, 2, 3, 4, 5, 6}> ()
+        y = Add (c, shift)
+    }"""
+    w, b = rng.standard_normal((6, 4, 3, 3)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    original = with_initializers(onnx.parser.parse_model(text), w=w, b=b)
+    drifted = with_initializers(onnx.parser.parse_model(text), w=(w + 0.3 * rng.standard_normal(w.shape)).astype(np.float32), b=b)
+    for model in (original, drifted):
+        model.graph.node[0].name = "conv"
+    source = IterableInputs([{"x": rng.standard_normal((8, 4, 6, 6)).astype(np.float32)}])
+    result = PassResult(drifted)
+    refit = refit_layers(original, drifted, ["conv"], source, 1, result, strength=1e-6)
+    assert not result.skipped
+    change = next(c for c in result.changes if c.action == "refit")
+    assert change.details["relative_error_after"] < 0.01 < change.details["relative_error_before"]
+    feed = {"x": rng.standard_normal((2, 4, 6, 6)).astype(np.float32)}
+    np.testing.assert_allclose(run(refit, feed)[0], run(original, feed)[0], rtol=1e-3, atol=1e-3)

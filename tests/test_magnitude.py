@@ -217,3 +217,16 @@ def test_sensitivity_allocation_keeps_the_total_and_spares_sensitive_and_steep_t
     assert shares[2] < shares[0]  # same drift at the target but damage climbs steeply: pruned less
     assert shares[3] < shares[0]  # small tensor: little to gain from it
     assert shares.max() <= 0.95
+
+
+def test_a_tensor_that_does_not_move_the_outputs_at_its_target_is_not_taken_as_free():
+    """Already that sparse (or float noise) at the target, but drifting at the probe: modelled through
+    the probe, not as zero damage (which sent such a tensor to 0.95)."""
+    from onnxsparse.passes.magnitude import _damage_curve
+
+    drift, exponent = _damage_curve(0.5, 0.0, 0.3)
+    assert drift > 0.1 and exponent == 2.0  # 0.3 x (0.5 / 0.725)^2 = 0.143
+    others = [_damage_curve(0.5, 0.01, 0.03)] * 2
+    shares = allocate_sparsity(np.full(3, 1e4), np.full(3, 0.5), np.array([drift] + [d for d, _ in others]),
+                               np.array([exponent] + [p for _, p in others]))
+    assert shares[0] < shares[1]

@@ -141,13 +141,16 @@ class MagnitudePrune(Pass):
         reference = outputs_on(model, source)
         drifts: dict[str, list[float]] = {}
         for index, (site, target) in enumerate(chosen):
-            drifts[site.name] = [self._drift_alone(model, site, amount, source, reference) for amount in (target, _probe_above(target))]
+            at_target = self._drift_alone(model, site, target, source, reference)
+            probe = _probe_above(target)
+            drifts[site.name] = [at_target, self._drift_alone(model, site, probe, source, reference) if probe > target else at_target]
             if context.progress:
                 context.progress("magnitude-prune sensitivity", index + 1, len(chosen))
         sizes = np.array([site.value.size for site, _ in chosen], dtype=np.float64)
         targets = np.array([target for _, target in chosen])
-        at_target = np.array([max(drifts[site.name][0], 1e-9) for site, _ in chosen])
-        exponents = np.array([_damage_exponent(target, *drifts[site.name]) for site, target in chosen])
+        curves = [_damage_curve(target, *drifts[site.name]) for site, target in chosen]
+        at_target = np.array([max(drift, 1e-9) for drift, _ in curves])
+        exponents = np.array([exponent for _, exponent in curves])
         shares = allocate_sparsity(sizes, targets, at_target, exponents)
         result.figures["sensitivity"] = {
             site.name: {"drift_at_target": round(drifts[site.name][0], 6), "drift_at_probe": round(drifts[site.name][1], 6),
@@ -328,12 +331,19 @@ def _probe_above(target: float) -> float:
     return target + (MAX_SHARE - target) / 2
 
 
-def _damage_exponent(target: float, at_target: float, at_probe: float) -> float:
-    """p in drift(s) = drift(target) x (s / target)^p through both probes, within [1.5, 8]: a flat
-    or noisy pair must not make a tensor look free to prune, nor one steep pair rule it out."""
-    if target <= 0 or at_target <= 0 or at_probe <= at_target:
-        return 1.5
-    return float(np.clip(np.log(at_probe / at_target) / np.log(_probe_above(target) / target), 1.5, 8.0))
+def _damage_curve(target: float, at_target: float, at_probe: float) -> tuple[float, float]:
+    """(drift at the target, p) of drift(s) = drift(target) x (s / target)^p through both probes, p
+    within [1.5, 8]: a flat or noisy pair must not make a tensor look free to prune, nor one steep
+    pair rule it out. A tensor that does not move the outputs at its target (already that sparse,
+    or float noise) but does at the probe is modelled quadratically through the probe instead."""
+    probe = _probe_above(target)
+    if target <= 0 or probe <= target or at_probe <= 0:
+        return at_target, 2.0
+    if at_target <= 1e-6 * at_probe:
+        return at_probe * (target / probe) ** 2, 2.0
+    if at_probe <= at_target:
+        return at_target, 1.5
+    return at_target, float(np.clip(np.log(at_probe / at_target) / np.log(probe / target), 1.5, 8.0))
 
 
 def allocate_sparsity(sizes: np.ndarray, targets: np.ndarray, drifts: np.ndarray, exponents: np.ndarray) -> np.ndarray:

@@ -407,8 +407,8 @@ def _pick(static: PassResult, dynamic: PassResult, model: onnx.ModelProto, conte
     ratios = {mode: median_latency(results[mode].model, feed) / base for mode in results}
     passing = [mode for mode, verdict in verdicts.items() if verdict.passed]
     why_prefix = ""
-    if not passing:
-        # An earlier lossy pass (pruning) may have moved the model past the tolerance already: then
+    if not passing and not context.validate(model).passed:
+        # An earlier lossy pass (pruning) moved the model past the tolerance already: then
         # neither candidate can meet it and "the closer to the original" is merely the one that
         # quantized less. Judge what quantization itself adds: the drift from this pass's input.
         passing = _within_own_bound(model, results, context, own_bound)
