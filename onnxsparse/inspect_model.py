@@ -143,22 +143,31 @@ def count_macs(model: onnx.ModelProto) -> int | None:
             shapes[node.output[0]] = list(node.attribute[0].t.dims) if node.attribute[0].HasField("t") else []
     total = 0
     for node in inferred.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        if node.op_type not in MAC_OPS:
             continue
-        operands = [shapes.get(name) for name in node.input[:2]]
+        positions, arithmetic = MAC_OPS[node.op_type]
+        operands = [shapes.get(node.input[i]) if i < len(node.input) else None for i in positions]
         output = shapes.get(node.output[0])
         if output is None or any(o is None for o in operands):
             return None
-        total += _node_macs(node, operands[0], operands[1], output)  # type: ignore[arg-type]
+        total += _node_macs(node, arithmetic, operands[0], operands[1], output)  # type: ignore[arg-type]
     return total
 
 
-def _node_macs(node: onnx.NodeProto, a: list[int], b: list[int], out: list[int]) -> int:
-    if node.op_type == "Conv":  # every output element sums C_in/group x kernel products
+# op type -> (input positions of its two operands, the float op whose multiply-accumulates it does):
+# the integer kernels onnxruntime runs (and dynamic quantization writes) count like their float twins.
+MAC_OPS: dict[str, tuple[tuple[int, int], str]] = {
+    "Conv": ((0, 1), "Conv"), "ConvTranspose": ((0, 1), "ConvTranspose"), "Gemm": ((0, 1), "Gemm"), "MatMul": ((0, 1), "MatMul"),
+    "ConvInteger": ((0, 1), "Conv"), "MatMulInteger": ((0, 1), "MatMul"), "QLinearConv": ((0, 3), "Conv"), "QLinearMatMul": ((0, 3), "MatMul"),
+}
+
+
+def _node_macs(node: onnx.NodeProto, arithmetic: str, a: list[int], b: list[int], out: list[int]) -> int:
+    if arithmetic == "Conv":  # every output element sums C_in/group x kernel products
         return int(np.prod(out)) * int(np.prod(b[1:]))
-    if node.op_type == "ConvTranspose":  # every input element scatters C_out/group x kernel products
+    if arithmetic == "ConvTranspose":  # every input element scatters C_out/group x kernel products
         return int(np.prod(a)) * int(np.prod(b[1:]))
-    if node.op_type == "Gemm":
+    if arithmetic == "Gemm":
         trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
         return int(np.prod(out)) * (a[0] if trans_a else a[-1])
     return int(np.prod(out)) * (a[-1] if a else 1)

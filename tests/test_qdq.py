@@ -206,3 +206,14 @@ def test_auto_mode_after_a_lossy_pass_judges_quantization_against_its_own_input(
     assert qdq.figures["mode_choice"].startswith("neither within tolerance of the original; judged against this pass's input")
     if qdq.figures["mode"] == "static":
         assert qdq.figures["nodes_quantized"] >= 5  # every conv and the Gemm, not one node
+
+
+@pytest.mark.parametrize(("name", "pipeline"), [("digits_transformer", "qdq{mode=dynamic}"), ("digits_cnn", "fold-batchnorm,qdq{mode=static}")])
+def test_quantized_graphs_count_the_same_multiply_accumulates_as_float(tmp_path, name, pipeline):
+    """MatMulInteger (dynamic) and QDQ-wrapped convs (static) do the float model's MACs in int8."""
+    from onnxsparse.inspect_model import count_macs
+
+    out, _ = _quantize(name, tmp_path, pipeline)
+    written = onnx.load(out)
+    assert any(n.op_type in ("MatMulInteger", "DequantizeLinear") for n in written.graph.node)
+    assert count_macs(written) == count_macs(onnx.load(MODELS / f"{name}.onnx")) > 0
