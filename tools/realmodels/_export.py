@@ -48,6 +48,26 @@ def run_main(main: Callable[[Path], None], description: str) -> None:
         sys.exit(1)
 
 
+def export_classifier(model: Any, sample_shape: tuple[int, ...], path: Path, opset: int, *, keep_batchnorm: bool = False) -> None:
+    """torch.onnx.export of an image classifier: ``input`` [batch, ...] -> ``logits`` [batch, classes],
+    TorchScript exporter (what most deployed torch exports still are). ``keep_batchnorm`` leaves
+    BatchNormalization as nodes (PRESERVE, no constant folding) instead of folding it into the convs."""
+    import torch
+
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, *sample_shape),),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=opset,
+        training=torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL,
+        do_constant_folding=not keep_batchnorm,
+        dynamo=False,
+    )
+
+
 def package_version(distribution: str) -> str:
     return importlib.metadata.version(distribution)
 

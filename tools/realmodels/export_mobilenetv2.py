@@ -257,24 +257,10 @@ def top_classes(logits: np.ndarray, names: list[str], k: int = 3) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 
-def export(model: MobileNetV2, path: Path) -> None:
-    torch.onnx.export(
-        model,
-        (torch.zeros(1, 3, CROP, CROP),),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=OPSET,
-        do_constant_folding=True,
-        dynamo=False,  # the TorchScript exporter: what most deployed torch exports still are
-    )
-
-
 def main(out: Path) -> None:
     torch.manual_seed(SEED)
     model, weights = load_pretrained()
-    export(model, out / "model.onnx")
+    _export.export_classifier(model, (3, CROP, CROP), out / "model.onnx", OPSET)
 
     rng = np.random.default_rng(SEED)
     imagenet_eval, imagenet_calibration = load_imagenet_samples()

