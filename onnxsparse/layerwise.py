@@ -130,9 +130,7 @@ def sample_slices(site: WeightSite, *arrays: np.ndarray) -> Iterator[tuple[np.nd
 
 def hessian_blocks(site: WeightSite, rows: np.ndarray) -> list[np.ndarray]:
     """XᵀX per group of the layer (one block for an ungrouped layer)."""
-    groups = groups_of(site)
-    width = rows.shape[1] // groups
-    return [rows[:, g * width : (g + 1) * width].T @ rows[:, g * width : (g + 1) * width] for g in range(groups)]
+    return cross_blocks(site, rows, rows)
 
 
 def cross_blocks(site: WeightSite, rows: np.ndarray, teacher_rows: np.ndarray) -> list[np.ndarray]:
@@ -140,6 +138,13 @@ def cross_blocks(site: WeightSite, rows: np.ndarray, teacher_rows: np.ndarray) -
     groups = groups_of(site)
     width = rows.shape[1] // groups
     return [teacher_rows[:, g * width : (g + 1) * width].T @ rows[:, g * width : (g + 1) * width] for g in range(groups)]
+
+
+def ridge_towards(gram: np.ndarray, right: np.ndarray, start: np.ndarray, ridge: float) -> np.ndarray:
+    """Θ minimising |XΘ - Y|² + ridge |Θ - start|², from gram = XᵀX and right = XᵀY: the least-squares
+    fit pulled towards the current weights rather than towards zero, so that a small calibration set
+    moves them only where the data says so."""
+    return np.linalg.solve(gram + ridge * np.eye(len(gram)), right + ridge * start)
 
 
 def fit_to_teacher(matrix: np.ndarray, cross: np.ndarray, hessian: np.ndarray, strength: float) -> np.ndarray:
@@ -152,12 +157,9 @@ def fit_to_teacher(matrix: np.ndarray, cross: np.ndarray, hessian: np.ndarray, s
     one pooled vector per image) from memorising the calibration set.
     """
     w = matrix.astype(np.float64)
-    damping = strength * float(np.mean(np.diag(hessian))) * np.eye(len(hessian))
-    if not np.any(damping):
-        damping = 1e-8 * np.eye(len(hessian))
-    right = cross.astype(np.float64) + damping
-    # W' (H + λI) = W (C + λI): solve with the symmetric H + λI from the right.
-    return np.linalg.solve(hessian.astype(np.float64) + damping, (w @ right).T).T
+    ridge = strength * float(np.mean(np.diag(hessian))) or 1e-8
+    # With Y = X_t Wᵀ, XᵀY = (X_tᵀX)ᵀ Wᵀ: the ridge fit of Θ = W'ᵀ towards Wᵀ.
+    return ridge_towards(hessian.astype(np.float64), cross.astype(np.float64).T @ w.T, w.T, ridge).T
 
 
 # ---------------------------------------------------------------------------------------------

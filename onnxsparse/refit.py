@@ -17,7 +17,8 @@ import onnx_graphsurgeon as gs
 from .activations import tensor_values
 from .calibration import InputSource
 from .graph import from_gs, to_gs
-from .layerwise import activation_name, add_output_shift, from_matrix, groups_of, input_rows, sample_slices, to_matrix, unsupported_reason
+from .layerwise import (activation_name, add_output_shift, from_matrix, groups_of, input_rows, ridge_towards, sample_slices, to_matrix,
+                        unsupported_reason)
 from .passes.base import Change, PassResult, Skip
 from .weights import WeightSite, find_weights, replace_weight
 
@@ -82,15 +83,13 @@ class NormalEquations:
         self.norm += float(np.sum(target**2))
 
     def solve(self, current: np.ndarray, strength: float) -> tuple[np.ndarray, float]:
-        """Θ minimising |XΘ - Y|² + λ|Θ - current|² per group (ridge towards the current weights, not
-        towards zero: a small calibration set then moves the weights only where the data says so,
-        instead of being memorised), and the error |XΘ - Y|² it leaves."""
+        """Θ minimising |XΘ - Y|² + λ|Θ - current|² per group (:func:`ridge_towards`), and the error
+        |XΘ - Y|² it leaves."""
         solution = np.empty_like(current)
         error_after = self.norm
         for g in range(len(self.gram)):
             gram, cross = self.gram[g], self.cross[g]
-            ridge = max(strength, 1e-6) * (float(np.mean(np.diag(gram))) or 1.0)
-            solution[g] = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross + ridge * current[g])
+            solution[g] = ridge_towards(gram, cross, current[g], max(strength, 1e-6) * (float(np.mean(np.diag(gram))) or 1.0))
             # from the normal equations: |Y|² - 2 ΘᵀXᵀY + ΘᵀXᵀXΘ
             error_after += -2 * float(np.sum(solution[g] * cross)) + float(np.sum(solution[g] * (gram @ solution[g])))
         return solution, error_after
