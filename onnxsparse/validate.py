@@ -441,3 +441,19 @@ def output_drift(reference: Sequence[Mapping[str, np.ndarray]], candidate: Seque
     """1 - the worst float output's cosine to the reference (0: unchanged)."""
     cosines = [o.cosine for o in compare(reference, candidate, lambda _: Tolerance()).outputs if o.cosine is not None]
     return 1.0 - min(cosines) if cosines else 0.0
+
+
+class DriftProbe:
+    """How far trial variants of a model move its outputs, on the first few samples of a calibration
+    source (the sensitivity scans and qdq's mode choice): the reference outputs are computed once."""
+
+    SAMPLES = 16
+
+    def __init__(self, model: onnx.ModelProto, calibration: object) -> None:
+        from .calibration import FirstSamples
+
+        self.source = FirstSamples(calibration, self.SAMPLES)  # type: ignore[arg-type]
+        self.reference = outputs_on(model, self.source)
+
+    def drift(self, trial: onnx.ModelProto) -> float:
+        return output_drift(self.reference, outputs_on(trial, self.source))

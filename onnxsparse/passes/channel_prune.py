@@ -17,7 +17,7 @@ from ..errors import RequirementError
 from ..graph import constant_value, from_gs, overridable_initializers, to_gs
 from ..inspect_model import count_macs
 from ..layerwise import add_output_shift
-from ..validate import EXACT, Tolerance, output_drift, outputs_on
+from ..validate import EXACT, DriftProbe, Tolerance
 from ..weights import matches
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 
@@ -227,10 +227,7 @@ class ChannelPrune(Pass):
         square of the share removed, and channels are taken where the marginal damage is lowest
         until ``ratio`` of all removable channels are gone (a group keeps at least 20%)."""
         assert context.calibration is not None
-        from ..calibration import FirstSamples
-
-        source = FirstSamples(context.calibration, 16)
-        reference = outputs_on(model, source)
+        probe = DriftProbe(model, context.calibration)
         free = {i: sorted((u for u in g.units if not u.pinned), key=lambda u: u.importance) for i, g in enumerate(groups)}
         damage: dict[int, float] = {}
         probes = {i: self._removable(len(groups[i].units), len(units), round(self.ratio * len(groups[i].units))) for i, units in free.items()}
@@ -238,7 +235,7 @@ class ChannelPrune(Pass):
             if probes[i] == 0:
                 continue
             trial = _pruned_copy(model, [m for u in units[: probes[i]] for m in u.members])
-            damage[i] = output_drift(reference, outputs_on(trial, source))
+            damage[i] = probe.drift(trial)
             if context.progress:
                 context.progress("channel-prune sensitivity", index + 1, len(free))
         wanted = round(self.ratio * sum(len(units) for units in free.values()))

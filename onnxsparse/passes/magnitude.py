@@ -13,11 +13,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..activations import collect_channel_stats, tensor_values
-from ..calibration import InputSource
 from ..graph import from_gs, overridable_initializers, to_gs
 from ..layerwise import (activation_name, correct_biases, cross_blocks, fit_to_teacher, from_matrix, hessian_blocks, input_rows,
                          sample_slices, sparsegpt, to_matrix, unsupported_reason)
-from ..validate import Tolerance, output_drift, outputs_on
+from ..validate import DriftProbe, Tolerance
 from ..weights import RNN_OPS, WEIGHT_OPS, WeightSite, find_weights, matches, replace_weight
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 
@@ -135,15 +134,12 @@ class MagnitudePrune(Pass):
         are found by bisection: large, robust tensors give more, small sensitive ones (the first
         conv, the classifier) less, and a tensor whose damage climbs steeply is not pushed far."""
         assert context.calibration is not None
-        from ..calibration import FirstSamples
-
-        source = FirstSamples(context.calibration, 16)
-        reference = outputs_on(model, source)
+        probe = DriftProbe(model, context.calibration)
         drifts: dict[str, list[float]] = {}
         for index, (site, target) in enumerate(chosen):
-            at_target = self._drift_alone(model, site, target, source, reference)
-            probe = _probe_above(target)
-            drifts[site.name] = [at_target, self._drift_alone(model, site, probe, source, reference) if probe > target else at_target]
+            at_target = probe.drift(self._pruned_alone(model, site, target))
+            higher = _probe_above(target)
+            drifts[site.name] = [at_target, probe.drift(self._pruned_alone(model, site, higher)) if higher > target else at_target]
             if context.progress:
                 context.progress("magnitude-prune sensitivity", index + 1, len(chosen))
         sizes = np.array([site.value.size for site, _ in chosen], dtype=np.float64)
@@ -159,13 +155,13 @@ class MagnitudePrune(Pass):
         return [(site, float(share)) for (site, _), share in zip(chosen, shares)]
 
     @staticmethod
-    def _drift_alone(model: onnx.ModelProto, site: WeightSite, sparsity: float, source: InputSource,
-                     reference: list[np.ndarray]) -> float:
+    def _pruned_alone(model: onnx.ModelProto, site: WeightSite, sparsity: float) -> onnx.ModelProto:
+        """The model with only this tensor pruned, by magnitude."""
         trial_graph = to_gs(model)
         trial_site = next(s for s in find_weights(trial_graph, WEIGHT_OPS + RNN_OPS)[0] if s.name == site.name)
         keep = unstructured_mask(np.abs(trial_site.value), sparsity)
         replace_weight(trial_site, np.where(keep, trial_site.value, 0).astype(trial_site.value.dtype))
-        return output_drift(reference, outputs_on(from_gs(trial_graph, like=model), source))
+        return from_gs(trial_graph, like=model)
 
     def _choose(self, sites: list[WeightSite], result: PassResult) -> list[tuple[WeightSite, float]]:
         main = [s for s in sites if not s.in_subgraph]

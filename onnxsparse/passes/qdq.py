@@ -20,7 +20,7 @@ from ..errors import InputDataError
 from ..layerwise import add_output_shift
 from ..graph import constant_value, from_gs, name_unnamed_nodes, opset_version, overridable_initializers, to_gs, unique_name
 from ..quantization import CALIBRATION_METHODS, ActivationParams, activation_params, quantize_bias, quantize_weight
-from ..validate import Tolerance, ValidationResult, output_drift, outputs_on
+from ..validate import DriftProbe, Tolerance, ValidationResult
 from ..weights import matches
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 
@@ -392,9 +392,8 @@ def _kind(node: gs.Node) -> str:
 def _within_own_bound(model: onnx.ModelProto, results: dict[str, PassResult], context: PassContext, bound: float) -> list[str]:
     """The modes whose output cosine to ``model`` (the pass's input) is at least ``bound``."""
     assert context.calibration is not None
-    source = FirstSamples(context.calibration, 16)
-    reference = outputs_on(model, source)
-    return [mode for mode, result in results.items() if 1.0 - output_drift(reference, outputs_on(result.model, source)) >= bound]
+    probe = DriftProbe(model, context.calibration)
+    return [mode for mode, result in results.items() if 1.0 - probe.drift(result.model) >= bound]
 
 
 def _pick(static: PassResult, dynamic: PassResult, model: onnx.ModelProto, context: PassContext, own_bound: float) -> PassResult:
