@@ -174,7 +174,7 @@ def test_magnitude_filter_pruning_then_zero_only_is_lossless_on_the_bundled_cnn(
 
 def test_pins_are_reported_with_the_op_that_pinned_them():
     model = load(MODELS / "digits_transformer.onnx")
-    result = _prune(model, ratio=0.25)
+    result = _prune(model, ratio=0.25, round_to=8)  # 8 of the 32-wide residual stream may go (the default keeps blocks of 16)
     reasons = " ".join(s.reason for s in result.skipped)
     assert "Reshape that splits or reorders the channel axis" in reasons  # attention heads
     assert "reaches graph output 'logits'" in reasons
@@ -190,12 +190,46 @@ def test_round_to_and_min_channels_bound_what_is_kept():
         assert change.details["channels_after"] % 8 == 0 and change.details["channels_after"] >= 8
 
 
-def test_by_default_groups_of_32_or_more_keep_multiples_of_8():
+def test_by_default_channel_counts_stay_on_the_runtime_blocks_of_16_and_8():
     model = load(MODELS / "digits_sklearn_mlp.onnx")
-    result = _prune(model, ratio=0.3)
-    after = {c.details["channels_before"]: c.details["channels_after"] for c in result.changes}
-    # 30% of 64 is 19 (45 kept) and of 32 is 10 (22 kept): rounded to multiples of 8, keeping more
-    assert after == {64: 48, 32: 24}
+    after = {}
+    for ratio in (0.3, 0.6):
+        result = _prune(model, ratio=ratio)
+        after[ratio] = {c.details["channels_before"]: c.details["channels_after"] for c in result.changes}
+    # 30% of 64 is 19 (45 kept) and of 32 is 10 (22 kept): rounded up to multiples of 16, 64 keeps 48 and 32 keeps all.
+    # 60%: 64 keeps 26 -> 32, 32 keeps 13 -> 16
+    assert after == {0.3: {64: 48}, 0.6: {64: 32, 32: 16}}
+    cnn = load(MODELS / "digits_cnn.onnx")  # groups of 16 (stem and residual stream, depthwise) and 32 (pointwise)
+    assert {(c.details["channels_before"], c.details["channels_after"]) for c in _prune(cnn, ratio=0.5).changes} == {(16, 8), (32, 16)}
+    untouched = _prune(cnn, ratio=0.3)  # 16 -> 11 and 32 -> 22 round back up: nothing goes, and the report says so
+    assert not untouched.changes and "channel-prune removed no channel" in untouched.warnings
+
+
+def test_a_pruned_model_that_runs_slower_than_its_input_is_not_kept(monkeypatch):
+    model = infer_shapes(load(MODELS / "digits_sklearn_mlp.onnx"))
+    monkeypatch.setattr("onnxsparse.passes.channel_prune.relative_latency", lambda *args, **kwargs: 1.2)
+    guarded = ChannelPrune(ratio=0.5).run(clone(model), PassContext())
+    assert guarded.model.graph == model.graph and not guarded.changes
+    assert guarded.figures["latency_ratio"] == 1.2 and "1.20x its input's time" in guarded.warnings[0]
+    assert any(skip.target == "channel-prune" for skip in guarded.skipped)
+    forced = ChannelPrune(ratio=0.5, never_slower=False).run(clone(model), PassContext())
+    assert forced.changes and "latency_ratio" not in forced.figures
+
+
+def test_relative_latency_tells_a_model_from_one_doing_forty_times_the_work(rng):
+    from onnxsparse.latency import relative_latency
+
+    def matmul_chain(depth: int) -> onnx.ModelProto:
+        steps = "\n".join(f"h{i + 1} = MatMul (h{i}, w)" for i in range(depth))
+        text = f"""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[64, 256] h0) => (float[64, 256] h{depth}) <float[256, 256] w> {{ {steps} }}"""
+        return with_initializers(onnx.parser.parse_model(text), w=(rng.standard_normal((256, 256)) / 16).astype(np.float32))
+
+    light, heavy = matmul_chain(1), matmul_chain(40)
+    feed = {"h0": rng.standard_normal((64, 256)).astype(np.float32)}
+    # interleaved medians: a generous margin, the point is the direction and rough size, not a speed target
+    assert relative_latency(light, heavy, feed) > 8
+    assert relative_latency(heavy, light, feed) < 1 / 8
 
 
 def test_global_scope_ranks_across_groups_and_keeps_pinned_channels():

@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from ..activations import collect_ranges
 from ..calibration import FirstSamples
 from ..errors import InputDataError
+from ..latency import relative_latency
 from ..layerwise import add_output_shift
 from ..graph import constant_value, from_gs, name_unnamed_nodes, opset_version, overridable_initializers, to_gs, unique_name
 from ..quantization import CALIBRATION_METHODS, ActivationParams, activation_params, quantize_bias, quantize_weight
@@ -402,8 +403,7 @@ def _pick(static: PassResult, dynamic: PassResult, model: onnx.ModelProto, conte
     verdicts = {"static": context.validate(static.model), "dynamic": context.validate(dynamic.model)}
     results = {"static": static, "dynamic": dynamic}
     feed = next(iter(FirstSamples(context.calibration, 1).feeds()))
-    base = median_latency(model, feed)
-    ratios = {mode: median_latency(results[mode].model, feed) / base for mode in results}
+    ratios = {mode: relative_latency(model, results[mode].model, feed) for mode in results}
     passing = [mode for mode, verdict in verdicts.items() if verdict.passed]
     why_prefix = ""
     if not passing and not context.validate(model).passed:
@@ -423,25 +423,6 @@ def _pick(static: PassResult, dynamic: PassResult, model: onnx.ModelProto, conte
     picked = results[chosen]
     picked.figures.update(mode=chosen, mode_choice=why, **{f"{mode}_latency_ratio": round(r, 3) for mode, r in ratios.items()})
     return picked
-
-
-def median_latency(model: onnx.ModelProto, feed: dict[str, np.ndarray], runs: int = 10) -> float:
-    """Median seconds of one single-threaded onnxruntime run (after warm-up)."""
-    import time
-
-    from ..validate import make_session
-
-    session = make_session(model, "latency probe", threads=1)
-    accepted = {i.name for i in session.get_inputs()}
-    inputs = {k: v for k, v in feed.items() if k in accepted}
-    for _ in range(2):
-        session.run(None, inputs)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, inputs)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def _closeness(validation: ValidationResult) -> float:

@@ -1,0 +1,48 @@
+"""Single-thread onnxruntime latency, for passes that choose between graphs by speed.
+
+Only relative figures are meaningful on a shared machine: both models are timed in one process,
+their runs interleaved, so a burst of load hits both alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+from .validate import make_session
+
+WARMUP_RUNS = 3
+
+
+def relative_latency(
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    feed: Mapping[str, np.ndarray],
+    *,
+    min_runs: int = 15,
+    min_seconds: float = 1.0,
+    max_runs: int = 200,
+) -> float:
+    """Median seconds of one run of ``candidate`` over that of ``reference`` (one thread each)."""
+    runners = [_runner(reference, feed), _runner(candidate, feed)]
+    for run in runners:
+        for _ in range(WARMUP_RUNS):
+            run()
+    times: list[list[float]] = [[], []]
+    started = time.perf_counter()
+    while len(times[0]) < max_runs and (len(times[0]) < min_runs or time.perf_counter() - started < min_seconds):
+        for index, run in enumerate(runners):
+            begin = time.perf_counter()
+            run()
+            times[index].append(time.perf_counter() - begin)
+    return float(np.median(times[1]) / np.median(times[0]))
+
+
+def _runner(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]):  # noqa: ANN202 - a closure
+    session = make_session(model, "latency probe", threads=1)
+    accepted = {i.name for i in session.get_inputs()}
+    inputs = {k: v for k, v in feed.items() if k in accepted}
+    return lambda: session.run(None, inputs)
