@@ -66,8 +66,13 @@ class ChannelPrune(Pass):
     ratio: float = field(default=0.3, metadata={"help": "fraction of each group's channels removed (global: of all removable channels)"})
     scope: Literal["uniform", "global", "sensitivity"] = field(default="uniform", metadata={
         "help": "a ratio per group; one ranking across groups; or per-group ratios from a sensitivity scan on calibration data"})
+    budget: Literal["channels", "macs"] = field(default="channels", metadata={
+        "help": "under scope=sensitivity, what ratio counts: removable channels, or multiply-accumulates saved "
+                "(channels then go where the drift per MAC saved is lowest)"})
     mode: Literal["ratio", "zero-only"] = field(default="ratio", metadata={"help": "zero-only: only dead channels, exactly"})
-    criterion: Literal["l1", "l2", "activation"] = field(default="l1", metadata={"help": "filter norm, or mean |activation| (needs calibration)"})
+    criterion: Literal["l1", "l2", "activation", "output"] = field(default="l1", metadata={
+        "help": "filter norm; mean |activation|; or the energy a channel sends through its consumers' weights, "
+                "mean(a²) x |W[:, c]|² (the last two need calibration)"})
     reduce: Literal["sum", "mean", "max"] = field(default="sum", metadata={"help": "how a unit's importance combines its coupled filters"})
     bn_scale: bool = field(default=False, metadata={"help": "scale filter norms by the |gamma| of a BatchNorm right after"})
     overrides: Mapping[str, float] = field(default_factory=dict, metadata={"help": "producer name pattern:ratio"})
@@ -96,12 +101,14 @@ class ChannelPrune(Pass):
             raise ValueError("min_channels must be at least 1: a layer cannot lose every channel")
         if self.round_to < 0 or self.calibration_samples < 1:
             raise ValueError("round_to must be >= 0 and calibration_samples >= 1")
+        if self.budget == "macs" and self.scope != "sensitivity":
+            raise ValueError("budget=macs applies to scope=sensitivity only")
         if not self.refit_strength >= 0:
             raise ValueError(f"refit_strength {self.refit_strength} must be >= 0")
 
     def needs(self) -> frozenset[Requirement]:
         needs = {Requirement.SHAPES}
-        if self.criterion == "activation" or self.refit or self.scope == "sensitivity":
+        if self.criterion in ("activation", "output") or self.refit or self.scope == "sensitivity":
             needs.add(Requirement.CALIBRATION)
         return frozenset(needs)
 
@@ -204,8 +211,8 @@ class ChannelPrune(Pass):
 
     def _root_importance(self, model: onnx.ModelProto, analysis: Analysis, context: PassContext) -> np.ndarray:
         importance = np.full(len(analysis.parent), np.nan)
-        if self.criterion == "activation":
-            return _activation_importance(model, analysis, context, self.calibration_samples, importance)
+        if self.criterion in ("activation", "output"):
+            return _activation_importance(model, analysis, context, self.calibration_samples, importance, through_consumers=self.criterion == "output")
         order = 1 if self.criterion == "l1" else 2
         for producer in analysis.producers:
             moved = np.moveaxis(producer.weight.astype(np.float64), producer.out_axis, 0).reshape(producer.channels, -1)
@@ -248,31 +255,41 @@ class ChannelPrune(Pass):
         """Per-group amounts from a scan: each group alone loses ``ratio`` of its channels and the
         output drift on calibration data is measured; damage is then modelled as growing with the
         square of the share removed, and channels are taken where the marginal damage is lowest
-        until ``ratio`` of all removable channels are gone (a group keeps at least 20%)."""
+        until ``ratio`` of all removable channels are gone (a group keeps at least 20%). With
+        ``budget=macs`` the ratio is of the model's multiply-accumulates, and the marginal damage is
+        taken per MAC a channel of that group saves (measured on the probe)."""
         assert context.calibration is not None
         probe = DriftProbe(model, context.calibration)
         free = {i: sorted((u for u in g.units if not u.pinned), key=lambda u: u.importance) for i, g in enumerate(groups)}
         damage: dict[int, float] = {}
+        saving: dict[int, float] = {}  # MACs saved per channel removed
+        total_macs = count_macs(model) if self.budget == "macs" else None
+        if self.budget == "macs" and not total_macs:
+            raise RequirementError("channel-prune{budget=macs} needs the model's MACs, and its shapes cannot be inferred")
         probes = {i: self._removable(len(groups[i].units), len(units), round(self.ratio * len(groups[i].units))) for i, units in free.items()}
         for index, (i, units) in enumerate(free.items()):
             if probes[i] == 0:
                 continue
             trial = _pruned_copy(model, [m for u in units[: probes[i]] for m in u.members])
             damage[i] = probe.drift(trial)
+            if total_macs:
+                saving[i] = max(total_macs - (count_macs(trial) or total_macs), 1) / probes[i]
             if context.progress:
                 context.progress("channel-prune sensitivity", index + 1, len(free))
-        wanted = round(self.ratio * sum(len(units) for units in free.values()))
         taken = {i: 0 for i in free}
         caps = {i: self._removable(len(groups[i].units), len(units), int(0.8 * len(groups[i].units))) for i, units in free.items()}
 
-        def marginal(i: int) -> float:  # d/dk of damage_i * (k / probe_i)^2 at k + 1
-            return damage.get(i, np.inf) * (2 * taken[i] + 1) / max(probes[i], 1) ** 2
+        def marginal(i: int) -> float:  # d/dk of damage_i * (k / probe_i)^2 at k + 1, per unit of budget
+            return damage.get(i, np.inf) * (2 * taken[i] + 1) / max(probes[i], 1) ** 2 / saving.get(i, 1.0)
 
-        for _ in range(wanted):
+        spent, wanted = 0.0, (self.ratio * total_macs if total_macs else round(self.ratio * sum(len(units) for units in free.values())))
+        while spent < wanted:
             open_groups = [i for i in free if taken[i] < caps[i] and i in damage]
             if not open_groups:
                 break
-            taken[min(open_groups, key=marginal)] += 1
+            cheapest = min(open_groups, key=marginal)
+            taken[cheapest] += 1
+            spent += saving.get(cheapest, 1.0)
         chosen = []
         for i, count in taken.items():
             count = self._removable(len(groups[i].units), len(free[i]), count)
@@ -392,19 +409,28 @@ def _batchnorm_scale(producer: Producer) -> np.ndarray:
     return np.ones(producer.channels)
 
 
-def _activation_importance(model: onnx.ModelProto, analysis: Analysis, context: PassContext, samples: int, importance: np.ndarray) -> np.ndarray:
-    """Mean |activation| of each root where consumers read it (averaged over its positions)."""
+def _activation_importance(model: onnx.ModelProto, analysis: Analysis, context: PassContext, samples: int, importance: np.ndarray,
+                          *, through_consumers: bool) -> np.ndarray:
+    """Mean |activation| of each root where consumers read it (averaged over its positions); or,
+    ``through_consumers``, the output energy it feeds them: mean(a²) x |W[:, c]|² summed over consumers
+    (what removing it costs the next layers before any refit, if channels were uncorrelated)."""
     if context.calibration is None:
-        raise RequirementError("channel-prune{criterion=activation} needs calibration data")
+        raise RequirementError(f"channel-prune{{criterion={'output' if through_consumers else 'activation'}}} needs calibration data")
     axes = {use.tensor.name: _axis_of(analysis, use) for use in analysis.consumers}
     stats = collect_channel_stats(model, context.calibration, axes, limit=samples, label="channel importance")
     total = np.zeros(len(analysis.parent))
     count = np.zeros(len(analysis.parent))
     for use in analysis.consumers:
-        np.add.at(total, use.roots, stats[use.tensor.name].mean_abs)
+        channel = stats[use.tensor.name]
+        if through_consumers:
+            weight = constant_value(use.node.inputs[use.weight_index])
+            weight = np.moveaxis(np.asarray(weight, dtype=np.float64), use.axis, 0).reshape(len(use.roots), -1)
+            np.add.at(total, use.roots, channel.sum_squares / max(channel.count, 1) * np.square(weight).sum(axis=1))
+        else:
+            np.add.at(total, use.roots, channel.mean_abs)
         np.add.at(count, use.roots, 1)
     seen = count > 0
-    importance[seen] = total[seen] / count[seen]
+    importance[seen] = total[seen] if through_consumers else total[seen] / count[seen]
     return importance
 
 
