@@ -212,8 +212,7 @@ class FirstSamples:
         for feed in self.source.feeds():
             if remaining <= 0:
                 return
-            sizes = {np.asarray(v).shape[0] if np.asarray(v).ndim else 1 for v in feed.values()}
-            size = sizes.pop() if len(sizes) == 1 else 1
+            size = samples_in(feed)
             if size > remaining:
                 feed = {name: np.asarray(value)[:remaining] for name, value in feed.items()}
                 size = remaining
@@ -222,6 +221,39 @@ class FirstSamples:
 
     def describe(self) -> str:
         return f"the first {self.count} samples of {self.source.describe()}"
+
+
+@dataclass(frozen=True)
+class SpreadSamples:
+    """``count`` samples evenly spaced over all of another source's, cut out of its batched feeds.
+
+    Calibration files list several views of one photo side by side: the first 16 samples can be two
+    photos, 16 spread ones are 16 photos. The source is read twice (to count, then to cut)."""
+
+    source: InputSource
+    count: int
+
+    def feeds(self) -> Iterator[Feed]:
+        sizes = [samples_in(feed) for feed in self.source.feeds()]
+        total = sum(sizes)
+        wanted = np.unique(np.linspace(0, total - 1, min(self.count, total)).round().astype(np.int64))
+        start = 0
+        for feed, size in zip(self.source.feeds(), sizes):
+            picked = wanted[(wanted >= start) & (wanted < start + size)] - start
+            start += size
+            if len(picked) == size:
+                yield feed
+            elif len(picked):
+                yield {name: np.asarray(value)[picked] for name, value in feed.items()}
+
+    def describe(self) -> str:
+        return f"{self.count} samples spread over {self.source.describe()}"
+
+
+def samples_in(feed: Mapping[str, Any]) -> int:
+    """How many samples a feed holds: the batch size its inputs share on axis 0, else 1."""
+    sizes = {np.asarray(v).shape[0] if np.asarray(v).ndim else 1 for v in feed.values()}
+    return sizes.pop() if len(sizes) == 1 else 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -444,15 +444,15 @@ def output_drift(reference: Sequence[Mapping[str, np.ndarray]], candidate: Seque
 
 
 class DriftProbe:
-    """How far trial variants of a model move its outputs, on the first few samples of a calibration
+    """How far trial variants of a model move its outputs, on a few samples spread over a calibration
     source (the sensitivity scans and qdq's mode choice): the reference outputs are computed once."""
 
     SAMPLES = 16
 
     def __init__(self, model: onnx.ModelProto, calibration: object) -> None:
-        from .calibration import FirstSamples
+        from .calibration import SpreadSamples
 
-        self.source = FirstSamples(calibration, self.SAMPLES)  # type: ignore[arg-type]
+        self.source = SpreadSamples(calibration, self.SAMPLES)  # type: ignore[arg-type]
         self.reference = outputs_on(model, self.source)
 
     def drift(self, trial: onnx.ModelProto) -> float:

@@ -245,6 +245,18 @@ def test_resolve_inputs_takes_a_calibration_data_reader():
     assert len(collect_feeds(source, model, limit=2)) == 2
 
 
+def test_spread_samples_take_evenly_spaced_rows_across_batched_feeds_and_first_samples_the_head():
+    from onnxsparse.calibration import FirstSamples, SpreadSamples
+
+    feeds = [{"x": np.arange(start, end, dtype=np.float32)[:, None]} for start, end in ((0, 10), (10, 13), (13, 40))]
+    from onnxsparse.calibration import IterableInputs
+
+    source = IterableInputs(feeds)
+    assert [f["x"].ravel().tolist() for f in SpreadSamples(source, 5).feeds()] == [[0], [10], [20, 29, 39]]
+    assert [f["x"].ravel().tolist() for f in FirstSamples(source, 12).feeds()] == [list(range(10)), [10, 11]]
+    assert sum(len(f["x"]) for f in SpreadSamples(source, 100).feeds()) == 40  # fewer samples than asked: all of them
+
+
 def test_resolve_inputs_without_a_spec_is_synthetic():
     source = resolve_inputs(None, parse(FIXED_TEXT), samples=3, seed=5)
     assert isinstance(source, SyntheticInputs) and (source.samples, source.seed) == (3, 5)

@@ -128,7 +128,8 @@ class MagnitudePrune(Pass):
     def _sensitivity_targets(self, model: onnx.ModelProto, chosen: list[tuple[WeightSite, float]], context: PassContext,
                              result: PassResult) -> list[tuple[WeightSite, float]]:
         """Per-tensor sparsities with the same total, from a scan on calibration data: each tensor
-        alone is pruned (by magnitude) to the target and to a higher probe, and the output drift
+        alone is pruned (by SparseGPT on the original model's layer input when that is the criterion,
+        else by magnitude) to the target and to a higher probe, and the output drift
         measured at both. Each tensor's damage is modelled as drift x (sparsity / target)^p with
         its own exponent p from the two probes, and the sparsities that minimise the total damage
         are found by bisection: large, robust tensors give more, small sensitive ones (the first
@@ -137,9 +138,14 @@ class MagnitudePrune(Pass):
         probe = DriftProbe(model, context.calibration)
         drifts: dict[str, list[float]] = {}
         for index, (site, target) in enumerate(chosen):
-            at_target = probe.drift(self._pruned_alone(model, site, target))
+            # SparseGPT repairs some layers far better than others (a 1x1 conv fed rich inputs, not a
+            # classifier fed one pooled vector per image): probe each tensor the way it will be pruned.
+            hessians = None
+            if self.criterion == "sparsegpt" and not unsupported_reason(site):
+                hessians, _ = self._layer_statistics(model, model, site, context, with_teacher=False)
+            at_target = probe.drift(self._pruned_alone(model, site, target, hessians))
             higher = _probe_above(target)
-            drifts[site.name] = [at_target, probe.drift(self._pruned_alone(model, site, higher)) if higher > target else at_target]
+            drifts[site.name] = [at_target, probe.drift(self._pruned_alone(model, site, higher, hessians)) if higher > target else at_target]
             if context.progress:
                 context.progress("magnitude-prune sensitivity", index + 1, len(chosen))
         sizes = np.array([site.value.size for site, _ in chosen], dtype=np.float64)
@@ -154,13 +160,15 @@ class MagnitudePrune(Pass):
             for (site, _), p, share in zip(chosen, exponents, shares)}
         return [(site, float(share)) for (site, _), share in zip(chosen, shares)]
 
-    @staticmethod
-    def _pruned_alone(model: onnx.ModelProto, site: WeightSite, sparsity: float) -> onnx.ModelProto:
-        """The model with only this tensor pruned, by magnitude."""
+    def _pruned_alone(self, model: onnx.ModelProto, site: WeightSite, sparsity: float, hessians: list[np.ndarray] | None) -> onnx.ModelProto:
+        """The model with only this tensor pruned: by SparseGPT given its input's Hessians, else by magnitude."""
         trial_graph = to_gs(model)
         trial_site = next(s for s in find_weights(trial_graph, WEIGHT_OPS + RNN_OPS)[0] if s.name == site.name)
-        keep = unstructured_mask(np.abs(trial_site.value), sparsity)
-        replace_weight(trial_site, np.where(keep, trial_site.value, 0).astype(trial_site.value.dtype))
+        if hessians is not None:
+            replace_weight(trial_site, self._solve(trial_site, hessians, None, sparsity, None))
+        else:
+            keep = unstructured_mask(np.abs(trial_site.value), sparsity)
+            replace_weight(trial_site, np.where(keep, trial_site.value, 0).astype(trial_site.value.dtype))
         return from_gs(trial_graph, like=model)
 
     def _choose(self, sites: list[WeightSite], result: PassResult) -> list[tuple[WeightSite, float]]:
@@ -271,7 +279,12 @@ class MagnitudePrune(Pass):
 
     def _reconstruct_layer(self, original: onnx.ModelProto, current: onnx.ModelProto, site: WeightSite, target: float,
                            nm: tuple[int, int] | None, context: PassContext) -> np.ndarray:
-        hessians, crosses = self._layer_statistics(original, current, site, context)
+        hessians, crosses = self._layer_statistics(original, current, site, context, with_teacher=self.teacher > 0)
+        return self._solve(site, hessians, crosses, target, nm)
+
+    def _solve(self, site: WeightSite, hessians: list[np.ndarray], crosses: list[np.ndarray] | None, target: float,
+               nm: tuple[int, int] | None) -> np.ndarray:
+        """SparseGPT on the layer's weight, group by group, after the teacher fit when ``crosses`` are given."""
         matrix = to_matrix(site)
         rows_per_group = matrix.shape[0] // len(hessians)
         groups = [matrix[g * rows_per_group : (g + 1) * rows_per_group] for g in range(len(hessians))]
@@ -282,14 +295,14 @@ class MagnitudePrune(Pass):
         return from_matrix(site, np.concatenate(solved, axis=0))
 
     def _layer_statistics(self, original: onnx.ModelProto, current: onnx.ModelProto, site: WeightSite,
-                          context: PassContext) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-        """XᵀX per group of the layer's input in the partly pruned model and, with ``teacher``,
+                          context: PassContext, *, with_teacher: bool) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """XᵀX per group of the layer's input in the partly pruned model and, ``with_teacher``,
         X_tᵀX with X_t the same input in the original model (the same feeds, in the same order)."""
         assert context.calibration is not None
         name = activation_name(site)
         mine = tensor_values(current, context.calibration, [name], limit=self.calibration_samples, label="sparsegpt inputs")
         theirs = (tensor_values(original, context.calibration, [name], limit=self.calibration_samples, label="sparsegpt teacher")
-                  if self.teacher > 0 else None)
+                  if with_teacher else None)
         hessians: list[np.ndarray] | None = None
         crosses: list[np.ndarray] | None = None
         for values in mine:
