@@ -25,7 +25,7 @@ from .inspect_model import ModelSummary, summarize
 from .io import load_with_info, save
 from .passes import registered_passes
 from .report import RunReport, worst_output
-from .spec import option_fields, option_types, parse_tolerance_text, type_text, format_value, _default_of
+from .spec import option_fields, option_types, parse_tolerance_text, type_text, format_value, default_of
 from .validate import Tolerances, ValidationResult
 
 log = logging.getLogger("onnxsparse")
@@ -256,9 +256,9 @@ def run_validate(args: argparse.Namespace) -> int:
 def _validation_dict(result: ValidationResult) -> dict[str, Any]:
     import dataclasses
 
-    from .report import _plain
+    from .report import json_ready
 
-    return _plain(dataclasses.asdict(result) | {"passed": result.passed})
+    return json_ready(dataclasses.asdict(result) | {"passed": result.passed})
 
 
 def render_validation(result: ValidationResult) -> str:
@@ -281,9 +281,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         import dataclasses
 
-        from .report import _plain
+        from .report import json_ready
 
-        print(json.dumps(_plain(dataclasses.asdict(summary)), indent=2))
+        print(json.dumps(json_ready(dataclasses.asdict(summary)), indent=2))
     else:
         print(render_summary(summary, args.top))
     return 0
@@ -321,7 +321,7 @@ def run_passes(args: argparse.Namespace) -> int:
     for name, cls in registered_passes().items():
         types_by_name = option_types(cls)
         options = [
-            {"name": f.name, "type": type_text(types_by_name[f.name]), "default": format_value(_default_of(f)), "help": f.metadata.get("help", "")}
+            {"name": f.name, "type": type_text(types_by_name[f.name]), "default": format_value(default_of(f)), "help": f.metadata.get("help", "")}
             for f in option_fields(cls)
         ]
         catalogue.append({"name": name, "summary": cls.summary(), "requires": sorted(r.value for r in cls.requires), "options": options})

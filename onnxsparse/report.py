@@ -55,7 +55,7 @@ class RunReport:
         return [step for step in self.steps if step.status == ROLLED_BACK]
 
     def to_dict(self, *, tensors: bool = False) -> dict[str, Any]:
-        data = _plain(dataclasses.asdict(self))
+        data = json_ready(dataclasses.asdict(self))
         if not tensors:
             for summary in (data["input"], data.get("output")):
                 if summary:
@@ -104,16 +104,16 @@ def worst_output(validation: ValidationResult | None) -> str:
     return text
 
 
-def _plain(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
     """JSON-safe: non-finite floats become strings ("inf"), mappings and tuples plain containers."""
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, dict) or hasattr(value, "items"):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [json_ready(v) for v in value]
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _plain(value.item())
+        return json_ready(value.item())
     return value
 
 

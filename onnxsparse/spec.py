@@ -290,12 +290,12 @@ def format_pass(instance: Pass) -> str:
     options = [
         f"{f.name}={format_value(getattr(instance, f.name))}"
         for f in option_fields(type(instance))
-        if getattr(instance, f.name) != _default_of(f)
+        if getattr(instance, f.name) != default_of(f)
     ]
     return f"{instance.name}{{{' '.join(options)}}}" if options else instance.name
 
 
-def _default_of(f: dataclasses.Field[Any]) -> Any:
+def default_of(f: dataclasses.Field[Any]) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:

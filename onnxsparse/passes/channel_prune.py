@@ -161,7 +161,7 @@ class ChannelPrune(Pass):
             return True
         why = (f"the pruned model took {ratio:.2f}x its input's time in onnxruntime (one thread), so the input is kept: "
                "channel counts off the runtime's 8/16-channel blocks can cost more than the MACs they save; "
-               "try a larger ratio, round_to=16, or never_slower=false")
+               "try a larger ratio, a coarser round_to, or never_slower=false")
         result.skipped.append(Skip("channel-prune", why))
         result.warnings.append(why)
         return False
