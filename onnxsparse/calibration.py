@@ -228,15 +228,19 @@ class SpreadSamples:
     """``count`` samples evenly spaced over all of another source's, cut out of its batched feeds.
 
     Calibration files list several views of one photo side by side: the first 16 samples can be two
-    photos, 16 spread ones are 16 photos. The source is read twice (to count, then to cut)."""
+    photos, 16 spread ones are 16 photos. ``others`` yields every sample but those: data to fit on
+    whose fit the spread samples then judge out of sample. The source is read twice (to count, then
+    to cut)."""
 
     source: InputSource
     count: int
+    others: bool = False
 
     def feeds(self) -> Iterator[Feed]:
         sizes = [samples_in(feed) for feed in self.source.feeds()]
         total = sum(sizes)
-        wanted = np.unique(np.linspace(0, total - 1, min(self.count, total)).round().astype(np.int64))
+        spread = np.unique(np.linspace(0, total - 1, min(self.count, total)).round().astype(np.int64))
+        wanted = np.setdiff1d(np.arange(total), spread) if self.others else spread
         start = 0
         for feed, size in zip(self.source.feeds(), sizes):
             picked = wanted[(wanted >= start) & (wanted < start + size)] - start
@@ -247,7 +251,7 @@ class SpreadSamples:
                 yield {name: np.asarray(value)[picked] for name, value in feed.items()}
 
     def describe(self) -> str:
-        return f"{self.count} samples spread over {self.source.describe()}"
+        return f"{'all but ' if self.others else ''}{self.count} samples spread over {self.source.describe()}"
 
 
 def samples_in(feed: Mapping[str, Any]) -> int:

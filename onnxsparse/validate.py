@@ -453,6 +453,7 @@ class DriftProbe:
         from .calibration import SpreadSamples
 
         self.source = SpreadSamples(calibration, self.SAMPLES)  # type: ignore[arg-type]
+        self.held_out = SpreadSamples(calibration, self.SAMPLES, others=True)  # type: ignore[arg-type]  # the rest, to fit trials on
         self.reference = outputs_on(model, self.source)
 
     def drift(self, trial: onnx.ModelProto) -> float:

@@ -255,6 +255,8 @@ def test_spread_samples_take_evenly_spaced_rows_across_batched_feeds_and_first_s
     assert [f["x"].ravel().tolist() for f in SpreadSamples(source, 5).feeds()] == [[0], [10], [20, 29, 39]]
     assert [f["x"].ravel().tolist() for f in FirstSamples(source, 12).feeds()] == [list(range(10)), [10, 11]]
     assert sum(len(f["x"]) for f in SpreadSamples(source, 100).feeds()) == 40  # fewer samples than asked: all of them
+    rest = np.concatenate([f["x"].ravel() for f in SpreadSamples(source, 5, others=True).feeds()])
+    assert sorted(rest.tolist()) == sorted(set(range(40)) - {0, 10, 20, 29, 39})
 
 
 def test_resolve_inputs_without_a_spec_is_synthetic():

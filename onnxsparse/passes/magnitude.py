@@ -13,6 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..activations import collect_channel_stats, tensor_values
+from ..calibration import InputSource
 from ..graph import from_gs, overridable_initializers, to_gs
 from ..layerwise import (activation_name, correct_biases, cross_blocks, fit_to_teacher, from_matrix, hessian_blocks, input_rows,
                          sample_slices, sparsegpt, to_matrix, unsupported_reason)
@@ -140,9 +141,11 @@ class MagnitudePrune(Pass):
         for index, (site, target) in enumerate(chosen):
             # SparseGPT repairs some layers far better than others (a 1x1 conv fed rich inputs, not a
             # classifier fed one pooled vector per image): probe each tensor the way it will be pruned.
+            # Its Hessian leaves out the probe's samples: a reconstruction judged on rows it was fit
+            # to looks free (a classifier fit on 160 pooled vectors of 1280 features memorises them).
             hessians = None
             if self.criterion == "sparsegpt" and not unsupported_reason(site):
-                hessians, _ = self._layer_statistics(model, model, site, context, with_teacher=False)
+                hessians, _ = self._layer_statistics(model, model, site, context, with_teacher=False, source=probe.held_out)
             at_target = probe.drift(self._pruned_alone(model, site, target, hessians))
             higher = _probe_above(target)
             drifts[site.name] = [at_target, probe.drift(self._pruned_alone(model, site, higher, hessians)) if higher > target else at_target]
@@ -295,13 +298,16 @@ class MagnitudePrune(Pass):
         return from_matrix(site, np.concatenate(solved, axis=0))
 
     def _layer_statistics(self, original: onnx.ModelProto, current: onnx.ModelProto, site: WeightSite,
-                          context: PassContext, *, with_teacher: bool) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+                          context: PassContext, *, with_teacher: bool, source: InputSource | None = None
+                          ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         """XᵀX per group of the layer's input in the partly pruned model and, ``with_teacher``,
-        X_tᵀX with X_t the same input in the original model (the same feeds, in the same order)."""
+        X_tᵀX with X_t the same input in the original model (the same feeds, in the same order).
+        On ``source``, or the calibration data."""
         assert context.calibration is not None
+        source = source or context.calibration
         name = activation_name(site)
-        mine = tensor_values(current, context.calibration, [name], limit=self.calibration_samples, label="sparsegpt inputs")
-        theirs = (tensor_values(original, context.calibration, [name], limit=self.calibration_samples, label="sparsegpt teacher")
+        mine = tensor_values(current, source, [name], limit=self.calibration_samples, label="sparsegpt inputs")
+        theirs = (tensor_values(original, source, [name], limit=self.calibration_samples, label="sparsegpt teacher")
                   if with_teacher else None)
         hessians: list[np.ndarray] | None = None
         crosses: list[np.ndarray] | None = None
