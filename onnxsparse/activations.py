@@ -35,6 +35,10 @@ class ChannelStats:
         return self.sum / max(self.count, 1)
 
     @property
+    def mean_square(self) -> np.ndarray:
+        return self.sum_squares / max(self.count, 1)
+
+    @property
     def l2_norm(self) -> np.ndarray:
         """The L2 norm of each channel over every sample and position (Wanda's ||X_j||)."""
         return np.sqrt(self.sum_squares)

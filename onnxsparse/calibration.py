@@ -7,6 +7,7 @@ from the graph's input types.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import zipfile
@@ -229,15 +230,19 @@ class SpreadSamples:
 
     Calibration files list several views of one photo side by side: the first 16 samples can be two
     photos, 16 spread ones are 16 photos. ``others`` yields every sample but those: data to fit on
-    whose fit the spread samples then judge out of sample. The source is read twice (to count, then
-    to cut)."""
+    whose fit the spread samples then judge out of sample. The source is counted on first use."""
 
     source: InputSource
     count: int
     others: bool = False
 
+    @functools.cached_property
+    def _sizes(self) -> list[int]:
+        """Samples per feed of the source, counted once: a scan asks for the feeds once per trial."""
+        return [samples_in(feed) for feed in self.source.feeds()]
+
     def feeds(self) -> Iterator[Feed]:
-        sizes = [samples_in(feed) for feed in self.source.feeds()]
+        sizes = self._sizes
         total = sum(sizes)
         spread = np.unique(np.linspace(0, total - 1, min(self.count, total)).round().astype(np.int64))
         wanted = np.setdiff1d(np.arange(total), spread) if self.others else spread

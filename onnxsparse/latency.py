@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
+from .calibration import FirstSamples, InputSource, SyntheticInputs
 from .validate import make_session
 
 WARMUP_RUNS = 3
@@ -39,6 +40,12 @@ def relative_latency(
             run()
             times[index].append(time.perf_counter() - begin)
     return float(np.median(times[1]) / np.median(times[0]))
+
+
+def timing_feed(model: onnx.ModelProto, calibration: InputSource | None) -> dict[str, np.ndarray]:
+    """What the passes time a model on: one calibration sample, or a synthetic one without calibration data."""
+    source = FirstSamples(calibration, 1) if calibration is not None else SyntheticInputs(model, samples=1)
+    return dict(next(iter(source.feeds())))
 
 
 def _runner(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]):  # noqa: ANN202 - a closure

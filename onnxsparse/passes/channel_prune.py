@@ -12,12 +12,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..activations import collect_channel_stats, tensor_values
-from ..calibration import FirstSamples, SyntheticInputs
+from ..calibration import SyntheticInputs
 from ..channels import Analysis, ConsumerUse, Producer, analyze, apply_plan
 from ..errors import RequirementError
 from ..graph import constant_value, from_gs, overridable_initializers, to_gs
 from ..inspect_model import count_macs
-from ..latency import relative_latency
+from ..latency import relative_latency, timing_feed
 from ..layerwise import add_output_shift
 from ..validate import EXACT, DriftProbe, Tolerance
 from ..weights import matches
@@ -155,7 +155,7 @@ class ChannelPrune(Pass):
 
     def _faster(self, model: onnx.ModelProto, pruned: onnx.ModelProto, context: PassContext, result: PassResult) -> bool:
         """Whether ``pruned`` runs faster than ``model``; if not, say so in ``result`` (which keeps the input)."""
-        ratio = relative_latency(model, pruned, _timing_feed(model, context))
+        ratio = relative_latency(model, pruned, timing_feed(model, context.calibration))
         result.figures["latency_ratio"] = round(ratio, 3)
         if ratio < 1.0:
             return True
@@ -376,12 +376,6 @@ class ChannelPrune(Pass):
 # ---------------------------------------------------------------------------------------------
 
 
-def _timing_feed(model: onnx.ModelProto, context: PassContext) -> dict[str, np.ndarray]:
-    """One calibration sample, or a synthetic one when the pipeline has no calibration data."""
-    source = FirstSamples(context.calibration, 1) if context.calibration is not None else SyntheticInputs(model, samples=1)
-    return dict(next(iter(source.feeds())))
-
-
 def _pruned_copy(model: onnx.ModelProto, roots: list[int]) -> onnx.ModelProto:
     """The model with the given root channels removed (analysed afresh: edits hold graph nodes)."""
     graph = to_gs(model)
@@ -425,7 +419,7 @@ def _activation_importance(model: onnx.ModelProto, analysis: Analysis, context: 
         if through_consumers:
             weight = constant_value(use.node.inputs[use.weight_index])
             weight = np.moveaxis(np.asarray(weight, dtype=np.float64), use.axis, 0).reshape(len(use.roots), -1)
-            np.add.at(total, use.roots, channel.sum_squares / max(channel.count, 1) * np.square(weight).sum(axis=1))
+            np.add.at(total, use.roots, channel.mean_square * np.square(weight).sum(axis=1))
         else:
             np.add.at(total, use.roots, channel.mean_abs)
         np.add.at(count, use.roots, 1)

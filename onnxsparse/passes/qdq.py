@@ -14,10 +14,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..activations import collect_ranges
+from ..activations import collect_channel_stats, collect_ranges
 from ..calibration import FirstSamples
 from ..errors import InputDataError
-from ..latency import relative_latency
+from ..latency import relative_latency, timing_feed
 from ..layerwise import add_output_shift
 from ..graph import constant_value, from_gs, name_unnamed_nodes, opset_version, overridable_initializers, to_gs, unique_name
 from ..quantization import CALIBRATION_METHODS, ActivationParams, activation_params, quantize_bias, quantize_weight
@@ -251,9 +251,6 @@ class Qdq(Pass):
         zero-mean, and a shifted mean is what the next layers amplify. Measured here on
         MobileNetV2 (minmax): mean logit cosine 0.973 -> 0.982. With clipped ranges (entropy,
         percentile, mse) it made things worse, hence ``auto`` (minmax, convolutions)."""
-        from ..activations import collect_channel_stats
-        from ..calibration import FirstSamples
-
         assert context.calibration is not None
         source = FirstSamples(context.calibration, self.correction_samples)
         # auto corrects convolutions only: on MiniLM's MatMuls it lowered the cosine (0.947 -> 0.932)
@@ -402,7 +399,7 @@ def _pick(static: PassResult, dynamic: PassResult, model: onnx.ModelProto, conte
     assert context.validate is not None and context.calibration is not None
     verdicts = {"static": context.validate(static.model), "dynamic": context.validate(dynamic.model)}
     results = {"static": static, "dynamic": dynamic}
-    feed = next(iter(FirstSamples(context.calibration, 1).feeds()))
+    feed = timing_feed(model, context.calibration)
     ratios = {mode: relative_latency(model, results[mode].model, feed) for mode in results}
     passing = [mode for mode, verdict in verdicts.items() if verdict.passed]
     why_prefix = ""
