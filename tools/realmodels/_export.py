@@ -84,6 +84,13 @@ def package_file(distribution: str, suffix: str) -> Path:
     return path
 
 
+def package_files(distribution: str, prefix: str, ending: str) -> list[str]:
+    """The files of an installed distribution whose path starts with ``prefix`` and ends with ``ending``,
+    sorted, as wheel-RECORD paths with forward slashes (what ``package_file`` takes)."""
+    paths = (str(f).replace("\\", "/") for f in importlib.metadata.files(distribution) or [])
+    return sorted(path for path in paths if path.startswith(prefix) and path.endswith(ending))
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as stream:
