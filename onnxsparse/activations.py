@@ -11,10 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .calibration import InputSource, model_inputs, check_feed
+from .calibration import InputSource, check_feed, in_chunks, model_inputs
 from .validate import make_session
 
 log = logging.getLogger(__name__)
+
+# Samples per onnxruntime run when intermediate tensors are exposed: their memory grows with the batch.
+RUN_SAMPLES = 16
 
 
 @dataclass
@@ -75,7 +78,8 @@ def tensor_values(
     limit: int | None = None,
     label: str = "calibration",
 ) -> Iterator[dict[str, np.ndarray]]:
-    """For each feed of ``source`` (up to ``limit``), the values of the named main-graph tensors."""
+    """For each feed of ``source`` (up to ``limit`` feeds), the values of the named main-graph tensors,
+    in runs of at most ``RUN_SAMPLES`` samples (a large feed yields several value dicts)."""
     wanted = list(dict.fromkeys(names))
     graph_inputs = {i.name for i in model.graph.input}
     computed = [n for n in wanted if n not in graph_inputs]
@@ -85,9 +89,10 @@ def tensor_values(
         if limit is not None and index >= limit:
             break
         checked = check_feed(feed, inputs, f"{source.describe()}, feed {index}")
-        values = dict(zip(computed, session.run(computed, checked))) if computed else {}
-        values.update({n: checked[n] for n in wanted if n in graph_inputs})
-        yield values
+        for run in in_chunks(checked, inputs, RUN_SAMPLES):
+            values = dict(zip(computed, session.run(computed, run))) if computed else {}
+            values.update({n: run[n] for n in wanted if n in graph_inputs})
+            yield values
 
 
 def collect_channel_stats(

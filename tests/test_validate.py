@@ -259,6 +259,18 @@ def test_spread_samples_take_evenly_spaced_rows_across_batched_feeds_and_first_s
     assert sorted(rest.tolist()) == sorted(set(range(40)) - {0, 10, 20, 29, 39})
 
 
+def test_intermediate_tensors_are_read_in_bounded_runs_of_a_large_feed_and_only_along_a_batch_axis():
+    from onnxsparse import activations
+    from onnxsparse.calibration import IterableInputs
+
+    x = np.arange(40 * 3, dtype=np.float32).reshape(40, 3) - 60
+    runs = list(activations.tensor_values(parse(FIXED_TEXT), IterableInputs([{"x": x}]), ["y"]))
+    assert [len(run["y"]) for run in runs] == [16, 16, 8]
+    np.testing.assert_array_equal(np.concatenate([run["y"] for run in runs]), np.maximum(x, 0))
+    fixed = parse(FIXED_TEXT.replace("float[N, 3] x", "float[40, 3] x").replace("float[N, 3] y", "float[40, 3] y"))
+    assert [len(run["y"]) for run in activations.tensor_values(fixed, IterableInputs([{"x": x}]), ["y"])] == [40]
+
+
 def test_resolve_inputs_without_a_spec_is_synthetic():
     source = resolve_inputs(None, parse(FIXED_TEXT), samples=3, seed=5)
     assert isinstance(source, SyntheticInputs) and (source.samples, source.seed) == (3, 5)
