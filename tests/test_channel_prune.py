@@ -11,6 +11,7 @@ from onnxsparse import load
 from onnxsparse.calibration import resolve_inputs
 from onnxsparse.errors import PipelineSpecError, RequirementError
 from onnxsparse.graph import to_gs
+from onnxsparse.inspect_model import count_macs
 from onnxsparse.passes import PassContext
 from onnxsparse.passes.channel_prune import ChannelPrune
 from onnxsparse.pipeline import PassManager, clone
@@ -283,6 +284,7 @@ def test_refit_reaches_pruned_producers_residual_blocks_and_depthwise_convs_on_t
     ("channel-prune{min_channels=0}", "cannot lose every channel"),
     ("channel-prune{overrides=conv:1.0}", "would remove every channel"),
     ("channel-prune{budget=macs}", "scope=sensitivity only"),
+    ("channel-prune{budget=latency}", "scope=sensitivity only"),
 ])
 def test_bad_options_are_clear_errors(text, message):
     with pytest.raises(PipelineSpecError, match=message.replace("[", r"\[").replace(")", r"\)")):
@@ -349,6 +351,26 @@ def test_a_mac_budget_removes_that_share_of_the_multiply_accumulates():
     # per-channel savings are read off each group's probe, so the share lands near 30%, not exactly (measured 0.718)
     assert 0.62 <= figures["macs"]["macs_ratio"] <= 0.74
     assert figures["macs"]["macs_ratio"] < figures["channels"]["macs_ratio"]  # measured 0.778 for 30% of the channels
+
+
+def test_a_latency_budget_leaves_whole_the_groups_whose_probe_ran_no_faster(monkeypatch):
+    """The time saved is read off each group's probe in onnxruntime; here a stand-in timer says that
+    thinning the 64-unit MLP hidden layer saves nothing, so the whole budget goes to the 32-wide stream."""
+    model = load(MODELS / "digits_transformer.onnx")
+    calibration = resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model)
+
+    def fake_latency(reference, candidate, feed, **kwargs):
+        hidden = _initializer(candidate, "mlp.0.bias").shape[0]
+        return 1.0 if hidden < 64 else count_macs(candidate) / count_macs(reference)
+
+    monkeypatch.setattr("onnxsparse.passes.channel_prune.relative_latency", fake_latency)
+    result = _prune(model, PassContext(calibration=calibration), ratio=0.2, scope="sensitivity", budget="latency", round_to=1)
+    scan = {entry["channels"]: entry for entry in result.figures["sensitivity"].values()}
+    assert scan[64]["removed"] == 0 and scan[64]["time_saved_at_ratio"] <= 0
+    assert scan[32]["removed"] > 0 and scan[32]["time_saved_at_ratio"] > 0
+    assert _initializer(result.model, "mlp.0.bias").shape == (64,)
+    # the stand-in timer is MACs for the stream: 20% of the time is about 20% of its MACs
+    assert 0.7 <= result.figures["macs_ratio"] <= 0.9
 
 
 def test_refit_of_a_layer_whose_add_partner_is_a_constant_node_fits_its_own_output(rng):

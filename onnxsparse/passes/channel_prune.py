@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,6 +36,17 @@ class Unit:
     pinned: str = ""
 
 
+@dataclass(frozen=True)
+class BudgetMeasure:
+    """A budget other than channels: its total for the input model, and what a pruned copy saves of it."""
+
+    total: float
+    saved_by: Callable[[onnx.ModelProto], float]
+
+    def __call__(self, trial: onnx.ModelProto) -> float:
+        return self.saved_by(trial)
+
+
 @dataclass
 class Group:
     """Producers whose channels are coupled, and their units."""
@@ -66,9 +77,10 @@ class ChannelPrune(Pass):
     ratio: float = field(default=0.3, metadata={"help": "fraction of each group's channels removed (global: of all removable channels)"})
     scope: Literal["uniform", "global", "sensitivity"] = field(default="uniform", metadata={
         "help": "a ratio per group; one ranking across groups; or per-group ratios from a sensitivity scan on calibration data"})
-    budget: Literal["channels", "macs"] = field(default="channels", metadata={
-        "help": "under scope=sensitivity, what ratio counts: removable channels, or multiply-accumulates saved "
-                "(channels then go where the drift per MAC saved is lowest)"})
+    budget: Literal["channels", "macs", "latency"] = field(default="channels", metadata={
+        "help": "under scope=sensitivity, what ratio counts: removable channels, multiply-accumulates saved, or "
+                "onnxruntime time saved (one thread, each group's probe timed against the input); channels then go "
+                "where the drift per MAC or per second saved is lowest"})
     mode: Literal["ratio", "zero-only"] = field(default="ratio", metadata={"help": "zero-only: only dead channels, exactly"})
     criterion: Literal["l1", "l2", "activation", "output"] = field(default="l1", metadata={
         "help": "filter norm; mean |activation|; or the energy a channel sends through its consumers' weights, "
@@ -101,8 +113,8 @@ class ChannelPrune(Pass):
             raise ValueError("min_channels must be at least 1: a layer cannot lose every channel")
         if self.round_to < 0 or self.calibration_samples < 1:
             raise ValueError("round_to must be >= 0 and calibration_samples >= 1")
-        if self.budget == "macs" and self.scope != "sensitivity":
-            raise ValueError("budget=macs applies to scope=sensitivity only")
+        if self.budget != "channels" and self.scope != "sensitivity":
+            raise ValueError(f"budget={self.budget} applies to scope=sensitivity only")
         if not self.refit_strength >= 0:
             raise ValueError(f"refit_strength {self.refit_strength} must be >= 0")
 
@@ -256,33 +268,34 @@ class ChannelPrune(Pass):
         output drift on calibration data is measured; damage is then modelled as growing with the
         square of the share removed, and channels are taken where the marginal damage is lowest
         until ``ratio`` of all removable channels are gone (a group keeps at least 20%). With
-        ``budget=macs`` the ratio is of the model's multiply-accumulates, and the marginal damage is
-        taken per MAC a channel of that group saves (measured on the probe)."""
+        ``budget=macs`` or ``latency`` the ratio is of the model's multiply-accumulates or run time,
+        and the marginal damage is taken per MAC or per share of time a channel of that group saves
+        (measured on the probe: a group whose probe runs no faster is left whole)."""
         assert context.calibration is not None
         probe = DriftProbe(model, context.calibration)
+        measure = self._saving_measure(model, context)
         free = {i: sorted((u for u in g.units if not u.pinned), key=lambda u: u.importance) for i, g in enumerate(groups)}
         damage: dict[int, float] = {}
-        saving: dict[int, float] = {}  # MACs saved per channel removed
-        total_macs = count_macs(model) if self.budget == "macs" else None
-        if self.budget == "macs" and not total_macs:
-            raise RequirementError("channel-prune{budget=macs} needs the model's MACs, and its shapes cannot be inferred")
+        saving: dict[int, float] = {}  # budget saved per channel removed
         probes = {i: self._removable(len(groups[i].units), len(units), round(self.ratio * len(groups[i].units))) for i, units in free.items()}
         for index, (i, units) in enumerate(free.items()):
             if probes[i] == 0:
                 continue
             trial = _pruned_copy(model, [m for u in units[: probes[i]] for m in u.members])
             damage[i] = probe.drift(trial)
-            if total_macs:
-                saving[i] = max(total_macs - (count_macs(trial) or total_macs), 1) / probes[i]
+            if measure is not None:
+                saving[i] = measure(trial) / probes[i]
             if context.progress:
                 context.progress("channel-prune sensitivity", index + 1, len(free))
         taken = {i: 0 for i in free}
         caps = {i: self._removable(len(groups[i].units), len(units), int(0.8 * len(groups[i].units))) for i, units in free.items()}
+        if measure is not None:  # a probe that saved nothing (or ran slower) closes its group
+            caps.update({i: 0 for i, value in saving.items() if value <= 0})
 
         def marginal(i: int) -> float:  # d/dk of damage_i * (k / probe_i)^2 at k + 1, per unit of budget
             return damage.get(i, np.inf) * (2 * taken[i] + 1) / max(probes[i], 1) ** 2 / saving.get(i, 1.0)
 
-        spent, wanted = 0.0, (self.ratio * total_macs if total_macs else round(self.ratio * sum(len(units) for units in free.values())))
+        spent, wanted = 0.0, (self.ratio * measure.total if measure is not None else round(self.ratio * sum(len(units) for units in free.values())))
         while spent < wanted:
             open_groups = [i for i in free if taken[i] < caps[i] and i in damage]
             if not open_groups:
@@ -295,9 +308,24 @@ class ChannelPrune(Pass):
             count = self._removable(len(groups[i].units), len(free[i]), count)
             chosen.extend(free[i][:count])
             if i in damage:
-                result.figures.setdefault("sensitivity", {})[groups[i].label] = {  # type: ignore[union-attr]
-                    "drift_at_ratio": round(damage[i], 5), "removed": count, "channels": len(groups[i].units)}
+                entry = {"drift_at_ratio": round(damage[i], 5), "removed": count, "channels": len(groups[i].units)}
+                if self.budget == "latency":
+                    entry["time_saved_at_ratio"] = round(saving[i] * probes[i], 4)
+                result.figures.setdefault("sensitivity", {})[groups[i].label] = entry  # type: ignore[union-attr]
         return chosen
+
+    def _saving_measure(self, model: onnx.ModelProto, context: PassContext) -> BudgetMeasure | None:
+        """What a probe saves of the budget, or None when the budget is counted in channels."""
+        if self.budget == "macs":
+            total_macs = count_macs(model)
+            if not total_macs:
+                raise RequirementError("channel-prune{budget=macs} needs the model's MACs, and its shapes cannot be inferred")
+            return BudgetMeasure(float(total_macs), lambda trial: float(max(total_macs - (count_macs(trial) or total_macs), 1)))
+        if self.budget == "latency":
+            feed = timing_feed(model, context.calibration)
+            # The share of the input's time the probe saves; noise of a percent or two either way.
+            return BudgetMeasure(1.0, lambda trial: 1.0 - relative_latency(model, trial, feed))
+        return None
 
     def _removable(self, total: int, free: int, wanted: int) -> int:
         """How many of ``wanted`` may go: at most the free ones, keeping min_channels and round_to."""
