@@ -11,13 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .calibration import InputSource, check_feed, in_chunks, model_inputs
+from .calibration import InputSource, check_feed, has_batch_axis, in_chunks, model_inputs
 from .validate import make_session
 
 log = logging.getLogger(__name__)
-
-# Samples per onnxruntime run when intermediate tensors are exposed: their memory grows with the batch.
-RUN_SAMPLES = 16
 
 
 @dataclass
@@ -85,11 +82,12 @@ def tensor_values(
     computed = [n for n in wanted if n not in graph_inputs]
     session = make_session(with_extra_outputs(model, computed), label)
     inputs = model_inputs(model)
+    batched = has_batch_axis(i.shape for i in inputs)
     for index, feed in enumerate(source.feeds()):
         if limit is not None and index >= limit:
             break
         checked = check_feed(feed, inputs, f"{source.describe()}, feed {index}")
-        for run in in_chunks(checked, inputs, RUN_SAMPLES):
+        for run in in_chunks(checked, batched):
             values = dict(zip(computed, session.run(computed, run))) if computed else {}
             values.update({n: run[n] for n in wanted if n in graph_inputs})
             yield values

@@ -11,7 +11,7 @@ import functools
 import os
 import re
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -259,13 +259,22 @@ class SpreadSamples:
         return f"{'all but ' if self.others else ''}{self.count} samples spread over {self.source.describe()}"
 
 
-def in_chunks(feed: Feed, inputs: list[ModelInput], size: int) -> Iterator[Feed]:
-    """``feed`` cut along axis 0 into runs of at most ``size`` samples, where every input's first
-    dim is dynamic (a batch axis) and all share it; else ``feed`` whole. A calibration file of 384
-    images run as one batch with every activation exposed took 11.6 GB; in runs of 16 it fits in one."""
+# Samples per onnxruntime run: activation memory grows with the batch. A calibration file of 384
+# images run as one batch with every activation exposed took 11.6 GB; in runs of 16 it fits in one.
+RUN_SAMPLES = 16
+
+
+def has_batch_axis(shapes: Iterable[Sequence[int | str | None]]) -> bool:
+    """Whether every input's first dim is dynamic, so that a feed may be cut along it."""
+    shapes = list(shapes)
+    return bool(shapes) and all(len(shape) > 0 and not isinstance(shape[0], int) for shape in shapes)
+
+
+def in_chunks(feed: Feed, batched: bool, size: int = RUN_SAMPLES) -> Iterator[Feed]:
+    """``feed`` cut along axis 0 into runs of at most ``size`` samples where the model is ``batched``
+    (see :func:`has_batch_axis`) and its inputs share that axis; else ``feed`` whole."""
     total = samples_in(feed)
-    batched = inputs and all(not isinstance(i.shape[0], int) if i.shape else False for i in inputs)
-    if total <= size or not batched:
+    if not batched or total <= size:
         yield feed
         return
     for start in range(0, total, size):

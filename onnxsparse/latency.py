@@ -35,9 +35,10 @@ def relative_latency(
     times: list[list[float]] = [[], []]
     started = time.perf_counter()
     while len(times[0]) < max_runs and (len(times[0]) < min_runs or time.perf_counter() - started < min_seconds):
-        for index, run in enumerate(runners):
+        # The order flips every round, so that neither model always runs on caches the other warmed.
+        for index in ((0, 1) if len(times[0]) % 2 == 0 else (1, 0)):
             begin = time.perf_counter()
-            run()
+            runners[index]()
             times[index].append(time.perf_counter() - begin)
     return float(np.median(times[1]) / np.median(times[0]))
 

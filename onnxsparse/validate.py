@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .calibration import has_batch_axis, in_chunks, samples_in
 from .errors import InputDataError, RuntimeLoadError
 
 log = logging.getLogger(__name__)
@@ -360,11 +361,12 @@ def run_feeds(
 ) -> list[dict[str, np.ndarray]]:
     names = [output.name for output in session.get_outputs()]
     accepted = {value.name for value in session.get_inputs()}
+    batched = has_batch_axis(value.shape for value in session.get_inputs())
     results = []
     for index, feed in enumerate(feeds):
         try:
             # a candidate may have dropped an unused input the original still declares
-            values = session.run(names, {name: value for name, value in feed.items() if name in accepted})
+            values = _run_in_chunks(session, names, {name: value for name, value in feed.items() if name in accepted}, batched)
         except Exception as error:  # noqa: BLE001
             message = _first_line(error)
             kind = InputDataError if "input" in message.lower() or "dimension" in message.lower() else RuntimeLoadError
@@ -373,6 +375,19 @@ def run_feeds(
         if progress is not None:
             progress(label, index + 1, len(feeds))
     return results
+
+
+def _run_in_chunks(session: ort.InferenceSession, names: list[str], feed: Feed, batched: bool) -> list[np.ndarray]:
+    """The outputs on ``feed``, run in bounded batches and put back together along axis 0; run whole
+    when an output does not follow the batch (a graph that reduces over it)."""
+    chunks = list(in_chunks(feed, batched))
+    if len(chunks) == 1:
+        return session.run(names, feed)
+    parts = [session.run(names, chunk) for chunk in chunks]
+    follows_batch = all(np.ndim(value) > 0 and len(value) == samples_in(chunk) for chunk, values in zip(chunks, parts) for value in values)
+    if not follows_batch:
+        return session.run(names, feed)
+    return [np.concatenate([values[i] for values in parts]) for i in range(len(names))]
 
 
 def compare(

@@ -271,6 +271,17 @@ def test_intermediate_tensors_are_read_in_bounded_runs_of_a_large_feed_and_only_
     assert [len(run["y"]) for run in activations.tensor_values(fixed, IterableInputs([{"x": x}]), ["y"])] == [40]
 
 
+@pytest.mark.parametrize("output", ["y = Relu (x)", "y = ReduceSum <keepdims = 0> (x)"])
+def test_validation_runs_a_large_feed_in_bounded_batches_unless_an_output_spans_the_batch(output):
+    from onnxsparse.validate import make_session, run_feeds
+
+    x = np.arange(40 * 3, dtype=np.float32).reshape(40, 3) - 60
+    model = parse(FIXED_TEXT.replace("y = Relu (x)", output).replace("float[N, 3] y", "float y" if "Reduce" in output else "float[N, 3] y"))
+    [values] = run_feeds(make_session(model, "test"), [{"x": x}], "test")
+    expected = np.maximum(x, 0) if "Relu" in output else x.sum()
+    np.testing.assert_allclose(values["y"], expected, rtol=1e-6)
+
+
 def test_resolve_inputs_without_a_spec_is_synthetic():
     source = resolve_inputs(None, parse(FIXED_TEXT), samples=3, seed=5)
     assert isinstance(source, SyntheticInputs) and (source.samples, source.seed) == (3, 5)
