@@ -128,6 +128,39 @@ def summarize(model: onnx.ModelProto, info: LoadInfo | None = None, *, with_tens
 def count_macs(model: onnx.ModelProto) -> int | None:
     """Multiply-accumulates of the Conv, ConvTranspose, Gemm and MatMul nodes of the main graph for
     one sample (dynamic dims counted as 1), from inferred shapes; None when shapes are unknown."""
+    work = count_work(model)
+    return work.macs if work else None
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one sample costs to run: multiply-accumulates, and elements written by the main graph's
+    nodes (what memory-bound ops such as depthwise convs and activations pay for)."""
+
+    macs: int
+    activation_elements: int
+
+
+def count_work(model: onnx.ModelProto) -> Work | None:
+    """:class:`Work` from inferred shapes (dynamic dims counted as 1); None when shapes are unknown."""
+    shapes = _inferred_shapes(model)
+    if shapes is None:
+        return None
+    macs = elements = 0
+    for node in model.graph.node:
+        elements += sum(int(np.prod(shapes[name])) for name in node.output if name in shapes)
+        if node.op_type not in MAC_OPS:
+            continue
+        positions, arithmetic = MAC_OPS[node.op_type]
+        operands = [shapes.get(node.input[i]) if i < len(node.input) else None for i in positions]
+        output = shapes.get(node.output[0])
+        if output is None or any(o is None for o in operands):
+            return None
+        macs += _node_macs(node, arithmetic, operands[0], operands[1], output)  # type: ignore[arg-type]
+    return Work(macs, elements)
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int]] | None:
     from .shapes import infer_shapes  # shapes observed in onnxruntime where onnx cannot infer them
 
     try:
@@ -141,17 +174,7 @@ def count_macs(model: onnx.ModelProto) -> int | None:
     for node in inferred.graph.node:
         if node.op_type == "Constant" and node.output:
             shapes[node.output[0]] = list(node.attribute[0].t.dims) if node.attribute[0].HasField("t") else []
-    total = 0
-    for node in inferred.graph.node:
-        if node.op_type not in MAC_OPS:
-            continue
-        positions, arithmetic = MAC_OPS[node.op_type]
-        operands = [shapes.get(node.input[i]) if i < len(node.input) else None for i in positions]
-        output = shapes.get(node.output[0])
-        if output is None or any(o is None for o in operands):
-            return None
-        total += _node_macs(node, arithmetic, operands[0], operands[1], output)  # type: ignore[arg-type]
-    return total
+    return shapes
 
 
 # op type -> (input positions of its two operands, the float op whose multiply-accumulates it does):

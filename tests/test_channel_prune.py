@@ -373,6 +373,20 @@ def test_a_latency_budget_leaves_whole_the_groups_whose_probe_ran_no_faster(monk
     assert 0.7 <= result.figures["macs_ratio"] <= 0.9
 
 
+def test_probe_timings_are_smoothed_by_a_fit_on_the_work_each_probe_saved_and_a_slower_probe_stays_closed():
+    from onnxsparse.passes.channel_prune import TimeSaved
+
+    model = infer_shapes(load(MODELS / "digits_transformer.onnx"))
+    measure = TimeSaved(model, {})
+    # (time, MACs, activation elements) saved per probe: time is 1e-3 per MAC, the third probe timed 0.05 high
+    measure.measured = [(0.10, 100, 10), (0.30, 300, 30), (0.25, 200, 20), (0.40, 400, 40), (-0.02, 50, 5)]
+    settled = measure.settle({7: 0.10, 3: 0.30, 5: 0.25, 1: 0.40, 2: -0.02})
+    assert list(settled) == [7, 3, 5, 1, 2]
+    assert settled[2] == -0.02  # it ran slower than its input: closed whatever the fit says
+    assert 0.19 < settled[5] < 0.23 and settled[7] < settled[5] < settled[3] < settled[1]
+    assert measure.fit is not None and measure.fit[2] > 0.9  # R² of the fit
+
+
 def test_refit_of_a_layer_whose_add_partner_is_a_constant_node_fits_its_own_output(rng):
     """A Constant node's output is no residual: the layer is fit alone (it was skipped as 'broadcast')."""
     from onnxsparse.calibration import IterableInputs

@@ -10,13 +10,14 @@ from typing import Literal
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import scipy.optimize
 
 from ..activations import collect_channel_stats, tensor_values
 from ..calibration import SyntheticInputs
 from ..channels import Analysis, ConsumerUse, Producer, analyze, apply_plan
 from ..errors import RequirementError
 from ..graph import constant_value, from_gs, overridable_initializers, to_gs
-from ..inspect_model import count_macs
+from ..inspect_model import count_macs, count_work
 from ..latency import relative_latency, timing_feed
 from ..layerwise import add_output_shift
 from ..validate import EXACT, DriftProbe, Tolerance
@@ -36,7 +37,7 @@ class Unit:
     pinned: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass
 class BudgetMeasure:
     """A budget other than channels: its total for the input model, and what a pruned copy saves of it."""
 
@@ -45,6 +46,46 @@ class BudgetMeasure:
 
     def __call__(self, trial: onnx.ModelProto) -> float:
         return self.saved_by(trial)
+
+    def settle(self, saved: dict[int, float]) -> dict[int, float]:
+        """The savings to plan with, given every probe's (keyed in the order they were measured)."""
+        return saved
+
+
+class TimeSaved(BudgetMeasure):
+    """The share of the input's onnxruntime time a pruned copy saves (one thread, interleaved runs).
+
+    One timing on a shared machine is off by a few percent, as much as a small group saves, so the
+    plan uses a fit over all probes instead: time saved = a x MACs saved + b x activation elements
+    saved (a, b >= 0; the second is what depthwise convs and activations pay for). A probe that ran
+    no faster than its input keeps its measured figure (a block cut off onnxruntime's channel blocks
+    can run slower), which closes its group."""
+
+    def __init__(self, model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> None:
+        super().__init__(1.0, self._time)
+        self.model, self.feed = model, feed
+        self.work = count_work(model)
+        self.measured: list[tuple[float, float, float]] = []  # (time, MACs, elements) saved, per probe
+        self.fit: tuple[float, float, float] | None = None  # per MAC, per element, R²
+
+    def _time(self, trial: onnx.ModelProto) -> float:
+        saved = 1.0 - relative_latency(self.model, trial, self.feed)
+        work = count_work(trial)
+        if self.work is not None and work is not None:
+            self.measured.append((saved, self.work.macs - work.macs, self.work.activation_elements - work.activation_elements))
+        return saved
+
+    def settle(self, saved: dict[int, float]) -> dict[int, float]:
+        if len(self.measured) != len(saved) or len(saved) < 3:
+            return saved
+        times, features = np.array([m[0] for m in self.measured]), np.array([m[1:] for m in self.measured], dtype=np.float64)
+        scale = np.maximum(features.max(axis=0), 1.0)
+        coefficients, _ = scipy.optimize.nnls(features / scale, times)
+        fitted = (features / scale) @ coefficients
+        residual = float(np.sum((times - fitted) ** 2))
+        spread = float(np.sum((times - times.mean()) ** 2)) or 1.0
+        self.fit = (*(coefficients / scale), 1.0 - residual / spread)
+        return {key: (value if value <= 0 else float(model)) for (key, value), model in zip(saved.items(), fitted)}
 
 
 @dataclass
@@ -276,7 +317,7 @@ class ChannelPrune(Pass):
         measure = self._saving_measure(model, context)
         free = {i: sorted((u for u in g.units if not u.pinned), key=lambda u: u.importance) for i, g in enumerate(groups)}
         damage: dict[int, float] = {}
-        saving: dict[int, float] = {}  # budget saved per channel removed
+        saved_at_probe: dict[int, float] = {}
         probes = {i: self._removable(len(groups[i].units), len(units), round(self.ratio * len(groups[i].units))) for i, units in free.items()}
         for index, (i, units) in enumerate(free.items()):
             if probes[i] == 0:
@@ -284,9 +325,13 @@ class ChannelPrune(Pass):
             trial = _pruned_copy(model, [m for u in units[: probes[i]] for m in u.members])
             damage[i] = probe.drift(trial)
             if measure is not None:
-                saving[i] = measure(trial) / probes[i]
+                saved_at_probe[i] = measure(trial)
             if context.progress:
                 context.progress("channel-prune sensitivity", index + 1, len(free))
+        measured = saved_at_probe
+        if measure is not None:
+            saved_at_probe = measure.settle(saved_at_probe)
+        saving = {i: value / probes[i] for i, value in saved_at_probe.items()}  # budget saved per channel removed
         taken = {i: 0 for i in free}
         caps = {i: self._removable(len(groups[i].units), len(units), int(0.8 * len(groups[i].units))) for i, units in free.items()}
         if measure is not None:  # a probe that saved nothing (or ran slower) closes its group
@@ -310,8 +355,12 @@ class ChannelPrune(Pass):
             if i in damage:
                 entry = {"drift_at_ratio": round(damage[i], 5), "removed": count, "channels": len(groups[i].units)}
                 if self.budget == "latency":
-                    entry["time_saved_at_ratio"] = round(saving[i] * probes[i], 4)
+                    entry.update(time_saved_at_ratio=round(saved_at_probe[i], 4), time_measured_at_ratio=round(measured[i], 4))
                 result.figures.setdefault("sensitivity", {})[groups[i].label] = entry  # type: ignore[union-attr]
+        if isinstance(measure, TimeSaved) and measure.fit is not None:
+            per_mac, per_element, r2 = measure.fit
+            result.figures["latency_model"] = {"share_per_gmac": round(per_mac * 1e9, 4), "share_per_m_elements": round(per_element * 1e6, 4),
+                                               "r2": round(r2, 3)}
         return chosen
 
     def _saving_measure(self, model: onnx.ModelProto, context: PassContext) -> BudgetMeasure | None:
@@ -322,9 +371,7 @@ class ChannelPrune(Pass):
                 raise RequirementError("channel-prune{budget=macs} needs the model's MACs, and its shapes cannot be inferred")
             return BudgetMeasure(float(total_macs), lambda trial: float(max(total_macs - (count_macs(trial) or total_macs), 1)))
         if self.budget == "latency":
-            feed = timing_feed(model, context.calibration)
-            # The share of the input's time the probe saves; noise of a percent or two either way.
-            return BudgetMeasure(1.0, lambda trial: 1.0 - relative_latency(model, trial, feed))
+            return TimeSaved(model, timing_feed(model, context.calibration))
         return None
 
     def _removable(self, total: int, free: int, wanted: int) -> int:
