@@ -219,6 +219,26 @@ def test_sparsegpt_sensitivity_probes_each_tensor_with_sparsegpt():
     assert sum(lower) >= 0.75 * len(lower)
 
 
+def test_one_pass_hessians_equal_each_layers_own():
+    """The scan reads every layer's input Hessian in one pass over the data; each must equal the one
+    the pass gathers for that layer alone (what the scan did before, one model run per tensor)."""
+    from onnxsparse.graph import overridable_initializers, to_gs
+    from onnxsparse.passes.magnitude import original_hessians
+    from onnxsparse.weights import WEIGHT_OPS, find_weights
+
+    model = load(MODELS / "digits_transformer.onnx")
+    calibration = resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model)
+    sites = find_weights(to_gs(model), WEIGHT_OPS, overridable_initializers(model))[0]
+    together = original_hessians(model, sites, calibration)
+    assert set(together) == {site.name for site in sites} and len(sites) >= 8
+    prune = MagnitudePrune(criterion="sparsegpt")
+    for site in sites:
+        alone, _ = prune._layer_statistics(model, model, site, PassContext(calibration=calibration), with_teacher=False)
+        assert len(alone) == len(together[site.name])
+        for a, b in zip(alone, together[site.name]):
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=0)
+
+
 def test_sensitivity_allocation_keeps_the_total_and_spares_sensitive_and_steep_tensors():
     sizes = np.array([1000.0, 1000.0, 1000.0, 50.0])
     targets = np.full(4, 0.5)

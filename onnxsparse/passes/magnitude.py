@@ -138,14 +138,15 @@ class MagnitudePrune(Pass):
         assert context.calibration is not None
         probe = DriftProbe(model, context.calibration)
         drifts: dict[str, list[float]] = {}
+        # SparseGPT repairs some layers far better than others (a 1x1 conv fed rich inputs, not a
+        # classifier fed one pooled vector per image): probe each tensor the way it will be pruned.
+        # The Hessians leave out the probe's samples: a reconstruction judged on rows it was fit to
+        # looks free (a classifier fit on 160 pooled vectors of 1280 features memorises them).
+        every_hessian = (original_hessians(model, [site for site, _ in chosen if not unsupported_reason(site)], probe.held_out,
+                                           self.calibration_samples)
+                         if self.criterion == "sparsegpt" else {})
         for index, (site, target) in enumerate(chosen):
-            # SparseGPT repairs some layers far better than others (a 1x1 conv fed rich inputs, not a
-            # classifier fed one pooled vector per image): probe each tensor the way it will be pruned.
-            # Its Hessian leaves out the probe's samples: a reconstruction judged on rows it was fit
-            # to looks free (a classifier fit on 160 pooled vectors of 1280 features memorises them).
-            hessians = None
-            if self.criterion == "sparsegpt" and not unsupported_reason(site):
-                hessians, _ = self._layer_statistics(model, model, site, context, with_teacher=False, source=probe.held_out)
+            hessians = every_hessian.get(site.name)
             at_target = probe.drift(self._pruned_alone(model, site, target, hessians))
             higher = _probe_above(target)
             drifts[site.name] = [at_target, probe.drift(self._pruned_alone(model, site, higher, hessians)) if higher > target else at_target]
@@ -313,11 +314,13 @@ class MagnitudePrune(Pass):
         crosses: list[np.ndarray] | None = None
         for values in mine:
             teacher = next(theirs)[name] if theirs is not None else None
-            for part in sample_slices(site, values[name], *([teacher] if teacher is not None else [])):
+            if teacher is None:
+                hessians = _add_hessians(hessians, site, values[name])
+                continue
+            for part in sample_slices(site, values[name], teacher):
                 rows = input_rows(site, part[0])
                 hessians = _add_blocks(hessians, hessian_blocks(site, rows))
-                if teacher is not None:
-                    crosses = _add_blocks(crosses, cross_blocks(site, rows, input_rows(site, part[1])))
+                crosses = _add_blocks(crosses, cross_blocks(site, rows, input_rows(site, part[1])))
         assert hessians is not None, "no calibration feed"
         return hessians, crosses
 
@@ -381,6 +384,26 @@ def allocate_sparsity(sizes: np.ndarray, targets: np.ndarray, drifts: np.ndarray
 
 def _add_blocks(total: list[np.ndarray] | None, blocks: list[np.ndarray]) -> list[np.ndarray]:
     return blocks if total is None else [a + b for a, b in zip(total, blocks)]
+
+
+def _add_hessians(total: list[np.ndarray] | None, site: WeightSite, activation: np.ndarray) -> list[np.ndarray]:
+    """``total`` plus XᵀX per group of the layer's input ``activation`` (a Conv's a few images at a time)."""
+    for (part,) in sample_slices(site, activation):
+        total = _add_blocks(total, hessian_blocks(site, input_rows(site, part)))
+    assert total is not None
+    return total
+
+
+def original_hessians(model: onnx.ModelProto, sites: list[WeightSite], source: InputSource, limit: int | None = None
+                      ) -> dict[str, list[np.ndarray]]:
+    """XᵀX per group of every listed layer's input in ``model``, all from one pass over ``source``
+    (a sensitivity scan of MobileNetV2's 53 tensors ran the model once per tensor before)."""
+    names = {site.name: activation_name(site) for site in sites}
+    hessians: dict[str, list[np.ndarray]] = {}
+    for values in tensor_values(model, source, set(names.values()), limit=limit, label="sparsegpt sensitivity inputs"):
+        for site in sites:
+            hessians[site.name] = _add_hessians(hessians.get(site.name), site, values[names[site.name]])
+    return hessians
 
 
 # ---------------------------------------------------------------------------------------------
