@@ -348,8 +348,9 @@ def test_a_mac_budget_removes_that_share_of_the_multiply_accumulates():
     for budget in ("channels", "macs"):
         result = _prune(model, PassContext(calibration=calibration), ratio=0.3, scope="sensitivity", budget=budget, round_to=1)
         figures[budget] = result.figures
-    # per-channel savings are read off each group's probe, so the share lands near 30%, not exactly (measured 0.718)
-    assert 0.62 <= figures["macs"]["macs_ratio"] <= 0.74
+    # per-channel savings read off each group's probe do not add up (0.718 planned that way); the plan
+    # is measured whole and re-aimed, and lands at 0.702
+    assert 0.68 <= figures["macs"]["macs_ratio"] <= 0.71 and abs(figures["macs"]["budget_planned"] - 0.3) < 0.02
     assert figures["macs"]["macs_ratio"] < figures["channels"]["macs_ratio"]  # measured 0.778 for 30% of the channels
 
 

@@ -26,6 +26,9 @@ from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, regi
 
 log = logging.getLogger(__name__)
 
+# Times a sensitivity plan is measured whole and re-aimed at its budget (each costs one shape inference).
+PLAN_ADJUSTMENTS = 4
+
 
 @dataclass
 class Unit:
@@ -50,6 +53,10 @@ class BudgetMeasure:
     def settle(self, saved: dict[int, float]) -> dict[int, float]:
         """The savings to plan with, given every probe's (keyed in the order they were measured)."""
         return saved
+
+    def predict(self, plan: onnx.ModelProto) -> float | None:
+        """What a whole plan saves (None: not known without timing it)."""
+        return self.saved_by(plan)
 
 
 class TimeSaved(BudgetMeasure):
@@ -86,6 +93,13 @@ class TimeSaved(BudgetMeasure):
         spread = float(np.sum((times - times.mean()) ** 2)) or 1.0
         self.fit = (*(coefficients / scale), 1.0 - residual / spread)
         return {key: (value if value <= 0 else float(model)) for (key, value), model in zip(saved.items(), fitted)}
+
+    def predict(self, plan: onnx.ModelProto) -> float | None:
+        work = count_work(plan)
+        if self.fit is None or self.work is None or work is None:
+            return None
+        per_mac, per_element, _ = self.fit
+        return per_mac * (self.work.macs - work.macs) + per_element * (self.work.activation_elements - work.activation_elements)
 
 
 @dataclass
@@ -311,57 +325,64 @@ class ChannelPrune(Pass):
         until ``ratio`` of all removable channels are gone (a group keeps at least 20%). With
         ``budget=macs`` or ``latency`` the ratio is of the model's multiply-accumulates or run time,
         and the marginal damage is taken per MAC or per share of time a channel of that group saves
-        (measured on the probe: a group whose probe runs no faster is left whole)."""
+        (measured on the probe: a group whose probe runs no faster is left whole). Savings of
+        neighbouring groups do not add up (a conv between two thinned groups loses a share of a
+        share), so the plan is measured whole and the allocation re-aimed until it meets the budget."""
         assert context.calibration is not None
-        probe = DriftProbe(model, context.calibration)
         measure = self._saving_measure(model, context)
         free = {i: sorted((u for u in g.units if not u.pinned), key=lambda u: u.importance) for i, g in enumerate(groups)}
-        damage: dict[int, float] = {}
-        saved_at_probe: dict[int, float] = {}
         probes = {i: self._removable(len(groups[i].units), len(units), round(self.ratio * len(groups[i].units))) for i, units in free.items()}
+        damage, measured = self._scan(model, free, probes, measure, context)
+        saved_at_probe = measure.settle(measured) if measure is not None else {}
+        saving = {i: value / probes[i] for i, value in saved_at_probe.items()}  # budget saved per channel removed
+        caps = {i: self._removable(len(groups[i].units), len(units), int(0.8 * len(groups[i].units))) for i, units in free.items()}
+        caps.update({i: 0 for i, value in saving.items() if value <= 0})  # a probe that saved nothing (or ran slower) closes its group
+        wanted = self.ratio * measure.total if measure is not None else round(self.ratio * sum(len(units) for units in free.values()))
+        goal = wanted
+        for _ in range(PLAN_ADJUSTMENTS):
+            taken = _allocate(damage, probes, saving, caps, goal)
+            taken = {i: self._removable(len(groups[i].units), len(free[i]), count) for i, count in taken.items()}
+            chosen = [unit for i, count in taken.items() for unit in free[i][:count]]
+            achieved = measure.predict(_pruned_copy(model, [m for u in chosen for m in u.members])) if measure is not None and chosen else None
+            if achieved is None:
+                break
+            result.figures["budget_planned"] = round(achieved / measure.total, 4)  # type: ignore[union-attr]
+            if achieved >= 0.98 * wanted or all(taken.get(i, 0) >= caps[i] for i in damage):
+                break
+            goal *= wanted / max(achieved, 1e-12 * measure.total)  # type: ignore[union-attr]
+        self._report_scan(groups, damage, taken, measured, saved_at_probe, measure, result)
+        return chosen
+
+    def _scan(self, model: onnx.ModelProto, free: dict[int, list[Unit]], probes: dict[int, int], measure: BudgetMeasure | None,
+              context: PassContext) -> tuple[dict[int, float], dict[int, float]]:
+        """Each group alone pruned by its probe count: the output drift, and what that saved of the budget."""
+        assert context.calibration is not None
+        probe = DriftProbe(model, context.calibration)
+        damage: dict[int, float] = {}
+        saved: dict[int, float] = {}
         for index, (i, units) in enumerate(free.items()):
             if probes[i] == 0:
                 continue
             trial = _pruned_copy(model, [m for u in units[: probes[i]] for m in u.members])
             damage[i] = probe.drift(trial)
             if measure is not None:
-                saved_at_probe[i] = measure(trial)
+                saved[i] = measure(trial)
             if context.progress:
                 context.progress("channel-prune sensitivity", index + 1, len(free))
-        measured = saved_at_probe
-        if measure is not None:
-            saved_at_probe = measure.settle(saved_at_probe)
-        saving = {i: value / probes[i] for i, value in saved_at_probe.items()}  # budget saved per channel removed
-        taken = {i: 0 for i in free}
-        caps = {i: self._removable(len(groups[i].units), len(units), int(0.8 * len(groups[i].units))) for i, units in free.items()}
-        if measure is not None:  # a probe that saved nothing (or ran slower) closes its group
-            caps.update({i: 0 for i, value in saving.items() if value <= 0})
+        return damage, saved
 
-        def marginal(i: int) -> float:  # d/dk of damage_i * (k / probe_i)^2 at k + 1, per unit of budget
-            return damage.get(i, np.inf) * (2 * taken[i] + 1) / max(probes[i], 1) ** 2 / saving.get(i, 1.0)
-
-        spent, wanted = 0.0, (self.ratio * measure.total if measure is not None else round(self.ratio * sum(len(units) for units in free.values())))
-        while spent < wanted:
-            open_groups = [i for i in free if taken[i] < caps[i] and i in damage]
-            if not open_groups:
-                break
-            cheapest = min(open_groups, key=marginal)
-            taken[cheapest] += 1
-            spent += saving.get(cheapest, 1.0)
-        chosen = []
-        for i, count in taken.items():
-            count = self._removable(len(groups[i].units), len(free[i]), count)
-            chosen.extend(free[i][:count])
-            if i in damage:
-                entry = {"drift_at_ratio": round(damage[i], 5), "removed": count, "channels": len(groups[i].units)}
-                if self.budget == "latency":
-                    entry.update(time_saved_at_ratio=round(saved_at_probe[i], 4), time_measured_at_ratio=round(measured[i], 4))
-                result.figures.setdefault("sensitivity", {})[groups[i].label] = entry  # type: ignore[union-attr]
+    def _report_scan(self, groups: list[Group], damage: dict[int, float], taken: dict[int, int], measured: dict[int, float],
+                     planned: dict[int, float], measure: BudgetMeasure | None, result: PassResult) -> None:
+        scan = result.figures.setdefault("sensitivity", {})
+        for i in damage:
+            entry = {"drift_at_ratio": round(damage[i], 5), "removed": taken.get(i, 0), "channels": len(groups[i].units)}
+            if self.budget == "latency":
+                entry.update(time_saved_at_ratio=round(planned[i], 4), time_measured_at_ratio=round(measured[i], 4))
+            scan[groups[i].label] = entry  # type: ignore[index]
         if isinstance(measure, TimeSaved) and measure.fit is not None:
             per_mac, per_element, r2 = measure.fit
             result.figures["latency_model"] = {"share_per_gmac": round(per_mac * 1e9, 4), "share_per_m_elements": round(per_element * 1e6, 4),
                                                "r2": round(r2, 3)}
-        return chosen
 
     def _saving_measure(self, model: onnx.ModelProto, context: PassContext) -> BudgetMeasure | None:
         """What a probe saves of the budget, or None when the budget is counted in channels."""
@@ -449,6 +470,25 @@ class ChannelPrune(Pass):
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _allocate(damage: dict[int, float], probes: dict[int, int], saving: dict[int, float], caps: dict[int, int], goal: float) -> dict[int, int]:
+    """Channels per group, one at a time where the marginal damage per unit of budget is lowest,
+    until ``goal`` is spent or every group is at its cap. Damage grows as (k / probe)^2."""
+    taken = {i: 0 for i in caps}
+
+    def marginal(i: int) -> float:  # d/dk of damage_i * (k / probe_i)^2 at k + 1, per unit of budget
+        return damage[i] * (2 * taken[i] + 1) / max(probes[i], 1) ** 2 / saving.get(i, 1.0)
+
+    spent = 0.0
+    while spent < goal:
+        open_groups = [i for i in damage if taken[i] < caps[i]]
+        if not open_groups:
+            break
+        cheapest = min(open_groups, key=marginal)
+        taken[cheapest] += 1
+        spent += saving.get(cheapest, 1.0)
+    return taken
 
 
 def _pruned_copy(model: onnx.ModelProto, roots: list[int]) -> onnx.ModelProto:
