@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .calibration import InputSource, check_feed, has_batch_axis, in_chunks, model_inputs
+from .calibration import InputSource, batch_dim, check_feed, in_chunks, model_inputs
 from .validate import make_session
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def tensor_values(
     *,
     limit: int | None = None,
     label: str = "calibration",
+    feed_done: Callable[[int], None] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """For each feed of ``source`` (up to ``limit`` feeds), the values of the named main-graph tensors,
     in runs of at most ``RUN_SAMPLES`` samples (a large feed yields several value dicts)."""
@@ -82,7 +83,7 @@ def tensor_values(
     computed = [n for n in wanted if n not in graph_inputs]
     session = make_session(with_extra_outputs(model, computed), label)
     inputs = model_inputs(model)
-    batched = has_batch_axis(i.shape for i in inputs)
+    batched = batch_dim(i.shape for i in inputs) is not None
     for index, feed in enumerate(source.feeds()):
         if limit is not None and index >= limit:
             break
@@ -91,6 +92,8 @@ def tensor_values(
             values = dict(zip(computed, session.run(computed, run))) if computed else {}
             values.update({n: run[n] for n in wanted if n in graph_inputs})
             yield values
+        if feed_done is not None:  # progress counts the caller's feeds, not our runs
+            feed_done(index + 1)
 
 
 def collect_channel_stats(
@@ -155,15 +158,13 @@ def collect_ranges(
     """
     wanted = list(dict.fromkeys(names))
     stats = {name: RangeStats() for name in wanted}
-    for index, values in enumerate(tensor_values(model, source, wanted, limit=limit, label="calibration")):
+    for values in tensor_values(model, source, wanted, limit=limit, label="calibration", feed_done=progress):
         for name in wanted:
             array = np.asarray(values[name], dtype=np.float32)
             finite = array[np.isfinite(array)] if not np.isfinite(array).all() else array
             if finite.size:
                 stats[name].low = min(stats[name].low, float(finite.min()))
                 stats[name].high = max(stats[name].high, float(finite.max()))
-        if progress is not None:
-            progress(index + 1)
     if method != "minmax":
         for values in tensor_values(model, source, wanted, limit=limit, label="calibration histograms"):
             for name in wanted:

@@ -264,15 +264,22 @@ class SpreadSamples:
 RUN_SAMPLES = 16
 
 
-def has_batch_axis(shapes: Iterable[Sequence[int | str | None]]) -> bool:
-    """Whether every input's first dim is dynamic, so that a feed may be cut along it."""
-    shapes = list(shapes)
-    return bool(shapes) and all(len(shape) > 0 and not isinstance(shape[0], int) for shape in shapes)
+# Names exporters give a batch axis: torch's dynamic_axes convention, transformers' "batch_size",
+# "N", and tf2onnx's "unk__<n>" (Keras puts the batch first, always). A dynamic axis 0 named
+# otherwise may be time (a time-major LSTM's [seq, batch, features]) and is never cut.
+BATCH_DIM_NAME = re.compile(r"(?i)^(n|b|bs|batch\w*|\w*_batch|unk__\d+)$")
+
+
+def batch_dim(shapes: Iterable[Sequence[int | str | None]]) -> str | None:
+    """The dim name every input has on axis 0, when it names a batch (see BATCH_DIM_NAME); else None."""
+    firsts = {shape[0] if len(shape) else None for shape in shapes}
+    name = firsts.pop() if len(firsts) == 1 else None
+    return name if isinstance(name, str) and BATCH_DIM_NAME.match(name) else None
 
 
 def in_chunks(feed: Feed, batched: bool, size: int = RUN_SAMPLES) -> Iterator[Feed]:
     """``feed`` cut along axis 0 into runs of at most ``size`` samples where the model is ``batched``
-    (see :func:`has_batch_axis`) and its inputs share that axis; else ``feed`` whole."""
+    (its inputs share a :func:`batch_dim`) and the feed's arrays share that axis; else ``feed`` whole."""
     total = samples_in(feed)
     if not batched or total <= size:
         yield feed

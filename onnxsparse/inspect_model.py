@@ -147,7 +147,11 @@ def count_work(model: onnx.ModelProto) -> Work | None:
     if shapes is None:
         return None
     macs = elements = 0
+    constant = {t.name for t in model.graph.initializer}
     for node in model.graph.node:
+        if node.op_type == "Constant" or all(name in constant for name in node.input if name):
+            constant.update(node.output)  # weights and shape arithmetic: no work per sample
+            continue
         elements += sum(int(np.prod(shapes[name])) for name in node.output if name in shapes)
         if node.op_type not in MAC_OPS:
             continue

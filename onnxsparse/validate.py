@@ -15,13 +15,14 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibration import has_batch_axis, in_chunks, samples_in
+from .calibration import batch_dim, in_chunks, samples_in
 from .errors import InputDataError, RuntimeLoadError
 
 log = logging.getLogger(__name__)
@@ -361,7 +362,9 @@ def run_feeds(
 ) -> list[dict[str, np.ndarray]]:
     names = [output.name for output in session.get_outputs()]
     accepted = {value.name for value in session.get_inputs()}
-    batched = has_batch_axis(value.shape for value in session.get_inputs())
+    batch = batch_dim(value.shape for value in session.get_inputs())
+    # Cut a feed only where every output carries the inputs' batch axis first, so parts stack back.
+    batched = batch is not None and all(len(value.shape) and value.shape[0] == batch for value in session.get_outputs())
     results = []
     for index, feed in enumerate(feeds):
         try:
@@ -377,17 +380,19 @@ def run_feeds(
     return results
 
 
-def _run_in_chunks(session: ort.InferenceSession, names: list[str], feed: Feed, batched: bool) -> list[np.ndarray]:
-    """The outputs on ``feed``, run in bounded batches and put back together along axis 0; run whole
-    when an output does not follow the batch (a graph that reduces over it)."""
+def _run_in_chunks(session: ort.InferenceSession, names: list[str], feed: Feed, batched: bool) -> list[Any]:
+    """The outputs on ``feed``, run in bounded batches and stacked back along axis 0 when ``batched``;
+    run whole when a part is not an array or the parts do not stack (data-dependent shapes)."""
     chunks = list(in_chunks(feed, batched))
     if len(chunks) == 1:
         return session.run(names, feed)
     parts = [session.run(names, chunk) for chunk in chunks]
-    follows_batch = all(np.ndim(value) > 0 and len(value) == samples_in(chunk) for chunk, values in zip(chunks, parts) for value in values)
-    if not follows_batch:
+    if not all(isinstance(value, np.ndarray) and value.ndim for values in parts for value in values):
         return session.run(names, feed)
-    return [np.concatenate([values[i] for values in parts]) for i in range(len(names))]
+    try:
+        return [np.concatenate([values[i] for values in parts]) for i in range(len(names))]
+    except ValueError:
+        return session.run(names, feed)
 
 
 def compare(

@@ -374,6 +374,20 @@ def test_a_latency_budget_leaves_whole_the_groups_whose_probe_ran_no_faster(monk
     assert 0.7 <= result.figures["macs_ratio"] <= 0.9
 
 
+def test_a_latency_budget_fits_its_probes_and_plans_the_share_of_time_asked_for(monkeypatch):
+    """A stand-in timer with a fixed overhead: time = 0.2 + 0.8 x MACs share. 30% of the time is then
+    37.5% of the MACs, which the fitted model must find (a MACs budget of 30% would stop short)."""
+    model = load(MODELS / "digits_cnn.onnx")
+    calibration = resolve_inputs(str(MODELS / "digits_cnn.calibration.npz"), model)
+    monkeypatch.setattr("onnxsparse.passes.channel_prune.relative_latency",
+                        lambda reference, candidate, feed, **kwargs: 0.2 + 0.8 * count_macs(candidate) / count_macs(reference))
+    result = _prune(model, PassContext(calibration=calibration), ratio=0.3, scope="sensitivity", budget="latency", round_to=1)
+    assert len(result.figures["sensitivity"]) >= 3 and result.figures["latency_model"]["r2"] > 0.99
+    assert abs(result.figures["budget_planned"] - 0.3) <= 0.02
+    assert 0.59 <= result.figures["macs_ratio"] <= 0.66  # 0.625 would be exact; channels come whole
+    assert not result.warnings
+
+
 def test_probe_timings_are_smoothed_by_a_fit_on_the_work_each_probe_saved_and_a_slower_probe_stays_closed():
     from onnxsparse.passes.channel_prune import TimeSaved
 

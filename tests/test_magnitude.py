@@ -219,24 +219,31 @@ def test_sparsegpt_sensitivity_probes_each_tensor_with_sparsegpt():
     assert sum(lower) >= 0.75 * len(lower)
 
 
-def test_one_pass_hessians_equal_each_layers_own():
-    """The scan reads every layer's input Hessian in one pass over the data; each must equal the one
-    the pass gathers for that layer alone (what the scan did before, one model run per tensor)."""
+@pytest.mark.parametrize("bytes_per_pass", [1 << 30, 1])
+def test_one_pass_hessians_are_each_layers_input_gram_matrix(monkeypatch, bytes_per_pass):
+    """The scan reads every layer's input Hessian XᵀX side by side (in one pass, or one per layer
+    when they do not fit the memory bound); each must be that layer's input, as rows, times itself."""
+    from onnxsparse.activations import tensor_values
     from onnxsparse.graph import overridable_initializers, to_gs
-    from onnxsparse.passes.magnitude import original_hessians
+    from onnxsparse.passes import magnitude
     from onnxsparse.weights import WEIGHT_OPS, find_weights
 
+    monkeypatch.setattr(magnitude, "HESSIAN_BYTES_PER_PASS", bytes_per_pass)
     model = load(MODELS / "digits_transformer.onnx")
     calibration = resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model)
     sites = find_weights(to_gs(model), WEIGHT_OPS, overridable_initializers(model))[0]
-    together = original_hessians(model, sites, calibration)
+    together = magnitude.original_hessians(model, sites, calibration)
     assert set(together) == {site.name for site in sites} and len(sites) >= 8
-    prune = MagnitudePrune(criterion="sparsegpt")
-    for site in sites:
-        alone, _ = prune._layer_statistics(model, model, site, PassContext(calibration=calibration), with_teacher=False)
-        assert len(alone) == len(together[site.name])
-        for a, b in zip(alone, together[site.name]):
-            np.testing.assert_allclose(b, a, rtol=1e-12, atol=0)
+    names = {site.name: site.uses[0].node.inputs[0].name for site in sites}
+    activations: dict[str, list[np.ndarray]] = {}
+    for run_values in tensor_values(model, calibration, list(set(names.values()))):
+        for name, value in run_values.items():
+            activations.setdefault(name, []).append(value)
+    for site in sites:  # MatMul and Gemm layers only in this model: rows are the activation's last axis
+        x = np.concatenate(activations[names[site.name]]).astype(np.float64)
+        rows = x.reshape(-1, x.shape[-1])
+        [hessian] = together[site.name]
+        np.testing.assert_allclose(hessian, rows.T @ rows, rtol=1e-9, atol=1e-9)
 
 
 def test_sensitivity_allocation_keeps_the_total_and_spares_sensitive_and_steep_tensors():

@@ -269,6 +269,9 @@ def test_intermediate_tensors_are_read_in_bounded_runs_of_a_large_feed_and_only_
     np.testing.assert_array_equal(np.concatenate([run["y"] for run in runs]), np.maximum(x, 0))
     fixed = parse(FIXED_TEXT.replace("float[N, 3] x", "float[40, 3] x").replace("float[N, 3] y", "float[40, 3] y"))
     assert [len(run["y"]) for run in activations.tensor_values(fixed, IterableInputs([{"x": x}]), ["y"])] == [40]
+    # a dynamic axis 0 not named as a batch may be time (a time-major LSTM): never cut
+    timed = parse(FIXED_TEXT.replace("[N, 3]", "[seq, 3]"))
+    assert [len(run["y"]) for run in activations.tensor_values(timed, IterableInputs([{"x": x}]), ["y"])] == [40]
 
 
 @pytest.mark.parametrize("output", ["y = Relu (x)", "y = ReduceSum <keepdims = 0> (x)"])
@@ -277,9 +280,22 @@ def test_validation_runs_a_large_feed_in_bounded_batches_unless_an_output_spans_
 
     x = np.arange(40 * 3, dtype=np.float32).reshape(40, 3) - 60
     model = parse(FIXED_TEXT.replace("y = Relu (x)", output).replace("float[N, 3] y", "float y" if "Reduce" in output else "float[N, 3] y"))
-    [values] = run_feeds(make_session(model, "test"), [{"x": x}], "test")
+    session = make_session(model, "test")
+    batches: list[int] = []
+
+    class Spy:  # the session, recording the batch of every run
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+        def run(self, names, feed):
+            batches.append(len(feed["x"]))
+            return session.run(names, feed)
+
+    [values] = run_feeds(Spy(), [{"x": x}], "test")  # type: ignore[arg-type]
     expected = np.maximum(x, 0) if "Relu" in output else x.sum()
     np.testing.assert_allclose(values["y"], expected, rtol=1e-6)
+    # outputs that carry the batch first are read in runs of 16; a reduction over it is run whole
+    assert batches == ([16, 16, 8] if "Relu" in output else [40])
 
 
 def test_resolve_inputs_without_a_spec_is_synthetic():

@@ -45,10 +45,11 @@ class BudgetMeasure:
     """A budget other than channels: its total for the input model, and what a pruned copy saves of it."""
 
     total: float
-    saved_by: Callable[[onnx.ModelProto], float]
+    saved_by: Callable[[onnx.ModelProto], float | None]  # None: not known (shapes not inferred)
 
     def __call__(self, trial: onnx.ModelProto) -> float:
-        return self.saved_by(trial)
+        """What a probe saves; an unknown saving counts as none, which leaves the group whole."""
+        return self.saved_by(trial) or 0.0
 
     def settle(self, saved: dict[int, float]) -> dict[int, float]:
         """The savings to plan with, given every probe's (keyed in the order they were measured)."""
@@ -100,6 +101,16 @@ class TimeSaved(BudgetMeasure):
             return None
         per_mac, per_element, _ = self.fit
         return per_mac * (self.work.macs - work.macs) + per_element * (self.work.activation_elements - work.activation_elements)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Channels per group for one budget goal; ``achieved``: what the whole plan saves, when known."""
+
+    taken: dict[int, int]
+    chosen: list[Unit]
+    achieved: float | None
+    at_caps: bool
 
 
 @dataclass
@@ -338,20 +349,40 @@ class ChannelPrune(Pass):
         caps = {i: self._removable(len(groups[i].units), len(units), int(0.8 * len(groups[i].units))) for i, units in free.items()}
         caps.update({i: 0 for i, value in saving.items() if value <= 0})  # a probe that saved nothing (or ran slower) closes its group
         wanted = self.ratio * measure.total if measure is not None else round(self.ratio * sum(len(units) for units in free.values()))
-        goal = wanted
+        plan = self._plan(model, groups, free, damage, probes, saving, caps, wanted, measure)
+        goal, best = wanted, plan
         for _ in range(PLAN_ADJUSTMENTS):
-            taken = _allocate(damage, probes, saving, caps, goal)
-            taken = {i: self._removable(len(groups[i].units), len(free[i]), count) for i, count in taken.items()}
-            chosen = [unit for i, count in taken.items() for unit in free[i][:count]]
-            achieved = measure.predict(_pruned_copy(model, [m for u in chosen for m in u.members])) if measure is not None and chosen else None
-            if achieved is None:
+            if plan.achieved is None or abs(plan.achieved - wanted) <= 0.02 * wanted or (plan.at_caps and plan.achieved < wanted):
                 break
-            result.figures["budget_planned"] = round(achieved / measure.total, 4)  # type: ignore[union-attr]
-            if achieved >= 0.98 * wanted or all(taken.get(i, 0) >= caps[i] for i in damage):
-                break
-            goal *= wanted / max(achieved, 1e-12 * measure.total)  # type: ignore[union-attr]
-        self._report_scan(groups, damage, taken, measured, saved_at_probe, measure, result)
-        return chosen
+            goal *= wanted / max(plan.achieved, 1e-9 * wanted)
+            plan = self._plan(model, groups, free, damage, probes, saving, caps, goal, measure)
+            if plan.achieved is not None and best.achieved is not None and abs(plan.achieved - wanted) < abs(best.achieved - wanted):
+                best = plan
+        self._report_plan(best, wanted, measure, result)
+        self._report_scan(groups, damage, best.taken, measured, saved_at_probe, measure, result)
+        return best.chosen
+
+    def _plan(self, model: onnx.ModelProto, groups: list[Group], free: dict[int, list[Unit]], damage: dict[int, float],
+              probes: dict[int, int], saving: dict[int, float], caps: dict[int, int], goal: float, measure: BudgetMeasure | None) -> Plan:
+        """The allocation for ``goal``, rounded per group, with what the whole of it saves when that is known."""
+        taken = _allocate(damage, probes, saving, caps, goal)
+        taken = {i: self._removable(len(groups[i].units), len(free[i]), count) for i, count in taken.items()}
+        chosen = [unit for i, count in taken.items() for unit in free[i][:count]]
+        achieved = measure.predict(_pruned_copy(model, [m for u in chosen for m in u.members])) if measure is not None and chosen else None
+        return Plan(taken, chosen, achieved, at_caps=all(taken[i] >= caps[i] for i in damage))
+
+    def _report_plan(self, plan: Plan, wanted: float, measure: BudgetMeasure | None, result: PassResult) -> None:
+        if measure is None:
+            return
+        if isinstance(measure, TimeSaved) and measure.fit is None:
+            result.warnings.append("channel-prune{budget=latency}: too few probes to fit a latency model (3 or more groups needed): "
+                                   "the plan follows single timings and is not checked against the budget")
+        if plan.achieved is None:
+            return
+        result.figures["budget_planned"] = round(float(plan.achieved / measure.total), 4)
+        if abs(plan.achieved - wanted) > 0.05 * wanted:
+            result.warnings.append(f"channel-prune planned {plan.achieved / measure.total:.1%} of the {self.budget} for a ratio of "
+                                   f"{self.ratio:g}: every group keeps at least 20% of its channels, pinned ones all")
 
     def _scan(self, model: onnx.ModelProto, free: dict[int, list[Unit]], probes: dict[int, int], measure: BudgetMeasure | None,
               context: PassContext) -> tuple[dict[int, float], dict[int, float]]:
@@ -381,8 +412,8 @@ class ChannelPrune(Pass):
             scan[groups[i].label] = entry  # type: ignore[index]
         if isinstance(measure, TimeSaved) and measure.fit is not None:
             per_mac, per_element, r2 = measure.fit
-            result.figures["latency_model"] = {"share_per_gmac": round(per_mac * 1e9, 4), "share_per_m_elements": round(per_element * 1e6, 4),
-                                               "r2": round(r2, 3)}
+            result.figures["latency_model"] = {"share_per_gmac": round(float(per_mac) * 1e9, 4),
+                                               "share_per_m_elements": round(float(per_element) * 1e6, 4), "r2": round(float(r2), 3)}
 
     def _saving_measure(self, model: onnx.ModelProto, context: PassContext) -> BudgetMeasure | None:
         """What a probe saves of the budget, or None when the budget is counted in channels."""
@@ -390,7 +421,7 @@ class ChannelPrune(Pass):
             total_macs = count_macs(model)
             if not total_macs:
                 raise RequirementError("channel-prune{budget=macs} needs the model's MACs, and its shapes cannot be inferred")
-            return BudgetMeasure(float(total_macs), lambda trial: float(max(total_macs - (count_macs(trial) or total_macs), 1)))
+            return BudgetMeasure(float(total_macs), lambda trial: _macs_saved(total_macs, trial))
         if self.budget == "latency":
             return TimeSaved(model, timing_feed(model, context.calibration))
         return None
@@ -470,6 +501,11 @@ class ChannelPrune(Pass):
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _macs_saved(total_macs: int, trial: onnx.ModelProto) -> float | None:
+    macs = count_macs(trial)
+    return None if macs is None else float(total_macs - macs)
 
 
 def _allocate(damage: dict[int, float], probes: dict[int, int], saving: dict[int, float], caps: dict[int, int], goal: float) -> dict[int, int]:

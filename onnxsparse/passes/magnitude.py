@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from ..activations import collect_channel_stats, tensor_values
 from ..calibration import InputSource
 from ..graph import from_gs, overridable_initializers, to_gs
-from ..layerwise import (activation_name, correct_biases, cross_blocks, fit_to_teacher, from_matrix, hessian_blocks, input_rows,
+from ..layerwise import (activation_name, correct_biases, cross_blocks, fit_to_teacher, from_matrix, groups_of, hessian_blocks, input_rows,
                          sample_slices, sparsegpt, to_matrix, unsupported_reason)
 from ..validate import DriftProbe, Tolerance
 from ..weights import RNN_OPS, WEIGHT_OPS, WeightSite, find_weights, matches, replace_weight
@@ -145,6 +145,10 @@ class MagnitudePrune(Pass):
         every_hessian = (original_hessians(model, [site for site, _ in chosen if not unsupported_reason(site)], probe.held_out,
                                            self.calibration_samples)
                          if self.criterion == "sparsegpt" else {})
+        unfit = [site.name for site, _ in chosen if self.criterion == "sparsegpt" and not unsupported_reason(site) and site.name not in every_hessian]
+        if unfit:
+            result.warnings.append(f"magnitude-prune sensitivity: no calibration samples beyond the {probe.SAMPLES} the drift is read on, "
+                                   f"so {len(unfit)} probes were pruned by magnitude, not SparseGPT: give more calibration samples")
         for index, (site, target) in enumerate(chosen):
             hessians = every_hessian.get(site.name)
             at_target = probe.drift(self._pruned_alone(model, site, target, hessians))
@@ -394,16 +398,37 @@ def _add_hessians(total: list[np.ndarray] | None, site: WeightSite, activation: 
     return total
 
 
+# Hessians gathered side by side in one pass over the data; more layers than this take more passes.
+HESSIAN_BYTES_PER_PASS = 1 << 30
+
+
 def original_hessians(model: onnx.ModelProto, sites: list[WeightSite], source: InputSource, limit: int | None = None
                       ) -> dict[str, list[np.ndarray]]:
-    """XᵀX per group of every listed layer's input in ``model``, all from one pass over ``source``
-    (a sensitivity scan of MobileNetV2's 53 tensors ran the model once per tensor before)."""
-    names = {site.name: activation_name(site) for site in sites}
+    """XᵀX per group of every listed layer's input in ``model``, in as few passes over ``source`` as
+    fit HESSIAN_BYTES_PER_PASS (a sensitivity scan of MobileNetV2's 53 tensors ran the model once
+    per tensor before: 53 passes over 368 images, now one)."""
     hessians: dict[str, list[np.ndarray]] = {}
-    for values in tensor_values(model, source, set(names.values()), limit=limit, label="sparsegpt sensitivity inputs"):
-        for site in sites:
-            hessians[site.name] = _add_hessians(hessians.get(site.name), site, values[names[site.name]])
+    for batch in _by_hessian_bytes(sites, HESSIAN_BYTES_PER_PASS):
+        names = {site.name: activation_name(site) for site in batch}
+        for values in tensor_values(model, source, list(dict.fromkeys(names.values())), limit=limit, label="sparsegpt sensitivity inputs"):
+            for site in batch:
+                hessians[site.name] = _add_hessians(hessians.get(site.name), site, values[names[site.name]])
     return hessians
+
+
+def _by_hessian_bytes(sites: list[WeightSite], budget: int) -> Iterator[list[WeightSite]]:
+    """``sites`` in runs whose float64 Hessians (groups x columns² each) add up to at most ``budget``."""
+    batch: list[WeightSite] = []
+    used = 0
+    for site in sites:
+        size = groups_of(site) * to_matrix(site).shape[1] ** 2 * 8
+        if batch and used + size > budget:
+            yield batch
+            batch, used = [], 0
+        batch.append(site)
+        used += size
+    if batch:
+        yield batch
 
 
 # ---------------------------------------------------------------------------------------------
