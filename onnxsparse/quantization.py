@@ -3,9 +3,13 @@ ranges and weights into scales, zero points and integers. No graph code here (se
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 
@@ -134,22 +138,77 @@ class WeightQuant:
     axis: int | None
 
 
-def quantize_weight(weight: np.ndarray, axis: int | None) -> WeightQuant:
-    """Symmetric int8 in [-127, 127] (zero point 0, so a pruned zero stays exactly zero)."""
+@dataclass(frozen=True)
+class WeightScheme:
+    """How weights become integers: one scale per output channel or per tensor, and how many bits.
+
+    7 bits ("reduce range") keep a uint8 x int8 pair sum inside int16, which onnxruntime's x86
+    kernels without VNNI (AVX2, AVX-512F) use: with 8 bits, 255 x 127 x 2 saturates there."""
+
+    per_channel: bool = True
+    bits: int = 8
+
+    def __post_init__(self) -> None:
+        if self.bits not in (7, 8):
+            raise ValueError(f"weight bits must be 7 or 8, not {self.bits}")
+
+    @property
+    def bound(self) -> int:
+        """The largest integer magnitude (symmetric, so a pruned zero stays exactly zero)."""
+        return 2 ** (self.bits - 1) - 1
+
+    def describe(self) -> str:
+        return f"int8{' (7-bit range)' if self.bits == 7 else ''} {'per-channel' if self.per_channel else 'per-tensor'}"
+
+
+def quantize_weight(weight: np.ndarray, axis: int | None, bound: int = 127) -> WeightQuant:
+    """Symmetric int8 in [-bound, bound] (zero point 0, so a pruned zero stays exactly zero)."""
     w = weight.astype(np.float64)
     if axis is None:
-        bound = np.array(np.max(np.abs(w)) if w.size else 0.0)
-        scale = np.where(bound > 0, bound / 127.0, 1.0)
-        values = np.clip(np.round(w / scale), -127, 127)
+        peak = np.array(np.max(np.abs(w)) if w.size else 0.0)
+        scale = np.where(peak > 0, peak / bound, 1.0)
+        values = np.clip(np.round(w / scale), -bound, bound)
     else:
         moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-        bound = np.max(np.abs(moved), axis=1) if moved.size else np.zeros(w.shape[axis])
-        scale = np.where(bound > 0, bound / 127.0, 1.0)
+        peak = np.max(np.abs(moved), axis=1) if moved.size else np.zeros(w.shape[axis])
+        scale = np.where(peak > 0, peak / bound, 1.0)
         shape = [1] * w.ndim
         shape[axis] = -1
-        values = np.clip(np.round(w / scale.reshape(shape)), -127, 127)
+        values = np.clip(np.round(w / scale.reshape(shape)), -bound, bound)
     scale32 = scale.astype(np.float32)
     return WeightQuant(values.astype(np.int8), scale32, np.zeros(scale32.shape, dtype=np.int8), axis)
+
+
+@functools.cache
+def int8_kernels_saturate(activations: str) -> bool:
+    """Whether this machine's onnxruntime saturates int8 products of full-range weights.
+
+    x86 CPUs without VNNI multiply uint8 by int8 with an instruction (pmaddubsw) that adds two
+    products into int16: 255 x 127 x 2 = 64,770 clips to 32,767. Which kernel runs depends on the
+    CPU and the onnxruntime build, so it is measured, not guessed from CPU flags: one MatMulInteger
+    of extreme values, whose exact result is known."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from .validate import make_session
+
+    depth = 16
+    dtype = _NUMPY[activations]
+    extreme = _LIMITS[activations][1]
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "saturation_probe",
+        [helper.make_tensor_value_info("a", onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [4, depth])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [4, 8])],
+        [helper.make_tensor("b", TensorProto.INT8, [depth, 8], np.full((depth, 8), 127, np.int8).tobytes(), raw=True)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    try:
+        result = make_session(model, "int8 saturation probe").run(None, {"a": np.full((4, depth), extreme, dtype)})[0]
+    except Exception:  # noqa: BLE001 - no integer kernel at all: nothing to saturate
+        log.debug("int8 saturation probe did not run", exc_info=True)
+        return False
+    saturates = bool(np.any(result != extreme * 127 * depth))
+    log.debug("int8 saturation probe (%s activations): %s", activations, "saturates" if saturates else "exact")
+    return saturates
 
 
 def quantize_bias(bias: np.ndarray, input_scale: np.float32, weight_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -217,3 +217,43 @@ def test_quantized_graphs_count_the_same_multiply_accumulates_as_float(tmp_path,
     written = onnx.load(out)
     assert any(n.op_type in ("MatMulInteger", "DequantizeLinear") for n in written.graph.node)
     assert count_macs(written) == count_macs(onnx.load(MODELS / f"{name}.onnx")) > 0
+
+
+def _weight_integers(path: Path) -> np.ndarray:
+    model = onnx.load(path)
+    return np.concatenate([onnx.numpy_helper.to_array(t).ravel() for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8])
+
+
+@pytest.mark.parametrize("pipeline, bound", [("qdq{mode=static reduce_range=on}", 63), ("qdq{mode=static reduce_range=off}", 127),
+                                             ("qdq{mode=dynamic reduce_range=on}", 63), ("qdq{mode=dynamic reduce_range=off}", 127)])
+def test_reduce_range_keeps_weights_within_seven_bits(tmp_path, pipeline, bound):
+    out, report = _quantize("digits_transformer", tmp_path, pipeline)
+    integers = _weight_integers(out)
+    assert np.abs(integers).max() == bound  # each channel's largest weight lands on the bound
+    assert report.final_validation.passed and report.steps[0].figures["weights"].startswith("int8")
+    assert ("7-bit" in report.steps[0].figures["weights"]) == (bound == 63)
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_reduce_range_auto_follows_what_this_machines_kernels_do(tmp_path, monkeypatch, saturates):
+    import onnxsparse.passes.qdq as qdq_module
+
+    monkeypatch.setattr(qdq_module, "int8_kernels_saturate", lambda activations: saturates)
+    out, report = _quantize("digits_cnn", tmp_path, "fold-batchnorm,qdq{mode=static}")
+    assert np.abs(_weight_integers(out)).max() == (63 if saturates else 127)
+    assert any("saturates" in w for w in report.steps[1].warnings) == saturates
+
+
+def test_the_saturation_probe_agrees_with_the_int8_kernels_on_a_real_layer(tmp_path):
+    """Where the probe says 8-bit weights saturate, they cost accuracy that 7-bit ones keep; where it
+    says they do not, 8-bit weights are at least as close as 7-bit ones (the eighth bit is worth having)."""
+    from onnxsparse.quantization import int8_kernels_saturate
+
+    cosines = {}
+    for bits in ("on", "off"):
+        _, report = _quantize("digits_cnn", tmp_path, f"fold-batchnorm,qdq{{mode=static reduce_range={bits} guard=false}}", policy="keep")
+        cosines[bits] = report.final_validation.outputs[0].cosine
+    if int8_kernels_saturate("uint8"):
+        assert cosines["on"] > cosines["off"] + 0.005
+    else:
+        assert cosines["off"] >= cosines["on"] - 1e-3
