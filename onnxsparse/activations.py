@@ -112,6 +112,28 @@ def collect_channel_stats(
     return stats
 
 
+def collect_channel_grams(
+    model: onnx.ModelProto,
+    source: InputSource,
+    feature_axes: Mapping[str, int],
+    *,
+    limit: int | None = None,
+    label: str = "calibration",
+) -> dict[str, np.ndarray]:
+    """Per named tensor, the Gram matrix of [channels, 1] over every sample and position, divided by
+    their count: [[E aaᵀ, E a], [E aᵀ, 1]] (the last row is the constant a bias absorbs)."""
+    grams: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for values in tensor_values(model, source, feature_axes, limit=limit, label=label):
+        for name, axis in feature_axes.items():
+            value = np.asarray(values[name], dtype=np.float64)
+            moved = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
+            augmented = np.concatenate([moved, np.ones((len(moved), 1))], axis=1)
+            grams[name] = grams.get(name, 0.0) + augmented.T @ augmented
+            counts[name] = counts.get(name, 0) + len(moved)
+    return {name: gram / max(counts[name], 1) for name, gram in grams.items()}
+
+
 def _accumulate(stats: dict[str, ChannelStats], name: str, value: np.ndarray, axis: int) -> None:
     moved = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
     entry = stats.get(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -310,3 +311,82 @@ def _shift_following_add(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> b
     shifted = (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype)
     add.inputs[index] = gs.Constant(unique_name(graph, f"{add.inputs[index].name}_shifted"), shifted)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel removal order by reconstruction cost (group Optimal Brain Surgeon)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReadingLayer:
+    """One layer that reads channels: its weight as [rows, inputs] (a kxk conv contributes one row per
+    output and tap, so the channel Gram stands in for every tap), the Gram of its input [a, 1] over
+    calibration data (the last column is the constant a bias absorbs), and, per unit, the input
+    positions the unit holds (-1 padding where a unit holds fewer)."""
+
+    weight: np.ndarray
+    gram: np.ndarray
+    positions: np.ndarray  # [units, slots]
+
+
+def greedy_removal_costs(layers: list[ReadingLayer], units: int, damp: float = 0.01) -> np.ndarray:
+    """The order in which removing units costs the reading layers least after each is compensated
+    by the others (the surviving columns refit by least squares, as ``refit`` will), as the
+    cumulative cost at which each unit goes: removal k costs tr(W_S (H⁻¹_SS)⁻¹ W_Sᵀ) with S the
+    unit's positions, after the k-1 cheaper ones were taken out and W, H⁻¹ updated (OBS).
+
+    A channel that its neighbours duplicate costs little here even if its filter is large, which a
+    norm criterion cannot see. Cumulative costs rise along the order, so the lowest k are the first
+    k removals."""
+    states = []
+    for layer in layers:
+        gram = layer.gram.astype(np.float64)
+        gram = gram + damp * float(np.mean(np.diag(gram)) or 1.0) * np.eye(len(gram))
+        states.append((layer.weight.astype(np.float64).copy(), np.linalg.inv(gram), layer.positions))
+    remaining = np.ones(units, dtype=bool)
+    cumulative = np.zeros(units)
+    total = 0.0
+    for _ in range(units):
+        costs = np.zeros(units)
+        for weight, inverse, positions in states:
+            costs += _unit_costs(weight, inverse, positions)
+        costs[~remaining] = np.inf
+        chosen = int(np.argmin(costs))
+        total += max(float(costs[chosen]), 0.0)
+        cumulative[chosen] = total
+        remaining[chosen] = False
+        for weight, inverse, positions in states:
+            _remove_positions(weight, inverse, positions[chosen][positions[chosen] >= 0])
+    return cumulative
+
+
+def _unit_costs(weight: np.ndarray, inverse: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Per unit, tr(W_S (H⁻¹_SS)⁻¹ W_Sᵀ) for its positions S in this layer (0 where it holds none)."""
+    held = positions >= 0
+    safe = np.where(held, positions, 0)
+    if positions.shape[1] == 1:  # one position per unit: the common case, without inverses
+        diagonal = np.diag(inverse)[safe[:, 0]]
+        energy = np.square(weight[:, safe[:, 0]]).sum(axis=0)
+        return np.where(held[:, 0], energy / np.maximum(diagonal, 1e-30), 0.0)
+    block = inverse[safe[:, :, None], safe[:, None, :]]  # [units, slots, slots]
+    mask = held[:, :, None] & held[:, None, :]
+    block = np.where(mask, block, np.eye(positions.shape[1])[None])  # padding slots decouple
+    columns = np.where(held[None], weight[:, safe], 0.0)  # [rows, units, slots]
+    solved = np.linalg.solve(block, np.transpose(columns, (1, 2, 0)))  # [units, slots, rows]
+    return np.einsum("rus,usr->u", columns, solved)
+
+
+def _remove_positions(weight: np.ndarray, inverse: np.ndarray, positions: np.ndarray) -> None:
+    """Take ``positions`` out of the layer's input, compensating with the rest (in place)."""
+    if not len(positions):
+        return
+    block = inverse[np.ix_(positions, positions)]
+    rows = inverse[positions]  # [s, n]
+    step = np.linalg.solve(block, rows)  # (H⁻¹_SS)⁻¹ H⁻¹_S:
+    weight -= weight[:, positions] @ step
+    inverse -= inverse[:, positions] @ step
+    weight[:, positions] = 0.0
+    inverse[positions, :] = 0.0
+    inverse[:, positions] = 0.0
+    inverse[positions, positions] = 1.0  # a removed input stays removed (never chosen, never divides by 0)

@@ -9,7 +9,7 @@ import pytest
 from conftest import MODELS, run, with_initializers
 from onnxsparse.calibration import IterableInputs, resolve_inputs
 from onnxsparse.graph import to_gs
-from onnxsparse.layerwise import fit_to_teacher, from_matrix, input_rows, sparsegpt, to_matrix
+from onnxsparse.layerwise import ReadingLayer, fit_to_teacher, from_matrix, greedy_removal_costs, input_rows, sparsegpt, to_matrix
 from onnxsparse.passes import PassContext
 from onnxsparse.passes.magnitude import MagnitudePrune
 from onnxsparse.pipeline import PassManager
@@ -136,3 +136,50 @@ def test_bias_correction_restores_a_single_layers_mean_output(rng):
 
     np.testing.assert_allclose(mean_output(corrected.model), mean_output(model), rtol=1e-5, atol=1e-5)
     assert np.abs(mean_output(plain) - mean_output(model)).max() > 1e-2
+
+
+def _gram(x: np.ndarray) -> np.ndarray:
+    augmented = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    return augmented.T @ augmented / len(x)
+
+
+def test_the_first_removal_costs_what_a_least_squares_refit_of_the_rest_leaves(rng):
+    x = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6)) + rng.standard_normal(6)  # correlated, not centred
+    weight = rng.standard_normal((4, 6))
+    bias = rng.standard_normal(4)
+    target = x @ weight.T + bias
+    positions = np.arange(6)[:, None]
+    layer = ReadingLayer(np.concatenate([weight, bias[:, None]], axis=1), _gram(x), positions)
+    cumulative = greedy_removal_costs([layer], 6, damp=0.0)
+    first = int(np.argmin(cumulative))
+    brute = []
+    for channel in range(6):  # drop the channel, refit every other column and the bias by least squares
+        kept = np.concatenate([np.delete(x, channel, axis=1), np.ones((len(x), 1))], axis=1)
+        solution, *_ = np.linalg.lstsq(kept, target, rcond=None)
+        brute.append(float(np.sum((kept @ solution - target) ** 2)) / len(x))
+    assert first == int(np.argmin(brute))
+    assert cumulative[first] == pytest.approx(min(brute), rel=1e-6)
+    assert np.all(np.diff(np.sort(cumulative)) >= 0)
+
+
+def test_a_duplicated_channel_goes_first_however_large_its_weights(rng):
+    base = rng.standard_normal((400, 3))
+    x = np.concatenate([base, 2.0 * base[:, :1]], axis=1)  # channel 3 is channel 0 doubled
+    weight = np.array([[0.1, 1.0, 1.0, 5.0], [0.1, -1.0, 1.0, 5.0]])
+    layer = ReadingLayer(np.concatenate([weight, np.zeros((2, 1))], axis=1), _gram(x), np.array([[0], [1], [2], [3]]))
+    cumulative = greedy_removal_costs([layer], 4)
+    # channel 0 or 3 (each can stand in for the other) goes first at almost no cost; by norm, 3 would go last
+    assert int(np.argmin(cumulative)) in (0, 3) and cumulative.min() < 1e-2 * np.sort(cumulative)[1]
+
+
+def test_units_holding_several_positions_are_costed_as_a_block(rng):
+    x = rng.standard_normal((300, 4))
+    weight = rng.standard_normal((3, 4))
+    layer = ReadingLayer(np.concatenate([weight, np.zeros((3, 1))], axis=1), _gram(x), np.array([[0, 1], [2, 3]]))
+    cumulative = greedy_removal_costs([layer], 2, damp=0.0)
+    for unit, columns in enumerate(([0, 1], [2, 3])):
+        kept = np.concatenate([np.delete(x, columns, axis=1), np.ones((len(x), 1))], axis=1)
+        solution, *_ = np.linalg.lstsq(kept, x @ weight.T, rcond=None)
+        alone = float(np.sum((kept @ solution - x @ weight.T) ** 2)) / len(x)
+        if unit == int(np.argmin(cumulative)):
+            assert cumulative[unit] == pytest.approx(alone, rel=1e-6)

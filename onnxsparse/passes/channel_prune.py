@@ -12,14 +12,14 @@ import onnx
 import onnx_graphsurgeon as gs
 import scipy.optimize
 
-from ..activations import collect_channel_stats, tensor_values
+from ..activations import collect_channel_grams, collect_channel_stats, tensor_values
 from ..calibration import SyntheticInputs
 from ..channels import Analysis, ConsumerUse, Producer, analyze, apply_plan
 from ..errors import RequirementError
 from ..graph import constant_value, from_gs, overridable_initializers, to_gs
 from ..inspect_model import count_macs, count_work
 from ..latency import relative_latency, timing_feed
-from ..layerwise import add_output_shift
+from ..layerwise import ReadingLayer, add_output_shift, greedy_removal_costs
 from ..validate import EXACT, DriftProbe, Tolerance
 from ..weights import matches
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
@@ -148,9 +148,11 @@ class ChannelPrune(Pass):
                 "onnxruntime time saved (one thread, each group's probe timed against the input); channels then go "
                 "where the drift per MAC or per second saved is lowest"})
     mode: Literal["ratio", "zero-only"] = field(default="ratio", metadata={"help": "zero-only: only dead channels, exactly"})
-    criterion: Literal["l1", "l2", "activation", "output"] = field(default="l1", metadata={
-        "help": "filter norm; mean |activation|; or the energy a channel sends through its consumers' weights, "
-                "mean(a²) x |W[:, c]|² (the last two need calibration)"})
+    criterion: Literal["l1", "l2", "activation", "output", "reconstruction"] = field(default="l1", metadata={
+        "help": "filter norm; mean |activation|; the energy a channel sends through its consumers' weights, "
+                "mean(a²) x |W[:, c]|²; or what losing it costs its consumers after the other channels compensate "
+                "(greedy group OBS on each consumer's input Gram: a duplicated channel costs little; pairs with refit). "
+                "All but the norms need calibration"})
     reduce: Literal["sum", "mean", "max"] = field(default="sum", metadata={"help": "how a unit's importance combines its coupled filters"})
     bn_scale: bool = field(default=False, metadata={"help": "scale filter norms by the |gamma| of a BatchNorm right after"})
     overrides: Mapping[str, float] = field(default_factory=dict, metadata={"help": "producer name pattern:ratio"})
@@ -186,7 +188,7 @@ class ChannelPrune(Pass):
 
     def needs(self) -> frozenset[Requirement]:
         needs = {Requirement.SHAPES}
-        if self.criterion in ("activation", "output") or self.refit or self.scope == "sensitivity":
+        if self.criterion in ("activation", "output", "reconstruction") or self.refit or self.scope == "sensitivity":
             needs.add(Requirement.CALIBRATION)
         return frozenset(needs)
 
@@ -286,12 +288,17 @@ class ChannelPrune(Pass):
             for unit in group.units:
                 scores = [per_root[m] for m in unit.members if not np.isnan(per_root[m])]
                 unit.importance = float(reducer(scores)) if scores else 0.0
+        if self.criterion == "reconstruction":
+            _reconstruction_importance(model, analysis, groups, context, self.calibration_samples)
 
     def _root_importance(self, model: onnx.ModelProto, analysis: Analysis, context: PassContext) -> np.ndarray:
         importance = np.full(len(analysis.parent), np.nan)
-        if self.criterion in ("activation", "output"):
+        if self.criterion == "reconstruction":
+            order = 1  # the filter norm stands for groups that no layer reads (see _reconstruction_importance)
+        elif self.criterion in ("activation", "output"):
             return _activation_importance(model, analysis, context, self.calibration_samples, importance, through_consumers=self.criterion == "output")
-        order = 1 if self.criterion == "l1" else 2
+        else:
+            order = 1 if self.criterion == "l1" else 2
         for producer in analysis.producers:
             moved = np.moveaxis(producer.weight.astype(np.float64), producer.out_axis, 0).reshape(producer.channels, -1)
             norms = np.linalg.norm(moved, ord=order, axis=1)
@@ -577,6 +584,57 @@ def _activation_importance(model: onnx.ModelProto, analysis: Analysis, context: 
     seen = count > 0
     importance[seen] = total[seen] if through_consumers else total[seen] / count[seen]
     return importance
+
+
+def _reconstruction_importance(model: onnx.ModelProto, analysis: Analysis, groups: list[Group], context: PassContext, samples: int) -> None:
+    """Each free unit's cumulative cost along its group's greedy OBS removal order (see
+    :func:`greedy_removal_costs`), over the layers that read the group. Channel-mixing readers (a
+    Conv of one group, Gemm, MatMul) carry the cost; a depthwise reader passes its channels on to
+    the next mixing layer, which is counted there, so it counts only where nothing mixes them.
+    Pinned units stay in every Gram as compensators. A group no layer reads keeps its filter norm."""
+    if context.calibration is None:
+        raise RequirementError("channel-prune{criterion=reconstruction} needs calibration data: pass --calibration")
+    axes = {use.tensor.name: _axis_of(analysis, use) for use in analysis.consumers}
+    grams = collect_channel_grams(model, context.calibration, axes, limit=samples, label="channel Grams")
+    for group in groups:
+        free = [unit for unit in group.units if not unit.pinned]
+        unit_of = {root: index for index, unit in enumerate(free) for root in unit.members}
+        mixing: list[ReadingLayer] = []
+        grouped: list[ReadingLayer] = []
+        for use in analysis.consumers:
+            layer = _reading_layer(use, unit_of, grams.get(use.tensor.name), len(free))
+            if layer is not None:
+                (grouped if int(use.node.attrs.get("group", 1)) > 1 else mixing).append(layer)
+        layers = mixing or [_without_cross_terms(layer) for layer in grouped]
+        if not free or not layers:
+            continue
+        for unit, cost in zip(free, greedy_removal_costs(layers, len(free))):
+            unit.importance = float(cost)
+
+
+def _reading_layer(use: ConsumerUse, unit_of: dict[int, int], gram: np.ndarray | None, units: int) -> ReadingLayer | None:
+    """The layer ``use`` as a :class:`ReadingLayer` over the free units it reads; None if it reads none."""
+    index = np.array([unit_of.get(int(root), -1) for root in use.roots])
+    weight = constant_value(use.node.inputs[use.weight_index])
+    if (index < 0).all() or weight is None or gram is None or len(gram) != len(index) + 1:
+        return None
+    matrix = np.moveaxis(np.asarray(weight, dtype=np.float64), use.axis, 0).reshape(len(index), -1).T  # [rows, inputs]
+    slots = max(int(np.bincount(index[index >= 0]).max()), 1)
+    positions = np.full((units, slots), -1, dtype=np.int64)
+    filled = np.zeros(units, dtype=np.int64)
+    for position, unit in enumerate(index.tolist()):
+        if unit >= 0:
+            positions[unit, filled[unit]] = position
+            filled[unit] += 1
+    # the constant column: a reader's bias absorbs a removed channel's mean, so it is never removed
+    return ReadingLayer(np.concatenate([matrix, np.zeros((len(matrix), 1))], axis=1), gram, positions)
+
+
+def _without_cross_terms(layer: ReadingLayer) -> ReadingLayer:
+    """A grouped reader: channels cannot stand in for each other, so only each one's own variance counts."""
+    gram = np.diag(np.diag(layer.gram))
+    gram[-1, :], gram[:, -1] = layer.gram[-1, :], layer.gram[:, -1]
+    return ReadingLayer(layer.weight, gram, layer.positions)
 
 
 def _axis_of(analysis: Analysis, use: ConsumerUse) -> int:
