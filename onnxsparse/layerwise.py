@@ -368,13 +368,13 @@ def _unit_costs(weight: np.ndarray, inverse: np.ndarray, positions: np.ndarray) 
     if positions.shape[1] == 1:  # one position per unit: the common case, without inverses
         diagonal = np.diag(inverse)[safe[:, 0]]
         energy = np.square(weight[:, safe[:, 0]]).sum(axis=0)
-        return np.where(held[:, 0], energy / np.maximum(diagonal, 1e-30), 0.0)
+        return np.where(held[:, 0], energy / np.maximum(diagonal, 1e-30), 0.0)  # a rounding-negative diagonal: costed last
     block = inverse[safe[:, :, None], safe[:, None, :]]  # [units, slots, slots]
     mask = held[:, :, None] & held[:, None, :]
     block = np.where(mask, block, np.eye(positions.shape[1])[None])  # padding slots decouple
     columns = np.where(held[None], weight[:, safe], 0.0)  # [rows, units, slots]
     solved = np.linalg.solve(block, np.transpose(columns, (1, 2, 0)))  # [units, slots, rows]
-    return np.einsum("rus,usr->u", columns, solved)
+    return np.maximum(np.einsum("rus,usr->u", columns, solved), 0.0)  # rounding can make a block indefinite
 
 
 def _remove_positions(weight: np.ndarray, inverse: np.ndarray, positions: np.ndarray) -> None:

@@ -305,7 +305,9 @@ def test_activation_importance_needs_calibration_and_shapes_must_be_inferable():
     assert to_gs(model) is not None
 
 
-def test_output_criterion_weighs_a_channel_by_what_its_consumers_make_of_it(rng):
+def test_output_criterion_weighs_a_channel_by_what_its_consumers_make_of_it(rng, monkeypatch):
+    import onnxsparse.passes.channel_prune as channel_prune_module
+
     # hidden channel 0: a large filter whose consumer all but ignores it; channel 1: a small filter the consumer amplifies
     model = onnx.parser.parse_model("""
     <ir_version: 8, opset_import: ["" : 17]>
@@ -321,11 +323,13 @@ def test_output_criterion_weighs_a_channel_by_what_its_consumers_make_of_it(rng)
     context = PassContext(calibration=resolve_inputs([{"x": x}], model))
     reference = run(model, {"x": x})[0]
     errors = {}
-    for criterion in ("l1", "output"):
-        pruned = ChannelPrune(ratio=0.5, criterion=criterion).run(clone(model), context).model
+    for criterion, greedy_width in (("l1", 4096), ("output", 4096), ("reconstruction", 4096), ("reconstruction", 1)):
+        monkeypatch.setattr(channel_prune_module, "GREEDY_WIDTH", greedy_width)  # 1: every reader costed without compensation
+        pruned = ChannelPrune(ratio=0.5, criterion=criterion, never_slower=False).run(clone(model), context).model
         assert _initializer(pruned, "w2").shape == (1, 3)
-        errors[criterion] = float(np.abs(run(pruned, {"x": x})[0] - reference).max() / np.abs(reference).max())
-    assert errors["l1"] > 0.99 and errors["output"] < 0.01  # l1 drops the channel that carries the output
+        errors[f"{criterion}/{greedy_width}"] = float(np.abs(run(pruned, {"x": x})[0] - reference).max() / np.abs(reference).max())
+    assert errors["l1/4096"] > 0.99  # l1 drops the channel that carries the output
+    assert max(errors["output/4096"], errors["reconstruction/4096"], errors["reconstruction/1"]) < 0.01
 
 
 def test_reconstruction_criterion_removes_what_the_refit_can_make_up_for():

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # Times a sensitivity plan is measured whole and re-aimed at its budget (each costs one shape inference).
 PLAN_ADJUSTMENTS = 4
+# Reader inputs up to which criterion=reconstruction runs its greedy OBS order (each removal updates an n x n inverse).
+GREEDY_WIDTH = 4096
 
 
 @dataclass
@@ -324,7 +326,7 @@ class ChannelPrune(Pass):
         ratio is of the channels that can go (pinned ones are not counted)."""
         ranked = []
         for index, group in enumerate(groups):
-            mean = np.mean([u.importance for u in group.units]) or 1.0
+            mean = np.mean([u.importance for u in group.units if not u.pinned] or [1.0]) or 1.0  # pinned units may be scored otherwise
             ranked.extend((u.importance / mean, index, u) for u in group.units if not u.pinned)
         wanted = round(self.ratio * len(ranked))
         taken: dict[int, list[Unit]] = {i: [] for i in range(len(groups))}
@@ -588,10 +590,11 @@ def _activation_importance(model: onnx.ModelProto, analysis: Analysis, context: 
 
 def _reconstruction_importance(model: onnx.ModelProto, analysis: Analysis, groups: list[Group], context: PassContext, samples: int) -> None:
     """Each free unit's cumulative cost along its group's greedy OBS removal order (see
-    :func:`greedy_removal_costs`), over the layers that read the group. Channel-mixing readers (a
-    Conv of one group, Gemm, MatMul) carry the cost; a depthwise reader passes its channels on to
-    the next mixing layer, which is counted there, so it counts only where nothing mixes them.
-    Pinned units stay in every Gram as compensators. A group no layer reads keeps its filter norm."""
+    :func:`greedy_removal_costs`), over the layers that read the group (the analysis records only
+    channel-mixing readers: a depthwise conv passes its channels on to the pointwise conv that reads
+    them, which is costed). Pinned units stay in every Gram as compensators. A reader wider than
+    ``GREEDY_WIDTH`` inputs is costed without compensation (its input variance x |W|²), which the
+    greedy updates would make cubic; a group no layer reads keeps its filter norm."""
     if context.calibration is None:
         raise RequirementError("channel-prune{criterion=reconstruction} needs calibration data: pass --calibration")
     axes = {use.tensor.name: _axis_of(analysis, use) for use in analysis.consumers}
@@ -599,17 +602,23 @@ def _reconstruction_importance(model: onnx.ModelProto, analysis: Analysis, group
     for group in groups:
         free = [unit for unit in group.units if not unit.pinned]
         unit_of = {root: index for index, unit in enumerate(free) for root in unit.members}
-        mixing: list[ReadingLayer] = []
-        grouped: list[ReadingLayer] = []
-        for use in analysis.consumers:
-            layer = _reading_layer(use, unit_of, grams.get(use.tensor.name), len(free))
-            if layer is not None:
-                (grouped if int(use.node.attrs.get("group", 1)) > 1 else mixing).append(layer)
-        layers = mixing or [_without_cross_terms(layer) for layer in grouped]
+        layers = [layer for use in analysis.consumers if (layer := _reading_layer(use, unit_of, grams.get(use.tensor.name), len(free))) is not None]
         if not free or not layers:
             continue
-        for unit, cost in zip(free, greedy_removal_costs(layers, len(free))):
+        if max(len(layer.gram) for layer in layers) > GREEDY_WIDTH:
+            costs = sum(_uncompensated_costs(layer) for layer in layers)
+        else:
+            costs = greedy_removal_costs(layers, len(free))
+        for unit, cost in zip(free, costs):
             unit.importance = float(cost)
+
+
+def _uncompensated_costs(layer: ReadingLayer) -> np.ndarray:
+    """Per unit, what its positions carry through the layer when nothing stands in: var(a_p) x |W[:, p]|²."""
+    variance = np.maximum(np.diag(layer.gram)[:-1] - np.square(layer.gram[-1, :-1]), 0.0)
+    per_position = variance * np.square(layer.weight[:, :-1]).sum(axis=0)
+    held = layer.positions >= 0
+    return np.where(held, per_position[np.where(held, layer.positions, 0)], 0.0).sum(axis=1)
 
 
 def _reading_layer(use: ConsumerUse, unit_of: dict[int, int], gram: np.ndarray | None, units: int) -> ReadingLayer | None:
@@ -628,13 +637,6 @@ def _reading_layer(use: ConsumerUse, unit_of: dict[int, int], gram: np.ndarray |
             filled[unit] += 1
     # the constant column: a reader's bias absorbs a removed channel's mean, so it is never removed
     return ReadingLayer(np.concatenate([matrix, np.zeros((len(matrix), 1))], axis=1), gram, positions)
-
-
-def _without_cross_terms(layer: ReadingLayer) -> ReadingLayer:
-    """A grouped reader: channels cannot stand in for each other, so only each one's own variance counts."""
-    gram = np.diag(np.diag(layer.gram))
-    gram[-1, :], gram[:, -1] = layer.gram[-1, :], layer.gram[:, -1]
-    return ReadingLayer(layer.weight, gram, layer.positions)
 
 
 def _axis_of(analysis: Analysis, use: ConsumerUse) -> int:

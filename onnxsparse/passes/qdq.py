@@ -111,22 +111,22 @@ class Qdq(Pass):
         model = name_unnamed_nodes(_typed(model))
         self._warn_unmatched(model, result)
         if self.mode == "dynamic":
-            return self._with_embeddings(self._dynamic(model, result, self._scheme(per_channel, "uint8", result)))
-        static = self._static(model, context, result, self._scheme(per_channel, self.activations, result))
+            return self._with_embeddings(self._dynamic(model, result, self._scheme(per_channel, result)))
+        static = self._static(model, context, result, self._scheme(per_channel, result))
         if self.mode == "static" or context.validate is None or context.calibration is None:
             return self._with_embeddings(static)
         # The dynamic candidate starts from what was already said (opset raised, unmatched patterns),
         # as the static one does.
         said = PassResult(model, warnings=list(result.warnings), figures=dict(result.figures))
-        dynamic = self._dynamic(model, said, self._scheme(per_channel, "uint8", said))  # DynamicQuantizeLinear makes uint8
+        dynamic = self._dynamic(model, said, self._scheme(per_channel, said))
         return self._with_embeddings(_pick(static, dynamic, model, context, self.default_tolerance.min_cosine or 0.97))
 
-    def _scheme(self, per_channel: bool, activations: str, result: PassResult) -> WeightScheme:
+    def _scheme(self, per_channel: bool, result: PassResult) -> WeightScheme:
         """Weights in 7 bits where asked, or (auto) where this machine's int8 kernels saturate 8-bit ones."""
-        reduced = self.reduce_range == "on" or (self.reduce_range == "auto" and int8_kernels_saturate(activations))
+        reduced = self.reduce_range == "on" or (self.reduce_range == "auto" and int8_kernels_saturate())
         if reduced and self.reduce_range == "auto":
             result.warnings.append(
-                f"qdq: this machine's onnxruntime saturates {activations} x int8 products (an x86 CPU without VNNI), so weights use "
+                "qdq: this machine's onnxruntime saturates uint8 x int8 products (an x86 CPU without VNNI), so weights use "
                 "7 bits; for a target with VNNI or an ARM CPU, reduce_range=off keeps the eighth bit")
         return WeightScheme(per_channel, 7 if reduced else 8)
 
