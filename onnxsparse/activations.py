@@ -56,6 +56,45 @@ def with_extra_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.Mod
     return exposed
 
 
+def computing_only(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are the given main-graph tensors, with only the nodes and
+    initializers they depend on. A layer-by-layer pass (SparseGPT, refit) asks for one early
+    layer's input after another: running the whole model for each would redo every later layer."""
+    wanted = list(dict.fromkeys(names))
+    producer = {output: index for index, node in enumerate(model.graph.node) for output in node.output}
+    needed: set[int] = set()
+    pending = [producer[name] for name in wanted if name in producer]
+    while pending:
+        index = pending.pop()
+        if index in needed:
+            continue
+        needed.add(index)
+        pending.extend(producer[name] for name in _names_read(model.graph.node[index]) if name in producer)
+    kept = [node for index, node in enumerate(model.graph.node) if index in needed]
+    read = {name for node in kept for name in _names_read(node)} | set(wanted)
+    trimmed = onnx.ModelProto()
+    trimmed.CopyFrom(model)
+    types = _elem_types(model)
+    del trimmed.graph.node[:]
+    trimmed.graph.node.extend(kept)
+    initializers = [tensor for tensor in model.graph.initializer if tensor.name in read]
+    del trimmed.graph.initializer[:]
+    trimmed.graph.initializer.extend(initializers)
+    del trimmed.graph.output[:]
+    trimmed.graph.output.extend(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None) for name in wanted)
+    return trimmed
+
+
+def _names_read(node: onnx.NodeProto) -> set[str]:
+    """A node's inputs and every name its subgraphs (If/Loop bodies) read, outer-scope names among them."""
+    names = {name for name in node.input if name}
+    for attribute in node.attribute:
+        for graph in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
+            for inner in graph.node:
+                names |= _names_read(inner)
+    return names
+
+
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element types of the main graph's values, from shape inference where it succeeds."""
     try:
@@ -81,7 +120,7 @@ def tensor_values(
     wanted = list(dict.fromkeys(names))
     graph_inputs = {i.name for i in model.graph.input}
     computed = [n for n in wanted if n not in graph_inputs]
-    session = make_session(with_extra_outputs(model, computed), label)
+    session = make_session(computing_only(model, computed), label) if computed else None
     inputs = model_inputs(model)
     batched = batch_dim(i.shape for i in inputs) is not None
     for index, feed in enumerate(source.feeds()):
@@ -89,7 +128,7 @@ def tensor_values(
             break
         checked = check_feed(feed, inputs, f"{source.describe()}, feed {index}")
         for run in in_chunks(checked, batched):
-            values = dict(zip(computed, session.run(computed, run))) if computed else {}
+            values = dict(zip(computed, session.run(computed, run))) if session is not None else {}
             values.update({n: run[n] for n in wanted if n in graph_inputs})
             yield values
         if feed_done is not None:  # progress counts the caller's feeds, not our runs

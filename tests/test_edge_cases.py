@@ -185,3 +185,30 @@ def test_the_report_is_written_when_a_pass_fails_under_policy_raise(folder):
     assert not (folder / "o.onnx").exists()
     (step,) = json.loads((folder / "r.json").read_text())["steps"]
     assert step["status"] == "rolled-back" and "cosine" in step["reason"] and step["validation"]["outputs"][0]["cosine"] < 0.99
+
+
+def test_tensor_values_runs_only_what_the_asked_tensors_need_and_reads_the_same_values():
+    from onnxsparse.activations import computing_only, tensor_values
+    from onnxsparse.calibration import resolve_inputs
+
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (bool cond, float[2, 3] x) => (float[2, 3] out) {
+        w = Constant <value = float[3] {1.0, 2.0, 3.0}> ()
+        early = Mul (x, w)
+        branch = If (cond) <
+            then_branch = then_graph () => (float[2, 3] t) { t = Add (early, w) },
+            else_branch = else_graph () => (float[2, 3] e) { e = Sub (early, w) }
+        >
+        late = Relu (branch)
+        out = Neg (late)
+    }""")
+    trimmed = computing_only(model, ["early"])
+    assert [n.op_type for n in trimmed.graph.node] == ["Constant", "Mul"] and [o.name for o in trimmed.graph.output] == ["early"]
+    # a tensor read only inside the If body keeps the nodes that make it
+    assert [n.op_type for n in computing_only(model, ["branch"]).graph.node] == ["Constant", "Mul", "If"]
+    feed = {"cond": np.array(True), "x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    values = next(tensor_values(model, resolve_inputs([feed], model), ["early", "late"]))
+    full = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(values["late"], -full.run(["out"], feed)[0])
+    np.testing.assert_array_equal(values["early"], feed["x"] * np.array([1, 2, 3], np.float32))

@@ -99,6 +99,14 @@ CONFIGS: tuple[Config, ...] = (
     *(Config(f"channel {p}% of latency output sensitivity refit downstream",
              f"fold-batchnorm,channel-prune{{ratio={p / 100:g} budget=latency criterion=output scope=sensitivity refit=true refit_scope=downstream}}")
       for p in (30, 50)),
+    # criterion=reconstruction: channels ranked by what losing them costs once the others compensate (what the refit then does)
+    Config("channel 30% reconstruction refit downstream",
+           "fold-batchnorm,channel-prune{ratio=0.3 criterion=reconstruction refit=true refit_scope=downstream}"),
+    Config("channel 50% reconstruction refit downstream",
+           "fold-batchnorm,channel-prune{ratio=0.5 criterion=reconstruction refit=true refit_scope=downstream}"),
+    *(Config(f"channel {p}% of latency reconstruction sensitivity refit downstream",
+             f"fold-batchnorm,channel-prune{{ratio={p / 100:g} budget=latency criterion=reconstruction scope=sensitivity refit=true refit_scope=downstream}}")
+      for p in (30, 50)),
     Config("int8", "qdq"),
     Config("channel 30% + int8", "fold-batchnorm,channel-prune{ratio=0.3},qdq"),
     Config("magnitude 90% + sparse-encode", f"{_PRUNE}{{sparsity=0.9}},sparse-encode"),
