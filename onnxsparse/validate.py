@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibration import batch_dim, in_chunks, samples_in
+from .calibration import batch_dim, in_chunks
 from .errors import InputDataError, RuntimeLoadError
 
 log = logging.getLogger(__name__)

@@ -33,6 +33,15 @@ def run(model: onnx.ModelProto | str | Path, feed: dict[str, np.ndarray]) -> lis
     return session.run(None, feed)
 
 
+def bundled(name: str):
+    """A bundled model (loaded as onnxsparse loads it) with its validation inputs and calibration data as sources."""
+    from onnxsparse import load
+    from onnxsparse.calibration import resolve_inputs
+
+    model = load(MODELS / f"{name}.onnx")
+    return model, resolve_inputs(str(MODELS / f"{name}.inputs.npz"), model), resolve_inputs(str(MODELS / f"{name}.calibration.npz"), model)
+
+
 def bundled_inputs(name: str) -> dict[str, np.ndarray]:
     with np.load(MODELS / f"{name}.inputs.npz") as archive:
         return {"input": archive["input"]}

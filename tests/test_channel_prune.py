@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import MODELS, run, with_initializers
+from conftest import MODELS, bundled, run, with_initializers
 from onnxsparse import load
 from onnxsparse.calibration import resolve_inputs
 from onnxsparse.errors import PipelineSpecError, RequirementError
@@ -241,9 +241,7 @@ def test_global_scope_ranks_across_groups_and_keeps_pinned_channels():
 
 
 def test_refit_recovers_accuracy_on_the_bundled_mlp():
-    model = load(MODELS / "digits_sklearn_mlp.onnx")
-    inputs = resolve_inputs(str(MODELS / "digits_sklearn_mlp.inputs.npz"), model)
-    calibration = resolve_inputs(str(MODELS / "digits_sklearn_mlp.calibration.npz"), model)
+    model, inputs, calibration = bundled("digits_sklearn_mlp")
     cosine = {}
     for refit in (False, True):
         manager = PassManager(parse_pipeline(f"channel-prune{{ratio=0.3 refit={str(refit).lower()}}}"), inputs=inputs,
@@ -257,9 +255,7 @@ def test_refit_recovers_accuracy_on_the_bundled_mlp():
 
 
 def test_refit_reaches_pruned_producers_residual_blocks_and_depthwise_convs_on_the_bundled_cnn():
-    model = load(MODELS / "digits_cnn.onnx")
-    inputs = resolve_inputs(str(MODELS / "digits_cnn.inputs.npz"), model)
-    calibration = resolve_inputs(str(MODELS / "digits_cnn.calibration.npz"), model)
+    model, inputs, calibration = bundled("digits_cnn")
     cosine, refit_nodes = {}, {}
     for scope in ("none", "consumers", "downstream"):
         options = "refit=false" if scope == "none" else f"refit=true refit_scope={scope}"
@@ -334,9 +330,7 @@ def test_output_criterion_weighs_a_channel_by_what_its_consumers_make_of_it(rng,
 
 def test_reconstruction_criterion_removes_what_the_refit_can_make_up_for():
     # measured: digits_transformer at 50% with a downstream refit, cosine 0.935 (output) -> 0.958 (reconstruction)
-    model = load(MODELS / "digits_transformer.onnx")
-    inputs = resolve_inputs(str(MODELS / "digits_transformer.inputs.npz"), model)
-    calibration = resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model)
+    model, inputs, calibration = bundled("digits_transformer")
     cosines = {}
     for criterion in ("output", "reconstruction"):
         spec = f"channel-prune{{ratio=0.5 criterion={criterion} round_to=1 refit=true refit_scope=downstream never_slower=false}}"
@@ -347,8 +341,7 @@ def test_reconstruction_criterion_removes_what_the_refit_can_make_up_for():
 
 
 def test_sensitivity_scope_spends_the_budget_where_the_calibration_drift_is_smallest():
-    model = load(MODELS / "digits_transformer.onnx")
-    calibration = resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model)
+    model, _, calibration = bundled("digits_transformer")
     result = _prune(model, PassContext(calibration=calibration), ratio=0.25, scope="sensitivity", round_to=1)
     scan = result.figures["sensitivity"]
     assert len(scan) == 2 and all(entry["drift_at_ratio"] > 0 for entry in scan.values())
@@ -360,8 +353,7 @@ def test_sensitivity_scope_spends_the_budget_where_the_calibration_drift_is_smal
 
 
 def test_a_mac_budget_removes_that_share_of_the_multiply_accumulates():
-    model = load(MODELS / "digits_transformer.onnx")
-    calibration = resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model)
+    model, _, calibration = bundled("digits_transformer")
     figures = {}
     for budget in ("channels", "macs"):
         result = _prune(model, PassContext(calibration=calibration), ratio=0.3, scope="sensitivity", budget=budget, round_to=1)
@@ -375,8 +367,7 @@ def test_a_mac_budget_removes_that_share_of_the_multiply_accumulates():
 def test_a_latency_budget_leaves_whole_the_groups_whose_probe_ran_no_faster(monkeypatch):
     """The time saved is read off each group's probe in onnxruntime; here a stand-in timer says that
     thinning the 64-unit MLP hidden layer saves nothing, so the whole budget goes to the 32-wide stream."""
-    model = load(MODELS / "digits_transformer.onnx")
-    calibration = resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model)
+    model, _, calibration = bundled("digits_transformer")
 
     def fake_latency(reference, candidate, feed, **kwargs):
         hidden = _initializer(candidate, "mlp.0.bias").shape[0]
@@ -395,8 +386,7 @@ def test_a_latency_budget_leaves_whole_the_groups_whose_probe_ran_no_faster(monk
 def test_a_latency_budget_fits_its_probes_and_plans_the_share_of_time_asked_for(monkeypatch):
     """A stand-in timer with a fixed overhead: time = 0.2 + 0.8 x MACs share. 30% of the time is then
     37.5% of the MACs, which the fitted model must find (a MACs budget of 30% would stop short)."""
-    model = load(MODELS / "digits_cnn.onnx")
-    calibration = resolve_inputs(str(MODELS / "digits_cnn.calibration.npz"), model)
+    model, _, calibration = bundled("digits_cnn")
     monkeypatch.setattr("onnxsparse.passes.channel_prune.relative_latency",
                         lambda reference, candidate, feed, **kwargs: 0.2 + 0.8 * count_macs(candidate) / count_macs(reference))
     result = _prune(model, PassContext(calibration=calibration), ratio=0.3, scope="sensitivity", budget="latency", round_to=1)

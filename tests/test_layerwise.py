@@ -6,15 +6,14 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import MODELS, run, with_initializers
-from onnxsparse.calibration import IterableInputs, resolve_inputs
+from conftest import bundled, run, with_initializers
+from onnxsparse.calibration import IterableInputs
 from onnxsparse.graph import to_gs
 from onnxsparse.layerwise import ReadingLayer, fit_to_teacher, from_matrix, greedy_removal_costs, input_rows, sparsegpt, to_matrix
 from onnxsparse.passes import PassContext
 from onnxsparse.passes.magnitude import MagnitudePrune
 from onnxsparse.pipeline import PassManager
 from onnxsparse.spec import parse_pipeline
-from onnxsparse import load
 from onnxsparse.weights import find_weights
 
 
@@ -92,9 +91,7 @@ def test_teacher_fit_maps_a_drifted_input_back_to_the_original_output_and_its_pu
 
 
 def test_sparsegpt_criterion_beats_magnitude_on_the_bundled_transformer():
-    model = load(MODELS / "digits_transformer.onnx")
-    inputs = resolve_inputs(str(MODELS / "digits_transformer.inputs.npz"), model)
-    calibration = resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model)
+    model, inputs, calibration = bundled("digits_transformer")
     cosines = {}
     for criterion in ("magnitude", "sparsegpt"):
         manager = PassManager(parse_pipeline(f"magnitude-prune{{sparsity=0.5 criterion={criterion}}}"),
@@ -107,9 +104,7 @@ def test_sparsegpt_criterion_beats_magnitude_on_the_bundled_transformer():
 
 
 def test_sparsegpt_with_the_original_model_as_teacher_recovers_the_drift_of_earlier_layers():
-    model = load(MODELS / "digits_cnn.onnx")
-    inputs = resolve_inputs(str(MODELS / "digits_cnn.inputs.npz"), model)
-    calibration = resolve_inputs(str(MODELS / "digits_cnn.calibration.npz"), model)
+    model, inputs, calibration = bundled("digits_cnn")
     cosines = {}
     for teacher in (0, 0.1):
         manager = PassManager(parse_pipeline(f"fold-batchnorm,magnitude-prune{{sparsity=0.7 criterion=sparsegpt teacher={teacher}}}"),

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import MODELS, parse, run, with_initializers
+from conftest import MODELS, bundled, parse, run, with_initializers
 from onnxsparse import load
 from onnxsparse.calibration import IterableInputs, resolve_inputs
 from onnxsparse.errors import PipelineSpecError, RequirementError
@@ -191,8 +191,7 @@ def test_patterns_that_match_nothing_are_reported(cnn):
 
 
 def test_sensitivity_scope_keeps_the_total_and_spares_the_sensitive_tensors():
-    model = load(MODELS / "digits_transformer.onnx")
-    calibration = resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model)
+    model, _, calibration = bundled("digits_transformer")
     result = _prune(model, PassContext(calibration=calibration), sparsity=0.5, scope="sensitivity")
     scan = result.figures["sensitivity"]
     sizes = {c.target: c.details["size"] for c in result.changes}
@@ -209,8 +208,7 @@ def test_sensitivity_scope_keeps_the_total_and_spares_the_sensitive_tensors():
 def test_sparsegpt_sensitivity_probes_each_tensor_with_sparsegpt():
     """The scan prunes each tensor alone the way the pass will: SparseGPT's update repairs most of
     what magnitude pruning alone breaks, so its probes drift less and the allocation follows them."""
-    model = load(MODELS / "digits_transformer.onnx")
-    calibration = resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model)
+    model, _, calibration = bundled("digits_transformer")
     scans = {criterion: _prune(model, PassContext(calibration=calibration), sparsity=0.5, scope="sensitivity",
                                criterion=criterion).figures["sensitivity"]
              for criterion in ("magnitude", "sparsegpt")}
@@ -229,8 +227,7 @@ def test_one_pass_hessians_are_each_layers_input_gram_matrix(monkeypatch, bytes_
     from onnxsparse.weights import WEIGHT_OPS, find_weights
 
     monkeypatch.setattr(magnitude, "HESSIAN_BYTES_PER_PASS", bytes_per_pass)
-    model = load(MODELS / "digits_transformer.onnx")
-    calibration = resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model)
+    model, _, calibration = bundled("digits_transformer")
     sites = find_weights(to_gs(model), WEIGHT_OPS, overridable_initializers(model))[0]
     together = magnitude.original_hessians(model, sites, calibration)
     assert set(together) == {site.name for site in sites} and len(sites) >= 8

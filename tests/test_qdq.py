@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import MODELS, parse, run, with_initializers
+from conftest import MODELS, bundled, run, with_initializers
 from onnxsparse import load, optimize
 from onnxsparse.calibration import IterableInputs, resolve_inputs
 from onnxsparse.errors import PipelineSpecError, RequirementError
@@ -144,9 +144,7 @@ def test_the_calibration_cache_is_written_then_read(tmp_path):
 
 
 def test_the_guard_keeps_harmful_nodes_in_float_until_a_strict_tolerance_holds(tmp_path):
-    model = load(MODELS / "digits_transformer.onnx")
-    inputs = resolve_inputs(str(MODELS / "digits_transformer.inputs.npz"), model)
-    calibration = resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model)
+    model, inputs, calibration = bundled("digits_transformer")
     from onnxsparse.validate import Tolerance, Tolerances
 
     strict = Tolerances(per_pass={"qdq": Tolerance(min_cosine=0.99995)})
