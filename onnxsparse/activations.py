@@ -62,16 +62,16 @@ def computing_only(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelPr
     layer's input after another: running the whole model for each would redo every later layer."""
     wanted = list(dict.fromkeys(names))
     producer = {output: index for index, node in enumerate(model.graph.node) for output in node.output}
-    needed: set[int] = set()
+    reads: dict[int, set[str]] = {}  # index of each needed node -> the names it reads
     pending = [producer[name] for name in wanted if name in producer]
     while pending:
         index = pending.pop()
-        if index in needed:
+        if index in reads:
             continue
-        needed.add(index)
-        pending.extend(producer[name] for name in _names_read(model.graph.node[index]) if name in producer)
-    kept = [node for index, node in enumerate(model.graph.node) if index in needed]
-    read = {name for node in kept for name in _names_read(node)} | set(wanted)
+        reads[index] = _names_read(model.graph.node[index])
+        pending.extend(producer[name] for name in reads[index] if name in producer)
+    kept = [node for index, node in enumerate(model.graph.node) if index in reads]
+    read = set().union(*reads.values(), wanted)
     trimmed = onnx.ModelProto()
     trimmed.CopyFrom(model)
     types = _elem_types(model)
@@ -162,19 +162,26 @@ def collect_channel_grams(
     """Per named tensor, the Gram matrix of [channels, 1] over every sample and position, divided by
     their count: [[E aaᵀ, E a], [E aᵀ, 1]] (the last row is the constant a bias absorbs)."""
     grams: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
     for values in tensor_values(model, source, feature_axes, limit=limit, label=label):
         for name, axis in feature_axes.items():
-            value = np.asarray(values[name], dtype=np.float64)
-            moved = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
-            augmented = np.concatenate([moved, np.ones((len(moved), 1))], axis=1)
-            grams[name] = grams.get(name, 0.0) + augmented.T @ augmented
-            counts[name] = counts.get(name, 0) + len(moved)
-    return {name: gram / max(counts[name], 1) for name, gram in grams.items()}
+            rows = channel_rows(np.asarray(values[name], dtype=np.float64), axis)
+            gram = grams.setdefault(name, np.zeros((rows.shape[1] + 1, rows.shape[1] + 1)))
+            # the blocks of [rows, 1]ᵀ[rows, 1], without copying the rows to append the ones column
+            gram[:-1, :-1] += rows.T @ rows
+            sums = rows.sum(axis=0)
+            gram[:-1, -1] += sums
+            gram[-1, :-1] += sums
+            gram[-1, -1] += len(rows)
+    return {name: gram / max(gram[-1, -1], 1.0) for name, gram in grams.items()}
+
+
+def channel_rows(value: np.ndarray, axis: int) -> np.ndarray:
+    """A tensor as rows [every sample and position, channels along ``axis``]."""
+    return np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
 
 
 def _accumulate(stats: dict[str, ChannelStats], name: str, value: np.ndarray, axis: int) -> None:
-    moved = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
+    moved = channel_rows(value, axis)
     entry = stats.get(name)
     if entry is None:
         entry = stats[name] = ChannelStats(*(np.zeros(moved.shape[1]) for _ in range(3)))

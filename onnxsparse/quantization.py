@@ -189,25 +189,23 @@ def int8_kernels_saturate() -> bool:
     of extreme uint8 values, whose exact result is known. uint8 whatever the model's activations:
     on x86 onnxruntime shifts int8 activations by 128 into the same uint8 x int8 kernels (a bare
     int8 x int8 MatMulInteger is exact there, the fused QLinear ops are not)."""
-    import onnx
     from onnx import TensorProto, helper
 
     from .validate import make_session
 
     depth = 16
-    dtype, extreme = np.uint8, 255
     graph = helper.make_graph(
         [helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "saturation_probe",
-        [helper.make_tensor_value_info("a", onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [4, depth])],
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [4, depth])],
         [helper.make_tensor_value_info("y", TensorProto.INT32, [4, 8])],
         [helper.make_tensor("b", TensorProto.INT8, [depth, 8], np.full((depth, 8), 127, np.int8).tobytes(), raw=True)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     try:
-        result = make_session(model, "int8 saturation probe").run(None, {"a": np.full((4, depth), extreme, dtype)})[0]
+        result = make_session(model, "int8 saturation probe").run(None, {"a": np.full((4, depth), 255, np.uint8)})[0]
     except Exception:  # noqa: BLE001 - no integer kernel at all: nothing to saturate
         log.debug("int8 saturation probe did not run", exc_info=True)
         return False
-    saturates = bool(np.any(result != extreme * 127 * depth))
+    saturates = bool(np.any(result != 255 * 127 * depth))
     log.debug("int8 saturation probe: %s", "saturates" if saturates else "exact")
     return saturates
 
