@@ -9,16 +9,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from .activations import tensor_values
-from .calibration import InputSource
+from .calibration import InputSource, IterableInputs, collect_feeds
 from .graph import from_gs, to_gs
-from .layerwise import (activation_name, add_output_shift, from_matrix, groups_of, input_rows, ridge_towards, sample_slices, to_matrix,
-                        unsupported_reason)
+from .layerwise import activation_name, add_output_shift, from_matrix, groups_of, input_rows, sample_slices, to_matrix, unsupported_reason
 from .passes.base import Change, PassResult, Skip
 from .weights import WeightSite, find_weights, replace_weight
 
@@ -38,16 +38,29 @@ def layers_from(model: onnx.ModelProto, first_names: list[str]) -> list[str]:
     return names
 
 
+# Folds of the calibration data for choosing the refit's ridge: runs of samples go to folds by blocks
+# of FOLD_BLOCK samples, so views of one photo (listed side by side) are held out together.
+FOLDS = 4
+FOLD_BLOCK = 16
+# Ridge strengths tried when refit_strength=auto, relative to the mean input energy (see NormalEquations.solve).
+STRENGTHS = (1e-4, 1e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
+# The strength used when the data is too small to hold a fold out.
+FALLBACK_STRENGTH = 0.1
+
+Strength = float | Literal["auto"]
+
+
 # Which channels of an original tensor survive in the pruned model: tensor name -> (axis, kept mask).
 KeptChannels = Mapping[str, tuple[int, np.ndarray]]
 
 
 def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, node_names: list[str],
-                 source: InputSource, samples: int, result: PassResult, strength: float = 0.1,
+                 source: InputSource, samples: int, result: PassResult, strength: Strength = "auto",
                  kept: KeptChannels | None = None) -> onnx.ModelProto:
     """Refit the named Conv/Gemm/MatMul nodes of ``pruned`` toward ``original``'s outputs (restricted
     to the channels that ``kept`` says survive, for layers whose own outputs were pruned)."""
     wanted = set(node_names)
+    source = IterableInputs(collect_feeds(source, original, limit=samples))  # read once: every layer runs the model on it twice
     graph = to_gs(pruned)
     sites = {site.uses[0].node.name: site for site in find_weights(graph)[0] if len(site.uses) == 1}
     for node in [n for n in graph.nodes if n.name in wanted]:
@@ -63,40 +76,80 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, node_names:
 
 
 @dataclass
+class Fit:
+    """A refit's solution, and its errors |XΘ - Y|² on calibration data: of the current weights, of the
+    solution in sample, and of the solution chosen out of sample (each fold predicted by a fit on the
+    others; None when the strength was given, not chosen)."""
+
+    solution: np.ndarray
+    strength: float
+    error_before: float
+    error_after: float
+    error_held_out: float | None
+
+
+@dataclass
 class NormalEquations:
-    """Per group g of a layer: XᵀX [g, c, c] and XᵀY [g, c, o] of the design X = [inputs, 1] and the
-    target Y, plus what the current weights miss by (|XΘ - Y|²) and |Y|²."""
+    """Per fold f and group g of a layer: XᵀX [f, g, c, c] and XᵀY [f, g, c, o] of the design
+    X = [inputs, 1] and the target Y, what the current weights miss by (|XΘ - Y|²) and |Y|²."""
 
     gram: np.ndarray
     cross: np.ndarray
-    error_before: float = 0.0
-    norm: float = 0.0
+    error_before: np.ndarray
+    norm: np.ndarray
 
-    def add(self, design: np.ndarray, target: np.ndarray, current: np.ndarray) -> None:
+    @classmethod
+    def zeros(cls, groups: int, columns: int, outputs: int) -> NormalEquations:
+        return cls(np.zeros((FOLDS, groups, columns, columns)), np.zeros((FOLDS, groups, columns, outputs)), np.zeros(FOLDS), np.zeros(FOLDS))
+
+    def add(self, design: np.ndarray, target: np.ndarray, current: np.ndarray, fold: int) -> None:
         """design [n, g, c], target [n, g, o], current Θ [g, c, o]."""
         # Batched matmuls per group (BLAS); einsum without a path ran 14x slower on 1000 x 1000.
         by_group, target_by_group = design.transpose(1, 0, 2), target.transpose(1, 0, 2)  # [g, n, c], [g, n, o]
         transposed = by_group.transpose(0, 2, 1)
-        self.gram += transposed @ by_group
-        self.cross += transposed @ target_by_group
-        self.error_before += float(np.sum((by_group @ current - target_by_group) ** 2))
-        self.norm += float(np.sum(target**2))
+        self.gram[fold] += transposed @ by_group
+        self.cross[fold] += transposed @ target_by_group
+        self.error_before[fold] += float(np.sum((by_group @ current - target_by_group) ** 2))
+        self.norm[fold] += float(np.sum(target**2))
 
-    def solve(self, current: np.ndarray, strength: float) -> tuple[np.ndarray, float]:
-        """Θ minimising |XΘ - Y|² + λ|Θ - current|² per group (:func:`ridge_towards`), and the error
-        |XΘ - Y|² it leaves."""
-        solution = np.empty_like(current)
-        error_after = self.norm
-        for g in range(len(self.gram)):
-            gram, cross = self.gram[g], self.cross[g]
-            solution[g] = ridge_towards(gram, cross, current[g], max(strength, 1e-6) * (float(np.mean(np.diag(gram))) or 1.0))
-            # from the normal equations: |Y|² - 2 ΘᵀXᵀY + ΘᵀXᵀXΘ
-            error_after += -2 * float(np.sum(solution[g] * cross)) + float(np.sum(solution[g] * (gram @ solution[g])))
-        return solution, error_after
+    def solve(self, current: np.ndarray, strength: Strength) -> Fit:
+        """Θ minimising |XΘ - Y|² + λ|Θ - current|² per group (:func:`ridge_towards`), λ = strength x the
+        group's mean input energy. ``auto``: the strength of :data:`STRENGTHS` whose fits predict held-out
+        folds best; the out-of-sample error is then the one to judge the refit by, since a layer with
+        more weights than independent calibration rows fits its calibration set whatever it learnt."""
+        gram, cross = self.gram.sum(axis=0), self.cross.sum(axis=0)
+        energy = np.maximum(np.einsum("gii->g", gram) / gram.shape[-1], 1e-30)  # mean diag(XᵀX) per group
+        held_out = None
+        if strength == "auto":
+            folds = [f for f in range(FOLDS) if self.norm[f] > 0]
+            if len(folds) < 2:
+                strength = FALLBACK_STRENGTH
+            else:
+                errors = {s: sum(self._fold_error(f, gram, cross, current, s * energy) for f in folds) for s in STRENGTHS}
+                strength = min(errors, key=errors.__getitem__)
+                held_out = errors[strength]
+        solution = _ridge(gram, cross, current, max(float(strength), 1e-6) * energy)
+        return Fit(solution, float(strength), float(self.error_before.sum()), _error(solution, gram, cross, float(self.norm.sum())), held_out)
+
+    def _fold_error(self, fold: int, gram: np.ndarray, cross: np.ndarray, current: np.ndarray, ridge: np.ndarray) -> float:
+        """|X_f Θ - Y_f|² of fold ``fold`` for the fit on every other fold."""
+        solution = _ridge(gram - self.gram[fold], cross - self.cross[fold], current, ridge)
+        return _error(solution, self.gram[fold], self.cross[fold], float(self.norm[fold]))
+
+
+def _ridge(gram: np.ndarray, cross: np.ndarray, current: np.ndarray, ridge: np.ndarray) -> np.ndarray:
+    """:func:`ridge_towards` for every group at once: gram [g, c, c], cross and current [g, c, o], ridge [g]."""
+    eye = np.eye(gram.shape[-1])
+    return np.linalg.solve(gram + ridge[:, None, None] * eye, cross + ridge[:, None, None] * current)
+
+
+def _error(solution: np.ndarray, gram: np.ndarray, cross: np.ndarray, norm: float) -> float:
+    """|XΘ - Y|² from the normal equations: |Y|² - 2 tr(ΘᵀXᵀY) + tr(ΘᵀXᵀXΘ)."""
+    return norm - 2 * float(np.sum(solution * cross)) + float(np.sum(solution * (gram @ solution)))
 
 
 def _refit_one(original: onnx.ModelProto, current: onnx.ModelProto, graph: gs.Graph, site: WeightSite,
-               source: InputSource, samples: int, result: PassResult, strength: float, kept: KeptChannels,
+               source: InputSource, samples: int, result: PassResult, strength: Strength, kept: KeptChannels,
                through_residual: bool = True) -> None:
     node = site.uses[0].node
     groups = groups_of(site)
@@ -116,7 +169,8 @@ def _refit_one(original: onnx.ModelProto, current: onnx.ModelProto, graph: gs.Gr
     inputs_read = [activation_name(site), *([residual[1]] if residual else [])]
     targets = tensor_values(original, source, [target_name], limit=samples, label="refit targets")
     inputs = tensor_values(current, source, inputs_read, limit=samples, label="refit inputs")
-    equations = NormalEquations(np.zeros((groups, theta.shape[1], theta.shape[1])), np.zeros(theta.shape))
+    equations = NormalEquations.zeros(groups, theta.shape[1], theta.shape[2])
+    samples_seen = 0
     for target_values, input_values in zip(targets, inputs):
         wanted = _surviving(target_values[target_name], kept.get(target_name))
         if residual:
@@ -124,6 +178,8 @@ def _refit_one(original: onnx.ModelProto, current: onnx.ModelProto, graph: gs.Gr
                 _refit_one(original, current, graph, site, source, samples, result, strength, kept, through_residual=False)
                 return
             wanted = wanted - input_values[residual[1]]
+        fold = (samples_seen // FOLD_BLOCK) % FOLDS
+        samples_seen += len(wanted) if wanted.ndim else 1
         for activation, target_part in sample_slices(site, input_values[activation_name(site)], wanted):
             rows = input_rows(site, activation).reshape(-1, groups, columns)
             target = _output_rows(node, target_part)
@@ -131,23 +187,34 @@ def _refit_one(original: onnx.ModelProto, current: onnx.ModelProto, graph: gs.Gr
                 result.skipped.append(Skip(node.name, "refit: output channels differ from the original's"))
                 return
             design = np.concatenate([rows, np.ones((*rows.shape[:2], 1))], axis=2) if with_bias else rows
-            equations.add(design, target.reshape(len(target), groups, outputs // groups), theta)
-    if not equations.norm:
+            equations.add(design, target.reshape(len(target), groups, outputs // groups), theta, fold)
+    norm = float(equations.norm.sum())
+    if not norm:
         return
-    solution, error_after = equations.solve(theta, strength)
-    if error_after >= equations.error_before:
-        result.skipped.append(Skip(node.name, "refit: no improvement on calibration data"))
+    fit = equations.solve(theta, strength)
+    judged = fit.error_after if fit.error_held_out is None else fit.error_held_out
+    if judged >= fit.error_before:
+        where = "on calibration data" if fit.error_held_out is None else "on held-out calibration samples"
+        result.skipped.append(Skip(node.name, f"refit: no improvement {where}"))
         return
-    new_matrix = np.concatenate([solution[g, :columns].T for g in range(groups)], axis=0)
+    new_matrix = np.concatenate([fit.solution[g, :columns].T for g in range(groups)], axis=0)
     replace_weight(site, from_matrix(site, new_matrix))
     if with_bias:
-        new_bias = solution[:, -1, :].reshape(-1)
+        new_bias = fit.solution[:, -1, :].reshape(-1)
         add_output_shift(graph, node, (new_bias - bias).astype(site.value.dtype))
-    norm = max(equations.norm, 1e-30)
-    result.changes.append(Change(node.name, "refit", {
-        "relative_error_before": round(float(np.sqrt(equations.error_before / norm)), 6),
-        "relative_error_after": round(float(np.sqrt(max(error_after, 0.0) / norm)), 6),
-    }))
+    result.changes.append(Change(node.name, "refit", _refit_details(fit, norm)))
+
+
+def _refit_details(fit: Fit, norm: float) -> dict[str, float]:
+    """Relative errors sqrt(|XΘ - Y|² / |Y|²) before and after, held out when the strength was chosen."""
+
+    def relative(error: float) -> float:
+        return round(float(np.sqrt(max(error, 0.0) / max(norm, 1e-30))), 6)
+
+    details = {"relative_error_before": relative(fit.error_before), "relative_error_after": relative(fit.error_after), "strength": fit.strength}
+    if fit.error_held_out is not None:
+        details["relative_error_held_out"] = relative(fit.error_held_out)
+    return details
 
 
 def _grouped_parameters(matrix: np.ndarray, bias: np.ndarray, groups: int, with_bias: bool) -> np.ndarray:

@@ -329,7 +329,8 @@ def test_output_criterion_weighs_a_channel_by_what_its_consumers_make_of_it(rng,
 
 
 def test_reconstruction_criterion_removes_what_the_refit_can_make_up_for():
-    # measured: digits_transformer at 50% with a downstream refit, cosine 0.935 (output) -> 0.958 (reconstruction)
+    # measured: digits_transformer at 50% with a downstream refit (refit_strength=auto), cosine 0.959 (output) -> 0.969
+    # (reconstruction); with the fixed strength 0.1 it was 0.935 -> 0.958
     model, inputs, calibration = bundled("digits_transformer")
     cosines = {}
     for criterion in ("output", "reconstruction"):
@@ -337,7 +338,7 @@ def test_reconstruction_criterion_removes_what_the_refit_can_make_up_for():
         _, report = PassManager(parse_pipeline(spec), inputs=inputs, calibration=calibration, policy="keep").run(model)
         cosines[criterion] = report.steps[0].validation.outputs[0].cosine
         assert report.steps[0].figures["macs_ratio"] < 0.5
-    assert cosines["reconstruction"] > cosines["output"] + 0.01
+    assert cosines["reconstruction"] > cosines["output"] + 0.005
 
 
 def test_sensitivity_scope_spends_the_budget_where_the_calibration_drift_is_smallest():
@@ -436,3 +437,41 @@ def test_refit_of_a_layer_whose_add_partner_is_a_constant_node_fits_its_own_outp
     assert change.details["relative_error_after"] < 0.01 < change.details["relative_error_before"]
     feed = {"x": rng.standard_normal((2, 4, 6, 6)).astype(np.float32)}
     np.testing.assert_allclose(run(refit, feed)[0], run(original, feed)[0], rtol=1e-3, atol=1e-3)
+
+
+def test_auto_refit_strength_holds_out_calibration_samples_so_a_wide_layer_does_not_memorise_them(rng):
+    """A 48-input layer refit on 64 samples (4 folds: each fit sees 48 rows) can match its calibration
+    set with a vanishing ridge and predict new inputs badly; ``auto`` picks the ridge whose fits
+    predict the held-out folds, and does better on inputs it never saw."""
+    from onnxsparse.calibration import IterableInputs
+    from onnxsparse.passes.base import PassResult
+    from onnxsparse.refit import refit_layers
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[N, {width}] x) => (float[N, 10] y) {{
+        h = Gemm (x, w1, b1)
+        r = Relu (h)
+        y = Gemm (r, w2, b2)
+    }}"""
+    w1, b1 = rng.standard_normal((64, 64)).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    w2, b2 = rng.standard_normal((64, 10)).astype(np.float32), rng.standard_normal(10).astype(np.float32)
+    original = with_initializers(onnx.parser.parse_model(text.format(width=64)), w1=w1, b1=b1, w2=w2, b2=b2)
+    # the first layer lost 16 of its 64 units: the second reads 48 and must stand in for the rest
+    pruned = with_initializers(onnx.parser.parse_model(text.format(width=64)), w1=w1[:, :48], b1=b1[:48], w2=w2[:48], b2=b2)
+    for model in (original, pruned):
+        model.graph.node[2].name = "fc2"
+    source = IterableInputs([{"x": rng.standard_normal((16, 64)).astype(np.float32)} for _ in range(4)])
+    fresh = {"x": rng.standard_normal((512, 64)).astype(np.float32)}
+    target = run(original, fresh)[0]
+    errors, details = {}, {}
+    for strength in (1e-4, "auto"):
+        result = PassResult(pruned)
+        refit = refit_layers(original, pruned, ["fc2"], source, 4, result, strength=strength)
+        details[strength] = next(c.details for c in result.changes if c.action == "refit")
+        errors[strength] = float(np.linalg.norm(run(refit, fresh)[0] - target) / np.linalg.norm(target))
+    assert details[1e-4]["relative_error_after"] < 0.5 * errors[1e-4]  # memorised: far better in sample than out
+    assert details["auto"]["strength"] > 1e-4 and "relative_error_held_out" in details["auto"]
+    assert errors["auto"] < 0.8 * errors[1e-4]
+    # the held-out figure is an honest estimate of the error on new inputs, the in-sample one is not
+    assert abs(details["auto"]["relative_error_held_out"] - errors["auto"]) < abs(details["auto"]["relative_error_after"] - errors["auto"])

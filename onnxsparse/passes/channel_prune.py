@@ -165,7 +165,9 @@ class ChannelPrune(Pass):
                 "ran 0.43x fp32 with multiples of 8, 0.40x with 16, and 1.49x with odd counts)"})
     min_channels: int = field(default=1, metadata={"help": "channels kept at least in every group"})
     refit: bool = field(default=False, metadata={"help": "least-squares refit of each consumer on calibration data"})
-    refit_strength: float = field(default=0.1, metadata={"help": "ridge towards the original weights, relative to the mean input energy"})
+    refit_strength: float | Literal["auto"] = field(default="auto", metadata={
+        "help": "ridge towards the original weights, relative to the mean input energy; auto: per layer, the strength whose "
+                "fits best predict calibration samples held out of them (4 folds)"})
     refit_scope: Literal["consumers", "downstream"] = field(default="consumers", metadata={
         "help": "refit the layers that read pruned channels, or every layer from the first of them on (corrects drift further down)"})
     calibration_samples: int = field(default=32, metadata={"help": "feeds read for activation statistics and refits"})
@@ -185,7 +187,7 @@ class ChannelPrune(Pass):
             raise ValueError("round_to must be >= 0 and calibration_samples >= 1")
         if self.budget != "channels" and self.scope != "sensitivity":
             raise ValueError(f"budget={self.budget} applies to scope=sensitivity only")
-        if not self.refit_strength >= 0:
+        if self.refit_strength != "auto" and not self.refit_strength >= 0:
             raise ValueError(f"refit_strength {self.refit_strength} must be >= 0")
 
     def needs(self) -> frozenset[Requirement]:
@@ -723,7 +725,7 @@ def _size_figures(before: onnx.ModelProto, after: onnx.ModelProto, macs_before: 
 
 
 def refit_consumers(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analysis, removed: np.ndarray,
-                    context: PassContext, samples: int, result: PassResult, strength: float, downstream: bool = False) -> onnx.ModelProto:
+                    context: PassContext, samples: int, result: PassResult, strength: float | Literal["auto"], downstream: bool = False) -> onnx.ModelProto:
     from ..refit import layers_from, refit_layers
 
     consumers = [use.node.name for use in analysis.consumers if removed[use.roots].any()]
