@@ -475,3 +475,21 @@ def test_auto_refit_strength_holds_out_calibration_samples_so_a_wide_layer_does_
     assert errors["auto"] < 0.8 * errors[1e-4]
     # the held-out figure is an honest estimate of the error on new inputs, the in-sample one is not
     assert abs(details["auto"]["relative_error_held_out"] - errors["auto"]) < abs(details["auto"]["relative_error_after"] - errors["auto"])
+
+
+def test_a_group_whose_compensated_costs_soar_past_the_probe_gives_up_fewer_channels():
+    """Two groups drift alike at their probe (4 of 8 units) and save alike per unit; one's removal costs
+    stay flat to the end (its channels duplicate each other), the other's soar once 4 are gone. The
+    quadratic model would split the goal evenly; the cost curves send it to the redundant group."""
+    from onnxsparse.passes.channel_prune import Group, _allocate, _damage_shape
+
+    redundant, exhausted = Group([]), Group([])
+    redundant.removal_costs = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8], dtype=float)
+    exhausted.removal_costs = np.array([0, 1, 2, 3, 4, 40, 400, 4000, 40000], dtype=float)
+    shapes = {0: _damage_shape(redundant, 8, 4), 1: _damage_shape(exhausted, 8, 4)}
+    assert shapes[0][4] == shapes[1][4] == 1.0  # each measured drift stands at the probe
+    taken = _allocate({0: 0.1, 1: 0.1}, shapes, {}, {0: 7, 1: 7}, goal=11)
+    assert taken == {0: 7, 1: 4}
+    quadratic = {i: _damage_shape(Group([]), 8, 4) for i in (0, 1)}
+    np.testing.assert_allclose(quadratic[0], (np.arange(9) / 4) ** 2)
+    assert sorted(_allocate({0: 0.1, 1: 0.1}, quadratic, {}, {0: 7, 1: 7}, goal=11).values()) == [5, 6]

@@ -121,6 +121,9 @@ class Group:
 
     producers: list[Producer]
     units: list[Unit] = field(default_factory=list)
+    # criterion=reconstruction: what removing the k cheapest free units costs the reading layers after
+    # compensation, k = 0..free (rises faster than k² where the group runs out of redundant channels)
+    removal_costs: np.ndarray | None = None
 
     @property
     def label(self) -> str:
@@ -343,7 +346,8 @@ class ChannelPrune(Pass):
     def _select_by_sensitivity(self, model: onnx.ModelProto, groups: list[Group], context: PassContext, result: PassResult) -> list[Unit]:
         """Per-group amounts from a scan: each group alone loses ``ratio`` of its channels and the
         output drift on calibration data is measured; damage is then modelled as growing with the
-        square of the share removed, and channels are taken where the marginal damage is lowest
+        square of the share removed (criterion=reconstruction: as the group's compensated removal
+        costs grow, which rise steeply once its redundant channels are gone), and channels are taken where the marginal damage is lowest
         until ``ratio`` of all removable channels are gone (a group keeps at least 20%). With
         ``budget=macs`` or ``latency`` the ratio is of the model's multiply-accumulates or run time,
         and the marginal damage is taken per MAC or per share of time a channel of that group saves
@@ -376,7 +380,8 @@ class ChannelPrune(Pass):
     def _plan(self, model: onnx.ModelProto, groups: list[Group], free: dict[int, list[Unit]], damage: dict[int, float],
               probes: dict[int, int], saving: dict[int, float], caps: dict[int, int], goal: float, measure: BudgetMeasure | None) -> Plan:
         """The allocation for ``goal``, rounded per group, with what the whole of it saves when that is known."""
-        taken = _allocate(damage, probes, saving, caps, goal)
+        shapes = {i: _damage_shape(groups[i], len(free[i]), probes[i]) for i in damage}
+        taken = _allocate(damage, shapes, saving, caps, goal)
         taken = {i: self._removable(len(groups[i].units), len(free[i]), count) for i, count in taken.items()}
         chosen = [unit for i, count in taken.items() for unit in free[i][:count]]
         achieved = measure.predict(_pruned_copy(model, [m for u in chosen for m in u.members])) if measure is not None and chosen else None
@@ -519,13 +524,25 @@ def _macs_saved(total_macs: int, trial: onnx.ModelProto) -> float | None:
     return None if macs is None else float(total_macs - macs)
 
 
-def _allocate(damage: dict[int, float], probes: dict[int, int], saving: dict[int, float], caps: dict[int, int], goal: float) -> dict[int, int]:
+def _damage_shape(group: Group, free: int, probe: int) -> np.ndarray:
+    """How a group's damage grows with the units removed, k = 0..free, as a multiple of the damage its
+    probe measured: the compensated removal costs where criterion=reconstruction gave them, else (k / probe)²."""
+    costs = group.removal_costs
+    if costs is not None and len(costs) == free + 1 and 0 < probe <= free and costs[probe] > 0:
+        return costs / costs[probe]
+    return np.square(np.arange(free + 1) / max(probe, 1))
+
+
+def _allocate(damage: dict[int, float], shapes: dict[int, np.ndarray], saving: dict[int, float], caps: dict[int, int], goal: float) -> dict[int, int]:
     """Channels per group, one at a time where the marginal damage per unit of budget is lowest,
-    until ``goal`` is spent or every group is at its cap. Damage grows as (k / probe)^2."""
+    until ``goal`` is spent or every group is at its cap. Group i's damage at k units removed is
+    damage_i x shapes_i[k] (see :func:`_damage_shape`)."""
     taken = {i: 0 for i in caps}
 
-    def marginal(i: int) -> float:  # d/dk of damage_i * (k / probe_i)^2 at k + 1, per unit of budget
-        return damage[i] * (2 * taken[i] + 1) / max(probes[i], 1) ** 2 / saving.get(i, 1.0)
+    def marginal(i: int) -> float:  # what the next unit of group i adds to the damage, per unit of budget
+        shape = shapes[i]
+        step = shape[taken[i] + 1] - shape[taken[i]] if taken[i] + 1 < len(shape) else np.inf
+        return damage[i] * step / saving.get(i, 1.0)
 
     spent = 0.0
     while spent < goal:
@@ -609,8 +626,10 @@ def _reconstruction_importance(model: onnx.ModelProto, analysis: Analysis, group
             continue
         if max(len(layer.gram) for layer in layers) > GREEDY_WIDTH:
             costs = sum(_uncompensated_costs(layer) for layer in layers)
+            group.removal_costs = np.concatenate([[0.0], np.cumsum(np.sort(costs))])
         else:
-            costs = greedy_removal_costs(layers, len(free))
+            costs = greedy_removal_costs(layers, len(free))  # cumulative along the greedy order
+            group.removal_costs = np.concatenate([[0.0], np.sort(costs)])
         for unit, cost in zip(free, costs):
             unit.importance = float(cost)
 
