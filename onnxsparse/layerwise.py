@@ -339,11 +339,7 @@ def greedy_removal_costs(layers: list[ReadingLayer], units: int, damp: float = 0
     A channel that its neighbours duplicate costs little here even if its filter is large, which a
     norm criterion cannot see. Cumulative costs rise along the order, so the lowest k are the first
     k removals."""
-    states = []
-    for layer in layers:
-        gram = layer.gram.astype(np.float64)
-        gram = gram + damp * float(np.mean(np.diag(gram)) or 1.0) * np.eye(len(gram))
-        states.append((layer.weight.astype(np.float64).copy(), np.linalg.inv(gram), layer.positions))
+    states = [(layer.weight.astype(np.float64).copy(), _damped_inverse(layer.gram, damp), layer.positions) for layer in layers]
     remaining = np.ones(units, dtype=bool)
     cumulative = np.zeros(units)
     total = 0.0
@@ -359,6 +355,19 @@ def greedy_removal_costs(layers: list[ReadingLayer], units: int, damp: float = 0
         for weight, inverse, positions in states:
             _remove_positions(weight, inverse, positions[chosen][positions[chosen] >= 0])
     return cumulative
+
+
+def compensated_removal(layer: ReadingLayer, positions: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """The layer's weight [rows, inputs + 1] once ``positions`` are taken out of its input and the other
+    columns, the constant one among them, make up for them (the OBS update, as a refit would)."""
+    weight = layer.weight.astype(np.float64).copy()
+    _remove_positions(weight, _damped_inverse(layer.gram, damp), positions)
+    return weight
+
+
+def _damped_inverse(gram: np.ndarray, damp: float) -> np.ndarray:
+    gram = gram.astype(np.float64)
+    return np.linalg.inv(gram + damp * float(np.mean(np.diag(gram)) or 1.0) * np.eye(len(gram)))
 
 
 def _unit_costs(weight: np.ndarray, inverse: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -493,3 +493,34 @@ def test_a_group_whose_compensated_costs_soar_past_the_probe_gives_up_fewer_chan
     quadratic = {i: _damage_shape(Group([]), 8, 4) for i in (0, 1)}
     np.testing.assert_allclose(quadratic[0], (np.arange(9) / 4) ** 2)
     assert sorted(_allocate({0: 0.1, 1: 0.1}, quadratic, {}, {0: 7, 1: 7}, goal=11).values()) == [5, 6]
+
+
+def test_a_reconstruction_probe_lets_the_readers_make_up_for_a_duplicated_channel(rng):
+    """Channel 3 of the first conv repeats channel 2 and has the smallest filter: l1 and reconstruction
+    both probe its removal, but only reconstruction lets the next conv make up for it (its weights for
+    channel 2 take over channel 3's share), so only its probe sees next to no drift."""
+    from onnxsparse.calibration import IterableInputs
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[N, 3, 5, 5] x) => (float[N, 4, 5, 5] y) {
+        h = Conv (x, w1, b1)
+        r = Relu (h)
+        y = Conv (r, w2, b2)
+    }"""
+    w1 = rng.standard_normal((8, 3, 1, 1)).astype(np.float32) + 2.0
+    w1[7] = w1[6] = 0.5 * w1[6] / np.abs(w1[6]).sum()  # the two smallest filters, and equal
+    b1 = np.abs(rng.standard_normal(8)).astype(np.float32)
+    b1[7] = b1[6]
+    w2, b2 = rng.standard_normal((4, 8, 1, 1)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    w2[:, 7] = 3.0 * np.abs(w2[:, 7])  # channel 7 matters downstream: dropping it uncompensated shows
+    model = with_initializers(onnx.parser.parse_model(text), w1=w1, b1=b1, w2=w2, b2=b2)
+    calibration = IterableInputs([{"x": rng.standard_normal((16, 3, 5, 5)).astype(np.float32)} for _ in range(4)])
+    drift = {}
+    for criterion in ("l1", "reconstruction"):
+        result = _prune(model, PassContext(calibration=calibration), ratio=0.125, scope="sensitivity", criterion=criterion,
+                        round_to=1, never_slower=False)
+        (entry,) = result.figures["sensitivity"].values()
+        assert entry["removed"] == 1
+        drift[criterion] = entry["drift_at_ratio"]
+    assert drift["reconstruction"] < 0.01 * drift["l1"]

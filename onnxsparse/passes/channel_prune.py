@@ -16,10 +16,10 @@ from ..activations import collect_channel_grams, collect_channel_stats, tensor_v
 from ..calibration import SyntheticInputs
 from ..channels import Analysis, ConsumerUse, Producer, analyze, apply_plan
 from ..errors import RequirementError
-from ..graph import constant_value, from_gs, overridable_initializers, to_gs
+from ..graph import constant_value, from_gs, overridable_initializers, to_gs, unique_name
 from ..inspect_model import count_macs, count_work
 from ..latency import relative_latency, timing_feed
-from ..layerwise import ReadingLayer, add_output_shift, greedy_removal_costs
+from ..layerwise import ReadingLayer, add_output_shift, compensated_removal, greedy_removal_costs
 from ..validate import EXACT, DriftProbe, Tolerance
 from ..weights import matches
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
@@ -116,6 +116,19 @@ class Plan:
 
 
 @dataclass
+class Reader:
+    """A layer that reads a group's channels, as criterion=reconstruction costs it: what a sensitivity
+    probe needs to make up for a removal in its weights, as the refit will after the real one."""
+
+    output: str  # the node's first output (nodes may be unnamed)
+    weight_index: int
+    axis: int
+    weight_shape: tuple[int, ...]
+    alpha: float  # a Gemm's alpha: the bias shift is in output units
+    layer: ReadingLayer
+
+
+@dataclass
 class Group:
     """Producers whose channels are coupled, and their units."""
 
@@ -124,6 +137,8 @@ class Group:
     # criterion=reconstruction: what removing the k cheapest free units costs the reading layers after
     # compensation, k = 0..free (rises faster than k² where the group runs out of redundant channels)
     removal_costs: np.ndarray | None = None
+    readers: list[Reader] = field(default_factory=list)  # criterion=reconstruction: the layers costed
+    slots: dict[int, int] = field(default_factory=dict)  # id(unit) -> its row in the readers' positions
 
     @property
     def label(self) -> str:
@@ -358,7 +373,7 @@ class ChannelPrune(Pass):
         measure = self._saving_measure(model, context)
         free = {i: sorted((u for u in g.units if not u.pinned), key=lambda u: u.importance) for i, g in enumerate(groups)}
         probes = {i: self._removable(len(groups[i].units), len(units), round(self.ratio * len(groups[i].units))) for i, units in free.items()}
-        damage, measured = self._scan(model, free, probes, measure, context)
+        damage, measured = self._scan(model, groups, free, probes, measure, context)
         saved_at_probe = measure.settle(measured) if measure is not None else {}
         saving = {i: value / probes[i] for i, value in saved_at_probe.items()}  # budget saved per channel removed
         caps = {i: self._removable(len(groups[i].units), len(units), int(0.8 * len(groups[i].units))) for i, units in free.items()}
@@ -400,9 +415,12 @@ class ChannelPrune(Pass):
             result.warnings.append(f"channel-prune planned {plan.achieved / measure.total:.1%} of the {self.budget} for a ratio of "
                                    f"{self.ratio:g}: every group keeps at least 20% of its channels, pinned ones all")
 
-    def _scan(self, model: onnx.ModelProto, free: dict[int, list[Unit]], probes: dict[int, int], measure: BudgetMeasure | None,
-              context: PassContext) -> tuple[dict[int, float], dict[int, float]]:
-        """Each group alone pruned by its probe count: the output drift, and what that saved of the budget."""
+    def _scan(self, model: onnx.ModelProto, groups: list[Group], free: dict[int, list[Unit]], probes: dict[int, int],
+              measure: BudgetMeasure | None, context: PassContext) -> tuple[dict[int, float], dict[int, float]]:
+        """Each group alone pruned by its probe count: the output drift, and what that saved of the budget.
+        With criterion=reconstruction the layers reading the group make up for the removal first (the
+        OBS update on their input Gram), so the drift is what is left for the refit, not what a refit
+        would undo: a group whose channels duplicate each other is not taken for a sensitive one."""
         assert context.calibration is not None
         probe = DriftProbe(model, context.calibration)
         damage: dict[int, float] = {}
@@ -410,7 +428,8 @@ class ChannelPrune(Pass):
         for index, (i, units) in enumerate(free.items()):
             if probes[i] == 0:
                 continue
-            trial = _pruned_copy(model, [m for u in units[: probes[i]] for m in u.members])
+            removed = units[: probes[i]]
+            trial = _pruned_copy(model, [m for u in removed for m in u.members], _compensations(groups[i], removed))
             damage[i] = probe.drift(trial)
             if measure is not None:
                 saved[i] = measure(trial)
@@ -555,15 +574,49 @@ def _allocate(damage: dict[int, float], shapes: dict[int, np.ndarray], saving: d
     return taken
 
 
-def _pruned_copy(model: onnx.ModelProto, roots: list[int]) -> onnx.ModelProto:
-    """The model with the given root channels removed (analysed afresh: edits hold graph nodes)."""
+def _pruned_copy(model: onnx.ModelProto, roots: list[int], compensations: Mapping[str, Compensation] | None = None) -> onnx.ModelProto:
+    """The model with the given root channels removed (analysed afresh: edits hold graph nodes), the
+    readers named in ``compensations`` (by first output) given their compensated weights first."""
     graph = to_gs(model)
+    for node in graph.nodes:
+        if node.outputs and node.outputs[0].name in (compensations or {}):
+            index, weight, shift = compensations[node.outputs[0].name]  # type: ignore[index]
+            dtype = constant_value(node.inputs[index]).dtype  # type: ignore[union-attr]
+            node.inputs[index] = gs.Constant(unique_name(graph, f"{node.inputs[index].name}_compensated"), weight.astype(dtype))
+            add_output_shift(graph, node, shift)
     analysis = analyze(graph, overridable_initializers(model))
     removed = np.zeros(len(analysis.parent), dtype=bool)
     removed[roots] = True
     apply_plan(graph, analysis, removed)
     graph.cleanup().toposort()
     return from_gs(graph, like=model)
+
+
+# A reader's weight index, its compensated weight and the shift of its output.
+Compensation = tuple[int, np.ndarray, np.ndarray]
+
+
+def _compensations(group: Group, removed: list[Unit]) -> dict[str, Compensation]:
+    """For each layer reading ``group``, keyed by its first output: its weight with ``removed`` taken
+    out of its input and made up for by the other inputs (:func:`compensated_removal`), still holding the
+    removed positions (zero), and what the constant input's column adds to its output."""
+    slots = [group.slots[id(unit)] for unit in removed if id(unit) in group.slots]
+    compensations = {}
+    for reader in group.readers:
+        positions = reader.layer.positions[slots]
+        positions = positions[positions >= 0]
+        if not positions.size:
+            continue
+        weight = compensated_removal(reader.layer, positions)  # [rows, inputs + 1]
+        shape = reader.weight_shape
+        moved = (shape[reader.axis], *(d for a, d in enumerate(shape) if a != reader.axis))
+        restored = np.moveaxis(weight[:, :-1].T.reshape(moved), 0, reader.axis)
+        outputs = shape[0] if len(shape) > 2 else weight.shape[0]  # a conv's rows are (output, tap) pairs
+        if weight.shape[0] % outputs:
+            continue
+        shift = reader.alpha * weight[:, -1].reshape(outputs, -1).sum(axis=1)
+        compensations[reader.output] = (reader.weight_index, restored, shift)
+    return compensations
 
 
 def _unit_label(unit: Unit, analysis: Analysis) -> str:
@@ -621,17 +674,27 @@ def _reconstruction_importance(model: onnx.ModelProto, analysis: Analysis, group
     for group in groups:
         free = [unit for unit in group.units if not unit.pinned]
         unit_of = {root: index for index, unit in enumerate(free) for root in unit.members}
-        layers = [layer for use in analysis.consumers if (layer := _reading_layer(use, unit_of, grams.get(use.tensor.name), len(free))) is not None]
+        layers = [(use, layer) for use in analysis.consumers
+                  if (layer := _reading_layer(use, unit_of, grams.get(use.tensor.name), len(free))) is not None]
         if not free or not layers:
             continue
-        if max(len(layer.gram) for layer in layers) > GREEDY_WIDTH:
-            costs = sum(_uncompensated_costs(layer) for layer in layers)
+        if max(len(layer.gram) for _, layer in layers) > GREEDY_WIDTH:
+            costs = sum(_uncompensated_costs(layer) for _, layer in layers)
             group.removal_costs = np.concatenate([[0.0], np.cumsum(np.sort(costs))])
         else:
-            costs = greedy_removal_costs(layers, len(free))  # cumulative along the greedy order
+            costs = greedy_removal_costs([layer for _, layer in layers], len(free))  # cumulative along the greedy order
             group.removal_costs = np.concatenate([[0.0], np.sort(costs)])
+            group.readers = [_reader(use, layer) for use, layer in layers]
+            group.slots = {id(unit): index for index, unit in enumerate(free)}
         for unit, cost in zip(free, costs):
             unit.importance = float(cost)
+
+
+def _reader(use: ConsumerUse, layer: ReadingLayer) -> Reader:
+    node = use.node
+    alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+    weight = constant_value(node.inputs[use.weight_index])
+    return Reader(node.outputs[0].name, use.weight_index, use.axis, tuple(weight.shape), alpha, layer)  # type: ignore[union-attr]
 
 
 def _uncompensated_costs(layer: ReadingLayer) -> np.ndarray:
