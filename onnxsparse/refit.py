@@ -2,7 +2,10 @@
 model's activations, it reproduces the ORIGINAL model's output of that layer (a layer-wise
 distillation in closed form). Layers are refit in graph order, each on the activations of the
 model with every earlier refit applied, and the normal equations are accumulated feed by feed, so
-memory does not grow with the calibration set."""
+memory does not grow with the calibration set. They are kept per fold of the samples, so that the
+ridge towards the original weights can be chosen by how well a fit predicts samples it did not see:
+a layer with more weights than independent calibration rows (a classifier fed one pooled vector per
+image) matches its calibration set whatever it learnt, and only held-out error tells."""
 
 from __future__ import annotations
 
