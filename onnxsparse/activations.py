@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .calibration import InputSource, batch_dim, check_feed, in_chunks, model_inputs
+from .calibration import InputSource, batch_dim, check_feed, in_chunks, model_inputs, samples_in
 from .validate import make_session
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,64 @@ def tensor_values(
             yield values
         if feed_done is not None:  # progress counts the caller's feeds, not our runs
             feed_done(index + 1)
+
+
+# Bytes of a fixed model's values held at once by FixedModelValues.
+FIXED_VALUES_BYTES = 512 * 2**20
+
+
+class FixedModelValues:
+    """The values of a model that does not change (the original, as teacher or refit target), asked
+    for tensor by tensor in a known order by a layer-by-layer pass: one run computes the values of
+    as many coming tensors as fit in FIXED_VALUES_BYTES, where running the model once per layer took
+    half of such a pass's time (MobileNetV2's downstream refit: 53 layers, 19 runs instead of 53)."""
+
+    def __init__(self, model: onnx.ModelProto, source: InputSource, limit: int | None, coming: list[str], *, label: str) -> None:
+        self.model, self.source, self.limit, self.label = model, source, limit, label
+        self.coming = coming  # the names in the order they will be asked for (a name may come again)
+        self.asked = 0
+        self.total_samples = sum(samples_in(feed) for index, feed in enumerate(source.feeds()) if limit is None or index < limit)
+        self.per_sample = _elements_per_sample(model)
+        self.held: dict[str, list[np.ndarray]] = {}
+
+    def values(self, name: str) -> list[np.ndarray]:
+        """The values of ``name``, one array per run of :func:`tensor_values` over the source."""
+        upcoming = self.coming[self.asked :]
+        position = self.asked + upcoming.index(name) if name in upcoming else None
+        if position is not None:
+            self.asked = position + 1
+        if name not in self.held:
+            names = [name] if position is None else self._batch_from(position)
+            runs = list(tensor_values(self.model, self.source, names, limit=self.limit, label=self.label))
+            self.held.update({n: [run[n] for run in runs] for n in names})
+        if name in self.coming[self.asked :]:
+            return self.held[name]
+        return self.held.pop(name)  # not asked for again
+
+    def _batch_from(self, position: int) -> list[str]:
+        """The name asked for at ``position`` and those asked for after it that are not held, up to
+        FIXED_VALUES_BYTES (the first whatever its size; one of unknown size ends the batch)."""
+        names: list[str] = []
+        held = 0
+        for following in dict.fromkeys(self.coming[position:]):
+            size = self.per_sample.get(following)
+            needed = 4 * size * self.total_samples if size is not None else None
+            if names and (needed is None or held + needed > FIXED_VALUES_BYTES):
+                break
+            held += needed or 0
+            if following not in self.held:
+                names.append(following)
+        return names
+
+
+def _elements_per_sample(model: onnx.ModelProto) -> dict[str, int]:
+    """Per main-graph tensor with a static shape past its first (batch) axis: elements per sample."""
+    sizes = {}
+    for value in [*model.graph.value_info, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
+        if len(dims) > 1 and all(d.HasField("dim_value") for d in dims[1:]):
+            sizes[value.name] = int(np.prod([d.dim_value for d in dims[1:]]))
+    return sizes
 
 
 def collect_channel_stats(

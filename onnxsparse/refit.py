@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .activations import tensor_values
-from .calibration import InputSource, IterableInputs, collect_feeds, samples_in
+from .activations import FixedModelValues, tensor_values
+from .calibration import InputSource, IterableInputs, collect_feeds
 from .graph import from_gs, to_gs
 from .layerwise import activation_name, add_output_shift, from_matrix, groups_of, input_rows, sample_slices, to_matrix, unsupported_reason
 from .passes.base import Change, PassResult, Skip
@@ -53,55 +53,6 @@ FALLBACK_STRENGTH = 0.1
 Strength = float | Literal["auto"]
 
 
-# Bytes of the original model's refit targets held at once: one run of the original computes the
-# targets of as many coming layers as fit (MobileNetV2's 52 layers on 384 images: one run per layer
-# took half the refit's time).
-TARGET_CACHE_BYTES = 512 * 2**20
-
-
-class OriginalTargets:
-    """The original model's values of the refit targets, several layers' per run over the calibration
-    data: the targets, unlike the refit layers' inputs, do not change as earlier layers are refit."""
-
-    def __init__(self, original: onnx.ModelProto, source: InputSource, samples: int, coming: list[str]) -> None:
-        self.original, self.source, self.samples = original, source, samples
-        self.coming = coming  # target names in the order the layers will ask for them
-        self.total_samples = sum(samples_in(feed) for feed in source.feeds())
-        self.per_sample = _elements_per_sample(original)
-        self.held: dict[str, list[np.ndarray]] = {}
-
-    def values(self, name: str) -> list[np.ndarray]:
-        """The values of ``name`` per run; a name asked for is handed over and not kept."""
-        if name not in self.held:
-            names = self._batch_from(name)
-            runs = list(tensor_values(self.original, self.source, names, limit=self.samples, label="refit targets"))
-            self.held.update({n: [run[n] for run in runs] for n in names})
-        return self.held.pop(name)
-
-    def _batch_from(self, name: str) -> list[str]:
-        """``name`` and the targets asked for after it, up to TARGET_CACHE_BYTES (a size not known: alone)."""
-        start = self.coming.index(name) if name in self.coming else len(self.coming)
-        names, held = [name], 0
-        for following in self.coming[start:]:
-            size = self.per_sample.get(following)
-            if size is None or held + size * self.total_samples * 4 > TARGET_CACHE_BYTES:
-                break
-            held += size * self.total_samples * 4
-            if following not in names:
-                names.append(following)
-        return names
-
-
-def _elements_per_sample(model: onnx.ModelProto) -> dict[str, int]:
-    """Per main-graph tensor with a static shape past its first (batch) axis: elements per sample."""
-    sizes = {}
-    for value in [*model.graph.value_info, *model.graph.output]:
-        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
-        if len(dims) > 1 and all(d.HasField("dim_value") for d in dims[1:]):
-            sizes[value.name] = int(np.prod([d.dim_value for d in dims[1:]]))
-    return sizes
-
-
 # Which channels of an original tensor survive in the pruned model: tensor name -> (axis, kept mask).
 KeptChannels = Mapping[str, tuple[int, np.ndarray]]
 
@@ -116,7 +67,7 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, node_names:
     graph = to_gs(pruned)
     sites = {site.uses[0].node.name: site for site in find_weights(graph)[0] if len(site.uses) == 1}
     nodes = [n for n in graph.nodes if n.name in wanted]
-    targets = OriginalTargets(original, source, samples, [_target_of(node) for node in nodes])
+    targets = FixedModelValues(original, source, samples, [_target_of(node) for node in nodes], label="refit targets")
     for node in nodes:
         site = sites.get(node.name)
         reason = "no constant weight" if site is None else unsupported_reason(site)
@@ -202,7 +153,7 @@ def _error(solution: np.ndarray, gram: np.ndarray, cross: np.ndarray, norm: floa
     return norm - 2 * float(np.sum(solution * cross)) + float(np.sum(solution * (gram @ solution)))
 
 
-def _refit_one(originals: OriginalTargets, current: onnx.ModelProto, graph: gs.Graph, site: WeightSite,
+def _refit_one(originals: FixedModelValues, current: onnx.ModelProto, graph: gs.Graph, site: WeightSite,
                result: PassResult, strength: Strength, kept: KeptChannels, through_residual: bool = True) -> None:
     node = site.uses[0].node
     groups = groups_of(site)
@@ -221,7 +172,7 @@ def _refit_one(originals: OriginalTargets, current: onnx.ModelProto, graph: gs.G
     target_name = residual[0] if residual else node.outputs[0].name
     inputs_read = [activation_name(site), *([residual[1]] if residual else [])]
     targets = originals.values(target_name)
-    inputs = tensor_values(current, originals.source, inputs_read, limit=originals.samples, label="refit inputs")
+    inputs = tensor_values(current, originals.source, inputs_read, limit=originals.limit, label="refit inputs")
     equations = NormalEquations.zeros(groups, theta.shape[1], theta.shape[2])
     samples_seen = 0
     for target_value, input_values in zip(targets, inputs):

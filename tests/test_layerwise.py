@@ -178,3 +178,33 @@ def test_units_holding_several_positions_are_costed_as_a_block(rng):
         alone = float(np.sum((kept @ solution - x @ weight.T) ** 2)) / len(x)
         if unit == int(np.argmin(cumulative)):
             assert cumulative[unit] == pytest.approx(alone, rel=1e-6)
+
+
+def test_fixed_model_values_batch_coming_tensors_into_runs_and_hand_each_over_until_asked_again(monkeypatch):
+    import onnxsparse.activations as activations
+    from onnxsparse.shapes import infer_shapes
+
+    model, _, calibration = bundled("digits_cnn")
+    model = infer_shapes(model)
+    names = [node.output[0] for node in model.graph.node if node.op_type == "Conv"][:3]
+    coming = [names[0], names[1], names[0], names[2]]  # the first is read by two layers
+    expected = {name: [v[name] for v in activations.tensor_values(model, calibration, [name], limit=2)] for name in names}
+    runs: list[list[str]] = []
+    real = activations.tensor_values
+
+    def recording(model, source, asked, **kwargs):
+        runs.append(list(asked))
+        return real(model, source, asked, **kwargs)
+
+    monkeypatch.setattr(activations, "tensor_values", recording)
+    values = activations.FixedModelValues(model, calibration, 2, coming, label="test")
+    for name in coming:
+        got = values.values(name)
+        assert len(got) == len(expected[name]) and all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(got, expected[name]))
+    assert runs == [names] and not values.held  # one run for all three; nothing left once asked for the last time
+    monkeypatch.setattr(activations, "FIXED_VALUES_BYTES", 0)
+    runs.clear()
+    values = activations.FixedModelValues(model, calibration, 2, coming, label="test")
+    for name in coming:
+        values.values(name)
+    assert runs == [[names[0]], [names[1]], [names[2]]]  # the one asked twice is kept, not run again

@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..activations import collect_channel_stats, tensor_values
-from ..calibration import InputSource
+from ..activations import FixedModelValues, collect_channel_stats, tensor_values
+from ..calibration import InputSource, IterableInputs, collect_feeds
 from ..graph import from_gs, overridable_initializers, to_gs
 from ..layerwise import (activation_name, correct_biases, cross_blocks, fit_to_teacher, from_matrix, groups_of, hessian_blocks, input_rows,
                          sample_slices, sparsegpt, to_matrix, unsupported_reason)
@@ -271,6 +271,10 @@ class MagnitudePrune(Pass):
     ) -> list[np.ndarray]:
         assert context.calibration is not None
         nm = parse_nm(self.pattern)
+        # read once: every layer runs the model on it (and the original too, as teacher)
+        source = IterableInputs(collect_feeds(context.calibration, model, limit=self.calibration_samples))
+        teacher = (FixedModelValues(model, source, self.calibration_samples, [activation_name(site) for site, _ in chosen if not unsupported_reason(site)],
+                                    label="sparsegpt teacher") if self.teacher > 0 else None)
         pruned = []
         for site, target in chosen:
             reason = unsupported_reason(site)
@@ -280,14 +284,14 @@ class MagnitudePrune(Pass):
                 value = np.where(keep, site.value, np.zeros((), dtype=site.value.dtype))
             else:
                 current = from_gs(graph, like=model)  # the model with every earlier layer already pruned
-                value = self._reconstruct_layer(model, current, site, target, nm, context)
+                value = self._reconstruct_layer(current, site, target, nm, source, teacher)
             replace_weight(site, value)
             pruned.append(value)
         return pruned
 
-    def _reconstruct_layer(self, original: onnx.ModelProto, current: onnx.ModelProto, site: WeightSite, target: float,
-                           nm: tuple[int, int] | None, context: PassContext) -> np.ndarray:
-        hessians, crosses = self._layer_statistics(original, current, site, context, with_teacher=self.teacher > 0)
+    def _reconstruct_layer(self, current: onnx.ModelProto, site: WeightSite, target: float, nm: tuple[int, int] | None,
+                           source: InputSource, teacher: FixedModelValues | None) -> np.ndarray:
+        hessians, crosses = self._layer_statistics(current, site, source, teacher)
         return self._solve(site, hessians, crosses, target, nm)
 
     def _solve(self, site: WeightSite, hessians: list[np.ndarray], crosses: list[np.ndarray] | None, target: float,
@@ -302,22 +306,17 @@ class MagnitudePrune(Pass):
                   for w, h in zip(groups, hessians)]
         return from_matrix(site, np.concatenate(solved, axis=0))
 
-    def _layer_statistics(self, original: onnx.ModelProto, current: onnx.ModelProto, site: WeightSite,
-                          context: PassContext, *, with_teacher: bool, source: InputSource | None = None
+    def _layer_statistics(self, current: onnx.ModelProto, site: WeightSite, source: InputSource, teacher_values: FixedModelValues | None
                           ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-        """XᵀX per group of the layer's input in the partly pruned model and, ``with_teacher``,
-        X_tᵀX with X_t the same input in the original model (the same feeds, in the same order).
-        On ``source``, or the calibration data."""
-        assert context.calibration is not None
-        source = source or context.calibration
+        """XᵀX per group of the layer's input in the partly pruned model and, with a teacher,
+        X_tᵀX with X_t the same input in the original model (the same feeds, in the same order)."""
         name = activation_name(site)
         mine = tensor_values(current, source, [name], limit=self.calibration_samples, label="sparsegpt inputs")
-        theirs = (tensor_values(original, source, [name], limit=self.calibration_samples, label="sparsegpt teacher")
-                  if with_teacher else None)
+        theirs = iter(teacher_values.values(name)) if teacher_values is not None else None
         hessians: list[np.ndarray] | None = None
         crosses: list[np.ndarray] | None = None
         for values in mine:
-            teacher = next(theirs)[name] if theirs is not None else None
+            teacher = next(theirs) if theirs is not None else None
             if teacher is None:
                 hessians = _add_hessians(hessians, site, values[name])
                 continue
