@@ -68,9 +68,8 @@ class TimeSaved(BudgetMeasure):
     One timing on a shared machine is off by a few percent, as much as a small group saves, so the
     allocation uses a fit over all probes instead (a whole plan is timed): time saved = a x MACs
     saved + b x activation elements saved (a, b >= 0; the second is what depthwise convs and
-    activations pay for). A probe that ran
-    no faster than its input keeps its measured figure (a block cut off onnxruntime's channel blocks
-    can run slower), which closes its group."""
+    activations pay for). A probe that ran no faster than its input keeps its measured figure (a
+    block cut off onnxruntime's channel blocks can run slower), which closes its group."""
 
     def __init__(self, model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> None:
         super().__init__(1.0, self._time)
@@ -362,13 +361,14 @@ class ChannelPrune(Pass):
         """Per-group amounts from a scan: each group alone loses ``ratio`` of its channels and the
         output drift on calibration data is measured; damage is then modelled as growing with the
         square of the share removed (criterion=reconstruction: as the group's compensated removal
-        costs grow, which rise steeply once its redundant channels are gone), and channels are taken where the marginal damage is lowest
-        until ``ratio`` of all removable channels are gone (a group keeps at least 20%). With
-        ``budget=macs`` or ``latency`` the ratio is of the model's multiply-accumulates or run time,
-        and the marginal damage is taken per MAC or per share of time a channel of that group saves
-        (measured on the probe: a group whose probe runs no faster is left whole). Savings of
-        neighbouring groups do not add up (a conv between two thinned groups loses a share of a
-        share), so the plan is measured whole and the allocation re-aimed until it meets the budget."""
+        costs grow, which rise steeply once its redundant channels are gone), and channels are taken
+        where the marginal damage is lowest until ``ratio`` of all removable channels are gone (a
+        group keeps at least 20%). With ``budget=macs`` or ``latency`` the ratio is of the model's
+        multiply-accumulates or run time, and the marginal damage is taken per MAC or per share of
+        time a channel of that group saves (measured on the probe: a group whose probe runs no faster
+        is left whole). Savings of neighbouring groups do not add up (a conv between two thinned
+        groups loses a share of a share), so the plan is measured whole (counted, or timed) and the
+        allocation re-aimed until it meets the budget."""
         assert context.calibration is not None
         measure = self._saving_measure(model, context)
         free = {i: sorted((u for u in g.units if not u.pinned), key=lambda u: u.importance) for i, g in enumerate(groups)}
