@@ -106,7 +106,7 @@ CONFIGS: tuple[Config, ...] = (
            "fold-batchnorm,channel-prune{ratio=0.5 criterion=reconstruction refit=true refit_scope=downstream}"),
     *(Config(f"channel {p}% of latency reconstruction sensitivity refit downstream",
              f"fold-batchnorm,channel-prune{{ratio={p / 100:g} budget=latency criterion=reconstruction scope=sensitivity refit=true refit_scope=downstream}}")
-      for p in (30, 50, 70)),
+      for p in (30, 40, 50, 70)),
     Config("int8", "qdq"),
     Config("channel 30% + int8", "fold-batchnorm,channel-prune{ratio=0.3},qdq"),
     Config("magnitude 90% + sparse-encode", f"{_PRUNE}{{sparsity=0.9}},sparse-encode"),
