@@ -554,3 +554,19 @@ def test_refit_targets_of_several_layers_come_from_one_run_of_the_original_and_c
     assert original_runs[activations_module.FIXED_VALUES_BYTES] < original_runs[0]
     # equal but for float rounding: exposing more tensors changes which ops onnxruntime fuses
     np.testing.assert_allclose(outputs[0], outputs[activations_module.FIXED_VALUES_BYTES], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("timings", "saved"), [((1.05, 0.90), 0.10), ((1.05, 1.04), -0.04), ((0.80,), 0.20)])
+def test_a_probe_timed_no_faster_is_timed_again_longer_before_it_closes_its_group(monkeypatch, timings, saved):
+    from onnxsparse.passes.channel_prune import RETIME_RUNS, TimeSaved
+
+    model = infer_shapes(load(MODELS / "digits_transformer.onnx"))
+    calls = []
+
+    def timer(reference, candidate, feed, **kwargs):
+        calls.append(kwargs.get("min_runs"))
+        return timings[len(calls) - 1]
+
+    monkeypatch.setattr("onnxsparse.passes.channel_prune.relative_latency", timer)
+    assert TimeSaved(model, {})(model) == pytest.approx(saved)
+    assert calls == [None, RETIME_RUNS][: len(timings)]
