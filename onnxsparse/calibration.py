@@ -241,6 +241,13 @@ class SpreadSamples:
         """Samples per feed of the source, counted once: a scan asks for the feeds once per trial."""
         return [samples_in(feed) for feed in self.source.feeds()]
 
+    @property
+    def total(self) -> int:
+        """How many samples this yields."""
+        everything = sum(self._sizes)
+        spread = min(self.count, everything)
+        return everything - spread if self.others else spread
+
     def feeds(self) -> Iterator[Feed]:
         sizes = self._sizes
         total = sum(sizes)

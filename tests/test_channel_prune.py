@@ -570,3 +570,32 @@ def test_a_probe_timed_no_faster_is_timed_again_longer_before_it_closes_its_grou
     monkeypatch.setattr("onnxsparse.passes.channel_prune.relative_latency", timer)
     assert TimeSaved(model, {})(model) == pytest.approx(saved)
     assert calls == [None, RETIME_RUNS][: len(timings)]
+
+
+def test_a_sensitivity_probe_is_compensated_on_other_samples_than_those_that_judge_it(rng, monkeypatch):
+    """A classifier-like reader with more inputs (96 + bias) than samples to fit on (32): compensated on
+    the very samples that judge the probe, it reproduces them and the probe looks harmless; fit on the
+    others, the probe shows what the removal costs on data it has not seen."""
+    import onnxsparse.passes.channel_prune as channel_prune
+    from onnxsparse.calibration import IterableInputs
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[N, 24] x) => (float[N, 3] y) {
+        h = Gemm (x, w1, b1)
+        r = Relu (h)
+        y = Gemm (r, w2, b2)
+    }"""
+    model = with_initializers(onnx.parser.parse_model(text), w1=rng.standard_normal((24, 96)).astype(np.float32),
+                              b1=rng.standard_normal(96).astype(np.float32), w2=rng.standard_normal((96, 3)).astype(np.float32),
+                              b2=np.zeros(3, np.float32))
+    calibration = IterableInputs([{"x": rng.standard_normal((16, 24)).astype(np.float32)} for _ in range(3)])
+    drift = {}
+    for fitting in ("others", "the judged too"):
+        if fitting == "the judged too":
+            monkeypatch.setattr(channel_prune, "_fitting_samples", lambda calibration: calibration)
+        result = _prune(model, PassContext(calibration=calibration), ratio=0.5, scope="sensitivity", criterion="reconstruction",
+                        round_to=1, never_slower=False)
+        (entry,) = result.figures["sensitivity"].values()
+        drift[fitting] = entry["drift_at_ratio"]
+    assert drift["others"] > 10 * drift["the judged too"]

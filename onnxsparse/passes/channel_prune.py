@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 import scipy.optimize
 
 from ..activations import collect_channel_grams, collect_channel_stats, tensor_values
-from ..calibration import SyntheticInputs
+from ..calibration import InputSource, SpreadSamples, SyntheticInputs
 from ..channels import Analysis, ConsumerUse, Producer, analyze, apply_plan
 from ..errors import RequirementError
 from ..graph import constant_value, from_gs, overridable_initializers, to_gs, unique_name
@@ -314,7 +314,10 @@ class ChannelPrune(Pass):
                 scores = [per_root[m] for m in unit.members if not np.isnan(per_root[m])]
                 unit.importance = float(reducer(scores)) if scores else 0.0
         if self.criterion == "reconstruction":
-            _reconstruction_importance(model, analysis, groups, context, self.calibration_samples)
+            # A sensitivity probe's compensation must not be fit on the samples that judge it: a reader
+            # with more inputs than samples (a classifier, one row per image) would make up for anything.
+            source = _fitting_samples(context.calibration) if self.scope == "sensitivity" and context.calibration else context.calibration
+            _reconstruction_importance(model, analysis, groups, source, self.calibration_samples)
 
     def _root_importance(self, model: onnx.ModelProto, analysis: Analysis, context: PassContext) -> np.ndarray:
         importance = np.full(len(analysis.parent), np.nan)
@@ -664,17 +667,23 @@ def _activation_importance(model: onnx.ModelProto, analysis: Analysis, context: 
     return importance
 
 
-def _reconstruction_importance(model: onnx.ModelProto, analysis: Analysis, groups: list[Group], context: PassContext, samples: int) -> None:
+def _fitting_samples(calibration: InputSource) -> InputSource:
+    """The calibration samples but those a :class:`DriftProbe` judges by, when enough are left to fit on."""
+    others = SpreadSamples(calibration, DriftProbe.SAMPLES, others=True)
+    return others if others.total >= DriftProbe.SAMPLES else calibration
+
+
+def _reconstruction_importance(model: onnx.ModelProto, analysis: Analysis, groups: list[Group], source: InputSource | None, samples: int) -> None:
     """Each free unit's cumulative cost along its group's greedy OBS removal order (see
     :func:`greedy_removal_costs`), over the layers that read the group (the analysis records only
     channel-mixing readers: a depthwise conv passes its channels on to the pointwise conv that reads
     them, which is costed). Pinned units stay in every Gram as compensators. A reader wider than
     ``GREEDY_WIDTH`` inputs is costed without compensation (its input variance x |W|²), which the
     greedy updates would make cubic; a group no layer reads keeps its filter norm."""
-    if context.calibration is None:
+    if source is None:
         raise RequirementError("channel-prune{criterion=reconstruction} needs calibration data: pass --calibration")
     axes = {use.tensor.name: _axis_of(analysis, use) for use in analysis.consumers}
-    grams = collect_channel_grams(model, context.calibration, axes, limit=samples, label="channel Grams")
+    grams = collect_channel_grams(model, source, axes, limit=samples, label="channel Grams")
     for group in groups:
         free = [unit for unit in group.units if not unit.pinned]
         unit_of = {root: index for index, unit in enumerate(free) for root in unit.members}
