@@ -114,8 +114,10 @@ CONFIGS: tuple[Config, ...] = (
            "fold-batchnorm,channel-prune{ratio=0.3 scope=sensitivity refit=true},qdq,sparse-encode"),
     Config("channel 30% of MACs output sensitivity refit downstream + int8",
            "fold-batchnorm,channel-prune{ratio=0.3 budget=macs criterion=output scope=sensitivity refit=true refit_scope=downstream},qdq"),
-    Config("channel 30% of latency reconstruction sensitivity refit downstream + int8",
-           "fold-batchnorm,channel-prune{ratio=0.3 budget=latency criterion=reconstruction scope=sensitivity refit=true refit_scope=downstream},qdq"),
+    # int8 runs MobileNetV2 in 0.61x on AVX2 (7-bit weights): channels only need to take the rest of the way
+    *(Config(f"channel {p}% of latency reconstruction sensitivity refit downstream + int8",
+             f"fold-batchnorm,channel-prune{{ratio={p / 100:g} budget=latency criterion=reconstruction scope=sensitivity refit=true refit_scope=downstream}},qdq")
+      for p in (20, 30)),
     Config("int8 + int8 embeddings", "qdq{embeddings=true}"),
     Config("ort quantize_static", _ORT_STATIC, ORT),
     Config("ort quantize_dynamic", 'quantize_dynamic(weight_type="QInt8")', ORT),
