@@ -117,7 +117,7 @@ CONFIGS: tuple[Config, ...] = (
     # int8 runs MobileNetV2 in 0.61x on AVX2 (7-bit weights): channels only need to take the rest of the way
     *(Config(f"channel {p}% of latency reconstruction sensitivity refit downstream + int8",
              f"fold-batchnorm,channel-prune{{ratio={p / 100:g} budget=latency criterion=reconstruction scope=sensitivity refit=true refit_scope=downstream}},qdq")
-      for p in (20, 30)),
+      for p in (20, 30, 40, 50)),
     Config("int8 + int8 embeddings", "qdq{embeddings=true}"),
     Config("ort quantize_static", _ORT_STATIC, ORT),
     Config("ort quantize_dynamic", 'quantize_dynamic(weight_type="QInt8")', ORT),
