@@ -163,9 +163,11 @@ class FixedModelValues:
             names = [name] if position is None else self._batch_from(position)
             runs = list(tensor_values(self.model, self.source, names, limit=self.limit, label=self.label))
             self.held.update({n: [run[n] for run in runs] for n in names})
-        if name in self.coming[self.asked :]:
-            return self.held[name]
-        return self.held.pop(name)  # not asked for again
+        still_coming = set(self.coming[self.asked :])
+        values = self.held[name] if name in still_coming else self.held.pop(name)
+        for passed in [n for n in self.held if n not in still_coming]:  # computed with a batch, never asked for (a skipped layer)
+            del self.held[passed]
+        return values
 
     def _batch_from(self, position: int) -> list[str]:
         """The name asked for at ``position`` and those asked for after it that are not held, up to
@@ -177,9 +179,11 @@ class FixedModelValues:
             needed = 4 * size * self.total_samples if size is not None else None
             if names and (needed is None or held + needed > FIXED_VALUES_BYTES):
                 break
-            held += needed or 0
             if following not in self.held:
                 names.append(following)
+            if needed is None:
+                break
+            held += needed
         return names
 
 

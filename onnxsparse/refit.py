@@ -10,7 +10,7 @@ image) matches its calibration set whatever it learnt, and only held-out error t
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,8 +47,10 @@ FOLDS = 4
 FOLD_BLOCK = 16
 # Ridge strengths tried when refit_strength=auto, relative to the mean input energy (see NormalEquations.solve).
 STRENGTHS = (1e-4, 1e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
-# The strength used when the data is too small to hold a fold out.
+# The strength used when the data is too small to hold a fold out, or a layer too wide to solve
+# len(STRENGTHS) x FOLDS times (inputs per group, bias included).
 FALLBACK_STRENGTH = 0.1
+CROSS_VALIDATED_WIDTH = 4096
 
 Strength = float | Literal["auto"]
 
@@ -104,8 +106,8 @@ class NormalEquations:
     norm: np.ndarray
 
     @classmethod
-    def zeros(cls, groups: int, columns: int, outputs: int) -> NormalEquations:
-        return cls(np.zeros((FOLDS, groups, columns, columns)), np.zeros((FOLDS, groups, columns, outputs)), np.zeros(FOLDS), np.zeros(FOLDS))
+    def zeros(cls, groups: int, columns: int, outputs: int, folds: int) -> NormalEquations:
+        return cls(np.zeros((folds, groups, columns, columns)), np.zeros((folds, groups, columns, outputs)), np.zeros(folds), np.zeros(folds))
 
     def add(self, design: np.ndarray, target: np.ndarray, current: np.ndarray, fold: int) -> None:
         """design [n, g, c], target [n, g, o], current Θ [g, c, o]."""
@@ -126,7 +128,7 @@ class NormalEquations:
         energy = np.maximum(np.einsum("gii->g", gram) / gram.shape[-1], 1e-30)  # mean diag(XᵀX) per group
         held_out = None
         if strength == "auto":
-            folds = [f for f in range(FOLDS) if self.norm[f] > 0]
+            folds = [f for f in range(len(self.norm)) if self.norm[f] > 0]
             if len(folds) < 2:
                 strength = FALLBACK_STRENGTH
             else:
@@ -173,25 +175,27 @@ def _refit_one(originals: FixedModelValues, current: onnx.ModelProto, graph: gs.
     inputs_read = [activation_name(site), *([residual[1]] if residual else [])]
     targets = originals.values(target_name)
     inputs = tensor_values(current, originals.source, inputs_read, limit=originals.limit, label="refit inputs")
-    equations = NormalEquations.zeros(groups, theta.shape[1], theta.shape[2])
+    folds = FOLDS if strength == "auto" and theta.shape[1] <= CROSS_VALIDATED_WIDTH else 1
+    equations = NormalEquations.zeros(groups, theta.shape[1], theta.shape[2], folds)
     samples_seen = 0
-    for target_value, input_values in zip(targets, inputs):
+    for target_value, input_values in zip(targets, inputs, strict=True):
         wanted = _surviving(target_value, kept.get(target_name))
         if residual:
             if input_values[residual[1]].shape != wanted.shape:  # a broadcast addend: fit the layer's own output
                 _refit_one(originals, current, graph, site, result, strength, kept, through_residual=False)
                 return
             wanted = wanted - input_values[residual[1]]
-        fold = (samples_seen // FOLD_BLOCK) % FOLDS
-        samples_seen += len(wanted) if wanted.ndim else 1
-        for activation, target_part in sample_slices(site, input_values[activation_name(site)], wanted):
-            rows = input_rows(site, activation).reshape(-1, groups, columns)
-            target = _output_rows(node, target_part)
-            if target.shape[1] != outputs:
-                result.skipped.append(Skip(node.name, "refit: output channels differ from the original's"))
-                return
-            design = np.concatenate([rows, np.ones((*rows.shape[:2], 1))], axis=2) if with_bias else rows
-            equations.add(design, target.reshape(len(target), groups, outputs // groups), theta, fold)
+        for block in _sample_blocks(input_values[activation_name(site)], wanted):
+            fold = (samples_seen // FOLD_BLOCK) % folds  # single-sample feeds: 16 in a row share a fold
+            samples_seen += len(block[1]) if block[1].ndim else 1
+            for activation, target_part in sample_slices(site, *block):
+                rows = input_rows(site, activation).reshape(-1, groups, columns)
+                target = _output_rows(node, target_part)
+                if target.shape[1] != outputs:
+                    result.skipped.append(Skip(node.name, "refit: output channels differ from the original's"))
+                    return
+                design = np.concatenate([rows, np.ones((*rows.shape[:2], 1))], axis=2) if with_bias else rows
+                equations.add(design, target.reshape(len(target), groups, outputs // groups), theta, fold)
     norm = float(equations.norm.sum())
     if not norm:
         return
@@ -206,16 +210,30 @@ def _refit_one(originals: FixedModelValues, current: onnx.ModelProto, graph: gs.
     if with_bias:
         new_bias = fit.solution[:, -1, :].reshape(-1)
         add_output_shift(graph, node, (new_bias - bias).astype(site.value.dtype))
-    result.changes.append(Change(node.name, "refit", _refit_details(fit, norm)))
+    details = _refit_details(fit, norm)
+    if strength == "auto" and fit.error_held_out is None:
+        details["strength_note"] = f"not cross-validated: fewer than 2 folds of {FOLD_BLOCK} samples, or over {CROSS_VALIDATED_WIDTH} inputs"
+    result.changes.append(Change(node.name, "refit", details))
 
 
-def _refit_details(fit: Fit, norm: float) -> dict[str, float]:
+def _sample_blocks(activation: np.ndarray, target: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The pair in blocks of FOLD_BLOCK samples along axis 0 (each block goes to one fold), or whole
+    where the two do not share that axis."""
+    if activation.ndim == 0 or target.ndim == 0 or len(activation) != len(target):
+        yield activation, target
+        return
+    for start in range(0, len(activation), FOLD_BLOCK):
+        yield activation[start : start + FOLD_BLOCK], target[start : start + FOLD_BLOCK]
+
+
+def _refit_details(fit: Fit, norm: float) -> dict[str, float | str]:
     """Relative errors sqrt(|XΘ - Y|² / |Y|²) before and after, held out when the strength was chosen."""
 
     def relative(error: float) -> float:
         return round(float(np.sqrt(max(error, 0.0) / max(norm, 1e-30))), 6)
 
-    details = {"relative_error_before": relative(fit.error_before), "relative_error_after": relative(fit.error_after), "strength": fit.strength}
+    details: dict[str, float | str] = {"relative_error_before": relative(fit.error_before), "relative_error_after": relative(fit.error_after),
+                                       "strength": fit.strength}
     if fit.error_held_out is not None:
         details["relative_error_held_out"] = relative(fit.error_held_out)
     return details

@@ -439,7 +439,8 @@ def test_refit_of_a_layer_whose_add_partner_is_a_constant_node_fits_its_own_outp
     np.testing.assert_allclose(run(refit, feed)[0], run(original, feed)[0], rtol=1e-3, atol=1e-3)
 
 
-def test_auto_refit_strength_holds_out_calibration_samples_so_a_wide_layer_does_not_memorise_them(rng):
+@pytest.mark.parametrize(("axis_name", "feeds"), [("N", 4), ("rows", 1)])  # 'rows' is no batch name: one run of 64 samples
+def test_auto_refit_strength_holds_out_calibration_samples_so_a_wide_layer_does_not_memorise_them(rng, axis_name, feeds):
     """A 48-input layer refit on 64 samples (4 folds: each fit sees 48 rows) can match its calibration
     set with a vanishing ridge and predict new inputs badly; ``auto`` picks the ridge whose fits
     predict the held-out folds, and does better on inputs it never saw."""
@@ -449,19 +450,19 @@ def test_auto_refit_strength_holds_out_calibration_samples_so_a_wide_layer_does_
 
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    agraph (float[N, {width}] x) => (float[N, 10] y) {{
+    agraph (float[{axis}, {width}] x) => (float[{axis}, 10] y) {{
         h = Gemm (x, w1, b1)
         r = Relu (h)
         y = Gemm (r, w2, b2)
     }}"""
     w1, b1 = rng.standard_normal((64, 64)).astype(np.float32), rng.standard_normal(64).astype(np.float32)
     w2, b2 = rng.standard_normal((64, 10)).astype(np.float32), rng.standard_normal(10).astype(np.float32)
-    original = with_initializers(onnx.parser.parse_model(text.format(width=64)), w1=w1, b1=b1, w2=w2, b2=b2)
+    original = with_initializers(onnx.parser.parse_model(text.format(axis=axis_name, width=64)), w1=w1, b1=b1, w2=w2, b2=b2)
     # the first layer lost 16 of its 64 units: the second reads 48 and must stand in for the rest
-    pruned = with_initializers(onnx.parser.parse_model(text.format(width=64)), w1=w1[:, :48], b1=b1[:48], w2=w2[:48], b2=b2)
+    pruned = with_initializers(onnx.parser.parse_model(text.format(axis=axis_name, width=64)), w1=w1[:, :48], b1=b1[:48], w2=w2[:48], b2=b2)
     for model in (original, pruned):
         model.graph.node[2].name = "fc2"
-    source = IterableInputs([{"x": rng.standard_normal((16, 64)).astype(np.float32)} for _ in range(4)])
+    source = IterableInputs([{"x": rng.standard_normal((64 // feeds, 64)).astype(np.float32)} for _ in range(feeds)])
     fresh = {"x": rng.standard_normal((512, 64)).astype(np.float32)}
     target = run(original, fresh)[0]
     errors, details = {}, {}

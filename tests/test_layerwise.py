@@ -208,3 +208,24 @@ def test_fixed_model_values_batch_coming_tensors_into_runs_and_hand_each_over_un
     for name in coming:
         values.values(name)
     assert runs == [[names[0]], [names[1]], [names[2]]]  # the one asked twice is kept, not run again
+
+
+def test_fixed_model_values_drop_what_a_skipped_layer_never_asked_for_and_end_a_batch_at_an_unknown_size(monkeypatch):
+    import onnxsparse.activations as activations
+    from onnxsparse.shapes import infer_shapes
+
+    model, _, calibration = bundled("digits_cnn")
+    model = infer_shapes(model)
+    names = [node.output[0] for node in model.graph.node if node.op_type == "Conv"][:3]
+    values = activations.FixedModelValues(model, calibration, 2, names, label="test")
+    values.values(names[0])
+    assert set(values.held) == {names[1], names[2]}  # computed with the first
+    values.values(names[2])  # the layer reading names[1] was skipped
+    assert not values.held
+    runs: list[list[str]] = []
+    real = activations.tensor_values
+    monkeypatch.setattr(activations, "tensor_values", lambda model, source, asked, **kw: runs.append(list(asked)) or real(model, source, asked, **kw))
+    values = activations.FixedModelValues(model, calibration, 2, names, label="test")
+    del values.per_sample[names[0]]  # a size shape inference did not give
+    values.values(names[0])
+    assert runs == [[names[0]]]

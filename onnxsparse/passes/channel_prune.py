@@ -316,8 +316,9 @@ class ChannelPrune(Pass):
         if self.criterion == "reconstruction":
             # A sensitivity probe's compensation must not be fit on the samples that judge it: a reader
             # with more inputs than samples (a classifier, one row per image) would make up for anything.
-            source = _fitting_samples(context.calibration) if self.scope == "sensitivity" and context.calibration else context.calibration
-            _reconstruction_importance(model, analysis, groups, source, self.calibration_samples)
+            fitting = _fitting_samples(context.calibration) if self.scope == "sensitivity" and context.calibration else None
+            _reconstruction_importance(model, analysis, groups, fitting or context.calibration, self.calibration_samples,
+                                       compensate=fitting is not None)
 
     def _root_importance(self, model: onnx.ModelProto, analysis: Analysis, context: PassContext) -> np.ndarray:
         importance = np.full(len(analysis.parent), np.nan)
@@ -585,12 +586,14 @@ def _pruned_copy(model: onnx.ModelProto, roots: list[int], compensations: Mappin
     """The model with the given root channels removed (analysed afresh: edits hold graph nodes), the
     readers named in ``compensations`` (by first output) given their compensated weights first."""
     graph = to_gs(model)
-    for node in graph.nodes:
+    for node in list(graph.nodes):  # a MatMul's shift appends an Add
         if node.outputs and node.outputs[0].name in (compensations or {}):
             index, weight, shift = compensations[node.outputs[0].name]  # type: ignore[index]
             dtype = constant_value(node.inputs[index]).dtype  # type: ignore[union-attr]
             node.inputs[index] = gs.Constant(unique_name(graph, f"{node.inputs[index].name}_compensated"), weight.astype(dtype))
             add_output_shift(graph, node, shift)
+    if compensations:
+        graph.toposort()  # the analysis walks nodes in order
     analysis = analyze(graph, overridable_initializers(model))
     removed = np.zeros(len(analysis.parent), dtype=bool)
     removed[roots] = True
@@ -667,19 +670,22 @@ def _activation_importance(model: onnx.ModelProto, analysis: Analysis, context: 
     return importance
 
 
-def _fitting_samples(calibration: InputSource) -> InputSource:
-    """The calibration samples but those a :class:`DriftProbe` judges by, when enough are left to fit on."""
+def _fitting_samples(calibration: InputSource) -> InputSource | None:
+    """The calibration samples but those a :class:`DriftProbe` judges by; None unless as many are left
+    (the probes then go uncompensated)."""
     others = SpreadSamples(calibration, DriftProbe.SAMPLES, others=True)
-    return others if others.total >= DriftProbe.SAMPLES else calibration
+    return others if others.total >= DriftProbe.SAMPLES else None
 
 
-def _reconstruction_importance(model: onnx.ModelProto, analysis: Analysis, groups: list[Group], source: InputSource | None, samples: int) -> None:
+def _reconstruction_importance(model: onnx.ModelProto, analysis: Analysis, groups: list[Group], source: InputSource | None, samples: int,
+                               *, compensate: bool = False) -> None:
     """Each free unit's cumulative cost along its group's greedy OBS removal order (see
     :func:`greedy_removal_costs`), over the layers that read the group (the analysis records only
     channel-mixing readers: a depthwise conv passes its channels on to the pointwise conv that reads
     them, which is costed). Pinned units stay in every Gram as compensators. A reader wider than
     ``GREEDY_WIDTH`` inputs is costed without compensation (its input variance x |W|²), which the
-    greedy updates would make cubic; a group no layer reads keeps its filter norm."""
+    greedy updates would make cubic; a group no layer reads keeps its filter norm. ``compensate``
+    keeps each group's readers, for sensitivity probes to make up for their removal with."""
     if source is None:
         raise RequirementError("channel-prune{criterion=reconstruction} needs calibration data: pass --calibration")
     axes = {use.tensor.name: _axis_of(analysis, use) for use in analysis.consumers}
@@ -697,16 +703,21 @@ def _reconstruction_importance(model: onnx.ModelProto, analysis: Analysis, group
         else:
             costs = greedy_removal_costs([layer for _, layer in layers], len(free))  # cumulative along the greedy order
             group.removal_costs = np.concatenate([[0.0], np.sort(costs)])
-            group.readers = [_reader(use, layer) for use, layer in layers]
+            if compensate:  # keep what a sensitivity probe needs to make up for its removal
+                group.readers = [reader for use, layer in layers if (reader := _reader(use, layer)) is not None]
             group.slots = {id(unit): index for index, unit in enumerate(free)}
         for unit, cost in zip(free, costs):
             unit.importance = float(cost)
 
 
-def _reader(use: ConsumerUse, layer: ReadingLayer) -> Reader:
+def _reader(use: ConsumerUse, layer: ReadingLayer) -> Reader | None:
+    """How to compensate in ``use``'s weights; None for layers whose output axis the shift would miss
+    (ConvTranspose, a batched MatMul weight)."""
     node = use.node
     alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
     weight = constant_value(node.inputs[use.weight_index])
+    if node.op not in ("Conv", "Gemm", "MatMul") or weight is None or (node.op != "Conv" and weight.ndim != 2):
+        return None
     return Reader(node.outputs[0].name, use.weight_index, use.axis, tuple(weight.shape), alpha, layer)  # type: ignore[union-attr]
 
 
