@@ -408,3 +408,9 @@ def collect_feeds(source: InputSource, model: onnx.ModelProto, *, limit: int | N
     if not collected:
         raise InputDataError(f"{source.describe()}: yielded no feeds")
     return collected
+
+
+def read_once(source: InputSource, model: onnx.ModelProto, *, limit: int | None = None) -> IterableInputs:
+    """The source's feeds (up to ``limit``) held in memory, for a pass that goes over them once per
+    layer: a calibration file is then read and checked once, not at every layer."""
+    return IterableInputs(collect_feeds(source, model, limit=limit))

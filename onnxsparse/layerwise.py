@@ -141,11 +141,13 @@ def cross_blocks(site: WeightSite, rows: np.ndarray, teacher_rows: np.ndarray) -
     return [teacher_rows[:, g * width : (g + 1) * width].T @ rows[:, g * width : (g + 1) * width] for g in range(groups)]
 
 
-def ridge_towards(gram: np.ndarray, right: np.ndarray, start: np.ndarray, ridge: float) -> np.ndarray:
+def ridge_towards(gram: np.ndarray, right: np.ndarray, start: np.ndarray, ridge: float | np.ndarray) -> np.ndarray:
     """Θ minimising |XΘ - Y|² + ridge |Θ - start|², from gram = XᵀX and right = XᵀY: the least-squares
     fit pulled towards the current weights rather than towards zero, so that a small calibration set
-    moves them only where the data says so."""
-    return np.linalg.solve(gram + ridge * np.eye(len(gram)), right + ridge * start)
+    moves them only where the data says so. Batched: gram [..., c, c], right and start [..., c, o],
+    ridge a scalar or one per leading index."""
+    ridge = np.asarray(ridge, dtype=np.float64)[..., None, None]
+    return np.linalg.solve(gram + ridge * np.eye(gram.shape[-1]), right + ridge * start)
 
 
 def fit_to_teacher(matrix: np.ndarray, cross: np.ndarray, hessian: np.ndarray, strength: float) -> np.ndarray:

@@ -19,9 +19,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .activations import FixedModelValues, tensor_values
-from .calibration import InputSource, IterableInputs, collect_feeds
+from .calibration import InputSource, read_once
 from .graph import from_gs, to_gs
-from .layerwise import activation_name, add_output_shift, from_matrix, groups_of, input_rows, sample_slices, to_matrix, unsupported_reason
+from .layerwise import (activation_name, add_output_shift, from_matrix, groups_of, input_rows, ridge_towards, sample_slices, to_matrix,
+                        unsupported_reason)
 from .passes.base import Change, PassResult, Skip
 from .weights import WeightSite, find_weights, replace_weight
 
@@ -65,7 +66,7 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, node_names:
     """Refit the named Conv/Gemm/MatMul nodes of ``pruned`` toward ``original``'s outputs (restricted
     to the channels that ``kept`` says survive, for layers whose own outputs were pruned)."""
     wanted = set(node_names)
-    source = IterableInputs(collect_feeds(source, original, limit=samples))  # read once: every layer runs the model on it
+    source = read_once(source, original, limit=samples)  # every layer runs the model on it
     graph = to_gs(pruned)
     sites = {site.uses[0].node.name: site for site in find_weights(graph)[0] if len(site.uses) == 1}
     nodes = [n for n in graph.nodes if n.name in wanted]
@@ -135,19 +136,13 @@ class NormalEquations:
                 errors = {s: sum(self._fold_error(f, gram, cross, current, s * energy) for f in folds) for s in STRENGTHS}
                 strength = min(errors, key=errors.__getitem__)
                 held_out = errors[strength]
-        solution = _ridge(gram, cross, current, max(float(strength), 1e-6) * energy)
+        solution = ridge_towards(gram, cross, current, max(float(strength), 1e-6) * energy)
         return Fit(solution, float(strength), float(self.error_before.sum()), _error(solution, gram, cross, float(self.norm.sum())), held_out)
 
     def _fold_error(self, fold: int, gram: np.ndarray, cross: np.ndarray, current: np.ndarray, ridge: np.ndarray) -> float:
         """|X_f Θ - Y_f|² of fold ``fold`` for the fit on every other fold."""
-        solution = _ridge(gram - self.gram[fold], cross - self.cross[fold], current, ridge)
+        solution = ridge_towards(gram - self.gram[fold], cross - self.cross[fold], current, ridge)
         return _error(solution, self.gram[fold], self.cross[fold], float(self.norm[fold]))
-
-
-def _ridge(gram: np.ndarray, cross: np.ndarray, current: np.ndarray, ridge: np.ndarray) -> np.ndarray:
-    """:func:`ridge_towards` for every group at once: gram [g, c, c], cross and current [g, c, o], ridge [g]."""
-    eye = np.eye(gram.shape[-1])
-    return np.linalg.solve(gram + ridge[:, None, None] * eye, cross + ridge[:, None, None] * current)
 
 
 def _error(solution: np.ndarray, gram: np.ndarray, cross: np.ndarray, norm: float) -> float:

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibration import batch_dim, in_chunks
+from .calibration import SpreadSamples, batch_dim, in_chunks
 from .errors import InputDataError, RuntimeLoadError
 
 log = logging.getLogger(__name__)
@@ -470,11 +470,14 @@ class DriftProbe:
     SAMPLES = 16
 
     def __init__(self, model: onnx.ModelProto, calibration: object) -> None:
-        from .calibration import SpreadSamples
-
         self.source = SpreadSamples(calibration, self.SAMPLES)  # type: ignore[arg-type]
-        self.held_out = SpreadSamples(calibration, self.SAMPLES, others=True)  # type: ignore[arg-type]  # the rest, to fit trials on
+        self.held_out = self.not_judged(calibration)  # the rest, to fit trials on
         self.reference = outputs_on(model, self.source)
+
+    @classmethod
+    def not_judged(cls, calibration: object) -> SpreadSamples:
+        """The calibration samples other than those a probe judges by (the same for every probe)."""
+        return SpreadSamples(calibration, cls.SAMPLES, others=True)  # type: ignore[arg-type]
 
     def drift(self, trial: onnx.ModelProto) -> float:
         return output_drift(self.reference, outputs_on(trial, self.source))

@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 import scipy.optimize
 
 from ..activations import collect_channel_grams, collect_channel_stats, tensor_values
-from ..calibration import InputSource, SpreadSamples, SyntheticInputs
+from ..calibration import InputSource, SyntheticInputs
 from ..channels import Analysis, ConsumerUse, Producer, analyze, apply_plan
 from ..errors import RequirementError
 from ..graph import constant_value, from_gs, overridable_initializers, to_gs, unique_name
@@ -673,7 +673,7 @@ def _activation_importance(model: onnx.ModelProto, analysis: Analysis, context: 
 def _fitting_samples(calibration: InputSource) -> InputSource | None:
     """The calibration samples but those a :class:`DriftProbe` judges by; None unless as many are left
     (the probes then go uncompensated)."""
-    others = SpreadSamples(calibration, DriftProbe.SAMPLES, others=True)
+    others = DriftProbe.not_judged(calibration)
     return others if others.total >= DriftProbe.SAMPLES else None
 
 
@@ -705,7 +705,7 @@ def _reconstruction_importance(model: onnx.ModelProto, analysis: Analysis, group
             group.removal_costs = np.concatenate([[0.0], np.sort(costs)])
             if compensate:  # keep what a sensitivity probe needs to make up for its removal
                 group.readers = [reader for use, layer in layers if (reader := _reader(use, layer)) is not None]
-            group.slots = {id(unit): index for index, unit in enumerate(free)}
+                group.slots = {id(unit): index for index, unit in enumerate(free)}
         for unit, cost in zip(free, costs):
             unit.importance = float(cost)
 

@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..activations import FixedModelValues, collect_channel_stats, tensor_values
-from ..calibration import InputSource, IterableInputs, collect_feeds
+from ..calibration import InputSource, read_once
 from ..graph import from_gs, overridable_initializers, to_gs
 from ..layerwise import (activation_name, correct_biases, cross_blocks, fit_to_teacher, from_matrix, groups_of, hessian_blocks, input_rows,
                          sample_slices, sparsegpt, to_matrix, unsupported_reason)
@@ -271,8 +271,7 @@ class MagnitudePrune(Pass):
     ) -> list[np.ndarray]:
         assert context.calibration is not None
         nm = parse_nm(self.pattern)
-        # read once: every layer runs the model on it (and the original too, as teacher)
-        source = IterableInputs(collect_feeds(context.calibration, model, limit=self.calibration_samples))
+        source = read_once(context.calibration, model, limit=self.calibration_samples)  # every layer runs the model on it, the teacher too
         teacher = (FixedModelValues(model, source, self.calibration_samples, [activation_name(site) for site, _ in chosen if not unsupported_reason(site)],
                                     label="sparsegpt teacher") if self.teacher > 0 else None)
         pruned = []
