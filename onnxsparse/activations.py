@@ -150,7 +150,7 @@ class FixedModelValues:
         self.coming = coming  # the names in the order they will be asked for (a name may come again)
         self.asked = 0
         self.total_samples = sum(samples_in(feed) for index, feed in enumerate(source.feeds()) if limit is None or index < limit)
-        self.per_sample = _elements_per_sample(model)
+        self.per_sample = _bytes_per_sample(model)
         self.held: dict[str, list[np.ndarray]] = {}
 
     def values(self, name: str) -> list[np.ndarray]:
@@ -176,7 +176,7 @@ class FixedModelValues:
         held = 0
         for following in dict.fromkeys(self.coming[position:]):
             size = self.per_sample.get(following)
-            needed = 4 * size * self.total_samples if size is not None else None
+            needed = size * self.total_samples if size is not None else None
             if names and (needed is None or held + needed > FIXED_VALUES_BYTES):
                 break
             if following not in self.held:
@@ -187,13 +187,16 @@ class FixedModelValues:
         return names
 
 
-def _elements_per_sample(model: onnx.ModelProto) -> dict[str, int]:
-    """Per main-graph tensor with a static shape past its first (batch) axis: elements per sample."""
+def _bytes_per_sample(model: onnx.ModelProto) -> dict[str, int]:
+    """Per main-graph tensor with a known element type and a static shape past its first (batch)
+    axis: bytes per sample (a float64 tensor holds twice what a float32 one of its shape does)."""
     sizes = {}
     for value in [*model.graph.value_info, *model.graph.output]:
-        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
-        if len(dims) > 1 and all(d.HasField("dim_value") for d in dims[1:]):
-            sizes[value.name] = int(np.prod([d.dim_value for d in dims[1:]]))
+        tensor_type = value.type.tensor_type
+        dims = tensor_type.shape.dim if value.type.HasField("tensor_type") else []
+        if len(dims) > 1 and all(d.HasField("dim_value") for d in dims[1:]) and tensor_type.elem_type:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize
+            sizes[value.name] = itemsize * int(np.prod([d.dim_value for d in dims[1:]]))
     return sizes
 
 

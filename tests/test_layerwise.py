@@ -229,3 +229,18 @@ def test_fixed_model_values_drop_what_a_skipped_layer_never_asked_for_and_end_a_
     del values.per_sample[names[0]]  # a size shape inference did not give
     values.values(names[0])
     assert runs == [[names[0]]]
+
+
+def test_fixed_model_values_size_a_tensor_by_its_element_type():
+    from conftest import parse
+    from onnxsparse import activations
+    from onnxsparse.shapes import infer_shapes
+
+    model = infer_shapes(parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        agraph (float[N, 3, 4] x) => (double[N, 3, 4] y) {
+            h = Relu (x)
+            y = Cast <to = 11> (h)
+        }
+    """))
+    assert activations._bytes_per_sample(model) == {"h": 48, "y": 96}
