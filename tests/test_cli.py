@@ -159,3 +159,18 @@ def test_the_readme_main_job_runs_as_written(tmp_path):
     assert "final validation on" in completed.stdout and "passed" in completed.stdout
     output = tmp_path / args[args.index("-o") + 1]
     onnx.checker.check_model(str(output), full_check=True)
+
+
+def test_every_pipeline_the_readme_quotes_parses():
+    """A pipeline quoted in the README (a backticked pass list with options) is one users paste: it
+    must name real passes and options."""
+    from onnxsparse.passes import registered_passes
+    from onnxsparse.spec import parse_pipeline
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    names = set(registered_passes())
+    candidates = re.findall(r"`([^`\n]+)`", text) + re.findall(r'-p "([^"]+)"', text)
+    quoted = [q for q in candidates if "{" in q and re.match(r"[a-z-]+", q).group(0) in names]  # type: ignore[union-attr]
+    assert len(quoted) >= 5  # the main job and the structured-pruning table
+    for pipeline in quoted:
+        parse_pipeline(pipeline)
