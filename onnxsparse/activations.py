@@ -5,7 +5,7 @@ not grow with the number of feeds."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,20 +56,18 @@ def with_extra_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.Mod
     return exposed
 
 
-def computing_only(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+def computing_only(model: onnx.ModelProto, names: Iterable[str], given: Iterable[str] = ()) -> onnx.ModelProto:
     """A copy of ``model`` whose outputs are the given main-graph tensors, with only the nodes and
     initializers they depend on. A layer-by-layer pass (SparseGPT, refit) asks for one early
-    layer's input after another: running the whole model for each would redo every later layer."""
+    layer's input after another: running the whole model for each would redo every later layer.
+    Tensors named in ``given`` become graph inputs where the wanted ones depend on them (their values
+    are fed, not computed), unless a node that must run anyway also produces one of them."""
     wanted = list(dict.fromkeys(names))
-    producer = {output: index for index, node in enumerate(model.graph.node) for output in node.output}
-    reads: dict[int, set[str]] = {}  # index of each needed node -> the names it reads
-    pending = [producer[name] for name in wanted if name in producer]
-    while pending:
-        index = pending.pop()
-        if index in reads:
-            continue
-        reads[index] = _names_read(model.graph.node[index])
-        pending.extend(producer[name] for name in reads[index] if name in producer)
+    known = {name for name in given if name not in wanted}
+    reads, cut = _needed_nodes(model, wanted, known)
+    produced = {output for index in reads for output in model.graph.node[index].output}
+    if cut & produced:  # a multi-output node needed for another tensor also makes a given one
+        reads, cut = _needed_nodes(model, wanted, set())
     kept = [node for index, node in enumerate(model.graph.node) if index in reads]
     read = set().union(*reads.values(), wanted)
     trimmed = onnx.ModelProto()
@@ -80,9 +78,27 @@ def computing_only(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelPr
     initializers = [tensor for tensor in model.graph.initializer if tensor.name in read]
     del trimmed.graph.initializer[:]
     trimmed.graph.initializer.extend(initializers)
+    trimmed.graph.input.extend(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None) for name in sorted(cut))
     del trimmed.graph.output[:]
     trimmed.graph.output.extend(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None) for name in wanted)
     return trimmed
+
+
+def _needed_nodes(model: onnx.ModelProto, wanted: list[str], known: set[str]) -> tuple[dict[int, set[str]], set[str]]:
+    """The nodes computing ``wanted`` back to the graph inputs or to ``known`` tensors (index -> the
+    names each reads), and the known tensors reached."""
+    producer = {output: index for index, node in enumerate(model.graph.node) for output in node.output}
+    reads: dict[int, set[str]] = {}
+    cut: set[str] = set()
+    pending = [producer[name] for name in wanted if name in producer]
+    while pending:
+        index = pending.pop()
+        if index in reads:
+            continue
+        reads[index] = _names_read(model.graph.node[index])
+        cut |= reads[index] & known
+        pending.extend(producer[name] for name in reads[index] - known if name in producer)
+    return reads, cut
 
 
 def _names_read(node: onnx.NodeProto) -> set[str]:
@@ -114,22 +130,31 @@ def tensor_values(
     limit: int | None = None,
     label: str = "calibration",
     feed_done: Callable[[int], None] | None = None,
+    given: Mapping[str, Sequence[np.ndarray]] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """For each feed of ``source`` (up to ``limit`` feeds), the values of the named main-graph tensors,
-    in runs of at most ``RUN_SAMPLES`` samples (a large feed yields several value dicts)."""
+    in runs of at most ``RUN_SAMPLES`` samples (a large feed yields several value dicts). ``given``
+    holds, per run, values of the model's tensors known already: they are fed instead of computed."""
+    given = given or {}
     wanted = list(dict.fromkeys(names))
     graph_inputs = {i.name for i in model.graph.input}
-    computed = [n for n in wanted if n not in graph_inputs]
-    session = make_session(computing_only(model, computed), label) if computed else None
+    computed = [n for n in wanted if n not in graph_inputs and n not in given]
+    session = make_session(computing_only(model, computed, given), label) if computed else None
+    fed = {i.name for i in session.get_inputs()} if session is not None else set()
     inputs = model_inputs(model)
     batched = batch_dim(i.shape for i in inputs) is not None
+    runs = 0
     for index, feed in enumerate(source.feeds()):
         if limit is not None and index >= limit:
             break
         checked = check_feed(feed, inputs, f"{source.describe()}, feed {index}")
         for run in in_chunks(checked, batched):
-            values = dict(zip(computed, session.run(computed, run))) if session is not None else {}
+            known = {name: runs_of[runs] for name, runs_of in given.items()}
+            runs += 1
+            feeds = {name: value for name, value in {**run, **known}.items() if name in fed}
+            values = dict(zip(computed, session.run(computed, feeds))) if session is not None else {}
             values.update({n: run[n] for n in wanted if n in graph_inputs})
+            values.update({n: known[n] for n in wanted if n in known})
             yield values
         if feed_done is not None:  # progress counts the caller's feeds, not our runs
             feed_done(index + 1)
@@ -185,6 +210,39 @@ class FixedModelValues:
                 break
             held += needed
         return names
+
+
+class ChangingModelValues:
+    """The values of a model that a layer-by-layer pass edits as it goes (the refit): values it asked
+    for are kept, up to FIXED_VALUES_BYTES, until the pass edits a node upstream of them, and a later
+    request runs only the nodes between kept values and the tensors asked for. Without them the refit
+    ran the pruned model from its inputs up to each of its layers (MobileNetV2: 53 runs, a third of a
+    channel-prune with refit_scope=downstream)."""
+
+    def __init__(self, source: InputSource, limit: int | None, *, label: str) -> None:
+        self.source, self.limit, self.label = source, limit, label
+        self.kept: dict[str, list[np.ndarray]] = {}  # in the order they were computed
+
+    def values(self, model: onnx.ModelProto, names: Iterable[str]) -> list[dict[str, np.ndarray]]:
+        """The values of ``names`` in ``model``, one dict per run of :func:`tensor_values` over the source."""
+        wanted = list(dict.fromkeys(names))
+        runs = list(tensor_values(model, self.source, wanted, limit=self.limit, label=self.label, given=self.kept))
+        for name in wanted:
+            self.kept.pop(name, None)
+            self.kept[name] = [run[name] for run in runs]  # the newest last: the first to be dropped is the oldest
+        held = sum(value.nbytes for values in self.kept.values() for value in values)
+        while held > FIXED_VALUES_BYTES and self.kept:
+            oldest = next(iter(self.kept))
+            held -= sum(value.nbytes for value in self.kept.pop(oldest))
+        return runs
+
+    def edited(self, changed: Iterable[str]) -> None:
+        """Forget the values of the named tensors (those downstream of an edit)."""
+        for name in changed:
+            self.kept.pop(name, None)
+
+    def forget_all(self) -> None:
+        self.kept.clear()
 
 
 def _bytes_per_sample(model: onnx.ModelProto) -> dict[str, int]:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .activations import FixedModelValues, tensor_values
+from .activations import ChangingModelValues, FixedModelValues
 from .calibration import InputSource, read_once
 from .graph import from_gs, to_gs
 from .layerwise import (activation_name, add_output_shift, from_matrix, groups_of, input_rows, ridge_towards, sample_slices, to_matrix,
@@ -71,6 +71,8 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, node_names:
     sites = {site.uses[0].node.name: site for site in find_weights(graph)[0] if len(site.uses) == 1}
     nodes = [n for n in graph.nodes if n.name in wanted]
     targets = FixedModelValues(original, source, samples, [_target_of(node) for node in nodes], label="refit targets")
+    inputs = ChangingModelValues(source, samples, label="refit inputs")
+    subgraphs = any(isinstance(value, gs.Graph) for n in graph.nodes for value in n.attrs.values())
     for node in nodes:
         site = sites.get(node.name)
         reason = "no constant weight" if site is None else unsupported_reason(site)
@@ -78,7 +80,12 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, node_names:
             result.skipped.append(Skip(node.name, f"refit: {reason}"))
             continue
         current = from_gs(graph, like=pruned)
-        _refit_one(targets, current, graph, site, result, strength, kept or {})  # type: ignore[arg-type]
+        if not _refit_one(targets, inputs, current, graph, site, result, strength, kept or {}):  # type: ignore[arg-type]
+            continue
+        if subgraphs:  # a subgraph reads outer tensors that its node does not list as inputs
+            inputs.forget_all()
+        else:
+            inputs.edited(_downstream_of(node))
     graph.cleanup().toposort()
     return from_gs(graph, like=pruned)
 
@@ -150,8 +157,22 @@ def _error(solution: np.ndarray, gram: np.ndarray, cross: np.ndarray, norm: floa
     return norm - 2 * float(np.sum(solution * cross)) + float(np.sum(solution * (gram @ solution)))
 
 
-def _refit_one(originals: FixedModelValues, current: onnx.ModelProto, graph: gs.Graph, site: WeightSite,
-               result: PassResult, strength: Strength, kept: KeptChannels, through_residual: bool = True) -> None:
+def _downstream_of(node: gs.Node) -> set[str]:
+    """The names of the tensors computed from ``node``'s outputs (whose values its edit changes)."""
+    names: set[str] = set()
+    pending = list(node.outputs)
+    while pending:
+        tensor = pending.pop()
+        if tensor.name in names:
+            continue
+        names.add(tensor.name)
+        pending.extend(output for reader in tensor.outputs for output in reader.outputs)
+    return names
+
+
+def _refit_one(originals: FixedModelValues, current_values: ChangingModelValues, current: onnx.ModelProto, graph: gs.Graph, site: WeightSite,
+               result: PassResult, strength: Strength, kept: KeptChannels, through_residual: bool = True) -> bool:
+    """Refit one layer in ``graph``; whether its weights changed."""
     node = site.uses[0].node
     groups = groups_of(site)
     with_bias = node.op in ("Conv", "Gemm")
@@ -159,7 +180,7 @@ def _refit_one(originals: FixedModelValues, current: onnx.ModelProto, graph: gs.
     outputs, columns = matrix.shape
     if outputs % groups:
         result.skipped.append(Skip(node.name, "refit: outputs not divisible by groups"))
-        return
+        return False
     bias = _bias_of(node, outputs) if with_bias else np.zeros(outputs)
     theta = _grouped_parameters(matrix, bias, groups, with_bias)  # [g, c (+1), o]
     # A layer whose output is added to a residual is fitted so that the SUM matches the original
@@ -169,7 +190,7 @@ def _refit_one(originals: FixedModelValues, current: onnx.ModelProto, graph: gs.
     target_name = residual[0] if residual else node.outputs[0].name
     inputs_read = [activation_name(site), *([residual[1]] if residual else [])]
     targets = originals.values(target_name)
-    inputs = tensor_values(current, originals.source, inputs_read, limit=originals.limit, label="refit inputs")
+    inputs = current_values.values(current, inputs_read)
     folds = FOLDS if strength == "auto" and theta.shape[1] <= CROSS_VALIDATED_WIDTH else 1
     equations = NormalEquations.zeros(groups, theta.shape[1], theta.shape[2], folds)
     samples_seen = 0
@@ -177,8 +198,7 @@ def _refit_one(originals: FixedModelValues, current: onnx.ModelProto, graph: gs.
         wanted = _surviving(target_value, kept.get(target_name))
         if residual:
             if input_values[residual[1]].shape != wanted.shape:  # a broadcast addend: fit the layer's own output
-                _refit_one(originals, current, graph, site, result, strength, kept, through_residual=False)
-                return
+                return _refit_one(originals, current_values, current, graph, site, result, strength, kept, through_residual=False)
             wanted = wanted - input_values[residual[1]]
         for block in _sample_blocks(input_values[activation_name(site)], wanted):
             fold = (samples_seen // FOLD_BLOCK) % folds  # single-sample feeds: 16 in a row share a fold
@@ -188,18 +208,18 @@ def _refit_one(originals: FixedModelValues, current: onnx.ModelProto, graph: gs.
                 target = _output_rows(node, target_part)
                 if target.shape[1] != outputs:
                     result.skipped.append(Skip(node.name, "refit: output channels differ from the original's"))
-                    return
+                    return False
                 design = np.concatenate([rows, np.ones((*rows.shape[:2], 1))], axis=2) if with_bias else rows
                 equations.add(design, target.reshape(len(target), groups, outputs // groups), theta, fold)
     norm = float(equations.norm.sum())
     if not norm:
-        return
+        return False
     fit = equations.solve(theta, strength)
     judged = fit.error_after if fit.error_held_out is None else fit.error_held_out
     if judged >= fit.error_before:
         where = "on calibration data" if fit.error_held_out is None else "on held-out calibration samples"
         result.skipped.append(Skip(node.name, f"refit: no improvement {where}"))
-        return
+        return False
     new_matrix = np.concatenate([fit.solution[g, :columns].T for g in range(groups)], axis=0)
     replace_weight(site, from_matrix(site, new_matrix))
     if with_bias:
@@ -209,6 +229,7 @@ def _refit_one(originals: FixedModelValues, current: onnx.ModelProto, graph: gs.
     if strength == "auto" and fit.error_held_out is None:
         details["strength_note"] = f"not cross-validated: fewer than 2 folds of {FOLD_BLOCK} samples, or over {CROSS_VALIDATED_WIDTH} inputs"
     result.changes.append(Change(node.name, "refit", details))
+    return True
 
 
 def _sample_blocks(activation: np.ndarray, target: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:

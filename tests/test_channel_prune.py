@@ -529,32 +529,36 @@ def test_a_reconstruction_probe_lets_the_readers_make_up_for_a_duplicated_channe
     assert drift["reconstruction"] < 0.01 * drift["l1"]
 
 
-def test_refit_targets_of_several_layers_come_from_one_run_of_the_original_and_change_nothing(monkeypatch):
+def test_refit_targets_come_from_few_runs_of_the_original_and_inputs_from_kept_values_and_change_nothing(monkeypatch):
     import onnxsparse.activations as activations_module
-    import onnxsparse.refit as refit_module
 
     model, inputs, calibration = bundled("digits_cnn")
     spec = "channel-prune{ratio=0.25 round_to=1 refit=true refit_scope=downstream never_slower=false}"
-    original_runs, outputs = {}, {}
+    original_runs, outputs, cut_runs = {}, {}, {}
     real_tensor_values = activations_module.tensor_values
     for budget in (0, activations_module.FIXED_VALUES_BYTES):
         monkeypatch.setattr(activations_module, "FIXED_VALUES_BYTES", budget)
         labels: list[str] = []
+        fed_kept_values: list[bool] = []
 
         def counting(*args, label="", **kwargs):
             labels.append(label)
+            if label == "refit inputs":
+                fed_kept_values.append(bool(kwargs.get("given")))
             return real_tensor_values(*args, label=label, **kwargs)
 
-        monkeypatch.setattr(refit_module, "tensor_values", counting)
         monkeypatch.setattr(activations_module, "tensor_values", counting)
         pruned, report = PassManager(parse_pipeline(spec), inputs=inputs, calibration=calibration, policy="keep").run(model)
         original_runs[budget] = labels.count("refit targets")
+        cut_runs[budget] = sum(fed_kept_values)
         feed = next(iter(resolve_inputs(inputs, model).feeds()))
         outputs[budget] = run(pruned, {i.name: feed[i.name] for i in model.graph.input})[0]
         assert sum(c.action == "refit" for c in report.steps[0].changes) >= 3
         assert labels.count("refit inputs") == sum(c.action == "refit" for c in report.steps[0].changes) + sum(
             "refit: no improvement" in s.reason for s in report.steps[0].skipped)
     assert original_runs[activations_module.FIXED_VALUES_BYTES] < original_runs[0]
+    # a layer's input is computed from the kept values of earlier layers' inputs, not from the model's inputs
+    assert cut_runs[0] == 0 and cut_runs[activations_module.FIXED_VALUES_BYTES] >= 2
     # equal but for float rounding: exposing more tensors changes which ops onnxruntime fuses
     np.testing.assert_allclose(outputs[0], outputs[activations_module.FIXED_VALUES_BYTES], rtol=1e-5, atol=1e-5)
 

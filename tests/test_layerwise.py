@@ -244,3 +244,34 @@ def test_fixed_model_values_size_a_tensor_by_its_element_type():
         }
     """))
     assert activations._bytes_per_sample(model) == {"h": 48, "y": 96}
+
+
+def test_tensor_values_feed_given_values_instead_of_computing_them_and_changing_model_values_forget_edited_ones():
+    from conftest import parse
+    from onnxsparse import activations
+
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        agraph (float[N, 4] x) => (float[N, 2] y) {
+            a = Relu (x)
+            b = Neg (a)
+            s1, s2 = Split <axis = 1> (b)
+            y = Add (s1, s2)
+        }
+    """)
+    x = np.arange(-8, 8, dtype=np.float32).reshape(4, 4)
+    source = IterableInputs([{"x": x}])
+    # from a given 'a' only Neg runs: a wrong 'a' fed in shows in 'b'
+    trimmed = activations.computing_only(model, ["b"], given=["a"])
+    assert [n.op_type for n in trimmed.graph.node] == ["Neg"] and "a" in {i.name for i in trimmed.graph.input}
+    fake_a = np.ones((4, 4), dtype=np.float32)
+    (values,) = activations.tensor_values(model, source, ["b"], given={"a": [fake_a]})
+    np.testing.assert_array_equal(values["b"], -fake_a)
+    # 's1' given but its Split must run for 's2' anyway: computed, not fed
+    (values,) = activations.tensor_values(model, source, ["y"], given={"s1": [np.zeros((4, 2), dtype=np.float32)]})
+    np.testing.assert_array_equal(values["y"], run(model, {"x": x})[0])
+
+    changing = activations.ChangingModelValues(source, None, label="test")
+    changing.values(model, ["a", "b"])
+    changing.edited({"b", "s1", "s2", "y"})
+    assert set(changing.kept) == {"a"}
