@@ -9,7 +9,7 @@ that edits topology imports it into onnx-graphsurgeon with :func:`to_gs` and exp
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 import weakref
 from dataclasses import dataclass
 
@@ -257,3 +257,16 @@ def unique_name(graph: gs.Graph, base: str) -> str:
         name = f"{base}_{index}"
     taken.add(name)
     return name
+
+
+def downstream_names(nodes: Iterable[gs.Node]) -> set[str]:
+    """The names of the tensors computed from the outputs of ``nodes`` (those an edit of them changes)."""
+    names: set[str] = set()
+    pending = [tensor for node in nodes for tensor in node.outputs]
+    while pending:
+        tensor = pending.pop()
+        if tensor.name in names:
+            continue
+        names.add(tensor.name)
+        pending.extend(output for reader in tensor.outputs for output in reader.outputs)
+    return names

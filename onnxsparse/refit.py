@@ -72,7 +72,6 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, node_names:
     nodes = [n for n in graph.nodes if n.name in wanted]
     targets = FixedModelValues(original, source, samples, [_target_of(node) for node in nodes], label="refit targets")
     inputs = ChangingModelValues(source, samples, label="refit inputs")
-    subgraphs = any(isinstance(value, gs.Graph) for n in graph.nodes for value in n.attrs.values())
     for node in nodes:
         site = sites.get(node.name)
         reason = "no constant weight" if site is None else unsupported_reason(site)
@@ -80,12 +79,8 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, node_names:
             result.skipped.append(Skip(node.name, f"refit: {reason}"))
             continue
         current = from_gs(graph, like=pruned)
-        if not _refit_one(targets, inputs, current, graph, site, result, strength, kept or {}):  # type: ignore[arg-type]
-            continue
-        if subgraphs:  # a subgraph reads outer tensors that its node does not list as inputs
-            inputs.forget_all()
-        else:
-            inputs.edited(_downstream_of(node))
+        if _refit_one(targets, inputs, current, graph, site, result, strength, kept or {}):  # type: ignore[arg-type]
+            inputs.edited(graph, [node])
     graph.cleanup().toposort()
     return from_gs(graph, like=pruned)
 
@@ -155,19 +150,6 @@ class NormalEquations:
 def _error(solution: np.ndarray, gram: np.ndarray, cross: np.ndarray, norm: float) -> float:
     """|XΘ - Y|² from the normal equations: |Y|² - 2 tr(ΘᵀXᵀY) + tr(ΘᵀXᵀXΘ)."""
     return norm - 2 * float(np.sum(solution * cross)) + float(np.sum(solution * (gram @ solution)))
-
-
-def _downstream_of(node: gs.Node) -> set[str]:
-    """The names of the tensors computed from ``node``'s outputs (whose values its edit changes)."""
-    names: set[str] = set()
-    pending = list(node.outputs)
-    while pending:
-        tensor = pending.pop()
-        if tensor.name in names:
-            continue
-        names.add(tensor.name)
-        pending.extend(output for reader in tensor.outputs for output in reader.outputs)
-    return names
 
 
 def _refit_one(originals: FixedModelValues, current_values: ChangingModelValues, current: onnx.ModelProto, graph: gs.Graph, site: WeightSite,

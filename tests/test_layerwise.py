@@ -246,7 +246,7 @@ def test_fixed_model_values_size_a_tensor_by_its_element_type():
     assert activations._bytes_per_sample(model) == {"h": 48, "y": 96}
 
 
-def test_tensor_values_feed_given_values_instead_of_computing_them_and_changing_model_values_forget_edited_ones():
+def test_tensor_values_feed_given_values_instead_of_computing_them_and_changing_model_values_forget_edited_ones(monkeypatch):
     from conftest import parse
     from onnxsparse import activations
 
@@ -271,7 +271,16 @@ def test_tensor_values_feed_given_values_instead_of_computing_them_and_changing_
     (values,) = activations.tensor_values(model, source, ["y"], given={"s1": [np.zeros((4, 2), dtype=np.float32)]})
     np.testing.assert_array_equal(values["y"], run(model, {"x": x})[0])
 
+    from onnxsparse.shapes import infer_shapes
+
     changing = activations.ChangingModelValues(source, None, label="test")
+    changing.values(model, ["a"])
+    assert not changing.kept  # sizes unknown without inferred shapes: streamed, not held
+    model = infer_shapes(model)
     changing.values(model, ["a", "b"])
-    changing.edited({"b", "s1", "s2", "y"})
+    graph = to_gs(model)
+    changing.edited(graph, [n for n in graph.nodes if n.op == "Neg"])  # b and all after it change, a does not
     assert set(changing.kept) == {"a"}
+    monkeypatch.setattr(activations, "FIXED_VALUES_BYTES", 90)  # s1 (32 bytes) fits, but not beside a (64): the older goes
+    changing.values(model, ["s1"])
+    assert set(changing.kept) == {"s1"}

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..activations import FixedModelValues, collect_channel_stats, tensor_values
+from ..activations import ChangingModelValues, FixedModelValues, collect_channel_stats, tensor_values
 from ..calibration import InputSource, read_once
 from ..graph import from_gs, overridable_initializers, to_gs
 from ..layerwise import (activation_name, correct_biases, cross_blocks, fit_to_teacher, from_matrix, groups_of, hessian_blocks, input_rows,
@@ -274,6 +274,7 @@ class MagnitudePrune(Pass):
         source = read_once(context.calibration, model, limit=self.calibration_samples)  # every layer runs the model on it, the teacher too
         teacher = (FixedModelValues(model, source, self.calibration_samples, [activation_name(site) for site, _ in chosen if not unsupported_reason(site)],
                                     label="sparsegpt teacher") if self.teacher > 0 else None)
+        inputs = ChangingModelValues(source, self.calibration_samples, label="sparsegpt inputs")
         pruned = []
         for site, target in chosen:
             reason = unsupported_reason(site)
@@ -283,14 +284,15 @@ class MagnitudePrune(Pass):
                 value = np.where(keep, site.value, np.zeros((), dtype=site.value.dtype))
             else:
                 current = from_gs(graph, like=model)  # the model with every earlier layer already pruned
-                value = self._reconstruct_layer(current, site, target, nm, source, teacher)
+                value = self._reconstruct_layer(current, site, target, nm, inputs, teacher)
             replace_weight(site, value)
+            inputs.edited(graph, [use.node for use in site.uses])
             pruned.append(value)
         return pruned
 
     def _reconstruct_layer(self, current: onnx.ModelProto, site: WeightSite, target: float, nm: tuple[int, int] | None,
-                           source: InputSource, teacher: FixedModelValues | None) -> np.ndarray:
-        hessians, crosses = self._layer_statistics(current, site, source, teacher)
+                           inputs: ChangingModelValues, teacher: FixedModelValues | None) -> np.ndarray:
+        hessians, crosses = self._layer_statistics(current, site, inputs, teacher)
         return self._solve(site, hessians, crosses, target, nm)
 
     def _solve(self, site: WeightSite, hessians: list[np.ndarray], crosses: list[np.ndarray] | None, target: float,
@@ -305,12 +307,12 @@ class MagnitudePrune(Pass):
                   for w, h in zip(groups, hessians)]
         return from_matrix(site, np.concatenate(solved, axis=0))
 
-    def _layer_statistics(self, current: onnx.ModelProto, site: WeightSite, source: InputSource, teacher_values: FixedModelValues | None
+    def _layer_statistics(self, current: onnx.ModelProto, site: WeightSite, inputs: ChangingModelValues, teacher_values: FixedModelValues | None
                           ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         """XᵀX per group of the layer's input in the partly pruned model and, with a teacher,
         X_tᵀX with X_t the same input in the original model (the same feeds, in the same order)."""
         name = activation_name(site)
-        mine = tensor_values(current, source, [name], limit=self.calibration_samples, label="sparsegpt inputs")
+        mine = inputs.values(current, [name])
         theirs = iter(teacher_values.values(name)) if teacher_values is not None else None
         hessians: list[np.ndarray] | None = None
         crosses: list[np.ndarray] | None = None
