@@ -176,7 +176,7 @@ class FixedModelValues:
         self.model, self.source, self.limit, self.label = model, source, limit, label
         self.coming = coming  # the names in the order they will be asked for (a name may come again)
         self.asked = 0
-        self.total_samples = sum(samples_in(feed) for index, feed in enumerate(source.feeds()) if limit is None or index < limit)
+        self.total_samples = _samples_read(source, limit)
         self.per_sample = _bytes_per_sample(model)
         self.held: dict[str, list[np.ndarray]] = {}
 
@@ -223,7 +223,7 @@ class ChangingModelValues:
 
     def __init__(self, source: InputSource, limit: int | None, *, label: str) -> None:
         self.source, self.limit, self.label = source, limit, label
-        self.total_samples = sum(samples_in(feed) for index, feed in enumerate(source.feeds()) if limit is None or index < limit)
+        self.total_samples = _samples_read(source, limit)
         self.kept: dict[str, list[np.ndarray]] = {}  # in the order they were computed
 
     def values(self, model: onnx.ModelProto, names: Iterable[str]) -> Iterable[dict[str, np.ndarray]]:
@@ -254,6 +254,11 @@ class ChangingModelValues:
         held = sum(value.nbytes for values in self.kept.values() for value in values)
         while held > FIXED_VALUES_BYTES and self.kept:
             held -= sum(value.nbytes for value in self.kept.pop(next(iter(self.kept))))
+
+
+def _samples_read(source: InputSource, limit: int | None) -> int:
+    """How many samples the first ``limit`` feeds of ``source`` hold (what a pass over them reads)."""
+    return sum(samples_in(feed) for index, feed in enumerate(source.feeds()) if limit is None or index < limit)
 
 
 def _bytes_per_sample(model: onnx.ModelProto) -> dict[str, int]:
