@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from .calibration import InputSpec, collect_feeds, resolve_inputs
+from .calibration import DEFAULT_SYNTHETIC_SAMPLES, InputSpec, collect_feeds, resolve_inputs
 from .errors import OnnxsparseError
 from .io import load, save
 from .passes import Pass, PassContext, PassResult, register, registered_passes
@@ -37,7 +37,7 @@ def validate(
     inputs: InputSpec = None,
     tolerance: Tolerance | None = None,
     tolerances: Tolerances | None = None,
-    samples: int = 4,
+    samples: int = DEFAULT_SYNTHETIC_SAMPLES,
     seed: int = 0,
     dims: dict[str, int] | None = None,
     int_range: tuple[int, int] | None = None,

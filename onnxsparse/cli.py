@@ -1,8 +1,7 @@
 """``onnxsparse optimize | validate | inspect | passes``.
 
-Exit status: 0 done, 1 a model failed validation (or a pass failed under ``--policy raise``),
-2 bad input (missing or invalid file, unknown pass or option, output path equal to the input),
-3 an internal error (a bug).
+Exit status (see EXIT_STATUS): 0 done and validated as asked, 1 a model failed validation,
+2 bad input, 3 an internal error (a bug), 4 a requested pass was rolled back.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from typing import Any, Iterator
 from tqdm import tqdm
 
 from . import __version__
-from .calibration import parse_dims
+from .calibration import DEFAULT_SYNTHETIC_SAMPLES, HELD_OUT_MAX_SAMPLES, parse_dims
 from .errors import InputDataError, OnnxsparseError
 from .inspect_model import ModelSummary, summarize
 from .io import load_with_info, save
@@ -29,6 +28,16 @@ from .spec import option_fields, option_types, parse_tolerance_text, type_text, 
 from .validate import Tolerances, ValidationResult
 
 log = logging.getLogger("onnxsparse")
+
+EXIT_STATUS = """exit status:
+  0  done: every pass committed (or changed nothing, with the reason in the report) and the output validated
+  1  validation failed: `validate` found the candidate out of tolerance, or `optimize` ended with a model
+     out of tolerance (written under --policy keep) or stopped on one (--policy raise)
+  2  bad input: a missing or invalid file, an unknown pass or option, data that does not fit the model
+  3  internal error: a bug in onnxsparse (please report it with the output of -vv)
+  4  a requested pass was rolled back (it crashed, broke its tolerance, or made the model worse): the
+     output was written and validated without it; the report says why"""
+EXIT_DONE, EXIT_VALIDATION_FAILED, EXIT_ROLLED_BACK = 0, 1, 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,12 +93,14 @@ def _human_bytes(count: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnxsparse", description="Make ONNX models smaller and faster, and measure what it costs.")
+    parser = argparse.ArgumentParser(prog="onnxsparse", description="Make ONNX models smaller and faster, and measure what it costs.",
+                                     epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"onnxsparse {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    optimize = commands.add_parser("optimize", help="run a pipeline of passes over a model, validated against the original")
+    optimize = commands.add_parser("optimize", help="run a pipeline of passes over a model, validated against the original",
+                                   epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     optimize.add_argument("model", help="input .onnx file (never modified)")
     optimize.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
     source = optimize.add_mutually_exclusive_group(required=True)
@@ -100,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     optimize.add_argument("--markdown", metavar="FILE.md", help="write the report as Markdown")
     optimize.add_argument("--overwrite-input", action="store_true", help="allow the output to replace the input file")
+    optimize.add_argument("--keep-worse", action="store_true",
+                          help="keep a step that left the model larger on disk and not faster, or slower, than its input (default: roll it back)")
     _add_input_options(optimize)
     _add_tolerance_options(optimize, per_pass=True)
     _add_common_options(optimize)
@@ -126,10 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_input_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("validation inputs (default: seeded synthetic data from the input types)")
-    group.add_argument("--inputs", nargs="+", metavar="NPZ|DIR", help=".npz files (keys = input names) or folders of them")
-    group.add_argument("--samples", type=int, default=4, help="synthetic samples (default 4)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the synthetic samples (default 0)")
+    group = parser.add_argument_group(
+        "validation inputs (default: a seeded quarter of --calibration held out of every fit, at most "
+        f"{HELD_OUT_MAX_SAMPLES} samples; without calibration data, seeded synthetic data from the input types)")
+    group.add_argument("--inputs", nargs="+", metavar="NPZ|DIR",
+                       help=".npz files (keys = input names) or folders of them; must not share a sample with --calibration")
+    group.add_argument("--samples", type=int, default=DEFAULT_SYNTHETIC_SAMPLES,
+                       help=f"synthetic samples (default {DEFAULT_SYNTHETIC_SAMPLES}: enough for a top-1 agreement to move in steps of 1/16)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the synthetic samples and of the held-out split (default 0)")
     group.add_argument("--dims", default="", metavar="NAME=N,...", help="values of dynamic dims (default 1 for the batch axis, 32 elsewhere)")
     group.add_argument("--int-range", default=None, metavar="LOW,HIGH", help="range of synthetic integer inputs, e.g. token ids")
 
@@ -206,10 +223,18 @@ def run_optimize(args: argparse.Namespace) -> int:
             report_path=args.report,
             markdown_path=args.markdown,
             overwrite_input=args.overwrite_input,
+            keep_worse=args.keep_worse,
             progress=progress,
         )
     print(json.dumps(report.to_dict(), indent=2) if args.json else render_run(report))
-    return 0
+    return optimize_status(report)
+
+
+def optimize_status(report: RunReport) -> int:
+    """The exit status of a finished run (see EXIT_STATUS): a failed final validation outranks a rollback."""
+    if report.final_validation is not None and not report.final_validation.passed:
+        return EXIT_VALIDATION_FAILED
+    return EXIT_ROLLED_BACK if report.rolled_back else EXIT_DONE
 
 
 def render_run(report: RunReport) -> str:
@@ -231,6 +256,8 @@ def render_run(report: RunReport) -> str:
     if report.final_validation is not None:
         verdict = "passed" if report.final_validation.passed else "FAILED: " + "; ".join(report.final_validation.verdict.failures)
         lines.append(f"final validation on {report.inputs}: {verdict}; {worst_output(report.final_validation)}")
+    if report.calibration:
+        lines.append(f"passes fitted on: {report.calibration}")
     lines.extend(f"warning: {w}" for w in report.warnings)
     return "\n".join(lines)
 
@@ -272,7 +299,8 @@ def render_validation(result: ValidationResult) -> str:
     ]
     table = format_table(["output", "dtype", "shape", "max abs", "max rel", "cosine", "SQNR dB", "top-1", "KL", "equal", "note"], rows, right=range(3, 10))
     verdict = "passed" if result.passed else "FAILED\n" + "\n".join(f"  {f}" for f in result.verdict.failures)
-    return f"{table}\n\n{result.feeds} feed(s), tolerance {next(iter(result.verdict.tolerances.values()), 'none')}: {verdict}"
+    notes = "".join(f"\nnote: {note}" for note in result.verdict.notes)
+    return f"{table}\n\n{result.feeds} feed(s), tolerance {next(iter(result.verdict.tolerances.values()), 'none')}: {verdict}{notes}"
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import iter_attribute_tensors, iter_model_graphs, op_histogram, outer_scope_reads, subgraphs_of
 from .errors import OnnxsparseError
+from .graph import iter_all_tensors, iter_attribute_tensors, iter_model_graphs, op_histogram, outer_scope_reads, subgraphs_of
 from .io import LoadInfo, sparse_to_dense
 
 
@@ -123,6 +123,29 @@ def summarize(model: onnx.ModelProto, info: LoadInfo | None = None, *, with_tens
         bytes_by_location=dict(bytes_by_location.most_common()),
         sparse_encoded=sparse,
     )
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a model's constant tensors take, read from their declared dims and types (no data is
+    decoded): what the pass manager compares before and after a step."""
+
+    bytes: int
+    elements: int
+
+
+def footprint(model: onnx.ModelProto) -> Footprint:
+    """:class:`Footprint` of every constant tensor, subgraphs and sparse parts included."""
+    total_bytes = total_elements = 0
+    for tensor in iter_all_tensors(model):
+        elements = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):  # strings, undefined: counted as bytes stored
+            itemsize = 1
+        total_bytes += elements * itemsize
+        total_elements += elements
+    return Footprint(total_bytes, total_elements)
 
 
 def count_macs(model: onnx.ModelProto) -> int | None:

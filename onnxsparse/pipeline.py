@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -15,7 +15,20 @@ from typing import Literal
 import numpy as np
 import onnx
 
-from .calibration import InputSource, InputSpec, collect_feeds, resolve_inputs
+from .calibration import (
+    DEFAULT_SYNTHETIC_SAMPLES,
+    InputSource,
+    InputSpec,
+    IterableInputs,
+    SpreadSamples,
+    SyntheticInputs,
+    batch_dim,
+    collect_feeds,
+    held_out_split,
+    model_inputs,
+    resolve_inputs,
+    sample_digests,
+)
 from .errors import (
     InputDataError,
     ModelLoadError,
@@ -26,13 +39,26 @@ from .errors import (
     RuntimeLoadError,
     ValidationFailed,
 )
-from .inspect_model import summarize
+from .inspect_model import Footprint, footprint, summarize
 from .io import LoadInfo, check_model, load_with_info, same_file, save
+from .latency import relative_latency, timing_feed
 from .passes import Pass, PassContext, PassResult, Requirement
+from .report import KEPT, KEPT_FAILING, KEPT_WORSE, NO_CHANGE, ROLLED_BACK, WORSE, RunReport, StepReport, write_text_atomically
 from .shapes import infer_shapes
-from .report import COMMITTED, KEPT_FAILING, ROLLED_BACK, RunReport, StepReport, write_text_atomically
 from .spec import format_pipeline, load_recipe, parse_pipeline
-from .validate import EXACT, Feed, ProgressCallback, Reference, Tolerance, Tolerances, ValidationResult, compare, loosest, make_session, run_feeds
+from .validate import (
+    EXACT,
+    Feed,
+    ProgressCallback,
+    Reference,
+    Tolerance,
+    Tolerances,
+    ValidationResult,
+    compare,
+    loosest,
+    make_session,
+    run_feeds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +79,25 @@ def clone(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+@dataclass(frozen=True)
+class DataPlan:
+    """Which samples validate the steps and which the passes may fit on: never the same ones."""
+
+    validation: InputSource
+    calibration: InputSource | None  # what the passes receive; None when none was given
+    fitting: tuple[str, ...]  # the passes that fit on calibration data
+
+
 @dataclass
 class PassManager:
-    """Runs passes over a model under validation. The input model is never modified."""
+    """Runs passes over a model under validation. The input model is never modified.
+
+    Validation samples and calibration samples never overlap: given both, an overlap is refused;
+    given calibration data only, a seeded share of it is held out for validation and the passes
+    fit on the rest (``held_out_seed``). ``fallback_inputs`` (seeded synthetic data by default)
+    validate when no real data was given. A step that changed nothing is reported as such, and one
+    that left the model larger on disk and not faster, or slower, is rolled back as ``worse``
+    unless ``keep_worse``."""
 
     passes: Sequence[Pass]
     inputs: InputSource | None = None
@@ -65,6 +107,9 @@ class PassManager:
     temperature: float = 1.0
     max_feeds: int | None = 64
     progress: ProgressCallback | None = None
+    fallback_inputs: InputSource | None = None
+    held_out_seed: int = 0
+    keep_worse: bool = False
     report: RunReport | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -81,17 +126,22 @@ class PassManager:
         that catches an error (policy ``raise``) can still write what happened."""
         started = time.perf_counter()
         self._check_requirements()
-        source = self.inputs if self.inputs is not None else resolve_inputs(None, model)
+        data = self._plan_data(model)
         report = self.report = RunReport(pipeline=format_pipeline(self.passes), policy=self.policy, inputs="", input=summarize(model, info))
         report.input.source = label
-        feeds = collect_feeds(source, model, limit=self.max_feeds)
-        report.inputs = _describe_feeds(source, feeds, self.max_feeds)
+        feeds = collect_feeds(data.validation, model, limit=self.max_feeds)
+        if self.inputs is not None and data.fitting:
+            _refuse_overlap(self.inputs, feeds, self.calibration, model, data.fitting)  # type: ignore[arg-type]
+        report.inputs = _describe_feeds(data.validation, feeds, self.max_feeds)
+        report.calibration = data.calibration.describe() if data.calibration is not None and data.fitting else ""
         reference = Reference.of(model, feeds, f"{label} (original)", self._progress("reference"))
-        chain = _Chain(model, reference.outputs)
+        chain = _Chain(model, reference.outputs, footprint(model))
+        judge = _CalibrationJudge(model, data.calibration, self.temperature)
         for index, pass_ in enumerate(self.passes):
             self._report_progress("passes", index, len(self.passes))
-            step, result_model, outputs = self._run_step(pass_, chain, reference, label)
-            if step.status in (COMMITTED, KEPT_FAILING) and result_model is not None:
+            step, result_model, outputs = self._run_step(pass_, chain, reference, data, judge, label)
+            step.judged_on = report.inputs
+            if step.status in KEPT and result_model is not None:
                 chain.commit(result_model, outputs, pass_)
                 report.standard = report.standard and step.standard
         self._report_progress("passes", len(self.passes), len(self.passes))
@@ -101,8 +151,28 @@ class PassManager:
         )
         report.output = summarize(final, with_tensors=True)
         report.warnings.extend(dict.fromkeys(w for step in report.steps for w in step.warnings))
+        report.warnings.extend(report.final_validation.verdict.notes)
+        if isinstance(data.validation, SyntheticInputs):
+            report.warnings.append(f"validated on {data.validation.describe()}: real data may tell another story; give --inputs "
+                                   "(or --calibration, part of which is then held out for validation)")
         report.seconds = time.perf_counter() - started
         return final, report
+
+    def _plan_data(self, model: onnx.ModelProto) -> DataPlan:
+        """Validate on the user's inputs; else on calibration samples held out of every fit (on all of
+        them when no pass fits on data); else on the fallback (seeded synthetic) inputs."""
+        fitting = tuple(p.name for p in self.passes if Requirement.CALIBRATION in p.needs())
+        if self.calibration is None:
+            validation = self.inputs or self.fallback_inputs or resolve_inputs(None, model)
+            return DataPlan(validation, None, fitting)
+        if self.inputs is not None:
+            return DataPlan(self.inputs, self.calibration, fitting)
+        if not fitting:  # real data beats synthetic, and nothing fits on it
+            return DataPlan(self.calibration, self.calibration, fitting)
+        _, sizes = sample_digests(self.calibration, _input_names(model), _batched(model), hashed=False)
+        split = held_out_split(self.calibration, sizes, self.held_out_seed)
+        log.info("validating on %s; the passes fit on %s", split.held_out.describe(), split.fit.describe())
+        return DataPlan(split.held_out, split.fit, fitting)
 
     def _check_requirements(self) -> None:
         """Fail before any work when a pass needs something that was not given."""
@@ -111,31 +181,37 @@ class PassManager:
                 raise RequirementError(f"{pass_.name} needs calibration data: {_REQUIREMENT_HINTS[Requirement.CALIBRATION]}")
 
     def _run_step(
-        self, pass_: Pass, chain: _Chain, reference: Reference, label: str
+        self, pass_: Pass, chain: _Chain, reference: Reference, data: DataPlan, judge: _CalibrationJudge, label: str
     ) -> tuple[StepReport, onnx.ModelProto | None, list[dict[str, np.ndarray]] | None]:
         step = StepReport(pass_name=pass_.name, spec=pass_.spec())
         if self.report is not None:  # in the report at once: a `raise` below still leaves it there
             self.report.steps.append(step)
         started = time.perf_counter()
         budget = chain.budget_with(pass_)
+        fits = Requirement.CALIBRATION in pass_.needs()
+        step.fitted_on = data.calibration.describe() if fits and data.calibration is not None else ""
 
-        def against_original(model: onnx.ModelProto, name: str, progress: ProgressCallback | None = None) -> tuple[list[dict[str, np.ndarray]], ValidationResult]:
-            outputs = run_feeds(make_session(model, name), reference.feeds, name, progress)
-            return outputs, compare(reference.outputs, outputs, lambda o: self.tolerances.for_output(o, pass_.name, budget), temperature=self.temperature)
+        def tolerance_of(output: str) -> Tolerance:
+            return self.tolerances.for_output(output, pass_.name, budget)
 
-        def validate(model: onnx.ModelProto) -> ValidationResult:  # for passes that search (the qdq guard)
-            return against_original(model, f"{label} trial of {pass_.name}")[1]
+        def validate(model: onnx.ModelProto) -> ValidationResult:  # for passes that search (the qdq guard): calibration only
+            return judge.validate(model, tolerance_of, f"{label} trial of {pass_.name}")
 
         try:
             candidate = self._prepared_copy(pass_, chain.model)
-            result = pass_.run(candidate, PassContext(calibration=self.calibration, validate=validate, progress=self.progress))
+            context = PassContext(calibration=data.calibration, validate=validate if data.calibration is not None else None, progress=self.progress)
+            result = pass_.run(candidate, context)
         except _CALLER_ERRORS:
             raise
-        except Exception as error:  # noqa: BLE001 - a broken pass is rolled back, not fatal
+        except Exception as error:
             log.debug("pass %s raised", pass_.name, exc_info=True)
             return self._structural_failure(step, f"pass raised {type(error).__name__}: {_first_line(error)}"), None, None
         step.seconds["run"] = time.perf_counter() - started
         _copy_result(step, result)
+        if not result.changes:
+            step.status, step.reason = NO_CHANGE, _why_nothing_changed(result)
+            log.info("%s changed nothing: %s", pass_.name, step.reason)
+            return step, None, None
         checked = time.perf_counter()
         try:
             check_model(result.model, f"{label} after {pass_.name}", standard=result.standard)
@@ -144,16 +220,49 @@ class PassManager:
         step.seconds["check"] = time.perf_counter() - checked
         validated = time.perf_counter()
         try:
-            outputs, step.validation = against_original(result.model, f"{label} after {pass_.name}", self._progress(f"validate {pass_.name}"))
+            outputs = run_feeds(make_session(result.model, f"{label} after {pass_.name}"), reference.feeds, f"{label} after {pass_.name}",
+                                self._progress(f"validate {pass_.name}"))
         except (RuntimeLoadError, InputDataError) as error:
             return self._structural_failure(step, str(error)), None, None
+        step.validation = compare(reference.outputs, outputs, tolerance_of, temperature=self.temperature)
         if pass_.tolerance() == EXACT and chain.drifted:
             # An exact pass after a lossy one: the drift from the original belongs to the earlier
             # pass; this one is held to its own bound against the model it was given.
             own = self.tolerances.per_pass.get(pass_.name, EXACT)
             step.step_validation = compare(chain.outputs, outputs, lambda _: own, temperature=self.temperature)
         step.seconds["validate"] = time.perf_counter() - validated
-        return self._judged(step), result.model, outputs
+        step = self._judged(step)
+        if step.status in KEPT:
+            measured = time.perf_counter()
+            step = self._judged_for_size_and_speed(step, pass_, chain, result.model, data)
+            step.seconds["compare"] = time.perf_counter() - measured
+        return step, result.model, outputs
+
+    def _judged_for_size_and_speed(self, step: StepReport, pass_: Pass, chain: _Chain, model: onnx.ModelProto, data: DataPlan) -> StepReport:
+        """A step that leaves the model larger on disk and not faster, or slower than its input in
+        onnxruntime, is worse whatever its accuracy: rolled back unless ``keep_worse``. Only passes
+        that can change the speed, and steps that grew the model, are timed."""
+        before, after = chain.footprint, footprint(model)
+        step.figures.update(bytes_before=before.bytes, bytes_after=after.bytes, parameters_before=before.elements, parameters_after=after.elements)
+        grew = after.bytes > before.bytes * SIZE_NOISE
+        if not (grew or pass_.may_change_speed):
+            return step
+        ratio = _confirmed_latency_ratio(chain.model, model, timing_feed(chain.model, data.calibration or data.validation), grew)
+        step.figures["latency_vs_input"] = round(ratio, 3)
+        why = ""
+        if grew and ratio > 1.0 - SPEED_NOISE:
+            why = (f"{after.bytes / max(before.bytes, 1):.2f}x the bytes of its input ({_grown_parameters(before, after)}) and not faster "
+                   f"({ratio:.2f}x its time in onnxruntime, one thread)")
+        elif ratio > 1.0 + SLOWER_MARGIN:
+            why = f"{ratio:.2f}x its input's time in onnxruntime (one thread)"
+        if not why:
+            return step
+        step.status = KEPT_WORSE if self.keep_worse else WORSE
+        step.reason = f"worse than its input: {why}" + ("" if self.keep_worse else "; kept the input (keep_worse / --keep-worse keeps such a step)")
+        log.info("%s %s: %s", step.pass_name, step.status, step.reason)
+        if self.policy == "raise" and not self.keep_worse:
+            raise PassFailed(f"{step.pass_name}: {step.reason}")
+        return step
 
     def _prepared_copy(self, pass_: Pass, current: onnx.ModelProto) -> onnx.ModelProto:
         candidate = clone(current)
@@ -205,6 +314,7 @@ class _Chain:
 
     model: onnx.ModelProto
     outputs: list[dict[str, np.ndarray]]
+    footprint: Footprint
     budget: Tolerance = EXACT
     last_pass: str | None = None
     drifted: bool = False
@@ -218,8 +328,90 @@ class _Chain:
     def commit(self, model: onnx.ModelProto, outputs: list[dict[str, np.ndarray]] | None, pass_: Pass) -> None:
         self.budget = self.budget_with(pass_)
         self.model, self.last_pass = model, pass_.name
+        self.footprint = footprint(model)
         self.outputs = outputs if outputs is not None else self.outputs
         self.drifted = self.drifted or pass_.tolerance() != EXACT
+
+
+# A step "grew" the model when its constant tensors take more than 1% more bytes (QDQ adds a few scales);
+# such a step must run at least 3% faster to be kept. Any step "slower" by more than 10% than its input
+# (confirmed by a longer timing: one timing on a shared machine is off by a few percent) is worse.
+SIZE_NOISE = 1.01
+SPEED_NOISE = 0.03
+SLOWER_MARGIN = 0.10
+RETIME_RUNS, RETIME_SECONDS = 60, 3.0
+
+
+def _confirmed_latency_ratio(before: onnx.ModelProto, after: onnx.ModelProto, feed: dict[str, np.ndarray], grew: bool) -> float:
+    """``after``'s onnxruntime time over ``before``'s; a ratio that would condemn the step is timed again, longer."""
+    ratio = relative_latency(before, after, feed)
+    if (grew and ratio > 1.0 - SPEED_NOISE) or ratio > 1.0 + SLOWER_MARGIN:
+        ratio = relative_latency(before, after, feed, min_runs=RETIME_RUNS, min_seconds=RETIME_SECONDS)
+    return ratio
+
+
+def _grown_parameters(before: Footprint, after: Footprint) -> str:
+    return f"parameters {before.elements:,} -> {after.elements:,}"
+
+
+def _why_nothing_changed(result: PassResult) -> str:
+    """The pass's own reasons for leaving things alone, grouped by reason, else its warnings."""
+    by_reason: dict[str, list[str]] = {}
+    for skip in result.skipped:
+        by_reason.setdefault(skip.reason, []).append(skip.target)
+    parts = [f"{reason} ({_some(targets)})" for reason, targets in by_reason.items()]
+    parts = parts or list(dict.fromkeys(result.warnings))
+    if not parts:
+        return "the pass found nothing to change (and gave no reason: a gap in the pass, please report it)"
+    more = f"; and {len(parts) - 4} other reason(s) in the report" if len(parts) > 4 else ""
+    return "; ".join(parts[:4]) + more
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
+
+
+def _input_names(model: onnx.ModelProto) -> list[str]:
+    return [i.name for i in model_inputs(model)]
+
+
+def _batched(model: onnx.ModelProto) -> bool:
+    """Whether the model's inputs share a batch axis, along which a feed holds several samples."""
+    return batch_dim(i.shape for i in model_inputs(model)) is not None
+
+
+def _refuse_overlap(inputs: InputSource, feeds: list[Feed], calibration: InputSource, model: onnx.ModelProto, fitting: tuple[str, ...]) -> None:
+    """Validation samples that are also calibration samples would judge a fitted pass on what it
+    fitted (a refit that memorised 32 views validated at top-1 0.875 and scored 0.062 on others)."""
+    names, batched = _input_names(model), _batched(model)
+    validation, _ = sample_digests(IterableInputs(feeds), names, batched)
+    known = set(sample_digests(calibration, names, batched)[0])
+    shared = sum(digest in known for digest in validation)
+    if shared:
+        raise InputDataError(
+            f"{inputs.describe()}: {shared} of its {len(validation)} validation samples are also in the calibration data "
+            f"({calibration.describe()}), on which {', '.join(dict.fromkeys(fitting))} fit: the verdict would be computed on what they "
+            "fitted. Give validation inputs apart from the calibration data, or leave --inputs out to hold out part of the calibration data")
+
+
+class _CalibrationJudge:
+    """Judges a pass's trial candidates (the qdq guard, its choice of mode) against the original on
+    calibration samples spread over the set, never on the validation samples: what a pass chooses
+    by must not be what its verdict is then computed on. The reference is computed on first use."""
+
+    SAMPLES = 32
+
+    def __init__(self, original: onnx.ModelProto, calibration: InputSource | None, temperature: float) -> None:
+        self.original, self.calibration, self.temperature = original, calibration, temperature
+        self._reference: Reference | None = None
+
+    def validate(self, model: onnx.ModelProto, tolerance_of: Callable[[str], Tolerance], label: str) -> ValidationResult:
+        if self.calibration is None:
+            raise RequirementError("a pass asked to judge a trial model without calibration data")
+        if self._reference is None:
+            source = SpreadSamples(self.calibration, self.SAMPLES)
+            self._reference = Reference.of(self.original, collect_feeds(source, self.original), "original on calibration samples")
+        return self._reference.validate(model, tolerance_of, label, temperature=self.temperature)
 
 
 def _describe_feeds(source: InputSource, feeds: list[Feed], limit: int | None) -> str:
@@ -262,7 +454,7 @@ def optimize(
     calibration: InputSpec = None,
     tolerances: Tolerances | None = None,
     policy: Policy | None = None,
-    samples: int = 4,
+    samples: int = DEFAULT_SYNTHETIC_SAMPLES,
     seed: int = 0,
     dims: dict[str, int] | None = None,
     int_range: tuple[int, int] | None = None,
@@ -270,10 +462,15 @@ def optimize(
     report_path: str | os.PathLike[str] | None = None,
     markdown_path: str | os.PathLike[str] | None = None,
     overwrite_input: bool = False,
+    keep_worse: bool = False,
     progress: ProgressCallback | None = None,
 ) -> RunReport:
     """Load ``input_path``, run the pipeline (text, pass objects, or a TOML ``recipe``) under
     validation, write ``output_path`` atomically (None: run and report only), and return the report.
+
+    Validation runs on ``inputs``, which must not share a sample with ``calibration``; without
+    ``inputs``, on a seeded share of ``calibration`` held out of every fit (``seed``); without either,
+    on ``samples`` seeded synthetic samples (``dims``, ``int_range``).
 
     Nothing the run reads (the model, its external data, the recipe, input files) is ever
     overwritten by what it writes (model, report, Markdown), unless ``overwrite_input`` allows the
@@ -292,8 +489,11 @@ def optimize(
         protected.append(Path(input_path))
     manager = PassManager(
         passes,
-        inputs=resolve_inputs(inputs, model, samples=samples, seed=seed, dims=dims, int_range=int_range),
+        inputs=None if inputs is None else resolve_inputs(inputs, model),
         calibration=None if calibration is None else resolve_inputs(calibration, model),
+        fallback_inputs=resolve_inputs(None, model, samples=samples, seed=seed, dims=dims, int_range=int_range),
+        held_out_seed=seed,
+        keep_worse=keep_worse,
         tolerances=tolerances.checked([o.name for o in model.graph.output], [p.name for p in passes]),
         policy=policy,
         temperature=temperature,

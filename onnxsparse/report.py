@@ -16,8 +16,12 @@ from .passes import Change, Skip
 from .validate import ValidationResult
 
 COMMITTED = "committed"
-ROLLED_BACK = "rolled-back"
+NO_CHANGE = "no-change"  # the pass changed nothing; the reason says why (pins, weights it could not reach)
+ROLLED_BACK = "rolled-back"  # crashed, invalid model, or tolerance broken
+WORSE = "worse"  # rolled back: larger on disk and not faster, or slower, than its input
 KEPT_FAILING = "kept-failing"  # tolerance broken, kept because the policy is "keep"
+KEPT_WORSE = "kept-worse"  # worse, kept because the caller asked to keep such steps
+KEPT = (COMMITTED, KEPT_FAILING, KEPT_WORSE)  # the statuses whose model the next step starts from
 
 
 @dataclass
@@ -34,6 +38,8 @@ class StepReport:
     validation: ValidationResult | None = None  # against the original model
     step_validation: ValidationResult | None = None  # an exact pass after a lossy one: against the model it was given
     standard: bool = True  # False: deliberately non-standard ONNX (checked in onnxruntime only)
+    fitted_on: str = ""  # the calibration samples the pass could fit on ("" when it takes none)
+    judged_on: str = ""  # the samples its verdict was computed on
 
 
 @dataclass
@@ -42,6 +48,7 @@ class RunReport:
     policy: str
     inputs: str
     input: ModelSummary
+    calibration: str = ""  # what the passes fitted on (the part of the calibration data not held out)
     output: ModelSummary | None = None
     output_path: str | None = None
     steps: list[StepReport] = field(default_factory=list)
@@ -52,7 +59,8 @@ class RunReport:
 
     @property
     def rolled_back(self) -> list[StepReport]:
-        return [step for step in self.steps if step.status == ROLLED_BACK]
+        """Steps asked for and not kept: they broke, broke the tolerance, or made the model worse."""
+        return [step for step in self.steps if step.status in (ROLLED_BACK, WORSE)]
 
     def to_dict(self, *, tensors: bool = False) -> dict[str, Any]:
         data = json_ready(dataclasses.asdict(self))
@@ -70,7 +78,10 @@ class RunReport:
         lines += [f"- input: `{self.input.source}` ({self.input.file_bytes:,} bytes, {self.input.nodes} nodes, {self.input.parameters:,} parameters)"]
         if self.output is not None:
             lines += [f"- output: `{self.output_path}` ({self.output.file_bytes:,} bytes, {self.output.nodes} nodes, {self.output.parameters:,} parameters)"]
-        lines += [f"- validation inputs: {self.inputs}; failure policy: {self.policy}; total {self.seconds:.2f} s", ""]
+        lines += [f"- validated on: {self.inputs}"]
+        if self.calibration:
+            lines += [f"- passes fitted on: {self.calibration}"]
+        lines += [f"- failure policy: {self.policy}; total {self.seconds:.2f} s", ""]
         lines += ["| pass | status | changes | skipped | worst output | run s | validate s |", "|---|---|---|---|---|---|---|"]
         for step in self.steps:
             lines.append(

@@ -127,6 +127,8 @@ class OutputMetrics:
     cosine: float | None = 1.0
     sqnr_db: float | None = math.inf
     top1: float | None = None
+    top1_interval: tuple[float, float] | None = None  # 95% Wilson interval of top1 over ``rows``
+    rows: int = 0  # score rows top1 and kl were computed over (samples x positions)
     kl: float | None = None
     agreement: float | None = None  # integer/bool/string outputs: fraction of equal elements
     nonfinite: int = 0
@@ -240,8 +242,33 @@ class _OutputAccumulator:
         metrics.nonfinite = self.nonfinite
         if self.scored and self.rows:
             metrics.top1 = self.top1_equal / self.rows
+            metrics.top1_interval = wilson_interval(self.top1_equal, self.rows)
+            metrics.rows = self.rows
             metrics.kl = self.kl_sum / self.rows
         return metrics
+
+
+# How far the true top-1 agreement may lie from the measured one before a verdict on it is flagged
+# as resting on too few samples (half the width of its 95% interval).
+TOP1_PRECISION = 0.05
+_Z95 = 1.959964
+
+
+def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion: unlike p +- 1.96 sqrt(p(1-p)/n) it stays
+    inside [0, 1] and is not zero-width when every row agrees (8 of 8 agree: 0.68 to 1)."""
+    if trials <= 0:
+        return (0.0, 1.0)
+    p, z2 = successes / trials, _Z95 * _Z95
+    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
+    half = _Z95 * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials)) / (1 + z2 / trials)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def rows_for_precision(p: float, half_width: float = TOP1_PRECISION) -> int:
+    """About how many rows pin a proportion near ``p`` to +-``half_width`` (95%)."""
+    p = min(max(p, 0.05), 0.95)  # near 0 or 1 the normal estimate undercounts: plan for 0.95
+    return math.ceil(_Z95 * _Z95 * p * (1 - p) / (half_width * half_width))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -263,6 +290,7 @@ class Verdict:
     tolerances: dict[str, str] = field(default_factory=dict)
     # per output, per bound: the loosest value the output reached = the tightest bound that passes
     smallest_passing: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what limits the verdict (too few samples for a top-1 bound)
 
 
 def judge(metrics: Sequence[OutputMetrics], tolerance_of: Callable[[str], Tolerance]) -> Verdict:
@@ -293,8 +321,21 @@ def judge(metrics: Sequence[OutputMetrics], tolerance_of: Callable[[str], Tolera
                     f"{'>' if bound.startswith('max_') else '<'} {limit:g} (passes with {bound}={_loosened(value, bound):.4g})"
                 )
         verdict.smallest_passing[output.name] = reached
+        if tolerance.min_top1 is not None:
+            verdict.notes.extend(_top1_precision_note(output))
     verdict.passed = not verdict.failures
     return verdict
+
+
+def _top1_precision_note(output: OutputMetrics) -> list[str]:
+    """A note when a top-1 bound is judged on too few rows to mean it."""
+    if output.top1 is None or output.top1_interval is None:
+        return []
+    low, high = output.top1_interval
+    if (high - low) / 2 <= TOP1_PRECISION:
+        return []
+    return [f"output '{output.name}': top-1 agreement {output.top1:.3f} on {output.rows} sample(s) is known only to {low:.2f}-{high:.2f} "
+            f"(95%); about {rows_for_precision(output.top1)} samples pin it to +-{TOP1_PRECISION:g}"]
 
 
 def _loosened(value: float, bound: str) -> float:

@@ -105,7 +105,7 @@ def test_optimize_prints_a_table_and_writes_model_and_report(workdir, capsys):
 def test_optimize_json_output_is_machine_readable(workdir, capsys):
     assert main(["optimize", str(workdir / "model.onnx"), "-o", str(workdir / "out.onnx"), "-p", "cleanup", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["steps"][0]["pass_name"] == "cleanup" and data["inputs"].startswith("4 synthetic")
+    assert data["steps"][0]["pass_name"] == "cleanup" and data["inputs"].startswith("16 synthetic")
 
 
 def test_validate_exits_1_and_names_the_output_when_the_tolerance_breaks(workdir, capsys):

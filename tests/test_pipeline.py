@@ -14,7 +14,7 @@ from onnxsparse import load, optimize
 from onnxsparse.calibration import resolve_inputs
 from onnxsparse.errors import PassFailed, RequirementError, ValidationFailed
 from onnxsparse.graph import tensor_array
-from onnxsparse.passes import Pass, PassContext, PassResult, Requirement, register
+from onnxsparse.passes import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 from onnxsparse.passes.cleanup import Cleanup
 from onnxsparse.pipeline import PassManager
 
@@ -33,7 +33,7 @@ class CorruptWeight(Pass):
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         tensor = _first_float_weight(model)
         tensor.CopyFrom(onnx.numpy_helper.from_array(-tensor_array(tensor), tensor.name))
-        return PassResult(model)
+        return PassResult(model, changes=[Change(tensor.name, "negated")])
 
 
 @register
@@ -57,7 +57,7 @@ class DanglingInput(Pass):
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         model.graph.node[0].input[0] = "no_such_tensor"
-        return PassResult(model)
+        return PassResult(model, changes=[Change(model.graph.node[0].name, "reads a tensor nobody produces")])
 
 
 @register
@@ -70,7 +70,7 @@ class NeedsCalibration(Pass):
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         assert context.calibration is not None
-        return PassResult(model)
+        return PassResult(model, skipped=[Skip("the model", "this test pass only reads calibration data")])
 
 
 @pytest.fixture
@@ -95,10 +95,12 @@ def test_cleanup_and_fold_batchnorm_on_bundled_models_are_exact(tmp_path, name):
         scale = max(float(np.max(np.abs(before.astype(np.float64)))), 1e-12)
         assert np.max(np.abs(after.astype(np.float64) - before)) <= 1e-4 * scale
     data = json.loads(report_path.read_text())
-    assert [s["status"] for s in data["steps"]] == ["committed", "committed"]
-    assert all({"run", "check", "validate"} <= set(s["seconds"]) for s in data["steps"])
+    # the bundled models hold nothing unused; only the CNN has BatchNorms: a step that changed nothing says so and why
+    assert [s["status"] for s in data["steps"]] == ["no-change", "committed" if name == "digits_cnn" else "no-change"]
+    assert all(s["reason"] for s in data["steps"] if s["status"] == "no-change")
+    assert all({"run", "check", "validate"} <= set(s["seconds"]) for s in data["steps"] if s["status"] == "committed")
     assert data["final_validation"]["verdict"]["passed"] is True
-    assert all("max_rel" in o and "cosine" in o for s in data["steps"] for o in s["validation"]["outputs"])
+    assert all("max_rel" in o and "cosine" in o for s in data["steps"] if s["validation"] for o in s["validation"]["outputs"])
     assert report.final_validation.passed
 
 
@@ -115,7 +117,7 @@ def test_a_pass_that_corrupts_a_weight_is_rolled_back_and_the_original_is_unchan
     final, report = _manager(cnn, [Cleanup(), CorruptWeight()]).run(cnn)
 
     assert cnn.SerializeToString() == pristine
-    assert [s.status for s in report.steps] == ["committed", "rolled-back"]
+    assert [s.status for s in report.steps] == ["no-change", "rolled-back"]
     assert "output 'logits'" in report.steps[1].reason and "passes with" in report.steps[1].reason
     assert report.steps[1].validation is not None and not report.steps[1].validation.passed
     assert final.SerializeToString() == pristine  # cleanup changed nothing, the corruption was undone
@@ -153,9 +155,10 @@ def test_policy_keep_keeps_the_failing_step_and_the_final_verdict_says_so(cnn):
 def test_a_missing_requirement_stops_before_any_work_with_the_way_to_provide_it(cnn):
     with pytest.raises(RequirementError, match="test-needs-calibration needs calibration data: pass --calibration"):
         _manager(cnn, [NeedsCalibration()]).run(cnn)
-    calibration = resolve_inputs(str(MODELS / "digits_cnn.inputs.npz"), cnn)
+    calibration = resolve_inputs(str(MODELS / "digits_cnn.calibration.npz"), cnn)
     _, report = _manager(cnn, [NeedsCalibration()], calibration=calibration).run(cnn)
-    assert report.steps[0].status == "committed"
+    assert report.steps[0].status == "no-change"
+    assert report.steps[0].reason == "this test pass only reads calibration data (the model)"
 
 
 def test_pass_objects_and_recipes_drive_optimize_too(tmp_path):
@@ -164,5 +167,5 @@ def test_pass_objects_and_recipes_drive_optimize_too(tmp_path):
     from_recipe = optimize(MODELS / "digits_cnn.onnx", tmp_path / "a.onnx", recipe=recipe)
     from_objects = optimize(MODELS / "digits_cnn.onnx", tmp_path / "b.onnx", [Cleanup(), CorruptWeight()])
     assert from_recipe.pipeline == "cleanup,fold-batchnorm"
-    assert [s.status for s in from_objects.steps] == ["committed", "rolled-back"]
+    assert [s.status for s in from_objects.steps] == ["no-change", "rolled-back"]
     assert (tmp_path / "a.onnx").read_bytes() != (tmp_path / "b.onnx").read_bytes()

@@ -93,6 +93,9 @@ class Pass:
     preserves: ClassVar[frozenset[Requirement]] = frozenset()
     default_tolerance: ClassVar[Tolerance] = EXACT
     must_be_last: ClassVar[bool] = False  # an encoding for the file on disk (sparse-encode)
+    # True for passes whose rewrites can make onnxruntime faster or slower (new op types, changed
+    # shapes): the manager times each such step against its input and rolls back one that ran slower.
+    may_change_speed: ClassVar[bool] = False
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         raise NotImplementedError

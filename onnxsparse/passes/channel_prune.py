@@ -162,6 +162,7 @@ class ChannelPrune(Pass):
 
     name = "channel-prune"
     default_tolerance = Tolerance(min_cosine=0.99)
+    may_change_speed = True
 
     ratio: float = field(default=0.3, metadata={"help": "fraction of each group's channels removed (global: of all removable channels)"})
     scope: Literal["uniform", "global", "sensitivity"] = field(default="uniform", metadata={

@@ -67,6 +67,7 @@ class Qdq(Pass):
 
     name = "qdq"
     default_tolerance = Tolerance(min_cosine=0.97)
+    may_change_speed = True
 
     mode: Literal["auto", "static", "dynamic"] = field(default="auto", metadata={
         "help": "static (calibrated activations), dynamic (MatMul/Gemm, activation scales at run time), or auto: "
