@@ -195,7 +195,45 @@ def analyze(graph: gs.Graph, overridable: set[str] = frozenset()) -> Analysis:
         space = analysis.spaces.get(output.name)
         if space is not None:
             analysis.pin(space.roots, f"reaches graph output '{output.name}'")
+    _tie_shared_weights(analysis)
     return analysis
+
+
+def _rank_of_constant(tensor: gs.Tensor) -> int:
+    """The rank of a constant tensor (an initializer or a Constant node's output); -1 for an activation."""
+    if isinstance(tensor, gs.Constant):
+        return len(tensor.shape)
+    value = constant_value(tensor)
+    return value.ndim if value is not None else -1
+
+
+def _tie_shared_weights(analysis: Analysis) -> None:
+    """A weight (a constant of rank 2 or more) read by several nodes must be cut the same way for all,
+    or each reader would get its own cut copy: a tf2onnx audio CNN's shared kernels went from 36,037
+    to 183,983 parameters. Where every reader cuts it along the same axes, their channels along each
+    axis are united (they go together, as Torch-Pruning does with tied weights); where a reader would
+    keep it whole or cut it otherwise, the channels are pinned, with the reason. Shared vectors (a
+    bias, a norm's scale) may still be copied: a copy costs little, tying would couple unrelated layers."""
+    by_tensor: dict[int, list[SliceEdit]] = defaultdict(list)
+    for edit in analysis.edits:
+        if isinstance(edit, SliceEdit):
+            tensor = edit.node.inputs[edit.index]
+            if len({id(n) for n in tensor.outputs}) > 1 and _rank_of_constant(tensor) >= 2:
+                by_tensor[id(tensor)].append(edit)
+    for edits in by_tensor.values():
+        tensor = edits[0].node.inputs[edits[0].index]
+        readers = {id(n): n for n in tensor.outputs}
+        for axis in sorted({e.axis for e in edits}):
+            along = [e for e in edits if e.axis == axis]
+            cut_by = {id(e.node) for e in along}
+            if cut_by == set(readers) and len({len(e.roots) for e in along}) == 1:
+                for other in along[1:]:
+                    analysis.union(along[0].roots, other.roots)
+                continue
+            keeps = [n for key, n in readers.items() if key not in cut_by]
+            why = (f"{keeps[0].op} '{keeps[0].name}' keeps it whole" if keeps else "its readers cut it differently")
+            for edit in along:
+                analysis.pin(edit.roots, f"weight '{tensor.name}' is shared by {len(readers)} nodes and {why}")
 
 
 class _Walker:
@@ -735,10 +773,17 @@ def apply_plan(graph: gs.Graph, analysis: Analysis, removed: np.ndarray) -> None
             kept_before = np.cumsum(np.concatenate([[0], ~removed[edit.roots]]))
             _edit_constant_entry(graph, edit.node, 1, edit.entry, int(kept_before[edit.start]))
             _edit_constant_entry(graph, edit.node, 2, edit.entry, int(kept_before[edit.end]))
+    cut: dict[int, list[gs.Constant]] = defaultdict(list)  # a shared weight cut alike for its readers stays one tensor
     for node, index, value in sliced.values():
         old = node.inputs[index]
-        name = old.name if len(old.outputs) == 1 and isinstance(old, gs.Constant) else unique_name(graph, f"{old.name}_pruned")
-        node.inputs[index] = gs.Constant(name, np.ascontiguousarray(value))
+        if value is None or (isinstance(old, gs.Constant) and tuple(old.shape or ()) == value.shape):
+            continue  # nothing cut: the tensor stays as it is (and stays shared)
+        same = next((c for c in cut[id(old)] if c.values.shape == value.shape and np.array_equal(c.values, value)), None)
+        if same is None:
+            name = old.name if len(old.outputs) == 1 and isinstance(old, gs.Constant) else unique_name(graph, f"{old.name}_pruned")
+            same = gs.Constant(name, np.ascontiguousarray(value))
+            cut[id(old)].append(same)
+        node.inputs[index] = same
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor not in graph.inputs and tensor not in graph.outputs:
             tensor.shape = None

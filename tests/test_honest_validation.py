@@ -235,3 +235,115 @@ def test_synthetic_validation_says_real_data_may_differ():
     _, report = PassManager(parse_pipeline("fold-batchnorm")).run(model)
     assert report.inputs.startswith("16 synthetic sample(s)")
     assert any("real data may tell another story" in w for w in report.warnings)
+
+
+# -- "nothing removed" says why; shared weights stay shared -----------------------------------
+
+
+def _with_weights(text: str, rng: np.random.Generator, **shapes: tuple[int, ...]) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(text)
+    for name, shape in shapes.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+# Pads computed at run time (a torch export computes them from constants): every conv feeds a Pad.
+RUNTIME_PADS = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 3, 8, 8] x) => (float[N, 8, 8, 8] y) <int64[8] pa = {0, 0, 1, 1, 0, 0, 1, 1}, int64[8] pb = {0, 0, 0, 0, 0, 0, 0, 0}> {
+    p = Add (pa, pb)
+    x1 = Pad (x, p)
+    c1 = Conv <pads = [0, 0, 0, 0]> (x1, w1)
+    r1 = Relu (c1)
+    r1p = Pad (r1, p)
+    c2 = Conv (r1p, w2)
+    r2 = Relu (c2)
+    r2p = Pad (r2, p)
+    y = Conv (r2p, w3)
+}
+"""
+
+# Weights that sit in the branches of an If (silero VAD keeps its layers so).
+IF_BRANCH_WEIGHTS = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 3, 8, 8] x, bool c) => (float[N, 8, 8, 8] y) {
+    y = If (c) <then_branch = t () => (float[N, 8, 8, 8] a) { a = Conv <pads = [1, 1, 1, 1]> (x, w1) },
+                else_branch = e () => (float[N, 8, 8, 8] b) { b = Conv <pads = [1, 1, 1, 1]> (x, w2) }>
+}
+"""
+
+# A projection into an LSTM, and the LSTM's state read by ReduceL2 and a head.
+INTO_LSTM = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[T, N, 6] x) => (float[N, 1, 4] y, float[N, 1, 1] n) {
+    h = MatMul (x, wi)
+    r = Relu (h)
+    seq, last, cell = LSTM <hidden_size = 4> (r, lw, lr)
+    y = MatMul (last, wo)
+    n = ReduceL2 <axes = [2], keepdims = 1> (last)
+}
+"""
+
+# A conv whose channels a Reshape splits in two, and one whose channels a ReduceMax reduces.
+RESHAPE_REDUCEMAX = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, 3, 8, 8] x) => (float[1, 2, 1] y, float[1, 1, 8, 8] z) <int64[3] shape = {1, 2, 128}> {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    s = Reshape (c1, shape)
+    y = ReduceMax <axes = [2], keepdims = 1> (s)
+    c2 = Conv <pads = [1, 1, 1, 1]> (x, w2)
+    z = ReduceMax <axes = [1], keepdims = 1> (c2)
+}
+"""
+
+
+@pytest.mark.parametrize("text, weights, expected", [
+    (RUNTIME_PADS, {"w1": (8, 3, 3, 3), "w2": (8, 8, 3, 3), "w3": (8, 8, 3, 3)}, "Pad with unknown pads"),
+    (IF_BRANCH_WEIGHTS, {"w1": (8, 3, 3, 3), "w2": (8, 3, 3, 3)}, "inside If/Loop/Scan subgraphs"),
+    (INTO_LSTM, {"wi": (6, 8), "lw": (1, 16, 8), "lr": (1, 16, 4), "wo": (4, 4)}, "no channel rule for this op (LSTM"),
+    (RESHAPE_REDUCEMAX, {"w1": (4, 3, 3, 3), "w2": (4, 3, 3, 3)}, "Reshape that splits or reorders the channel axis"),
+], ids=["runtime-pads", "if-branch-weights", "lstm", "reshape-reducemax"])
+def test_channel_prune_that_removes_nothing_reports_no_change_and_why(text, weights, expected, rng):
+    model = _with_weights(text, rng, **weights)
+    feeds = IterableInputs([{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32), "c": np.array(True)}]) if "bool c" in text else None
+    _, report = PassManager(parse_pipeline("channel-prune{ratio=0.5 round_to=1}"), inputs=feeds).run(model)
+    step = report.steps[0]
+    assert step.status == "no-change" and step.validation is None
+    assert expected in step.reason, step.reason
+    assert report.rolled_back == []
+
+
+SHARED_KERNEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 3, 8, 8] x) => (float[N, 4] y) {
+    a = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    c = Conv <strides = [2, 2], pads = [1, 1, 1, 1]> (x, w, b)
+    ra = Relu (a)
+    rc = Relu (c)
+    pa = GlobalAveragePool (ra)
+    pc = GlobalAveragePool (rc)
+    s = Add (pa, pc)
+    f = Flatten (s)
+    y = Gemm <transB = 1> (f, fw)
+}
+"""
+
+
+def test_a_kernel_two_convs_share_is_pruned_once_and_stays_shared(rng):
+    from onnxsparse.inspect_model import footprint
+
+    model = _with_weights(SHARED_KERNEL, rng, w=(16, 3, 3, 3), b=(16,), fw=(4, 16))
+    _, report = PassManager(parse_pipeline("channel-prune{ratio=0.5 round_to=1}"), policy="keep").run(model)
+    step = report.steps[0]
+    assert step.status in ("committed", "kept-failing") and step.figures["channels_removed"] > 0
+    assert step.figures["parameters_after"] < step.figures["parameters_before"]
+    assert report.output.parameters <= footprint(model).elements // 2 + 16
+
+
+def test_a_kernel_shared_with_a_reader_that_keeps_it_whole_is_pinned_with_the_reason(rng):
+    text = SHARED_KERNEL.replace("(float[N, 4] y)", "(float[N, 4] y, float[16, 3, 3, 3] k)").replace("    y = Gemm", "    k = Identity (w)\n    y = Gemm")
+    model = _with_weights(text, rng, w=(16, 3, 3, 3), b=(16,), fw=(4, 16))
+    _, report = PassManager(parse_pipeline("channel-prune{ratio=0.5 round_to=1}")).run(model)
+    step = report.steps[0]
+    assert step.status == "no-change" and "weight 'w' is shared by 3 nodes and Identity" in step.reason

@@ -240,6 +240,8 @@ class ChannelPrune(Pass):
             removed[unit.members] = True
         if not removed.any():
             self._report_groups(groups, removed, analysis, result)
+            if not groups:
+                result.skipped.append(Skip("channel-prune", _why_no_layer(graph)))
             result.warnings.append("channel-prune removed no channel")
             return result
         macs_before = count_macs(model)
@@ -538,13 +540,37 @@ class ChannelPrune(Pass):
                 details["not_exact_at"] = approximate
             if gone:
                 result.changes.append(Change(group.label, "removed channels", details))
-            elif pins and len(pins) and all(u.pinned for u in group.units):
+            elif pins and all(u.pinned for u in group.units):
                 result.skipped.append(Skip(group.label, "pinned: " + "; ".join(pins)))
+            else:
+                result.skipped.append(Skip(group.label, self._why_left_whole(group, pins)))
+
+    def _why_left_whole(self, group: Group, pins: list[str]) -> str:
+        """Why a group with free channels lost none: the rounding, the pins, or the plan."""
+        total, free = len(group.units), sum(not u.pinned for u in group.units)
+        pinned = f"; {total - free} pinned: {'; '.join(pins)}" if pins else ""
+        if self.mode == "zero-only":
+            return f"no removable all-zero filter among its {total} channels{pinned}"
+        if self.scope == "sensitivity":
+            return f"the sensitivity plan took none of its {free} free channels{pinned}"
+        step = self.round_to or (16 if total >= 32 else 8 if total >= 16 else 1)
+        return (f"left whole: ratio {self._ratio_of(group):g} of its {total} channels ({free} free{pinned}), kept on multiples of "
+                f"{step} (round_to) and at least {self.min_channels} (min_channels), leaves none to remove; try round_to=1 or a larger ratio")
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _why_no_layer(graph: gs.Graph) -> str:
+    """Why the analysis found no channels to remove at all: where the model's weight layers are, if anywhere."""
+    layers = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    nested = sum(node.op in layers for subgraph in graph.subgraphs(recursive=True) for node in subgraph.nodes)
+    if nested:
+        return (f"no Conv/Gemm/MatMul with a constant weight in the main graph; {nested} such layer(s) sit inside If/Loop/Scan "
+                "subgraphs, which channel removal does not reach")
+    return "no Conv/Gemm/MatMul with a constant weight: no channels to remove"
 
 
 def _macs_saved(total_macs: int, trial: onnx.ModelProto) -> float | None:
