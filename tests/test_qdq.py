@@ -258,3 +258,24 @@ def test_the_saturation_probe_agrees_with_the_int8_kernels_on_a_real_model(tmp_p
         assert cosines["on"] > cosines["off"] + margin
     else:
         assert cosines["off"] >= cosines["on"] - 1e-3
+
+
+def test_weights_inside_subgraphs_count_as_quantized_in_the_report(rng):
+    model = _constant_and_subgraph_model(rng)
+    feeds = [{"cond": np.array(True), "x": rng.standard_normal((1, 2, 4, 4)).astype(np.float32)} for _ in range(4)]
+    result = Qdq(guard=False).run(clone(model), PassContext(calibration=IterableInputs(feeds)))
+    nested = [c for c in result.changes if c.action.startswith("int8 weight inside a subgraph")]
+    assert len(nested) == 1 and result.figures["subgraph_weights_quantized"] == 1
+    assert result.figures["nodes_quantized"] == sum(1 for c in result.changes if c.action == "quantized") + 1
+
+
+def test_auto_choosing_dynamic_reports_the_dynamic_candidate_not_the_static_ones_figures(tmp_path, monkeypatch):
+    """The static candidate's guard kept nodes in float; when auto picks dynamic, the report must
+    not carry that count (MiniLM showed 56 nodes kept float while all 36 weight MatMuls were int8)."""
+    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", lambda reference, candidate, feed: 0.5 if any(
+        n.op_type == "MatMulInteger" for n in candidate.graph.node) else 0.9)
+    _, report = _quantize("digits_transformer", tmp_path, "qdq{guard=true}", tolerances=None)
+    figures, step = report.steps[0].figures, report.steps[0]
+    assert figures["mode"] == "dynamic", figures
+    assert "nodes_kept_float" not in figures and "guard_kept_float" not in figures
+    assert figures["nodes_quantized"] == len(step.changes) == sum(c.action == "dynamic int8" for c in step.changes)

@@ -113,12 +113,12 @@ class Qdq(Pass):
         self._warn_unmatched(model, result)
         if self.mode == "dynamic":
             return self._with_embeddings(self._dynamic(model, result, self._scheme(per_channel, result)))
+        # The dynamic candidate starts from what was said before either was built (opset raised,
+        # unmatched patterns), not from the static candidate's figures (its nodes kept float).
+        said = PassResult(model, warnings=list(result.warnings), figures=dict(result.figures), skipped=list(result.skipped))
         static = self._static(model, context, result, self._scheme(per_channel, result))
         if self.mode == "static" or context.validate is None or context.calibration is None:
             return self._with_embeddings(static)
-        # The dynamic candidate starts from what was already said (opset raised, unmatched patterns),
-        # as the static one does.
-        said = PassResult(model, warnings=list(result.warnings), figures=dict(result.figures))
         dynamic = self._dynamic(model, said, self._scheme(per_channel, said))
         return self._with_embeddings(_pick(static, dynamic, model, context, self.default_tolerance.min_cosine or 0.97))
 
@@ -149,7 +149,9 @@ class Qdq(Pass):
         return result
 
     def _static(self, model: onnx.ModelProto, context: PassContext, result: PassResult, weights: WeightScheme) -> PassResult:
-        plan = plan_static(to_gs(model), self.exclude, overridable_initializers(model), result)
+        graph = to_gs(model)
+        plan = plan_static(graph, self.exclude, overridable_initializers(model), result)
+        nested = [node.name or node.outputs[0].name for node in nested_weight_layers(graph)]
         ranges = self._ranges(model, plan, context, result)
         kept_float: set[str] = set()
         shifts: dict[str, np.ndarray] = {}
@@ -163,7 +165,7 @@ class Qdq(Pass):
             quantized, kept_float = self._guard(build, plan, quantized, context, result)
         result.model = quantized
         result.figures["mode"] = "static"
-        self._report(plan, kept_float, weights, result)
+        self._report(plan, kept_float, nested, weights, result)
         return result
 
     # -- opsets -------------------------------------------------------------------------------
@@ -368,17 +370,31 @@ class Qdq(Pass):
 
     # -- report -------------------------------------------------------------------------------
 
-    def _report(self, plan: Plan, kept_float: set[str], weights: WeightScheme, result: PassResult) -> None:
+    def _report(self, plan: Plan, kept_float: set[str], nested: list[str], weights: WeightScheme, result: PassResult) -> None:
         for node in plan.nodes:
             label = node.name or node.outputs[0].name
             if node.name in kept_float:
                 result.skipped.append(Skip(label, "kept in float by the accuracy guard"))
             else:
                 result.changes.append(Change(label, "quantized", {"op": node.op}))
+        result.changes.extend(Change(label, "int8 weight inside a subgraph (its activations stay float)") for label in nested)
         result.figures.update(
-            nodes_quantized=len(plan.nodes) - len(kept_float), nodes_kept_float=len(kept_float),
-            tensors_calibrated=len(plan.tensors), activations=self.activations, weights=weights.describe(),
+            nodes_quantized=len(plan.nodes) - len(kept_float) + len(nested), nodes_kept_float=len(kept_float),
+            subgraph_weights_quantized=len(nested), tensors_calibrated=len(plan.tensors), activations=self.activations,
+            weights=weights.describe(),
         )
+
+
+def nested_weight_layers(graph: gs.Graph) -> list[gs.Node]:
+    """The layers inside If/Loop bodies whose float weight ``_build`` stores as int8 (their activations
+    cannot be observed, so they are not calibrated)."""
+    layers = []
+    for scope in graph.subgraphs(recursive=True):
+        for node in scope.nodes:
+            weight = constant_value(node.inputs[1]) if node.op in COMPUTE and len(node.inputs) > 1 else None
+            if weight is not None and weight.dtype == np.float32 and weight.ndim >= 2:
+                layers.append(node)
+    return layers
 
 
 def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
