@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=LatencySettings.runs, help=f"timed runs per model and cell, at least (default {LatencySettings.runs})")
     parser.add_argument("--min-seconds", type=float, default=LatencySettings.min_seconds, help="timed seconds per cell, at least")
     parser.add_argument("--warmup", type=int, default=LatencySettings.warmup, help="untimed runs of each model first")
+    parser.add_argument("--validate-on", choices=("eval", "calibration"), default="eval",
+                        help="what onnxsparse validates on: the eval split (--inputs; default), or calibration: no --inputs, so the "
+                             "tool holds part of the calibration split out of every fit and validates on it (what a user with one "
+                             "folder of samples gets); task metrics are on the eval split either way")
     parser.add_argument("--keep-candidates", action=argparse.BooleanOptionalAction, default=True,
                         help="keep each cell's candidate.onnx beside its result (default yes; --no-keep-candidates saves disk)")  # fmt: skip
     return parser.parse_args(argv)
@@ -173,11 +177,11 @@ def measure_fingerprint() -> str:
     return files_digest([TOOLS / "benchmark" / "cell.py", TOOLS / "benchmark" / "measure.py"])
 
 
-def cell_key(model: str, config: Config, cache: str | None, settings: LatencySettings) -> str:
+def cell_key(model: str, config: Config, cache: str | None, settings: LatencySettings, validate_on: str = "eval") -> str:
     tool = {FP32: "", ONNXSPARSE: onnxsparse_fingerprint()}.get(config.tool) or (peers_fingerprint() if config.tool in PEER_TOOLS else "")
     return digest(
         {"measure": measure_fingerprint(), "latency": asdict(settings), "runtime": runtime_versions(), "model": model_fingerprint(model, cache),
-         "config": asdict(config), "tool": tool}
+         "config": asdict(config), "tool": tool, **({"validate_on": validate_on} if validate_on != "eval" else {})}
     )  # fmt: skip
 
 
@@ -239,12 +243,13 @@ def run_cell(model: str, config: Config, args: argparse.Namespace, results: Path
     cell_dir = results / model / config.slug
     cell_dir.mkdir(parents=True, exist_ok=True)
     path = cell_dir / RESULT_FILE
-    key = cell_key(model, config, args.cache, settings)
+    key = cell_key(model, config, args.cache, settings, args.validate_on)
     if not args.force and (cached := cached_result(path, key, args.timeout)) is not None:
         return cached, True
     path.unlink(missing_ok=True)  # a crashed cell must not leave its predecessor's result behind
     command = [sys.executable, str(TOOLS / "benchmark" / "cell.py"), "--model", model, "--config", config.name, "--cell-dir", str(cell_dir),
-               "--warmup", str(settings.warmup), "--runs", str(settings.runs), "--min-seconds", str(settings.min_seconds)]  # fmt: skip
+               "--warmup", str(settings.warmup), "--runs", str(settings.runs), "--min-seconds", str(settings.min_seconds),
+               "--validate-on", args.validate_on]  # fmt: skip
     if args.cache:
         command += ["--cache", args.cache]
     if peers_python is not None:
@@ -276,8 +281,9 @@ LEGEND = (
     "against the fp32 model (agreement, cosine) or ground truth (accuracy, exact_match, cer; cer: lower is better). "
     "'tool s' is the wall time of the tool's process (onnxsparse: the CLI with its validation; peers: the peer runner). "
     "onnxsparse rows run with --policy keep: '(over tolerance (kept): ...)' marks passes that broke their default "
-    "tolerance and were kept anyway; '<pass> rolled back: ...' marks a pass that onnxsparse rolled back (it crashed or "
-    "produced an invalid model): that row measures the model without it. 'no op or weight changed': the tool returned "
+    "tolerance and were kept anyway; '<pass> rolled back: ...' marks a pass that onnxsparse rolled back (it crashed, "
+    "produced an invalid model, or made the model worse: larger and not faster, or slower): that row measures the model without it; "
+    "'<pass> changed nothing: ...' gives the pass's reason. 'no op or weight changed': the tool returned "
     "a model with the same ops and weights as fp32."
 )
 

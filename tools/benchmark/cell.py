@@ -80,21 +80,28 @@ def run_logged(command: list[str], log: Path, env: dict[str, str] | None = None)
 # --------------------------------------------------------------------------- tools
 
 
-def produce_onnxsparse(config: Config, task_dir: Path, cell_dir: Path) -> Produced:
-    """``onnxsparse optimize`` through its CLI (what a user runs), validated on the eval split,
-    calibrated on the calibration split, ``--policy keep`` so the row shows what the passes do even
-    past their tolerance; the report JSON says what each pass did."""
+# onnxsparse's exit statuses that still write a candidate: done, final validation failed (--policy keep),
+# a requested pass rolled back (the row then measures the model without it, and says so).
+WRITTEN_STATUSES = (0, 1, 4)
+VALIDATE_ON = ("eval", "calibration")
+
+
+def produce_onnxsparse(config: Config, task_dir: Path, cell_dir: Path, validate_on: str = "eval") -> Produced:
+    """``onnxsparse optimize`` through its CLI (what a user runs), calibrated on the calibration split,
+    ``--policy keep`` so the row shows what the passes do even past their tolerance; the report JSON
+    says what each pass did. ``validate_on``: the eval split (``--inputs``), or ``calibration``: no
+    ``--inputs``, so the tool validates on the part of the calibration split it holds out of every fit."""
     candidate, report_path = cell_dir / CANDIDATE_FILE, cell_dir / "report.json"
+    inputs = ["--inputs", str(task_dir / "eval.npz")] if validate_on == "eval" else []
     arguments = [
         "optimize", str(task_dir / "model.onnx"), "-o", str(candidate), "-p", config.pipeline,
-        "--inputs", str(task_dir / "eval.npz"), "--calibration", str(task_dir / "calibration.npz"),
-        "--policy", "keep", "--report", str(report_path),
+        *inputs, "--calibration", str(task_dir / "calibration.npz"), "--policy", "keep", "--report", str(report_path),
     ]  # fmt: skip
     for stale in (candidate, report_path):
         stale.unlink(missing_ok=True)
     code, seconds = run_logged([sys.executable, "-m", "onnxsparse", *arguments], cell_dir / TOOL_LOG)
     command = shlex.join(["onnxsparse", *arguments])
-    if code != 0 or not candidate.is_file():
+    if code not in WRITTEN_STATUSES or not candidate.is_file():
         return Produced(None, seconds, command, first_error_line((cell_dir / TOOL_LOG).read_text(encoding="utf-8", errors="replace")))
     report = json.loads(report_path.read_text(encoding="utf-8"))
     return Produced(candidate, seconds, command, details=report_details(report))
@@ -110,6 +117,8 @@ def report_details(report: dict[str, Any]) -> dict[str, Any]:
     verdict = (report.get("final_validation") or {}).get("verdict") or {}
     return {
         "steps": steps,
+        "validated_on": report.get("inputs"),
+        "fitted_on": report.get("calibration"),
         "final_validation_passed": verdict.get("passed"),
         "final_validation_failures": verdict.get("failures", []),
         "optimize_seconds": report.get("seconds"),
@@ -157,15 +166,16 @@ def status_of(produced: Produced) -> tuple[str, str]:
     """(status, note) of a candidate that was produced: 'ok', or which passes were rolled back or
     kept past their tolerance (--policy keep) - the reader must not take such a row as a clean pass."""
     steps = produced.details.get("steps", [])
-    rolled_back = [s for s in steps if s["status"] == "rolled-back"]
+    rolled_back = [s for s in steps if s["status"] in ("rolled-back", "worse")]
     if rolled_back:
         first = rolled_back[0]
         reason = (first["reason"] or "no reason given").splitlines()[0]
         return "rolled-back", f"{first['pass']} rolled back: {reason}"
+    notes = [f"{s['pass']} changed nothing: {s['reason']}" for s in steps if s["status"] == "no-change"]
     kept = [s["pass"] for s in steps if s["status"] == "kept-failing"]
     if kept:
-        return "ok", f"over tolerance (kept): {', '.join(kept)}"
-    return "ok", "; ".join(produced.details.get("notes", []))
+        notes.insert(0, f"over tolerance (kept): {', '.join(kept)}")
+    return "ok", "; ".join(notes + produced.details.get("notes", []))
 
 
 def same_content(candidate: dict[str, Any], reference: dict[str, Any]) -> bool:
@@ -174,7 +184,8 @@ def same_content(candidate: dict[str, Any], reference: dict[str, Any]) -> bool:
     return all(candidate.get(key) == reference.get(key) for key in keys)
 
 
-def run_cell(model: str, config: Config, cell_dir: Path, cache: str | None, peers_python: Path | None, settings: LatencySettings) -> dict[str, Any]:
+def run_cell(model: str, config: Config, cell_dir: Path, cache: str | None, peers_python: Path | None, settings: LatencySettings,
+             validate_on: str = "eval") -> dict[str, Any]:
     from realmodels import load_task
 
     started = time.perf_counter()
@@ -184,7 +195,7 @@ def run_cell(model: str, config: Config, cell_dir: Path, cache: str | None, peer
     if config.tool == FP32:
         produced = Produced(task.model_path, 0.0, "")
     elif config.tool == ONNXSPARSE:
-        produced = produce_onnxsparse(config, task_dir, cell_dir)
+        produced = produce_onnxsparse(config, task_dir, cell_dir, validate_on)
     else:
         produced = produce_peer(config, task_dir, cell_dir, peers_python)
     result.update(command=produced.command, tool_seconds=produced.seconds, details=produced.details)
@@ -243,12 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=LatencySettings.warmup)
     parser.add_argument("--runs", type=int, default=LatencySettings.runs)
     parser.add_argument("--min-seconds", type=float, default=LatencySettings.min_seconds)
+    parser.add_argument("--validate-on", choices=VALIDATE_ON, default="eval")
     args = parser.parse_args(argv)
     args.cell_dir.mkdir(parents=True, exist_ok=True)
     (args.cell_dir / TOOL_LOG).unlink(missing_ok=True)
     settings = LatencySettings(warmup=args.warmup, runs=args.runs, min_seconds=args.min_seconds)
     try:
-        result = run_cell(args.model, find_config(args.config), args.cell_dir, args.cache, args.peers_python, settings)
+        result = run_cell(args.model, find_config(args.config), args.cell_dir, args.cache, args.peers_python, settings, args.validate_on)
     except Exception:  # noqa: BLE001  (the orchestrator turns a missing result.json into an error cell)
         traceback.print_exc()
         return 1
