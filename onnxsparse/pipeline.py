@@ -86,6 +86,7 @@ class DataPlan:
     validation: InputSource
     calibration: InputSource | None  # what the passes receive; None when none was given
     fitting: tuple[str, ...]  # the passes that fit on calibration data
+    held_out: bool = False  # validation is a share of the calibration data (already capped in samples)
 
 
 @dataclass
@@ -129,10 +130,11 @@ class PassManager:
         data = self._plan_data(model)
         report = self.report = RunReport(pipeline=format_pipeline(self.passes), policy=self.policy, inputs="", input=summarize(model, info))
         report.input.source = label
-        feeds = collect_feeds(data.validation, model, limit=self.max_feeds)
+        limit = None if data.held_out else self.max_feeds
+        feeds = collect_feeds(data.validation, model, limit=limit)
         if self.inputs is not None and data.fitting:
             _refuse_overlap(self.inputs, feeds, self.calibration, model, data.fitting)  # type: ignore[arg-type]
-        report.inputs = _describe_feeds(data.validation, feeds, self.max_feeds)
+        report.inputs = _describe_feeds(data.validation, feeds, limit)
         report.calibration = data.calibration.describe() if data.calibration is not None and data.fitting else ""
         reference = Reference.of(model, feeds, f"{label} (original)", self._progress("reference"))
         chain = _Chain(model, reference.outputs, footprint(model))
@@ -172,7 +174,7 @@ class PassManager:
         _, sizes = sample_digests(self.calibration, _input_names(model), _batched(model), hashed=False)
         split = held_out_split(self.calibration, sizes, self.held_out_seed)
         log.info("validating on %s; the passes fit on %s", split.held_out.describe(), split.fit.describe())
-        return DataPlan(split.held_out, split.fit, fitting)
+        return DataPlan(split.held_out, split.fit, fitting, held_out=True)
 
     def _check_requirements(self) -> None:
         """Fail before any work when a pass needs something that was not given."""

@@ -347,3 +347,16 @@ def test_a_kernel_shared_with_a_reader_that_keeps_it_whole_is_pinned_with_the_re
     _, report = PassManager(parse_pipeline("channel-prune{ratio=0.5 round_to=1}")).run(model)
     step = report.steps[0]
     assert step.status == "no-change" and "weight 'w' is shared by 3 nodes and Identity" in step.reason
+
+
+def test_every_held_out_sample_of_a_folder_of_single_sample_files_is_validated(tmp_path):
+    """The held-out share is capped in samples (128), not cut again by the cap on feeds (64)."""
+    rng = np.random.default_rng(0)
+    for index in range(280):
+        np.savez(tmp_path / f"{index:03d}.npz", input=rng.standard_normal((1, 1, 8, 8)).astype(np.float32))
+    model = load(MODELS / "digits_cnn.onnx")
+    from onnxsparse.calibration import resolve_inputs
+
+    _, report = PassManager(parse_pipeline("qdq{mode=static guard=false}"), calibration=resolve_inputs(str(tmp_path), model)).run(model)
+    assert report.inputs.startswith("70 of the 280 samples") and "validated on the first" not in report.inputs
+    assert report.final_validation.feeds == 70
