@@ -360,3 +360,13 @@ def test_every_held_out_sample_of_a_folder_of_single_sample_files_is_validated(t
     _, report = PassManager(parse_pipeline("qdq{mode=static guard=false}"), calibration=resolve_inputs(str(tmp_path), model)).run(model)
     assert report.inputs.startswith("70 of the 280 samples") and "validated on the first" not in report.inputs
     assert report.final_validation.feeds == 70
+
+
+@pytest.mark.parametrize("pipeline", ["cleanup", "fold-batchnorm", "magnitude-prune", "channel-prune", "qdq{mode=dynamic}", "qdq{mode=static}",
+                                      "sparse-encode"])
+def test_every_pass_says_why_it_changed_nothing(pipeline):
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]> g (float[N, 4] x) => (float[N, 4] y) { y = Relu (x) }""")
+    calibration = IterableInputs([{"x": np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)}])
+    _, report = PassManager(parse_pipeline(pipeline), calibration=calibration).run(model)
+    step = report.steps[0]
+    assert step.status == "no-change" and step.reason and "gave no reason" not in step.reason, step.reason

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import onnx
 
 from ..graph import iter_model_graphs, subgraphs_of, used_names
-from .base import Change, Pass, PassContext, PassResult, register
+from .base import Change, Pass, PassContext, PassResult, Skip, register
 
 
 @register
@@ -29,6 +29,8 @@ class Cleanup(Pass):
         for graph in iter_model_graphs(model):
             self._clean_graph(graph, result, is_main=graph is model.graph)
         self._drop_unused_functions(model, result)
+        if not result.changes:
+            result.skipped.append(Skip("model", "nothing unused: every node, initializer, value_info and function is needed by an output"))
         removed_bytes = sum(int(c.details.get("bytes", 0)) for c in result.changes)
         result.figures.update(
             nodes_removed=sum(c.action == "removed node" for c in result.changes),

@@ -36,6 +36,8 @@ class FoldBatchNorm(Pass):
                 reason = self._fold(graph, scope, bn, result, overridable)
                 if reason:
                     result.skipped.append(Skip(bn.name or bn.outputs[0].name, reason))
+        if not result.changes and not result.skipped:
+            result.skipped.append(Skip("model", "no BatchNormalization node (subgraphs included)"))
         if result.changes:  # an untouched model is returned as it came, not re-exported
             for scope in scopes:
                 scope.cleanup().toposort()

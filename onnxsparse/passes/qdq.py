@@ -365,6 +365,8 @@ class Qdq(Pass):
                 result.changes.append(Change(label, "dynamic int8", {"op": node.op, "per_channel": weights.per_channel}))
         graph.cleanup().toposort()
         result.model = from_gs(graph, like=model)
+        if not result.changes and not result.skipped:
+            result.skipped.append(Skip("model", "no MatMul or Gemm: dynamic quantization has nothing to quantize"))
         result.figures.update(nodes_quantized=len(result.changes), mode="dynamic", weights=weights.describe())
         return result
 
@@ -378,6 +380,8 @@ class Qdq(Pass):
             else:
                 result.changes.append(Change(label, "quantized", {"op": node.op}))
         result.changes.extend(Change(label, "int8 weight inside a subgraph (its activations stay float)") for label in nested)
+        if not plan.nodes and not nested and not result.skipped:
+            result.skipped.append(Skip("model", "no Conv/Gemm/MatMul/Add/Mul/pool/Concat on float activations to quantize"))
         result.figures.update(
             nodes_quantized=len(plan.nodes) - len(kept_float) + len(nested), nodes_kept_float=len(kept_float),
             subgraph_weights_quantized=len(nested), tensors_calibrated=len(plan.tensors), activations=self.activations,

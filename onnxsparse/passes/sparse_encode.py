@@ -51,6 +51,9 @@ class SparseEncode(Pass):
                 "density": round(int(encoded.values.dims[0]) / int(np.prod(tensor.dims, dtype=np.int64)), 6),
                 "index_dtype": self.index_dtype,
             }))
+        if not result.changes and not result.skipped:
+            result.skipped.append(Skip("model", f"no initializer of {self.min_size} or more elements is sparse enough to be smaller "
+                                                "encoded (at most ~1/3 non-zero with int64 indices)"))
         if result.changes:
             del graph.initializer[:]
             graph.initializer.extend(keep_dense)
