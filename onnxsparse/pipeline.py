@@ -226,12 +226,12 @@ class PassManager:
                                 self._progress(f"validate {pass_.name}"))
         except (RuntimeLoadError, InputDataError) as error:
             return self._structural_failure(step, str(error)), None, None
-        step.validation = compare(reference.outputs, outputs, tolerance_of, temperature=self.temperature)
+        step.validation = compare(reference.outputs, outputs, tolerance_of, temperature=self.temperature, scores=reference.scores)
         if pass_.tolerance() == EXACT and chain.drifted:
             # An exact pass after a lossy one: the drift from the original belongs to the earlier
             # pass; this one is held to its own bound against the model it was given.
             own = self.tolerances.per_pass.get(pass_.name, EXACT)
-            step.step_validation = compare(chain.outputs, outputs, lambda _: own, temperature=self.temperature)
+            step.step_validation = compare(chain.outputs, outputs, lambda _: own, temperature=self.temperature, scores=reference.scores)
         step.seconds["validate"] = time.perf_counter() - validated
         step = self._judged(step)
         if step.status in KEPT:

@@ -13,7 +13,7 @@ import math
 import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 from pathlib import Path
@@ -145,9 +145,10 @@ class OutputMetrics:
 class _OutputAccumulator:
     """Streams one output's statistics over feeds, so memory does not grow with the feed count."""
 
-    def __init__(self, name: str, temperature: float) -> None:
+    def __init__(self, name: str, temperature: float, scores: bool | None = None) -> None:
         self.name = name
         self.temperature = temperature
+        self.scores = scores  # True/False: the output is / is not class scores; None: judged by its shape alone
         self.dtype = ""
         self.shape: list[int] = []
         self.max_abs = 0.0
@@ -211,7 +212,7 @@ class _OutputAccumulator:
         self.ref_sq += float(np.sum(ref_u * ref_u))
         self.cand_sq += float(np.sum(cand_u * cand_u))
         self.err_sq += float(np.sum(error_u * error_u))
-        if ref.ndim >= 2 and ref.shape[-1] >= 2 and self.dtype.startswith("float"):
+        if self.scores is not False and ref.ndim >= 2 and ref.shape[-1] >= 2 and self.dtype.startswith("float"):
             self._add_scores(ref_f, cand_f)
 
     def _add_scores(self, ref: np.ndarray, cand: np.ndarray) -> None:
@@ -443,14 +444,17 @@ def compare(
     *,
     temperature: float = 1.0,
     seconds: float = 0.0,
+    scores: Collection[str] | None = None,
 ) -> ValidationResult:
-    """Metrics and verdict for candidate outputs against reference outputs, feed by feed."""
+    """Metrics and verdict for candidate outputs against reference outputs, feed by feed. Top-1 and KL
+    are computed for the outputs named in ``scores`` (see :func:`class_score_outputs`) and for any
+    output whose tolerance bounds them; ``scores=None`` judges by shape alone (float, last axis >= 2)."""
     if not temperature > 0:
         raise InputDataError(f"temperature {temperature} must be above 0")
     accumulators: dict[str, _OutputAccumulator] = {}
     for ref_outputs, cand_outputs in zip(reference, candidate, strict=True):
         for name, ref_value in ref_outputs.items():
-            accumulator = accumulators.setdefault(name, _OutputAccumulator(name, temperature))
+            accumulator = accumulators.get(name) or accumulators.setdefault(name, _OutputAccumulator(name, temperature, _is_scored(name, scores, tolerance_of)))
             if name not in cand_outputs:
                 accumulator.mark_broken("output missing from the candidate")
             elif not accumulator.broken:
@@ -459,17 +463,62 @@ def compare(
     return ValidationResult(metrics, judge(metrics, tolerance_of), feeds=len(reference), seconds=seconds)
 
 
+def _is_scored(name: str, scores: Collection[str] | None, tolerance_of: Callable[[str], Tolerance]) -> bool | None:
+    tolerance = tolerance_of(name)
+    if tolerance.min_top1 is not None or tolerance.max_kl is not None:
+        return True  # the user asked for a verdict on them
+    return None if scores is None else name in scores
+
+
+# Ops whose float output is class scores (probabilities), and ops that compute logits (a last layer).
+_SCORE_OPS = frozenset({"Softmax", "LogSoftmax"})
+_LOGIT_OPS = frozenset({"Gemm", "MatMul"})
+# Ops that pass scores through unchanged in layout (a Transpose would move the class axis).
+_SCORE_PASS_THROUGH = frozenset({"Identity", "Reshape", "Squeeze", "Flatten", "Cast"})
+_SCORE_NAME = re.compile(r"(?i)(logit|score|prob|class)")
+
+
+def class_score_outputs(model: onnx.ModelProto) -> frozenset[str]:
+    """The float outputs that look like class scores, whose top-1 agreement and KL mean something:
+    made by Softmax/LogSoftmax, or rank-2 logits of a Gemm/MatMul (+ bias), or named like scores
+    (logits, scores, probabilities, classes). An embedding (an L2-normalised Div), a detector's raw
+    boxes (a Concat) or a feature map gets cosine and SQNR only."""
+    producers = {name: node for node in model.graph.node for name in node.output}
+    chosen = set()
+    for output in model.graph.output:
+        tensor = output.type.tensor_type
+        if not output.type.HasField("tensor_type") or tensor.elem_type not in _FLOAT_TYPES:
+            continue
+        dims = list(tensor.shape.dim)
+        if len(dims) < 2 or (dims[-1].HasField("dim_value") and dims[-1].dim_value < 2):
+            continue
+        node = producers.get(output.name)
+        while node is not None and node.op_type in _SCORE_PASS_THROUGH and node.input:
+            node = producers.get(node.input[0])
+        op = node.op_type if node is not None else ""
+        if op == "Add" and node is not None:  # logits plus a bias
+            op = next((producers[i].op_type for i in node.input if i in producers and producers[i].op_type in _LOGIT_OPS), op)
+        if _SCORE_NAME.search(output.name) or op in _SCORE_OPS or (op in _LOGIT_OPS and len(dims) == 2):
+            chosen.add(output.name)
+    return frozenset(chosen)
+
+
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
+
+
 @dataclass
 class Reference:
-    """The original model's outputs on the validation feeds, computed once per run."""
+    """The original model's outputs on the validation feeds, computed once per run, and which of
+    them are class scores (:func:`class_score_outputs`)."""
 
     feeds: list[Feed]
     outputs: list[dict[str, np.ndarray]]
+    scores: frozenset[str] | None = None
 
     @classmethod
     def of(cls, model: onnx.ModelProto, feeds: list[Feed], label: str, progress: ProgressCallback | None = None) -> Reference:
         session = make_session(model, label)
-        return cls(feeds, run_feeds(session, feeds, label, progress))
+        return cls(feeds, run_feeds(session, feeds, label, progress), class_score_outputs(model))
 
     def validate(
         self,
@@ -483,7 +532,7 @@ class Reference:
         start = time.perf_counter()
         session = make_session(candidate, label)
         outputs = run_feeds(session, self.feeds, label, progress)
-        return compare(self.outputs, outputs, tolerance_of, temperature=temperature, seconds=time.perf_counter() - start)
+        return compare(self.outputs, outputs, tolerance_of, temperature=temperature, seconds=time.perf_counter() - start, scores=self.scores)
 
 
 def _first_line(error: BaseException) -> str:

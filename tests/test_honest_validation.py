@@ -370,3 +370,31 @@ def test_every_pass_says_why_it_changed_nothing(pipeline):
     _, report = PassManager(parse_pipeline(pipeline), calibration=calibration).run(model)
     step = report.steps[0]
     assert step.status == "no-change" and step.reason and "gave no reason" not in step.reason, step.reason
+
+
+def test_top1_and_kl_are_computed_only_for_outputs_that_are_class_scores():
+    from onnxsparse.validate import Reference, class_score_outputs
+
+    assert class_score_outputs(load(MODELS / "digits_cnn.onnx")) == {"logits"}  # Gemm logits
+    assert class_score_outputs(load(MODELS / "digits_sklearn_mlp.onnx")) == {"probabilities"}  # Softmax, the label is an integer
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 8] x) => (float[N, 8] embedding, float[N, 6, 4] boxes, float[N, 3] head)
+      <float[4] two = {2, 2, 2, 2}, int64[3] shape = {-1, 2, 4}, int64[1] s0 = {0}, int64[1] s1 = {3}, int64[1] s2 = {1},
+       float[3] bias = {0, 0, 0}> {
+        n = ReduceL2 <axes = [1], keepdims = 1> (x)
+        embedding = Div (x, n)
+        r = Reshape (x, shape)
+        a = Slice (r, s0, s1, s2)
+        b = Mul (a, two)
+        boxes = Concat <axis = 1> (a, b)
+        l = MatMul (x, w)
+        head = Add (l, bias)
+    }""")
+    assert class_score_outputs(model) == {"head"}  # logits of a MatMul plus bias; not the embedding or the boxes
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32), "w"))
+    feeds = [{"x": np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)}]
+    result = Reference.of(model, feeds, "m").validate(model, lambda name: Tolerance(), "m")
+    scored = {o.name: o.top1 is not None for o in result.outputs}
+    assert scored == {"embedding": False, "boxes": False, "head": True}
+    asked = Reference.of(model, feeds, "m").validate(model, lambda name: Tolerance(min_top1=0.9), "m")
+    assert all(o.top1 is not None for o in asked.outputs)  # a top-1 bound the user set is always computed
