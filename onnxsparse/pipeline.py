@@ -205,7 +205,7 @@ class PassManager:
             result = pass_.run(candidate, context)
         except _CALLER_ERRORS:
             raise
-        except Exception as error:
+        except Exception as error:  # a broken pass is rolled back, not fatal
             log.debug("pass %s raised", pass_.name, exc_info=True)
             return self._structural_failure(step, f"pass raised {type(error).__name__}: {_first_line(error)}"), None, None
         step.seconds["run"] = time.perf_counter() - started
