@@ -23,6 +23,7 @@ from .calibration import parse_dims
 from .errors import InputDataError, OnnxsparseError
 from .inspect_model import ModelSummary, summarize
 from .io import load_with_info, save
+from .limits import DEFAULT_MAX_INPUT_BYTES, format_bytes, parse_bytes
 from .passes import registered_passes
 from .report import RunReport, worst_output
 from .spec import option_fields, option_types, parse_tolerance_text, type_text, format_value, default_of
@@ -114,11 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="ops, tensors, bytes and sparsity of a model")
     inspect.add_argument("model")
     inspect.add_argument("--top", type=int, default=20, help="tensors listed, largest first (default 20; 0 for all)")
+    _add_budget_option(inspect)
     _add_common_options(inspect)
 
     densify = commands.add_parser("densify", help="write a sparse-encoded model back as a plain one (for tools that cannot read sparse_initializer)")
     densify.add_argument("model")
     densify.add_argument("-o", "--output", required=True)
+    _add_budget_option(densify)
 
     passes = commands.add_parser("passes", help="every pass with its options and defaults")
     _add_common_options(passes)
@@ -132,6 +135,32 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed of the synthetic samples (default 0)")
     group.add_argument("--dims", default="", metavar="NAME=N,...", help="values of dynamic dims (default 1 for the batch axis, 32 elsewhere)")
     group.add_argument("--int-range", default=None, metavar="LOW,HIGH", help="range of synthetic integer inputs, e.g. token ids")
+    _add_budget_option(parser)
+
+
+def _add_budget_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-input-bytes", default=None, metavar="SIZE",
+        help=f"the most one input file, synthetic feed, or the model's sparse tensors densified may unpack to, checked from "
+             f"their headers before anything is allocated (e.g. 512M, 16G; default {format_bytes(DEFAULT_MAX_INPUT_BYTES)}: "
+             "twice protobuf's 2 GiB model limit and far above any real input measured, yet it fits in a 16 GB machine)",
+    )
+
+
+def _max_input_bytes(args: argparse.Namespace) -> int:
+    if args.max_input_bytes is None:
+        return DEFAULT_MAX_INPUT_BYTES
+    try:
+        return parse_bytes(args.max_input_bytes)
+    except ValueError as error:
+        raise InputDataError(f"--max-input-bytes: {error}") from None
+
+
+def _seed(args: argparse.Namespace) -> int:
+    # numpy refuses a negative seed deep inside the run; say so before any work
+    if args.seed < 0:
+        raise InputDataError(f"--seed: {args.seed} is negative; give a seed of 0 or more")
+    return args.seed
 
 
 def _add_tolerance_options(parser: argparse.ArgumentParser, *, per_pass: bool) -> None:
@@ -199,10 +228,11 @@ def run_optimize(args: argparse.Namespace) -> int:
             tolerances=_tolerances(args),
             policy=args.policy,
             samples=args.samples,
-            seed=args.seed,
+            seed=_seed(args),
             dims=parse_dims(args.dims),
             int_range=_int_range(args.int_range),
             temperature=args.temperature,
+            max_input_bytes=_max_input_bytes(args),
             report_path=args.report,
             markdown_path=args.markdown,
             overwrite_input=args.overwrite_input,
@@ -244,10 +274,11 @@ def run_validate(args: argparse.Namespace) -> int:
         inputs=args.inputs,
         tolerances=_tolerances(args),
         samples=args.samples,
-        seed=args.seed,
+        seed=_seed(args),
         dims=parse_dims(args.dims),
         int_range=_int_range(args.int_range),
         temperature=args.temperature,
+        max_input_bytes=_max_input_bytes(args),
     )
     print(json.dumps(_validation_dict(result), indent=2) if args.json else render_validation(result))
     return 0 if result.passed else 1
@@ -276,7 +307,7 @@ def render_validation(result: ValidationResult) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    model, info = load_with_info(args.model)
+    model, info = load_with_info(args.model, max_input_bytes=_max_input_bytes(args))
     summary = summarize(model, info)
     if args.json:
         import dataclasses
@@ -337,7 +368,7 @@ def run_passes(args: argparse.Namespace) -> int:
 
 
 def run_densify(args: argparse.Namespace) -> int:
-    model, info = load_with_info(args.model)
+    model, info = load_with_info(args.model, max_input_bytes=_max_input_bytes(args))
     written = save(model, args.output, protect=(args.model,))
     print(f"{written}: {len(info.densified)} sparse tensor(s) densified, {_human_bytes(info.file_bytes)} -> {_human_bytes(written.stat().st_size)}")
     return 0

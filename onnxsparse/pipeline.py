@@ -28,6 +28,7 @@ from .errors import (
 )
 from .inspect_model import summarize
 from .io import LoadInfo, check_model, load_with_info, same_file, save
+from .limits import DEFAULT_MAX_INPUT_BYTES
 from .passes import Pass, PassContext, PassResult, Requirement
 from .shapes import infer_shapes
 from .report import COMMITTED, KEPT_FAILING, ROLLED_BACK, RunReport, StepReport, write_text_atomically
@@ -267,6 +268,7 @@ def optimize(
     dims: dict[str, int] | None = None,
     int_range: tuple[int, int] | None = None,
     temperature: float = 1.0,
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
     report_path: str | os.PathLike[str] | None = None,
     markdown_path: str | os.PathLike[str] | None = None,
     overwrite_input: bool = False,
@@ -284,7 +286,7 @@ def optimize(
     written_paths = [p for p in (output_path, report_path, markdown_path) if p is not None]
     read_paths = [recipe, *_paths_in(inputs), *_paths_in(calibration)]
     _check_output_paths(written_paths, read_paths, model=Path(input_path), overwrite_model=overwrite_input and output_path is not None)
-    model, info = load_with_info(input_path)
+    model, info = load_with_info(input_path, max_input_bytes=max_input_bytes)
     model_folder = Path(input_path).resolve().parent
     protected = [*(model_folder / name for name in info.external_data_files), *(p for p in read_paths if p is not None)]
     _check_output_paths(written_paths, protected)
@@ -292,8 +294,8 @@ def optimize(
         protected.append(Path(input_path))
     manager = PassManager(
         passes,
-        inputs=resolve_inputs(inputs, model, samples=samples, seed=seed, dims=dims, int_range=int_range),
-        calibration=None if calibration is None else resolve_inputs(calibration, model),
+        inputs=resolve_inputs(inputs, model, samples=samples, seed=seed, dims=dims, int_range=int_range, max_input_bytes=max_input_bytes),
+        calibration=None if calibration is None else resolve_inputs(calibration, model, max_input_bytes=max_input_bytes),
         tolerances=tolerances.checked([o.name for o in model.graph.output], [p.name for p in passes]),
         policy=policy,
         temperature=temperature,
