@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     optimize.add_argument("--markdown", metavar="FILE.md", help="write the report as Markdown")
     optimize.add_argument("--overwrite-input", action="store_true", help="allow the output to replace the input file")
+    _add_layout_option(optimize)
     _add_input_options(optimize)
     _add_tolerance_options(optimize, per_pass=True)
     _add_common_options(optimize)
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     densify = commands.add_parser("densify", help="write a sparse-encoded model back as a plain one (for tools that cannot read sparse_initializer)")
     densify.add_argument("model")
     densify.add_argument("-o", "--output", required=True)
+    _add_layout_option(densify)
     _add_budget_option(densify)
 
     passes = commands.add_parser("passes", help="every pass with its options and defaults")
@@ -136,6 +138,14 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dims", default="", metavar="NAME=N,...", help="values of dynamic dims (default 1 for the batch axis, 32 elsewhere)")
     group.add_argument("--int-range", default=None, metavar="LOW,HIGH", help="range of synthetic integer inputs, e.g. token ids")
     _add_budget_option(parser)
+
+
+def _add_layout_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--external-data", action=argparse.BooleanOptionalAction, default=None,
+        help="write tensors over 1 KB to OUTPUT.data beside the model (default: as the input was stored; "
+             "always beyond protobuf's 2 GB limit)",
+    )
 
 
 def _add_budget_option(parser: argparse.ArgumentParser) -> None:
@@ -236,6 +246,7 @@ def run_optimize(args: argparse.Namespace) -> int:
             report_path=args.report,
             markdown_path=args.markdown,
             overwrite_input=args.overwrite_input,
+            external_data=args.external_data,
             progress=progress,
         )
     print(json.dumps(report.to_dict(), indent=2) if args.json else render_run(report))
@@ -369,8 +380,13 @@ def run_passes(args: argparse.Namespace) -> int:
 
 def run_densify(args: argparse.Namespace) -> int:
     model, info = load_with_info(args.model, max_input_bytes=_max_input_bytes(args))
-    written = save(model, args.output, protect=(args.model,))
-    print(f"{written}: {len(info.densified)} sparse tensor(s) densified, {_human_bytes(info.file_bytes)} -> {_human_bytes(written.stat().st_size)}")
+    folder = os.path.dirname(os.path.abspath(args.model))
+    protect = (args.model, *(os.path.join(folder, name) for name in info.external_data_files))
+    external = args.external_data if args.external_data is not None else (bool(info.external_data_files) or None)
+    written = save(model, args.output, protect=protect, external_data=external)
+    data = written.with_name(f"{written.name}.data")
+    size = written.stat().st_size + (data.stat().st_size if external and data.is_file() else 0)
+    print(f"{written}: {len(info.densified)} sparse tensor(s) densified, {_human_bytes(info.file_bytes)} -> {_human_bytes(size)}")
     return 0
 
 

@@ -4,16 +4,16 @@ Load: external data only from inside the model's folder, ``sparse_initializer`` 
 other library sees the graph (onnx-graphsurgeon 0.6 reads raw-data sparse tensors as zeros; other
 tools drop or reject them), the onnx checker run on what was read.
 
-Save: atomically (temporary file in the target folder, verified, then renamed), never over the input
-unless asked, keeping the IR version the caller gives, with external data when the model would pass
-protobuf's 2 GB limit or when asked.
+Save: staged beside the target, verified, then renamed with its external data (files.py: a lock per
+output, stale staging of killed runs removed), never over the input unless asked, keeping the IR
+version the caller gives, with external data when the model would pass protobuf's 2 GB limit or
+when asked (the pipeline asks when the input had external data).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError, Message
 from onnx import external_data_helper, numpy_helper
 
 from .errors import ExternalDataError, ModelLoadError, OutputPathError
+from .files import OutputLock, Staging, describe_os_error
 from .graph import iter_all_tensors, iter_model_graphs
 from .limits import DEFAULT_MAX_INPUT_BYTES, array_bytes, elements_of, format_bytes
 
@@ -430,11 +431,22 @@ def save(
 ) -> Path:
     """Write ``model`` to ``path`` atomically; return the path.
 
-    ``protect``: paths that must not be overwritten (the input). ``external_data``: None decides by
-    size (beyond protobuf's 2 GB limit), True/False forces. ``verify``: the written file must pass
-    the full checker (unless ``standard`` is False: a deliberately non-standard encoding) and load in
-    onnxruntime before it replaces anything.
+    ``protect``: paths that must not be overwritten (the input and its external data).
+    ``external_data``: None decides by size (beyond protobuf's 2 GB limit), True/False forces.
+    ``verify``: the written file must pass the full checker (unless ``standard`` is False: a
+    deliberately non-standard encoding) and load in onnxruntime before it replaces anything.
+    Another run writing ``path`` at the same time is an error (see files.OutputLock).
     """
+    target = checked_output_path(path, protect)
+    with OutputLock([target]), Staging() as staging:
+        stage_model(model, target, staging, protect=protect, external_data=external_data, verify=verify, standard=standard)
+        staging.commit()
+    log.info("wrote %s (%d bytes)", target, target.stat().st_size)
+    return target
+
+
+def checked_output_path(path: str | os.PathLike[str], protect: tuple[str | os.PathLike[str], ...] = ()) -> Path:
+    """``path``, or an OutputPathError when it is a protected file, a directory or in no folder."""
     target = Path(path)
     for protected in protect:
         if same_file(target, protected):
@@ -446,21 +458,45 @@ def save(
     folder = target.parent.resolve()
     if not folder.is_dir():
         raise OutputPathError(f"{target}: folder {folder} does not exist")
-    external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD_BYTES if external_data is None else external_data
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
-    except OSError as error:
-        raise OutputPathError(f"{target}: cannot write in {folder} ({error.strerror})") from error
-    try:
-        staged_model = staging / target.name
-        _write_model(model, staged_model, external=external)
-        if verify:
-            _verify_written(staged_model, standard=standard)
-        _move_into_place(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote %s (%d bytes)", target, target.stat().st_size)
     return target
+
+
+def stage_model(
+    model: onnx.ModelProto,
+    target: Path,
+    staging: Staging,
+    *,
+    protect: tuple[str | os.PathLike[str], ...] = (),
+    external_data: bool | None = None,
+    verify: bool = True,
+    standard: bool = True,
+) -> int:
+    """Write ``model`` (and its external data) into ``staging`` for ``target``, verified; return
+    its size on disk. Nothing reaches ``target`` until the caller commits the staging."""
+    external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD_BYTES if external_data is None else external_data
+    staged = staging.path_for(target)
+    data_target = target.with_name(external_data_name(target))
+    if external:
+        for protected in protect:
+            if same_file(data_target, protected):
+                raise OutputPathError(f"{target}: its external data {data_target.name} would overwrite {protected}, which this run reads")
+    try:
+        _write_model(model, staged, external=external)
+    except OSError as error:
+        raise OutputPathError(f"{target}: cannot be written ({describe_os_error(error)}); nothing was written") from error
+    if verify:
+        _verify_written(staged, standard=standard)
+    data = staged.with_name(data_target.name)
+    if data.exists():
+        os.chmod(data, staged.stat().st_mode & 0o777)  # onnx creates it 0600; it belongs with the model
+        staging.add(data, data_target)  # first: a reader never sees the model before its data
+    staging.add(staged, target)
+    return staged.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def external_data_name(target: Path) -> str:
+    """The file a model saved with external data keeps its tensors in, beside it."""
+    return f"{target.name}.data"
 
 
 def _write_model(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
@@ -475,8 +511,8 @@ def _write_model(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
         str(path),
         save_as_external_data=True,
         all_tensors_to_one_file=True,
-        location=f"{path.name}.data",
-        size_threshold=1024,
+        location=external_data_name(path),
+        size_threshold=1024,  # onnx's default: small tensors stay in the model
     )
 
 
@@ -490,10 +526,3 @@ def _verify_written(path: Path, *, standard: bool) -> None:
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - both libraries raise many types; all mean "not written"
         raise OutputPathError(f"{path.name}: refusing to write a model that does not verify: {_one_line(error)}") from error
-
-
-def _move_into_place(staging: Path, folder: Path) -> None:
-    """Rename the data file first, the model last, so a reader never sees a model without its data."""
-    staged = sorted(staging.iterdir(), key=lambda p: p.suffix != ".data")
-    for item in staged:
-        os.replace(item, folder / item.name)

@@ -126,12 +126,17 @@ def write(path: Path, data: bytes) -> Path:
     return path
 
 
+def reports_in(folder: Path) -> list[str]:
+    """Reports asked for too: on a bad input they must not be written either."""
+    return ["--report", str(folder / "r.json"), "--markdown", str(folder / "r.md")]
+
+
 def model_case(build: Callable[[Path], Path], *extra: str) -> Callable[[Path], list[str]]:
-    return lambda d: ["optimize", str(build(d)), "-o", str(d / "out.onnx"), "-p", "cleanup", *extra]
+    return lambda d: ["optimize", str(build(d)), "-o", str(d / "out.onnx"), "-p", "cleanup", *reports_in(d), *extra]
 
 
 def cnn_case(*extra: str, pipeline: str = "cleanup") -> Callable[[Path], list[str]]:
-    return lambda d: ["optimize", str(d / "model.onnx"), "-o", str(d / "out.onnx"), "-p", pipeline,
+    return lambda d: ["optimize", str(d / "model.onnx"), "-o", str(d / "out.onnx"), "-p", pipeline, *reports_in(d),
                       *[a(d) if callable(a) else a for a in extra]]
 
 
