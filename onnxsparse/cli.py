@@ -1,8 +1,9 @@
 """``onnxsparse optimize | validate | inspect | passes``.
 
 Exit status: 0 done, 1 a model failed validation (or a pass failed under ``--policy raise``),
-2 bad input (missing or invalid file, unknown pass or option, output path equal to the input),
-3 an internal error (a bug).
+2 bad input (missing or invalid file, unknown pass or option, output path equal to the input, a
+size over --max-input-bytes, NaN/Inf inputs or original outputs, a full disk, another run writing
+the same output), 3 an internal error (a bug: a size we could have checked is a bug of ours too).
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ model that does not verify or a crash leaves the targets as they were.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import shutil
@@ -25,6 +24,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are not evaluated at run time
     from typing_extensions import Self
@@ -50,7 +54,8 @@ def describe_os_error(error: OSError) -> str:
 
 
 def remove_stale_staging(folder: Path) -> list[Path]:
-    """Remove the staging folders in ``folder`` whose process has ended; return them."""
+    """Remove the staging folders in ``folder`` whose process has ended, and lock files no run
+    holds (a killed run leaves both); return what was removed."""
     removed = []
     for entry in sorted(folder.glob(f"{STAGING_PREFIX}*")):
         pid = _owner_pid(entry.name)
@@ -60,6 +65,10 @@ def remove_stale_staging(folder: Path) -> list[Path]:
         if not entry.exists():
             removed.append(entry)
             log.warning("removed %s: staging left by process %d, which ended before it finished writing", entry, pid)
+    for entry in sorted(folder.glob(f"{LOCK_PREFIX}*")):
+        if _remove_if_unheld(entry):
+            removed.append(entry)
+            log.info("removed %s: a lock file left by a run that ended without releasing it", entry)
     return removed
 
 
@@ -69,7 +78,7 @@ def _owner_pid(name: str) -> int | None:
 
 
 def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name == "nt":  # on Windows, signal 0 is CTRL_C_EVENT: never send it
         return True
     try:
         os.kill(pid, 0)
@@ -129,25 +138,54 @@ class OutputLock:
 def _acquire(target: Path) -> int:
     path = lock_path(target)
     while True:
-        try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as error:
-            raise OutputPathError(f"{target}: cannot write in {target.parent} ({describe_os_error(error)})") from error
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        descriptor = _open_lock_file(path, target)
+        if not _try_lock(descriptor):
             holder = _read_pid(descriptor)
             os.close(descriptor)
             raise OutputPathError(
                 f"{target}: another onnxsparse run{f' (pid {holder})' if holder else ''} is writing it; "
                 "wait for it to end or choose another output path"
-            ) from None
+            )
         if _still_linked(descriptor, path):
             break
-        os.close(descriptor)  # the previous holder removed this file between our open and flock
+        os.close(descriptor)  # the previous holder removed this file between our open and lock
     os.ftruncate(descriptor, 0)
     os.write(descriptor, str(os.getpid()).encode())
     return descriptor
+
+
+def _open_lock_file(path: Path, target: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise OutputPathError(f"{target}: cannot write in {target.parent} ({describe_os_error(error)})") from error
+
+
+def _try_lock(descriptor: int) -> bool:
+    if fcntl is None:  # no flock (Windows): the lock file is advisory only there
+        return True
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _remove_if_unheld(path: Path) -> bool:
+    """Remove a lock file when no process holds it (taken first, so no live run loses its lock)."""
+    if fcntl is None:
+        return False
+    try:
+        descriptor = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        if not _try_lock(descriptor) or not _still_linked(descriptor, path):
+            return False
+        path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(descriptor)
 
 
 def _still_linked(descriptor: int, path: Path) -> bool:

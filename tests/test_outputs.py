@@ -172,10 +172,12 @@ def test_a_later_run_removes_stale_staging_of_dead_processes_and_says_so(workdir
     sleeper = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     live = workdir / f"{STAGING_PREFIX}{sleeper.pid}-efgh5678"  # a run still writing: left alone
     live.mkdir()
+    (workdir / ".onnxsparse-lock-other.onnx").write_text("12345")  # a killed run's lock, on another output
     try:
         with caplog.at_level(logging.WARNING, logger="onnxsparse"):
             assert main(optimize_args(workdir)) == 0
         assert staging_left(workdir) == [live]
+        assert not list(workdir.glob(".onnxsparse-lock-*"))
         assert any(str(stale) in r.getMessage() and "ended before it finished writing" in r.getMessage() for r in caplog.records)
     finally:
         sleeper.communicate(b"")
@@ -215,7 +217,7 @@ def test_kill_9_during_a_save_then_a_second_run_leaves_no_staging(workdir):
     assert not (workdir / "out.onnx").exists()
 
     assert main(optimize_args(workdir)) == 0
-    assert staging_left(workdir) == []
+    assert staging_left(workdir) == [] and not list(workdir.glob(".onnxsparse-lock-*"))
     ort.InferenceSession(str(workdir / "out.onnx"), providers=["CPUExecutionProvider"])
 
 
