@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -120,8 +121,9 @@ class NpzInputs:
 
 
 # What numpy and zipfile raise on a damaged or hostile file (zlib.error: a corrupt deflate stream;
-# NotImplementedError: an unknown compression method; RuntimeError: an encrypted member).
-_UNREADABLE = (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, zlib.error)
+# NotImplementedError: an unknown compression method; RuntimeError: an encrypted member;
+# TokenError and SyntaxError: an .npy header that is not a Python literal, from numpy's parser).
+_UNREADABLE = (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, zlib.error, tokenize.TokenError, SyntaxError)
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
 

@@ -32,7 +32,7 @@ def test_mutants_of_the_bundled_models_never_crash_hang_or_write_on_failure(tmp_
     # nothing if every mutant failed to parse)
     statuses = [o.statuses["optimize"] for o in outcomes]
     assert statuses.count(2) >= CASES // 4 and statuses.count(0) >= CASES // 10
-    assert {o.mutant.kind for o in outcomes} == set(KINDS)
+    assert {o.mutant.kind for o in outcomes} == set(KINDS) and {o.mutant.target for o in outcomes} == {"onnx", "inputs.npz"}
 
 
 def _folder(root: Path, case: int) -> Path:
@@ -61,3 +61,11 @@ def test_the_known_non_utf8_mutant_is_refused_not_a_crash(tmp_path, quiet_logs):
     outcome = run_case(Mutant(0, 0, "digits_transformer", "set", 889, b"\xff\x80"), tmp_path, run_in_process, TIME_LIMIT)
     assert outcome.statuses == {"inspect": 2, "optimize": 2} and not outcome.problems
     assert "is not UTF-8 text" in outcome.errors["optimize"]
+
+
+def test_an_npz_header_numpy_cannot_tokenize_is_refused_not_a_crash(tmp_path, quiet_logs):
+    """Found by tools/fuzz.py (seed 2, case 162): one bit of the inputs' .npy header flipped made
+    numpy's header parser raise tokenize.TokenError, an exit 3."""
+    outcome = run_case(Mutant(2, 162, "digits_transformer", "flip", 134, b"\x08", "inputs.npz"), tmp_path, run_in_process, TIME_LIMIT)
+    assert outcome.statuses == {"validate": 2, "optimize": 2} and not outcome.problems
+    assert "m.npz: cannot be read as .npz or .npy" in outcome.errors["optimize"]

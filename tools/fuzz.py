@@ -4,9 +4,10 @@ an internal error), in bounded time, with nothing written when it fails and no l
     python tools/fuzz.py --count 3000 --seed 1            # a long run; prints a summary and reproducers
     python tools/fuzz.py --seed 1 --case 417 --keep DIR   # one case again, its mutant kept in DIR
 
-Each case takes one bundled model, applies one seeded mutation (bit flips, bytes set, a truncation,
-inserted bytes), then runs ``inspect`` and ``optimize -p cleanup -o ... --report ...`` in-process
-through ``onnxsparse.cli.main``. Here every case runs in a forked child, killed after ``--time-limit``
+Each case takes one bundled model, or (one case in four) its validation inputs ``.npz``, applies one
+seeded mutation (bit flips, bytes set, a truncation, inserted bytes), then runs ``inspect`` and
+``optimize -p cleanup -o ... --report ...`` on a mutated model, or ``optimize ... --inputs`` and
+``validate`` on mutated inputs, in-process through ``onnxsparse.cli.main``. Here every case runs in a forked child, killed after ``--time-limit``
 seconds (a hang), so one bad case cannot stop the run; tests/test_fuzz.py runs a few hundred in the
 test process itself. A case is reproduced from (seed, case) alone: the mutation is drawn from them.
 """
@@ -49,6 +50,11 @@ class Mutant:
     kind: str
     offset: int
     payload: bytes = b""  # flip: one byte of bit masks per flipped byte; set/insert: the bytes
+    target: str = "onnx"  # the file mutated: "onnx" (the model) or "inputs.npz" (its validation inputs)
+
+    @property
+    def source(self) -> Path:
+        return MODELS / f"{self.model}.{self.target}"
 
     def apply(self, data: bytes) -> bytes:
         if self.kind == "truncate":
@@ -64,13 +70,14 @@ class Mutant:
     def describe(self) -> str:
         what = {"flip": "xor", "set": "set to", "insert": "insert"}.get(self.kind)
         detail = f" {what} {self.payload.hex(' ')}" if what else ""
-        return f"seed {self.seed} case {self.case}: {self.model}.onnx {self.kind} at byte {self.offset}{detail}"
+        return f"seed {self.seed} case {self.case}: {self.model}.{self.target} {self.kind} at byte {self.offset}{detail}"
 
 
 def draw(seed: int, case: int) -> Mutant:
     rng = random.Random(f"{seed}:{case}")  # a str seed is hashed with sha512: the same on every run and machine
     model = rng.choice(BUNDLED)
-    size = (MODELS / f"{model}.onnx").stat().st_size
+    target = "inputs.npz" if rng.random() < 0.25 else "onnx"
+    size = (MODELS / f"{model}.{target}").stat().st_size
     kind = rng.choice(KINDS)
     # Half the offsets fall in the first and last 2 KB, where the graph's structure (names, types,
     # shapes, opsets) lives; the middle is mostly weight bytes, which any value makes a valid model.
@@ -86,7 +93,7 @@ def draw(seed: int, case: int) -> Mutant:
         payload = bytes(rng.randrange(256) for _ in range(rng.choice((1, 2, 5, 16))))
     else:
         payload = b""
-    return Mutant(seed, case, model, kind, offset, payload)
+    return Mutant(seed, case, model, kind, offset, payload, target)
 
 
 @dataclass
@@ -115,15 +122,23 @@ Runner = Callable[[Sequence[str], float], tuple[int, str]]
 
 def run_case(mutant: Mutant, folder: Path, runner: Runner, time_limit: float) -> Outcome:
     """Write the mutant to ``folder``, run the commands on it, and judge what they left there."""
-    data = mutant.apply((MODELS / f"{mutant.model}.onnx").read_bytes())
-    model, output, report = folder / "m.onnx", folder / "out.onnx", folder / "r.json"
-    model.write_bytes(data)
+    data = mutant.apply(mutant.source.read_bytes())
+    mutated = folder / ("m.onnx" if mutant.target == "onnx" else "m.npz")
+    mutated.write_bytes(data)
+    output, report = folder / "out.onnx", folder / "r.json"
     outcome = Outcome(mutant)
     started = time.perf_counter()
-    commands = {
-        "inspect": ["inspect", str(model)],
-        "optimize": ["optimize", str(model), "-o", str(output), "-p", "cleanup", "--report", str(report)],
-    }
+    if mutant.target == "onnx":
+        commands = {
+            "inspect": ["inspect", str(mutated)],
+            "optimize": ["optimize", str(mutated), "-o", str(output), "-p", "cleanup", "--report", str(report)],
+        }
+    else:
+        original = str(MODELS / f"{mutant.model}.onnx")
+        commands = {
+            "validate": ["validate", original, original, "--inputs", str(mutated)],
+            "optimize": ["optimize", original, "-o", str(output), "-p", "cleanup", "--report", str(report), "--inputs", str(mutated)],
+        }
     for name, args in commands.items():
         status, error = runner(args, time_limit)
         outcome.statuses[name] = status
@@ -133,9 +148,9 @@ def run_case(mutant: Mutant, folder: Path, runner: Runner, time_limit: float) ->
     optimized = outcome.statuses["optimize"] == 0
     if not optimized:
         outcome.written_on_failure = [p.name for p in (output, report) if p.exists()]
-    expected = {"m.onnx"} | ({"out.onnx", "out.onnx.data", "r.json"} if optimized else set())
+    expected = {mutated.name} | ({"out.onnx", "out.onnx.data", "r.json"} if optimized else set())
     outcome.leftovers = sorted(p.name for p in folder.iterdir() if p.name not in expected and p.name not in outcome.written_on_failure)
-    outcome.input_changed = model.read_bytes() != data
+    outcome.input_changed = mutated.read_bytes() != data
     return outcome
 
 
@@ -228,13 +243,16 @@ def fuzz(seed: int, cases: Sequence[int], runner: Runner, time_limit: float, kee
 
 def summary(outcomes: Sequence[Outcome], seconds: float) -> str:
     lines = [f"{len(outcomes)} mutants in {seconds:.0f} s ({seconds / max(len(outcomes), 1) * 1000:.0f} ms each)"]
-    for command in ("inspect", "optimize"):
-        counts = Counter(o.statuses.get(command) for o in outcomes)
-        text = ", ".join(f"{'hang' if status == HANG else f'exit {status}'}: {count}" for status, count in sorted(counts.items(), key=lambda i: i[0]))
-        lines.append(f"  {command}: {text}")
+    for target in ("onnx", "inputs.npz"):
+        mutants = [o for o in outcomes if o.mutant.target == target]
+        for command in dict.fromkeys(c for o in mutants for c in o.statuses):
+            counts = Counter(o.statuses[command] for o in mutants if command in o.statuses)
+            text = ", ".join(f"{'hang' if status == HANG else f'exit {status}'}: {count}" for status, count in sorted(counts.items()))
+            lines.append(f"  {command} on mutated .{target} ({len(mutants)}): {text}")
     kinds = Counter((o.mutant.kind, o.statuses["optimize"]) for o in outcomes)
     lines.append("  optimize by mutation: " + "; ".join(
-        f"{kind} " + "/".join(f"{kinds[(kind, s)]}x{s}" for s in sorted({s for k, s in kinds if k == kind})) for kind in KINDS))
+        f"{kind} " + "/".join(f"{kinds[(kind, s)]}x{s}" for s in sorted({s for k, s in kinds if k == kind}))
+        for kind in KINDS if any(k == kind for k, _ in kinds)))
     hangs = sum(status == HANG for o in outcomes for status in o.statuses.values())
     exit3 = sum(status == 3 for o in outcomes for status in o.statuses.values())
     written = sum(bool(o.written_on_failure) for o in outcomes)
