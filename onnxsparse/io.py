@@ -133,15 +133,22 @@ def _check_text_is_utf8(model: onnx.ModelProto, label: str) -> None:
 
 
 def _first_non_utf8_text(message: Message, where: str) -> tuple[str, bytes] | None:
-    for descriptor, value in message.ListFields():
-        items = list(value) if _is_repeated(descriptor) else [value]
-        for index, item in enumerate(items):
-            place = f"{where}.{descriptor.name}" + (f"[{index}]" if _is_repeated(descriptor) else "")
+    # Driven by the descriptor, not ListFields: a field that is neither text nor a message (raw_data,
+    # float_data) is never read, so a big model's weights are not copied to look at its names.
+    for descriptor in message.DESCRIPTOR.fields:
+        if descriptor.type not in (descriptor.TYPE_STRING, descriptor.TYPE_MESSAGE):
+            continue
+        repeated = _is_repeated(descriptor)
+        if not repeated and not message.HasField(descriptor.name):
+            continue
+        value = getattr(message, descriptor.name)
+        for index, item in enumerate(value if repeated else [value]):
+            place = f"{where}.{descriptor.name}" + (f"[{index}]" if repeated else "")
             if descriptor.type == descriptor.TYPE_STRING:
                 raw = _undecodable(item)
                 if raw is not None:
                     return place, raw
-            elif descriptor.type == descriptor.TYPE_MESSAGE:
+            else:
                 found = _first_non_utf8_text(item, place)
                 if found is not None:
                     return found
