@@ -154,11 +154,29 @@ def _check_archive(path: Path, budget: int) -> None:
                 f"over the {format_bytes(budget)} input budget; refused before inflating (raise --max-input-bytes if that is intended)"
             )
         for member in members:
+            _check_inflation(path, member, budget)
             with archive.open(member) as stream:  # inflates the header only
                 if stream.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
                     continue  # not an array: numpy hands it over as bytes, bounded by file_size
                 stream.seek(0)
                 _check_npy(stream, member.file_size, f"{path}: member '{member.filename}'", budget)
+
+
+# Real arrays deflate a few times at most (images, activations, token ids: 1-10x); deflate's ceiling
+# is about 1030x, reached only by constant data. A member inflating beyond this ratio and past a
+# sixteenth of the budget (256 MiB by default) is taken for a zip bomb: the 4 MB .npz
+# inflating to 4 GB fits a 4 GiB budget but not this. Raising the budget raises the floor with it.
+ZIP_BOMB_RATIO = 100
+
+
+def _check_inflation(path: Path, member: zipfile.ZipInfo, budget: int) -> None:
+    ratio = member.file_size / max(member.compress_size, 1)
+    if member.file_size > budget // 16 and ratio > ZIP_BOMB_RATIO:
+        raise InputDataError(
+            f"{path}: member '{member.filename}' inflates {ratio:.0f} times, from {format_bytes(member.compress_size)} to "
+            f"{format_bytes(member.file_size)}: a zip bomb or constant data; refused before inflating "
+            "(raise --max-input-bytes to read it)"
+        )
 
 
 def _check_npy(stream: BinaryIO, stored_bytes: int, label: str, budget: int) -> None:
