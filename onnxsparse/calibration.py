@@ -8,6 +8,7 @@ from the graph's input types.
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import re
 import tokenize
@@ -266,7 +267,8 @@ class SyntheticInputs:
     max_bytes: int = DEFAULT_MAX_INPUT_BYTES
 
     def __post_init__(self) -> None:
-        if not isinstance(self.seed, int) or self.seed < 0:
+        # numpy refuses a negative seed only when the first feed is drawn, as a bare ValueError
+        if not isinstance(self.seed, numbers.Integral) or self.seed < 0:
             raise InputDataError(f"--seed: {self.seed!r} is not a non-negative integer")
 
     def feeds(self) -> Iterator[Feed]:

@@ -242,3 +242,13 @@ def test_sizes_that_are_not_sizes_are_refused(text):
 
 def test_dims_keep_accepting_ordinary_values():
     assert parse_dims("batch=4, seq=128") == {"batch": 4, "seq": 128}
+
+
+def test_a_negative_seed_from_python_is_an_input_error_and_numpy_seeds_are_accepted(workdir):
+    from onnxsparse import optimize
+
+    with pytest.raises(InputDataError, match="--seed: -1 is not a non-negative integer"):
+        optimize(workdir / "model.onnx", workdir / "o.onnx", "cleanup", seed=-1)
+    assert not (workdir / "o.onnx").exists()
+    optimize(workdir / "model.onnx", workdir / "o.onnx", "cleanup", seed=np.int64(3))
+    assert (workdir / "o.onnx").is_file()
