@@ -16,6 +16,7 @@ import os
 from .calibration import DEFAULT_SYNTHETIC_SAMPLES, InputSpec, collect_feeds, resolve_inputs
 from .errors import OnnxsparseError
 from .io import load, save
+from .limits import DEFAULT_MAX_INPUT_BYTES
 from .passes import Pass, PassContext, PassResult, register, registered_passes
 from .pipeline import PassManager, optimize
 from .report import RunReport
@@ -43,10 +44,14 @@ def validate(
     int_range: tuple[int, int] | None = None,
     temperature: float = 1.0,
     max_feeds: int | None = 64,
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
 ) -> ValidationResult:
-    """Run both models on the same inputs in onnxruntime and compare the candidate with the reference."""
-    original, other = load(reference), load(candidate)
-    source = resolve_inputs(inputs, original, samples=samples, seed=seed, dims=dims, int_range=int_range)
+    """Run both models on the same inputs in onnxruntime and compare the candidate with the reference.
+
+    ``max_input_bytes``: the most an input file, a synthetic feed or a model's densified sparse
+    tensors may unpack to (see ``onnxsparse.limits``)."""
+    original, other = load(reference, max_input_bytes=max_input_bytes), load(candidate, max_input_bytes=max_input_bytes)
+    source = resolve_inputs(inputs, original, samples=samples, seed=seed, dims=dims, int_range=int_range, max_input_bytes=max_input_bytes)
     feeds = collect_feeds(source, original, limit=max_feeds)
     chosen = (tolerances or Tolerances(default=tolerance)).checked([o.name for o in original.graph.output])
     outputs = Reference.of(original, feeds, str(reference))

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import numbers
 import os
 import re
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 import onnx
@@ -23,6 +26,7 @@ from onnx import helper
 
 from .errors import InputDataError
 from .graph import constant_value, to_gs
+from .limits import DEFAULT_MAX_INPUT_BYTES, array_bytes, format_bytes
 
 Feed = dict[str, np.ndarray]
 
@@ -76,32 +80,144 @@ def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
 @dataclass(frozen=True)
 class NpzInputs:
     """One feed per ``.npz`` file (its keys are the input names), or per ``.npy`` file for a model
-    with a single input."""
+    with a single input.
+
+    A file is refused from its headers, before anything is inflated or allocated, when it would
+    unpack to more than ``max_bytes`` (see limits.py); an input holding NaN/Inf is refused when read.
+    ``inputs`` names the model's inputs (None: every float array is checked for NaN/Inf)."""
 
     paths: tuple[Path, ...]
     single_input: str | None = None
+    max_bytes: int = DEFAULT_MAX_INPUT_BYTES
+    inputs: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for path in self.paths:  # refuse an oversized file before the run starts, not in a pass
+            _check_declared_size(path, self.max_bytes)
 
     def feeds(self) -> Iterator[Feed]:
         for path in self.paths:
             yield self._read(path)
 
     def _read(self, path: Path) -> Feed:
+        _check_declared_size(path, self.max_bytes)
         try:
             loaded = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        except _UNREADABLE as error:
             raise InputDataError(f"{path}: cannot be read as .npz or .npy ({' '.join(str(error).split())})") from error
         if isinstance(loaded, np.ndarray):
             if self.single_input is None:
                 raise InputDataError(f"{path}: a .npy holds one array; this model has several inputs: use .npz with one key per input")
-            return {self.single_input: loaded}
-        try:
-            with loaded as archive:
-                return {key: archive[key] for key in archive.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-            raise InputDataError(f"{path}: cannot be read as .npz ({' '.join(str(error).split())})") from error
+            feed = {self.single_input: loaded}
+        else:
+            try:
+                with loaded as archive:
+                    feed = {key: archive[key] for key in archive.files}
+            except _UNREADABLE as error:
+                raise InputDataError(f"{path}: cannot be read as .npz ({' '.join(str(error).split())})") from error
+        for name, array in feed.items():
+            if self.inputs is None or name in self.inputs:
+                _check_finite(array, f"{path}: input '{name}'")
+        return feed
 
     def describe(self) -> str:
         return f"{len(self.paths)} .npz file(s)" if len(self.paths) != 1 else str(self.paths[0])
+
+
+# What numpy and zipfile raise on a damaged or hostile file (zlib.error: a corrupt deflate stream;
+# NotImplementedError: an unknown compression method; RuntimeError: an encrypted member;
+# TokenError and SyntaxError: an .npy header that is not a Python literal, from numpy's parser).
+_UNREADABLE = (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, zlib.error, tokenize.TokenError, SyntaxError)
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _check_declared_size(path: Path, budget: int) -> None:
+    """Refuse a .npz/.npy from its headers alone: what its zip members inflate to (zip's own
+    ``file_size``, which zipfile never reads past) and what each array header declares (numpy
+    allocates that before reading a byte) must agree and fit the budget."""
+    try:
+        with open(path, "rb") as stream:
+            magic = stream.read(len(np.lib.format.MAGIC_PREFIX))
+            if magic.startswith(_ZIP_MAGIC):
+                _check_archive(path, budget)
+            elif magic == np.lib.format.MAGIC_PREFIX:
+                stream.seek(0)
+                _check_npy(stream, path.stat().st_size, str(path), budget)
+            # anything else: np.load refuses it (allow_pickle=False), with its own message
+    except _UNREADABLE as error:
+        raise InputDataError(f"{path}: cannot be read as .npz or .npy ({' '.join(str(error).split())})") from error
+
+
+def _check_archive(path: Path, budget: int) -> None:
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+        inflated = sum(member.file_size for member in members)
+        if inflated > budget:
+            raise InputDataError(
+                f"{path}: its arrays inflate to {format_bytes(inflated)} (from {format_bytes(path.stat().st_size)} on disk), "
+                f"over the {format_bytes(budget)} input budget; refused before inflating (raise --max-input-bytes if that is intended)"
+            )
+        for member in members:
+            _check_inflation(path, member, budget)
+            with archive.open(member) as stream:  # inflates the header only
+                if stream.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+                    continue  # not an array: numpy hands it over as bytes, bounded by file_size
+                stream.seek(0)
+                _check_npy(stream, member.file_size, f"{path}: member '{member.filename}'", budget)
+
+
+# Real arrays deflate a few times at most (images, activations, token ids: 1-10x); deflate's ceiling
+# is about 1030x, reached only by constant data. A member inflating beyond this ratio and past a
+# sixteenth of the budget (256 MiB by default) is taken for a zip bomb: the issue's 4 MB .npz
+# inflating to 4 GB fits a 4 GiB budget but not this. Raising the budget raises the floor with it.
+ZIP_BOMB_RATIO = 100
+
+
+def _check_inflation(path: Path, member: zipfile.ZipInfo, budget: int) -> None:
+    ratio = member.file_size / max(member.compress_size, 1)
+    if member.file_size > budget // 16 and ratio > ZIP_BOMB_RATIO:
+        raise InputDataError(
+            f"{path}: member '{member.filename}' inflates {ratio:.0f} times, from {format_bytes(member.compress_size)} to "
+            f"{format_bytes(member.file_size)}: a zip bomb or constant data; refused before inflating "
+            "(raise --max-input-bytes to read it)"
+        )
+
+
+def _check_npy(stream: BinaryIO, stored_bytes: int, label: str, budget: int) -> None:
+    """An .npy header's shape and dtype against the budget and against the bytes stored after it."""
+    shape, dtype = _npy_header(stream, label)
+    declared = array_bytes(shape, dtype)
+    if declared > budget:
+        raise InputDataError(
+            f"{label} declares an array of shape {list(shape)} {dtype} ({format_bytes(declared)}), over the "
+            f"{format_bytes(budget)} input budget; refused before reading (raise --max-input-bytes if that is intended)"
+        )
+    held = stored_bytes - stream.tell()
+    if dtype.hasobject or held != declared:
+        raise InputDataError(f"{label} declares an array of shape {list(shape)} {dtype} ({declared:,} bytes) but holds {held:,} bytes")
+
+
+def _npy_header(stream: BinaryIO, label: str) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise InputDataError(f"{label}: .npy format version {version} is not supported (1.0 and 2.0 are)")
+    return tuple(shape), np.dtype(dtype)
+
+
+def _check_finite(array: np.ndarray, origin: str) -> None:
+    """NaN/Inf in an input makes the reference meaningless and the comparison pass or fail at random."""
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating)):
+        return
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    bad = np.argwhere(~finite)
+    where = f", first at index {tuple(int(i) for i in bad[0])}" if array.ndim else ""
+    raise InputDataError(f"{origin} holds {len(bad):,} NaN/Inf value(s){where}; give finite inputs")
 
 
 @dataclass
@@ -143,6 +259,7 @@ class SyntheticInputs:
     Dynamic dims take ``dims[name]`` (by dim_param), else 1 on axis 0 (the batch) and 32 elsewhere.
     Floats are standard normal; integers uniform in ``int_range``, narrowed to the table size when
     the input indexes a constant embedding table through Gather (token ids); booleans are coin flips.
+    A feed that would take more than ``max_bytes`` is refused before any is made.
     """
 
     model: onnx.ModelProto
@@ -150,10 +267,17 @@ class SyntheticInputs:
     seed: int = 0
     dims: Mapping[str, int] = field(default_factory=dict)
     int_range: tuple[int, int] | None = None
+    max_bytes: int = DEFAULT_MAX_INPUT_BYTES
+
+    def __post_init__(self) -> None:
+        # numpy refuses a negative seed only when the first feed is drawn, as a bare ValueError
+        if not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise InputDataError(f"--seed: {self.seed!r} is not a non-negative integer")
 
     def feeds(self) -> Iterator[Feed]:
-        rng = np.random.default_rng(self.seed)
         inputs = model_inputs(self.model)
+        self._check_feed_size(inputs)
+        rng = np.random.default_rng(self.seed)
         int_bounds = {i.name: self._int_bounds(i.name) for i in inputs if np.issubdtype(i.dtype, np.integer)}
         for _ in range(self.samples):
             yield {i.name: self._sample(rng, i, int_bounds.get(i.name)) for i in inputs}
@@ -172,6 +296,19 @@ class SyntheticInputs:
                 shape.append(DEFAULT_BATCH if axis == 0 else DEFAULT_DYNAMIC_DIM)
         return tuple(shape)
 
+    def _check_feed_size(self, inputs: list[ModelInput]) -> None:
+        """Declared dims (2^31 in the file) and --dims (batch=100000000) are sized before numpy
+        allocates them; a float input is first drawn as float64, so it counts 8 bytes an element."""
+        sizes = {i.name: (self.resolved_shape(i), array_bytes(self.resolved_shape(i), _drawn_dtype(i.dtype))) for i in inputs}
+        total = sum(size for _, size in sizes.values())
+        if total > self.max_bytes:
+            name, (shape, size) = max(sizes.items(), key=lambda item: item[1][1])
+            raise InputDataError(
+                f"synthetic inputs: one feed would take {format_bytes(total)} (input '{name}' of shape {list(shape)}: "
+                f"{format_bytes(size)}), over the {format_bytes(self.max_bytes)} input budget; set smaller --dims "
+                "or raise --max-input-bytes"
+            )
+
     def _sample(self, rng: np.random.Generator, model_input: ModelInput, bounds: tuple[int, int] | None) -> np.ndarray:
         shape = self.resolved_shape(model_input)
         if np.issubdtype(model_input.dtype, np.floating):
@@ -188,6 +325,11 @@ class SyntheticInputs:
             return self.int_range
         table_rows = _gather_table_rows(self.model, name)
         return (0, table_rows) if table_rows else DEFAULT_INT_RANGE
+
+
+def _drawn_dtype(dtype: np.dtype) -> np.dtype:
+    """What numpy draws a synthetic input in before it is cast to the input's type."""
+    return np.dtype(np.float64) if np.issubdtype(dtype, np.floating) else np.dtype(np.int64) if np.issubdtype(dtype, np.integer) else np.dtype(dtype)
 
 
 def _gather_table_rows(model: onnx.ModelProto, input_name: str) -> int | None:
@@ -417,19 +559,20 @@ def resolve_inputs(
     seed: int = 0,
     dims: Mapping[str, int] | None = None,
     int_range: tuple[int, int] | None = None,
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
 ) -> InputSource:
     """Turn what the user gave (nothing, paths, a folder, an iterable, a source) into a source."""
     _check_dim_names(dims or {}, model)
     if spec is None:
-        return SyntheticInputs(model, samples=samples, seed=seed, dims=dict(dims or {}), int_range=int_range)
+        return SyntheticInputs(model, samples=samples, seed=seed, dims=dict(dims or {}), int_range=int_range, max_bytes=max_input_bytes)
     if isinstance(spec, InputSource):
         return spec
     names = [i.name for i in model_inputs(model)]
     single = names[0] if len(names) == 1 else None
     if isinstance(spec, (str, os.PathLike)):
-        return NpzInputs(_npz_paths(Path(spec)), single)
+        return NpzInputs(_npz_paths(Path(spec)), single, max_input_bytes, tuple(names))
     if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, (str, os.PathLike)) for s in spec):
-        return NpzInputs(tuple(p for s in spec for p in _npz_paths(Path(s))), single)
+        return NpzInputs(tuple(p for s in spec for p in _npz_paths(Path(s))), single, max_input_bytes, tuple(names))
     return IterableInputs(spec)
 
 
@@ -458,9 +601,11 @@ def parse_dims(text: str) -> dict[str, int]:
     """``"batch=4,seq=128"`` → ``{"batch": 4, "seq": 128}`` (the CLI's ``--dims``)."""
     dims = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        match = re.fullmatch(r"([^=]+)=(\d+)", item)
+        # at most 18 digits: an int64 numpy can take (the size itself is checked against the budget
+        # when the synthetic feed is made), and Python refuses to parse numbers over 4300 digits
+        match = re.fullmatch(r"([^=]+)=(\d{1,18})", item)
         if not match or int(match.group(2)) < 1:
-            raise InputDataError(f"--dims: '{item}' is not NAME=POSITIVE_INTEGER")
+            raise InputDataError(f"--dims: '{item}' is not NAME=POSITIVE_INTEGER (at most 18 digits)")
         dims[match.group(1).strip()] = int(match.group(2))
     return dims
 
@@ -494,6 +639,7 @@ def check_feed(feed: Mapping[str, np.ndarray], inputs: list[ModelInput], origin:
             raise InputDataError(
                 f"{origin}: input '{model_input.name}' has shape {array.shape}, the model expects {expected}"
             )
+        _check_finite(array, f"{origin}: input '{model_input.name}'")
         checked[model_input.name] = array
     return checked
 

@@ -1,7 +1,10 @@
 """``onnxsparse optimize | validate | inspect | passes``.
 
 Exit status (see EXIT_STATUS): 0 done and validated as asked, 1 a model failed validation,
-2 bad input, 3 an internal error (a bug), 4 a requested pass was rolled back.
+2 bad input (missing or invalid file, unknown pass or option, output path equal to the input, a
+size over --max-input-bytes, NaN/Inf inputs or original outputs, a full disk, another run writing
+the same output), 3 an internal error (a bug: a size we could have checked is a bug of ours too),
+4 a requested pass was rolled back.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .calibration import DEFAULT_SYNTHETIC_SAMPLES, HELD_OUT_MAX_SAMPLES, parse_
 from .errors import InputDataError, OnnxsparseError
 from .inspect_model import ModelSummary, summarize
 from .io import load_with_info, save
+from .limits import DEFAULT_MAX_INPUT_BYTES, format_bytes, parse_bytes
 from .passes import registered_passes
 from .report import RunReport, worst_output
 from .spec import option_fields, option_types, parse_tolerance_text, type_text, format_value, default_of
@@ -33,7 +37,9 @@ EXIT_STATUS = """exit status:
   0  done: every pass committed (or changed nothing, with the reason in the report) and the output validated
   1  validation failed: `validate` found the candidate out of tolerance, or `optimize` ended with a model
      out of tolerance (written under --policy keep) or stopped on one (--policy raise)
-  2  bad input: a missing or invalid file, an unknown pass or option, data that does not fit the model
+  2  bad input: a missing or invalid file, an unknown pass or option, data that does not fit the model or
+     holds NaN/Inf, a size over --max-input-bytes, a full disk, another run writing the same output;
+     nothing was written
   3  internal error: a bug in onnxsparse (please report it with the output of -vv)
   4  a requested pass was rolled back (it crashed, broke its tolerance, or made the model worse): the
      output was written and validated without it; the report says why"""
@@ -113,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--overwrite-input", action="store_true", help="allow the output to replace the input file")
     optimize.add_argument("--keep-worse", action="store_true",
                           help="keep a step that left the model larger on disk and not faster, or slower, than its input (default: roll it back)")
+    _add_layout_option(optimize)
     _add_input_options(optimize)
     _add_tolerance_options(optimize, per_pass=True)
     _add_common_options(optimize)
@@ -127,11 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="ops, tensors, bytes and sparsity of a model")
     inspect.add_argument("model")
     inspect.add_argument("--top", type=int, default=20, help="tensors listed, largest first (default 20; 0 for all)")
+    _add_budget_option(inspect)
     _add_common_options(inspect)
 
     densify = commands.add_parser("densify", help="write a sparse-encoded model back as a plain one (for tools that cannot read sparse_initializer)")
     densify.add_argument("model")
     densify.add_argument("-o", "--output", required=True)
+    _add_layout_option(densify)
+    _add_budget_option(densify)
 
     passes = commands.add_parser("passes", help="every pass with its options and defaults")
     _add_common_options(passes)
@@ -149,6 +159,40 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed of the synthetic samples and of the held-out split (default 0)")
     group.add_argument("--dims", default="", metavar="NAME=N,...", help="values of dynamic dims (default 1 for the batch axis, 32 elsewhere)")
     group.add_argument("--int-range", default=None, metavar="LOW,HIGH", help="range of synthetic integer inputs, e.g. token ids")
+    _add_budget_option(parser)
+
+
+def _add_layout_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--external-data", action=argparse.BooleanOptionalAction, default=None,
+        help="write tensors over 1 KB to OUTPUT.data beside the model (default: as the input was stored; "
+             "always beyond protobuf's 2 GB limit)",
+    )
+
+
+def _add_budget_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-input-bytes", default=None, metavar="SIZE",
+        help=f"the most one input file, synthetic feed, or the model's sparse tensors densified may unpack to, checked from "
+             f"their headers before anything is allocated (e.g. 512M, 16G; default {format_bytes(DEFAULT_MAX_INPUT_BYTES)}: "
+             "twice protobuf's 2 GiB model limit and far above any real input measured, yet it fits in a 16 GB machine)",
+    )
+
+
+def _max_input_bytes(args: argparse.Namespace) -> int:
+    if args.max_input_bytes is None:
+        return DEFAULT_MAX_INPUT_BYTES
+    try:
+        return parse_bytes(args.max_input_bytes)
+    except ValueError as error:
+        raise InputDataError(f"--max-input-bytes: {error}") from None
+
+
+def _seed(args: argparse.Namespace) -> int:
+    # numpy refuses a negative seed deep inside the run; say so before any work
+    if args.seed < 0:
+        raise InputDataError(f"--seed: {args.seed} is negative; give a seed of 0 or more")
+    return args.seed
 
 
 def _add_tolerance_options(parser: argparse.ArgumentParser, *, per_pass: bool) -> None:
@@ -216,14 +260,16 @@ def run_optimize(args: argparse.Namespace) -> int:
             tolerances=_tolerances(args),
             policy=args.policy,
             samples=args.samples,
-            seed=args.seed,
+            seed=_seed(args),
             dims=parse_dims(args.dims),
             int_range=_int_range(args.int_range),
             temperature=args.temperature,
+            max_input_bytes=_max_input_bytes(args),
             report_path=args.report,
             markdown_path=args.markdown,
             overwrite_input=args.overwrite_input,
             keep_worse=args.keep_worse,
+            external_data=args.external_data,
             progress=progress,
         )
     print(json.dumps(report.to_dict(), indent=2) if args.json else render_run(report))
@@ -271,10 +317,11 @@ def run_validate(args: argparse.Namespace) -> int:
         inputs=args.inputs,
         tolerances=_tolerances(args),
         samples=args.samples,
-        seed=args.seed,
+        seed=_seed(args),
         dims=parse_dims(args.dims),
         int_range=_int_range(args.int_range),
         temperature=args.temperature,
+        max_input_bytes=_max_input_bytes(args),
     )
     print(json.dumps(_validation_dict(result), indent=2) if args.json else render_validation(result))
     return 0 if result.passed else 1
@@ -304,7 +351,7 @@ def render_validation(result: ValidationResult) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    model, info = load_with_info(args.model)
+    model, info = load_with_info(args.model, max_input_bytes=_max_input_bytes(args))
     summary = summarize(model, info)
     if args.json:
         import dataclasses
@@ -365,9 +412,14 @@ def run_passes(args: argparse.Namespace) -> int:
 
 
 def run_densify(args: argparse.Namespace) -> int:
-    model, info = load_with_info(args.model)
-    written = save(model, args.output, protect=(args.model,))
-    print(f"{written}: {len(info.densified)} sparse tensor(s) densified, {_human_bytes(info.file_bytes)} -> {_human_bytes(written.stat().st_size)}")
+    model, info = load_with_info(args.model, max_input_bytes=_max_input_bytes(args))
+    folder = os.path.dirname(os.path.abspath(args.model))
+    protect = (args.model, *(os.path.join(folder, name) for name in info.external_data_files))
+    external = args.external_data if args.external_data is not None else (bool(info.external_data_files) or None)
+    written = save(model, args.output, protect=protect, external_data=external)
+    data = written.with_name(f"{written.name}.data")
+    size = written.stat().st_size + (data.stat().st_size if external and data.is_file() else 0)
+    print(f"{written}: {len(info.densified)} sparse tensor(s) densified, {_human_bytes(info.file_bytes)} -> {_human_bytes(size)}")
     return 0
 
 

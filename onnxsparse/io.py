@@ -4,28 +4,32 @@ Load: external data only from inside the model's folder, ``sparse_initializer`` 
 other library sees the graph (onnx-graphsurgeon 0.6 reads raw-data sparse tensors as zeros; other
 tools drop or reject them), the onnx checker run on what was read.
 
-Save: atomically (temporary file in the target folder, verified, then renamed), never over the input
-unless asked, keeping the IR version the caller gives, with external data when the model would pass
-protobuf's 2 GB limit or when asked.
+Save: staged beside the target, verified, then renamed with its external data (files.py: a lock per
+output, stale staging of killed runs removed), never over the input unless asked, keeping the IR
+version the caller gives, with external data when the model would pass protobuf's 2 GB limit or
+when asked (the pipeline asks when the input had external data).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 from onnx import external_data_helper, numpy_helper
 
 from .errors import ExternalDataError, ModelLoadError, OutputPathError
+from .files import OutputLock, Staging, describe_os_error
 from .graph import iter_all_tensors, iter_model_graphs
+from .limits import DEFAULT_MAX_INPUT_BYTES, array_bytes, elements_of, format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +53,10 @@ def load(
     *,
     base_dir: str | os.PathLike[str] | None = None,
     check: bool = True,
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
 ) -> onnx.ModelProto:
     """Load a model from a path or bytes; see :func:`load_with_info`."""
-    return load_with_info(source, base_dir=base_dir, check=check)[0]
+    return load_with_info(source, base_dir=base_dir, check=check, max_input_bytes=max_input_bytes)[0]
 
 
 def load_with_info(
@@ -60,10 +65,13 @@ def load_with_info(
     base_dir: str | os.PathLike[str] | None = None,
     check: bool = True,
     densify: bool = True,
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
 ) -> tuple[onnx.ModelProto, LoadInfo]:
     """Load a model and say what was done on the way in.
 
     ``base_dir`` is where external data lives for a model given as bytes (for a path, its folder).
+    ``max_input_bytes``: the most its sparse tensors may take once densified (see limits.py).
+    Everything the file declares is checked against what it holds before any of it is unpacked.
     """
     if isinstance(source, (bytes, bytearray)):
         label, data = "<bytes>", bytes(source)
@@ -75,6 +83,8 @@ def load_with_info(
     model = _parse(data, label)
     info = LoadInfo(source=label, file_bytes=len(data))
     info.external_data_files = _load_external_data(model, folder, label)
+    _check_tensor_data(model, label)
+    _check_densified_size(model, label, max_input_bytes)
     if folder is not None:  # what the model costs on disk includes its external data
         info.file_bytes += sum((folder / name).stat().st_size for name in info.external_data_files)
     if densify:
@@ -109,7 +119,155 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
     # Arbitrary bytes sometimes parse as a ModelProto with nothing in it.
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise ModelLoadError(f"{label}: not an ONNX model (no IR version or no graph)")
+    _check_text_is_utf8(model, label)
     return model
+
+
+def _check_text_is_utf8(model: onnx.ModelProto, label: str) -> None:
+    """ONNX text (names, attributes, metadata) must be UTF-8. protobuf parses other bytes without a
+    word, and the onnx checker then fails on them with a UnicodeDecodeError instead of a verdict."""
+    found = _first_non_utf8_text(model, "model")
+    if found is not None:
+        where, raw = found
+        raise ModelLoadError(f"{label}: {where} is not UTF-8 text ({raw[:60]!r}); ONNX names and strings must be UTF-8")
+
+
+def _first_non_utf8_text(message: Message, where: str) -> tuple[str, bytes] | None:
+    # Driven by the descriptor, not ListFields: a field that is neither text nor a message (raw_data,
+    # float_data) is never read, so a big model's weights are not copied to look at its names.
+    for descriptor in message.DESCRIPTOR.fields:
+        if descriptor.type not in (descriptor.TYPE_STRING, descriptor.TYPE_MESSAGE):
+            continue
+        repeated = _is_repeated(descriptor)
+        if not repeated and not message.HasField(descriptor.name):
+            continue
+        value = getattr(message, descriptor.name)
+        for index, item in enumerate(value if repeated else [value]):
+            place = f"{where}.{descriptor.name}" + (f"[{index}]" if repeated else "")
+            if descriptor.type == descriptor.TYPE_STRING:
+                raw = _undecodable(item)
+                if raw is not None:
+                    return place, raw
+            else:
+                found = _first_non_utf8_text(item, place)
+                if found is not None:
+                    return found
+    return None
+
+
+def _is_repeated(descriptor: FieldDescriptor) -> bool:
+    # protobuf 6 added ``is_repeated`` and protobuf 7 removed ``label``
+    if hasattr(descriptor, "is_repeated"):
+        return bool(descriptor.is_repeated)
+    return descriptor.label == descriptor.LABEL_REPEATED
+
+
+def _undecodable(text: str | bytes) -> bytes | None:
+    """The raw bytes of a string field that is not UTF-8: upb hands such a field back as bytes,
+    other protobuf builds as text with lone surrogates."""
+    if isinstance(text, bytes):
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# declared sizes against the data held
+# ---------------------------------------------------------------------------------------------
+
+# Element types stored packed, with their bits per element (raw_data holds ceil(n * bits / 8) bytes).
+_PACKED_BITS = {
+    getattr(onnx.TensorProto, name): bits
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2), ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6))
+    if hasattr(onnx.TensorProto, name)
+}
+_COMPLEX = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
+
+
+def _check_tensor_data(model: onnx.ModelProto, label: str) -> None:
+    """Every tensor holds exactly the data its dims and type declare. The checker does not look,
+    and numpy fails far from here ("cannot reshape") on a raw_data one byte too long."""
+    for tensor in _data_tensors(model):
+        problem = _data_problem(tensor)
+        if problem is not None:
+            raise ModelLoadError(f"{label}: tensor '{tensor.name}' {problem}")
+
+
+def _data_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from iter_all_tensors(model)
+    for sparse in _sparse_tensors(model):
+        yield sparse.values
+        yield sparse.indices
+
+
+def _sparse_tensors(model: onnx.ModelProto) -> Iterator[onnx.SparseTensorProto]:
+    """Sparse initializers and the values of sparse Constants, in every graph."""
+    for graph in iter_model_graphs(model):
+        yield from graph.sparse_initializer
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.SPARSE_TENSOR:
+                    yield attribute.sparse_tensor
+
+
+def _data_problem(tensor: onnx.TensorProto) -> str | None:
+    """What is wrong with a tensor's data against its declaration, or None."""
+    dims = list(tensor.dims)
+    if any(d < 0 for d in dims):
+        return f"has a negative dimension in its shape {dims}"
+    if tensor.HasField("segment"):
+        return "is stored in segments, which onnxsparse does not read"
+    if tensor.data_type == onnx.TensorProto.UNDEFINED or tensor.data_type not in _KNOWN_TYPES:
+        return f"has an unknown element type ({tensor.data_type})"
+    if external_data_helper.uses_external_data(tensor):
+        return None  # read in by the loader, or refused there; a raw header is judged by its reader
+    elements = elements_of(dims)
+    type_name = onnx.TensorProto.DataType.Name(tensor.data_type)
+    if tensor.HasField("raw_data"):
+        bits = _PACKED_BITS.get(tensor.data_type) or 8 * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        expected, held, unit = -(-elements * bits // 8), len(tensor.raw_data), "bytes of raw_data"
+    else:
+        field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+        expected, held, unit = _typed_values_expected(tensor.data_type, elements), len(getattr(tensor, field)), f"values in {field}"
+    if expected == held:
+        return None
+    return f"declares shape {dims} of {type_name} ({expected:,} {unit}) but holds {held:,}"
+
+
+def _typed_values_expected(data_type: int, elements: int) -> int:
+    """How many entries of its typed field (float_data, int32_data...) a tensor of ``elements`` holds."""
+    if data_type in _COMPLEX:
+        return 2 * elements  # real and imaginary parts side by side
+    bits = _PACKED_BITS.get(data_type)
+    if bits is not None and bits != 6:  # 4- and 2-bit values are packed into bytes; 6-bit ones are not
+        return -(-elements * bits // 8)
+    return elements
+
+
+_KNOWN_TYPES = set(onnx.helper.get_all_tensor_dtypes()) - {onnx.TensorProto.UNDEFINED}
+
+
+def _check_densified_size(model: onnx.ModelProto, label: str, budget: int) -> None:
+    """Sparse tensors are densified on load: what they declare (a few values can declare 2^40
+    elements) must fit the budget before any is allocated."""
+    total = 0
+    for sparse in _sparse_tensors(model):
+        dims = list(sparse.dims)
+        if any(d < 0 for d in dims):
+            raise ModelLoadError(f"{label}: sparse tensor '{sparse.values.name}' has a negative dimension in its shape {dims}")
+        if sparse.values.data_type not in _KNOWN_TYPES or sparse.values.data_type == onnx.TensorProto.STRING:
+            raise ModelLoadError(f"{label}: sparse tensor '{sparse.values.name}' has values of an unsupported element type ({sparse.values.data_type})")
+        size = array_bytes(dims, onnx.helper.tensor_dtype_to_np_dtype(sparse.values.data_type))
+        total += size
+        if total > budget:
+            raise ModelLoadError(
+                f"{label}: sparse tensor '{sparse.values.name}' declares shape {dims} ({format_bytes(size)} once dense); "
+                f"the model's sparse tensors would take over {format_bytes(budget)} densified "
+                "(raise --max-input-bytes if that is intended)"
+            )
 
 
 def check_model(model: onnx.ModelProto, label: str, *, standard: bool = True) -> None:
@@ -280,11 +438,22 @@ def save(
 ) -> Path:
     """Write ``model`` to ``path`` atomically; return the path.
 
-    ``protect``: paths that must not be overwritten (the input). ``external_data``: None decides by
-    size (beyond protobuf's 2 GB limit), True/False forces. ``verify``: the written file must pass
-    the full checker (unless ``standard`` is False: a deliberately non-standard encoding) and load in
-    onnxruntime before it replaces anything.
+    ``protect``: paths that must not be overwritten (the input and its external data).
+    ``external_data``: None decides by size (beyond protobuf's 2 GB limit), True/False forces.
+    ``verify``: the written file must pass the full checker (unless ``standard`` is False: a
+    deliberately non-standard encoding) and load in onnxruntime before it replaces anything.
+    Another run writing ``path`` at the same time is an error (see files.OutputLock).
     """
+    target = checked_output_path(path, protect)
+    with OutputLock([target]), Staging() as staging:
+        stage_model(model, target, staging, protect=protect, external_data=external_data, verify=verify, standard=standard)
+        staging.commit()
+    log.info("wrote %s (%d bytes)", target, target.stat().st_size)
+    return target
+
+
+def checked_output_path(path: str | os.PathLike[str], protect: tuple[str | os.PathLike[str], ...] = ()) -> Path:
+    """``path``, or an OutputPathError when it is a protected file, a directory or in no folder."""
     target = Path(path)
     for protected in protect:
         if same_file(target, protected):
@@ -296,21 +465,45 @@ def save(
     folder = target.parent.resolve()
     if not folder.is_dir():
         raise OutputPathError(f"{target}: folder {folder} does not exist")
-    external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD_BYTES if external_data is None else external_data
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
-    except OSError as error:
-        raise OutputPathError(f"{target}: cannot write in {folder} ({error.strerror})") from error
-    try:
-        staged_model = staging / target.name
-        _write_model(model, staged_model, external=external)
-        if verify:
-            _verify_written(staged_model, standard=standard)
-        _move_into_place(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote %s (%d bytes)", target, target.stat().st_size)
     return target
+
+
+def stage_model(
+    model: onnx.ModelProto,
+    target: Path,
+    staging: Staging,
+    *,
+    protect: tuple[str | os.PathLike[str], ...] = (),
+    external_data: bool | None = None,
+    verify: bool = True,
+    standard: bool = True,
+) -> int:
+    """Write ``model`` (and its external data) into ``staging`` for ``target``, verified; return
+    its size on disk. Nothing reaches ``target`` until the caller commits the staging."""
+    external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD_BYTES if external_data is None else external_data
+    staged = staging.path_for(target)
+    data_target = target.with_name(external_data_name(target))
+    if external:
+        for protected in protect:
+            if same_file(data_target, protected):
+                raise OutputPathError(f"{target}: its external data {data_target.name} would overwrite {protected}, which this run reads")
+    try:
+        _write_model(model, staged, external=external)
+    except OSError as error:
+        raise OutputPathError(f"{target}: cannot be written ({describe_os_error(error)}); nothing was written") from error
+    if verify:
+        _verify_written(staged, standard=standard)
+    data = staged.with_name(data_target.name)
+    if data.exists():
+        os.chmod(data, staged.stat().st_mode & 0o777)  # onnx creates it 0600; it belongs with the model
+        staging.add(data, data_target)  # first: a reader never sees the model before its data
+    staging.add(staged, target)
+    return staged.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def external_data_name(target: Path) -> str:
+    """The file a model saved with external data keeps its tensors in, beside it."""
+    return f"{target.name}.data"
 
 
 def _write_model(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
@@ -325,8 +518,8 @@ def _write_model(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
         str(path),
         save_as_external_data=True,
         all_tensors_to_one_file=True,
-        location=f"{path.name}.data",
-        size_threshold=1024,
+        location=external_data_name(path),
+        size_threshold=1024,  # onnx's default: small tensors stay in the model
     )
 
 
@@ -340,10 +533,3 @@ def _verify_written(path: Path, *, standard: bool) -> None:
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - both libraries raise many types; all mean "not written"
         raise OutputPathError(f"{path.name}: refusing to write a model that does not verify: {_one_line(error)}") from error
-
-
-def _move_into_place(staging: Path, folder: Path) -> None:
-    """Rename the data file first, the model last, so a reader never sees a model without its data."""
-    staged = sorted(staging.iterdir(), key=lambda p: p.suffix != ".data")
-    for item in staged:
-        os.replace(item, folder / item.name)

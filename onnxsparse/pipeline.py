@@ -39,11 +39,13 @@ from .errors import (
     RuntimeLoadError,
     ValidationFailed,
 )
+from .files import OutputLock, Staging
 from .inspect_model import Footprint, footprint, summarize
-from .io import LoadInfo, check_model, load_with_info, same_file, save
+from .io import LoadInfo, check_model, checked_output_path, load_with_info, same_file, stage_model
 from .latency import relative_latency, timing_feed
+from .limits import DEFAULT_MAX_INPUT_BYTES
 from .passes import Pass, PassContext, PassResult, Requirement
-from .report import KEPT, KEPT_FAILING, KEPT_WORSE, NO_CHANGE, ROLLED_BACK, WORSE, RunReport, StepReport, write_text_atomically
+from .report import KEPT, KEPT_FAILING, KEPT_WORSE, NO_CHANGE, ROLLED_BACK, WORSE, RunReport, StepReport
 from .shapes import infer_shapes
 from .spec import format_pipeline, load_recipe, parse_pipeline
 from .validate import (
@@ -461,10 +463,12 @@ def optimize(
     dims: dict[str, int] | None = None,
     int_range: tuple[int, int] | None = None,
     temperature: float = 1.0,
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
     report_path: str | os.PathLike[str] | None = None,
     markdown_path: str | os.PathLike[str] | None = None,
     overwrite_input: bool = False,
     keep_worse: bool = False,
+    external_data: bool | None = None,
     progress: ProgressCallback | None = None,
 ) -> RunReport:
     """Load ``input_path``, run the pipeline (text, pass objects, or a TOML ``recipe``) under
@@ -476,14 +480,16 @@ def optimize(
 
     Nothing the run reads (the model, its external data, the recipe, input files) is ever
     overwritten by what it writes (model, report, Markdown), unless ``overwrite_input`` allows the
-    output model to replace the input model itself. The report is written even when a pass fails
-    under policy ``raise``.
+    output model to replace the input model itself. The model, its external data and the reports are
+    written together at the end, or none of them (a full disk, a model that does not verify); only
+    the reports are written when a pass fails under policy ``raise``. ``external_data``: None keeps
+    the input's layout (external data in, external data out; by size otherwise), True/False forces.
     """
     passes, tolerances, policy = _resolve_pipeline(pipeline, recipe, tolerances, policy)
     written_paths = [p for p in (output_path, report_path, markdown_path) if p is not None]
     read_paths = [recipe, *_paths_in(inputs), *_paths_in(calibration)]
     _check_output_paths(written_paths, read_paths, model=Path(input_path), overwrite_model=overwrite_input and output_path is not None)
-    model, info = load_with_info(input_path)
+    model, info = load_with_info(input_path, max_input_bytes=max_input_bytes)
     model_folder = Path(input_path).resolve().parent
     protected = [*(model_folder / name for name in info.external_data_files), *(p for p in read_paths if p is not None)]
     _check_output_paths(written_paths, protected)
@@ -491,9 +497,10 @@ def optimize(
         protected.append(Path(input_path))
     manager = PassManager(
         passes,
-        inputs=None if inputs is None else resolve_inputs(inputs, model),
-        calibration=None if calibration is None else resolve_inputs(calibration, model),
-        fallback_inputs=resolve_inputs(None, model, samples=samples, seed=seed, dims=dims, int_range=int_range),
+        inputs=None if inputs is None else resolve_inputs(inputs, model, max_input_bytes=max_input_bytes),
+        calibration=None if calibration is None else resolve_inputs(calibration, model, max_input_bytes=max_input_bytes),
+        fallback_inputs=None if inputs is not None or calibration is not None else resolve_inputs(
+            None, model, samples=samples, seed=seed, dims=dims, int_range=int_range, max_input_bytes=max_input_bytes),
         held_out_seed=seed,
         keep_worse=keep_worse,
         tolerances=tolerances.checked([o.name for o in model.graph.output], [p.name for p in passes]),
@@ -501,15 +508,15 @@ def optimize(
         temperature=temperature,
         progress=progress,
     )
-    try:
-        final, report = manager.run(model, label=str(input_path), info=info)
-        if output_path is not None:
-            written = save(final, output_path, protect=tuple(protected), standard=report.standard)
-            report.output_path = str(written)
-            report.output.source = str(written)  # type: ignore[union-attr]
-            report.output.file_bytes = Path(written).stat().st_size  # type: ignore[union-attr]
-    finally:
-        _write_reports(manager.report, report_path, markdown_path)
+    # Held for the whole run: a second run writing the same output fails now, not after its work.
+    outputs = _Outputs(output_path, report_path, markdown_path, tuple(protected), _layout(external_data, info))
+    with OutputLock(written_paths):
+        try:
+            final, report = manager.run(model, label=str(input_path), info=info)
+        except (PassFailed, ValidationFailed):
+            outputs.publish(None, manager.report)  # the reports say why; there is no model to write
+            raise
+        outputs.publish(final, report)
     return report
 
 
@@ -538,13 +545,38 @@ def _check_output_paths(written: list, read: list, *, model: Path | None = None,
             raise OutputPathError(f"{target}: folder {folder} does not exist or is not writable")
 
 
-def _write_reports(report: RunReport | None, report_path: str | os.PathLike[str] | None, markdown_path: str | os.PathLike[str] | None) -> None:
-    if report is None:
-        return
-    if report_path is not None:
-        write_text_atomically(report_path, report.to_json())
-    if markdown_path is not None:
-        write_text_atomically(markdown_path, report.to_markdown())
+def _layout(external_data: bool | None, info: LoadInfo) -> bool | None:
+    """The caller's choice, else the input's: a model read with external data is written with it."""
+    if external_data is not None:
+        return external_data
+    return True if info.external_data_files else None
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """What a run writes, staged together and renamed into place only when every part is written."""
+
+    model_path: str | os.PathLike[str] | None
+    report_path: str | os.PathLike[str] | None
+    markdown_path: str | os.PathLike[str] | None
+    protect: tuple[Path, ...]
+    external_data: bool | None  # None: by size
+
+    def publish(self, model: onnx.ModelProto | None, report: RunReport | None) -> None:
+        if report is None:  # the run failed before it had anything to report
+            return
+        with Staging() as staging:
+            if model is not None and self.model_path is not None:
+                target = checked_output_path(self.model_path, self.protect)
+                size = stage_model(model, target, staging, protect=self.protect, external_data=self.external_data, standard=report.standard)
+                report.output_path = str(target)
+                report.output.source = str(target)  # type: ignore[union-attr]
+                report.output.file_bytes = size  # type: ignore[union-attr]
+            if self.report_path is not None:
+                staging.write_text(self.report_path, report.to_json())
+            if self.markdown_path is not None:
+                staging.write_text(self.markdown_path, report.to_markdown())
+            staging.commit()
 
 
 def _resolve_pipeline(

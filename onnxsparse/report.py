@@ -7,10 +7,9 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .errors import OutputPathError
+from .files import Staging
 from .inspect_model import ModelSummary
 from .passes import Change, Skip
 from .validate import ValidationResult
@@ -129,11 +128,7 @@ def json_ready(value: Any) -> Any:
 
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
-    target = Path(path)
-    staging = target.with_name(f".{target.name}.partial")
-    try:
-        staging.write_text(text, encoding="utf-8")
-        os.replace(staging, target)
-    except OSError as error:
-        staging.unlink(missing_ok=True)
-        raise OutputPathError(f"{target}: cannot write the report ({error.strerror})") from error
+    """``text`` at ``path`` whole or not at all (staged beside it, then renamed; see files.py)."""
+    with Staging() as staging:
+        staging.write_text(path, text)
+        staging.commit()

@@ -13,7 +13,7 @@ import math
 import re
 import tempfile
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 from pathlib import Path
@@ -54,8 +54,15 @@ class Tolerance:
     def __post_init__(self) -> None:
         for bound in fields(self):
             value = getattr(self, bound.name)
-            if value is not None and (not isinstance(value, (int, float)) or math.isnan(value)):
+            if value is None:
+                continue
+            if not isinstance(value, (int, float)) or math.isnan(value):
                 raise ValueError(f"tolerance {bound.name}={value!r} is not a number")
+            # a bound no metric can meet fails every model (max_rel=-1), one outside a fraction's
+            # range is a typo (min_cosine=99 for 0.99): both are refused rather than judged by
+            low, high = _BOUND_RANGES.get(bound.name, (-math.inf, math.inf))
+            if not low <= value <= high:
+                raise ValueError(f"tolerance {bound.name}={value:g} is outside [{low:g}, {high:g}]")
 
     def describe(self) -> str:
         bounds = [f"{name}={value:g}" for name, value in asdict(self).items() if value is not None]
@@ -63,6 +70,12 @@ class Tolerance:
 
 
 TOLERANCE_FIELDS = tuple(f.name for f in fields(Tolerance))
+# The range each metric takes; a bound outside it can never be met or is a typo. min_cosine=-1 is
+# allowed: it is how a caller says "any direction" and still gets NaN/Inf and shape checks.
+_BOUND_RANGES = {
+    "max_abs": (0.0, math.inf), "max_rel": (0.0, math.inf), "max_kl": (0.0, math.inf),
+    "min_cosine": (-1.0, 1.0), "min_top1": (0.0, 1.0), "min_agreement": (0.0, 1.0),
+}
 
 
 def loosest(a: Tolerance, b: Tolerance) -> Tolerance:
@@ -517,8 +530,18 @@ class Reference:
 
     @classmethod
     def of(cls, model: onnx.ModelProto, feeds: list[Feed], label: str, progress: ProgressCallback | None = None) -> Reference:
+        """The outputs, or an InputDataError when any is NaN/Inf: every candidate would then be
+        compared on the finite rest only, and a model gone all-NaN would validate as perfect."""
         session = make_session(model, label)
-        return cls(feeds, run_feeds(session, feeds, label, progress), class_score_outputs(model))
+        outputs = run_feeds(session, feeds, label, progress)
+        for name in outputs[0] if outputs else ():
+            bad, total = _nonfinite_count(output[name] for output in outputs)
+            if bad:
+                raise InputDataError(
+                    f"{label}: output '{name}' is NaN/Inf in {bad:,} of {total:,} values on the {len(feeds)} validation feed(s); "
+                    "the original must give finite outputs to be compared with (fix the model, or give inputs it is defined on)"
+                )
+        return cls(feeds, outputs, class_score_outputs(model))
 
     def validate(
         self,
@@ -533,6 +556,19 @@ class Reference:
         session = make_session(candidate, label)
         outputs = run_feeds(session, self.feeds, label, progress)
         return compare(self.outputs, outputs, tolerance_of, temperature=temperature, seconds=time.perf_counter() - start, scores=self.scores)
+
+
+def _nonfinite_count(values: Iterable[object]) -> tuple[int, int]:
+    """NaN/Inf values and all values among float outputs (sequences of tensors included)."""
+    bad = total = 0
+    for value in values:
+        if isinstance(value, list):
+            more_bad, more_total = _nonfinite_count(value)
+            bad, total = bad + more_bad, total + more_total
+        elif isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.inexact):
+            bad += int(value.size - np.count_nonzero(np.isfinite(value)))
+            total += value.size
+    return bad, total
 
 
 def _first_line(error: BaseException) -> str:

@@ -1,0 +1,59 @@
+"""The byte budget: how much a run may unpack from what it reads before it commits memory to it.
+
+A file can declare far more than it holds: an ``.npz`` member header declaring 2^40 elements, a zip
+member inflating a thousand times, a ``sparse_initializer`` of a few values with dims of 2^40, a graph
+input whose synthetic feed would take 47 GiB. numpy allocates what is declared before it reads a
+byte, and a ``MemoryError`` (or the machine swapping for minutes) is no answer to a user's file. So
+declared sizes are checked against this budget first, and refused with the file and the figure.
+
+The default, 4 GiB, is twice protobuf's 2 GiB cap on a model held in one message, and about 17 times
+the largest input this project has measured (a calibration file of 384 images of 3x224x224 float32 is
+0.23 GB), so no real input comes near it; it still fits beside a model on a 16 GB machine. A user with
+bigger inputs raises it (``--max-input-bytes``, or ``max_input_bytes=`` from Python).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import numpy as np
+
+DEFAULT_MAX_INPUT_BYTES = 4 * 2**30
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def format_bytes(count: int) -> str:
+    """``4294967296`` -> ``"4.0 GiB"``: binary units, as the budget is set in them."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def parse_bytes(text: str) -> int:
+    """``"4G"``, ``"512M"``, ``"1000000"`` -> bytes (binary units; a trailing ``iB``/``B`` is accepted).
+
+    Raises ValueError for anything else, including zero and negative sizes.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"'{text}' is not a size such as 4G, 512M or 1000000")
+    count = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if count <= 0:
+        raise ValueError(f"'{text}' is not a positive size")
+    return count
+
+
+def elements_of(dims: Iterable[int]) -> int:
+    """Elements a shape declares, in Python integers (numpy's int64 product wraps around silently)."""
+    return math.prod(int(d) for d in dims)
+
+
+def array_bytes(dims: Iterable[int], dtype: np.dtype | type) -> int:
+    """Bytes an array of this shape and dtype takes once allocated."""
+    return elements_of(dims) * np.dtype(dtype).itemsize
