@@ -323,7 +323,13 @@ def run_validate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         max_input_bytes=_max_input_bytes(args),
     )
-    print(json.dumps(_validation_dict(result), indent=2) if args.json else render_validation(result))
+    if args.json:
+        print(json.dumps(_validation_dict(result), indent=2))
+    else:
+        print(render_validation(result))
+        if args.inputs is None:
+            print(f"note: validated on {args.samples} seeded synthetic sample(s) from the input types; real data may tell another "
+                  "story (a quantized or pruned model is judged on the data it will see): give --inputs")
     return 0 if result.passed else 1
 
 
