@@ -178,6 +178,13 @@ def _split_map(text: str, where: str) -> dict[str, str]:
     return pairs
 
 
+def converted_options(cls: type[Pass], options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` of ``cls`` converted to their declared types (a list becomes a tuple, an int a
+    float where a float is declared), or a PipelineSpecError naming the option and what it takes."""
+    types_by_name = option_types(cls)
+    return {name: convert(value, types_by_name[name], f"{cls.name}{{{name}}}") for name, value in options.items()}
+
+
 def build_pass(name: str, options: Mapping[str, Any], where: str = "") -> Pass:
     """An instance of the pass ``name`` with ``options`` converted to their declared types."""
     cls = pass_class(name)

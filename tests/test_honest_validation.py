@@ -118,29 +118,31 @@ def test_selected_samples_cut_batched_feeds():
     assert [f["x"].ravel().tolist() for f in picked.feeds()] == [[1, 4], [5, 8]]
 
 
+JUDGED: list[ValidationResult] = []
+
+
 @register
 @dataclass(frozen=True)
 class JudgeATrial(Pass):
-    """Test pass: asks the manager to judge its input as a trial (as the qdq guard does) and keeps the answer."""
+    """Test pass: asks the manager to judge its input as a trial (as the qdq guard does); the answer goes to JUDGED."""
 
     name = "test-judge-a-trial"
     requires = frozenset({Requirement.CALIBRATION})
-    seen: list = None  # type: ignore[assignment]
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         assert context.validate is not None
-        self.seen.append(context.validate(model))
+        JUDGED.append(context.validate(model))
         return PassResult(model)
 
 
 def test_trials_a_pass_searches_over_are_judged_on_calibration_samples_never_on_validation_ones():
     model = load(MODELS / "digits_cnn.onnx")
-    seen: list[ValidationResult] = []
+    JUDGED.clear()
     inputs = IterableInputs([{"input": _digits("inputs")[:16]}])
     calibration = IterableInputs([{"input": _digits("calibration")}])
-    _, report = PassManager([JudgeATrial(seen=seen)], inputs=inputs, calibration=calibration).run(model)
+    _, report = PassManager([JudgeATrial()], inputs=inputs, calibration=calibration).run(model)
     assert report.final_validation.outputs[0].rows == 16
-    assert seen[0].outputs[0].rows == 32  # 32 calibration samples spread over the 64
+    assert JUDGED[0].outputs[0].rows == 32  # 32 calibration samples spread over the 64
 
 
 # -- status that means something ---------------------------------------------------------------

@@ -76,3 +76,23 @@ def test_third_party_passes_load_through_the_entry_point_group(tmp_path: Path, m
 def test_unknown_pass_lists_the_known_ones():
     with pytest.raises(PipelineSpecError, match=r"unknown pass 'nope'; known passes: .*cleanup.*fold-batchnorm"):
         pass_class("nope")
+
+
+def test_options_are_checked_when_a_pass_is_built_from_python_too():
+    from onnxsparse.passes.channel_prune import ChannelPrune
+    from onnxsparse.passes.magnitude import MagnitudePrune
+    from onnxsparse.passes.qdq import Qdq
+
+    with pytest.raises(PipelineSpecError, match=r"channel-prune\{criterion\}: 'L1' is not one of l1, l2"):
+        ChannelPrune(criterion="L1")  # type: ignore[arg-type]  # silently became L2 before
+    with pytest.raises(PipelineSpecError, match=r"qdq\{mode\}: 'Static' is not one of auto, static, dynamic"):
+        Qdq(mode="Static")  # type: ignore[arg-type]  # its spec() printed text the parser rejects
+    with pytest.raises(PipelineSpecError, match=r"channel-prune: .*ratoi.*; valid options: ratio, scope"):
+        ChannelPrune(ratoi=0.3)  # type: ignore[call-arg]
+    with pytest.raises(PipelineSpecError, match=r"channel-prune: ratio 1.5 is outside"):
+        ChannelPrune(ratio=1.5)
+    with pytest.raises(PipelineSpecError, match=r"magnitude-prune\{sparsity\}: 'half' is not a float"):
+        MagnitudePrune(sparsity="half")  # type: ignore[arg-type]
+    built = Qdq(exclude=["Gemm"], percentile=99)  # type: ignore[arg-type]  # a list and an int are taken as a tuple and a float
+    assert built.exclude == ("Gemm",) and isinstance(built.percentile, float)
+    assert parse_pipeline(built.spec())[0] == built

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import difflib
 import enum
+import functools
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import metadata
 from typing import Any, ClassVar
 
@@ -141,8 +142,38 @@ def register(cls: type[Pass]) -> type[Pass]:
     existing = _REGISTRY.get(cls.name)
     if existing is not None and existing is not cls:
         raise TypeError(f"pass name '{cls.name}' is taken by {existing.__module__}.{existing.__name__}")
+    _check_options_when_built(cls)
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def _check_options_when_built(cls: type[Pass]) -> None:
+    """Make ``cls(...)`` check its options as the pipeline text does, before the pass's own
+    ``__post_init__`` sees them: from Python too, a value of the wrong type or outside a Literal's
+    choices (``criterion="L1"``) and an unknown option are a PipelineSpecError naming the pass and
+    the option, never a silent default or a bare TypeError."""
+    generated = cls.__init__
+    names = [f.name for f in fields(cls) if f.init]
+
+    @functools.wraps(generated)
+    def checked_init(self: Pass, *args: Any, **kwargs: Any) -> None:
+        if type(self) is cls:  # a subclass checks its own options
+            from ..spec import converted_options  # the text form's converters; spec imports this module
+
+            if len(args) > len(names):
+                raise PipelineSpecError(f"{cls.name}: takes {len(names)} options, {len(args)} given in order")
+            given = dict(zip(names, args))
+            unknown = sorted(set(kwargs) - set(names)) + sorted(set(kwargs) & set(given))
+            if unknown:
+                hint = did_you_mean(unknown[0], names) if len(unknown) == 1 else ""
+                raise PipelineSpecError(f"{cls.name}: unknown or repeated option(s) {', '.join(unknown)}{hint}; valid options: {', '.join(names) or 'none'}")
+            args, kwargs = (), converted_options(cls, {**given, **kwargs})
+        try:
+            generated(self, *args, **kwargs)
+        except ValueError as error:  # the pass's own __post_init__ rejects a value or a combination
+            raise PipelineSpecError(f"{cls.name}: {error}") from None
+
+    cls.__init__ = checked_init  # type: ignore[method-assign]
 
 
 def _load_entry_points() -> None:
