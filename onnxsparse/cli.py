@@ -405,12 +405,13 @@ def run_passes(args: argparse.Namespace) -> int:
             {"name": f.name, "type": type_text(types_by_name[f.name]), "default": format_value(default_of(f)), "help": f.metadata.get("help", "")}
             for f in option_fields(cls)
         ]
-        catalogue.append({"name": name, "summary": cls.summary(), "requires": sorted(r.value for r in cls.requires), "options": options})
+        catalogue.append({"name": name, "summary": cls.summary(), "requires": sorted(r.value for r in cls().needs()), "options": options})
     if args.json:
         print(json.dumps(catalogue, indent=2))
         return 0
     for entry in catalogue:
-        needs = f" (needs {', '.join(entry['requires'])})" if entry["requires"] else ""
+        # shapes the manager infers itself; calibration data is what the user must give
+        needs = " (needs --calibration with its default options)" if "calibration" in entry["requires"] else ""
         print(f"{entry['name']}: {entry['summary']}{needs}")
         for option in entry["options"]:
             print(f"    {option['name']} = {option['default']}  [{option['type']}]  {option['help']}".rstrip())

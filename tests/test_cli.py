@@ -138,9 +138,11 @@ def test_passes_lists_every_pass_with_options_and_defaults(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
     assert "cleanup: Remove unused" in out and "drop_unused_inputs = false  [bool]" in out and "fold-batchnorm:" in out
+    assert re.search(r"^qdq: .*\(needs --calibration with its default options\)$", out, re.MULTILINE)  # its default mode=auto calibrates
+    assert not re.search(r"^cleanup: .*needs", out, re.MULTILINE)
     assert main(["passes", "--json"]) == 0
-    names = [entry["name"] for entry in json.loads(capsys.readouterr().out)]
-    assert {"cleanup", "fold-batchnorm"} <= set(names)
+    catalogue = {entry["name"]: entry for entry in json.loads(capsys.readouterr().out)}
+    assert {"cleanup", "fold-batchnorm"} <= set(catalogue) and catalogue["qdq"]["requires"] == ["calibration"]
 
 
 def _readme_command(marker: str) -> str:
