@@ -144,7 +144,7 @@ class PassManager:
         for index, pass_ in enumerate(self.passes):
             self._report_progress("passes", index, len(self.passes))
             step, result_model, outputs = self._run_step(pass_, chain, reference, data, judge, label)
-            step.judged_on = report.inputs
+            step.judged_on = report.inputs if step.validation is not None else ""  # a step that changed nothing was not judged
             if step.status in KEPT and result_model is not None:
                 chain.commit(result_model, outputs, pass_)
                 report.standard = report.standard and step.standard
