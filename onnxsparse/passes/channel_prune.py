@@ -195,7 +195,9 @@ class ChannelPrune(Pass):
     calibration_samples: int = field(default=32, metadata={"help": "feeds read for activation statistics and refits"})
     never_slower: bool = field(default=True, metadata={
         "help": "time the pruned model against its input in onnxruntime (one thread, interleaved runs) and keep the "
-                "input when pruning did not make it faster (fewer MACs can still run slower: a 16-channel block cut to 11)"})
+                "input when pruning did not make it faster (fewer MACs can still run slower: a 16-channel block cut to 11), "
+                "before any refit is spent on it. The pass manager also rolls back a step that runs slower than its input, "
+                "whatever this says, unless --keep-worse"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.ratio < 1:
