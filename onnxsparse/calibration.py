@@ -90,6 +90,10 @@ class NpzInputs:
     single_input: str | None = None
     max_bytes: int = DEFAULT_MAX_INPUT_BYTES
     inputs: tuple[str, ...] | None = None
+    # Feeds already read, kept (read-only) up to KEPT_FEED_BYTES in all: passes go over their
+    # calibration data many times (qdq read MobileNetV2's 231 MB file 55 times), and each read
+    # inflated, CRC-checked and scanned it for NaN again. Past the budget, files are read each time.
+    _kept: dict[Path, Feed] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for path in self.paths:  # refuse an oversized file before the run starts, not in a pass
@@ -97,7 +101,19 @@ class NpzInputs:
 
     def feeds(self) -> Iterator[Feed]:
         for path in self.paths:
-            yield self._read(path)
+            kept = self._kept.get(path)
+            yield kept if kept is not None else self._read_and_keep(path)
+
+    def _read_and_keep(self, path: Path) -> Feed:
+        feed = self._read(path)
+        held = sum(array.nbytes for kept in self._kept.values() for array in kept.values())
+        size = sum(np.asarray(array).nbytes for array in feed.values())
+        if held + size <= KEPT_FEED_BYTES:
+            for array in feed.values():
+                if isinstance(array, np.ndarray):
+                    array.flags.writeable = False  # shared by every later pass over the data
+            self._kept[path] = feed
+        return feed
 
     def _read(self, path: Path) -> Feed:
         _check_declared_size(path, self.max_bytes)
@@ -122,6 +138,10 @@ class NpzInputs:
 
     def describe(self) -> str:
         return f"{len(self.paths)} .npz file(s)" if len(self.paths) != 1 else str(self.paths[0])
+
+
+# What NpzInputs keeps of the files it has read, in all (see NpzInputs._kept).
+KEPT_FEED_BYTES = 1 << 30
 
 
 # What numpy and zipfile raise on a damaged or hostile file (zlib.error: a corrupt deflate stream;

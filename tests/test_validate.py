@@ -366,3 +366,23 @@ def test_session_from_a_file_leaves_the_callers_model_untouched(monkeypatch):
     result = Reference.of(model, feeds, "digits_cnn").validate(model, lambda _: EXACT, "same")
     assert result.passed
     assert model.SerializeToString() == before
+
+
+def test_an_npz_source_reads_each_file_once_and_hands_out_read_only_arrays(tmp_path, monkeypatch):
+    from onnxsparse import calibration
+
+    for index in range(3):
+        np.savez(tmp_path / f"{index}.npz", x=np.full((2, 3), index, dtype=np.float32))
+    source = resolve_inputs(str(tmp_path), parse("<ir_version: 8, opset_import: [\"\" : 17]> g (float[N, 3] x) => (float[N, 3] y) { y = Relu (x) }"))
+    reads = []
+    real_load = np.load
+    monkeypatch.setattr(calibration.np, "load", lambda path, **kw: reads.append(path) or real_load(path, **kw))
+    first = [feed["x"] for feed in source.feeds()]
+    again = [feed["x"] for feed in source.feeds()]
+    assert len(reads) == 3 and all(a is b for a, b in zip(first, again))
+    with pytest.raises(ValueError, match="read-only"):
+        first[0][0, 0] = 7  # a pass that writes into its calibration data would change it for every later pass
+    monkeypatch.setattr(calibration, "KEPT_FEED_BYTES", 0)  # past the budget, files are read each time
+    fresh = resolve_inputs(str(tmp_path), parse("<ir_version: 8, opset_import: [\"\" : 17]> g (float[N, 3] x) => (float[N, 3] y) { y = Relu (x) }"))
+    list(fresh.feeds()), list(fresh.feeds())
+    assert len(reads) == 3 + 6
