@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import pytest
-
 from conftest import BUNDLED, MODELS, bundled_inputs, run
+
 from onnxsparse import load, optimize
 from onnxsparse.calibration import resolve_inputs
 from onnxsparse.errors import PassFailed, RequirementError, ValidationFailed
