@@ -433,9 +433,20 @@ def run_densify(args: argparse.Namespace) -> int:
 _COMMANDS = {"optimize": run_optimize, "validate": run_validate, "inspect": run_inspect, "densify": run_densify, "passes": run_passes}
 
 
+def _quiet_libraries(verbose: int) -> None:
+    """Library noise (numpy's RuntimeWarnings, onnxruntime's colour-coded log lines) goes to the log,
+    shown from -v on; what the user must know, onnxsparse says in its own words."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3 if verbose < 2 else 2)
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)], format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries(args.verbose)
     try:
         return _COMMANDS[args.command](args)
     except OnnxsparseError as error:

@@ -530,6 +530,8 @@ def _verify_written(path: Path, *, standard: bool) -> None:
             check_model(onnx.load(str(path)), path.name, standard=standard)
         else:  # by path: the checker reads external data itself, also past protobuf's 2 GB
             onnx.checker.check_model(str(path), full_check=True)
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        quiet = ort.SessionOptions()
+        quiet.log_severity_level = 3  # its load warnings are noise to the user; a failure is raised below
+        ort.InferenceSession(str(path), quiet, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - both libraries raise many types; all mean "not written"
         raise OutputPathError(f"{path.name}: refusing to write a model that does not verify: {_one_line(error)}") from error

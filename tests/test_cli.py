@@ -8,6 +8,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +179,21 @@ def test_every_pipeline_the_readme_quotes_parses():
     assert len(quoted) >= 5  # the main job and the structured-pruning table
     for pipeline in quoted:
         parse_pipeline(pipeline)
+
+
+def test_library_warnings_go_to_the_log_shown_from_v_on():
+    """numpy's RuntimeWarnings (and onnxruntime's log lines) are library noise: hidden by default, logged with -v."""
+    script = textwrap.dedent(f"""
+        import sys, warnings
+        from onnxsparse import cli
+        real = cli._COMMANDS["inspect"]
+        def noisy(args):
+            warnings.warn("overflow encountered in cast", RuntimeWarning)
+            return real(args)
+        cli._COMMANDS["inspect"] = noisy
+        sys.exit(cli.main(sys.argv[1:] + ["inspect", {str(MODELS / "digits_cnn.onnx")!r}]))
+    """)
+    quiet = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert quiet.returncode == 0 and "overflow" not in quiet.stderr and "\x1b[" not in quiet.stderr
+    verbose = subprocess.run([sys.executable, "-c", script, "-v"], capture_output=True, text=True, timeout=120, check=False)
+    assert verbose.returncode == 0 and "py.warnings" in verbose.stderr and "overflow encountered in cast" in verbose.stderr
