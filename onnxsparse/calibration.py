@@ -425,7 +425,9 @@ class SpreadSamples:
 
 def select_samples(feeds: Iterable[Feed], sizes: Sequence[int], wanted: np.ndarray) -> Iterator[Feed]:
     """The samples numbered ``wanted`` (sorted, counted across feeds whose sample counts are
-    ``sizes``), cut out of the feeds along axis 0; a feed wanted whole is passed on as it is."""
+    ``sizes``), cut out of the feeds along axis 0; a feed wanted whole is passed on as it is. Only
+    arrays with one row per sample are cut: a scalar input or a file's extra key (a version number,
+    a table of class names) is passed on whole."""
     start = 0
     for feed, size in zip(feeds, sizes):
         picked = wanted[(wanted >= start) & (wanted < start + size)] - start
@@ -433,7 +435,12 @@ def select_samples(feeds: Iterable[Feed], sizes: Sequence[int], wanted: np.ndarr
         if len(picked) == size:
             yield feed
         elif len(picked):
-            yield {name: np.asarray(value)[picked] for name, value in feed.items()}
+            yield {name: _rows(value, picked, size) for name, value in feed.items()}
+
+
+def _rows(value: Any, picked: np.ndarray, size: int) -> Any:
+    array = np.asarray(value)
+    return array[picked] if array.ndim and array.shape[0] == size else value
 
 
 @dataclass(frozen=True)
@@ -475,25 +482,38 @@ HELD_OUT_RUN = 16
 def sample_digests(source: InputSource, names: Sequence[str], batched: bool, *, hashed: bool = True) -> tuple[list[bytes], list[int]]:
     """A content hash per sample of ``source`` over the model's inputs ``names`` (other keys, such as
     labels, are not part of a sample), read once and streamed (none when not ``hashed``), and its
-    samples per feed. A feed is cut along axis 0 only where the model's inputs share a batch axis
-    (``batched``) and the feed's arrays agree on it; else the feed is one sample."""
+    samples per feed. A feed is cut along axis 0 where the model has a sample axis (``batched``, see
+    :func:`sample_axis`) and the feed's inputs of rank 1 or more agree on its length; a scalar input
+    is part of every sample; otherwise the feed is one sample."""
     digests: list[bytes] = []
     sizes: list[int] = []
     for feed in source.feeds():
         arrays = {name: np.asarray(feed[name]) for name in names if name in feed}
-        cut = batched and len({a.shape[0] if a.ndim else None for a in arrays.values()}) == 1 and all(a.ndim for a in arrays.values())
-        count = samples_in(arrays) if cut else 1
+        lengths = {a.shape[0] for a in arrays.values() if a.ndim}
+        cut = batched and len(lengths) == 1
+        count = lengths.pop() if cut else 1
         sizes.append(count)
         if not hashed:
             continue
         for index in range(count):
             digest = hashlib.blake2b(digest_size=16)
             for name in sorted(arrays):
-                value = np.ascontiguousarray(arrays[name][index] if cut else arrays[name])
+                value = np.ascontiguousarray(arrays[name][index] if cut and arrays[name].ndim else arrays[name])
                 digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
                 digest.update(value.tobytes())
             digests.append(digest.digest())
     return digests, sizes
+
+
+def sample_axis(model: onnx.ModelProto) -> bool:
+    """Whether axis 0 of the model's inputs counts samples: every input of rank 1 or more has a
+    dynamic axis 0, unnamed (skl2onnx writes none) or named one batch-like name (BATCH_DIM_NAME).
+    A scalar input (a sample rate, a scale) is no obstacle; a named axis such as 'seq' is never cut."""
+    firsts = [i.shape[0] for i in model_inputs(model) if i.shape]
+    if not firsts or any(isinstance(d, int) and d > 0 for d in firsts):
+        return False
+    names = {d for d in firsts if isinstance(d, str) and d}
+    return not names or (len(names) == 1 and bool(BATCH_DIM_NAME.match(names.pop())))
 
 
 @dataclass(frozen=True)
@@ -559,8 +579,9 @@ def in_chunks(feed: Feed, batched: bool, size: int = RUN_SAMPLES) -> Iterator[Fe
 
 
 def samples_in(feed: Mapping[str, Any]) -> int:
-    """How many samples a feed holds: the batch size its inputs share on axis 0, else 1."""
-    sizes = {np.asarray(v).shape[0] if np.asarray(v).ndim else 1 for v in feed.values()}
+    """How many samples a feed holds: the batch size its arrays of rank 1 or more share on axis 0
+    (a scalar is part of every sample), else 1."""
+    sizes = {np.asarray(v).shape[0] for v in feed.values() if np.asarray(v).ndim}
     return sizes.pop() if len(sizes) == 1 else 1
 
 

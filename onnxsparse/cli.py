@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_input_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "validation inputs (default: a seeded quarter of --calibration held out of every fit, at most "
-        f"{HELD_OUT_MAX_SAMPLES} samples; without calibration data, seeded synthetic data from the input types)")
+        f"{HELD_OUT_MAX_SAMPLES} samples, when a pass fits on it; all of --calibration when none does; without calibration data, "
+        "seeded synthetic data from the input types)")
     group.add_argument("--inputs", nargs="+", metavar="NPZ|DIR",
                        help=".npz files (keys = input names) or folders of them; must not share a sample with --calibration")
     group.add_argument("--samples", type=int, default=DEFAULT_SYNTHETIC_SAMPLES,
@@ -397,6 +398,14 @@ def render_summary(summary: ModelSummary, top: int) -> str:
     return "\n".join(lines)
 
 
+def _default_needs(cls: type) -> frozenset:
+    """What a pass needs with its default options; a plugin pass with a required option says its class-level needs."""
+    try:
+        return cls().needs()
+    except OnnxsparseError:
+        return cls.requires
+
+
 def run_passes(args: argparse.Namespace) -> int:
     catalogue = []
     for name, cls in registered_passes().items():
@@ -405,7 +414,7 @@ def run_passes(args: argparse.Namespace) -> int:
             {"name": f.name, "type": type_text(types_by_name[f.name]), "default": format_value(default_of(f)), "help": f.metadata.get("help", "")}
             for f in option_fields(cls)
         ]
-        catalogue.append({"name": name, "summary": cls.summary(), "requires": sorted(r.value for r in cls().needs()), "options": options})
+        catalogue.append({"name": name, "summary": cls.summary(), "requires": sorted(r.value for r in _default_needs(cls)), "options": options})
     if args.json:
         print(json.dumps(catalogue, indent=2))
         return 0

@@ -22,11 +22,11 @@ from .calibration import (
     IterableInputs,
     SpreadSamples,
     SyntheticInputs,
-    batch_dim,
     collect_feeds,
     held_out_split,
     model_inputs,
     resolve_inputs,
+    sample_axis,
     sample_digests,
 )
 from .errors import (
@@ -156,6 +156,10 @@ class PassManager:
         report.output = summarize(final, with_tensors=True)
         report.warnings.extend(dict.fromkeys(w for step in report.steps for w in step.warnings))
         report.warnings.extend(report.final_validation.verdict.notes)
+        validated = _count_samples(feeds, model)
+        if validated < FEW_VALIDATION_SAMPLES:
+            report.warnings.append(f"validated on {validated} sample(s) only: a verdict on so few says little; give more validation "
+                                   "data (--inputs), or more calibration data to hold out from")
         if isinstance(data.validation, SyntheticInputs):
             report.warnings.append(f"validated on {data.validation.describe()}: real data may tell another story; give --inputs "
                                    "(or --calibration, part of which is then held out for validation)")
@@ -213,8 +217,8 @@ class PassManager:
         step.seconds["run"] = time.perf_counter() - started
         _copy_result(step, result)
         if not result.changes:
-            step.status, step.reason = NO_CHANGE, _why_nothing_changed(result)
-            log.info("%s changed nothing: %s", pass_.name, step.reason)
+            step.status, step.reason = (WORSE, f"worse than its input: {result.worse}") if result.worse else (NO_CHANGE, _why_nothing_changed(result))
+            log.info("%s %s: %s", pass_.name, step.status, step.reason)
             return step, None, None
         checked = time.perf_counter()
         try:
@@ -261,11 +265,15 @@ class PassManager:
             why = f"{ratio:.2f}x its input's time in onnxruntime (one thread)"
         if not why:
             return step
+        if step.status == KEPT_FAILING:  # kept past its tolerance (--policy keep): both verdicts stay in view
+            step.reason += f"; also worse than its input: {why}" + ("" if self.keep_worse else " (rolled back: --keep-worse keeps it)")
+            if not self.keep_worse:
+                step.status = WORSE
+            return step
+        # Worse is not a tolerance breach: under every policy it rolls back (exit 4 at the end), or is kept on request.
         step.status = KEPT_WORSE if self.keep_worse else WORSE
-        step.reason = f"worse than its input: {why}" + ("" if self.keep_worse else "; kept the input (keep_worse / --keep-worse keeps such a step)")
+        step.reason = f"worse than its input: {why}" + ("" if self.keep_worse else "; rolled back to its input (--keep-worse keeps such a step)")
         log.info("%s %s: %s", step.pass_name, step.status, step.reason)
-        if self.policy == "raise" and not self.keep_worse:
-            raise PassFailed(f"{step.pass_name}: {step.reason}")
         return step
 
     def _prepared_copy(self, pass_: Pass, current: onnx.ModelProto) -> onnx.ModelProto:
@@ -375,13 +383,22 @@ def _some(names: list[str]) -> str:
     return ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
 
 
+# Below this many validation samples a run warns that its verdicts say little (one held-out sample of three).
+FEW_VALIDATION_SAMPLES = 8
+
+
+def _count_samples(feeds: list[Feed], model: onnx.ModelProto) -> int:
+    """Samples in the validation feeds, counted as the held-out split counts them."""
+    return sum(sample_digests(IterableInputs(feeds), _input_names(model), _batched(model), hashed=False)[1])
+
+
 def _input_names(model: onnx.ModelProto) -> list[str]:
     return [i.name for i in model_inputs(model)]
 
 
 def _batched(model: onnx.ModelProto) -> bool:
-    """Whether the model's inputs share a batch axis, along which a feed holds several samples."""
-    return batch_dim(i.shape for i in model_inputs(model)) is not None
+    """Whether the model's inputs have an axis of samples, along which a feed holds several."""
+    return sample_axis(model)
 
 
 def _refuse_overlap(inputs: InputSource, feeds: list[Feed], calibration: InputSource, model: onnx.ModelProto, fitting: tuple[str, ...]) -> None:

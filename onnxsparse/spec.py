@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import PipelineSpecError
+from .errors import InputDataError, PipelineSpecError
 from .passes import Pass, pass_class
 from .passes.base import did_you_mean
 from .validate import TOLERANCE_FIELDS, Tolerance, Tolerances
@@ -390,7 +390,7 @@ def parse_tolerance(bounds: Mapping[str, Any], where: str) -> Tolerance:
         raise PipelineSpecError(f"{where}: unknown bound(s) {', '.join(unknown)}; valid bounds: {', '.join(TOLERANCE_FIELDS)}")
     try:
         return Tolerance(**{key: convert(value, float, f"{where} {key}") for key, value in bounds.items()})
-    except ValueError as error:  # NaN bounds
+    except InputDataError as error:  # NaN bounds, bounds no metric can meet
         raise PipelineSpecError(f"{where}: {error}") from error
 
 

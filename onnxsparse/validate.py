@@ -57,12 +57,12 @@ class Tolerance:
             if value is None:
                 continue
             if not isinstance(value, (int, float)) or math.isnan(value):
-                raise ValueError(f"tolerance {bound.name}={value!r} is not a number")
+                raise InputDataError(f"tolerance {bound.name}={value!r} is not a number")
             # a bound no metric can meet fails every model (max_rel=-1), one outside a fraction's
             # range is a typo (min_cosine=99 for 0.99): both are refused rather than judged by
             low, high = _BOUND_RANGES.get(bound.name, (-math.inf, math.inf))
             if not low <= value <= high:
-                raise ValueError(f"tolerance {bound.name}={value:g} is outside [{low:g}, {high:g}]")
+                raise InputDataError(f"tolerance {bound.name}={value:g} is outside [{low:g}, {high:g}]")
 
     def describe(self) -> str:
         bounds = [f"{name}={value:g}" for name, value in asdict(self).items() if value is not None]
@@ -348,7 +348,10 @@ def _top1_precision_note(output: OutputMetrics) -> list[str]:
     low, high = output.top1_interval
     if (high - low) / 2 <= TOP1_PRECISION:
         return []
-    return [f"output '{output.name}': top-1 agreement {output.top1:.3f} on {output.rows} sample(s) is known only to {low:.2f}-{high:.2f} "
+    # Rows of a [batch, classes] output are samples; those of a [batch, positions, classes] one are not
+    # independent (the positions of one sample go together), so the true interval is wider.
+    rows = f"{output.rows} sample(s)" if len(output.shape) == 2 else f"{output.rows} rows (samples x positions: the true interval is wider)"
+    return [f"output '{output.name}': top-1 agreement {output.top1:.3f} on {rows} is known only to {low:.2f}-{high:.2f} "
             f"(95%); about {rows_for_precision(output.top1)} samples pin it to +-{TOP1_PRECISION:g}"]
 
 

@@ -108,7 +108,7 @@ def test_non_finite_mismatches_and_nan_metrics_fail():
     huge = [{"y": np.array([1e200, -1e200])}]
     flipped = compare(huge, [{"y": np.array([-1e200, 1e200])}], lambda _: Tolerance(min_cosine=0.99))
     assert flipped.outputs[0].cosine == pytest.approx(-1.0) and not flipped.passed
-    with pytest.raises(ValueError, match="not a number"):
+    with pytest.raises(InputDataError, match="not a number"):
         Tolerance(max_rel=float("nan"))
     with pytest.raises(InputDataError, match="temperature"):
         compare(ref, ref, lambda _: Tolerance(), temperature=0)

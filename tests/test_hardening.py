@@ -221,7 +221,7 @@ def test_nan_in_a_python_feed_names_the_feed_and_input():
 
 @pytest.mark.parametrize("bounds", [{"max_abs": -1e-9}, {"max_kl": -1.0}, {"min_cosine": 1.5}, {"min_cosine": -1.5}, {"min_agreement": 2.0}, {"min_top1": -0.1}])
 def test_a_tolerance_no_metric_can_meet_is_refused(bounds):
-    with pytest.raises(ValueError, match="is outside"):
+    with pytest.raises(InputDataError, match="is outside"):  # the one exception family, from Python too
         Tolerance(**bounds)
 
 

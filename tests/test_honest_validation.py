@@ -3,6 +3,7 @@ so, a step that made the model worse is rolled back, and a top-1 verdict on few 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -93,7 +94,8 @@ def test_the_held_out_split_is_disjoint_seeded_and_taken_in_runs_of_neighbours()
     held, fit = np.array(split.held_out.indices), np.array(split.fit.indices)
     assert len(held) == 96 and len(fit) == 288  # a quarter, under the 128 cap
     assert not set(held) & set(fit) and sorted([*held, *fit]) == list(range(384))
-    assert set(held // 16) == set(held // 16) and all(np.sum(held // 16 == run) == 16 for run in set(held // 16))  # whole runs of 16
+    starts = sorted(set(held // 16 * 16))
+    assert len(starts) == 6 and held.tolist() == [start + k for start in starts for k in range(16)]  # six whole runs of 16 neighbours
     yielded = np.concatenate([f["x"].ravel() for f in split.held_out.feeds()])
     np.testing.assert_array_equal(yielded, held.astype(np.float32))
     assert held_out_split(source, [384], seed=0).held_out.indices == split.held_out.indices
@@ -400,3 +402,99 @@ def test_top1_and_kl_are_computed_only_for_outputs_that_are_class_scores():
     assert scored == {"embedding": False, "boxes": False, "head": True}
     asked = Reference.of(model, feeds, "m").validate(model, lambda name: Tolerance(min_top1=0.9), "m")
     assert all(o.top1 is not None for o in asked.outputs)  # a top-1 bound the user set is always computed
+
+
+# -- what a sample is: unnamed batch axes, scalar inputs, extra keys --------------------------------
+
+
+def test_a_model_with_an_unnamed_batch_axis_is_split_and_checked_per_sample(tmp_path):
+    """skl2onnx leaves the batch axis unnamed: the 64 rows of a calibration file are 64 samples."""
+    from onnxsparse.cli import main
+
+    calibration = MODELS / "digits_sklearn_mlp.calibration.npz"
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(MODELS / "digits_sklearn_mlp.onnx"), "-o", str(out), "-p", "qdq{mode=static}", "--calibration", str(calibration),
+                 "--report", str(tmp_path / "r.json")]) in (0, 4)
+    assert json.loads((tmp_path / "r.json").read_text())["inputs"].startswith("16 of the 64 samples")
+    with np.load(calibration) as archive:
+        np.savez(tmp_path / "first8.npz", input=archive["input"][:8])
+    with pytest.raises(InputDataError, match="8 of its 8 validation samples are also in the calibration data"):
+        from onnxsparse import optimize
+        optimize(MODELS / "digits_sklearn_mlp.onnx", tmp_path / "o2.onnx", "qdq{mode=static}", inputs=tmp_path / "first8.npz", calibration=calibration)
+
+
+def test_a_scalar_input_is_part_of_every_sample_and_extra_keys_of_a_file_are_left_alone(tmp_path, rng):
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[batch, 16] x, float scale) => (float[batch, 4] logits) {
+        h = MatMul (x, w)
+        logits = Mul (h, scale)
+    }""")
+    model.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w"))
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((40, 16)).astype(np.float32), scale=np.float32(0.5),
+             label=np.arange(40), version=np.array(3), class_names=np.array(["a", "b", "c", "d"]))
+    onnx.save(model, tmp_path / "m.onnx")
+    from onnxsparse import optimize
+
+    report = optimize(tmp_path / "m.onnx", tmp_path / "o.onnx", "qdq{mode=static guard=false}", calibration=tmp_path / "cal.npz")
+    assert report.inputs.startswith("10 of the 40 samples") and report.final_validation.outputs[0].rows == 10
+
+
+# -- statuses under every policy ---------------------------------------------------------------------
+
+
+def test_a_step_over_tolerance_and_slower_under_policy_keep_says_both(monkeypatch):
+    model = load(MODELS / "digits_cnn.onnx")
+    _timed_at(monkeypatch, 2.0)
+    strict = Tolerances(default=Tolerance(min_cosine=0.999999))
+    calibration = IterableInputs([{"input": _digits("calibration")}])
+    inputs = IterableInputs([{"input": _digits("inputs")}])
+    _, kept = PassManager(parse_pipeline("qdq{mode=static guard=false}"), inputs=inputs, calibration=calibration, tolerances=strict,
+                          policy="keep", keep_worse=True).run(model)
+    step = kept.steps[0]
+    assert step.status == "kept-failing" and "cosine" in step.reason and "also worse than its input: 2.00x" in step.reason
+    _, rolled = PassManager(parse_pipeline("qdq{mode=static guard=false}"), inputs=inputs, calibration=calibration, tolerances=strict,
+                            policy="keep").run(model)
+    assert rolled.steps[0].status == "worse" and "cosine" in rolled.steps[0].reason and "rolled back" in rolled.steps[0].reason
+
+
+def test_a_slower_step_under_policy_raise_is_rolled_back_not_raised(monkeypatch):
+    model = load(MODELS / "digits_cnn.onnx")
+    _timed_at(monkeypatch, 1.5)
+    calibration = IterableInputs([{"input": _digits("calibration")}])
+    final, report = PassManager(parse_pipeline("qdq{mode=static}"), inputs=IterableInputs([{"input": _digits("inputs")}]),
+                                calibration=calibration, policy="raise").run(model)
+    assert report.steps[0].status == "worse" and "kept the input" not in report.steps[0].reason
+    assert "QuantizeLinear" not in {n.op_type for n in final.graph.node}
+
+
+def test_a_pass_that_keeps_its_input_because_its_result_ran_slower_is_worse_not_no_change(monkeypatch):
+    monkeypatch.setattr("onnxsparse.passes.channel_prune.relative_latency", lambda *args, **kwargs: 1.25)
+    _, report = PassManager(parse_pipeline("channel-prune{ratio=0.5}"), inputs=IterableInputs([{"input": _digits("inputs")}])).run(
+        load(MODELS / "digits_cnn.onnx"))
+    assert report.steps[0].status == "worse" and "took 1.25x its input's time" in report.steps[0].reason
+    assert report.rolled_back == [report.steps[0]]
+
+
+def test_a_verdict_on_a_handful_of_samples_is_flagged():
+    model = load(MODELS / "digits_cnn.onnx")
+    three = IterableInputs([{"input": _digits("calibration")[:3]}])
+    _, report = PassManager(parse_pipeline("qdq{mode=static guard=false}"), calibration=three).run(model)
+    assert report.inputs.startswith("1 of the 3 samples")
+    assert any(w.startswith("validated on 1 sample(s) only") for w in report.warnings)
+
+
+def test_the_catalogue_lists_a_plugin_pass_whose_option_has_no_default(capsys):
+    from onnxsparse.cli import main
+
+    @register
+    @dataclass(frozen=True)
+    class NeedsATarget(Pass):
+        """Test pass: an option without a default."""
+
+        name = "test-needs-a-target"
+        target: str
+
+        def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+            return PassResult(model)
+
+    assert main(["passes"]) == 0 and "test-needs-a-target: Test pass" in capsys.readouterr().out

@@ -64,6 +64,9 @@ class PassResult:
     # False when the model deliberately leaves the ONNX standard (onnxruntime loads it, the checker
     # does not): the manager then checks it by loading it in onnxruntime only, and says so.
     standard: bool = True
+    # Why the pass handed back its input because its own result was worse (ran slower): the step is
+    # then reported as "worse", like one the manager rolls back, not as a pass that found nothing to do.
+    worse: str = ""
 
 
 @dataclass
@@ -170,6 +173,8 @@ def _check_options_when_built(cls: type[Pass]) -> None:
             args, kwargs = (), converted_options(cls, {**given, **kwargs})
         try:
             generated(self, *args, **kwargs)
+        except TypeError as error:  # an option without a default was not given
+            raise PipelineSpecError(f"{cls.name}: {error}; valid options: {', '.join(names) or 'none'}") from None
         except ValueError as error:  # the pass's own __post_init__ rejects a value or a combination
             raise PipelineSpecError(f"{cls.name}: {error}") from None
 

@@ -272,7 +272,7 @@ class ChannelPrune(Pass):
         why = (f"the pruned model took {ratio:.2f}x its input's time in onnxruntime (one thread), so the input is kept: "
                "channel counts off the runtime's 8/16-channel blocks can cost more than the MACs they save; "
                "try a larger ratio, a coarser round_to, or never_slower=false")
-        result.skipped.append(Skip("channel-prune", why))
+        result.worse = why
         result.warnings.append(why)
         return False
 
@@ -477,10 +477,14 @@ class ChannelPrune(Pass):
     def _removable(self, total: int, free: int, wanted: int) -> int:
         """How many of ``wanted`` may go: at most the free ones, keeping min_channels and round_to."""
         count = min(wanted, free, total - self.min_channels)
-        step = self.round_to or (16 if total >= 32 else 8 if total >= 16 else 1)
+        step = self._block(total)
         while count > 0 and (total - count) % step:
             count -= 1  # keep more rather than fewer
         return max(count, 0)
+
+    def _block(self, total: int) -> int:
+        """The channel count a group of ``total`` keeps a multiple of (round_to; 0: onnxruntime's 16/8-channel blocks)."""
+        return self.round_to or (16 if total >= 32 else 8 if total >= 16 else 1)
 
     def _ratio_of(self, group: Group) -> float:
         for pattern, value in self.overrides.items():
@@ -555,8 +559,9 @@ class ChannelPrune(Pass):
             return f"no removable all-zero filter among its {total} channels{pinned}"
         if self.scope == "sensitivity":
             return f"the sensitivity plan took none of its {free} free channels{pinned}"
-        step = self.round_to or (16 if total >= 32 else 8 if total >= 16 else 1)
-        return (f"left whole: ratio {self._ratio_of(group):g} of its {total} channels ({free} free{pinned}), kept on multiples of "
+        step = self._block(total)
+        share = f"ratio {self._ratio_of(group):g} of its {total} channels" if self.scope == "uniform" else f"its share of the global ratio {self.ratio:g}"
+        return (f"left whole: {share} ({free} free{pinned}), kept on multiples of "
                 f"{step} (round_to) and at least {self.min_channels} (min_channels), leaves none to remove; try round_to=1 or a larger ratio")
 
 
