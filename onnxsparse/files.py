@@ -5,9 +5,10 @@ written into a staging folder in its target's folder (a rename never crosses fil
 only when every one of them is written and verified are they renamed into place: a full disk, a
 model that does not verify or a crash leaves the targets as they were.
 
-- Staging folders are named ``.onnxsparse-staging-<pid>-<random>``: a run that is killed (``kill
-  -9``, power loss) leaves one behind, and a later run writing into that folder removes it once its
-  process is gone, and says so.
+- Staging folders are named ``.onnxsparse-staging-<pid>@<host>-<random>``: a run that is killed
+  (``kill -9``, power loss) leaves one behind, and a later run on the same machine writing into that
+  folder removes it once its process is gone, and says so (another machine's, in a shared folder,
+  is left alone: its pid means nothing here).
 - A run holds a lock on each target (``flock`` on ``.onnxsparse-lock-<name>``, released by the
   kernel when the process dies, so never stale) for its whole length: a second run writing the same
   output fails at once with the holder's pid instead of silently replacing the first one's file.
@@ -18,7 +19,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -73,8 +76,23 @@ def remove_stale_staging(folder: Path) -> list[Path]:
 
 
 def _owner_pid(name: str) -> int | None:
-    pid_text = name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+    """The pid of the run that staged ``name`` on this machine; None for another machine's (a folder
+    shared over NFS or between containers: its pid means nothing here, and its run may be writing)."""
+    owner = name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+    pid_text, _, host = owner.partition("@")
+    if host and host != _host_tag():
+        return None
     return int(pid_text) if pid_text.isdigit() else None
+
+
+def _host_tag() -> str:
+    """This machine's name as it may stand in a file name (no '-', which separates the parts)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def staging_prefix() -> str:
+    """What this run's staging folders are named with: the pid and the machine that own them."""
+    return f"{STAGING_PREFIX}{os.getpid()}@{_host_tag()}-"
 
 
 def _process_alive(pid: int) -> bool:
@@ -229,7 +247,7 @@ class Staging:
         folder = target.parent.resolve()
         if folder not in self._folders:
             try:
-                self._folders[folder] = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder))
+                self._folders[folder] = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=folder))
             except OSError as error:
                 raise OutputPathError(f"{target}: cannot write in {folder} ({describe_os_error(error)})") from error
         return self._folders[folder] / target.name

@@ -24,7 +24,7 @@ from test_hardening import snapshot
 
 from onnxsparse import io
 from onnxsparse.cli import main
-from onnxsparse.files import STAGING_PREFIX, OutputLock, remove_stale_staging
+from onnxsparse.files import STAGING_PREFIX, OutputLock, remove_stale_staging, staging_prefix
 
 CNN = MODELS / "digits_cnn.onnx"
 TRANSFORMER = MODELS / "digits_transformer.onnx"
@@ -166,22 +166,24 @@ def dead_pid() -> int:
 
 
 def test_a_later_run_removes_stale_staging_of_dead_processes_and_says_so(workdir, caplog):
-    stale = workdir / f"{STAGING_PREFIX}{dead_pid()}-abcd1234"
+    stale = workdir / f"{staging_prefix().replace(str(os.getpid()), str(dead_pid()))}abcd1234"
     stale.mkdir()
     (stale / "out.onnx").write_bytes(b"half a model")
     sleeper = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     live = workdir / f"{STAGING_PREFIX}{sleeper.pid}-efgh5678"  # a run still writing: left alone
     live.mkdir()
+    elsewhere = workdir / f"{STAGING_PREFIX}{dead_pid()}@another_machine-ijkl9012"  # a shared folder: its pid means nothing here
+    elsewhere.mkdir()
     (workdir / ".onnxsparse-lock-other.onnx").write_text("12345")  # a killed run's lock, on another output
     try:
         with caplog.at_level(logging.WARNING, logger="onnxsparse"):
             assert main(optimize_args(workdir)) == 0
-        assert staging_left(workdir) == [live]
+        assert staging_left(workdir) == sorted([live, elsewhere])
         assert not list(workdir.glob(".onnxsparse-lock-*"))
         assert any(str(stale) in r.getMessage() and "ended before it finished writing" in r.getMessage() for r in caplog.records)
     finally:
         sleeper.communicate(b"")
-    assert remove_stale_staging(workdir) == [live]
+    assert remove_stale_staging(workdir) == [live] and staging_left(workdir) == [elsewhere]
 
 
 KILLED_WHILE_SAVING = """
