@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 
 from .calibration import InputSource, batch_dim, check_feed, in_chunks, model_inputs, samples_in
 from .graph import downstream_names
+from .quantization import choose_range
 from .validate import make_session
 
 log = logging.getLogger(__name__)
@@ -376,8 +377,6 @@ def collect_ranges(
         for values in tensor_values(model, source, wanted, limit=limit, label="calibration histograms"):
             for name in wanted:
                 _add_to_histogram(stats[name], np.asarray(values[name], dtype=np.float32))
-    from .quantization import choose_range
-
     return {name: choose_range(entry.low, entry.high, entry.histogram, method, percentile) for name, entry in stats.items()}
 
 

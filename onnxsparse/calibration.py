@@ -27,6 +27,7 @@ from onnx import helper
 from .errors import InputDataError
 from .graph import constant_value, to_gs
 from .limits import DEFAULT_MAX_INPUT_BYTES, array_bytes, format_bytes
+from .text import did_you_mean
 
 Feed = dict[str, np.ndarray]
 
@@ -619,7 +620,6 @@ def resolve_inputs(
 
 def _check_dim_names(dims: Mapping[str, int], model: onnx.ModelProto) -> None:
     """A dim name the model's inputs do not use is a typo, not a silent no-op."""
-    from .passes.base import did_you_mean
 
     known = sorted({d for i in model_inputs(model) for d in i.shape if isinstance(d, str)})
     for name in dims:

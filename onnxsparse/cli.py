@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -20,16 +20,17 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
-from . import __version__
 from .calibration import DEFAULT_SYNTHETIC_SAMPLES, HELD_OUT_MAX_SAMPLES, parse_dims
 from .errors import InputDataError, OnnxsparseError
 from .inspect_model import ModelSummary, summarize
 from .io import load_with_info, save
 from .limits import DEFAULT_MAX_INPUT_BYTES, format_bytes, parse_bytes
 from .passes import registered_passes
+from .passes.options import default_of, format_value, option_fields, option_types, type_text
 from .report import RunReport, worst_output
-from .spec import option_fields, option_types, parse_tolerance_text, type_text, format_value, default_of
+from .spec import parse_tolerance_text
 from .validate import Tolerances, ValidationResult
+from .version import __version__
 
 log = logging.getLogger("onnxsparse")
 
@@ -310,9 +311,9 @@ def render_run(report: RunReport) -> str:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from . import validate
+    from .pipeline import validate_files
 
-    result = validate(
+    result = validate_files(
         args.reference,
         args.candidate,
         inputs=args.inputs,

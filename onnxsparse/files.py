@@ -291,3 +291,10 @@ class Staging:
             shutil.rmtree(staging, ignore_errors=True)
         self._folders.clear()
         self._staged.clear()
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
+    """``text`` at ``path`` whole or not at all (staged beside it, then renamed; see files.py)."""
+    with Staging() as staging:
+        staging.write_text(path, text)
+        staging.commit()

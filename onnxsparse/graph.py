@@ -8,9 +8,9 @@ that edits topology imports it into onnx-graphsurgeon with :func:`to_gs` and exp
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator
-import weakref
 from dataclasses import dataclass
 
 import numpy as np

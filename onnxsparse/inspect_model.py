@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from .errors import OnnxsparseError
 from .graph import iter_all_tensors, iter_attribute_tensors, iter_model_graphs, op_histogram, outer_scope_reads, subgraphs_of
 from .io import LoadInfo, sparse_to_dense
+from .shapes import infer_shapes  # shapes observed in onnxruntime where onnx cannot infer them
 
 
 @dataclass
@@ -188,8 +189,6 @@ def count_work(model: onnx.ModelProto) -> Work | None:
 
 
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int]] | None:
-    from .shapes import infer_shapes  # shapes observed in onnxruntime where onnx cannot infer them
-
     try:
         inferred = infer_shapes(model)
     except OnnxsparseError:  # no figure rather than a wrong one

@@ -41,7 +41,7 @@ from .errors import (
 )
 from .files import OutputLock, Staging
 from .inspect_model import Footprint, footprint, summarize
-from .io import LoadInfo, check_model, checked_output_path, load_with_info, same_file, stage_model
+from .io import LoadInfo, check_model, checked_output_path, load, load_with_info, same_file, stage_model
 from .latency import relative_latency, timing_feed
 from .limits import DEFAULT_MAX_INPUT_BYTES
 from .passes import Pass, PassContext, PassResult, Requirement
@@ -535,6 +535,34 @@ def optimize(
             raise
         outputs.publish(final, report)
     return report
+
+
+def validate_files(
+    reference: str | os.PathLike[str],
+    candidate: str | os.PathLike[str],
+    *,
+    inputs: InputSpec = None,
+    tolerance: Tolerance | None = None,
+    tolerances: Tolerances | None = None,
+    samples: int = DEFAULT_SYNTHETIC_SAMPLES,
+    seed: int = 0,
+    dims: dict[str, int] | None = None,
+    int_range: tuple[int, int] | None = None,
+    temperature: float = 1.0,
+    max_feeds: int | None = 64,
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+) -> ValidationResult:
+    """Run both models on the same inputs in onnxruntime and compare the candidate with the reference
+    (``onnxsparse.validate``, the ``validate`` command).
+
+    ``max_input_bytes``: the most an input file, a synthetic feed or a model's densified sparse
+    tensors may unpack to (see ``onnxsparse.limits``)."""
+    original, other = load(reference, max_input_bytes=max_input_bytes), load(candidate, max_input_bytes=max_input_bytes)
+    source = resolve_inputs(inputs, original, samples=samples, seed=seed, dims=dims, int_range=int_range, max_input_bytes=max_input_bytes)
+    feeds = collect_feeds(source, original, limit=max_feeds)
+    chosen = (tolerances or Tolerances(default=tolerance)).checked([o.name for o in original.graph.output])
+    outputs = Reference.of(original, feeds, str(reference))
+    return outputs.validate(other, lambda name: chosen.for_output(name, None, EXACT), str(candidate), temperature=temperature)
 
 
 def _paths_in(spec: InputSpec) -> list[Path]:

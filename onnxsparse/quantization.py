@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .validate import make_session
+
 log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -190,8 +192,6 @@ def int8_kernels_saturate() -> bool:
     on x86 onnxruntime shifts int8 activations by 128 into the same uint8 x int8 kernels (a bare
     int8 x int8 MatMulInteger is exact there, the fused QLinear ops are not)."""
     from onnx import TensorProto, helper
-
-    from .validate import make_session
 
     depth = 16
     graph = helper.make_graph(

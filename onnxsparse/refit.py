@@ -20,10 +20,19 @@ import onnx_graphsurgeon as gs
 
 from .activations import ChangingModelValues, FixedModelValues
 from .calibration import InputSource, read_once
-from .graph import from_gs, to_gs
-from .layerwise import (activation_name, add_output_shift, from_matrix, groups_of, input_rows, ridge_towards, sample_slices, to_matrix,
-                        unsupported_reason)
-from .passes.base import Change, PassResult, Skip
+from .graph import constant_value, from_gs, to_gs
+from .layerwise import (
+    activation_name,
+    add_output_shift,
+    from_matrix,
+    groups_of,
+    input_rows,
+    ridge_towards,
+    sample_slices,
+    to_matrix,
+    unsupported_reason,
+)
+from .results import Change, PassResult, Skip
 from .weights import WeightSite, find_weights, replace_weight
 
 log = logging.getLogger(__name__)
@@ -273,8 +282,6 @@ def _residual_of(node: gs.Node) -> tuple[str, str] | None:
 
 
 def _bias_of(node: gs.Node, outputs: int) -> np.ndarray:
-    from .graph import constant_value
-
     if len(node.inputs) > 2:
         value = constant_value(node.inputs[2])
         if value is not None:

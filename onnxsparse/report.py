@@ -5,11 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .files import Staging
 from .inspect_model import ModelSummary
 from .passes import Change, Skip
 from .validate import ValidationResult
@@ -125,10 +123,3 @@ def json_ready(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
         return json_ready(value.item())
     return value
-
-
-def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
-    """``text`` at ``path`` whole or not at all (staged beside it, then renamed; see files.py)."""
-    with Staging() as staging:
-        staging.write_text(path, text)
-        staging.commit()

@@ -15,15 +15,16 @@ import tempfile
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibration import SpreadSamples, batch_dim, in_chunks
+from .calibration import SpreadSamples, batch_dim, collect_feeds, in_chunks
 from .errors import InputDataError, RuntimeLoadError
+from .text import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,6 @@ class Tolerances:
 
     def checked(self, outputs: list[str], passes: list[str] | None = None) -> Tolerances:
         """Self, or an error: a tolerance for an output or pass that does not exist is a typo."""
-        from .passes.base import did_you_mean
 
         for name in self.per_output:
             if name not in outputs:
@@ -581,8 +581,6 @@ def _first_line(error: BaseException) -> str:
 
 def outputs_on(model: onnx.ModelProto, source: object) -> list[dict[str, np.ndarray]]:
     """The model's outputs on every feed of an input source (for scans on calibration data)."""
-    from .calibration import collect_feeds
-
     return run_feeds(make_session(model, "probe"), collect_feeds(source, model), "probe")  # type: ignore[arg-type]
 
 

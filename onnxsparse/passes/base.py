@@ -8,12 +8,11 @@ matter to it. It never writes into an array it did not create: weights read thro
 
 from __future__ import annotations
 
-import difflib
 import enum
 import functools
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from importlib import metadata
 from typing import Any, ClassVar
 
@@ -21,9 +20,15 @@ import onnx
 
 from ..calibration import InputSource
 from ..errors import PipelineSpecError
+from ..results import Change, PassResult, Skip  # the records a pass fills, part of its contract: a pass imports them from here
+from ..text import did_you_mean
 from ..validate import EXACT, Tolerance, ValidationResult
+from .options import converted_options, format_pass
 
 log = logging.getLogger(__name__)
+
+__all__ = ["ENTRY_POINT_GROUP", "Change", "Pass", "PassContext", "PassResult", "Requirement", "Skip", "did_you_mean", "pass_class", "register",
+           "registered_passes"]
 
 ENTRY_POINT_GROUP = "onnxsparse.passes"
 
@@ -33,40 +38,6 @@ class Requirement(enum.Enum):
 
     SHAPES = "shapes"  # value_info filled by shape inference
     CALIBRATION = "calibration"  # representative inputs to run the model on
-
-
-@dataclass(frozen=True)
-class Change:
-    """One thing a pass changed: a tensor, a node, a group of channels."""
-
-    target: str
-    action: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Skip:
-    """One thing a pass looked at and left alone, with the reason (every skip has one)."""
-
-    target: str
-    reason: str
-
-
-@dataclass
-class PassResult:
-    """What a pass hands back to the manager."""
-
-    model: onnx.ModelProto
-    changes: list[Change] = field(default_factory=list)
-    skipped: list[Skip] = field(default_factory=list)
-    figures: dict[str, float | int | str] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    # False when the model deliberately leaves the ONNX standard (onnxruntime loads it, the checker
-    # does not): the manager then checks it by loading it in onnxruntime only, and says so.
-    standard: bool = True
-    # Why the pass handed back its input because its own result was worse (ran slower): the step is
-    # then reported as "worse", like one the manager rolls back, not as a pass that found nothing to do.
-    worse: str = ""
 
 
 @dataclass
@@ -120,8 +91,6 @@ class Pass:
 
     def spec(self) -> str:
         """The pass as pipeline text (non-default options only); parses back to an equal pass."""
-        from ..spec import format_pass
-
         return format_pass(self)
 
 
@@ -161,8 +130,6 @@ def _check_options_when_built(cls: type[Pass]) -> None:
     @functools.wraps(generated)
     def checked_init(self: Pass, *args: Any, **kwargs: Any) -> None:
         if type(self) is cls:  # a subclass checks its own options
-            from ..spec import converted_options  # the text form's converters; spec imports this module
-
             if len(args) > len(names):
                 raise PipelineSpecError(f"{cls.name}: takes {len(names)} options, {len(args)} given in order")
             given = dict(zip(names, args))
@@ -205,12 +172,6 @@ def pass_class(name: str) -> type[Pass]:
     if name not in _REGISTRY:
         raise PipelineSpecError(f"unknown pass '{name}'{did_you_mean(name, _REGISTRY)}; known passes: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
-
-
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest choice, or nothing when none is close."""
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def registered_passes() -> dict[str, type[Pass]]:

@@ -17,9 +17,10 @@ from ..calibration import InputSource, SyntheticInputs
 from ..channels import Analysis, ConsumerUse, Producer, analyze, apply_plan
 from ..errors import RequirementError
 from ..graph import constant_value, from_gs, overridable_initializers, to_gs, unique_name
-from ..inspect_model import count_macs, count_work
+from ..inspect_model import count_macs, count_work, summarize
 from ..latency import relative_latency, timing_feed
 from ..layerwise import ReadingLayer, add_output_shift, compensated_removal, greedy_removal_costs
+from ..refit import layers_from, refit_layers
 from ..validate import EXACT, DriftProbe, Tolerance
 from ..weights import matches
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
@@ -853,8 +854,6 @@ def _reinfer(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _size_figures(before: onnx.ModelProto, after: onnx.ModelProto, macs_before: int | None) -> dict[str, int | float]:
-    from ..inspect_model import summarize
-
     params_before = summarize(before, with_tensors=False).parameters
     params_after = summarize(after, with_tensors=False).parameters
     macs_after = count_macs(after)
@@ -866,8 +865,6 @@ def _size_figures(before: onnx.ModelProto, after: onnx.ModelProto, macs_before: 
 
 def refit_consumers(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analysis, removed: np.ndarray,
                     context: PassContext, samples: int, result: PassResult, strength: float | Literal["auto"], downstream: bool = False) -> onnx.ModelProto:
-    from ..refit import layers_from, refit_layers
-
     consumers = [use.node.name for use in analysis.consumers if removed[use.roots].any()]
     names = layers_from(pruned, consumers) if downstream else consumers
     kept = {name: (space.axis, ~removed[space.roots]) for name, space in analysis.spaces.items()}

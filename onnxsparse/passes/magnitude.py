@@ -15,8 +15,20 @@ import onnx_graphsurgeon as gs
 from ..activations import ChangingModelValues, FixedModelValues, collect_channel_stats, tensor_values
 from ..calibration import InputSource, read_once
 from ..graph import from_gs, overridable_initializers, to_gs
-from ..layerwise import (activation_name, correct_biases, cross_blocks, fit_to_teacher, from_matrix, groups_of, hessian_blocks, input_rows,
-                         sample_slices, sparsegpt, to_matrix, unsupported_reason)
+from ..layerwise import (
+    activation_name,
+    correct_biases,
+    cross_blocks,
+    fit_to_teacher,
+    from_matrix,
+    groups_of,
+    hessian_blocks,
+    input_rows,
+    sample_slices,
+    sparsegpt,
+    to_matrix,
+    unsupported_reason,
+)
 from ..validate import DriftProbe, Tolerance
 from ..weights import RNN_OPS, WEIGHT_OPS, WeightSite, find_weights, matches, replace_weight
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register

@@ -16,12 +16,21 @@ import onnx_graphsurgeon as gs
 
 from ..activations import collect_channel_stats, collect_ranges
 from ..calibration import FirstSamples
-from ..errors import InputDataError
+from ..errors import InputDataError, OnnxsparseError
+from ..files import write_text_atomically
+from ..graph import constant_value, from_gs, name_unnamed_nodes, opset_version, overridable_initializers, to_gs, unique_name
 from ..latency import relative_latency, timing_feed
 from ..layerwise import add_output_shift
-from ..graph import constant_value, from_gs, name_unnamed_nodes, opset_version, overridable_initializers, to_gs, unique_name
-from ..quantization import (CALIBRATION_METHODS, ActivationParams, WeightScheme, activation_params, int8_kernels_saturate, quantize_bias,
-                            quantize_weight)
+from ..quantization import (
+    CALIBRATION_METHODS,
+    ActivationParams,
+    WeightScheme,
+    activation_params,
+    int8_kernels_saturate,
+    quantize_bias,
+    quantize_weight,
+)
+from ..shapes import infer_shapes
 from ..validate import DriftProbe, Tolerance, ValidationResult
 from ..weights import matches
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
@@ -227,8 +236,6 @@ class Qdq(Pass):
     def _write_cache(self, ranges: dict[str, tuple[float, float]]) -> None:
         if not self.cache:
             return
-        from ..report import write_text_atomically
-
         write_text_atomically(self.cache, json.dumps({"method": self.method, "ranges": ranges}, indent=1))
 
     # -- building the quantized graph ---------------------------------------------------------
@@ -404,9 +411,6 @@ def nested_weight_layers(graph: gs.Graph) -> list[gs.Node]:
 def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with element types on its tensors (the plan quantizes float32 tensors only):
     onnx's inference, completed in onnxruntime; plain non-strict inference if that fails."""
-    from ..errors import OnnxsparseError
-    from ..shapes import infer_shapes
-
     try:
         return infer_shapes(model)
     except OnnxsparseError:
