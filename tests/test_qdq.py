@@ -279,3 +279,17 @@ def test_auto_choosing_dynamic_reports_the_dynamic_candidate_not_the_static_ones
     assert figures["mode"] == "dynamic", figures
     assert "nodes_kept_float" not in figures and "guard_kept_float" not in figures
     assert figures["nodes_quantized"] == len(step.changes) == sum(c.action == "dynamic int8" for c in step.changes)
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "digits_transformer"])
+def test_bias_correction_patched_into_one_built_model_equals_building_it_per_layer(monkeypatch, name):
+    """The shifts, and the bytes of the quantized model, are the same whether each layer's shift is
+    patched into one built int8 model or the model is built again per layer."""
+    model, inputs, calibration = bundled(name)
+    results = {}
+    for patch in (True, False):
+        monkeypatch.setattr("onnxsparse.passes.qdq.PATCH_BIASES", patch)
+        spec = "qdq{mode=static guard=false bias_correction=on}"
+        final, report = PassManager(parse_pipeline(spec), inputs=inputs, calibration=calibration, keep_worse=True).run(model)
+        results[patch] = (final.SerializeToString(), report.steps[0].figures["bias_corrected_layers"])
+    assert results[True][1] > 0 and results[True] == results[False]
