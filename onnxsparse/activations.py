@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from .calibration import InputSource, batch_dim, check_feed, in_chunks, model_inputs, samples_in
 from .graph import downstream_names
 from .quantization import choose_range
-from .validate import make_session
+from .validation import make_session
 
 log = logging.getLogger(__name__)
 

@@ -26,16 +26,21 @@ from onnx import helper
 
 from .errors import InputDataError
 from .graph import constant_value, to_gs
-from .limits import DEFAULT_MAX_INPUT_BYTES, array_bytes, format_bytes
+from .limits import (
+    DEFAULT_MAX_INPUT_BYTES,
+    DEFAULT_SYNTHETIC_SAMPLES,
+    HELD_OUT_FRACTION,
+    HELD_OUT_MAX_SAMPLES,
+    HELD_OUT_RUN,
+    array_bytes,
+    format_bytes,
+)
 from .text import did_you_mean
 
 Feed = dict[str, np.ndarray]
 
 DEFAULT_BATCH = 1
 DEFAULT_DYNAMIC_DIM = 32
-# Synthetic samples validated on by default: with 4 a top-1 agreement can only read 0, .25, .5, .75 or 1;
-# 16 moves in steps of 1/16 and keeps a run short. Synthetic data only smoke-tests: real data gives a verdict meaning.
-DEFAULT_SYNTHETIC_SAMPLES = 16
 DEFAULT_INT_RANGE = (0, 100)
 
 
@@ -469,15 +474,6 @@ class SelectedSamples:
 # held out by construction: content hashes and the calibration split
 # ---------------------------------------------------------------------------------------------
 
-# The share of the calibration samples held out for validation when the user gives no --inputs, and
-# its cap. 128 held-out samples know a top-1 agreement near 0.95 to about +-0.04 (95% Wilson
-# interval); more costs validation time and memory (the reference outputs are kept) for little.
-HELD_OUT_FRACTION = 0.25
-HELD_OUT_MAX_SAMPLES = 128
-# Held-out samples are taken in runs of consecutive ones: calibration files keep related samples
-# together (8 views of one photo, frames of one clip, a sentence and its paraphrase), and a split
-# sample by sample would validate on near-copies of what the passes fitted.
-HELD_OUT_RUN = 16
 
 
 def sample_digests(source: InputSource, names: Sequence[str], batched: bool, *, hashed: bool = True) -> tuple[list[bytes], list[int]]:

@@ -14,23 +14,20 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
-from tqdm import tqdm
-
-from .calibration import DEFAULT_SYNTHETIC_SAMPLES, HELD_OUT_MAX_SAMPLES, parse_dims
 from .errors import InputDataError, OnnxsparseError
-from .inspect_model import ModelSummary, summarize
-from .io import load_with_info, save
-from .limits import DEFAULT_MAX_INPUT_BYTES, format_bytes, parse_bytes
-from .passes import registered_passes
-from .passes.options import default_of, format_value, option_fields, option_types, type_text
-from .report import RunReport, worst_output
-from .spec import parse_tolerance_text
-from .validate import Tolerances, ValidationResult
+from .limits import DEFAULT_MAX_INPUT_BYTES, DEFAULT_SYNTHETIC_SAMPLES, HELD_OUT_MAX_SAMPLES, format_bytes, parse_bytes
 from .version import __version__
+
+# What the commands use is imported inside them: onnx alone takes 0.6 s to import, and
+# `onnxsparse --version` (or a typo in the arguments) should answer at once.
+if TYPE_CHECKING:
+    from .inspect_model import ModelSummary
+    from .report import RunReport
+    from .validation import Tolerances, ValidationResult
 
 log = logging.getLogger("onnxsparse")
 
@@ -66,6 +63,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: S
 @contextmanager
 def progress_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
     """A progress callback drawing one tqdm bar per label on stderr (only on a terminal)."""
+    from tqdm import tqdm
+
     if not enabled:
         yield None
         return
@@ -211,6 +210,9 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _tolerances(args: argparse.Namespace) -> Tolerances | None:
+    from .spec import parse_tolerance_text
+    from .validation import Tolerances
+
     if not (args.tolerance or args.output_tolerance or getattr(args, "pass_tolerance", [])):
         return None
 
@@ -249,6 +251,7 @@ def _int_range(text: str | None) -> tuple[int, int] | None:
 
 
 def run_optimize(args: argparse.Namespace) -> int:
+    from .calibration import parse_dims
     from .pipeline import optimize
 
     with progress_bars(not args.json) as progress:
@@ -286,6 +289,8 @@ def optimize_status(report: RunReport) -> int:
 
 
 def render_run(report: RunReport) -> str:
+    from .report import worst_output
+
     rows = [
         [step.spec, step.status, len(step.changes), len(step.skipped), worst_output(step.validation), f"{sum(step.seconds.values()):.2f}"]
         for step in report.steps
@@ -311,6 +316,7 @@ def render_run(report: RunReport) -> str:
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    from .calibration import parse_dims
     from .pipeline import validate_files
 
     result = validate_files(
@@ -359,6 +365,9 @@ def render_validation(result: ValidationResult) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from .inspect_model import summarize
+    from .io import load_with_info
+
     model, info = load_with_info(args.model, max_input_bytes=_max_input_bytes(args))
     summary = summarize(model, info)
     if args.json:
@@ -409,6 +418,9 @@ def _default_needs(cls: type) -> frozenset:
 
 def run_passes(args: argparse.Namespace) -> int:
     catalogue = []
+    from .passes import registered_passes
+    from .passes.options import default_of, format_value, option_fields, option_types, type_text
+
     for name, cls in registered_passes().items():
         types_by_name = option_types(cls)
         options = [
@@ -429,6 +441,8 @@ def run_passes(args: argparse.Namespace) -> int:
 
 
 def run_densify(args: argparse.Namespace) -> int:
+    from .io import load_with_info, save
+
     model, info = load_with_info(args.model, max_input_bytes=_max_input_bytes(args))
     folder = os.path.dirname(os.path.abspath(args.model))
     protect = (args.model, *(os.path.join(folder, name) for name in info.external_data_files))

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from .calibration import FirstSamples, InputSource, SyntheticInputs
-from .validate import make_session
+from .validation import make_session
 
 WARMUP_RUNS = 3
 

@@ -48,7 +48,7 @@ from .passes import Pass, PassContext, PassResult, Requirement
 from .report import KEPT, KEPT_FAILING, KEPT_WORSE, NO_CHANGE, ROLLED_BACK, WORSE, RunReport, StepReport
 from .shapes import infer_shapes
 from .spec import format_pipeline, load_recipe, parse_pipeline
-from .validate import (
+from .validation import (
     EXACT,
     Feed,
     ProgressCallback,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .validate import make_session
+from .validation import make_session
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from .inspect_model import ModelSummary
 from .passes import Change, Skip
-from .validate import ValidationResult
+from .validation import ValidationResult
 
 COMMITTED = "committed"
 NO_CHANGE = "no-change"  # the pass changed nothing; the reason says why (pins, weights it could not reach)

@@ -36,7 +36,7 @@ from .errors import InputDataError, PipelineSpecError
 from .passes import Pass, pass_class
 from .passes.options import RawText, convert, format_pass, option_types, outside_quotes, unquote
 from .text import did_you_mean
-from .validate import TOLERANCE_FIELDS, Tolerance, Tolerances
+from .validation import TOLERANCE_FIELDS, Tolerance, Tolerances
 
 _POLICIES = ("rollback", "raise", "keep")
 

@@ -197,3 +197,16 @@ def test_library_warnings_go_to_the_log_shown_from_v_on():
     assert quiet.returncode == 0 and "overflow" not in quiet.stderr and "\x1b[" not in quiet.stderr
     verbose = subprocess.run([sys.executable, "-c", script, "-v"], capture_output=True, text=True, timeout=120, check=False)
     assert verbose.returncode == 0 and "py.warnings" in verbose.stderr and "overflow encountered in cast" in verbose.stderr
+
+
+def test_the_version_and_the_package_answer_without_importing_onnx():
+    """onnx takes 0.6 s to import: `onnxsparse --version` and `import onnxsparse` leave it (and onnxruntime) until a command needs them."""
+    script = ("import sys, onnxsparse, onnxsparse.cli\n"
+              "try:\n    onnxsparse.cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
+              "print(sorted(m for m in ('onnx', 'onnxruntime', 'onnx_graphsurgeon') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip().endswith("[]"), done.stdout + done.stderr
+    assert done.stdout.startswith("onnxsparse 0.1.0")
+    import onnxsparse
+
+    assert onnxsparse.validate.__name__ == "validate_files" and onnxsparse.Tolerance.__name__ == "Tolerance"

@@ -20,7 +20,7 @@ from onnxsparse.calibration import parse_dims
 from onnxsparse.cli import main
 from onnxsparse.errors import InputDataError
 from onnxsparse.limits import parse_bytes
-from onnxsparse.validate import Tolerance
+from onnxsparse.validation import Tolerance
 
 CNN = MODELS / "digits_cnn.onnx"
 

@@ -20,7 +20,7 @@ from onnxsparse.graph import tensor_array
 from onnxsparse.passes import Change, Pass, PassContext, PassResult, Requirement, register
 from onnxsparse.pipeline import DataPlan, PassManager
 from onnxsparse.spec import parse_pipeline
-from onnxsparse.validate import Tolerance, Tolerances, ValidationResult, wilson_interval
+from onnxsparse.validation import Tolerance, Tolerances, ValidationResult, wilson_interval
 
 MEMORISING_REFIT = "fold-batchnorm,channel-prune{ratio=0.5 round_to=1 refit=true refit_scope=downstream never_slower=false}"
 
@@ -377,7 +377,7 @@ def test_every_pass_says_why_it_changed_nothing(pipeline):
 
 
 def test_top1_and_kl_are_computed_only_for_outputs_that_are_class_scores():
-    from onnxsparse.validate import Reference, class_score_outputs
+    from onnxsparse.validation import Reference, class_score_outputs
 
     assert class_score_outputs(load(MODELS / "digits_cnn.onnx")) == {"logits"}  # Gemm logits
     assert class_score_outputs(load(MODELS / "digits_sklearn_mlp.onnx")) == {"probabilities"}  # Softmax, the label is an integer

@@ -16,7 +16,7 @@ LAYERS = (
     # graphs and model files
     "graph", "results", "io",
     # data, running models, comparing outputs
-    "calibration", "validate", "quantization", "activations", "shapes", "latency",
+    "calibration", "validation", "quantization", "activations", "shapes", "latency",
     # analyses and numerics over weights and channels
     "weights", "channels", "layerwise", "refit", "inspect_model",
     # the pass contract, then the passes

@@ -145,7 +145,7 @@ def test_the_calibration_cache_is_written_then_read(tmp_path):
 
 def test_the_guard_keeps_harmful_nodes_in_float_until_a_strict_tolerance_holds(tmp_path):
     model, inputs, calibration = bundled("digits_transformer")
-    from onnxsparse.validate import Tolerance, Tolerances
+    from onnxsparse.validation import Tolerance, Tolerances
 
     strict = Tolerances(per_pass={"qdq": Tolerance(min_cosine=0.99995)})
     _, report = PassManager(parse_pipeline("qdq{mode=static}"), inputs=inputs, calibration=calibration, tolerances=strict).run(model)

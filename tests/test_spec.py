@@ -13,7 +13,7 @@ from onnxsparse.passes import Pass, register
 from onnxsparse.passes.cleanup import Cleanup
 from onnxsparse.passes.fold_batchnorm import FoldBatchNorm
 from onnxsparse.spec import format_pipeline, load_recipe, parse_pipeline, parse_tolerance_text
-from onnxsparse.validate import Tolerance
+from onnxsparse.validation import Tolerance
 
 
 @register

@@ -22,7 +22,7 @@ from ..calibration import InputSource
 from ..errors import PipelineSpecError
 from ..results import Change, PassResult, Skip  # the records a pass fills, part of its contract: a pass imports them from here
 from ..text import did_you_mean
-from ..validate import EXACT, Tolerance, ValidationResult
+from ..validation import EXACT, Tolerance, ValidationResult
 from .options import converted_options, format_pass
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from ..inspect_model import count_macs, count_work, summarize
 from ..latency import relative_latency, timing_feed
 from ..layerwise import ReadingLayer, add_output_shift, compensated_removal, greedy_removal_costs
 from ..refit import layers_from, refit_layers
-from ..validate import EXACT, DriftProbe, Tolerance
+from ..validation import EXACT, DriftProbe, Tolerance
 from ..weights import matches
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 

@@ -29,7 +29,7 @@ from ..layerwise import (
     to_matrix,
     unsupported_reason,
 )
-from ..validate import DriftProbe, Tolerance
+from ..validation import DriftProbe, Tolerance
 from ..weights import RNN_OPS, WEIGHT_OPS, WeightSite, find_weights, matches, replace_weight
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 

@@ -31,7 +31,7 @@ from ..quantization import (
     quantize_weight,
 )
 from ..shapes import infer_shapes
-from ..validate import DriftProbe, Tolerance, ValidationResult
+from ..validation import DriftProbe, Tolerance, ValidationResult
 from ..weights import matches
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 
