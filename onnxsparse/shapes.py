@@ -12,7 +12,7 @@ import onnx
 
 from .activations import with_extra_outputs
 from .calibration import SyntheticInputs, model_inputs
-from .errors import RequirementError
+from .errors import OnnxsparseError, RequirementError
 from .validation import make_session
 
 log = logging.getLogger(__name__)
@@ -73,3 +73,17 @@ def _batch_dims(model: onnx.ModelProto, batch: int) -> dict[str, int]:
         if model_input.shape and isinstance(model_input.shape[0], str):
             dims[model_input.shape[0]] = batch
     return dims
+
+
+def shapes_where_known(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with the shapes and element types that can be had, for passes that do better with
+    them but can do without: onnx's inference completed in onnxruntime (:func:`infer_shapes`); plain
+    non-strict inference if that fails; the model as it is if onnx cannot type it at all."""
+    try:
+        return infer_shapes(model)
+    except OnnxsparseError:
+        log.info("shape inference failed; going on with the shapes onnx can infer without it")
+        try:
+            return onnx.shape_inference.infer_shapes(model)
+        except Exception:  # noqa: BLE001 - a model onnx cannot type at all: work with what is known
+            return model

@@ -29,6 +29,7 @@ from ..layerwise import (
     to_matrix,
     unsupported_reason,
 )
+from ..shapes import shapes_where_known
 from ..validation import DriftProbe, Tolerance
 from ..weights import RNN_OPS, WEIGHT_OPS, WeightSite, find_weights, matches, replace_weight
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
@@ -108,6 +109,11 @@ class MagnitudePrune(Pass):
         return frozenset({Requirement.CALIBRATION}) if data_driven else frozenset()
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        if Requirement.CALIBRATION in self.needs():
+            # With shapes, the activation caches know each tensor's size and serve several layers per
+            # run; without them (a torch export has no value_info) every layer's inputs were a run of
+            # their own over the whole calibration set.
+            model = shapes_where_known(model)
         graph = to_gs(model)
         result = PassResult(model)
         sites, rejected = find_weights(graph, WEIGHT_OPS + RNN_OPS, overridable_initializers(model))

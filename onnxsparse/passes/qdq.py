@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from ..activations import collect_channel_stats, collect_ranges
 from ..calibration import FirstSamples
-from ..errors import InputDataError, OnnxsparseError
+from ..errors import InputDataError
 from ..files import write_text_atomically
 from ..graph import constant_value, from_gs, name_unnamed_nodes, opset_version, overridable_initializers, to_gs, unique_name
 from ..latency import relative_latency, timing_feed
@@ -30,7 +30,7 @@ from ..quantization import (
     quantize_bias,
     quantize_weight,
 )
-from ..shapes import infer_shapes
+from ..shapes import shapes_where_known
 from ..validation import DriftProbe, Tolerance, ValidationResult
 from ..weights import matches
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
@@ -121,7 +121,7 @@ class Qdq(Pass):
             result.warnings.append(f"qdq: the model is already quantized ({', '.join(already)}): left as it is")
             return result
         model, per_channel = self._opset_for(model, result)
-        model = name_unnamed_nodes(_typed(model))
+        model = name_unnamed_nodes(shapes_where_known(model))
         self._warn_unmatched(model, result)
         if self.mode == "dynamic":
             return self._with_embeddings(self._dynamic(model, result, self._scheme(per_channel, result)))
@@ -460,19 +460,6 @@ def nested_weight_layers(graph: gs.Graph) -> list[gs.Node]:
             if weight is not None and weight.dtype == np.float32 and weight.ndim >= 2:
                 layers.append(node)
     return layers
-
-
-def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with element types on its tensors (the plan quantizes float32 tensors only):
-    onnx's inference, completed in onnxruntime; plain non-strict inference if that fails."""
-    try:
-        return infer_shapes(model)
-    except OnnxsparseError:
-        log.info("shape inference failed; quantizing with the types onnx can infer without it")
-        try:
-            return onnx.shape_inference.infer_shapes(model)
-        except Exception:  # noqa: BLE001 - a model onnx cannot type at all: plan with what is known
-            return model
 
 
 def _kind(node: gs.Node) -> str:
