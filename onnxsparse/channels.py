@@ -16,6 +16,7 @@ pass over the edits, against the unmodified graph (plan first, apply once).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -638,7 +639,7 @@ class _Walker:
             self.pin_inputs(node, "Split on the channel axis with unknown sizes")
             return
         bounds = np.cumsum([0, *sizes])
-        sections = [inp.roots[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        sections = [inp.roots[a:b] for a, b in itertools.pairwise(bounds)]
         self.a.edits.append(SplitEdit(node, sections))
         for output, section in zip(node.outputs, sections):
             self.set_space(output, axis, section)
@@ -732,9 +733,9 @@ def _merged_run(in_dims: list[int], out_dims: list[int], axis: int) -> tuple[int
                 run = in_dims[first : last + 1]
                 if any(d < 0 for d in run):
                     continue
-                if out_dims[out_axis] == math.prod(run) and _same_dims(in_dims[last + 1 :], out_dims[out_axis + 1 :]):
-                    if _same_dims(prefix_in, out_dims[:out_axis]):
-                        return first, last, out_axis
+                if (out_dims[out_axis] == math.prod(run) and _same_dims(in_dims[last + 1 :], out_dims[out_axis + 1 :])
+                        and _same_dims(prefix_in, out_dims[:out_axis])):
+                    return first, last, out_axis
     return None
 
 

@@ -243,11 +243,11 @@ def _lowest(saliency: np.ndarray, sparsity: float, per_row: bool) -> np.ndarray:
     """True where a weight is among the ``sparsity`` fraction with the lowest saliency."""
     drop = np.zeros(saliency.shape, dtype=bool)
     if per_row:
-        count = int(round(sparsity * saliency.shape[1]))
+        count = round(sparsity * saliency.shape[1])
         if count:
             np.put_along_axis(drop, np.argpartition(saliency, count - 1, axis=1)[:, :count], True, axis=1)
         return drop
-    count = int(round(sparsity * saliency.size))
+    count = round(sparsity * saliency.size)
     if count:
         drop.reshape(-1)[np.argpartition(saliency.reshape(-1), count - 1)[:count]] = True
     return drop

@@ -4,6 +4,7 @@ ranges and weights into scales, zero points and integers. No graph code here (se
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -91,7 +92,7 @@ def _spread_over_levels(counts: np.ndarray, levels: int) -> np.ndarray:
     """Merge ``counts`` into ``levels`` groups and spread each group's total over its non-empty bins."""
     bounds = np.linspace(0, len(counts), levels + 1).astype(int)
     spread = np.zeros_like(counts)
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in itertools.pairwise(bounds):
         chunk = counts[start:stop]
         filled = chunk > 0
         if filled.any():

@@ -23,6 +23,7 @@ Recipe (TOML)::
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -106,7 +107,7 @@ def _split_top_level(text: str) -> list[str]:
     if depth:
         raise PipelineSpecError(f"pipeline '{text}': unbalanced braces or quotes")
     bounds = [-1, *cuts, len(text)]
-    return [item for item in (text[a + 1 : b].strip() for a, b in zip(bounds[:-1], bounds[1:])) if item]
+    return [item for item in (text[a + 1 : b].strip() for a, b in itertools.pairwise(bounds)) if item]
 
 
 _KEY = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*")

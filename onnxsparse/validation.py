@@ -351,8 +351,8 @@ def _top1_precision_note(output: OutputMetrics) -> list[str]:
     # Rows of a [batch, classes] output are samples; those of a [batch, positions, classes] one are not
     # independent (the positions of one sample go together), so the true interval is wider.
     rows = f"{output.rows} sample(s)" if len(output.shape) == 2 else f"{output.rows} rows (samples x positions: the true interval is wider)"
-    return [f"output '{output.name}': top-1 agreement {output.top1:.3f} on {rows} is known only to {low:.2f}-{high:.2f} "
-            f"(95%); about {rows_for_precision(output.top1)} samples pin it to +-{TOP1_PRECISION:g}"]
+    return [(f"output '{output.name}': top-1 agreement {output.top1:.3f} on {rows} is known only to {low:.2f}-{high:.2f} "
+            f"(95%); about {rows_for_precision(output.top1)} samples pin it to +-{TOP1_PRECISION:g}")]
 
 
 def _loosened(value: float, bound: str) -> float:

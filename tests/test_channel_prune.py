@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
 from conftest import BUNDLED, MODELS, bundled, run, with_initializers
+
 from onnxsparse import load
 from onnxsparse.calibration import resolve_inputs
 from onnxsparse.errors import PipelineSpecError, RequirementError
@@ -166,7 +166,7 @@ def test_magnitude_filter_pruning_then_zero_only_is_lossless_on_the_bundled_mode
     inputs = resolve_inputs(str(MODELS / f"{name}.inputs.npz"), model)
     manager = PassManager(parse_pipeline("fold-batchnorm,magnitude-prune{pattern=filter sparsity=0.25},channel-prune{mode=zero-only}"),
                           inputs=inputs, policy="keep")
-    final, report = manager.run(model)
+    _final, report = manager.run(model)
     prune_step, zero_step = report.steps[1], report.steps[2]
     assert zero_step.status == "committed" and zero_step.step_validation is not None and zero_step.step_validation.passed
     assert zero_step.figures["channels_removed"] > 0
@@ -541,7 +541,7 @@ def test_refit_targets_come_from_few_runs_of_the_original_and_inputs_from_kept_v
         labels: list[str] = []
         fed_kept_values: list[bool] = []
 
-        def counting(*args, label="", **kwargs):
+        def counting(*args, label="", labels=labels, fed_kept_values=fed_kept_values, **kwargs):  # this budget's lists
             labels.append(label)
             if label == "refit inputs":
                 fed_kept_values.append(bool(kwargs.get("given")))
@@ -583,8 +583,8 @@ def test_a_sensitivity_probe_is_compensated_on_other_samples_than_those_that_jud
     """A classifier-like reader with more inputs (96 + bias) than samples to fit on (32): compensated on
     the very samples that judge the probe, it reproduces them and the probe looks harmless; fit on the
     others, the probe shows what the removal costs on data it has not seen."""
-    import onnxsparse.passes.channel_prune as channel_prune
     from onnxsparse.calibration import IterableInputs
+    from onnxsparse.passes import channel_prune
 
     text = """
     <ir_version: 8, opset_import: ["" : 17]>

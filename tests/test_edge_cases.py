@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -12,8 +13,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from conftest import MODELS, parse, run, with_initializers
+
 from onnxsparse import optimize
 from onnxsparse.cli import main
 from onnxsparse.errors import InputDataError, ValidationFailed
@@ -121,7 +122,7 @@ def test_json_output_stays_json_when_weights_live_in_constant_nodes(tmp_path, rn
     model.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["stem.0.weight"], value=weight))
     onnx.save(model, tmp_path / "c.onnx")
     completed = subprocess.run([sys.executable, "-m", "onnxsparse", "optimize", str(tmp_path / "c.onnx"), "-o", str(tmp_path / "o.onnx"),
-                                "-p", "fold-batchnorm", "--json"], capture_output=True, text=True, timeout=300)
+                                "-p", "fold-batchnorm", "--json"], check=False, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout)["steps"][0]["figures"]["folded"] == 5
 
@@ -169,11 +170,9 @@ def test_an_ir_version_onnxruntime_cannot_read_gets_an_actionable_message(tmp_pa
     # ... and end to end where this onnxruntime really refuses the newest IR version the checker accepts
     model = onnx.load(CNN)
     model.ir_version = onnx.IR_VERSION
-    try:
+    with contextlib.suppress(Exception):  # onnxruntime's private exception types: it refuses the IR, as this test needs
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         pytest.skip(f"onnxruntime {ort.__version__} reads IR version {onnx.IR_VERSION}, the newest onnx {onnx.__version__} writes")
-    except Exception:  # noqa: BLE001 - onnxruntime's private exception types
-        pass
     onnx.save(model, tmp_path / "new_ir.onnx")
     assert main(["optimize", str(tmp_path / "new_ir.onnx"), "-o", str(tmp_path / "o.onnx"), "-p", "cleanup"]) == 2
     assert "re-save the model with ir_version=" in capsys.readouterr().err

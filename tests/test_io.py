@@ -10,6 +10,7 @@ import onnx
 import pytest
 from conftest import MODELS, run, with_initializers
 from onnx import external_data_helper, helper, numpy_helper
+
 from onnxsparse import io
 from onnxsparse.errors import ExternalDataError, ModelLoadError, OnnxsparseError, OutputPathError
 from onnxsparse.graph import tensor_array

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
 from conftest import bundled, run, with_initializers
+
 from onnxsparse.calibration import IterableInputs
 from onnxsparse.graph import to_gs
 from onnxsparse.layerwise import ReadingLayer, fit_to_teacher, from_matrix, greedy_removal_costs, input_rows, sparsegpt, to_matrix
@@ -181,7 +181,7 @@ def test_units_holding_several_positions_are_costed_as_a_block(rng):
 
 
 def test_fixed_model_values_batch_coming_tensors_into_runs_and_hand_each_over_until_asked_again(monkeypatch):
-    import onnxsparse.activations as activations
+    from onnxsparse import activations
     from onnxsparse.shapes import infer_shapes
 
     model, _, calibration = bundled("digits_cnn")
@@ -211,7 +211,7 @@ def test_fixed_model_values_batch_coming_tensors_into_runs_and_hand_each_over_un
 
 
 def test_fixed_model_values_drop_what_a_skipped_layer_never_asked_for_and_end_a_batch_at_an_unknown_size(monkeypatch):
-    import onnxsparse.activations as activations
+    from onnxsparse import activations
     from onnxsparse.shapes import infer_shapes
 
     model, _, calibration = bundled("digits_cnn")
@@ -233,6 +233,7 @@ def test_fixed_model_values_drop_what_a_skipped_layer_never_asked_for_and_end_a_
 
 def test_fixed_model_values_size_a_tensor_by_its_element_type():
     from conftest import parse
+
     from onnxsparse import activations
     from onnxsparse.shapes import infer_shapes
 
@@ -248,6 +249,7 @@ def test_fixed_model_values_size_a_tensor_by_its_element_type():
 
 def test_tensor_values_feed_given_values_instead_of_computing_them_and_changing_model_values_forget_edited_ones(monkeypatch):
     from conftest import parse
+
     from onnxsparse import activations
 
     model = parse("""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
 from conftest import MODELS, bundled, parse, run, with_initializers
+
 from onnxsparse import load
 from onnxsparse.calibration import IterableInputs, resolve_inputs
 from onnxsparse.errors import PipelineSpecError, RequirementError

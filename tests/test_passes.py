@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from conftest import conv_bn_model, parse, run, with_initializers
+
 from onnxsparse.passes import PassContext
 from onnxsparse.passes.cleanup import Cleanup
 from onnxsparse.passes.fold_batchnorm import FoldBatchNorm

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from conftest import MODELS, bundled, run, with_initializers
+
 from onnxsparse import load, optimize
 from onnxsparse.calibration import IterableInputs, resolve_inputs
 from onnxsparse.errors import PipelineSpecError, RequirementError

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
 from conftest import MODELS, bundled_inputs, run
+
 from onnxsparse import load, optimize
 from onnxsparse.cli import main
 from onnxsparse.errors import ModelLoadError, PipelineSpecError
 from onnxsparse.io import check_model, load_with_info
-from onnxsparse.spec import parse_pipeline
 from onnxsparse.pipeline import PassManager
+from onnxsparse.spec import parse_pipeline
 
 PRUNE_90 = "fold-batchnorm,magnitude-prune{sparsity=0.9}"
 

@@ -11,6 +11,7 @@ import onnx
 import pytest
 from conftest import MODELS, parse, run, with_initializers
 from onnxruntime.quantization import CalibrationDataReader
+
 from onnxsparse.calibration import SyntheticInputs, collect_feeds, resolve_inputs
 from onnxsparse.errors import InputDataError
 from onnxsparse.validation import EXACT, Reference, Tolerance, Tolerances, compare, judge

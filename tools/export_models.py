@@ -38,15 +38,15 @@ import hashlib
 import random
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-import sklearn
 import skl2onnx
+import sklearn
 import torch
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
@@ -406,8 +406,8 @@ def run_sklearn_model(out: Path, split: DigitsSplit) -> Report:
         max_abs_diff=float(np.abs(pipe.predict_proba(x_test) - proba).max()),
         extra=[
             f"MLP converged after {clf.n_iter_} iterations (final training loss {clf.loss_:.5f}).",
-            f"Labels agree with sklearn's predict() on {int((label == pipe.predict(x_test)).sum())}/"
-            f"{len(x_test)} test digits.",
+            (f"Labels agree with sklearn's predict() on {int((label == pipe.predict(x_test)).sum())}/"
+            f"{len(x_test)} test digits."),
         ],
     )
 
@@ -449,17 +449,17 @@ def describe(r: Report) -> str:
         f"- Input scaling: {r.input_note}",
         f"- Nodes ({len(r.model.graph.node)}): {hist}",
         f"- Initializers: {len(r.model.graph.initializer)}, all stored inside the file",
-        "- Training data: `sklearn.datasets.load_digits()` (1797 real 8x8 handwritten digits), "
-        "`train_test_split(test_size=0.2, random_state=0, shuffle=True)`: 1437 train / 360 test",
+        ("- Training data: `sklearn.datasets.load_digits()` (1797 real 8x8 handwritten digits), "
+        "`train_test_split(test_size=0.2, random_state=0, shuffle=True)`: 1437 train / 360 test"),
         f"- Held-out accuracy (onnxruntime {ort.__version__}, all 360 test digits): {r.accuracy:.4f}",
     ]
     if r.max_abs_diff is not None:
         lines.append(f"- Max |source framework - onnxruntime| over the test split: {r.max_abs_diff:.2e}")
     lines += [f"- {e}" for e in r.extra]
     lines += [
-        f"- Sample inputs: `{r.path.stem}.inputs.npz` (first {N_SAMPLE_INPUTS} test digits; "
+        (f"- Sample inputs: `{r.path.stem}.inputs.npz` (first {N_SAMPLE_INPUTS} test digits; "
         "key `input`, plus `label` int64 with the true digits); calibration inputs: "
-        f"`{r.path.stem}.calibration.npz` (first {N_CALIBRATION} training digits, disjoint from the test split)",
+        f"`{r.path.stem}.calibration.npz` (first {N_CALIBRATION} training digits, disjoint from the test split)"),
         f"- File size: {len(data)} bytes",
         f"- sha256: `{hashlib.sha256(data).hexdigest()}`",
         f"- Regenerate: `{REGEN_COMMAND}`",
@@ -476,12 +476,12 @@ def write_readme(out: Path, reports: list[Report]) -> None:
         "All are produced by `tools/export_models.py` (trained a few seconds on CPU,",
         "fixed seeds, single-threaded deterministic torch), so this file is regenerated with them.",
         "",
-        f"Environment: Python {sys.version.split()[0]}, torch {torch.__version__}, "
+        (f"Environment: Python {sys.version.split()[0]}, torch {torch.__version__}, "
         f"scikit-learn {sklearn.__version__}, skl2onnx {skl2onnx.__version__}, "
-        f"onnx {onnx.__version__}, onnxruntime {ort.__version__}, numpy {np.__version__}.",
+        f"onnx {onnx.__version__}, onnxruntime {ort.__version__}, numpy {np.__version__}."),
         "",
-        f"Regenerate all: `{REGEN_COMMAND}` (needs `pip install torch==2.13.0 "
-        "scikit-learn==1.9.1 skl2onnx==1.20.0`).",
+        (f"Regenerate all: `{REGEN_COMMAND}` (needs `pip install torch==2.13.0 "
+        "scikit-learn==1.9.1 skl2onnx==1.20.0`)."),
         "",
         "The IR version is capped at 8 (what opset 17 belongs to) so older onnxruntime builds load them.",
         "`?` in a shape is a dynamic dim without a name (skl2onnx leaves the batch dim unnamed).",

@@ -18,8 +18,9 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import onnxsparse  # noqa: E402
 from realmodels.paths import MODEL_NAMES, model_dir  # noqa: E402
+
+import onnxsparse  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = ("digits_cnn", "digits_transformer", "digits_sklearn_mlp")

@@ -454,8 +454,8 @@ class ChannelPrune(Pass):
     def _report_scan(self, groups: list[Group], damage: dict[int, float], taken: dict[int, int], measured: dict[int, float],
                      planned: dict[int, float], measure: BudgetMeasure | None, result: PassResult) -> None:
         scan = result.figures.setdefault("sensitivity", {})
-        for i in damage:
-            entry = {"drift_at_ratio": round(damage[i], 5), "removed": taken.get(i, 0), "channels": len(groups[i].units)}
+        for i, drift in damage.items():
+            entry = {"drift_at_ratio": round(drift, 5), "removed": taken.get(i, 0), "channels": len(groups[i].units)}
             if self.budget == "latency":
                 entry.update(time_saved_at_ratio=round(planned[i], 4), time_measured_at_ratio=round(measured[i], 4))
             scan[groups[i].label] = entry  # type: ignore[index]

@@ -456,7 +456,7 @@ def _by_hessian_bytes(sites: list[WeightSite], budget: int) -> Iterator[list[Wei
 
 def unstructured_mask(scores: np.ndarray, sparsity: float) -> np.ndarray:
     flat = scores.reshape(-1)
-    drop = int(round(sparsity * flat.size))
+    drop = round(sparsity * flat.size)
     keep = np.ones(flat.size, dtype=bool)
     if drop:
         keep[np.argpartition(flat, drop - 1)[:drop]] = False
@@ -467,7 +467,7 @@ def per_row_mask(scores: np.ndarray, out_axis: int, sparsity: float) -> np.ndarr
     """Each output unit (filter, output feature) to the target: Wanda's comparison group."""
     moved = np.moveaxis(scores, out_axis, 0)
     rows = moved.reshape(moved.shape[0], -1)
-    drop = int(round(sparsity * rows.shape[1]))
+    drop = round(sparsity * rows.shape[1])
     keep = np.ones(rows.shape, dtype=bool)
     if drop:
         np.put_along_axis(keep, np.argpartition(rows, drop - 1, axis=1)[:, :drop], False, axis=1)

@@ -9,6 +9,7 @@ option's declared type says how to split them (list, map, scalar).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import types
 import typing
@@ -126,7 +127,7 @@ def outside_quotes(text: str, start: int = 0) -> Iterator[tuple[int, str]]:
 def _split_outside_quotes(text: str, separator: str) -> list[str]:
     cuts = [index for index, char in outside_quotes(text) if char == separator]
     bounds = [-1, *cuts, len(text)]
-    return [text[a + 1 : b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [text[a + 1 : b] for a, b in itertools.pairwise(bounds)]
 
 
 def unquote(text: str) -> str:

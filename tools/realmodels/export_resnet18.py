@@ -23,7 +23,17 @@ import torch
 from torch import nn
 
 from realmodels import _export
-from realmodels.export_mnist import SEED, SPLIT, TRAIN_BATCH, digits_source, fit, load_digits, seed_everything, split, write_task_data
+from realmodels.export_mnist import (
+    SEED,
+    SPLIT,
+    TRAIN_BATCH,
+    digits_source,
+    fit,
+    load_digits,
+    seed_everything,
+    split,
+    write_task_data,
+)
 
 OPSET = 17
 EPOCHS = 2
