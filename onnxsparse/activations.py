@@ -324,7 +324,8 @@ def _accumulate(stats: dict[str, ChannelStats], name: str, value: np.ndarray, ax
     moved = channel_rows(value, axis)
     entry = stats.get(name)
     if entry is None:
-        entry = stats[name] = ChannelStats(*(np.zeros(moved.shape[1]) for _ in range(3)))
+        width = moved.shape[1]
+        entry = stats[name] = ChannelStats(np.zeros(width), np.zeros(width), np.zeros(width))
     entry.sum += moved.sum(axis=0)
     entry.sum_abs += np.abs(moved).sum(axis=0)
     entry.sum_squares += np.square(moved).sum(axis=0)

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, runtime_checkable
+from typing import IO, Any, Protocol, runtime_checkable
 
 import numpy as np
 import onnx
@@ -209,7 +209,7 @@ def _check_inflation(path: Path, member: zipfile.ZipInfo, budget: int) -> None:
         )
 
 
-def _check_npy(stream: BinaryIO, stored_bytes: int, label: str, budget: int) -> None:
+def _check_npy(stream: IO[bytes], stored_bytes: int, label: str, budget: int) -> None:
     """An .npy header's shape and dtype against the budget and against the bytes stored after it."""
     shape, dtype = _npy_header(stream, label)
     declared = array_bytes(shape, dtype)
@@ -223,7 +223,7 @@ def _check_npy(stream: BinaryIO, stored_bytes: int, label: str, budget: int) -> 
         raise InputDataError(f"{label} declares an array of shape {list(shape)} {dtype} ({declared:,} bytes) but holds {held:,} bytes")
 
 
-def _npy_header(stream: BinaryIO, label: str) -> tuple[tuple[int, ...], np.dtype]:
+def _npy_header(stream: IO[bytes], label: str) -> tuple[tuple[int, ...], np.dtype]:
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
         shape, _, dtype = np.lib.format.read_array_header_1_0(stream)

@@ -20,6 +20,7 @@ import itertools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -180,7 +181,7 @@ class Analysis:
 # ---------------------------------------------------------------------------------------------
 
 
-def analyze(graph: gs.Graph, overridable: set[str] = frozenset()) -> Analysis:
+def analyze(graph: gs.Graph, overridable: AbstractSet[str] = frozenset()) -> Analysis:
     """Channel spaces, units, pins and edits of ``graph`` (shapes must have been inferred).
 
     ``overridable``: initializers that are also graph inputs; channels whose removal would have to
@@ -532,7 +533,7 @@ class _Walker:
     # -- element-wise with two inputs ---------------------------------------------------------
 
     def elementwise(self, node: gs.Node) -> None:
-        spaced = [(i, t, self.space(t)) for i, t in enumerate(node.inputs) if self.space(t) is not None]
+        spaced = [(i, t, space) for i, t in enumerate(node.inputs) if (space := self.space(t)) is not None]
         if not spaced:
             return
         out_rank = self.rank(node.outputs[0])
@@ -751,7 +752,7 @@ def _same_dims(a: list[int], b: list[int]) -> bool:
 
 def apply_plan(graph: gs.Graph, analysis: Analysis, removed: np.ndarray) -> None:
     """Apply every edit with ``removed`` (bool per root id), then forget the now-stale shapes."""
-    sliced: dict[tuple[int, int], tuple[gs.Node, int, np.ndarray]] = {}
+    sliced: dict[tuple[int, int], tuple[gs.Node, int, np.ndarray | None]] = {}
     for edit in analysis.edits:
         if isinstance(edit, SliceEdit):
             key = (id(edit.node), edit.index)

@@ -26,6 +26,7 @@ from .version import __version__
 # `onnxsparse --version` (or a typo in the arguments) should answer at once.
 if TYPE_CHECKING:
     from .inspect_model import ModelSummary
+    from .passes import Pass, Requirement
     from .report import RunReport
     from .validation import Tolerances, ValidationResult
 
@@ -408,7 +409,7 @@ def render_summary(summary: ModelSummary, top: int) -> str:
     return "\n".join(lines)
 
 
-def _default_needs(cls: type) -> frozenset:
+def _default_needs(cls: type[Pass]) -> frozenset[Requirement]:
     """What a pass needs with its default options; a plugin pass with a required option says its class-level needs."""
     try:
         return cls().needs()
@@ -417,7 +418,7 @@ def _default_needs(cls: type) -> frozenset:
 
 
 def run_passes(args: argparse.Namespace) -> int:
-    catalogue = []
+    catalogue: list[dict[str, Any]] = []
     from .passes import registered_passes
     from .passes.options import default_of, format_value, option_fields, option_types, type_text
 

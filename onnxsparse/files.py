@@ -275,7 +275,7 @@ class Staging:
 
     def commit(self) -> list[Path]:
         """Rename every staged file into place, in the order staged; return the targets."""
-        done = []
+        done: list[Path] = []
         for staged, target in self._staged:
             try:
                 os.replace(staged, target)

@@ -526,7 +526,7 @@ def optimize(
         progress=progress,
     )
     # Held for the whole run: a second run writing the same output fails now, not after its work.
-    outputs = _Outputs(output_path, report_path, markdown_path, tuple(protected), _layout(external_data, info))
+    outputs = _Outputs(output_path, report_path, markdown_path, tuple(Path(p) for p in protected), _layout(external_data, info))
     with OutputLock(written_paths):
         try:
             final, report = manager.run(model, label=str(input_path), info=info)

@@ -144,9 +144,9 @@ class NormalEquations:
             if len(folds) < 2:
                 strength = FALLBACK_STRENGTH
             else:
-                errors = {s: sum(self._fold_error(f, gram, cross, current, s * energy) for f in folds) for s in STRENGTHS}
-                strength = min(errors, key=errors.__getitem__)
-                held_out = errors[strength]
+                errors = {s: float(sum(self._fold_error(f, gram, cross, current, s * energy) for f in folds)) for s in STRENGTHS}
+                best = min(errors, key=errors.__getitem__)
+                strength, held_out = best, errors[best]
         solution = ridge_towards(gram, cross, current, max(float(strength), 1e-6) * energy)
         return Fit(solution, float(strength), float(self.error_before.sum()), _error(solution, gram, cross, float(self.norm.sum())), held_out)
 

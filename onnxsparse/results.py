@@ -35,7 +35,7 @@ class PassResult:
     model: onnx.ModelProto
     changes: list[Change] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
-    figures: dict[str, float | int | str] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)  # numbers and text; a scan's table per tensor or group
     warnings: list[str] = field(default_factory=list)
     # False when the model deliberately leaves the ONNX standard (onnxruntime loads it, the checker
     # does not): the manager then checks it by loading it in onnxruntime only, and says so.

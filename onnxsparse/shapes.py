@@ -36,7 +36,7 @@ def _names_without_shape(model: onnx.ModelProto) -> list[str]:
     graph = model.graph
     known = {v.name for v in [*graph.value_info, *graph.input, *graph.output] if _has_shape(v)}
     known.update(t.name for t in graph.initializer)
-    names = []
+    names: list[str] = []
     for node in graph.node:
         names.extend(name for name in node.output if name and name not in known)
     return names

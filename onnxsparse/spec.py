@@ -78,7 +78,7 @@ def parse_pipeline(text: str) -> list[Pass]:
         name = (item if brace < 0 else item[:brace]).strip()
         if not _NAME.fullmatch(name):
             raise PipelineSpecError(f"pipeline '{text}': '{name or item}' is not a pass name")
-        options: dict[str, str] = {}
+        options: dict[str, RawText] = {}
         if brace >= 0:
             if not item.rstrip().endswith("}"):
                 raise PipelineSpecError(f"pipeline '{text}': options of '{name}' are not closed with '}}'")

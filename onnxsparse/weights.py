@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,7 +76,7 @@ def weight_axes(node: gs.Node, index: int, rank: int) -> tuple[int, int] | None:
     return None
 
 
-def find_weights(graph: gs.Graph, ops: Iterable[str] = WEIGHT_OPS, overridable: set[str] = frozenset()) -> tuple[list[WeightSite], list[Rejected]]:
+def find_weights(graph: gs.Graph, ops: Iterable[str] = WEIGHT_OPS, overridable: AbstractSet[str] = frozenset()) -> tuple[list[WeightSite], list[Rejected]]:
     """Every constant weight read by ``ops`` in ``graph`` and its subgraphs, each tensor once.
 
     Initializers listed in ``overridable`` (also graph inputs) are rejected: the caller may feed

@@ -145,7 +145,7 @@ def _check_options_when_built(cls: type[Pass]) -> None:
         except ValueError as error:  # the pass's own __post_init__ rejects a value or a combination
             raise PipelineSpecError(f"{cls.name}: {error}") from None
 
-    cls.__init__ = checked_init  # type: ignore[method-assign]
+    cls.__init__ = checked_init  # type: ignore[method-assign,assignment]
 
 
 def _load_entry_points() -> None:

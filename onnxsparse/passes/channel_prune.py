@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -314,7 +314,8 @@ class ChannelPrune(Pass):
 
     def _score(self, model: onnx.ModelProto, analysis: Analysis, groups: list[Group], context: PassContext) -> None:
         per_root = self._root_importance(model, analysis, context)
-        reducer = {"sum": np.sum, "mean": np.mean, "max": np.max}[self.reduce]
+        reducers: dict[str, Callable[[list[float]], Any]] = {"sum": np.sum, "mean": np.mean, "max": np.max}
+        reducer = reducers[self.reduce]
         for group in groups:
             for unit in group.units:
                 scores = [per_root[m] for m in unit.members if not np.isnan(per_root[m])]
@@ -357,10 +358,10 @@ class ChannelPrune(Pass):
     def _select_global(self, groups: list[Group]) -> list[Unit]:
         """One ranking across groups; importance normalized per group so that layers compare. The
         ratio is of the channels that can go (pinned ones are not counted)."""
-        ranked = []
+        ranked: list[tuple[float, int, Unit]] = []
         for index, group in enumerate(groups):
             mean = np.mean([u.importance for u in group.units if not u.pinned] or [1.0]) or 1.0  # pinned units may be scored otherwise
-            ranked.extend((u.importance / mean, index, u) for u in group.units if not u.pinned)
+            ranked.extend((float(u.importance / mean), index, u) for u in group.units if not u.pinned)
         wanted = round(self.ratio * len(ranked))
         taken: dict[int, list[Unit]] = {i: [] for i in range(len(groups))}
         for _, index, unit in sorted(ranked, key=lambda item: item[0])[:wanted]:
@@ -733,7 +734,7 @@ def _reconstruction_importance(model: onnx.ModelProto, analysis: Analysis, group
         if not free or not layers:
             continue
         if max(len(layer.gram) for _, layer in layers) > GREEDY_WIDTH:
-            costs = sum(_uncompensated_costs(layer) for _, layer in layers)
+            costs = np.sum([_uncompensated_costs(layer) for _, layer in layers], axis=0)
             group.removal_costs = np.concatenate([[0.0], np.cumsum(np.sort(costs))])
         else:
             costs = greedy_removal_costs([layer for _, layer in layers], len(free))  # cumulative along the greedy order

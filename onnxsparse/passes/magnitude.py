@@ -177,9 +177,9 @@ class MagnitudePrune(Pass):
         sizes = np.array([site.value.size for site, _ in chosen], dtype=np.float64)
         targets = np.array([target for _, target in chosen])
         curves = [_damage_curve(target, *drifts[site.name]) for site, target in chosen]
-        at_target = np.array([max(drift, 1e-9) for drift, _ in curves])
+        drift_at_target = np.array([max(drift, 1e-9) for drift, _ in curves])
         exponents = np.array([exponent for _, exponent in curves])
-        shares = allocate_sparsity(sizes, targets, at_target, exponents)
+        shares = allocate_sparsity(sizes, targets, drift_at_target, exponents)
         result.figures["sensitivity"] = {
             site.name: {"drift_at_target": round(drifts[site.name][0], 6), "drift_at_probe": round(drifts[site.name][1], 6),
                         "exponent": round(float(p), 2), "sparsity": round(float(share), 4)}

@@ -215,7 +215,8 @@ class Qdq(Pass):
             return cached
         assert context.calibration is not None  # the manager checked needs()
         total = self.calibration_samples
-        report = (lambda done: context.progress("qdq calibration", done, total)) if context.progress else None
+        progress = context.progress
+        report = (lambda done: progress("qdq calibration", done, total)) if progress is not None else None
         ranges = collect_ranges(model, context.calibration, plan.tensors, method=self.method, percentile=self.percentile,
                                 limit=self.calibration_samples, progress=report)
         result.figures["calibration"] = f"{self.method} over {context.calibration.describe()}"
