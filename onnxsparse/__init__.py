@@ -12,6 +12,7 @@ The public API::
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from .version import __version__ as __version__
@@ -26,6 +27,9 @@ _API = {
     "PassManager": "pipeline", "optimize": "pipeline",
     "RunReport": "report",
     "format_pipeline": "spec", "load_recipe": "spec", "parse_pipeline": "spec",
+    # reachable from the package before it became lazy, kept so: not part of __all__
+    "resolve_inputs": "calibration", "collect_feeds": "calibration", "InputSpec": "calibration", "Reference": "validation",
+    "registered_passes": "passes", "DEFAULT_SYNTHETIC_SAMPLES": "limits", "DEFAULT_MAX_INPUT_BYTES": "limits",
 }  # fmt: skip
 
 if TYPE_CHECKING:
@@ -44,6 +48,8 @@ def __getattr__(name: str) -> Any:
         value = importlib.import_module(".pipeline", __name__).validate_files
     elif name in _API:
         value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: onnxsparse.spec after `import onnxsparse`
+        value = importlib.import_module(f".{name}", __name__)
     else:
         raise AttributeError(f"module 'onnxsparse' has no attribute '{name}'")
     globals()[name] = value

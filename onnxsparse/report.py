@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .files import write_text_atomically  # noqa: F401 - it lived here: still reachable from report
 from .inspect_model import ModelSummary
 from .passes import Change, Skip
 from .validation import ValidationResult

@@ -51,7 +51,11 @@ def _observe_shapes(model: onnx.ModelProto, names: list[str], label: str) -> Non
     for batch in (1, 2):
         feeds = SyntheticInputs(model, samples=1, seed=0, dims=_batch_dims(model, batch))
         session = make_session(with_extra_outputs(model, names), f"{label} (shape probe)")
-        outputs = session.run(names, next(iter(feeds.feeds())))
+        try:
+            outputs = session.run(names, next(iter(feeds.feeds())))
+        except Exception as error:  # noqa: BLE001 - synthetic values a model does not accept (token ids past its table)
+            raise RequirementError(f"{label}: shapes onnx cannot infer could not be observed on synthetic inputs: "
+                                   f"{' '.join(str(error).split())[:200]}") from error
         observed.append([np.asarray(o) for o in outputs])
     by_name = {v.name: v for v in model.graph.value_info}
     for name, first, second in zip(names, observed[0], observed[1]):

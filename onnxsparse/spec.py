@@ -35,9 +35,25 @@ import tomllib
 
 from .errors import InputDataError, PipelineSpecError
 from .passes import Pass, pass_class
-from .passes.options import RawText, convert, format_pass, option_types, outside_quotes, unquote
+from .passes.options import (  # the option helpers lived here: still reachable from spec
+    RawText,
+    convert,
+    converted_options,
+    default_of,
+    format_pass,
+    format_value,
+    option_fields,
+    option_types,
+    outside_quotes,
+    type_text,
+    unquote,
+)
 from .text import did_you_mean
 from .validation import TOLERANCE_FIELDS, Tolerance, Tolerances
+
+__all__ = ["RawText", "Recipe", "build_pass", "convert", "converted_options", "default_of", "format_pass", "format_pipeline", "format_value",
+           "load_recipe", "option_fields", "option_types", "parse_pipeline", "parse_recipe", "parse_tolerance", "parse_tolerance_text",
+           "parse_tolerances", "type_text"]
 
 _POLICIES = ("rollback", "raise", "keep")
 

@@ -60,9 +60,23 @@ def _imported(tree: ast.AST, module: str, is_package: bool) -> list[tuple[int, s
             for alias in node.names:  # `from . import validate` imports a module, not a name
                 child = f"{target}.{alias.name}" if target else alias.name
                 found.append((node.lineno, child if child in LAYERS else target))
+        elif isinstance(node, ast.Call) and _dynamic_import(node) is not None:
+            name = _dynamic_import(node) or ""
+            found.append((node.lineno, name.removeprefix("onnxsparse").lstrip(".") if name.startswith("onnxsparse") else name.lstrip(".")))
         elif isinstance(node, ast.Import):
             found.extend((node.lineno, a.name.removeprefix("onnxsparse").lstrip(".")) for a in node.names if a.name.split(".")[0] == "onnxsparse")
     return found
+
+
+def _dynamic_import(call: ast.Call) -> str | None:
+    """The module an ``importlib.import_module("...")`` or ``__import__("...")`` call names, if literal
+    and ours ("onnxsparse.x", or ".x" relative to the package)."""
+    func = call.func
+    named = (isinstance(func, ast.Attribute) and func.attr == "import_module") or (isinstance(func, ast.Name) and func.id in ("__import__", "import_module"))
+    if not named or not call.args or not isinstance(call.args[0], ast.Constant) or not isinstance(call.args[0].value, str):
+        return None
+    name = call.args[0].value
+    return name if name.startswith(("onnxsparse", ".")) else None
 
 
 def test_every_module_has_a_layer():

@@ -281,15 +281,59 @@ def test_auto_choosing_dynamic_reports_the_dynamic_candidate_not_the_static_ones
     assert figures["nodes_quantized"] == len(step.changes) == sum(c.action == "dynamic int8" for c in step.changes)
 
 
-@pytest.mark.parametrize("name", ["digits_cnn", "digits_transformer"])
-def test_bias_correction_patched_into_one_built_model_equals_building_it_per_layer(monkeypatch, name):
-    """The shifts, and the bytes of the quantized model, are the same whether each layer's shift is
-    patched into one built int8 model or the model is built again per layer."""
-    model, inputs, calibration = bundled(name)
+# Convs with and without a bias, a depthwise and a grouped one, a bare 2-D MatMul (its shift is an Add node,
+# which onnxruntime fuses with it) and a MatMul with a bias Add: every way bias correction can land.
+BIAS_KINDS = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4, 6, 6] x) => (float[N, 5] y) <int64[2] shape = {0, 288}> {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    r1 = Relu (c1)
+    c2 = Conv <pads = [1, 1, 1, 1]> (r1, w2)
+    r2 = Relu (c2)
+    c3 = Conv <pads = [1, 1, 1, 1], group = 8> (r2, wd, bd)
+    r3 = Relu (c3)
+    c4 = Conv <pads = [1, 1, 1, 1], group = 2> (r3, wg)
+    f = Reshape (c4, shape)
+    m1 = MatMul (f, wm1)
+    r4 = Relu (m1)
+    m2 = MatMul (r4, wm2)
+    y = Add (m2, b3)
+}
+"""
+
+
+def _bias_kinds_model(rng: np.random.Generator) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(BIAS_KINDS)
+    shapes = {"w1": (8, 4, 3, 3), "w2": (8, 8, 3, 3), "wd": (8, 1, 3, 3), "wg": (8, 4, 3, 3), "wm1": (288, 12), "wm2": (12, 5)}
+    for name, shape in shapes.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32), name))
+    for name, size in (("b1", 8), ("bd", 8), ("b3", 5)):
+        model.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(size).astype(np.float32), name))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("correction", ["auto", "on"])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_bias_correction_patched_into_one_built_model_equals_building_it_per_layer(monkeypatch, rng, correction, per_channel):
+    """The bytes of the quantized model are the same whether each layer's shift is patched into one
+    built int8 model or the model is built again per layer; and patching does build fewer times."""
+    model = _bias_kinds_model(rng)
+    feeds = [{"x": rng.standard_normal((8, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
+    builds = {}
+    real_build = Qdq._build
     results = {}
     for patch in (True, False):
         monkeypatch.setattr("onnxsparse.passes.qdq.PATCH_BIASES", patch)
-        spec = "qdq{mode=static guard=false bias_correction=on}"
-        final, report = PassManager(parse_pipeline(spec), inputs=inputs, calibration=calibration, keep_worse=True).run(model)
-        results[patch] = (final.SerializeToString(), report.steps[0].figures["bias_corrected_layers"])
-    assert results[True][1] > 0 and results[True] == results[False]
+        count = builds.setdefault(patch, [0])
+
+        def counting(self, *args, count=count, **kwargs):
+            count[0] += 1
+            return real_build(self, *args, **kwargs)
+
+        monkeypatch.setattr(Qdq, "_build", counting)
+        result = Qdq(mode="static", guard=False, bias_correction=correction, per_channel=per_channel).run(
+            clone(model), PassContext(calibration=IterableInputs(feeds)))
+        results[patch] = (result.model.SerializeToString(), result.figures["bias_corrected_layers"])
+    assert results[True][1] == (4 if correction == "auto" else 6) and results[True] == results[False]
+    assert builds[True][0] < builds[False][0]

@@ -27,10 +27,11 @@ from onnxsparse.activations import collect_ranges
 from onnxsparse.calibration import IterableInputs, model_inputs
 from onnxsparse.graph import to_gs
 from onnxsparse.passes.base import PassResult
-from onnxsparse.passes.qdq import _typed, plan_static
+from onnxsparse.passes.qdq import plan_static
+from onnxsparse.shapes import shapes_where_known
 
 path, feeds, method = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-model = _typed(load(path))
+model = shapes_where_known(load(path))
 plan = plan_static(to_gs(model), (), set(), PassResult(model))
 inputs = model_inputs(model)
 rng = np.random.default_rng(0)

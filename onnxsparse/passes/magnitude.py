@@ -109,11 +109,19 @@ class MagnitudePrune(Pass):
         return frozenset({Requirement.CALIBRATION}) if data_driven else frozenset()
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
-        if Requirement.CALIBRATION in self.needs():
-            # With shapes, the activation caches know each tensor's size and serve several layers per
-            # run; without them (a torch export has no value_info) every layer's inputs were a run of
-            # their own over the whole calibration set.
-            model = shapes_where_known(model)
+        if Requirement.CALIBRATION not in self.needs():
+            return self._prune(model, context)
+        # With shapes, the activation caches know each tensor's size and serve several layers per run;
+        # without them (a torch export has no value_info) each layer's inputs were a run of their own
+        # over the calibration set. The shapes serve the analysis only: pruning changes no shape, and
+        # the file keeps the value_info it came with (an observed dim is not written as fixed).
+        kept = list(model.graph.value_info)
+        result = self._prune(shapes_where_known(model), context)
+        del result.model.graph.value_info[:]
+        result.model.graph.value_info.extend(kept)
+        return result
+
+    def _prune(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = to_gs(model)
         result = PassResult(model)
         sites, rejected = find_weights(graph, WEIGHT_OPS + RNN_OPS, overridable_initializers(model))
