@@ -138,21 +138,27 @@ class PassManager:
             _refuse_overlap(self.inputs, feeds, self.calibration, model, data.fitting)  # type: ignore[arg-type]
         report.inputs = _describe_feeds(data.validation, feeds, limit)
         report.calibration = data.calibration.describe() if data.calibration is not None and data.fitting else ""
+        phase = time.perf_counter()
         reference = Reference.of(model, feeds, f"{label} (original)", self._progress("reference"))
+        log.info("reference: the original's outputs on %s in %.1f s", report.inputs, time.perf_counter() - phase)
         chain = _Chain(model, reference.outputs, footprint(model))
         judge = _CalibrationJudge(model, data.calibration, self.temperature)
         for index, pass_ in enumerate(self.passes):
             self._report_progress("passes", index, len(self.passes))
             step, result_model, outputs = self._run_step(pass_, chain, reference, data, judge, label)
             step.judged_on = report.inputs if step.validation is not None else ""  # a step that changed nothing was not judged
+            log.info("step %d/%d %s: %s (%s)", index + 1, len(self.passes), pass_.name, step.status,
+                     ", ".join(f"{phase_name} {seconds:.1f} s" for phase_name, seconds in step.seconds.items()))
             if step.status in KEPT and result_model is not None:
                 chain.commit(result_model, outputs, pass_)
                 report.standard = report.standard and step.standard
         self._report_progress("passes", len(self.passes), len(self.passes))
         final = _finalize_versions(clone(chain.model), model)
+        phase = time.perf_counter()
         report.final_validation = reference.validate(
             final, lambda output: self.tolerances.for_output(output, chain.last_pass, chain.budget), f"{label} (final)", temperature=self.temperature
         )
+        log.info("final validation: %s in %.1f s", "passed" if report.final_validation.passed else "FAILED", time.perf_counter() - phase)
         report.output = summarize(final, with_tensors=True)
         report.warnings.extend(dict.fromkeys(w for step in report.steps for w in step.warnings))
         report.warnings.extend(report.final_validation.verdict.notes)
@@ -506,7 +512,9 @@ def optimize(
     written_paths = [p for p in (output_path, report_path, markdown_path) if p is not None]
     read_paths = [recipe, *_paths_in(inputs), *_paths_in(calibration)]
     _check_output_paths(written_paths, read_paths, model=Path(input_path), overwrite_model=overwrite_input and output_path is not None)
+    phase = time.perf_counter()
     model, info = load_with_info(input_path, max_input_bytes=max_input_bytes)
+    log.info("loaded %s (%d bytes, %d nodes) and checked it in %.1f s", input_path, info.file_bytes, len(model.graph.node), time.perf_counter() - phase)
     model_folder = Path(input_path).resolve().parent
     protected = [*(model_folder / name for name in info.external_data_files), *(p for p in read_paths if p is not None)]
     _check_output_paths(written_paths, protected)
@@ -533,7 +541,9 @@ def optimize(
         except (PassFailed, ValidationFailed):
             outputs.publish(None, manager.report)  # the reports say why; there is no model to write
             raise
+        phase = time.perf_counter()
         outputs.publish(final, report)
+        log.info("wrote %s in %.1f s (staged, verified, renamed)", ", ".join(str(p) for p in written_paths) or "nothing", time.perf_counter() - phase)
     return report
 
 

@@ -210,3 +210,14 @@ def test_the_version_and_the_package_answer_without_importing_onnx():
     import onnxsparse
 
     assert onnxsparse.validate.__name__ == "validate_files" and onnxsparse.Tolerance.__name__ == "Tolerance"
+
+
+def test_v_logs_a_line_per_phase_of_a_run(tmp_path):
+    """Outside a terminal there are no progress bars: -v says what the run is doing, phase by phase."""
+    done = subprocess.run([sys.executable, "-m", "onnxsparse", "-v", "optimize", str(MODELS / "digits_cnn.onnx"), "-o", str(tmp_path / "o.onnx"),
+                           "-p", "cleanup,fold-batchnorm", "--inputs", str(MODELS / "digits_cnn.inputs.npz")],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    phases = [line.split(": ", 1)[1].split(" ")[0].rstrip(":") for line in done.stderr.splitlines() if line.startswith("INFO onnxsparse.pipeline: ")]
+    assert phases[0] == "loaded" and phases[1] == "reference" and phases[-2:] == ["final", "wrote"]
+    assert "step 1/2 cleanup: no-change" in done.stderr and "step 2/2 fold-batchnorm: committed (run" in done.stderr
