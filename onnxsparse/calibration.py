@@ -502,15 +502,29 @@ def sample_digests(source: InputSource, names: Sequence[str], batched: bool, *, 
     return digests, sizes
 
 
+# A dynamic axis 0 named like time is a sequence, not a pile of samples: cutting it would cut a sentence
+# or a clip into pieces.
+TIME_DIM_NAME = re.compile(r"(?i)(seq|time|len|frame|step|token|sample_rate|^t$)")
+
+
 def sample_axis(model: onnx.ModelProto) -> bool:
     """Whether axis 0 of the model's inputs counts samples: every input of rank 1 or more has a
-    dynamic axis 0, unnamed (skl2onnx writes none) or named one batch-like name (BATCH_DIM_NAME).
-    A scalar input (a sample rate, a scale) is no obstacle; a named axis such as 'seq' is never cut."""
-    firsts = [i.shape[0] for i in model_inputs(model) if i.shape]
+    dynamic axis 0, all with one name or none, and that axis is the batch: unnamed (skl2onnx writes
+    none), or named by any exporter's convention ('batch', 'N', tf2onnx's 'unk__3', paddle2onnx's
+    'p2o.DynamicDimension.0') unless the name says time ('seq_len') or another axis is named as the
+    batch (a time-major [seq, batch, features] input). A scalar input (a sample rate) is no obstacle."""
+    shapes = [i.shape for i in model_inputs(model) if i.shape]
+    firsts = [shape[0] for shape in shapes]
     if not firsts or any(isinstance(d, int) and d > 0 for d in firsts):
         return False
     names = {d for d in firsts if isinstance(d, str) and d}
-    return not names or (len(names) == 1 and bool(BATCH_DIM_NAME.match(names.pop())))
+    if len(names) > 1:
+        return False
+    name = names.pop() if names else ""
+    if BATCH_DIM_NAME.match(name) or not name:
+        return True
+    batch_elsewhere = any(isinstance(d, str) and BATCH_DIM_NAME.match(d) for shape in shapes for d in shape[1:])
+    return not TIME_DIM_NAME.search(name) and not batch_elsewhere
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -89,6 +89,7 @@ class DataPlan:
     calibration: InputSource | None  # what the passes receive; None when none was given
     fitting: tuple[str, ...]  # the passes that fit on calibration data
     held_out: bool = False  # validation is a share of the calibration data (already capped in samples)
+    note: str = ""  # what the report must say about this choice
 
 
 @dataclass
@@ -138,6 +139,8 @@ class PassManager:
             _refuse_overlap(self.inputs, feeds, self.calibration, model, data.fitting)  # type: ignore[arg-type]
         report.inputs = _describe_feeds(data.validation, feeds, limit)
         report.calibration = data.calibration.describe() if data.calibration is not None and data.fitting else ""
+        if data.note:
+            report.warnings.append(data.note)
         phase = time.perf_counter()
         reference = Reference.of(model, feeds, f"{label} (original)", self._progress("reference"))
         log.info("reference: the original's outputs on %s in %.1f s", report.inputs, time.perf_counter() - phase)
@@ -184,6 +187,11 @@ class PassManager:
         if not fitting:  # real data beats synthetic, and nothing fits on it
             return DataPlan(self.calibration, self.calibration, fitting)
         _, sizes = sample_digests(self.calibration, _input_names(model), _batched(model), hashed=False)
+        if sum(sizes) < 2:  # nothing to hold out: judge on synthetic inputs rather than on what the passes fit
+            validation = self.fallback_inputs or resolve_inputs(None, model)
+            return DataPlan(validation, self.calibration, fitting, note=(
+                f"{self.calibration.describe()} holds {sum(sizes)} sample: none could be held out of the fit to validate on, so the "
+                f"steps were judged on {validation.describe()}; give validation inputs of your own (--inputs)"))
         split = held_out_split(self.calibration, sizes, self.held_out_seed)
         log.info("validating on %s; the passes fit on %s", split.held_out.describe(), split.fit.describe())
         return DataPlan(split.held_out, split.fit, fitting, held_out=True)
@@ -524,8 +532,8 @@ def optimize(
         passes,
         inputs=None if inputs is None else resolve_inputs(inputs, model, max_input_bytes=max_input_bytes),
         calibration=None if calibration is None else resolve_inputs(calibration, model, max_input_bytes=max_input_bytes),
-        fallback_inputs=None if inputs is not None or calibration is not None else resolve_inputs(
-            None, model, samples=samples, seed=seed, dims=dims, int_range=int_range, max_input_bytes=max_input_bytes),
+        fallback_inputs=_synthetic_inputs(model, inputs, calibration, samples=samples, seed=seed, dims=dims, int_range=int_range,
+                                          max_input_bytes=max_input_bytes),
         held_out_seed=seed,
         keep_worse=keep_worse,
         tolerances=tolerances.checked([o.name for o in model.graph.output], [p.name for p in passes]),
@@ -573,6 +581,20 @@ def validate_files(
     chosen = (tolerances or Tolerances(default=tolerance)).checked([o.name for o in original.graph.output])
     outputs = Reference.of(original, feeds, str(reference))
     return outputs.validate(other, lambda name: chosen.for_output(name, None, EXACT), str(candidate), temperature=temperature)
+
+
+def _synthetic_inputs(model: onnx.ModelProto, inputs: InputSpec, calibration: InputSpec, **settings: Any) -> InputSource | None:
+    """The seeded synthetic inputs validation falls back on without real ones: None when the user gave
+    validation inputs; not an error, when calibration data was given, if the model's declared inputs
+    are too large to synthesise (the calibration data will serve)."""
+    if inputs is not None:
+        return None
+    try:
+        return resolve_inputs(None, model, **settings)
+    except InputDataError:
+        if calibration is None:
+            raise
+        return None
 
 
 def _paths_in(spec: InputSpec) -> list[Path]:

@@ -498,3 +498,30 @@ def test_the_catalogue_lists_a_plugin_pass_whose_option_has_no_default(capsys):
             return PassResult(model)
 
     assert main(["passes"]) == 0 and "test-needs-a-target: Test pass" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dims, counts", [
+    ((["batch", 3], ["batch"]), True),
+    (([None, 64],), True),  # skl2onnx: unnamed
+    ((["p2o.DynamicDimension.0", 3, "?", "w"],), True),  # paddle2onnx
+    ((["unk__12", 16], []), True),  # tf2onnx, with a scalar input beside it
+    ((["seq_len", "batch", 8],), False),  # time-major: the batch is axis 1
+    ((["seq", 8],), False),  # one sequence: its steps are not samples
+    ((["batch", 3], ["other", 3]), False),  # two names on axis 0
+    (([1, 3, 224, 224],), False),  # a fixed batch of one: each feed is one sample
+])
+def test_which_axis_0_counts_samples(dims, counts):
+    from onnxsparse.calibration import sample_axis
+
+    h = onnx.helper
+    inputs = [h.make_tensor_value_info(f"x{i}", onnx.TensorProto.FLOAT, list(shape)) for i, shape in enumerate(dims)]
+    graph = h.make_graph([h.make_node("ReduceSum", ["x0"], ["y"], keepdims=0)], "g", inputs, [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    assert sample_axis(h.make_model(graph)) is counts
+
+
+def test_a_calibration_file_of_one_sample_validates_on_synthetic_inputs_and_says_why():
+    model = load(MODELS / "digits_cnn.onnx")
+    one = IterableInputs([{"input": _digits("calibration")[:1]}])
+    _, report = PassManager(parse_pipeline("qdq{mode=static guard=false}"), calibration=one, keep_worse=True).run(model)
+    assert report.inputs.startswith("16 synthetic sample(s)")
+    assert any("holds 1 sample: none could be held out" in w for w in report.warnings)
