@@ -462,10 +462,6 @@ class SelectedSamples:
     def feeds(self) -> Iterator[Feed]:
         yield from select_samples(self.source.feeds(), self.sizes, np.asarray(self.indices, dtype=np.int64))
 
-    @property
-    def total(self) -> int:
-        return len(self.indices)
-
     def describe(self) -> str:
         return self.label
 
@@ -473,7 +469,6 @@ class SelectedSamples:
 # ---------------------------------------------------------------------------------------------
 # held out by construction: content hashes and the calibration split
 # ---------------------------------------------------------------------------------------------
-
 
 
 def sample_digests(source: InputSource, names: Sequence[str], batched: bool, *, hashed: bool = True) -> tuple[list[bytes], list[int]]:

@@ -186,7 +186,7 @@ class PassManager:
             return DataPlan(self.inputs, self.calibration, fitting)
         if not fitting:  # real data beats synthetic, and nothing fits on it
             return DataPlan(self.calibration, self.calibration, fitting)
-        _, sizes = sample_digests(self.calibration, _input_names(model), _batched(model), hashed=False)
+        _, sizes = sample_digests(self.calibration, _input_names(model), sample_axis(model), hashed=False)
         if sum(sizes) < 2:  # nothing to hold out: judge on synthetic inputs rather than on what the passes fit
             validation = self.fallback_inputs or resolve_inputs(None, model)
             return DataPlan(validation, self.calibration, fitting, note=(
@@ -273,7 +273,7 @@ class PassManager:
         step.figures["latency_vs_input"] = round(ratio, 3)
         why = ""
         if grew and ratio > 1.0 - SPEED_NOISE:
-            why = (f"{after.bytes / max(before.bytes, 1):.2f}x the bytes of its input ({_grown_parameters(before, after)}) and not faster "
+            why = (f"{after.bytes / max(before.bytes, 1):.2f}x the bytes of its input (parameters {before.elements:,} -> {after.elements:,}) and not faster "
                    f"({ratio:.2f}x its time in onnxruntime, one thread)")
         elif ratio > 1.0 + SLOWER_MARGIN:
             why = f"{ratio:.2f}x its input's time in onnxruntime (one thread)"
@@ -376,10 +376,6 @@ def _confirmed_latency_ratio(before: onnx.ModelProto, after: onnx.ModelProto, fe
     return ratio
 
 
-def _grown_parameters(before: Footprint, after: Footprint) -> str:
-    return f"parameters {before.elements:,} -> {after.elements:,}"
-
-
 def _why_nothing_changed(result: PassResult) -> str:
     """The pass's own reasons for leaving things alone, grouped by reason, else its warnings."""
     by_reason: dict[str, list[str]] = {}
@@ -403,22 +399,17 @@ FEW_VALIDATION_SAMPLES = 8
 
 def _count_samples(feeds: list[Feed], model: onnx.ModelProto) -> int:
     """Samples in the validation feeds, counted as the held-out split counts them."""
-    return sum(sample_digests(IterableInputs(feeds), _input_names(model), _batched(model), hashed=False)[1])
+    return sum(sample_digests(IterableInputs(feeds), _input_names(model), sample_axis(model), hashed=False)[1])
 
 
 def _input_names(model: onnx.ModelProto) -> list[str]:
     return [i.name for i in model_inputs(model)]
 
 
-def _batched(model: onnx.ModelProto) -> bool:
-    """Whether the model's inputs have an axis of samples, along which a feed holds several."""
-    return sample_axis(model)
-
-
 def _refuse_overlap(inputs: InputSource, feeds: list[Feed], calibration: InputSource, model: onnx.ModelProto, fitting: tuple[str, ...]) -> None:
     """Validation samples that are also calibration samples would judge a fitted pass on what it
     fitted (a refit that memorised 32 views validated at top-1 0.875 and scored 0.062 on others)."""
-    names, batched = _input_names(model), _batched(model)
+    names, batched = _input_names(model), sample_axis(model)
     validation, _ = sample_digests(IterableInputs(feeds), names, batched)
     known = set(sample_digests(calibration, names, batched)[0])
     shared = sum(digest in known for digest in validation)

@@ -215,5 +215,9 @@ def quantize_bias(bias: np.ndarray, input_scale: np.float32, weight_scale: np.nd
     """int32 bias with scale = input scale x weight scale (what int8 kernels add to the accumulator)."""
     scale = (np.float32(input_scale) * weight_scale.astype(np.float32)).astype(np.float32)
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
-    values = np.clip(np.round(bias.astype(np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)
-    return values, scale
+    return bias_in_scale(bias, scale), scale
+
+
+def bias_in_scale(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``bias`` as int32 in units of ``scale``: rounded in float64, clipped to the int32 range."""
+    return np.clip(np.round(bias.astype(np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)

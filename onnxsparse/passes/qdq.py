@@ -26,6 +26,7 @@ from ..quantization import (
     ActivationParams,
     WeightScheme,
     activation_params,
+    bias_in_scale,
     int8_kernels_saturate,
     quantize_bias,
     quantize_weight,
@@ -431,10 +432,9 @@ class BiasSite:
         """Put ``bias + shift`` into ``model`` exactly as a build with that shift would: the sum taken
         in float64 and stored as float32 (add_output_shift), then quantized with the same scale."""
         shifted = (self.bias.astype(np.float64) + shift).astype(np.float32)
-        if self.scale is not None:
-            shifted = np.clip(np.round(shifted.astype(np.float64) / self.scale), -(2**31), 2**31 - 1).astype(np.int32)
+        stored = bias_in_scale(shifted, self.scale) if self.scale is not None else shifted
         tensor = next(t for t in model.graph.initializer if t.name == self.initializer)
-        tensor.CopyFrom(onnx.numpy_helper.from_array(shifted, self.initializer))
+        tensor.CopyFrom(onnx.numpy_helper.from_array(stored, self.initializer))
 
 
 def _patchable(layer: gs.Node) -> bool:
