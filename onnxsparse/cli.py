@@ -368,9 +368,11 @@ def render_validation(result: ValidationResult) -> str:
 def run_inspect(args: argparse.Namespace) -> int:
     from .inspect_model import summarize
     from .io import load_with_info
+    from .weightstore import WeightStore
 
-    model, info = load_with_info(args.model, max_input_bytes=_max_input_bytes(args))
-    summary = summarize(model, info)
+    with WeightStore() as weights:  # external data is read memory-mapped, never into the message
+        model, info = load_with_info(args.model, max_input_bytes=_max_input_bytes(args), weights=weights)
+        summary = summarize(model, info)
     if args.json:
         import dataclasses
 
@@ -443,12 +445,14 @@ def run_passes(args: argparse.Namespace) -> int:
 
 def run_densify(args: argparse.Namespace) -> int:
     from .io import load_with_info, save
+    from .weightstore import WeightStore
 
-    model, info = load_with_info(args.model, max_input_bytes=_max_input_bytes(args))
-    folder = os.path.dirname(os.path.abspath(args.model))
-    protect = (args.model, *(os.path.join(folder, name) for name in info.external_data_files))
-    external = args.external_data if args.external_data is not None else (bool(info.external_data_files) or None)
-    written = save(model, args.output, protect=protect, external_data=external)
+    with WeightStore(os.path.dirname(os.path.abspath(args.output))) as weights:
+        model, info = load_with_info(args.model, max_input_bytes=_max_input_bytes(args), weights=weights)
+        folder = os.path.dirname(os.path.abspath(args.model))
+        protect = (args.model, *(os.path.join(folder, name) for name in info.external_data_files))
+        external = args.external_data if args.external_data is not None else (bool(info.external_data_files) or None)
+        written = save(model, args.output, protect=protect, external_data=external)
     data = written.with_name(f"{written.name}.data")
     size = written.stat().st_size + (data.stat().st_size if external and data.is_file() else 0)
     print(f"{written}: {len(info.densified)} sparse tensor(s) densified, {_human_bytes(info.file_bytes)} -> {_human_bytes(size)}")

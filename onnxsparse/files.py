@@ -41,6 +41,7 @@ from .errors import OutputPathError
 log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".onnxsparse-staging-"
+WEIGHTS_PREFIX = ".onnxsparse-weights-"  # a run's weight store (weightstore.py): removed like staging
 LOCK_PREFIX = ".onnxsparse-lock-"
 
 
@@ -60,14 +61,14 @@ def remove_stale_staging(folder: Path) -> list[Path]:
     """Remove the staging folders in ``folder`` whose process has ended, and lock files no run
     holds (a killed run leaves both); return what was removed."""
     removed = []
-    for entry in sorted(folder.glob(f"{STAGING_PREFIX}*")):
+    for entry in sorted([*folder.glob(f"{STAGING_PREFIX}*"), *folder.glob(f"{WEIGHTS_PREFIX}*")]):
         pid = _owner_pid(entry.name)
         if pid is None or not entry.is_dir() or _process_alive(pid):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         if not entry.exists():
             removed.append(entry)
-            log.warning("removed %s: staging left by process %d, which ended before it finished writing", entry, pid)
+            log.warning("removed %s: left by process %d, which ended before it finished", entry, pid)
     for entry in sorted(folder.glob(f"{LOCK_PREFIX}*")):
         if _remove_if_unheld(entry):
             removed.append(entry)
@@ -78,7 +79,7 @@ def remove_stale_staging(folder: Path) -> list[Path]:
 def _owner_pid(name: str) -> int | None:
     """The pid of the run that staged ``name`` on this machine; None for another machine's (a folder
     shared over NFS or between containers: its pid means nothing here, and its run may be writing)."""
-    owner = name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+    owner = name.removeprefix(STAGING_PREFIX).removeprefix(WEIGHTS_PREFIX).split("-", 1)[0]
     pid_text, _, host = owner.partition("@")
     if host and host != _host_tag():
         return None
@@ -90,9 +91,9 @@ def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 
 
-def staging_prefix() -> str:
-    """What this run's staging folders are named with: the pid and the machine that own them."""
-    return f"{STAGING_PREFIX}{os.getpid()}@{_host_tag()}-"
+def staging_prefix(kind: str = STAGING_PREFIX) -> str:
+    """What this run's staging folders (or weight stores) are named with: the pid and the machine that own them."""
+    return f"{kind}{os.getpid()}@{_host_tag()}-"
 
 
 def _process_alive(pid: int) -> bool:

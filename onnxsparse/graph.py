@@ -16,70 +16,21 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
+from onnx import external_data_helper, numpy_helper
+
+from .walk import iter_model_graphs, subgraphs_of
+from .weightstore import SPILL_MIN_BYTES, WeightStore, read_external, store_of
 
 # graphsurgeon prints its warnings to stdout, which would corrupt `--json` output; passes report
 # what matters through their results instead.
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
-_SUBGRAPH_ATTRIBUTE_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-
-
-def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    """The graphs held by a node's attributes (If branches, Loop/Scan bodies)."""
-    for attribute in node.attribute:
-        if attribute.type == onnx.AttributeProto.GRAPH:
-            yield attribute.g
-        elif attribute.type == onnx.AttributeProto.GRAPHS:
-            yield from attribute.graphs
-
-
-def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """``graph`` and every graph nested in it, outermost first."""
-    yield graph
-    for node in graph.node:
-        for subgraph in subgraphs_of(node):
-            yield from iter_graphs(subgraph)
-
-
-def iter_model_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
-    """Every graph of a model: the main graph, its subgraphs, and the bodies of local functions."""
-    yield from iter_graphs(model.graph)
-    for function in model.functions:
-        for node in function.node:
-            for subgraph in subgraphs_of(node):
-                yield from iter_graphs(subgraph)
-
-
-def iter_attribute_tensors(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, onnx.TensorProto]]:
-    """Tensors held in node attributes of this graph only (Constant ``value``, ConstantOfShape...)."""
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.TENSOR:
-                yield node, attribute.t
-            elif attribute.type == onnx.AttributeProto.TENSORS:
-                for tensor in attribute.tensors:
-                    yield node, tensor
-
-
-def iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto that can carry data: initializers, attribute tensors, sparse parts."""
-    for graph in iter_model_graphs(model):
-        yield from graph.initializer
-        for _, tensor in iter_attribute_tensors(graph):
-            yield tensor
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-    for function in model.functions:
-        for node in function.node:
-            for attribute in node.attribute:
-                if attribute.type == onnx.AttributeProto.TENSOR:
-                    yield attribute.t
-
 
 def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """A read-only numpy view of a tensor, so that a pass writing into shared weights fails loudly."""
+    """A read-only numpy view of a tensor, so that a pass writing into shared weights fails loudly
+    (memory-mapped when a weight store holds it: see weightstore.py)."""
+    if external_data_helper.uses_external_data(tensor):
+        return read_external(tensor)
     array = numpy_helper.to_array(tensor)
     array.flags.writeable = False
     return array
@@ -169,8 +120,61 @@ class ModelEnvelope:
 
 
 def to_gs(model: onnx.ModelProto) -> gs.Graph:
-    """Import into onnx-graphsurgeon. Constant values load as read-only arrays on first use."""
-    return gs.import_onnx(model)
+    """Import into onnx-graphsurgeon. Constant values load as read-only arrays on first use; those
+    a weight store holds are memory-mapped, and go back out by reference unless a pass replaced them."""
+    graph = gs.import_onnx(model)
+    if store_of(model) is not None:
+        for constant in _constants(graph):
+            lazy = constant._values
+            if isinstance(lazy, gs.ir.tensor.LazyValues) and external_data_helper.uses_external_data(lazy.tensor):
+                constant._values = MappedValues(lazy.tensor)
+    return graph
+
+
+class MappedValues(gs.ir.tensor.LazyValues):  # type: ignore[misc]
+    """graphsurgeon's lazy values of a store-held tensor: loaded as a read-only memory map (its own
+    loader would look for the file in the working directory). The map carries the TensorProto it
+    came from, so that :func:`from_gs` exports an untouched weight by reference instead of copying
+    it (a view or a result computed from the map is a new array, without that attribute)."""
+
+    def load(self) -> np.ndarray:
+        array = read_external(self.tensor).view(StoredArray)
+        array.stored_as = self.tensor
+        return array
+
+
+class StoredArray(np.ndarray):
+    """A read-only array of a store-held tensor, marked with the TensorProto it was read from (views
+    and results computed from it are StoredArrays without the mark)."""
+
+    stored_as: onnx.TensorProto | None = None
+
+
+def _constants(graph: gs.Graph) -> Iterator[gs.Constant]:
+    """Every constant of ``graph`` and its subgraphs, once each."""
+    seen: set[int] = set()
+    for scope in [graph, *graph.subgraphs(recursive=True)]:
+        for tensor in scope.tensors(check_duplicates=False).values():
+            if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield tensor
+
+
+def _store_new_constants(graph: gs.Graph, store: WeightStore) -> None:
+    """Before export, for a model whose weights a store holds: an untouched memory-mapped weight goes
+    back to its lazy reference, and a big new array into the store, so export never copies weights
+    into the message (which could pass 2 GB) and the pass's arrays can be freed."""
+    for constant in _constants(graph):
+        values = constant._values
+        if not isinstance(values, np.ndarray):
+            continue
+        stored_as = getattr(values, "stored_as", None)
+        if isinstance(stored_as, onnx.TensorProto):
+            constant._values = MappedValues(stored_as)
+        elif values.nbytes >= SPILL_MIN_BYTES and constant.export_dtype == constant.dtype:
+            stored = store.put(values, constant.name)
+            if stored is not None:
+                constant._values = MappedValues(stored)
 
 
 def name_unnamed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -196,7 +200,11 @@ def overridable_initializers(model: onnx.ModelProto) -> set[str]:
 
 
 def from_gs(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    """Export from onnx-graphsurgeon, keeping ``like``'s IR version, opsets and metadata."""
+    """Export from onnx-graphsurgeon, keeping ``like``'s IR version, opsets and metadata (and its
+    weight store: big constants go there, not into the message)."""
+    store = store_of(like)
+    if store is not None:
+        _store_new_constants(graph, store)
     model = gs.export_onnx(graph, do_type_check=False)
     ModelEnvelope.of(like).apply(model)
     _restore_overridable_inputs(model, like)

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .errors import OnnxsparseError
-from .graph import iter_all_tensors, iter_attribute_tensors, iter_model_graphs, op_histogram, outer_scope_reads, subgraphs_of
+from .graph import op_histogram, outer_scope_reads, tensor_array
 from .io import LoadInfo, sparse_to_dense
 from .shapes import infer_shapes  # shapes observed in onnxruntime where onnx cannot infer them
+from .walk import iter_all_tensors, iter_attribute_tensors, iter_model_graphs, subgraphs_of
 
 
 @dataclass
@@ -79,7 +79,7 @@ def tensor_infos(model: onnx.ModelProto) -> list[TensorInfo]:
 
 
 def _info(tensor: onnx.TensorProto, name: str, location: str, consumers: list[str]) -> TensorInfo:
-    array = numpy_helper.to_array(tensor)
+    array = tensor_array(tensor)  # memory-mapped when a weight store holds it
     zeros = int(array.size - np.count_nonzero(array)) if array.dtype != object else 0
     return TensorInfo(
         name=name,

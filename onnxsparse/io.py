@@ -28,8 +28,9 @@ from onnx import external_data_helper, numpy_helper
 
 from .errors import ExternalDataError, ModelLoadError, OutputPathError
 from .files import OutputLock, Staging, describe_os_error
-from .graph import iter_all_tensors, iter_model_graphs
 from .limits import DEFAULT_MAX_INPUT_BYTES, array_bytes, elements_of, format_bytes
+from .walk import iter_all_tensors, iter_model_graphs
+from .weightstore import PACKED_BITS, WeightStore, data_bytes, inlined, store_of, write_model_with_data
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,10 @@ def load(
     base_dir: str | os.PathLike[str] | None = None,
     check: bool = True,
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+    weights: WeightStore | None = None,
 ) -> onnx.ModelProto:
     """Load a model from a path or bytes; see :func:`load_with_info`."""
-    return load_with_info(source, base_dir=base_dir, check=check, max_input_bytes=max_input_bytes)[0]
+    return load_with_info(source, base_dir=base_dir, check=check, max_input_bytes=max_input_bytes, weights=weights)[0]
 
 
 def load_with_info(
@@ -66,11 +68,14 @@ def load_with_info(
     check: bool = True,
     densify: bool = True,
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+    weights: WeightStore | None = None,
 ) -> tuple[onnx.ModelProto, LoadInfo]:
     """Load a model and say what was done on the way in.
 
     ``base_dir`` is where external data lives for a model given as bytes (for a path, its folder).
     ``max_input_bytes``: the most its sparse tensors may take once densified (see limits.py).
+    ``weights``: a store that takes the model's external data in instead of the message reading it
+    (the model then needs the store open for as long as it is used; see weightstore.py).
     Everything the file declares is checked against what it holds before any of it is unpacked.
     """
     if isinstance(source, (bytes, bytearray)):
@@ -82,7 +87,7 @@ def load_with_info(
         folder = Path(base_dir) if base_dir is not None else path.resolve().parent
     model = _parse(data, label)
     info = LoadInfo(source=label, file_bytes=len(data))
-    info.external_data_files = _load_external_data(model, folder, label)
+    info.external_data_files = _load_external_data(model, folder, label, weights)
     _check_tensor_data(model, label)
     _check_densified_size(model, label, max_input_bytes)
     if folder is not None:  # what the model costs on disk includes its external data
@@ -178,12 +183,6 @@ def _undecodable(text: str | bytes) -> bytes | None:
 # declared sizes against the data held
 # ---------------------------------------------------------------------------------------------
 
-# Element types stored packed, with their bits per element (raw_data holds ceil(n * bits / 8) bytes).
-_PACKED_BITS = {
-    getattr(onnx.TensorProto, name): bits
-    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2), ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6))
-    if hasattr(onnx.TensorProto, name)
-}
 _COMPLEX = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
 
 
@@ -227,7 +226,7 @@ def _data_problem(tensor: onnx.TensorProto) -> str | None:
     elements = elements_of(dims)
     type_name = onnx.TensorProto.DataType.Name(tensor.data_type)
     if tensor.HasField("raw_data"):
-        bits = _PACKED_BITS.get(tensor.data_type) or 8 * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        bits = PACKED_BITS.get(tensor.data_type) or 8 * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
         expected, held, unit = -(-elements * bits // 8), len(tensor.raw_data), "bytes of raw_data"
     else:
         field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
@@ -241,7 +240,7 @@ def _typed_values_expected(data_type: int, elements: int) -> int:
     """How many entries of its typed field (float_data, int32_data...) a tensor of ``elements`` holds."""
     if data_type in _COMPLEX:
         return 2 * elements  # real and imaginary parts side by side
-    bits = _PACKED_BITS.get(data_type)
+    bits = PACKED_BITS.get(data_type)
     if bits is not None and bits != 6:  # 4- and 2-bit values are packed into bytes; 6-bit ones are not
         return -(-elements * bits // 8)
     return elements
@@ -294,7 +293,11 @@ def check_model(model: onnx.ModelProto, label: str, *, standard: bool = True) ->
 
 def _run_checker(model: onnx.ModelProto, label: str, *, full: bool) -> None:
     try:
-        if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD_BYTES:
+        store = store_of(model)
+        if store is not None:  # by path: the checker reads the store's files beside the model
+            with store.model_file(model) as path:
+                onnx.checker.check_model(str(path), full_check=full)
+        elif model.ByteSize() >= EXTERNAL_DATA_THRESHOLD_BYTES:
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / "model.onnx"
                 _write_model(model, path, external=True)
@@ -316,8 +319,9 @@ def _one_line(error: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_external_data(model: onnx.ModelProto, folder: Path | None, label: str) -> list[str]:
-    """Validate every external reference before reading any of it, then read it in."""
+def _load_external_data(model: onnx.ModelProto, folder: Path | None, label: str, weights: WeightStore | None) -> list[str]:
+    """Validate every external reference before reading any of it, then read it in (or hand it to
+    ``weights``, which keeps it out of the message)."""
     external = [t for t in iter_all_tensors(model) if external_data_helper.uses_external_data(t)]
     if not external:
         return []
@@ -327,6 +331,9 @@ def _load_external_data(model: onnx.ModelProto, folder: Path | None, label: str)
     files: set[str] = set()
     for tensor in external:
         files.add(_validated_location(tensor, root, label))
+    if weights is not None:
+        weights.adopt(model, root)
+        return sorted(files)
     for tensor in external:
         external_data_helper.load_external_data_for_tensor(tensor, str(root))
         tensor.data_location = onnx.TensorProto.DEFAULT
@@ -480,7 +487,7 @@ def stage_model(
 ) -> int:
     """Write ``model`` (and its external data) into ``staging`` for ``target``, verified; return
     its size on disk. Nothing reaches ``target`` until the caller commits the staging."""
-    external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD_BYTES if external_data is None else external_data
+    external = data_size(model) >= EXTERNAL_DATA_THRESHOLD_BYTES if external_data is None else external_data
     staged = staging.path_for(target)
     data_target = target.with_name(external_data_name(target))
     if external:
@@ -506,21 +513,21 @@ def external_data_name(target: Path) -> str:
     return f"{target.name}.data"
 
 
+def data_size(model: onnx.ModelProto) -> int:
+    """The bytes of the model's message plus those of its store-held tensors: what one file would take."""
+    size = model.ByteSize()
+    if store_of(model) is not None:
+        size += sum(data_bytes(t) for t in iter_all_tensors(model) if external_data_helper.uses_external_data(t))
+    return size
+
+
 def _write_model(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
-    if not external:
+    if external:  # tensors of 1 KiB or more into the data file (onnx's default threshold)
+        write_model_with_data(model, path, external_data_name(path), min_bytes=1024)
+    elif store_of(model) is not None:
+        path.write_bytes(inlined(model).SerializeToString())
+    else:
         path.write_bytes(model.SerializeToString())
-        return
-    # onnx.save rewrites the tensors it moves out: never let it touch the caller's model.
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    onnx.save_model(
-        copy,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=external_data_name(path),
-        size_threshold=1024,  # onnx's default: small tensors stay in the model
-    )
 
 
 def _verify_written(path: Path, *, standard: bool) -> None:

@@ -75,3 +75,9 @@ def elements_of(dims: Iterable[int]) -> int:
 def array_bytes(dims: Iterable[int], dtype: np.dtype | type) -> int:
     """Bytes an array of this shape and dtype takes once allocated."""
     return elements_of(dims) * np.dtype(dtype).itemsize
+
+
+# Sparse tensors stay in a model's protobuf message (the onnx checker cannot read them from external
+# data). In a model whose weights are external, sparse-encode spends at most this much of the message
+# on them: every copy a run makes of a message (check, session, save) costs memory its size.
+SPARSE_MESSAGE_BYTES = 256 * 2**20

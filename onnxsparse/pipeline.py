@@ -4,6 +4,7 @@ drift adds up visibly instead of hiding in step-to-step deltas."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -61,6 +62,7 @@ from .validation import (
     make_session,
     run_feeds,
 )
+from .weightstore import WeightStore
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,9 @@ class PassManager:
             if step.status in KEPT and result_model is not None:
                 chain.commit(result_model, outputs, pass_)
                 report.standard = report.standard and step.standard
+            # A pass's graphsurgeon graph is a web of cycles that refcounting never frees, and it holds
+            # the weights the pass read (memory maps) and wrote: free it before the next step reads more.
+            gc.collect()
         self._report_progress("passes", len(self.passes), len(self.passes))
         final = _finalize_versions(clone(chain.model), model)
         phase = time.perf_counter()
@@ -511,39 +516,42 @@ def optimize(
     written_paths = [p for p in (output_path, report_path, markdown_path) if p is not None]
     read_paths = [recipe, *_paths_in(inputs), *_paths_in(calibration)]
     _check_output_paths(written_paths, read_paths, model=Path(input_path), overwrite_model=overwrite_input and output_path is not None)
-    phase = time.perf_counter()
-    model, info = load_with_info(input_path, max_input_bytes=max_input_bytes)
-    log.info("loaded %s (%d bytes, %d nodes) and checked it in %.1f s", input_path, info.file_bytes, len(model.graph.node), time.perf_counter() - phase)
-    model_folder = Path(input_path).resolve().parent
-    protected = [*(model_folder / name for name in info.external_data_files), *(p for p in read_paths if p is not None)]
-    _check_output_paths(written_paths, protected)
-    if not overwrite_input:
-        protected.append(Path(input_path))
-    manager = PassManager(
-        passes,
-        inputs=None if inputs is None else resolve_inputs(inputs, model, max_input_bytes=max_input_bytes),
-        calibration=None if calibration is None else resolve_inputs(calibration, model, max_input_bytes=max_input_bytes),
-        fallback_inputs=_synthetic_inputs(model, inputs, calibration, samples=samples, seed=seed, dims=dims, int_range=int_range,
-                                          max_input_bytes=max_input_bytes),
-        held_out_seed=seed,
-        keep_worse=keep_worse,
-        tolerances=tolerances.checked([o.name for o in model.graph.output], [p.name for p in passes]),
-        policy=policy,
-        temperature=temperature,
-        progress=progress,
-    )
-    # Held for the whole run: a second run writing the same output fails now, not after its work.
-    outputs = _Outputs(output_path, report_path, markdown_path, tuple(Path(p) for p in protected), _layout(external_data, info))
-    with OutputLock(written_paths):
-        try:
-            final, report = manager.run(model, label=str(input_path), info=info)
-        except (PassFailed, ValidationFailed):
-            outputs.publish(None, manager.report)  # the reports say why; there is no model to write
-            raise
+    # A model with external data keeps it there: the store takes its files in (linked, beside the
+    # output where possible) and holds what the passes write, so no message ever holds the weights.
+    with WeightStore(Path(output_path).resolve().parent if output_path is not None else None) as weights:
         phase = time.perf_counter()
-        outputs.publish(final, report)
-        log.info("wrote %s in %.1f s (staged, verified, renamed)", ", ".join(str(p) for p in written_paths) or "nothing", time.perf_counter() - phase)
-    return report
+        model, info = load_with_info(input_path, max_input_bytes=max_input_bytes, weights=weights)
+        log.info("loaded %s (%d bytes, %d nodes) and checked it in %.1f s", input_path, info.file_bytes, len(model.graph.node), time.perf_counter() - phase)
+        model_folder = Path(input_path).resolve().parent
+        protected = [*(model_folder / name for name in info.external_data_files), *(p for p in read_paths if p is not None)]
+        _check_output_paths(written_paths, protected)
+        if not overwrite_input:
+            protected.append(Path(input_path))
+        manager = PassManager(
+            passes,
+            inputs=None if inputs is None else resolve_inputs(inputs, model, max_input_bytes=max_input_bytes),
+            calibration=None if calibration is None else resolve_inputs(calibration, model, max_input_bytes=max_input_bytes),
+            fallback_inputs=_synthetic_inputs(model, inputs, calibration, samples=samples, seed=seed, dims=dims, int_range=int_range,
+                                              max_input_bytes=max_input_bytes),
+            held_out_seed=seed,
+            keep_worse=keep_worse,
+            tolerances=tolerances.checked([o.name for o in model.graph.output], [p.name for p in passes]),
+            policy=policy,
+            temperature=temperature,
+            progress=progress,
+        )
+        # Held for the whole run: a second run writing the same output fails now, not after its work.
+        outputs = _Outputs(output_path, report_path, markdown_path, tuple(Path(p) for p in protected), _layout(external_data, info))
+        with OutputLock(written_paths):
+            try:
+                final, report = manager.run(model, label=str(input_path), info=info)
+            except (PassFailed, ValidationFailed):
+                outputs.publish(None, manager.report)  # the reports say why; there is no model to write
+                raise
+            phase = time.perf_counter()
+            outputs.publish(final, report)
+            log.info("wrote %s in %.1f s (staged, verified, renamed)", ", ".join(str(p) for p in written_paths) or "nothing", time.perf_counter() - phase)
+        return report
 
 
 def validate_files(
@@ -566,12 +574,14 @@ def validate_files(
 
     ``max_input_bytes``: the most an input file, a synthetic feed or a model's densified sparse
     tensors may unpack to (see ``onnxsparse.limits``)."""
-    original, other = load(reference, max_input_bytes=max_input_bytes), load(candidate, max_input_bytes=max_input_bytes)
-    source = resolve_inputs(inputs, original, samples=samples, seed=seed, dims=dims, int_range=int_range, max_input_bytes=max_input_bytes)
-    feeds = collect_feeds(source, original, limit=max_feeds)
-    chosen = (tolerances or Tolerances(default=tolerance)).checked([o.name for o in original.graph.output])
-    outputs = Reference.of(original, feeds, str(reference))
-    return outputs.validate(other, lambda name: chosen.for_output(name, None, EXACT), str(candidate), temperature=temperature)
+    with WeightStore() as weights:  # external data stays out of the messages (see weightstore.py)
+        original = load(reference, max_input_bytes=max_input_bytes, weights=weights)
+        other = load(candidate, max_input_bytes=max_input_bytes, weights=weights)
+        source = resolve_inputs(inputs, original, samples=samples, seed=seed, dims=dims, int_range=int_range, max_input_bytes=max_input_bytes)
+        feeds = collect_feeds(source, original, limit=max_feeds)
+        chosen = (tolerances or Tolerances(default=tolerance)).checked([o.name for o in original.graph.output])
+        outputs = Reference.of(original, feeds, str(reference))
+        return outputs.validate(other, lambda name: chosen.for_output(name, None, EXACT), str(candidate), temperature=temperature)
 
 
 def _synthetic_inputs(model: onnx.ModelProto, inputs: InputSpec, calibration: InputSpec, **settings: Any) -> InputSource | None:

@@ -25,6 +25,7 @@ import onnxruntime as ort
 from .calibration import SpreadSamples, batch_dim, collect_feeds, in_chunks
 from .errors import InputDataError, RuntimeLoadError
 from .text import did_you_mean
+from .weightstore import store_of
 
 log = logging.getLogger(__name__)
 
@@ -388,6 +389,10 @@ def make_session(model: onnx.ModelProto, label: str, *, threads: int = 0) -> ort
     if threads:
         options.intra_op_num_threads = threads
     try:
+        store = store_of(model)
+        if store is not None:  # by path: onnxruntime reads the store's files beside the model
+            with store.model_file(model) as path:
+                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         if model.ByteSize() < _SESSION_FROM_FILE_BYTES:
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         with tempfile.TemporaryDirectory() as folder:

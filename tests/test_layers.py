@@ -13,8 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "onnxsparse"
 LAYERS = (
     # words, errors, limits and files: no knowledge of models
     "version", "errors", "text", "limits", "files",
-    # graphs and model files
-    "graph", "results", "io",
+    # graphs and model files: walking a model, its tensors outside the message, graphsurgeon, load and save
+    "walk", "weightstore", "graph", "results", "io",
     # data, running models, comparing outputs
     "calibration", "validation", "quantization", "activations", "shapes", "latency",
     # analyses and numerics over weights and channels

@@ -10,11 +10,12 @@ from conftest import MODELS, bundled, parse, run, with_initializers
 from onnxsparse import load
 from onnxsparse.calibration import IterableInputs, resolve_inputs
 from onnxsparse.errors import PipelineSpecError, RequirementError
-from onnxsparse.graph import iter_model_graphs, tensor_array
+from onnxsparse.graph import tensor_array
 from onnxsparse.passes import PassContext
 from onnxsparse.passes.magnitude import MagnitudePrune, allocate_sparsity
 from onnxsparse.pipeline import PassManager, clone
 from onnxsparse.spec import parse_pipeline
+from onnxsparse.walk import iter_model_graphs
 
 
 def _prune(model: onnx.ModelProto, context: PassContext | None = None, **options):

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import onnx
 
-from ..graph import iter_model_graphs, subgraphs_of, used_names
+from ..graph import used_names
+from ..walk import iter_model_graphs, subgraphs_of
+from ..weightstore import stored_bytes
 from .base import Change, Pass, PassContext, PassResult, Skip, register
 
 
@@ -46,7 +48,7 @@ class Cleanup(Pass):
         initializer_names = {t.name for t in graph.initializer}
         for tensor in [t for t in graph.initializer if t.name not in read]:
             graph.initializer.remove(tensor)
-            result.changes.append(Change(tensor.name, "removed initializer", {"bytes": tensor.ByteSize()}))
+            result.changes.append(Change(tensor.name, "removed initializer", {"bytes": stored_bytes(tensor)}))
         if is_main:
             removable = {name for name in initializer_names if name not in read}
             if self.drop_unused_inputs:

@@ -10,6 +10,9 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph import tensor_array
+from ..io import EXTERNAL_DATA_THRESHOLD_BYTES
+from ..limits import SPARSE_MESSAGE_BYTES, format_bytes
+from ..weightstore import store_of, stored_bytes
 from .base import Change, Pass, PassContext, PassResult, Skip, register
 
 _INDEX_DTYPES = {"int64": (np.int64, onnx.TensorProto.INT64), "int32": (np.int32, onnx.TensorProto.INT32)}
@@ -38,16 +41,27 @@ class SparseEncode(Pass):
         graph = model.graph
         graph_inputs = {value.name for value in graph.input}
         keep_dense = []
+        # Sparse tensors stay in the message (the onnx checker cannot read them from external data):
+        # encoding stops before the message passes protobuf's 2 GB limit, or, in a model whose weights
+        # are external, spends more than SPARSE_MESSAGE_BYTES on them.
+        message = model.ByteSize()
+        external = store_of(model) is not None
+        budget = message + SPARSE_MESSAGE_BYTES if external else EXTERNAL_DATA_THRESHOLD_BYTES
         for tensor in graph.initializer:
             encoded, reason = self._encode(tensor, graph_inputs)
+            if encoded is not None and message + encoded.ByteSize() >= budget:
+                encoded, reason = None, (f"kept dense: sparse tensors cannot be external data, and those encoded already take the "
+                                         f"{format_bytes(SPARSE_MESSAGE_BYTES)} the .onnx file may hold of them beside its external data"
+                                         if external else "kept dense: encoded, the model would pass protobuf's 2 GB limit")
             if encoded is None:
                 keep_dense.append(tensor)
                 if reason:
                     result.skipped.append(Skip(tensor.name, reason))
                 continue
+            message += encoded.ByteSize() - tensor.ByteSize()
             graph.sparse_initializer.append(encoded)
             result.changes.append(Change(tensor.name, "sparse-encoded", {
-                "dense_bytes": tensor.ByteSize(), "encoded_bytes": encoded.ByteSize(),
+                "dense_bytes": stored_bytes(tensor), "encoded_bytes": encoded.ByteSize(),
                 "density": round(int(encoded.values.dims[0]) / int(np.prod(tensor.dims, dtype=np.int64)), 6),
                 "index_dtype": self.index_dtype,
             }))
@@ -76,7 +90,7 @@ class SparseEncode(Pass):
         if positions.size > 0.6 * size:
             return None, ""  # above this, no index encoding is smaller; dense tensors get no report line
         encoded = self._smallest(tensor, dense[positions], positions)
-        if encoded.ByteSize() >= tensor.ByteSize():
+        if encoded.ByteSize() >= stored_bytes(tensor):
             return None, f"density {positions.size / size:.2f}: encoding would not be smaller"
         return encoded, ""
 

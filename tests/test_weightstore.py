@@ -1,0 +1,191 @@
+"""Models with external data stay external through a run: the weight store (weightstore.py) takes the
+input's data in, memory-maps what passes read, keeps what they write, and onnxruntime and the checker
+read models by path. A run over such a model gives the same model as over its one-file twin, and no
+message in between ever holds its weights (protobuf cannot hold more than 2 GB)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import MODELS, run
+from onnx import external_data_helper
+
+import onnxsparse
+from onnxsparse import graph, io, weightstore
+from onnxsparse.errors import ExternalDataError
+from onnxsparse.files import WEIGHTS_PREFIX
+from onnxsparse.weightstore import WeightStore
+
+CNN_JOB = "fold-batchnorm,channel-prune{ratio=0.25 round_to=4 refit=true never_slower=false},qdq{mode=static}"
+
+
+def external_copy(name: str, folder: Path) -> Path:
+    """A bundled model saved with its tensors of 1 KiB or more in external data (onnx's default)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.onnx"
+    onnx.save(onnx.load(MODELS / f"{name}.onnx"), path, save_as_external_data=True, location=f"{name}.onnx.data", size_threshold=1024)
+    return path
+
+
+def weights_of(path: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(path)  # reads the external data
+    return {t.name: onnx.numpy_helper.to_array(t) for g in [model.graph] for t in g.initializer}
+
+
+def optimize_both(tmp_path: Path, name: str, pipeline: str, **options: object) -> tuple[Path, Path]:
+    """The same run over the one-file model and over its external-data twin."""
+    inputs, calibration = MODELS / f"{name}.inputs.npz", MODELS / f"{name}.calibration.npz"
+    (tmp_path / "one").mkdir()
+    onefile = tmp_path / "one" / "out.onnx"
+    onnxsparse.optimize(MODELS / f"{name}.onnx", onefile, pipeline, inputs=inputs, calibration=calibration, keep_worse=True, **options)
+    (tmp_path / "ext").mkdir()
+    external = tmp_path / "ext" / "out.onnx"
+    onnxsparse.optimize(external_copy(name, tmp_path / "in"), external, pipeline, inputs=inputs, calibration=calibration, keep_worse=True, **options)
+    return onefile, external
+
+
+@pytest.mark.parametrize(("name", "pipeline"), [
+    ("digits_cnn", CNN_JOB),
+    ("digits_transformer", "magnitude-prune{sparsity=0.5},qdq{mode=dynamic}"),
+])
+def test_a_run_over_external_data_writes_the_same_model_as_over_one_file(tmp_path, name, pipeline):
+    onefile, external = optimize_both(tmp_path, name, pipeline)
+    assert weights_of(external).keys() == weights_of(onefile).keys()
+    for tensor, values in weights_of(onefile).items():
+        np.testing.assert_array_equal(weights_of(external)[tensor], values, err_msg=tensor)
+    stored = onnx.load(external, load_external_data=False)
+    assert any(external_data_helper.uses_external_data(t) for t in stored.graph.initializer)
+    assert (external.parent / "out.onnx.data").is_file()
+    feed = {"input": np.load(MODELS / f"{name}.inputs.npz")["input"][:8]}
+    np.testing.assert_array_equal(run(external, feed)[0], run(onefile, feed)[0])
+    # the store is gone: nothing but the outputs beside them
+    assert sorted(p.name for p in external.parent.iterdir()) == ["out.onnx", "out.onnx.data"]
+
+
+def mlp_with_external_data(folder: Path) -> Path:
+    """x -> MatMul 256x256 -> Relu -> MatMul 256x256 -> Relu -> MatMul 256x10, weights (256 KiB each) in external data."""
+    rng = np.random.default_rng(0)
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 256] x) => (float[N, 10] y) {
+            a = MatMul(x, w1)
+            b = Relu(a)
+            c = MatMul(b, w2)
+            d = Relu(c)
+            y = MatMul(d, w3)
+        }""")
+    for name, shape in (("w1", (256, 256)), ("w2", (256, 256)), ("w3", (256, 10))):
+        model.graph.initializer.append(onnx.numpy_helper.from_array((rng.standard_normal(shape) / 16).astype(np.float32), name))
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, folder / "mlp.onnx", save_as_external_data=True, location="mlp.onnx.data", size_threshold=1024)
+    return folder / "mlp.onnx"
+
+
+def test_no_message_holds_the_weights_during_a_run(tmp_path, monkeypatch):
+    """Every model onnxruntime or the checker gets is a small file; its weights stay in the store."""
+    source = mlp_with_external_data(tmp_path / "in")
+    weights_bytes = (tmp_path / "in" / "mlp.onnx.data").stat().st_size
+    sizes: list[int] = []
+    opened = WeightStore.model_file
+
+    def recording(self: WeightStore, model: onnx.ModelProto):  # type: ignore[no-untyped-def]
+        sizes.append(model.ByteSize())
+        return opened(self, model)
+
+    monkeypatch.setattr(WeightStore, "model_file", recording)
+    onnxsparse.optimize(source, tmp_path / "out.onnx", "magnitude-prune{sparsity=0.5},qdq{mode=dynamic}", dims={"N": 4}, keep_worse=True)
+    assert len(sizes) >= 5  # the checks and sessions of the original, the pruned and the quantized model
+    assert max(sizes) < weights_bytes / 20, (max(sizes), weights_bytes)
+    written = onnx.load(tmp_path / "out.onnx", load_external_data=False)
+    assert all(external_data_helper.uses_external_data(t) for t in written.graph.initializer if t.name.endswith("_weight_quantized"))
+
+
+def test_untouched_weights_go_back_out_by_reference(tmp_path):
+    """A pass that reads every weight and changes none writes nothing into the store."""
+    source = external_copy("digits_transformer", tmp_path / "in")
+    with WeightStore(tmp_path) as store:
+        model = io.load(source, weights=store)
+        imported = graph.to_gs(model)
+        mapped = [c for c in graph._constants(imported) if isinstance(c._values, graph.MappedValues)]
+        assert len(mapped) == sum(external_data_helper.uses_external_data(t) for t in model.graph.initializer) > 0
+        read = [c.values for c in mapped]
+        assert all(isinstance(v, graph.StoredArray) and not v.flags.writeable for v in read)
+        exported = graph.from_gs(imported, like=model)
+        assert not list(store.folder.glob("*.written.data"))
+        assert sorted(t.name for t in exported.graph.initializer if external_data_helper.uses_external_data(t)) == sorted(
+            t.name for t in model.graph.initializer if external_data_helper.uses_external_data(t))
+        # a new weight goes into the store, not into the message
+        first = max(mapped, key=lambda c: c.values.nbytes)
+        first.values = np.asarray(first.values) * 2
+        changed = graph.from_gs(imported, like=model)
+        tensor = next(t for t in changed.graph.initializer if t.name == first.name)
+        assert external_data_helper.uses_external_data(tensor)
+        np.testing.assert_array_equal(graph.tensor_array(tensor), first.values)
+    assert not store.folder.exists()
+
+
+def test_store_held_tensors_are_read_only_maps_and_need_their_store(tmp_path):
+    source = external_copy("digits_transformer", tmp_path / "in")
+    with WeightStore(tmp_path) as store:
+        model = io.load(source, weights=store)
+        big = max(model.graph.initializer, key=weightstore.data_bytes)
+        values = graph.tensor_array(big)
+        assert isinstance(values, np.memmap)  # mapped, not read into memory
+        with pytest.raises(ValueError, match="read-only"):
+            values[...] = 0
+        np.testing.assert_array_equal(values, weights_of(source)[big.name])
+    with pytest.raises(ExternalDataError, match="no open weight store"):
+        graph.tensor_array(big)
+
+
+def test_inspect_and_validate_read_external_data_in_place(tmp_path, capsys):
+    from onnxsparse.cli import main
+
+    source = external_copy("digits_transformer", tmp_path / "in")
+    assert main(["inspect", str(source)]) == 0
+    external_text = capsys.readouterr().out
+    assert main(["inspect", str(MODELS / "digits_transformer.onnx")]) == 0
+    onefile_text = capsys.readouterr().out
+    # the same tensors, sizes and sparsity (the first line names the file and its size on disk)
+    assert external_text.splitlines()[1:] == onefile_text.splitlines()[1:]
+    assert main(["validate", str(MODELS / "digits_transformer.onnx"), str(source)]) == 0
+    assert "passed" in capsys.readouterr().out
+    assert not list(Path(tmp_path).glob(f"{WEIGHTS_PREFIX}*"))
+
+
+def test_a_model_written_with_external_data_aligns_big_tensors_and_keeps_small_ones_inline(tmp_path):
+    rng = np.random.default_rng(0)
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 512] x) => (float[1, 600] y) {
+            h = MatMul(x, w)
+            y = Add(h, b)
+        }""")
+    model.graph.initializer.extend([onnx.numpy_helper.from_array(rng.standard_normal((512, 600)).astype(np.float32), "w"),
+                                    onnx.numpy_helper.from_array(np.ones(600, np.float32), "b"),
+                                    onnx.numpy_helper.from_array(np.ones(4, np.float32), "unused_small")])
+    io.save(model, tmp_path / "m.onnx", external_data=True)
+    stored = {t.name: t for t in onnx.load(tmp_path / "m.onnx", load_external_data=False).graph.initializer}
+    offsets = {name: int({e.key: e.value for e in t.external_data}["offset"]) for name, t in stored.items() if external_data_helper.uses_external_data(t)}
+    assert set(offsets) == {"w", "b"}  # 16 bytes stay inline, as onnx's own 1 KiB threshold keeps them
+    assert offsets["w"] % 2**16 == 0  # a tensor of 1 MiB or more starts on a 64 KiB boundary
+    x = rng.standard_normal((1, 512)).astype(np.float32)
+    np.testing.assert_allclose(run(tmp_path / "m.onnx", {"x": x})[0], x @ onnx.numpy_helper.to_array(model.graph.initializer[0]) + 1, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_encode_spends_a_bounded_share_of_the_message_in_an_external_data_model(tmp_path, monkeypatch):
+    """Sparse tensors cannot be external data: in a model whose weights are, sparse-encode stops
+    before the .onnx message holds more than its budget of them, and says why for the rest."""
+    monkeypatch.setattr("onnxsparse.passes.sparse_encode.SPARSE_MESSAGE_BYTES", 60_000)
+    source = mlp_with_external_data(tmp_path / "in")
+    report = onnxsparse.optimize(source, tmp_path / "out.onnx", "magnitude-prune{sparsity=0.9},sparse-encode", dims={"N": 4}, keep_worse=True, policy="keep")
+    step = report.steps[-1]
+    # 256x256 at 10% density: ~46 KB encoded, so w2 would pass 60 KB; w3 (256x10, ~2 KB) still fits
+    assert [c.target for c in step.changes] == ["w1", "w3"]
+    assert any(s.target == "w2" and "cannot be external data" in s.reason for s in step.skipped)
+    written = onnx.load(tmp_path / "out.onnx", load_external_data=False)
+    assert [s.values.name for s in written.graph.sparse_initializer] == ["w1", "w3"]
+    assert external_data_helper.uses_external_data(next(t for t in written.graph.initializer if t.name == "w2"))
