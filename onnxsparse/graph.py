@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnx import external_data_helper, numpy_helper
 
 from .walk import iter_model_graphs, subgraphs_of
-from .weightstore import SPILL_MIN_BYTES, WeightStore, read_external, store_of
+from .weightstore import SPILL_MIN_BYTES, WeightStore, read_external, store_of, store_of_tensor
 
 # graphsurgeon prints its warnings to stdout, which would corrupt `--json` output; passes report
 # what matters through their results instead.
@@ -148,6 +148,18 @@ class StoredArray(np.ndarray):
     and results computed from it are StoredArrays without the mark)."""
 
     stored_as: onnx.TensorProto | None = None
+
+
+def stored_constant(name: str, value: np.ndarray, like: gs.Tensor) -> gs.Constant:
+    """A new constant holding ``value``: in the weight store that holds ``like`` when one does (the
+    caller's array can then be freed, and the pass's peak memory stays one weight, not all of them)."""
+    source = like._values if isinstance(like, gs.Constant) else None
+    stored_as = source.tensor if isinstance(source, MappedValues) else getattr(source, "stored_as", None)
+    if isinstance(stored_as, onnx.TensorProto) and value.nbytes >= SPILL_MIN_BYTES:
+        stored = store_of_tensor(stored_as).put(value, name)
+        if stored is not None:
+            return gs.Constant(name, MappedValues(stored))
+    return gs.Constant(name, np.ascontiguousarray(value))
 
 
 def _constants(graph: gs.Graph) -> Iterator[gs.Constant]:

@@ -129,7 +129,8 @@ def summarize(model: onnx.ModelProto, info: LoadInfo | None = None, *, with_tens
 @dataclass(frozen=True)
 class Footprint:
     """What a model's constant tensors take, read from their declared dims and types (no data is
-    decoded): what the pass manager compares before and after a step."""
+    decoded), sparse tensors as stored (their indices packed): what the pass manager compares before
+    and after a step."""
 
     bytes: int
     elements: int
@@ -140,13 +141,20 @@ def footprint(model: onnx.ModelProto) -> Footprint:
     total_bytes = total_elements = 0
     for tensor in iter_all_tensors(model):
         elements = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
-        try:
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        except (KeyError, TypeError, ValueError):  # strings, undefined: counted as bytes stored
-            itemsize = 1
-        total_bytes += elements * itemsize
+        total_bytes += elements * _itemsize(tensor)
         total_elements += elements
+    for graph in iter_model_graphs(model):  # a sparse tensor's indices as stored: packed varints, mostly
+        for sparse in graph.sparse_initializer:
+            declared = sum(int(np.prod(part.dims, dtype=np.int64)) * _itemsize(part) for part in (sparse.values, sparse.indices))
+            total_bytes += sparse.ByteSize() - declared
     return Footprint(total_bytes, total_elements)
+
+
+def _itemsize(tensor: onnx.TensorProto) -> int:
+    try:
+        return int(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
+    except (KeyError, TypeError, ValueError):  # strings, undefined: counted as bytes stored
+        return 1
 
 
 def count_macs(model: onnx.ModelProto) -> int | None:

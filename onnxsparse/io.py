@@ -534,7 +534,9 @@ def _verify_written(path: Path, *, standard: bool) -> None:
     try:
         header = onnx.load(str(path), load_external_data=False)
         if any(graph.sparse_initializer for graph in iter_model_graphs(header)):
-            check_model(onnx.load(str(path)), path.name, standard=standard)
+            # checked in memory (see check_model), its external data in a store: never one message over 2 GB
+            with WeightStore(path.parent) as weights:
+                check_model(load_with_info(path, check=False, densify=False, weights=weights)[0], path.name, standard=standard)
         else:  # by path: the checker reads external data itself, also past protobuf's 2 GB
             onnx.checker.check_model(str(path), full_check=True)
         quiet = ort.SessionOptions()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import constant_value
+from .graph import constant_value, stored_constant
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 RNN_OPS = ("LSTM", "GRU", "RNN")
@@ -149,9 +149,10 @@ def replace_weight(site: WeightSite, value: np.ndarray) -> gs.Constant:
     """Point every use of the weight at a new constant holding ``value`` (never the old buffer).
 
     The new constant keeps the weight's name; the old initializer or Constant node becomes unused
-    and is dropped by the graph cleanup that follows.
+    and is dropped by the graph cleanup that follows. Where a weight store holds the weight, the new
+    value goes there at once (:func:`graph.stored_constant`).
     """
-    replacement = gs.Constant(site.name, np.ascontiguousarray(value))
+    replacement = stored_constant(site.name, value, site.tensor)
     for use in site.uses:
         use.node.inputs[use.index] = replacement
     return replacement

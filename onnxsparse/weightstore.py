@@ -191,11 +191,11 @@ def store_of(model: onnx.ModelProto) -> WeightStore | None:
     tensor outside every open store (a model loaded without one) is an ExternalDataError."""
     for tensor in iter_all_tensors(model):
         if external_data_helper.uses_external_data(tensor):
-            return _store_of_tensor(tensor)
+            return store_of_tensor(tensor)
     return None
 
 
-def _store_of_tensor(tensor: onnx.TensorProto) -> WeightStore:
+def store_of_tensor(tensor: onnx.TensorProto) -> WeightStore:
     location = _entries(tensor).get("location", "")
     store = _OPEN.get(location.split(".", 1)[0])
     if store is None:
@@ -208,7 +208,7 @@ def _store_of_tensor(tensor: onnx.TensorProto) -> WeightStore:
 
 def read_external(tensor: onnx.TensorProto) -> np.ndarray:
     """A store-held tensor's values, read-only: memory-mapped when large."""
-    store = _store_of_tensor(tensor)
+    store = store_of_tensor(tensor)
     entries = _entries(tensor)
     path = store.folder / entries["location"]
     offset = int(entries.get("offset", 0))
@@ -315,7 +315,7 @@ def inlined(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
     entries = _entries(tensor)
-    with (_store_of_tensor(tensor).folder / entries["location"]).open("rb") as handle:
+    with (store_of_tensor(tensor).folder / entries["location"]).open("rb") as handle:
         handle.seek(int(entries.get("offset", 0)))
         return handle.read(data_bytes(tensor))
 
@@ -323,7 +323,7 @@ def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
 def _copy_external(tensor: onnx.TensorProto, out: IO[bytes]) -> None:
     entries = _entries(tensor)
     remaining = data_bytes(tensor)
-    with (_store_of_tensor(tensor).folder / entries["location"]).open("rb") as source:
+    with (store_of_tensor(tensor).folder / entries["location"]).open("rb") as source:
         source.seek(int(entries.get("offset", 0)))
         while remaining:
             chunk = source.read(min(remaining, _COPY_CHUNK))

@@ -55,6 +55,21 @@ def test_only_tensors_that_get_smaller_are_encoded(tmp_path):
     assert not onnx.load(tmp_path / "o.onnx").graph.sparse_initializer
 
 
+@pytest.mark.parametrize(("min_saving", "encoded"), [(0.0, 6), (0.25, 6), (0.3, 2), (0.4, 0)])
+def test_a_tensor_is_encoded_only_when_it_saves_min_saving_of_its_bytes(tmp_path, min_saving, encoded):
+    """Half-zero tensors of the digits CNN: encoded, each takes 0.68-0.75x its dense bytes."""
+    pipeline = f"fold-batchnorm,magnitude-prune{{sparsity=0.5}},sparse-encode{{min_saving={min_saving}}}"
+    report = optimize(MODELS / "digits_cnn.onnx", tmp_path / "o.onnx", pipeline, policy="keep", keep_worse=True)
+    step = report.steps[-1]
+    ratios = [c.details["encoded_bytes"] / c.details["dense_bytes"] for c in step.changes]
+    assert all(ratio <= 1 - min_saving for ratio in ratios)
+    kept = [skip for skip in step.skipped if f"min_saving={min_saving:g}" in skip.reason]
+    assert len(ratios) == encoded and len(kept) == 6 - encoded  # every pruned weight is encoded or says why not
+    assert len(onnx.load(tmp_path / "o.onnx").graph.sparse_initializer) == len(ratios)
+    if ratios:
+        assert step.status == "committed"  # packed indices counted as stored: the file is smaller, not worse
+
+
 def test_int32_indices_are_smaller_or_equal_load_in_onnxruntime_and_are_flagged_non_standard(pruned_and_encoded, tmp_path):
     _, sparse, _ = pruned_and_encoded
     out = tmp_path / "int32.onnx"

@@ -189,3 +189,19 @@ def test_sparse_encode_spends_a_bounded_share_of_the_message_in_an_external_data
     written = onnx.load(tmp_path / "out.onnx", load_external_data=False)
     assert [s.values.name for s in written.graph.sparse_initializer] == ["w1", "w3"]
     assert external_data_helper.uses_external_data(next(t for t in written.graph.initializer if t.name == "w2"))
+
+
+def test_a_replaced_weight_goes_into_the_store_at_once(tmp_path):
+    """A pass that rewrites every weight holds one new weight at a time, not all of them."""
+    from onnxsparse.weights import find_weights, replace_weight
+
+    source = mlp_with_external_data(tmp_path / "in")
+    with WeightStore(tmp_path) as store:
+        model = io.load(source, weights=store)
+        imported = graph.to_gs(model)
+        site = next(s for s in find_weights(imported)[0] if s.name == "w1")
+        replacement = replace_weight(site, np.asarray(site.value) * 0)
+        assert isinstance(replacement._values, graph.MappedValues)  # in the store, not in memory
+        assert (store.folder / f"{store.token}.written.data").stat().st_size >= 256 * 256 * 4
+        np.testing.assert_array_equal(replacement.values, np.zeros((256, 256), np.float32))
+        assert all(use.node.inputs[use.index] is replacement for use in site.uses)

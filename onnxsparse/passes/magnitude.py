@@ -137,9 +137,9 @@ class MagnitudePrune(Pass):
             pruned = self._reconstruct(model, graph, chosen, context, result)
         else:
             masks = self._masks(chosen, self._scores(model, chosen, context, result))
-            pruned = [np.where(keep, site.value, np.zeros((), dtype=site.value.dtype)) for (site, _), keep in zip(chosen, masks)]
-            for (site, _), value in zip(chosen, pruned):
-                replace_weight(site, value)
+            # one weight at a time: where a store holds the weights, each pruned one goes there at once
+            pruned = [replace_weight(site, np.where(keep, site.value, np.zeros((), dtype=site.value.dtype))).values
+                      for (site, _), keep in zip(chosen, masks)]
         if self.bias_correction:
             assert context.calibration is not None
             corrected = correct_biases(model, graph, [s for s, _ in chosen], context.calibration, self.calibration_samples)
