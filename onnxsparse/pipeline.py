@@ -228,6 +228,8 @@ class PassManager:
             candidate = self._prepared_copy(pass_, chain.model)
             context = PassContext(calibration=data.calibration, validate=validate if data.calibration is not None else None, progress=self.progress)
             result = pass_.run(candidate, context)
+            del candidate, context
+            gc.collect()  # the pass's graphsurgeon graph (cycles) and the weights it mapped: before the check and the sessions
         except _CALLER_ERRORS:
             raise
         except Exception as error:  # a broken pass is rolled back, not fatal

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import mmap
 import os
 import shutil
 import tempfile
@@ -230,6 +231,19 @@ def read_external(tensor: onnx.TensorProto) -> np.ndarray:
             array = np.fromfile(path, dtype=dtype, count=count, offset=offset).reshape(shape)
     array.flags.writeable = False
     return array
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Done with a store-held array for now: its mapped pages leave this process's resident memory
+    (they stay in the page cache, and a later read maps them back). A weight read and rewritten one
+    at a time then costs one weight of memory, not the whole model. No-op for any other array."""
+    base: object = array
+    while isinstance(base, np.ndarray) and not isinstance(base, np.memmap):
+        base = base.base
+    mapped = getattr(base, "_mmap", None)
+    if isinstance(base, np.memmap) and mapped is not None and hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            mapped.madvise(mmap.MADV_DONTNEED)  # read-only file pages: dropping them loses nothing
 
 
 def inline_bytes(tensor: onnx.TensorProto) -> int:

@@ -137,6 +137,8 @@ def test_store_held_tensors_are_read_only_maps_and_need_their_store(tmp_path):
         with pytest.raises(ValueError, match="read-only"):
             values[...] = 0
         np.testing.assert_array_equal(values, weights_of(source)[big.name])
+        weightstore.release_pages(values)  # its pages leave this process; a read maps them back
+        np.testing.assert_array_equal(values, weights_of(source)[big.name])
     with pytest.raises(ExternalDataError, match="no open weight store"):
         graph.tensor_array(big)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,6 +32,7 @@ from ..layerwise import (
 from ..shapes import shapes_where_known
 from ..validation import DriftProbe, Tolerance
 from ..weights import RNN_OPS, WEIGHT_OPS, WeightSite, find_weights, matches, replace_weight
+from ..weightstore import release_pages
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 
 log = logging.getLogger(__name__)
@@ -136,10 +137,12 @@ class MagnitudePrune(Pass):
         if self.criterion == "sparsegpt":
             pruned = self._reconstruct(model, graph, chosen, context, result)
         else:
-            masks = self._masks(chosen, self._scores(model, chosen, context, result))
-            # one weight at a time: where a store holds the weights, each pruned one goes there at once
-            pruned = [replace_weight(site, np.where(keep, site.value, np.zeros((), dtype=site.value.dtype))).values
-                      for (site, _), keep in zip(chosen, masks)]
+            pruned = []
+            # one weight at a time (all at once only for a global threshold): where a store holds the
+            # weights, each pruned one goes there at once and the pages read are let go
+            for site, keep in self._masks(chosen, self._scorer(model, chosen, context, result)):
+                pruned.append(replace_weight(site, np.where(keep, site.value, np.zeros((), dtype=site.value.dtype))).values)
+                release_pages(site.value)
         if self.bias_correction:
             assert context.calibration is not None
             corrected = correct_biases(model, graph, [s for s, _ in chosen], context.calibration, self.calibration_samples)
@@ -257,38 +260,48 @@ class MagnitudePrune(Pass):
 
     # -- scores and masks -----------------------------------------------------------------------
 
-    def _scores(self, model: onnx.ModelProto, chosen: list[tuple[WeightSite, float]], context: PassContext, result: PassResult) -> list[np.ndarray]:
-        magnitudes = [np.abs(site.value.astype(np.float32)) for site, _ in chosen]
+    def _scorer(self, model: onnx.ModelProto, chosen: list[tuple[WeightSite, float]], context: PassContext,
+                result: PassResult) -> Callable[[WeightSite], np.ndarray]:
+        """How important each weight of a site is: its magnitude, times its input's norm for wanda
+        (statistics gathered once, here); scored one site at a time, when asked."""
         if self.criterion == "magnitude":
-            return magnitudes
+            return lambda site: np.abs(site.value.astype(np.float32))
         assert context.calibration is not None  # the manager checked needs()
         activations = {site.name: _activation_of(site) for site, _ in chosen}
         requests = {name: axis for entry in activations.values() if entry for name, axis in [entry]}
         stats = collect_channel_stats(model, context.calibration, requests, limit=self.calibration_samples, label="wanda statistics")
-        scores = []
-        for (site, _), magnitude in zip(chosen, magnitudes):
-            entry = activations[site.name]
-            if entry is None:
+        for site, _ in chosen:
+            if activations[site.name] is None:
                 result.skipped.append(Skip(site.name, "no activation statistics (inside a subgraph or shared): scored by magnitude"))
-                scores.append(magnitude)
-                continue
-            scores.append(magnitude * _norm_for_weight(site, stats[entry[0]].l2_norm))
-        return scores
 
-    def _masks(self, chosen: list[tuple[WeightSite, float]], scores: list[np.ndarray]) -> list[np.ndarray]:
+        def score(site: WeightSite) -> np.ndarray:
+            magnitude = np.abs(site.value.astype(np.float32))
+            entry = activations[site.name]
+            return magnitude if entry is None else magnitude * _norm_for_weight(site, stats[entry[0]].l2_norm)
+
+        return score
+
+    def _masks(self, chosen: list[tuple[WeightSite, float]], score: Callable[[WeightSite], np.ndarray]) -> Iterator[tuple[WeightSite, np.ndarray]]:
+        """Each site with the mask of the weights it keeps, one site at a time (a global threshold
+        scores every site first)."""
         nm = parse_nm(self.pattern)
-        if nm:
-            return [nm_mask(score, site.reduction_axis, *nm) for (site, _), score in zip(chosen, scores)]
-        if self.pattern == "filter":
-            return [filter_mask(score, site.out_axis, target) for (site, target), score in zip(chosen, scores)]
-        if self.scope == "per-row":
-            return [per_row_mask(score, site.out_axis, target) for (site, target), score in zip(chosen, scores)]
-        if self.scope == "global":
+        if self.scope == "global" and not nm and self.pattern != "filter":
+            scores = [score(site) for site, _ in chosen]
             overridden = [matches(self.overrides, site.name, *site.node_names, site.op) for site, _ in chosen]
-            masks = global_masks([s for s, o in zip(scores, overridden) if not o], self.sparsity)
-            shared = iter(masks)
-            return [unstructured_mask(score, target) if o else next(shared) for (_, target), score, o in zip(chosen, scores, overridden)]
-        return [unstructured_mask(score, target) for (_, target), score in zip(chosen, scores)]
+            shared = iter(global_masks([s for s, o in zip(scores, overridden) if not o], self.sparsity))
+            for (site, target), site_score, own in zip(chosen, scores, overridden):
+                yield site, unstructured_mask(site_score, target) if own else next(shared)
+            return
+        for site, target in chosen:
+            site_score = score(site)
+            if nm:
+                yield site, nm_mask(site_score, site.reduction_axis, *nm)
+            elif self.pattern == "filter":
+                yield site, filter_mask(site_score, site.out_axis, target)
+            elif self.scope == "per-row":
+                yield site, per_row_mask(site_score, site.out_axis, target)
+            else:
+                yield site, unstructured_mask(site_score, target)
 
     # -- SparseGPT: layer by layer, each fed the already-pruned model's activations -------------
 
@@ -360,6 +373,7 @@ class MagnitudePrune(Pass):
         zeros_total = size_total = 0
         for (site, target), value in zip(chosen, pruned):
             zeros = int(value.size - np.count_nonzero(value))
+            release_pages(value)
             zeros_total += zeros
             size_total += value.size
             result.changes.append(Change(site.name, "pruned", {

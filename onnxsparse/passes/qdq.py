@@ -34,6 +34,7 @@ from ..quantization import (
 from ..shapes import shapes_where_known
 from ..validation import DriftProbe, Tolerance, ValidationResult
 from ..weights import matches
+from ..weightstore import release_pages
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 
 log = logging.getLogger(__name__)
@@ -640,6 +641,7 @@ def quantize_node_weights(graph: gs.Graph, node: gs.Node, params: dict[str, Acti
     if node.op == "ConvTranspose" and int(node.attrs.get("group", 1)) != 1:
         axis = None  # per-channel scales follow output channels, which groups split across axis 1
     quant = quantize_weight(weight, axis, weights.bound)
+    release_pages(weight)
     node.inputs[1] = _dequantized(graph, scope, node.inputs[1].name, quant.values, quant.scale, quant.zero_point, axis)
     if len(node.inputs) > 2 and node.op in ("Conv", "ConvTranspose", "Gemm"):
         _quantize_bias(graph, scope, node, params, quant.scale, axis)
@@ -696,6 +698,7 @@ def dynamic_matmul(graph: gs.Graph, node: gs.Node, weights: WeightScheme, overri
     else:
         alpha = 1.0
     quant = quantize_weight(weight, 1 if weights.per_channel else None, weights.bound)
+    release_pages(weight)  # read once: a store-held weight's pages need not stay in memory
     base = node.name or node.outputs[0].name
     x = node.inputs[0]
     xq = gs.Variable(unique_name(graph, f"{base}_x_quantized"), dtype=np.uint8)
