@@ -23,8 +23,8 @@ _API = {
     "EXACT": "validation", "Tolerance": "validation", "Tolerances": "validation", "ValidationResult": "validation",
     "OnnxsparseError": "errors",
     "load": "io", "save": "io",
-    "Pass": "passes", "PassContext": "passes", "PassResult": "passes", "register": "passes",
-    "PassManager": "pipeline", "optimize": "pipeline",
+    "Pass": "passes", "PassContext": "passes", "PassResult": "passes", "register": "passes", "list_passes": "passes",
+    "PassManager": "pipeline", "optimize": "pipeline", "validate": "pipeline",  # the file-level comparison (the module is `validation`)
     "RunReport": "report",
     "format_pipeline": "spec", "load_recipe": "spec", "parse_pipeline": "spec",
     # reachable from the package before it became lazy, kept so: not part of __all__
@@ -35,18 +35,15 @@ _API = {
 if TYPE_CHECKING:
     from .errors import OnnxsparseError
     from .io import load, save
-    from .passes import Pass, PassContext, PassResult, register
-    from .pipeline import PassManager, optimize
-    from .pipeline import validate_files as validate
+    from .passes import Pass, PassContext, PassResult, list_passes, register
+    from .pipeline import PassManager, optimize, validate
     from .report import RunReport
     from .spec import format_pipeline, load_recipe, parse_pipeline
     from .validation import EXACT, Tolerance, Tolerances, ValidationResult
 
 
 def __getattr__(name: str) -> Any:
-    if name == "validate":  # the file-level comparison; the module that does it is `validation`
-        value = importlib.import_module(".pipeline", __name__).validate_files
-    elif name in _API:
+    if name in _API:
         value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
     elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: onnxsparse.spec after `import onnxsparse`
         value = importlib.import_module(f".{name}", __name__)
@@ -58,13 +55,6 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-def list_passes() -> dict[str, type[Pass]]:
-    """Every available pass by name (built-in and plugins)."""
-    from .passes import registered_passes
-
-    return registered_passes()
 
 
 __all__ = [

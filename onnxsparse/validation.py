@@ -565,6 +565,10 @@ class Reference:
         outputs = run_feeds(session, self.feeds, label, progress)
         return compare(self.outputs, outputs, tolerance_of, temperature=temperature, seconds=time.perf_counter() - start, scores=self.scores)
 
+    def compared(self, outputs: list[dict[str, np.ndarray]], tolerance_of: Callable[[str], Tolerance], *, temperature: float = 1.0) -> ValidationResult:
+        """A verdict on outputs a candidate already gave on these feeds: a model is never run twice on them."""
+        return compare(self.outputs, outputs, tolerance_of, temperature=temperature, scores=self.scores)
+
 
 def _nonfinite_count(values: Iterable[object]) -> tuple[int, int]:
     """NaN/Inf values and all values among float outputs (sequences of tensors included)."""

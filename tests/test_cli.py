@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +210,8 @@ def test_the_version_and_the_package_answer_without_importing_onnx():
     assert done.stdout.startswith("onnxsparse 0.1.0")
     import onnxsparse
 
-    assert onnxsparse.validate.__name__ == "validate_files" and onnxsparse.Tolerance.__name__ == "Tolerance"
+    assert onnxsparse.validate.__name__ == "validate" and onnxsparse.Tolerance.__name__ == "Tolerance"
+    assert typing.get_type_hints(onnxsparse.list_passes)["return"] == dict[str, type[onnxsparse.Pass]]
 
 
 def test_v_logs_a_line_per_phase_of_a_run(tmp_path):

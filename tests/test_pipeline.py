@@ -169,3 +169,27 @@ def test_pass_objects_and_recipes_drive_optimize_too(tmp_path):
     assert from_recipe.pipeline == "cleanup,fold-batchnorm"
     assert [s.status for s in from_objects.steps] == ["no-change", "rolled-back"]
     assert (tmp_path / "a.onnx").read_bytes() != (tmp_path / "b.onnx").read_bytes()
+
+
+def test_each_model_version_runs_once_on_the_validation_feeds(cnn, monkeypatch):
+    """The original (the reference), and each step's candidate: the final verdict reuses the last
+    committed step's outputs instead of running that model on the same feeds again."""
+    import onnxsparse.pipeline
+    import onnxsparse.validation
+
+    runs: list[int] = []
+    counted = onnxsparse.validation.run_feeds
+
+    def counting(session, feeds, label, progress=None):  # type: ignore[no-untyped-def]
+        runs.append(len(feeds))
+        return counted(session, feeds, label, progress)
+
+    monkeypatch.setattr(onnxsparse.validation, "run_feeds", counting)
+    monkeypatch.setattr(onnxsparse.pipeline, "run_feeds", counting)
+    final, report = _manager(cnn, [Cleanup(), CorruptWeight()], policy="keep").run(cnn)
+    assert [s.status for s in report.steps] == ["no-change", "kept-failing"]
+    feeds = report.final_validation.feeds
+    assert runs == [feeds, feeds]  # the original, the corrupted candidate; the final verdict ran nothing
+    assert not report.final_validation.passed  # ... and still judges the kept, failing model, on its own outputs
+    assert report.final_validation.outputs == report.steps[1].validation.outputs
+    assert final.SerializeToString() != cnn.SerializeToString()

@@ -18,6 +18,12 @@ from .base import (
     registered_passes,
 )
 
+
+def list_passes() -> dict[str, type[Pass]]:
+    """Every available pass by name (built-in and plugins)."""
+    return registered_passes()
+
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Change",
@@ -26,6 +32,7 @@ __all__ = [
     "PassResult",
     "Requirement",
     "Skip",
+    "list_passes",
     "pass_class",
     "register",
     "registered_passes",
