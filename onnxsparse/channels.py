@@ -27,6 +27,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .graph import constant_value, unique_name
+from .layers import CONV, CONV_TRANSPOSE, GEMM
 
 UNARY_PASS_THROUGH = frozenset({
     "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Elu",
@@ -303,7 +304,7 @@ class _Walker:
         if weight is None:
             self.pin_inputs(node, "Conv weight is not a constant")
             return
-        groups = int(node.attrs.get("group", 1))
+        groups = CONV.groups(node.attrs)
         in_channels = weight.shape[1] * groups
         if groups == 1:
             if inp is not None:
@@ -324,7 +325,7 @@ class _Walker:
     def op_ConvTranspose(self, node: gs.Node) -> None:
         weight = constant_value(node.inputs[1])
         inp = self.space(node.inputs[0])
-        if weight is None or int(node.attrs.get("group", 1)) != 1:
+        if weight is None or CONV_TRANSPOSE.groups(node.attrs) != 1:
             self.pin_inputs(node, "ConvTranspose with a non-constant weight or groups")
             return
         if inp is not None:
@@ -336,11 +337,13 @@ class _Walker:
         if weight is None or constant_value(node.inputs[0]) is not None:
             self.pin_inputs(node, "Gemm without a constant B")
             return
-        trans_a, trans_b = node.attrs.get("transA", 0), node.attrs.get("transB", 0)
+        axes, activation = GEMM.axes(node.attrs, 1, 2), GEMM.activation(node.attrs, 1)
+        assert axes is not None and activation is not None  # B of a Gemm is 2-D: always a weight
+        (out_axis, reduction_axis), (_, feature_axis) = axes, activation
         inp = self.space(node.inputs[0])
         if inp is not None:
-            self.consume(node, 1, 1 if trans_b else 0, inp, axis_expected=0 if trans_a else 1)
-        self.produce(node, weight, out_axis=0 if trans_b else 1, output_axis=1)
+            self.consume(node, 1, reduction_axis, inp, axis_expected=feature_axis)
+        self.produce(node, weight, out_axis=out_axis, output_axis=1)
 
     def op_MatMul(self, node: gs.Node) -> None:
         weight = constant_value(node.inputs[1])

@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 from .activations import collect_channel_stats
 from .calibration import InputSource
 from .graph import constant_value, from_gs, unique_name
+from .layers import CONV, layer_kind
 from .weights import WeightSite
 
 SUPPORTED = ("Conv", "Gemm", "MatMul")
@@ -47,7 +48,8 @@ def unsupported_reason(site: WeightSite) -> str:
 
 def groups_of(site: WeightSite) -> int:
     node = site.uses[0].node
-    return int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
+    kind = layer_kind(node.op)
+    return 1 if kind is None else kind.groups(node.attrs)
 
 
 def to_matrix(site: WeightSite, value: np.ndarray | None = None) -> np.ndarray:
@@ -105,7 +107,7 @@ def _unfold(node: gs.Node, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.n
     windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=tuple(range(2, 2 + spatial)))
     # windows: [N, C, positions..., span...]; keep every stride-th position and every dilation-th tap
     windows = windows[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) + tuple(slice(None, None, d) for d in dilations)]
-    groups = int(node.attrs.get("group", 1))
+    groups = CONV.groups(node.attrs)
     n, channels = x.shape[:2]
     positions = windows.shape[2 : 2 + spatial]
     # -> [N, positions..., groups, kernel..., C_in/groups] so that each group's columns are contiguous

@@ -13,9 +13,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .graph import constant_value, stored_constant
+from .layers import RNN_OPS, WEIGHT_OPS, layer_kind
 
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-RNN_OPS = ("LSTM", "GRU", "RNN")
+__all__ = ["RNN_OPS", "WEIGHT_OPS", "Rejected", "WeightSite", "WeightUse", "find_weights", "matches", "replace_weight", "weight_axes"]
 
 
 @dataclass
@@ -55,25 +55,10 @@ class Rejected:
 
 
 def weight_axes(node: gs.Node, index: int, rank: int) -> tuple[int, int] | None:
-    """(output axis, reduction axis) of ``node``'s constant input ``index``, or None if not a weight."""
-    op, attrs = node.op, node.attrs
-    if op == "Conv" and index == 1 and rank >= 3:
-        return 0, 1
-    if op == "ConvTranspose" and index == 1 and rank >= 3:
-        return 1, 0
-    if op == "Gemm" and rank == 2:
-        if index == 1:
-            return (0, 1) if attrs.get("transB", 0) else (1, 0)
-        if index == 0:
-            return (1, 0) if attrs.get("transA", 0) else (0, 1)
-    if op == "MatMul" and rank >= 2:
-        if index == 1:
-            return rank - 1, rank - 2
-        if index == 0:
-            return rank - 2, rank - 1
-    if op in RNN_OPS and index in (1, 2) and rank == 3:
-        return 1, 2
-    return None
+    """(output axis, reduction axis) of ``node``'s constant input ``index``, or None if not a weight
+    (layers.py knows each op's layout)."""
+    kind = layer_kind(node.op)
+    return None if kind is None else kind.axes(node.attrs, index, rank)
 
 
 def find_weights(graph: gs.Graph, ops: Iterable[str] = WEIGHT_OPS, overridable: AbstractSet[str] = frozenset()) -> tuple[list[WeightSite], list[Rejected]]:
@@ -110,7 +95,8 @@ def _consider(
     node: gs.Node, index: int, tensor: gs.Tensor, scope: gs.Graph, in_subgraph: bool,
     sites: dict[str, WeightSite], rejected: dict[str, str],
 ) -> None:
-    if index == 2 and node.op in ("Conv", "ConvTranspose", "Gemm"):
+    kind = layer_kind(node.op)
+    if kind is None or index == kind.bias_index:
         return  # biases are not weights to prune or quantize per channel
     value = constant_value(tensor)
     if value is None or not np.issubdtype(value.dtype, np.floating):
@@ -122,7 +108,7 @@ def _consider(
     site = sites.get(tensor.name)
     if site is None:
         site = sites[tensor.name] = WeightSite(tensor.name, tensor, value, node.op, *axes, in_subgraph=in_subgraph)
-        site.depthwise = node.op == "Conv" and int(node.attrs.get("group", 1)) > 1 and value.shape[1] == 1
+        site.depthwise = node.op == "Conv" and kind.groups(node.attrs) > 1 and value.shape[1] == 1
     elif (site.op, site.out_axis, site.reduction_axis) != (node.op, *axes):
         rejected[tensor.name] = f"read as a weight with different layouts ({site.op} and {node.op})"
     site.uses.append(WeightUse(node, index, scope))

@@ -18,7 +18,7 @@ LAYERS = (
     # data, running models, comparing outputs
     "calibration", "validation", "quantization", "activations", "shapes", "latency",
     # analyses and numerics over weights and channels
-    "weights", "channels", "layerwise", "refit", "inspect_model",
+    "layers", "weights", "channels", "layerwise", "refit", "inspect_model",
     # the pass contract, then the passes
     "passes.options", "passes.base", "passes.cleanup", "passes.fold_batchnorm", "passes.sparse_encode", "passes.magnitude",
     "passes.channel_prune", "passes.qdq", "passes",

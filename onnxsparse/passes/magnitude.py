@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 from ..activations import ChangingModelValues, FixedModelValues, collect_channel_stats, tensor_values
 from ..calibration import InputSource, read_once
 from ..graph import from_gs, overridable_initializers, to_gs
+from ..layers import WEIGHT_OPS, layer_kind, layer_ops
 from ..layerwise import (
     activation_name,
     correct_biases,
@@ -31,7 +32,7 @@ from ..layerwise import (
 )
 from ..shapes import shapes_where_known
 from ..validation import DriftProbe, Tolerance
-from ..weights import RNN_OPS, WEIGHT_OPS, WeightSite, find_weights, matches, replace_weight
+from ..weights import WeightSite, find_weights, matches, replace_weight
 from ..weightstore import release_pages
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 
@@ -125,7 +126,7 @@ class MagnitudePrune(Pass):
     def _prune(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = to_gs(model)
         result = PassResult(model)
-        sites, rejected = find_weights(graph, WEIGHT_OPS + RNN_OPS, overridable_initializers(model))
+        sites, rejected = find_weights(graph, layer_ops(), overridable_initializers(model))
         result.skipped.extend(Skip(r.name, r.reason) for r in rejected)
         chosen = self._choose(sites, result)
         self._warn_unmatched(sites, result)
@@ -200,7 +201,7 @@ class MagnitudePrune(Pass):
     def _pruned_alone(self, model: onnx.ModelProto, site: WeightSite, sparsity: float, hessians: list[np.ndarray] | None) -> onnx.ModelProto:
         """The model with only this tensor pruned: by SparseGPT given its input's Hessians, else by magnitude."""
         trial_graph = to_gs(model)
-        trial_site = next(s for s in find_weights(trial_graph, WEIGHT_OPS + RNN_OPS)[0] if s.name == site.name)
+        trial_site = next(s for s in find_weights(trial_graph, layer_ops())[0] if s.name == site.name)
         if hessians is not None:
             replace_weight(trial_site, self._solve(trial_site, hessians, None, sparsity, None))
         else:
@@ -253,7 +254,7 @@ class MagnitudePrune(Pass):
         every_name = [(s.name, *s.node_names, s.op) for s in sites]
         for option, patterns in (("include", self.include), ("exclude", self.exclude), ("overrides", tuple(self.overrides))):
             for pattern in patterns:
-                if option == "include" and pattern in WEIGHT_OPS + RNN_OPS:
+                if option == "include" and pattern in layer_ops():
                     continue  # an op type the model lacks is no typo
                 if not any(matches([pattern], *names) for names in every_name):
                     result.warnings.append(f"magnitude-prune: {option} pattern '{pattern}' matched no weight tensor")
@@ -532,23 +533,17 @@ def _activation_of(site: WeightSite) -> tuple[str, int] | None:
     if site.in_subgraph or len(site.uses) != 1:
         return None
     node, index = site.uses[0].node, site.uses[0].index
-    if node.op in ("Conv", "ConvTranspose"):
-        return node.inputs[0].name, 1
-    if node.op == "Gemm":
-        transposed = node.attrs.get("transA" if index == 1 else "transB", 0)
-        other = node.inputs[1 - index]
-        return other.name, (0 if transposed else 1) if index == 1 else (1 if transposed else 0)
-    if node.op == "MatMul":
-        other = node.inputs[1 - index]
-        return other.name, -1 if index == 1 else -2
-    return None
+    kind = layer_kind(node.op)
+    read = None if kind is None else kind.activation(node.attrs, index)
+    return None if read is None else (node.inputs[read[0]].name, read[1])
 
 
 def _norm_for_weight(site: WeightSite, norm: np.ndarray) -> np.ndarray:
     """The activation norm laid out to broadcast against the weight along its reduction axis."""
     value = site.value
     node = site.uses[0].node
-    groups = int(node.attrs.get("group", 1)) if node.op in ("Conv", "ConvTranspose") else 1
+    kind = layer_kind(node.op)
+    groups = 1 if kind is None else kind.groups(node.attrs)
     if groups > 1 and node.op == "Conv":
         per_group = norm.reshape(groups, -1)  # [groups, C_in / groups]
         out_per_group = value.shape[0] // groups

@@ -20,6 +20,7 @@ from ..errors import InputDataError
 from ..files import write_text_atomically
 from ..graph import constant_value, from_gs, name_unnamed_nodes, opset_version, overridable_initializers, to_gs, unique_name
 from ..latency import relative_latency, timing_feed
+from ..layers import CONV_TRANSPOSE, layer_kind
 from ..layerwise import add_output_shift
 from ..quantization import (
     CALIBRATION_METHODS,
@@ -620,14 +621,10 @@ def insert_qdq(graph: gs.Graph, tensor: gs.Tensor, params: ActivationParams, mai
                 node.inputs[index] = restored
 
 
-def _weight_axis(node: gs.Node, rank: int) -> int:
-    if node.op == "Conv":
-        return 0
-    if node.op == "ConvTranspose":
-        return 1
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    return rank - 1  # MatMul: output features are the last axis of B
+def _weight_axis(node: gs.Node, rank: int) -> int | None:
+    """The weight's axis of output units (per-channel scales run along it), from layers.py."""
+    kind = layer_kind(node.op)
+    return None if kind is None else kind.output_axis(node.attrs, 1, rank)
 
 
 def quantize_node_weights(graph: gs.Graph, node: gs.Node, params: dict[str, ActivationParams], weights: WeightScheme,
@@ -638,7 +635,7 @@ def quantize_node_weights(graph: gs.Graph, node: gs.Node, params: dict[str, Acti
     if weight is None or weight.dtype != np.float32 or weight.ndim < 2:
         return
     axis = _weight_axis(node, weight.ndim) if weights.per_channel else None
-    if node.op == "ConvTranspose" and int(node.attrs.get("group", 1)) != 1:
+    if node.op == "ConvTranspose" and CONV_TRANSPOSE.groups(node.attrs) != 1:
         axis = None  # per-channel scales follow output channels, which groups split across axis 1
     quant = quantize_weight(weight, axis, weights.bound)
     release_pages(weight)
