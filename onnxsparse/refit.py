@@ -110,25 +110,24 @@ class Fit:
 @dataclass
 class NormalEquations:
     """Per fold f and group g of a layer: XᵀX [f, g, c, c] and XᵀY [f, g, c, o] of the design
-    X = [inputs, 1] and the target Y, what the current weights miss by (|XΘ - Y|²) and |Y|²."""
+    X = [inputs, 1] and the target Y, and |Y|². What any weights Θ miss by, |XΘ - Y|², follows from
+    them (:func:`_error`): no block is ever multiplied by the weights."""
 
     gram: np.ndarray
     cross: np.ndarray
-    error_before: np.ndarray
     norm: np.ndarray
 
     @classmethod
     def zeros(cls, groups: int, columns: int, outputs: int, folds: int) -> NormalEquations:
-        return cls(np.zeros((folds, groups, columns, columns)), np.zeros((folds, groups, columns, outputs)), np.zeros(folds), np.zeros(folds))
+        return cls(np.zeros((folds, groups, columns, columns)), np.zeros((folds, groups, columns, outputs)), np.zeros(folds))
 
-    def add(self, design: np.ndarray, target: np.ndarray, current: np.ndarray, fold: int) -> None:
-        """design [n, g, c], target [n, g, o], current Θ [g, c, o]."""
+    def add(self, design: np.ndarray, target: np.ndarray, fold: int) -> None:
+        """design [n, g, c], target [n, g, o]."""
         # Batched matmuls per group (BLAS); einsum without a path ran 14x slower on 1000 x 1000.
         by_group, target_by_group = design.transpose(1, 0, 2), target.transpose(1, 0, 2)  # [g, n, c], [g, n, o]
         transposed = by_group.transpose(0, 2, 1)
         self.gram[fold] += transposed @ by_group
         self.cross[fold] += transposed @ target_by_group
-        self.error_before[fold] += float(np.sum((by_group @ current - target_by_group) ** 2))
         self.norm[fold] += float(np.sum(target**2))
 
     def solve(self, current: np.ndarray, strength: Strength) -> Fit:
@@ -148,7 +147,8 @@ class NormalEquations:
                 best = min(errors, key=errors.__getitem__)
                 strength, held_out = best, errors[best]
         solution = ridge_towards(gram, cross, current, max(float(strength), 1e-6) * energy)
-        return Fit(solution, float(strength), float(self.error_before.sum()), _error(solution, gram, cross, float(self.norm.sum())), held_out)
+        norm = float(self.norm.sum())
+        return Fit(solution, float(strength), _error(current, gram, cross, norm), _error(solution, gram, cross, norm), held_out)
 
     def _fold_error(self, fold: int, gram: np.ndarray, cross: np.ndarray, current: np.ndarray, ridge: np.ndarray) -> float:
         """|X_f Θ - Y_f|² of fold ``fold`` for the fit on every other fold."""
@@ -201,7 +201,7 @@ def _refit_one(originals: FixedModelValues, current_values: ChangingModelValues,
                     result.skipped.append(Skip(node.name, "refit: output channels differ from the original's"))
                     return False
                 design = np.concatenate([rows, np.ones((*rows.shape[:2], 1))], axis=2) if with_bias else rows
-                equations.add(design, target.reshape(len(target), groups, outputs // groups), theta, fold)
+                equations.add(design, target.reshape(len(target), groups, outputs // groups), fold)
     norm = float(equations.norm.sum())
     if not norm:
         return False
