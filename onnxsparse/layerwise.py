@@ -81,13 +81,13 @@ def activation_name(site: WeightSite) -> str:
     return site.uses[0].node.inputs[0].name
 
 
-def input_rows(site: WeightSite, activation: np.ndarray) -> np.ndarray:
-    """The layer's input as rows [samples, inputs] matching :func:`to_matrix`'s columns.
+def input_rows(site: WeightSite, activation: np.ndarray, dtype: type[np.floating] = np.float64) -> np.ndarray:
+    """The layer's input as rows [samples, inputs] matching :func:`to_matrix`'s columns, in ``dtype``.
 
     For a grouped Conv the rows hold every group side by side: [samples, groups x columns].
     """
     node = site.uses[0].node
-    x = np.asarray(activation, dtype=np.float64)
+    x = np.asarray(activation, dtype=dtype)
     if node.op == "Gemm":
         return x.T if node.attrs.get("transA", 0) else x
     if node.op == "MatMul":

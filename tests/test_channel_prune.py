@@ -559,8 +559,9 @@ def test_refit_targets_come_from_few_runs_of_the_original_and_inputs_from_kept_v
     assert original_runs[activations_module.FIXED_VALUES_BYTES] < original_runs[0]
     # a layer's input is computed from the kept values of earlier layers' inputs, not from the model's inputs
     assert cut_runs[0] == 0 and cut_runs[activations_module.FIXED_VALUES_BYTES] >= 2
-    # equal but for float rounding: exposing more tensors changes which ops onnxruntime fuses
-    np.testing.assert_allclose(outputs[0], outputs[activations_module.FIXED_VALUES_BYTES], rtol=1e-5, atol=1e-5)
+    # equal but for float rounding: exposing more tensors changes which ops onnxruntime fuses, and the
+    # refit's float32 block products (~1e-6 each) pass such differences on through its solves
+    np.testing.assert_allclose(outputs[0], outputs[activations_module.FIXED_VALUES_BYTES], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("timings", "saved"), [((1.05, 0.90), 0.10), ((1.05, 1.04), -0.04), ((0.80,), 0.20)])
