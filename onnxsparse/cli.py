@@ -444,10 +444,10 @@ def run_passes(args: argparse.Namespace) -> int:
 
 
 def run_densify(args: argparse.Namespace) -> int:
-    from .io import load_with_info, save
+    from .io import checked_output_path, load_with_info, save
     from .weightstore import WeightStore
 
-    with WeightStore(os.path.dirname(os.path.abspath(args.output))) as weights:
+    with WeightStore(checked_output_path(args.output).parent) as weights:
         model, info = load_with_info(args.model, max_input_bytes=_max_input_bytes(args), weights=weights)
         folder = os.path.dirname(os.path.abspath(args.model))
         protect = (args.model, *(os.path.join(folder, name) for name in info.external_data_files))

@@ -124,10 +124,11 @@ def to_gs(model: onnx.ModelProto) -> gs.Graph:
     a weight store holds are memory-mapped, and go back out by reference unless a pass replaced them."""
     graph = gs.import_onnx(model)
     if store_of(model) is not None:
-        for constant in _constants(graph):
+        for constant in [*_constants(graph), *_attribute_constants(graph)]:
             lazy = constant._values
-            if isinstance(lazy, gs.ir.tensor.LazyValues) and external_data_helper.uses_external_data(lazy.tensor):
+            if isinstance(lazy, gs.ir.tensor.LazyValues) and isinstance(lazy.tensor, onnx.TensorProto) and external_data_helper.uses_external_data(lazy.tensor):
                 constant._values = MappedValues(lazy.tensor)
+                constant.data_location = None  # new values a pass sets are written inline (or stored by from_gs)
     return graph
 
 
@@ -162,6 +163,19 @@ def stored_constant(name: str, value: np.ndarray, like: gs.Tensor) -> gs.Constan
     return gs.Constant(name, np.ascontiguousarray(value))
 
 
+def _restore_reference(constant: gs.Constant) -> bool:
+    """An untouched store-held array back to a lazy reference to its data; whether it was one. Each
+    constant gets a header of its own: graphsurgeon's export names the TensorProto it is given, and
+    two constants sharing one array (a pass's copy under another name) must not rename each other."""
+    stored_as = getattr(constant._values, "stored_as", None)
+    if not isinstance(stored_as, onnx.TensorProto):
+        return False
+    header = onnx.TensorProto()
+    header.CopyFrom(stored_as)  # a few dozen bytes: the data is external
+    constant._values = MappedValues(header)
+    return True
+
+
 def _constants(graph: gs.Graph) -> Iterator[gs.Constant]:
     """Every constant of ``graph`` and its subgraphs, once each."""
     seen: set[int] = set()
@@ -172,18 +186,25 @@ def _constants(graph: gs.Graph) -> Iterator[gs.Constant]:
                 yield tensor
 
 
+def _attribute_constants(graph: gs.Graph) -> Iterator[gs.Constant]:
+    """The tensors held in node attributes (a Constant node's value) of ``graph`` and its subgraphs."""
+    for scope in [graph, *graph.subgraphs(recursive=True)]:
+        for node in scope.nodes:
+            yield from (value for value in node.attrs.values() if isinstance(value, gs.Constant))
+
+
 def _store_new_constants(graph: gs.Graph, store: WeightStore) -> None:
     """Before export, for a model whose weights a store holds: an untouched memory-mapped weight goes
     back to its lazy reference, and a big new array into the store, so export never copies weights
-    into the message (which could pass 2 GB) and the pass's arrays can be freed."""
+    into the message (which could pass 2 GB) and the pass's arrays can be freed. Attribute tensors
+    (Constant nodes) go back by reference when untouched; new ones stay in the message."""
+    for constant in _attribute_constants(graph):
+        _restore_reference(constant)
     for constant in _constants(graph):
         values = constant._values
-        if not isinstance(values, np.ndarray):
+        if not isinstance(values, np.ndarray) or _restore_reference(constant):
             continue
-        stored_as = getattr(values, "stored_as", None)
-        if isinstance(stored_as, onnx.TensorProto):
-            constant._values = MappedValues(stored_as)
-        elif values.nbytes >= SPILL_MIN_BYTES and constant.export_dtype == constant.dtype:
+        if values.nbytes >= SPILL_MIN_BYTES and constant.export_dtype == constant.dtype:
             stored = store.put(values, constant.name)
             if stored is not None:
                 constant._values = MappedValues(stored)

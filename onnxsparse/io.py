@@ -98,7 +98,13 @@ def load_with_info(
         except ValueError as error:
             raise ModelLoadError(f"{label}: {error}") from error
     if check:
-        check_model(model, label)
+        if (weights is not None and folder is not None and not isinstance(source, (bytes, bytearray)) and info.external_data_files
+                and not info.densified and all((folder / name).stat().st_nlink == 1 for name in info.external_data_files)):
+            # the file as given, its data beside it: the store need not copy it for this (the checker
+            # refuses hard-linked data, which the store's copies are not)
+            _check_file(Path(source), label)
+        else:
+            check_model(model, label)
     return model, info
 
 
@@ -308,6 +314,14 @@ def _run_checker(model: onnx.ModelProto, label: str, *, full: bool) -> None:
         raise ModelLoadError(f"{label}: fails the onnx checker: {_one_line(error)}") from error
 
 
+def _check_file(path: Path, label: str) -> None:
+    """The full checker on a model file by path (it reads the external data beside it)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise ModelLoadError(f"{label}: fails the onnx checker: {_one_line(error)}") from error
+
+
 def _one_line(error: BaseException) -> str:
     """The whole message on one line: the checker breaks its sentences across lines (its first line
     alone reads "...however input 'x' of node: " and loses the node and the verdict)."""
@@ -487,7 +501,11 @@ def stage_model(
 ) -> int:
     """Write ``model`` (and its external data) into ``staging`` for ``target``, verified; return
     its size on disk. Nothing reaches ``target`` until the caller commits the staging."""
-    external = data_size(model) >= EXTERNAL_DATA_THRESHOLD_BYTES if external_data is None else external_data
+    size = data_size(model)
+    if external_data is False and size >= EXTERNAL_DATA_THRESHOLD_BYTES:
+        raise OutputPathError(f"{target}: the model takes {format_bytes(size)}, past protobuf's 2 GB limit for one file; "
+                              "write it with external data (--external-data)")
+    external = size >= EXTERNAL_DATA_THRESHOLD_BYTES if external_data is None else external_data
     staged = staging.path_for(target)
     data_target = target.with_name(external_data_name(target))
     if external:

@@ -111,7 +111,7 @@ def layer_ops() -> tuple[str, ...]:
 CONV = register_layer(LayerKind("Conv", _conv_axes, _channels_first_activation, bias_index=2, grouped=True))
 CONV_TRANSPOSE = register_layer(LayerKind("ConvTranspose", _conv_transpose_axes, _channels_first_activation, bias_index=2, grouped=True))
 GEMM = register_layer(LayerKind("Gemm", _gemm_axes, _gemm_activation, bias_index=2))
-MATMUL = register_layer(LayerKind("MatMul", _matmul_axes, _matmul_activation))
+register_layer(LayerKind("MatMul", _matmul_axes, _matmul_activation))
 for _op in ("LSTM", "GRU", "RNN"):
     register_layer(LayerKind(_op, _recurrent_axes, _recurrent_activation))
 

@@ -522,9 +522,9 @@ def optimize(
     written_paths = [p for p in (output_path, report_path, markdown_path) if p is not None]
     read_paths = [recipe, *_paths_in(inputs), *_paths_in(calibration)]
     _check_output_paths(written_paths, read_paths, model=Path(input_path), overwrite_model=overwrite_input and output_path is not None)
-    # A model with external data keeps it there: the store takes its files in (linked, beside the
-    # output where possible) and holds what the passes write, so no message ever holds the weights.
-    with WeightStore(Path(output_path).resolve().parent if output_path is not None else None) as weights:
+    # A model with external data keeps it there: the store (beside the output) takes a copy of its
+    # files and holds what the passes write, so no message ever holds the weights.
+    with WeightStore(Path(output_path).parent.resolve() if output_path is not None else None) as weights:
         phase = time.perf_counter()
         model, info = load_with_info(input_path, max_input_bytes=max_input_bytes, weights=weights)
         log.info("loaded %s (%d bytes, %d nodes) and checked it in %.1f s", input_path, info.file_bytes, len(model.graph.node), time.perf_counter() - phase)

@@ -4,9 +4,10 @@ protobuf refuses to serialize, or even size, a message over 2 GB, and reading a 
 data into its ModelProto holds every weight in memory (twice while it is parsed). So a run over a
 model with external data leaves its tensors where they are:
 
-- the store's folder takes the input's data files in (copies: the onnx checker refuses data reached
-  through a hard link, and both onnx and onnxruntime refuse a symbolic link or a file outside the
-  model's folder), and the tensors passes write are appended to one file of its own;
+- the store's folder takes the input's data files in (copies, made when onnxruntime or the checker
+  first needs a model file: the onnx checker refuses data reached through a hard link, and both onnx
+  and onnxruntime a symbolic link or a file outside the model's folder; until then, and for reads,
+  the input's own files serve), and the tensors passes write are appended to one file of its own;
 - each tensor's ``location`` names a file in the store under a name that begins with the store's
   token, so a ModelProto says where its data is with no folder travelling beside it
   (:func:`store_of`); a model keeps its store's tensors as long as the store is open;
@@ -15,13 +16,15 @@ model with external data leaves its tensors where they are:
 - onnxruntime and the onnx checker get the model as a small file in the store (:meth:`model_file`),
   its data beside it, which is how both read models past 2 GB.
 
-The copies cost disk, not memory: the kernel makes them. The folder is named like a staging folder
-(files.py), so one left by a killed run is removed by the next run writing there.
+The copies cost disk, not memory. The folder is named like a staging folder (files.py), so one left
+by a killed run is removed by the next run writing there (on Linux and macOS: Windows cannot tell
+whether its run is alive).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import logging
 import mmap
@@ -38,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, numpy_helper
 
-from .errors import ExternalDataError
+from .errors import ExternalDataError, OutputPathError
 from .files import WEIGHTS_PREFIX, describe_os_error, remove_stale_staging, staging_prefix
 from .limits import format_bytes
 from .walk import iter_all_tensors, iter_model_graphs
@@ -66,8 +69,11 @@ class WeightStore:
 
     def __init__(self, parent: str | os.PathLike[str] | None = None) -> None:
         folder = Path(parent) if parent is not None else Path(tempfile.gettempdir())
-        remove_stale_staging(folder)
-        self.folder = Path(tempfile.mkdtemp(prefix=staging_prefix(WEIGHTS_PREFIX), dir=folder))
+        try:
+            remove_stale_staging(folder)
+            self.folder = Path(tempfile.mkdtemp(prefix=staging_prefix(WEIGHTS_PREFIX), dir=folder))
+        except OSError as error:
+            raise OutputPathError(f"{folder}: cannot hold this run's weight store ({describe_os_error(error)})") from error
         # mkdtemp's random tail: letters, digits and '_', unique among live folders of this parent
         self.token = "w" + self.folder.name.rsplit("-", 1)[-1]
         while self.token in _OPEN:  # two parents can draw the same tail
@@ -75,7 +81,8 @@ class WeightStore:
         self._written = self.folder / f"{self.token}.written.data"
         self._handle: IO[bytes] | None = None
         self._models = itertools.count()
-        self._inputs: dict[Path, str] = {}
+        self._inputs: dict[Path, str] = {}  # an input data file -> its name in the store
+        self._pending: dict[str, Path] = {}  # names not copied yet: read in place until a model file needs them
         _OPEN[self.token] = self
 
     def __enter__(self) -> Self:
@@ -89,7 +96,10 @@ class WeightStore:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        gc.collect()  # arrays still mapping the store's files (a graph's cycles): Windows cannot remove a mapped file
         shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder.exists():
+            log.warning("could not remove the weight store %s; delete it by hand", self.folder)
 
     # -- taking tensors in ----------------------------------------------------------------------
 
@@ -105,13 +115,22 @@ class WeightStore:
         alias = self._inputs.get(path)
         if alias is None:
             alias = self._inputs[path] = f"{self.token}.input{len(self._inputs)}.data"
+            self._pending[alias] = path  # copied when a model file first needs it (inspect never does)
+        return alias
+
+    def file_of(self, location: str) -> Path:
+        """Where the data a location names can be read now: the store's file, or the input's own."""
+        return self._pending.get(location, self.folder / location)
+
+    def _copy_pending(self) -> None:
+        for alias, path in list(self._pending.items()):
             started = time.perf_counter()
-            try:  # the kernel copies (or clones, where the file system can): no byte passes through here
+            try:  # sendfile on Linux: no byte passes through Python's memory
                 shutil.copyfile(path, self.folder / alias)
             except OSError as error:
                 raise ExternalDataError(f"{path}: cannot be copied into {self.folder} ({describe_os_error(error)})") from error
+            del self._pending[alias]
             log.info("copied %s (%s) into the weight store in %.1f s", path, format_bytes(path.stat().st_size), time.perf_counter() - started)
-        return alias
 
     def put(self, array: np.ndarray, name: str) -> onnx.TensorProto | None:
         """``array`` appended to the store, as an external TensorProto named ``name``; None for
@@ -171,15 +190,16 @@ class WeightStore:
         ``with`` block: for onnxruntime and the checker, which read models past 2 GB by path. Big
         tensors ``model`` holds in its message move into the store first (in place; same values)."""
         self.spill(model)  # a big inline tensor would make the file one message over 2 GB
+        self._copy_pending()  # onnxruntime and the checker read data only from the model's own folder
         path = self.folder / f"{self.token}.model{next(self._models)}.onnx"
         try:
-            path.write_bytes(model.SerializeToString())
+            try:
+                path.write_bytes(model.SerializeToString())
+            except OSError as error:
+                raise ExternalDataError(f"{self.folder}: cannot write a model file ({describe_os_error(error)})") from error
             yield path
         finally:
             path.unlink(missing_ok=True)
-
-    def path_of(self, tensor: onnx.TensorProto) -> Path:
-        return self.folder / _entries(tensor)["location"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +231,7 @@ def read_external(tensor: onnx.TensorProto) -> np.ndarray:
     """A store-held tensor's values, read-only: memory-mapped when large."""
     store = store_of_tensor(tensor)
     entries = _entries(tensor)
-    path = store.folder / entries["location"]
+    path = store.file_of(entries["location"])
     offset = int(entries.get("offset", 0))
     length = int(entries["length"]) if "length" in entries else path.stat().st_size - offset
     if tensor.data_type in PACKED_BITS:  # sub-byte types: numpy_helper unpacks them from raw bytes
@@ -241,7 +261,8 @@ def release_pages(array: np.ndarray) -> None:
     while isinstance(base, np.ndarray) and not isinstance(base, np.memmap):
         base = base.base
     mapped = getattr(base, "_mmap", None)
-    if isinstance(base, np.memmap) and mapped is not None and hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+    read_only = isinstance(base, np.memmap) and base.mode == "r"  # a copy-on-write map would lose its edits
+    if read_only and mapped is not None and hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
         with contextlib.suppress(OSError, ValueError):
             mapped.madvise(mmap.MADV_DONTNEED)  # read-only file pages: dropping them loses nothing
 
@@ -329,7 +350,7 @@ def inlined(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
     entries = _entries(tensor)
-    with (store_of_tensor(tensor).folder / entries["location"]).open("rb") as handle:
+    with store_of_tensor(tensor).file_of(entries["location"]).open("rb") as handle:
         handle.seek(int(entries.get("offset", 0)))
         return handle.read(data_bytes(tensor))
 
@@ -337,7 +358,7 @@ def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
 def _copy_external(tensor: onnx.TensorProto, out: IO[bytes]) -> None:
     entries = _entries(tensor)
     remaining = data_bytes(tensor)
-    with (store_of_tensor(tensor).folder / entries["location"]).open("rb") as source:
+    with store_of_tensor(tensor).file_of(entries["location"]).open("rb") as source:
         source.seek(int(entries.get("offset", 0)))
         while remaining:
             chunk = source.read(min(remaining, _COPY_CHUNK))

@@ -5,6 +5,8 @@ message in between ever holds its weights (protobuf cannot hold more than 2 GB).
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +157,18 @@ def test_inspect_and_validate_read_external_data_in_place(tmp_path, capsys):
     assert external_text.splitlines()[1:] == onefile_text.splitlines()[1:]
     assert main(["validate", str(MODELS / "digits_transformer.onnx"), str(source)]) == 0
     assert "passed" in capsys.readouterr().out
-    assert not list(Path(tmp_path).glob(f"{WEIGHTS_PREFIX}*"))
+    # their stores (in the temporary folder) are gone
+    assert not list(Path(tempfile.gettempdir()).glob(f"{WEIGHTS_PREFIX}{os.getpid()}@*"))
+
+
+def test_inspect_reads_the_input_data_in_place_without_copying_it(tmp_path, monkeypatch, capsys):
+    from onnxsparse.cli import main
+
+    source = external_copy("digits_transformer", tmp_path / "in")
+    copies: list[object] = []
+    monkeypatch.setattr(weightstore.shutil, "copyfile", lambda *args: copies.append(args))
+    assert main(["inspect", str(source)]) == 0
+    assert copies == [] and "parameters" in capsys.readouterr().out
 
 
 def test_a_model_written_with_external_data_aligns_big_tensors_and_keeps_small_ones_inline(tmp_path):
@@ -166,16 +179,17 @@ def test_a_model_written_with_external_data_aligns_big_tensors_and_keeps_small_o
             h = MatMul(x, w)
             y = Add(h, b)
         }""")
-    model.graph.initializer.extend([onnx.numpy_helper.from_array(rng.standard_normal((512, 600)).astype(np.float32), "w"),
-                                    onnx.numpy_helper.from_array(np.ones(600, np.float32), "b"),
+    # b first: the big w then starts past it, where only the alignment can put it on a 64 KiB boundary
+    model.graph.initializer.extend([onnx.numpy_helper.from_array(np.ones(600, np.float32), "b"),
+                                    onnx.numpy_helper.from_array(rng.standard_normal((512, 600)).astype(np.float32), "w"),
                                     onnx.numpy_helper.from_array(np.ones(4, np.float32), "unused_small")])
     io.save(model, tmp_path / "m.onnx", external_data=True)
     stored = {t.name: t for t in onnx.load(tmp_path / "m.onnx", load_external_data=False).graph.initializer}
     offsets = {name: int({e.key: e.value for e in t.external_data}["offset"]) for name, t in stored.items() if external_data_helper.uses_external_data(t)}
     assert set(offsets) == {"w", "b"}  # 16 bytes stay inline, as onnx's own 1 KiB threshold keeps them
-    assert offsets["w"] % 2**16 == 0  # a tensor of 1 MiB or more starts on a 64 KiB boundary
+    assert offsets["b"] == 0 and offsets["w"] == 2**16  # a tensor of 1 MiB or more starts on a 64 KiB boundary
     x = rng.standard_normal((1, 512)).astype(np.float32)
-    np.testing.assert_allclose(run(tmp_path / "m.onnx", {"x": x})[0], x @ onnx.numpy_helper.to_array(model.graph.initializer[0]) + 1, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run(tmp_path / "m.onnx", {"x": x})[0], x @ onnx.numpy_helper.to_array(model.graph.initializer[1]) + 1, rtol=1e-4, atol=1e-4)
 
 
 def test_sparse_encode_spends_a_bounded_share_of_the_message_in_an_external_data_model(tmp_path, monkeypatch):
@@ -207,3 +221,75 @@ def test_a_replaced_weight_goes_into_the_store_at_once(tmp_path):
         assert (store.folder / f"{store.token}.written.data").stat().st_size >= 256 * 256 * 4
         np.testing.assert_array_equal(replacement.values, np.zeros((256, 256), np.float32))
         assert all(use.node.inputs[use.index] is replacement for use in site.uses)
+
+
+CONSTANT_NODE_WEIGHT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 256] x) => (float[N, 256] y) {
+    w = Constant <value = float[2] {0.0, 0.0}> ()
+    y = MatMul (x, w)
+}
+"""
+
+
+def test_a_constant_node_weight_in_external_data_is_quantized_and_pruned(tmp_path):
+    """paddle2onnx keeps weights in Constant nodes; their values can be external data too."""
+    model = onnx.parser.parse_model(CONSTANT_NODE_WEIGHT)
+    weight = (np.random.default_rng(0).standard_normal((256, 256)) / 16).astype(np.float32)
+    model.graph.node[0].attribute[0].t.CopyFrom(onnx.numpy_helper.from_array(weight, "w"))
+    (tmp_path / "in").mkdir()
+    onnx.save(model, tmp_path / "in" / "c.onnx", save_as_external_data=True, location="c.onnx.data", size_threshold=1024, convert_attribute=True)
+    assert external_data_helper.uses_external_data(onnx.load(tmp_path / "in" / "c.onnx", load_external_data=False).graph.node[0].attribute[0].t)
+    report = onnxsparse.optimize(tmp_path / "in" / "c.onnx", tmp_path / "q.onnx", "qdq{mode=dynamic}", dims={"N": 4})
+    assert report.steps[0].status == "committed" and report.steps[0].figures["nodes_quantized"] == 1
+    report = onnxsparse.optimize(tmp_path / "in" / "c.onnx", tmp_path / "p.onnx", "magnitude-prune{sparsity=0.5}", dims={"N": 4}, policy="keep")
+    assert report.steps[0].status in ("committed", "kept-failing") and [c.target for c in report.steps[0].changes] == ["w"]
+
+
+def test_qdq_raises_the_opset_of_an_external_data_model_for_per_channel_scales(tmp_path):
+    rng = np.random.default_rng(0)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gemm", ["x", "W", "b"], ["h"]), onnx.helper.make_node("Relu", ["h"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 256])], [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 256])],
+        initializer=[onnx.numpy_helper.from_array((rng.standard_normal((256, 256)) / 16).astype(np.float32), "W"),
+                     onnx.numpy_helper.from_array(np.zeros(256, np.float32), "b")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 11)], ir_version=6)
+    (tmp_path / "in").mkdir()
+    onnx.save(model, tmp_path / "in" / "m.onnx", save_as_external_data=True, location="m.onnx.data", size_threshold=1024)
+    report = onnxsparse.optimize(tmp_path / "in" / "m.onnx", tmp_path / "out.onnx", "qdq{mode=dynamic}", dims={"N": 4})
+    assert report.steps[0].status == "committed" and not any("could not be raised" in w for w in report.steps[0].warnings)
+    assert report.steps[0].figures["weights"].startswith("per-channel") or "per-channel" in str(report.steps[0].figures["weights"])
+
+
+def test_a_model_past_2_gb_is_not_written_as_one_file(tmp_path, monkeypatch):
+    from onnxsparse.errors import OutputPathError
+
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD_BYTES", 100_000)  # the mlp's 0.5 MB then counts as past the limit
+    source = mlp_with_external_data(tmp_path / "in")
+    with WeightStore(tmp_path) as store:
+        model = io.load(source, weights=store)
+        with pytest.raises(OutputPathError, match="past protobuf's 2 GB limit for one file; write it with external data"):
+            io.save(model, tmp_path / "one.onnx", external_data=False)
+        io.save(model, tmp_path / "ext.onnx")  # by size: with external data
+    assert not (tmp_path / "one.onnx").exists() and (tmp_path / "ext.onnx.data").is_file()
+
+
+def test_a_killed_runs_weight_store_is_removed_by_the_next_run_and_anothers_left(tmp_path):
+    from onnxsparse.files import _host_tag
+
+    dead = tmp_path / f"{WEIGHTS_PREFIX}999999999@{_host_tag()}-abc"  # no such process
+    other_host = tmp_path / f"{WEIGHTS_PREFIX}1@another_machine-abc"
+    for folder in (dead, other_host):
+        folder.mkdir()
+        (folder / "w.data").write_bytes(b"x" * 10)
+    with WeightStore(tmp_path):
+        pass
+    assert not dead.exists() and other_host.exists()
+
+
+def test_densify_into_a_missing_folder_is_bad_input(tmp_path, capsys):
+    from onnxsparse.cli import main
+
+    source = external_copy("digits_transformer", tmp_path / "in")
+    assert main(["densify", str(source), "-o", str(tmp_path / "missing" / "x.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err

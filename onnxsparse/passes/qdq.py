@@ -19,6 +19,7 @@ from ..calibration import FirstSamples
 from ..errors import InputDataError
 from ..files import write_text_atomically
 from ..graph import constant_value, from_gs, name_unnamed_nodes, opset_version, overridable_initializers, to_gs, unique_name
+from ..io import check_model
 from ..latency import relative_latency, timing_feed
 from ..layers import CONV_TRANSPOSE, layer_kind
 from ..layerwise import add_output_shift
@@ -193,7 +194,7 @@ class Qdq(Pass):
             return model, self.per_channel
         try:
             converted = onnx.version_converter.convert_version(model, wanted)
-            onnx.checker.check_model(converted)
+            check_model(converted, "the model at opset 13")  # by path when a weight store holds its tensors
         except Exception as error:  # noqa: BLE001 - the converter raises many types
             if version >= 10:
                 result.warnings.append(f"qdq: opset {version} could not be raised to 13 ({' '.join(str(error).split())[:120]}): per-tensor weight scales")
@@ -704,7 +705,7 @@ def dynamic_matmul(graph: gs.Graph, node: gs.Node, weights: WeightScheme, overri
     accumulated = gs.Variable(unique_name(graph, f"{base}_int32"), dtype=np.int32)
     as_float = gs.Variable(unique_name(graph, f"{base}_int32_float"), dtype=np.float32)
     scale = gs.Variable(unique_name(graph, f"{base}_scale"), dtype=np.float32)
-    weight_scale = gs.Constant(unique_name(graph, f"{base}_weight_scale"), (quant.scale * np.float32(alpha)).astype(np.float32))
+    weight_scale = gs.Constant(unique_name(graph, f"{base}_weight_scale"), np.asarray(quant.scale * np.float32(alpha), dtype=np.float32))  # an array even per tensor
     output = node.outputs[0]
     scaled = output if bias is None else gs.Variable(unique_name(graph, f"{base}_unbiased"), dtype=np.float32)
     new_nodes = [

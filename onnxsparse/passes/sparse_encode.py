@@ -102,7 +102,7 @@ class SparseEncode(Pass):
         estimate = dense.dtype.itemsize * positions.size + min(raw_bytes, varint_bytes)
         most = stored_bytes(tensor) * (1 - self.min_saving)
         not_worth = (f"density {positions.size / size:.2f}: encoded, it would take {estimate / stored_bytes(tensor):.2f}x its dense bytes "
-                     f"(encoded when at most {1 - self.min_saving:.2f}x: min_saving={self.min_saving:g})")
+                     f"(encoded when at most {1 - self.min_saving:.2f}x: min_saving={self.min_saving:g}; min_saving=0 encodes whatever gets smaller)")
         if estimate >= most:
             return None, not_worth
         if estimate >= room:
