@@ -287,7 +287,7 @@ def collect_channel_stats(
     stats: dict[str, ChannelStats] = {}
     for values in tensor_values(model, source, feature_axes, limit=limit, label=label):
         for name, axis in feature_axes.items():
-            _accumulate(stats, name, np.asarray(values[name], dtype=np.float64), axis)
+            accumulate_channels(stats, name, np.asarray(values[name], dtype=np.float64), axis)
     return stats
 
 
@@ -320,7 +320,8 @@ def channel_rows(value: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
 
 
-def _accumulate(stats: dict[str, ChannelStats], name: str, value: np.ndarray, axis: int) -> None:
+def accumulate_channels(stats: dict[str, ChannelStats], name: str, value: np.ndarray, axis: int) -> None:
+    """Add ``value``'s per-channel sums (along ``axis``) to ``stats[name]``."""
     moved = channel_rows(value, axis)
     entry = stats.get(name)
     if entry is None:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..activations import collect_channel_stats, collect_ranges
+from ..activations import ChangingModelValues, ChannelStats, accumulate_channels, collect_channel_stats, collect_ranges
 from ..calibration import FirstSamples
 from ..errors import InputDataError
 from ..files import write_text_atomically
@@ -305,14 +305,22 @@ class Qdq(Pass):
         biases: dict[str, BiasSite] = {}
         zero = {layer.name: np.zeros_like(reference[layer.outputs[0].name].mean, dtype=np.float32) for layer in layers if _patchable(layer)}
         patched = self._build(model, plan, ranges, set(), weights, zero, biases) if PATCH_BIASES else None
+        # Each layer's output is computed from the int8 activation entering the layer before it, kept
+        # from the step before (a segment run), not by running the model from its inputs: that made
+        # the correction quadratic in depth. The int8 tensor is kept, not its dequantized twin, so
+        # that onnxruntime fuses the segment's first layer as it does in the whole model.
+        values = ChangingModelValues(source, None, label="bias correction (int8)")
         for index, layer in enumerate(layers):
             output = layer.outputs[0].name
             if patched is None or any(name not in biases for name in shifts):
                 quantized = self._build(model, plan, ranges, set(), weights, shifts)
+                values.kept.clear()  # values of another build
             else:
                 quantized = patched
-            observed = collect_channel_stats(quantized, source, {output: axes[output]}, label="bias correction (int8)")[output]
-            shifts[layer.name] = (reference[output].mean - observed.mean).astype(np.float32)
+            entry = _int8_entry(quantized, layer.name)
+            observed = _channel_means(values.values(quantized, [output, *([entry] if entry else [])]), output, axes[output])
+            values.kept.pop(output, None)  # the layer's bias changes now: its output with it
+            shifts[layer.name] = (reference[output].mean - observed).astype(np.float32)
             if patched is not None and layer.name in biases:
                 biases[layer.name].patch(patched, shifts[layer.name])
             if context.progress:
@@ -438,6 +446,23 @@ class BiasSite:
         stored = bias_in_scale(shifted, self.scale) if self.scale is not None else shifted
         tensor = next(t for t in model.graph.initializer if t.name == self.initializer)
         tensor.CopyFrom(onnx.numpy_helper.from_array(stored, self.initializer))
+
+
+def _int8_entry(model: onnx.ModelProto, name: str) -> str | None:
+    """The quantized activation that the node ``name`` reads through a DequantizeLinear, if it does."""
+    node = next((n for n in model.graph.node if n.name == name), None)
+    if node is None or not node.input:
+        return None
+    producer = next((n for n in model.graph.node if node.input[0] in n.output), None)
+    return producer.input[0] if producer is not None and producer.op_type == "DequantizeLinear" else None
+
+
+def _channel_means(runs: Iterable[dict[str, np.ndarray]], name: str, axis: int) -> np.ndarray:
+    """The mean of tensor ``name`` per channel (along ``axis``) over every run, accumulated in float64."""
+    stats: dict[str, ChannelStats] = {}
+    for run in runs:
+        accumulate_channels(stats, name, np.asarray(run[name], dtype=np.float64), axis)
+    return stats[name].mean
 
 
 def _patchable(layer: gs.Node) -> bool:
