@@ -100,9 +100,13 @@ def load_with_info(
     if check:
         if (weights is not None and folder is not None and not isinstance(source, (bytes, bytearray)) and info.external_data_files
                 and not info.densified and all((folder / name).stat().st_nlink == 1 for name in info.external_data_files)):
-            # the file as given, its data beside it: the store need not copy it for this (the checker
-            # refuses hard-linked data, which the store's copies are not)
-            _check_file(Path(source), label)
+            # the file as given, its data beside it: the store need not copy it for this. The checker
+            # refuses hard-linked or symlinked data and other folders (base_dir), which the store's copies
+            # are not: where it refuses, the store's copy is checked instead.
+            try:
+                _check_file(Path(source), label)
+            except ModelLoadError:
+                check_model(model, label)
         else:
             check_model(model, label)
     return model, info
@@ -503,7 +507,7 @@ def stage_model(
     its size on disk. Nothing reaches ``target`` until the caller commits the staging."""
     size = data_size(model)
     if external_data is False and size >= EXTERNAL_DATA_THRESHOLD_BYTES:
-        raise OutputPathError(f"{target}: the model takes {format_bytes(size)}, past protobuf's 2 GB limit for one file; "
+        raise OutputPathError(f"{target}: the model takes {format_bytes(size)}, too close to protobuf's 2 GB limit for one file; "
                               "write it with external data (--external-data)")
     external = size >= EXTERNAL_DATA_THRESHOLD_BYTES if external_data is None else external_data
     staged = staging.path_for(target)

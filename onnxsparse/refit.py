@@ -116,6 +116,11 @@ class NormalEquations:
     gram: np.ndarray
     cross: np.ndarray
     norm: np.ndarray
+    # Per group, what is subtracted from the rows [g, c] and the targets [g, o] before the float32
+    # products (the first block's means): a column whose mean dwarfs its spread (an un-normalised
+    # input, a transformer's massive activation) would lose its spread in an uncentred float32 XᵀX.
+    shift: np.ndarray | None = None
+    target_shift: np.ndarray | None = None
 
     @classmethod
     def zeros(cls, groups: int, columns: int, outputs: int, folds: int) -> NormalEquations:
@@ -124,20 +129,30 @@ class NormalEquations:
     def add(self, rows: np.ndarray, target: np.ndarray, fold: int) -> None:
         """rows [n, g, c] (without the bias column: when the equations have one more column than
         ``rows``, it is the bias's column of ones, added from sums instead of a copy of ``rows``),
-        target [n, g, o]. Float32 blocks are multiplied in float32 (twice BLAS's float64 speed;
-        one block's sum is good to ~1e-6) and accumulated in float64."""
-        # Batched matmuls per group (BLAS); einsum without a path ran 14x slower on 1000 x 1000.
+        target [n, g, o]. The products are taken in float32 on centred blocks (twice BLAS's float64
+        speed; one block's sum is good to ~1e-6) and the sums kept in float64, the shifts added back
+        exactly: with X = Xc + 1sᵀ and Y = Yc + 1tᵀ, XᵀX = XcᵀXc + usᵀ + suᵀ + n ssᵀ and
+        XᵀY = XcᵀYc + utᵀ + svᵀ + n stᵀ, u and v the column sums of Xc and Yc."""
         by_group, target_by_group = rows.transpose(1, 0, 2), target.transpose(1, 0, 2)  # [g, n, c], [g, n, o]
-        transposed = by_group.transpose(0, 2, 1)
-        columns = rows.shape[2]
-        self.gram[fold, :, :columns, :columns] += transposed @ by_group
-        self.cross[fold, :, :columns] += transposed @ target_by_group
+        if self.shift is None or self.target_shift is None:
+            self.shift = by_group.mean(axis=1, dtype=np.float64).astype(rows.dtype)
+            self.target_shift = target_by_group.mean(axis=1, dtype=np.float64).astype(target.dtype)
+        centred, centred_target = by_group - self.shift[:, None, :], target_by_group - self.target_shift[:, None, :]
+        transposed = centred.transpose(0, 2, 1)
+        n, columns = rows.shape[0], rows.shape[2]
+        shift, target_shift = self.shift.astype(np.float64), self.target_shift.astype(np.float64)
+        sums, target_sums = centred.sum(axis=1, dtype=np.float64), centred_target.sum(axis=1, dtype=np.float64)  # u [g, c], v [g, o]
+        # Batched matmuls per group (BLAS); einsum without a path ran 14x slower on 1000 x 1000.
+        self.gram[fold, :, :columns, :columns] += (transposed @ centred + _outer(sums, shift) + _outer(shift, sums)
+                                                   + n * _outer(shift, shift))
+        self.cross[fold, :, :columns] += (transposed @ centred_target + _outer(sums, target_shift) + _outer(shift, target_sums)
+                                          + n * _outer(shift, target_shift))
         if self.gram.shape[-1] > columns:  # [X, 1]ᵀ[X, 1] and [X, 1]ᵀY: column sums and the row count
-            sums = by_group.sum(axis=1, dtype=np.float64)
-            self.gram[fold, :, :columns, columns] += sums
-            self.gram[fold, :, columns, :columns] += sums
-            self.gram[fold, :, columns, columns] += rows.shape[0]
-            self.cross[fold, :, columns] += target_by_group.sum(axis=1, dtype=np.float64)
+            column_sums = sums + n * shift
+            self.gram[fold, :, :columns, columns] += column_sums
+            self.gram[fold, :, columns, :columns] += column_sums
+            self.gram[fold, :, columns, columns] += n
+            self.cross[fold, :, columns] += target_sums + n * target_shift
         self.norm[fold] += float(np.sum(np.square(target, dtype=np.float64)))
 
     def solve(self, current: np.ndarray, strength: Strength) -> Fit:
@@ -164,6 +179,11 @@ class NormalEquations:
         """|X_f Θ - Y_f|² of fold ``fold`` for the fit on every other fold."""
         solution = ridge_towards(gram - self.gram[fold], cross - self.cross[fold], current, ridge)
         return _error(solution, self.gram[fold], self.cross[fold], float(self.norm[fold]))
+
+
+def _outer(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per group, the outer product of two vectors: [g, i] x [g, j] -> [g, i, j]."""
+    return a[:, :, None] * b[:, None, :]
 
 
 def _error(solution: np.ndarray, gram: np.ndarray, cross: np.ndarray, norm: float) -> float:
