@@ -155,8 +155,8 @@ def stored_constant(name: str, value: np.ndarray, like: gs.Tensor) -> gs.Constan
     """A new constant holding ``value``: in the weight store that holds ``like`` when one does (the
     caller's array can then be freed, and the pass's peak memory stays one weight, not all of them)."""
     source = like._values if isinstance(like, gs.Constant) else None
-    stored_as = source.tensor if isinstance(source, MappedValues) else getattr(source, "stored_as", None)
-    if isinstance(stored_as, onnx.TensorProto) and value.nbytes >= SPILL_MIN_BYTES:
+    stored_as = source.tensor if isinstance(source, MappedValues) else _stored_as(source)
+    if stored_as is not None and value.nbytes >= SPILL_MIN_BYTES:
         stored = store_of_tensor(stored_as).put(value, name)
         if stored is not None:
             return gs.Constant(name, MappedValues(stored))
@@ -167,13 +167,19 @@ def _restore_reference(constant: gs.Constant) -> bool:
     """An untouched store-held array back to a lazy reference to its data; whether it was one. Each
     constant gets a header of its own: graphsurgeon's export names the TensorProto it is given, and
     two constants sharing one array (a pass's copy under another name) must not rename each other."""
-    stored_as = getattr(constant._values, "stored_as", None)
-    if not isinstance(stored_as, onnx.TensorProto):
+    stored_as = _stored_as(constant._values)
+    if stored_as is None:
         return False
     header = onnx.TensorProto()
     header.CopyFrom(stored_as)  # a few dozen bytes: the data is external
     constant._values = MappedValues(header)
     return True
+
+
+def _stored_as(values: object) -> onnx.TensorProto | None:
+    """The store-held TensorProto an untouched array was read from (see StoredArray), else None."""
+    stored_as = getattr(values, "stored_as", None)
+    return stored_as if isinstance(stored_as, onnx.TensorProto) else None
 
 
 def _constants(graph: gs.Graph) -> Iterator[gs.Constant]:

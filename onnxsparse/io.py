@@ -104,7 +104,7 @@ def load_with_info(
             # refuses hard-linked or symlinked data and other folders (base_dir), which the store's copies
             # are not: where it refuses, the store's copy is checked instead.
             try:
-                _check_file(Path(source), label)
+                _check(str(source), label, full=True)
             except ModelLoadError:
                 check_model(model, label)
         else:
@@ -302,26 +302,23 @@ def check_model(model: onnx.ModelProto, label: str, *, standard: bool = True) ->
 
 
 def _run_checker(model: onnx.ModelProto, label: str, *, full: bool) -> None:
-    try:
-        store = store_of(model)
-        if store is not None:  # by path: the checker reads the store's files beside the model
-            with store.model_file(model) as path:
-                onnx.checker.check_model(str(path), full_check=full)
-        elif model.ByteSize() >= EXTERNAL_DATA_THRESHOLD_BYTES:
-            with tempfile.TemporaryDirectory() as folder:
-                path = Path(folder) / "model.onnx"
-                _write_model(model, path, external=True)
-                onnx.checker.check_model(str(path), full_check=full)
-        else:
-            onnx.checker.check_model(model, full_check=full)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise ModelLoadError(f"{label}: fails the onnx checker: {_one_line(error)}") from error
+    store = store_of(model)
+    if store is not None:  # by path: the checker reads the store's files beside the model
+        with store.model_file(model) as path:
+            _check(str(path), label, full=full)
+    elif model.ByteSize() >= EXTERNAL_DATA_THRESHOLD_BYTES:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.onnx"
+            _write_model(model, path, external=True)
+            _check(str(path), label, full=full)
+    else:
+        _check(model, label, full=full)
 
 
-def _check_file(path: Path, label: str) -> None:
-    """The full checker on a model file by path (it reads the external data beside it)."""
+def _check(model: onnx.ModelProto | str, label: str, *, full: bool) -> None:
+    """The onnx checker on a model or a model file (whose external data it reads beside it), as one error."""
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        onnx.checker.check_model(model, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise ModelLoadError(f"{label}: fails the onnx checker: {_one_line(error)}") from error
 

@@ -157,9 +157,6 @@ class PassManager:
             if step.status in KEPT and result_model is not None:
                 chain.commit(result_model, outputs, pass_)
                 report.standard = report.standard and step.standard
-            # A pass's graphsurgeon graph is a web of cycles that refcounting never frees, and it holds
-            # the weights the pass read (memory maps) and wrote: free it before the next step reads more.
-            gc.collect()
         self._report_progress("passes", len(self.passes), len(self.passes))
         final = _finalize_versions(clone(chain.model), model)
         phase = time.perf_counter()
@@ -226,17 +223,21 @@ class PassManager:
         def validate(model: onnx.ModelProto) -> ValidationResult:  # for passes that search (the qdq guard): calibration only
             return judge.validate(model, tolerance_of, f"{label} trial of {pass_.name}")
 
+        crash = ""
         try:
-            candidate = self._prepared_copy(pass_, chain.model)
-            context = PassContext(calibration=data.calibration, validate=validate if data.calibration is not None else None, progress=self.progress)
-            result = pass_.run(candidate, context)
-            del candidate, context
-            gc.collect()  # the pass's graphsurgeon graph (cycles) and the weights it mapped: before the check and the sessions
+            result = pass_.run(self._prepared_copy(pass_, chain.model),
+                               PassContext(calibration=data.calibration, validate=validate if data.calibration is not None else None, progress=self.progress))
         except _CALLER_ERRORS:
             raise
         except Exception as error:  # a broken pass is rolled back, not fatal
             log.debug("pass %s raised", pass_.name, exc_info=True)
-            return self._structural_failure(step, f"pass raised {type(error).__name__}: {_first_line(error)}"), None, None
+            crash = f"pass raised {type(error).__name__}: {_first_line(error)}"
+        # A pass's graphsurgeon graph is a web of cycles that refcounting never frees, and it holds the
+        # weights the pass read (memory maps) and wrote: freed here, whether the pass returned or raised,
+        # before the check and the sessions (and the next step) need the memory.
+        gc.collect()
+        if crash:
+            return self._structural_failure(step, crash), None, None
         step.seconds["run"] = time.perf_counter() - started
         _copy_result(step, result)
         if not result.changes:

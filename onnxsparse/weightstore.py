@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import itertools
 import logging
 import mmap
@@ -139,7 +140,7 @@ class WeightStore:
             data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
         except (KeyError, TypeError, ValueError):
             return None
-        if array.dtype.kind in "OUS" or data_type in PACKED_BITS:
+        if array.dtype.kind in "OUS" or not _raw_storable(data_type):
             return None
         contiguous = np.ascontiguousarray(array)
         offset = self._append(contiguous.reshape(-1).view(np.uint8), contiguous.nbytes)
@@ -147,33 +148,21 @@ class WeightStore:
         _make_external(tensor, self._written.name, offset, contiguous.nbytes)
         return tensor
 
-    def spill(self, model: onnx.ModelProto, min_bytes: int = SPILL_MIN_BYTES) -> int:
+    def spill(self, model: onnx.ModelProto, min_bytes: int = SPILL_MIN_BYTES) -> None:
         """Move the initializers held in the message (of ``min_bytes`` or more) into the store, in
-        place; return how many bytes moved. Attribute tensors (Constant nodes) stay in the message."""
-        moved = 0
+        place. Attribute tensors (Constant nodes) stay in the message."""
         for graph in iter_model_graphs(model):
             for tensor in graph.initializer:
-                size = inline_bytes(tensor)
-                if size >= min_bytes and self._spill_tensor(tensor):
-                    moved += size
-        return moved
-
-    def _spill_tensor(self, tensor: onnx.TensorProto) -> bool:
-        if tensor.data_type in PACKED_BITS or tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
-            return False
-        data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
-        offset = self._append(np.frombuffer(data, np.uint8), len(data))
-        for name in _VALUE_FIELDS:
-            tensor.ClearField(name)
-        _make_external(tensor, self._written.name, offset, len(data))
-        return True
+                if inline_bytes(tensor) >= min_bytes and _raw_storable(tensor.data_type):
+                    data = _taken_out(tensor)
+                    _make_external(tensor, self._written.name, self._append(np.frombuffer(data, np.uint8), len(data)), len(data))
 
     def _append(self, data: np.ndarray, size: int) -> int:
         if self._handle is None:
             self._handle = self._written.open("ab")
         handle = self._handle
         offset = handle.seek(0, os.SEEK_END)
-        padding = -offset % (_ALIGNMENT if size >= ALIGN_MIN_BYTES else _SMALL_ALIGNMENT)
+        padding = _padding(offset, size)
         try:
             handle.write(b"\0" * padding)
             handle.write(data.data)
@@ -235,10 +224,7 @@ def read_external(tensor: onnx.TensorProto) -> np.ndarray:
     offset = int(entries.get("offset", 0))
     length = int(entries["length"]) if "length" in entries else path.stat().st_size - offset
     if tensor.data_type in PACKED_BITS:  # sub-byte types: numpy_helper unpacks them from raw bytes
-        with path.open("rb") as handle:
-            handle.seek(offset)
-            inline = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=list(tensor.dims), raw_data=handle.read(length))
-        array = numpy_helper.to_array(inline)
+        array = numpy_helper.to_array(onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=list(tensor.dims), raw_data=_raw_bytes(tensor)))
     else:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
         shape = tuple(int(d) for d in tensor.dims)
@@ -311,8 +297,7 @@ def write_model_with_data(model: onnx.ModelProto, path: Path, data_name: str, mi
     with (path.parent / data_name).open("wb") as data:
         for graph in iter_model_graphs(header):
             for tensor in graph.initializer:
-                if external_data_helper.uses_external_data(tensor) or (
-                        inline_bytes(tensor) >= min_bytes and tensor.data_type not in PACKED_BITS and tensor.data_type != onnx.TensorProto.STRING):
+                if external_data_helper.uses_external_data(tensor) or (inline_bytes(tensor) >= min_bytes and _raw_storable(tensor.data_type)):
                     _write_tensor_data(tensor, data, data_name)
         for tensor in iter_all_tensors(header):  # attribute tensors and sparse parts that were external
             if external_data_helper.uses_external_data(tensor) and _entries(tensor).get("location") != data_name:
@@ -324,15 +309,31 @@ def _write_tensor_data(tensor: onnx.TensorProto, data: IO[bytes], data_name: str
     """Append ``tensor``'s values to ``data`` (aligned) and point it there."""
     size = data_bytes(tensor)
     offset = data.tell()
-    padding = -offset % (_ALIGNMENT if size >= ALIGN_MIN_BYTES else _SMALL_ALIGNMENT)
+    padding = _padding(offset, size)
     data.write(b"\0" * padding)
     if external_data_helper.uses_external_data(tensor):
         _copy_external(tensor, data)
     else:
-        data.write(tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes())
-        for name in _VALUE_FIELDS:
-            tensor.ClearField(name)
+        data.write(_taken_out(tensor))
     _make_external(tensor, data_name, offset + padding, size)
+
+
+def _padding(offset: int, size: int) -> int:
+    """Zero bytes before a tensor of ``size`` bytes at ``offset`` (big ones on 64 KiB boundaries)."""
+    return -offset % (_ALIGNMENT if size >= ALIGN_MIN_BYTES else _SMALL_ALIGNMENT)
+
+
+def _raw_storable(data_type: int) -> bool:
+    """Whether values of this type can be moved out of the message as raw bytes and read back here."""
+    return data_type not in PACKED_BITS and data_type not in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED)
+
+
+def _taken_out(tensor: onnx.TensorProto) -> bytes:
+    """An inline tensor's values as raw bytes, its value fields cleared (it is about to become external)."""
+    data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+    for name in _VALUE_FIELDS:
+        tensor.ClearField(name)
+    return data
 
 
 def inlined(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -349,10 +350,9 @@ def inlined(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
-    entries = _entries(tensor)
-    with store_of_tensor(tensor).file_of(entries["location"]).open("rb") as handle:
-        handle.seek(int(entries.get("offset", 0)))
-        return handle.read(data_bytes(tensor))
+    buffer = io.BytesIO()
+    _copy_external(tensor, buffer)
+    return buffer.getvalue()
 
 
 def _copy_external(tensor: onnx.TensorProto, out: IO[bytes]) -> None:

@@ -100,8 +100,9 @@ class SparseEncode(Pass):
         raw_bytes, varint_bytes = positions.size * np.dtype(numpy_dtype).itemsize, _varint_bytes(positions)
         # sized before it is built: a packed-varint list of millions of indices takes seconds to build
         estimate = dense.dtype.itemsize * positions.size + min(raw_bytes, varint_bytes)
-        most = stored_bytes(tensor) * (1 - self.min_saving)
-        not_worth = (f"density {positions.size / size:.2f}: encoded, it would take {estimate / stored_bytes(tensor):.2f}x its dense bytes "
+        dense_bytes = stored_bytes(tensor)
+        most = dense_bytes * (1 - self.min_saving)
+        not_worth = (f"density {positions.size / size:.2f}: encoded, it would take {estimate / dense_bytes:.2f}x its dense bytes "
                      f"(encoded when at most {1 - self.min_saving:.2f}x: min_saving={self.min_saving:g}; min_saving=0 encodes whatever gets smaller)")
         if estimate >= most:
             return None, not_worth
