@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from .calibration import InputSource, batch_dim, check_feed, in_chunks, model_inputs, samples_in
 from .graph import downstream_names
 from .quantization import choose_range
-from .validation import make_session
+from .runtime import make_session
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +47,41 @@ class ChannelStats:
         return np.sqrt(self.sum_squares)
 
 
-def with_extra_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+@dataclass(frozen=True)
+class ValueFacts:
+    """What onnx's shape inference tells of a model's main-graph tensors, inferred once for every
+    run of it: element types (to expose a tensor as an output) and bytes per sample (to know how many
+    values fit in memory). A layer-by-layer pass edits weights, never types or shapes, so the facts
+    of the model it starts from hold for every version it makes."""
+
+    types: Mapping[str, int]
+    bytes_per_sample: Mapping[str, int]
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> ValueFacts:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # noqa: BLE001 - fall back to float for every tensor, sizes unknown
+            log.debug("shape inference failed; exposing intermediate tensors as float", exc_info=True)
+            return cls({}, _bytes_per_sample(model))
+        values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+        types = {v.name: v.type.tensor_type.elem_type for v in values if v.type.HasField("tensor_type")}
+        return cls(types, _bytes_per_sample(inferred))
+
+
+def with_extra_outputs(model: onnx.ModelProto, names: Iterable[str], facts: ValueFacts | None = None) -> onnx.ModelProto:
     """A copy of ``model`` that also outputs the given intermediate tensors of its main graph."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     existing = {output.name for output in exposed.graph.output}
-    types = _elem_types(model)
+    types = (facts or ValueFacts.of(model)).types
     for name in names:
         if name not in existing:
             exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
     return exposed
 
 
-def computing_only(model: onnx.ModelProto, names: Iterable[str], given: Iterable[str] = ()) -> onnx.ModelProto:
+def computing_only(model: onnx.ModelProto, names: Iterable[str], given: Iterable[str] = (), facts: ValueFacts | None = None) -> onnx.ModelProto:
     """A copy of ``model`` whose outputs are the given main-graph tensors, with only the nodes and
     initializers they depend on. A layer-by-layer pass (SparseGPT, refit) asks for one early
     layer's input after another: running the whole model for each would redo every later layer.
@@ -75,7 +97,7 @@ def computing_only(model: onnx.ModelProto, names: Iterable[str], given: Iterable
     read = set().union(*reads.values(), wanted)
     trimmed = onnx.ModelProto()
     trimmed.CopyFrom(model)
-    types = _elem_types(model)
+    types = (facts or ValueFacts.of(model)).types
     del trimmed.graph.node[:]
     trimmed.graph.node.extend(kept)
     initializers = [tensor for tensor in model.graph.initializer if tensor.name in read]
@@ -114,17 +136,6 @@ def _names_read(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element types of the main graph's values, from shape inference where it succeeds."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - fall back to float for every tensor
-        log.debug("shape inference failed; exposing intermediate tensors as float", exc_info=True)
-        return {}
-    values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-    return {v.name: v.type.tensor_type.elem_type for v in values if v.type.HasField("tensor_type")}
-
-
 def tensor_values(
     model: onnx.ModelProto,
     source: InputSource,
@@ -134,15 +145,17 @@ def tensor_values(
     label: str = "calibration",
     feed_done: Callable[[int], None] | None = None,
     given: Mapping[str, Sequence[np.ndarray]] | None = None,
+    facts: ValueFacts | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """For each feed of ``source`` (up to ``limit`` feeds), the values of the named main-graph tensors,
     in runs of at most ``RUN_SAMPLES`` samples (a large feed yields several value dicts). ``given``
-    holds, per run, values of the model's tensors known already: they are fed instead of computed."""
+    holds, per run, values of the model's tensors known already: they are fed instead of computed.
+    ``facts``: the model's, when the caller has them (else inferred here)."""
     given = given or {}
     wanted = list(dict.fromkeys(names))
     graph_inputs = {i.name for i in model.graph.input}
     computed = [n for n in wanted if n not in graph_inputs and n not in given]
-    session = make_session(computing_only(model, computed, given), label) if computed else None
+    session = make_session(computing_only(model, computed, given, facts), label) if computed else None
     fed = {i.name for i in session.get_inputs()} if session is not None else set()
     inputs = model_inputs(model)
     batched = batch_dim(i.shape for i in inputs) is not None
@@ -178,7 +191,7 @@ class FixedModelValues:
         self.coming = coming  # the names in the order they will be asked for (a name may come again)
         self.asked = 0
         self.total_samples = _samples_read(source, limit)
-        self.per_sample = _bytes_per_sample(model)
+        self.facts = ValueFacts.of(model)
         self.held: dict[str, list[np.ndarray]] = {}
 
     def values(self, name: str) -> list[np.ndarray]:
@@ -189,7 +202,7 @@ class FixedModelValues:
             self.asked = position + 1
         if name not in self.held:
             names = [name] if position is None else self._batch_from(position)
-            runs = list(tensor_values(self.model, self.source, names, limit=self.limit, label=self.label))
+            runs = list(tensor_values(self.model, self.source, names, limit=self.limit, label=self.label, facts=self.facts))
             self.held.update({n: [run[n] for run in runs] for n in names})
         still_coming = set(self.coming[self.asked :])
         values = self.held[name] if name in still_coming else self.held.pop(name)
@@ -203,7 +216,7 @@ class FixedModelValues:
         names: list[str] = []
         held = 0
         for following in dict.fromkeys(self.coming[position:]):
-            size = self.per_sample.get(following)
+            size = self.facts.bytes_per_sample.get(following)
             needed = size * self.total_samples if size is not None else None
             if names and (needed is None or held + needed > FIXED_VALUES_BYTES):
                 break
@@ -226,14 +239,17 @@ class ChangingModelValues:
         self.source, self.limit, self.label = source, limit, label
         self.total_samples = _samples_read(source, limit)
         self.kept: dict[str, list[np.ndarray]] = {}  # in the order they were computed
+        self.facts: ValueFacts | None = None  # of the first version asked about: edits keep them
 
     def values(self, model: onnx.ModelProto, names: Iterable[str]) -> Iterable[dict[str, np.ndarray]]:
         """The values of ``names`` in ``model``, one dict per run of :func:`tensor_values` over the
         source: held and kept when they fit FIXED_VALUES_BYTES, streamed otherwise (or when their
         size is not known)."""
         wanted = list(dict.fromkeys(names))
-        runs = tensor_values(model, self.source, wanted, limit=self.limit, label=self.label, given=self.kept)
-        sizes = _bytes_per_sample(model)
+        if self.facts is None:
+            self.facts = ValueFacts.of(model)
+        runs = tensor_values(model, self.source, wanted, limit=self.limit, label=self.label, given=self.kept, facts=self.facts)
+        sizes = self.facts.bytes_per_sample
         if any(name not in sizes for name in wanted) or sum(sizes[n] for n in wanted) * self.total_samples > FIXED_VALUES_BYTES:
             return runs
         held = list(runs)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from .calibration import FirstSamples, InputSource, SyntheticInputs
-from .validation import make_session
+from .runtime import Runtime, open_session
 
 WARMUP_RUNS = 3
 
@@ -26,9 +26,13 @@ def relative_latency(
     min_runs: int = 15,
     min_seconds: float = 1.0,
     max_runs: int = 200,
+    runtime: Runtime | None = None,
+    keep_candidate: bool = True,
 ) -> float:
-    """Median seconds of one run of ``candidate`` over that of ``reference`` (one thread each)."""
-    runners = [_runner(reference, feed), _runner(candidate, feed)]
+    """Median seconds of one run of ``candidate`` over that of ``reference`` (one thread each;
+    sessions from ``runtime`` when given, so a model timed before is not loaded again; a one-off
+    candidate's is not kept there without ``keep_candidate``)."""
+    runners = [_runner(reference, feed, runtime, True), _runner(candidate, feed, runtime, keep_candidate)]
     for run in runners:
         for _ in range(WARMUP_RUNS):
             run()
@@ -49,8 +53,8 @@ def timing_feed(model: onnx.ModelProto, calibration: InputSource | None) -> dict
     return dict(next(iter(source.feeds())))
 
 
-def _runner(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]):  # noqa: ANN202 - a closure
-    session = make_session(model, "latency probe", threads=1)
+def _runner(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], runtime: Runtime | None, keep: bool):  # noqa: ANN202 - a closure
+    session = open_session(model, "latency probe", threads=1, runtime=runtime, keep=keep)
     accepted = {i.name for i in session.get_inputs()}
     inputs = {k: v for k, v in feed.items() if k in accepted}
     return lambda: session.run(None, inputs)

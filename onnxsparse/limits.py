@@ -81,3 +81,8 @@ def array_bytes(dims: Iterable[int], dtype: np.dtype | type) -> int:
 # data). In a model whose weights are external, sparse-encode spends at most this much of the message
 # on them: every copy a run makes of a message (check, session, save) costs memory its size.
 SPARSE_MESSAGE_BYTES = 256 * 2**20
+
+# The weights of the models whose onnxruntime sessions a run keeps for reuse (runtime.Runtime): a model
+# asked for again (the original, a trial that becomes the result, the model a step starts from) is not
+# loaded again. A model larger than this is never kept, so it never holds memory past its use.
+SESSION_CACHE_BYTES = 256 * 2**20

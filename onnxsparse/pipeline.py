@@ -47,6 +47,7 @@ from .latency import relative_latency, timing_feed
 from .limits import DEFAULT_MAX_INPUT_BYTES
 from .passes import Pass, PassContext, PassResult, Requirement
 from .report import KEPT, KEPT_FAILING, KEPT_WORSE, NO_CHANGE, ROLLED_BACK, WORSE, RunReport, StepReport
+from .runtime import Runtime, open_session
 from .shapes import infer_shapes
 from .spec import format_pipeline, load_recipe, parse_pipeline
 from .validation import (
@@ -59,7 +60,6 @@ from .validation import (
     ValidationResult,
     compare,
     loosest,
-    make_session,
     run_feeds,
 )
 from .weightstore import WeightStore
@@ -117,6 +117,8 @@ class PassManager:
     held_out_seed: int = 0
     keep_worse: bool = False
     report: RunReport | None = field(default=None, init=False)
+    # The run's onnxruntime sessions, one per model version and thread count (see runtime.py).
+    runtime: Runtime = field(default_factory=Runtime, init=False)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -130,6 +132,13 @@ class PassManager:
     def run(self, model: onnx.ModelProto, label: str = "model", info: LoadInfo | None = None) -> tuple[onnx.ModelProto, RunReport]:
         """Run every pass; the report is also kept in ``self.report`` as it grows, so a caller
         that catches an error (policy ``raise``) can still write what happened."""
+        try:
+            return self._run(model, label, info)
+        finally:
+            log.debug("onnxruntime sessions: %d made, %d reused", self.runtime.created, self.runtime.reused)
+            self.runtime.clear()  # their memory goes with the run
+
+    def _run(self, model: onnx.ModelProto, label: str, info: LoadInfo | None) -> tuple[onnx.ModelProto, RunReport]:
         started = time.perf_counter()
         self._check_requirements()
         data = self._plan_data(model)
@@ -144,10 +153,10 @@ class PassManager:
         if data.note:
             report.warnings.append(data.note)
         phase = time.perf_counter()
-        reference = Reference.of(model, feeds, f"{label} (original)", self._progress("reference"))
+        reference = Reference.of(model, feeds, f"{label} (original)", self._progress("reference"), runtime=self.runtime)
         log.info("reference: the original's outputs on %s in %.1f s", report.inputs, time.perf_counter() - phase)
         chain = _Chain(model, reference.outputs, footprint(model))
-        judge = _CalibrationJudge(model, data.calibration, self.temperature)
+        judge = _CalibrationJudge(model, data.calibration, self.temperature, self.runtime)
         for index, pass_ in enumerate(self.passes):
             self._report_progress("passes", index, len(self.passes))
             step, result_model, outputs = self._run_step(pass_, chain, reference, data, judge, label)
@@ -164,7 +173,8 @@ class PassManager:
         if chain.outputs_current and final.ir_version == chain.model.ir_version:  # the model its last step already ran
             report.final_validation = reference.compared(chain.outputs, final_tolerance, temperature=self.temperature)
         else:
-            report.final_validation = reference.validate(final, final_tolerance, f"{label} (final)", temperature=self.temperature)
+            report.final_validation = reference.validate(final, final_tolerance, f"{label} (final)", temperature=self.temperature,
+                                                         runtime=self.runtime)
         log.info("final validation: %s in %.1f s", "passed" if report.final_validation.passed else "FAILED", time.perf_counter() - phase)
         report.output = summarize(final, with_tensors=True)
         report.warnings.extend(dict.fromkeys(w for step in report.steps for w in step.warnings))
@@ -226,7 +236,8 @@ class PassManager:
         crash = ""
         try:
             result = pass_.run(self._prepared_copy(pass_, chain.model),
-                               PassContext(calibration=data.calibration, validate=validate if data.calibration is not None else None, progress=self.progress))
+                               PassContext(calibration=data.calibration, validate=validate if data.calibration is not None else None,
+                                           progress=self.progress, runtime=self.runtime))
         except _CALLER_ERRORS:
             raise
         except Exception as error:  # a broken pass is rolled back, not fatal
@@ -252,7 +263,7 @@ class PassManager:
         step.seconds["check"] = time.perf_counter() - checked
         validated = time.perf_counter()
         try:
-            outputs = run_feeds(make_session(result.model, f"{label} after {pass_.name}"), reference.feeds, f"{label} after {pass_.name}",
+            outputs = run_feeds(open_session(result.model, f"{label} after {pass_.name}", runtime=self.runtime), reference.feeds, f"{label} after {pass_.name}",
                                 self._progress(f"validate {pass_.name}"))
         except (RuntimeLoadError, InputDataError) as error:
             return self._structural_failure(step, str(error)), None, None
@@ -279,7 +290,7 @@ class PassManager:
         grew = after.bytes > before.bytes * SIZE_NOISE
         if not (grew or pass_.may_change_speed):
             return step
-        ratio = _confirmed_latency_ratio(chain.model, model, timing_feed(chain.model, data.calibration or data.validation), grew)
+        ratio = _confirmed_latency_ratio(chain.model, model, timing_feed(chain.model, data.calibration or data.validation), grew, self.runtime)
         step.figures["latency_vs_input"] = round(ratio, 3)
         why = ""
         if grew and ratio > 1.0 - SPEED_NOISE:
@@ -380,11 +391,11 @@ SLOWER_MARGIN = 0.10
 RETIME_RUNS, RETIME_SECONDS = 60, 3.0
 
 
-def _confirmed_latency_ratio(before: onnx.ModelProto, after: onnx.ModelProto, feed: dict[str, np.ndarray], grew: bool) -> float:
+def _confirmed_latency_ratio(before: onnx.ModelProto, after: onnx.ModelProto, feed: dict[str, np.ndarray], grew: bool, runtime: Runtime) -> float:
     """``after``'s onnxruntime time over ``before``'s; a ratio that would condemn the step is timed again, longer."""
-    ratio = relative_latency(before, after, feed)
+    ratio = relative_latency(before, after, feed, runtime=runtime)
     if (grew and ratio > 1.0 - SPEED_NOISE) or ratio > 1.0 + SLOWER_MARGIN:
-        ratio = relative_latency(before, after, feed, min_runs=RETIME_RUNS, min_seconds=RETIME_SECONDS)
+        ratio = relative_latency(before, after, feed, min_runs=RETIME_RUNS, min_seconds=RETIME_SECONDS, runtime=runtime)
     return ratio
 
 
@@ -439,8 +450,8 @@ class _CalibrationJudge:
 
     SAMPLES = 32
 
-    def __init__(self, original: onnx.ModelProto, calibration: InputSource | None, temperature: float) -> None:
-        self.original, self.calibration, self.temperature = original, calibration, temperature
+    def __init__(self, original: onnx.ModelProto, calibration: InputSource | None, temperature: float, runtime: Runtime) -> None:
+        self.original, self.calibration, self.temperature, self.runtime = original, calibration, temperature, runtime
         self._reference: Reference | None = None
 
     def validate(self, model: onnx.ModelProto, tolerance_of: Callable[[str], Tolerance], label: str) -> ValidationResult:
@@ -448,8 +459,8 @@ class _CalibrationJudge:
             raise RequirementError("a pass asked to judge a trial model without calibration data")
         if self._reference is None:
             source = SpreadSamples(self.calibration, self.SAMPLES)
-            self._reference = Reference.of(self.original, collect_feeds(source, self.original), "original on calibration samples")
-        return self._reference.validate(model, tolerance_of, label, temperature=self.temperature)
+            self._reference = Reference.of(self.original, collect_feeds(source, self.original), "original on calibration samples", runtime=self.runtime)
+        return self._reference.validate(model, tolerance_of, label, temperature=self.temperature, runtime=self.runtime)
 
 
 def _describe_feeds(source: InputSource, feeds: list[Feed], limit: int | None) -> str:

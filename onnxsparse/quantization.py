@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .validation import make_session
+from .runtime import make_session
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import onnx
 from .activations import with_extra_outputs
 from .calibration import SyntheticInputs, model_inputs
 from .errors import OnnxsparseError, RequirementError
-from .validation import make_session
+from .runtime import make_session
 
 log = logging.getLogger(__name__)
 

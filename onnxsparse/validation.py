@@ -11,11 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import re
-import tempfile
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,16 +22,13 @@ import onnxruntime as ort
 
 from .calibration import SpreadSamples, batch_dim, collect_feeds, in_chunks
 from .errors import InputDataError, RuntimeLoadError
+from .runtime import Runtime, open_session
 from .text import did_you_mean
-from .weightstore import store_of
 
 log = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
 ProgressCallback = Callable[[str, int, int], None]
-
-# Above this, a model is handed to onnxruntime as a file with external data (protobuf's 2 GB limit).
-_SESSION_FROM_FILE_BYTES = 2**31 - 256 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,41 +377,6 @@ class ValidationResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_session(model: onnx.ModelProto, label: str, *, threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime session on the CPU, or a RuntimeLoadError naming the model and the problem."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        store = store_of(model)
-        if store is not None:  # by path: onnxruntime reads the store's files beside the model
-            with store.model_file(model) as path:
-                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        if model.ByteSize() < _SESSION_FROM_FILE_BYTES:
-            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.onnx"
-            # onnx.save_model moves the tensors of the model it is given out to the (temporary) file:
-            # give it a copy, or the caller's model would point into a deleted folder.
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # noqa: BLE001 - onnxruntime raises several private exception types
-        raise RuntimeLoadError(f"{label}: onnxruntime cannot load it: {_load_failure(error)}") from error
-
-
-def _load_failure(error: BaseException) -> str:
-    """onnxruntime's message, made actionable where we know the cause."""
-    text = " ".join(str(error).split())
-    match = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", text)
-    if match:
-        return (f"IR version {match.group(1)} is newer than this onnxruntime reads (at most {match.group(2)}); "
-                f"re-save the model with ir_version={match.group(2)} (onnx >= 1.23 writes {match.group(1)} by default)")
-    return _first_line(error)
-
-
 def run_feeds(
     session: ort.InferenceSession,
     feeds: Sequence[Feed],
@@ -537,10 +497,11 @@ class Reference:
     scores: frozenset[str] | None = None
 
     @classmethod
-    def of(cls, model: onnx.ModelProto, feeds: list[Feed], label: str, progress: ProgressCallback | None = None) -> Reference:
+    def of(cls, model: onnx.ModelProto, feeds: list[Feed], label: str, progress: ProgressCallback | None = None, *,
+           runtime: Runtime | None = None) -> Reference:
         """The outputs, or an InputDataError when any is NaN/Inf: every candidate would then be
         compared on the finite rest only, and a model gone all-NaN would validate as perfect."""
-        session = make_session(model, label)
+        session = open_session(model, label, runtime=runtime)
         outputs = run_feeds(session, feeds, label, progress)
         for name in outputs[0] if outputs else ():
             bad, total = _nonfinite_count(output[name] for output in outputs)
@@ -559,9 +520,10 @@ class Reference:
         *,
         temperature: float = 1.0,
         progress: ProgressCallback | None = None,
+        runtime: Runtime | None = None,
     ) -> ValidationResult:
         start = time.perf_counter()
-        session = make_session(candidate, label)
+        session = open_session(candidate, label, runtime=runtime)
         outputs = run_feeds(session, self.feeds, label, progress)
         return compare(self.outputs, outputs, tolerance_of, temperature=temperature, seconds=time.perf_counter() - start, scores=self.scores)
 
@@ -590,7 +552,7 @@ def _first_line(error: BaseException) -> str:
 
 def outputs_on(model: onnx.ModelProto, source: object) -> list[dict[str, np.ndarray]]:
     """The model's outputs on every feed of an input source (for scans on calibration data)."""
-    return run_feeds(make_session(model, "probe"), collect_feeds(source, model), "probe")  # type: ignore[arg-type]
+    return run_feeds(open_session(model, "probe"), collect_feeds(source, model), "probe")  # type: ignore[arg-type]
 
 
 def output_drift(reference: Sequence[Mapping[str, np.ndarray]], candidate: Sequence[Mapping[str, np.ndarray]]) -> float:

@@ -161,7 +161,7 @@ def test_typos_in_tolerance_targets_and_dims_are_errors(folder, capsys):
 
 
 def test_an_ir_version_onnxruntime_cannot_read_gets_an_actionable_message(tmp_path, capsys):
-    from onnxsparse.validation import _load_failure
+    from onnxsparse.runtime import _load_failure
 
     # onnxruntime 1.31's own words for onnx 1.23's default IR version: always translated ...
     refusal = RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Load model from m.onnx failed:/onnxruntime_src/onnxruntime/core/graph/"

@@ -226,7 +226,8 @@ def test_fixed_model_values_drop_what_a_skipped_layer_never_asked_for_and_end_a_
     real = activations.tensor_values
     monkeypatch.setattr(activations, "tensor_values", lambda model, source, asked, **kw: runs.append(list(asked)) or real(model, source, asked, **kw))
     values = activations.FixedModelValues(model, calibration, 2, names, label="test")
-    del values.per_sample[names[0]]  # a size shape inference did not give
+    unknown = {name: size for name, size in values.facts.bytes_per_sample.items() if name != names[0]}  # a size shape inference did not give
+    values.facts = activations.ValueFacts(values.facts.types, unknown)
     values.values(names[0])
     assert runs == [[names[0]]]
 
@@ -273,13 +274,12 @@ def test_tensor_values_feed_given_values_instead_of_computing_them_and_changing_
     (values,) = activations.tensor_values(model, source, ["y"], given={"s1": [np.zeros((4, 2), dtype=np.float32)]})
     np.testing.assert_array_equal(values["y"], run(model, {"x": x})[0])
 
-    from onnxsparse.shapes import infer_shapes
-
     changing = activations.ChangingModelValues(source, None, label="test")
+    changing.facts = activations.ValueFacts({}, {})  # sizes shape inference does not give
     changing.values(model, ["a"])
-    assert not changing.kept  # sizes unknown without inferred shapes: streamed, not held
-    model = infer_shapes(model)
-    changing.values(model, ["a", "b"])
+    assert not changing.kept  # streamed, not held
+    changing = activations.ChangingModelValues(source, None, label="test")
+    changing.values(model, ["a", "b"])  # sizes inferred once, on the version first asked about
     graph = to_gs(model)
     changing.edited(graph, [n for n in graph.nodes if n.op == "Neg"])  # b and all after it change, a does not
     assert set(changing.kept) == {"a"}

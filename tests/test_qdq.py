@@ -272,7 +272,7 @@ def test_weights_inside_subgraphs_count_as_quantized_in_the_report(rng):
 def test_auto_choosing_dynamic_reports_the_dynamic_candidate_not_the_static_ones_figures(tmp_path, monkeypatch):
     """The static candidate's guard kept nodes in float; when auto picks dynamic, the report must
     not carry that count (MiniLM showed 56 nodes kept float while all 36 weight MatMuls were int8)."""
-    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", lambda reference, candidate, feed: 0.5 if any(
+    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", lambda reference, candidate, feed, runtime=None: 0.5 if any(
         n.op_type == "MatMulInteger" for n in candidate.graph.node) else 0.9)
     _, report = _quantize("digits_transformer", tmp_path, "qdq{guard=true}", tolerances=None)
     figures, step = report.steps[0].figures, report.steps[0]

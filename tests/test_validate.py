@@ -277,7 +277,8 @@ def test_intermediate_tensors_are_read_in_bounded_runs_of_a_large_feed_and_only_
 
 @pytest.mark.parametrize("output", ["y = Relu (x)", "y = ReduceSum <keepdims = 0> (x)"])
 def test_validation_runs_a_large_feed_in_bounded_batches_unless_an_output_spans_the_batch(output):
-    from onnxsparse.validation import make_session, run_feeds
+    from onnxsparse.runtime import make_session
+    from onnxsparse.validation import run_feeds
 
     x = np.arange(40 * 3, dtype=np.float32).reshape(40, 3) - 60
     model = parse(FIXED_TEXT.replace("y = Relu (x)", output).replace("float[N, 3] y", "float y" if "Reduce" in output else "float[N, 3] y"))
@@ -360,7 +361,7 @@ def test_reference_fails_a_model_with_a_perturbed_weight():
 
 def test_session_from_a_file_leaves_the_callers_model_untouched(monkeypatch):
     # Models near protobuf's 2 GB limit go to onnxruntime as a file with external data; force that path.
-    monkeypatch.setattr(importlib.import_module("onnxsparse.validation"), "_SESSION_FROM_FILE_BYTES", 0)
+    monkeypatch.setattr(importlib.import_module("onnxsparse.runtime"), "_SESSION_FROM_FILE_BYTES", 0)
     model = onnx.load(str(MODELS / "digits_cnn.onnx"))
     before = model.SerializeToString()
     feeds = collect_feeds(resolve_inputs(MODELS / "digits_cnn.inputs.npz", model), model)

@@ -21,6 +21,7 @@ import onnx
 from ..calibration import InputSource
 from ..errors import PipelineSpecError
 from ..results import Change, PassResult, Skip  # the records a pass fills, part of its contract: a pass imports them from here
+from ..runtime import Runtime
 from ..text import did_you_mean
 from ..validation import EXACT, Tolerance, ValidationResult
 from .options import converted_options, format_pass
@@ -46,11 +47,13 @@ class PassContext:
 
     ``validate`` compares a candidate with the original model under this step's tolerance (a
     pass that searches, like the quantizer's accuracy guard, uses it); ``progress`` reports
-    (label, done, total) of long work."""
+    (label, done, total) of long work; ``runtime`` makes a model's onnxruntime session once per
+    run (a pass that times or runs a model the manager will run too asks it, not onnxruntime)."""
 
     calibration: InputSource | None = None
     validate: Callable[[onnx.ModelProto], ValidationResult] | None = None
     progress: Callable[[str, int, int], None] | None = None
+    runtime: Runtime | None = None
 
 
 @dataclass(frozen=True)

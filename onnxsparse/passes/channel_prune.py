@@ -20,6 +20,7 @@ from ..inspect_model import count_macs, count_work, summarize
 from ..latency import relative_latency, timing_feed
 from ..layerwise import ReadingLayer, add_output_shift, compensated_removal, greedy_removal_costs
 from ..refit import layers_from, refit_layers
+from ..runtime import Runtime
 from ..validation import EXACT, DriftProbe, Tolerance
 from ..weights import matches
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
@@ -73,17 +74,18 @@ class TimeSaved(BudgetMeasure):
     activations pay for). A probe that ran no faster than its input keeps its measured figure (a
     block cut off onnxruntime's channel blocks can run slower), which closes its group."""
 
-    def __init__(self, model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> None:
+    def __init__(self, model: onnx.ModelProto, feed: dict[str, np.ndarray], runtime: Runtime | None = None) -> None:
         super().__init__(1.0, self._time)
-        self.model, self.feed = model, feed
+        self.model, self.feed, self.runtime = model, feed, runtime
         self.work = count_work(model)
         self.measured: list[tuple[float, float, float]] = []  # (time, MACs, elements) saved, per probe
         self.fit: tuple[float, float, float] | None = None  # per MAC, per element, R²
 
     def _time(self, trial: onnx.ModelProto) -> float:
-        saved = 1.0 - relative_latency(self.model, trial, self.feed)
+        saved = 1.0 - relative_latency(self.model, trial, self.feed, runtime=self.runtime, keep_candidate=False)
         if saved <= 0:  # closes the group: make sure with a longer timing (a busy core made 3 of 25 MobileNetV2 probes "slower")
-            saved = 1.0 - relative_latency(self.model, trial, self.feed, min_runs=RETIME_RUNS, min_seconds=RETIME_SECONDS)
+            saved = 1.0 - relative_latency(self.model, trial, self.feed, min_runs=RETIME_RUNS, min_seconds=RETIME_SECONDS, runtime=self.runtime,
+                                           keep_candidate=False)
         work = count_work(trial)
         if self.work is not None and work is not None:
             self.measured.append((saved, self.work.macs - work.macs, self.work.activation_elements - work.activation_elements))
@@ -107,7 +109,7 @@ class TimeSaved(BudgetMeasure):
         """A whole plan's saving, timed rather than read off the fit: it is a large share of the time,
         well above one timing's noise, while the fit of small probes on a busy machine can be poor
         (MobileNetV2, R² 0.12: a plan for 50% of the time ran in 0.29x)."""
-        return 1.0 - relative_latency(self.model, plan, self.feed)
+        return 1.0 - relative_latency(self.model, plan, self.feed, runtime=self.runtime, keep_candidate=False)
 
 
 @dataclass(frozen=True)
@@ -267,7 +269,7 @@ class ChannelPrune(Pass):
 
     def _faster(self, model: onnx.ModelProto, pruned: onnx.ModelProto, context: PassContext, result: PassResult) -> bool:
         """Whether ``pruned`` runs faster than ``model``; if not, say so in ``result`` (which keeps the input)."""
-        ratio = relative_latency(model, pruned, timing_feed(model, context.calibration))
+        ratio = relative_latency(model, pruned, timing_feed(model, context.calibration), runtime=context.runtime)
         result.figures["latency_ratio"] = round(ratio, 3)
         if ratio < 1.0:
             return True
@@ -474,7 +476,7 @@ class ChannelPrune(Pass):
                 raise RequirementError("channel-prune{budget=macs} needs the model's MACs, and its shapes cannot be inferred")
             return BudgetMeasure(float(total_macs), lambda trial: _macs_saved(total_macs, trial))
         if self.budget == "latency":
-            return TimeSaved(model, timing_feed(model, context.calibration))
+            return TimeSaved(model, timing_feed(model, context.calibration), context.runtime)
         return None
 
     def _removable(self, total: int, free: int, wanted: int) -> int:

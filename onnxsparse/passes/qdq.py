@@ -516,7 +516,7 @@ def _pick(static: PassResult, dynamic: PassResult, model: onnx.ModelProto, conte
     verdicts = {"static": context.validate(static.model), "dynamic": context.validate(dynamic.model)}
     results = {"static": static, "dynamic": dynamic}
     feed = timing_feed(model, context.calibration)
-    ratios = {mode: relative_latency(model, results[mode].model, feed) for mode in results}
+    ratios = {mode: relative_latency(model, results[mode].model, feed, runtime=context.runtime) for mode in results}
     passing = [mode for mode, verdict in verdicts.items() if verdict.passed]
     why_prefix = ""
     if not passing and not context.validate(model).passed:

@@ -1,0 +1,141 @@
+"""onnxruntime sessions: made once per model version and kind, not once per question asked of it.
+
+A run asks many times for a session of the same model: the original gives the validation reference
+and the reference a pass's trials are judged by; a pass's trial that becomes its result is validated
+again by the manager; the model a step starts from was timed as the result of the step before. A
+:class:`Runtime` keeps the sessions it made, keyed by the model's content (the serialized message: a
+store-held model's message holds where its tensors are, and the store never rewrites those bytes)
+and the thread count, within a memory budget (:data:`~onnxsparse.limits.SESSION_CACHE_BYTES`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from .errors import RuntimeLoadError
+from .io import data_size
+from .limits import SESSION_CACHE_BYTES
+from .weightstore import store_of
+
+log = logging.getLogger(__name__)
+
+# Above this, a model is handed to onnxruntime as a file with external data (protobuf's 2 GB limit).
+_SESSION_FROM_FILE_BYTES = 2**31 - 256 * 2**20
+
+PROVIDERS = ["CPUExecutionProvider"]
+
+
+def make_session(model: onnx.ModelProto, label: str, *, threads: int = 0) -> ort.InferenceSession:
+    """A new onnxruntime session on the CPU, or a RuntimeLoadError naming the model and the problem.
+    ``threads``: onnxruntime's intra-op threads (0: its default)."""
+    return _session(model, None, label, threads)
+
+
+def _session(model: onnx.ModelProto, serialized: bytes | None, label: str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        store = store_of(model)
+        if store is not None:  # by path: onnxruntime reads the store's files beside the model
+            with store.model_file(model) as path:
+                return ort.InferenceSession(str(path), options, providers=PROVIDERS)
+        if serialized is None and model.ByteSize() < _SESSION_FROM_FILE_BYTES:
+            serialized = model.SerializeToString()
+        if serialized is not None:
+            return ort.InferenceSession(serialized, options, providers=PROVIDERS)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.onnx"
+            # onnx.save_model moves the tensors of the model it is given out to the (temporary) file:
+            # give it a copy, or the caller's model would point into a deleted folder.
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
+            return ort.InferenceSession(str(path), options, providers=PROVIDERS)
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises several private exception types
+        raise RuntimeLoadError(f"{label}: onnxruntime cannot load it: {_load_failure(error)}") from error
+
+
+def _load_failure(error: BaseException) -> str:
+    """onnxruntime's message, made actionable where we know the cause."""
+    text = " ".join(str(error).split())
+    match = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", text)
+    if match:
+        return (f"IR version {match.group(1)} is newer than this onnxruntime reads (at most {match.group(2)}); "
+                f"re-save the model with ir_version={match.group(2)} (onnx >= 1.23 writes {match.group(1)} by default)")
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@dataclass
+class _Held:
+    session: ort.InferenceSession
+    bytes: int
+
+
+class Runtime:
+    """The sessions of one run, memoized per (model content, threads) within ``max_bytes`` of the
+    models' weights (the least recently used goes first; a model larger than the budget is never
+    held, so a big model's run holds no more than it did without the cache)."""
+
+    def __init__(self, max_bytes: int = SESSION_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._held: OrderedDict[tuple[str, int], _Held] = OrderedDict()
+        self.created = 0
+        self.reused = 0
+
+    def session(self, model: onnx.ModelProto, label: str, *, threads: int = 0, keep: bool = True) -> ort.InferenceSession:
+        """A session of ``model``: the one made before for the same content and threads, else a new
+        one, held for reuse unless ``keep`` is False (a one-off trial that only takes room)."""
+        serialized = _small_message(model)
+        if serialized is None:  # over protobuf's limit in one message: not keyed, never held
+            self.created += 1
+            return _session(model, None, label, threads)
+        size = data_size(model)  # about what the session holds of its weights
+        key = (hashlib.blake2b(serialized, digest_size=16).hexdigest(), threads)
+        held = self._held.get(key)
+        if held is not None:
+            self._held.move_to_end(key)
+            self.reused += 1
+            return held.session
+        session = _session(model, None if store_of(model) is not None else serialized, label, threads)
+        self.created += 1
+        if keep and size <= self.max_bytes:
+            self._held[key] = _Held(session, size)
+            self._trim()
+        return session
+
+    def clear(self) -> None:
+        """Let every held session go (their memory with them)."""
+        self._held.clear()
+
+    def _trim(self) -> None:
+        total = sum(held.bytes for held in self._held.values())
+        while total > self.max_bytes and self._held:
+            total -= self._held.popitem(last=False)[1].bytes
+
+
+def open_session(model: onnx.ModelProto, label: str, *, threads: int = 0, runtime: Runtime | None = None,
+                 keep: bool = True) -> ort.InferenceSession:
+    """A session from ``runtime`` when one is given (memoized, see :meth:`Runtime.session`), else a new one."""
+    if runtime is not None:
+        return runtime.session(model, label, threads=threads, keep=keep)
+    return make_session(model, label, threads=threads)
+
+
+def _small_message(model: onnx.ModelProto) -> bytes | None:
+    """The serialized message, or None when it is too large to be one (its tensors go through a file)."""
+    if model.ByteSize() >= _SESSION_FROM_FILE_BYTES:
+        return None
+    return model.SerializeToString()
+

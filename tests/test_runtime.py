@@ -1,0 +1,97 @@
+"""One session per model version: the runtime's memo, and what the README's main job makes of it,
+counted (never timed)."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+from conftest import MODELS, parse
+
+from onnxsparse import latency, optimize
+from onnxsparse.runtime import Runtime
+
+TINY = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[N, 4] x) => (float[N, 4] y) {
+        y = Relu (x)
+    }
+"""
+
+
+def test_the_runtime_makes_one_session_per_model_content_and_thread_count():
+    runtime = Runtime()
+    model = parse(TINY)
+    first = runtime.session(model, "tiny")
+    same_content = onnx.ModelProto()
+    same_content.CopyFrom(model)
+    assert runtime.session(same_content, "tiny") is first
+    one_thread = runtime.session(model, "tiny", threads=1)
+    assert one_thread is not first
+    other = parse(TINY.replace("Relu", "Neg"))
+    assert runtime.session(other, "neg") is not first
+    assert (runtime.created, runtime.reused) == (3, 1)
+    x = np.array([[-1.0, 2.0, -3.0, 4.0]], dtype=np.float32)
+    np.testing.assert_array_equal(first.run(None, {"x": x})[0], np.maximum(x, 0))
+
+
+def test_the_runtime_keeps_nothing_past_its_budget_and_nothing_it_is_told_not_to():
+    model = parse(TINY)
+    unkept = Runtime(max_bytes=0)
+    assert unkept.session(model, "tiny") is not unkept.session(model, "tiny")
+    runtime = Runtime()
+    assert runtime.session(model, "tiny", keep=False) is not runtime.session(model, "tiny", keep=False)
+    kept = runtime.session(model, "tiny")
+    assert runtime.session(model, "tiny") is kept
+    runtime.clear()
+    assert runtime.session(model, "tiny") is not kept
+
+
+def _content_key(model: object) -> str:
+    if isinstance(model, (str, Path)):
+        data = Path(model).read_bytes()
+    elif isinstance(model, bytes):
+        data = model
+    else:
+        data = model.SerializeToString()  # type: ignore[attr-defined]
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def test_the_readme_main_job_loads_each_model_version_once_and_exports_each_once(tmp_path, monkeypatch):
+    """A model version is exported from graphsurgeon once and loaded in onnxruntime once per thread
+    count; the only second load is the written file's, read back to prove it loads."""
+    sessions: collections.Counter[tuple[str, int]] = collections.Counter()
+    exports: collections.Counter[str] = collections.Counter()
+    real_session, real_export = ort.InferenceSession, gs.export_onnx
+    output = tmp_path / "digits_cnn.opt.onnx"
+
+    def counted_session(model, options=None, *args, **kwargs):
+        if isinstance(model, str) and Path(model).name.startswith(output.name):  # the staged output, verified
+            return real_session(model, options, *args, **kwargs)
+        sessions[(_content_key(model), options.intra_op_num_threads if options is not None else 0)] += 1
+        return real_session(model, options, *args, **kwargs)
+
+    def counted_export(*args, **kwargs):
+        exported = real_export(*args, **kwargs)
+        exports[_content_key(exported)] += 1
+        return exported
+
+    # the real timings (conftest pins them elsewhere): their sessions are counted too
+    monkeypatch.setattr("onnxsparse.pipeline.relative_latency", latency.relative_latency)
+    monkeypatch.setattr("onnxsparse.passes.channel_prune.relative_latency", latency.relative_latency)
+    monkeypatch.setattr(ort, "InferenceSession", counted_session)
+    monkeypatch.setattr(gs, "export_onnx", counted_export)
+    report = optimize(MODELS / "digits_cnn.onnx", output,
+                      "fold-batchnorm,channel-prune{ratio=0.25 round_to=4 refit=true never_slower=false},qdq{mode=static}",
+                      inputs=MODELS / "digits_cnn.inputs.npz", calibration=MODELS / "digits_cnn.calibration.npz", keep_worse=True)
+    assert len(report.steps) == 3 and report.steps[0].status == "committed"
+    assert output.exists()
+    assert sessions and exports
+    assert {key: count for key, count in sessions.items() if count > 1} == {}
+    assert {key: count for key, count in exports.items() if count > 1} == {}
+
