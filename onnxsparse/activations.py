@@ -386,16 +386,26 @@ def collect_ranges(
     stats = {name: RangeStats() for name in wanted}
     for values in tensor_values(model, source, wanted, limit=limit, label="calibration", feed_done=progress):
         for name in wanted:
-            array = np.asarray(values[name], dtype=np.float32)
-            finite = array[np.isfinite(array)] if not np.isfinite(array).all() else array
-            if finite.size:
-                stats[name].low = min(stats[name].low, float(finite.min()))
-                stats[name].high = max(stats[name].high, float(finite.max()))
+            low, high = _finite_range(np.asarray(values[name], dtype=np.float32))
+            stats[name].low = min(stats[name].low, low)
+            stats[name].high = max(stats[name].high, high)
     if method != "minmax":
         for values in tensor_values(model, source, wanted, limit=limit, label="calibration histograms"):
             for name in wanted:
                 _add_to_histogram(stats[name], np.asarray(values[name], dtype=np.float32))
     return {name: choose_range(entry.low, entry.high, entry.histogram, method, percentile) for name, entry in stats.items()}
+
+
+def _finite_range(array: np.ndarray) -> tuple[float, float]:
+    """The smallest and largest finite value ((inf, -inf) when there is none). NaN and Inf make
+    min or max non-finite, so the finite values are picked out only then, not on every run."""
+    if not array.size:
+        return np.inf, -np.inf
+    low, high = float(array.min()), float(array.max())
+    if np.isfinite(low) and np.isfinite(high):
+        return low, high
+    finite = array[np.isfinite(array)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (np.inf, -np.inf)
 
 
 def _add_to_histogram(entry: RangeStats, values: np.ndarray) -> None:

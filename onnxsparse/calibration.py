@@ -441,10 +441,24 @@ def select_samples(feeds: Iterable[Feed], sizes: Sequence[int], wanted: np.ndarr
         if len(picked) == size:
             yield feed
         elif len(picked):
-            yield {name: _rows(value, picked, size) for name, value in feed.items()}
+            ranges = _consecutive_ranges(picked)
+            if all((stop - begin) % RUN_SAMPLES == 0 for begin, stop in ranges[:-1]):
+                # Views, not copies (a held-out split's ranges are runs of RUN_SAMPLES): the runs a pass
+                # cuts them into are those it cut from one copied feed, and a pass that reads the data
+                # once per layer no longer copies it each time (MobileNetV2's qdq: 2.8 s of 12).
+                for begin, stop in ranges:
+                    yield {name: _rows(value, slice(begin, stop), size) for name, value in feed.items()}
+            else:
+                yield {name: _rows(value, picked, size) for name, value in feed.items()}
 
 
-def _rows(value: Any, picked: np.ndarray, size: int) -> Any:
+def _consecutive_ranges(picked: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted sample numbers as [begin, stop) ranges of consecutive ones."""
+    breaks = np.flatnonzero(np.diff(picked) != 1) + 1
+    return [(int(part[0]), int(part[-1]) + 1) for part in np.split(picked, breaks)]
+
+
+def _rows(value: Any, picked: np.ndarray | slice, size: int) -> Any:
     array = np.asarray(value)
     return array[picked] if array.ndim and array.shape[0] == size else value
 

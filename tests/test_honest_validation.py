@@ -120,6 +120,24 @@ def test_selected_samples_cut_batched_feeds():
     assert [f["x"].ravel().tolist() for f in picked.feeds()] == [[1, 4], [5, 8]]
 
 
+def test_a_split_hands_out_views_of_the_data_in_the_runs_a_pass_would_cut_them_into():
+    """Runs of 16 neighbours are handed out as views (a pass reading its data once per layer copied
+    it each time), cut where one copied feed would have been cut into runs of 16: same runs, same
+    results. Picks that are not such runs are copied as before."""
+    from onnxsparse.calibration import RUN_SAMPLES, in_chunks
+
+    data = np.arange(390, dtype=np.float32).reshape(390, 1)
+    split = held_out_split(IterableInputs([{"x": data}]), [390], seed=0)
+    for side in (split.fit, split.held_out):
+        feeds = list(side.feeds())
+        assert len(feeds) > 1 and all(np.shares_memory(feed["x"], data) for feed in feeds)
+        runs = [run["x"].ravel().tolist() for feed in feeds for run in in_chunks(feed, batched=True)]
+        whole = data[list(side.indices)]
+        assert runs == [chunk.ravel().tolist() for chunk in np.split(whole, range(RUN_SAMPLES, len(whole), RUN_SAMPLES))]
+    (copied,) = SelectedSamples(IterableInputs([{"x": data}]), (1, 4, 5), (390,), "scattered").feeds()
+    assert not np.shares_memory(copied["x"], data) and copied["x"].ravel().tolist() == [1, 4, 5]
+
+
 JUDGED: list[ValidationResult] = []
 
 

@@ -337,3 +337,12 @@ def test_bias_correction_patched_into_one_built_model_equals_building_it_per_lay
         results[patch] = (result.model.SerializeToString(), result.figures["bias_corrected_layers"])
     assert results[True][1] == (4 if correction == "auto" else 6) and results[True] == results[False]
     assert builds[True][0] < builds[False][0]
+
+
+def test_an_activation_range_ignores_nan_and_inf_values_and_is_empty_without_finite_ones():
+    from onnxsparse.activations import _finite_range
+
+    assert _finite_range(np.array([1.0, -2.0, 3.0], np.float32)) == (-2.0, 3.0)
+    assert _finite_range(np.array([np.nan, -np.inf, 0.5, 2.0, np.inf], np.float32)) == (0.5, 2.0)
+    assert _finite_range(np.array([np.nan, np.inf], np.float32)) == (np.inf, -np.inf)
+    assert _finite_range(np.zeros(0, np.float32)) == (np.inf, -np.inf)
