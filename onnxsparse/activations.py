@@ -12,7 +12,17 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .calibration import InputSource, batch_dim, check_feed, in_chunks, model_inputs, samples_in
+from .calibration import (
+    FirstSamples,
+    InputSource,
+    batch_dim,
+    check_feed,
+    first_samples,
+    in_chunks,
+    model_inputs,
+    sample_axis,
+    samples_in,
+)
 from .graph import downstream_names
 from .quantization import choose_range
 from .runtime import make_session
@@ -143,11 +153,11 @@ def tensor_values(
     *,
     limit: int | None = None,
     label: str = "calibration",
-    feed_done: Callable[[int], None] | None = None,
+    feed_done: Callable[[int], None] | None = None,  # called with the samples read so far, after each feed
     given: Mapping[str, Sequence[np.ndarray]] | None = None,
     facts: ValueFacts | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """For each feed of ``source`` (up to ``limit`` feeds), the values of the named main-graph tensors,
+    """For each feed of ``source`` (up to ``limit`` samples), the values of the named main-graph tensors,
     in runs of at most ``RUN_SAMPLES`` samples (a large feed yields several value dicts). ``given``
     holds, per run, values of the model's tensors known already: they are fed instead of computed.
     ``facts``: the model's, when the caller has them (else inferred here)."""
@@ -159,10 +169,9 @@ def tensor_values(
     fed = {i.name for i in session.get_inputs()} if session is not None else set()
     inputs = model_inputs(model)
     batched = batch_dim(i.shape for i in inputs) is not None
-    runs = 0
-    for index, feed in enumerate(source.feeds()):
-        if limit is not None and index >= limit:
-            break
+    runs = read = 0
+    counted = sample_axis(model)
+    for index, feed in enumerate(first_samples(source, model, limit).feeds()):
         checked = check_feed(feed, inputs, f"{source.describe()}, feed {index}")
         for run in in_chunks(checked, batched):
             known = {name: runs_of[runs] for name, runs_of in given.items()}
@@ -172,8 +181,9 @@ def tensor_values(
             values.update({n: run[n] for n in wanted if n in graph_inputs})
             values.update({n: known[n] for n in wanted if n in known})
             yield values
-        if feed_done is not None:  # progress counts the caller's feeds, not our runs
-            feed_done(index + 1)
+        read += samples_in(checked) if counted else 1
+        if feed_done is not None:  # progress counts samples read, not our runs
+            feed_done(read)
 
 
 # Bytes of a fixed model's values held at once by FixedModelValues.
@@ -274,8 +284,8 @@ class ChangingModelValues:
 
 
 def _samples_read(source: InputSource, limit: int | None) -> int:
-    """How many samples the first ``limit`` feeds of ``source`` hold (what a pass over them reads)."""
-    return sum(samples_in(feed) for index, feed in enumerate(source.feeds()) if limit is None or index < limit)
+    """How many samples a pass over the first ``limit`` samples of ``source`` reads (at most)."""
+    return sum(samples_in(feed) for feed in (source if limit is None else FirstSamples(source, limit)).feeds())
 
 
 def _bytes_per_sample(model: onnx.ModelProto) -> dict[str, int]:

@@ -374,17 +374,19 @@ def _gather_table_rows(model: onnx.ModelProto, input_name: str) -> int | None:
 @dataclass(frozen=True)
 class FirstSamples:
     """The first ``count`` samples of another source, cutting a batched feed along axis 0 where
-    its inputs share a batch size (a feed of 80 images counts as 80 samples, not one)."""
+    its inputs share a batch size (a feed of 80 images counts as 80 samples, not one). For a model
+    without a sample axis (``batched`` False, see :func:`sample_axis`) a feed is one sample, never cut."""
 
     source: InputSource
     count: int
+    batched: bool = True
 
     def feeds(self) -> Iterator[Feed]:
         remaining = self.count
         for feed in self.source.feeds():
             if remaining <= 0:
                 return
-            size = samples_in(feed)
+            size = samples_in(feed) if self.batched else 1
             if size > remaining:
                 feed = {name: np.asarray(value)[:remaining] for name, value in feed.items()}
                 size = remaining
@@ -718,6 +720,17 @@ def collect_feeds(source: InputSource, model: onnx.ModelProto, *, limit: int | N
 
 
 def read_once(source: InputSource, model: onnx.ModelProto, *, limit: int | None = None) -> IterableInputs:
-    """The source's feeds (up to ``limit``) held in memory, for a pass that goes over them once per
-    layer: a calibration file is then read and checked once, not at every layer."""
-    return IterableInputs(collect_feeds(source, model, limit=limit))
+    """The source's first ``limit`` samples (all: None) held in memory, for a pass that goes over them
+    once per layer: a calibration file is then read and checked once, not at every layer."""
+    return IterableInputs(collect_feeds(first_samples(source, model, limit), model))
+
+
+def first_samples(source: InputSource, model: onnx.ModelProto, limit: int | None) -> InputSource:
+    """The first ``limit`` samples of ``source`` as ``model`` counts them (the source itself: None)."""
+    return source if limit is None else FirstSamples(source, limit, sample_axis(model))
+
+
+def samples_read(source: InputSource, model: onnx.ModelProto, limit: int | None) -> int:
+    """How many samples a pass over the first ``limit`` of ``source`` reads, as ``model`` counts them."""
+    batched = sample_axis(model)
+    return sum(samples_in(feed) if batched else 1 for feed in first_samples(source, model, limit).feeds())

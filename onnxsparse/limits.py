@@ -86,3 +86,9 @@ SPARSE_MESSAGE_BYTES = 256 * 2**20
 # asked for again (the original, a trial that becomes the result, the model a step starts from) is not
 # loaded again. A model larger than this is never kept, so it never holds memory past its use.
 SESSION_CACHE_BYTES = 256 * 2**20
+
+# Calibration samples a pass reads by default (its ``calibration_samples`` option): the first ones, as
+# many as a model counts (a feed of 384 images is 384 samples; a feed of a model without a sample axis
+# is one). NNCF reads 300 by default, onnxruntime's quantizer all it is given; the benchmark's sets
+# hold 50-384, read whole either way.
+CALIBRATION_SAMPLES = 512

@@ -433,7 +433,7 @@ def test_refit_of_a_layer_whose_add_partner_is_a_constant_node_fits_its_own_outp
         model.graph.node[0].name = "conv"
     source = IterableInputs([{"x": rng.standard_normal((8, 4, 6, 6)).astype(np.float32)}])
     result = PassResult(drifted)
-    refit = refit_layers(original, drifted, ["conv"], source, 1, result, strength=1e-6)
+    refit = refit_layers(original, drifted, ["conv"], source, 8, result, strength=1e-6)
     assert not result.skipped
     change = next(c for c in result.changes if c.action == "refit")
     assert change.details["relative_error_after"] < 0.01 < change.details["relative_error_before"]
@@ -470,7 +470,7 @@ def test_auto_refit_strength_holds_out_calibration_samples_so_a_wide_layer_does_
     errors, details = {}, {}
     for strength in (1e-4, "auto"):
         result = PassResult(pruned)
-        refit = refit_layers(original, pruned, ["fc2"], source, 4, result, strength=strength)
+        refit = refit_layers(original, pruned, ["fc2"], source, 64, result, strength=strength)
         details[strength] = next(c.details for c in result.changes if c.action == "refit")
         errors[strength] = float(np.linalg.norm(run(refit, fresh)[0] - target) / np.linalg.norm(target))
     assert details[1e-4]["relative_error_after"] < 0.5 * errors[1e-4]  # memorised: far better in sample than out

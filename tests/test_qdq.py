@@ -346,3 +346,21 @@ def test_an_activation_range_ignores_nan_and_inf_values_and_is_empty_without_fin
     assert _finite_range(np.array([np.nan, -np.inf, 0.5, 2.0, np.inf], np.float32)) == (0.5, 2.0)
     assert _finite_range(np.array([np.nan, np.inf], np.float32)) == (np.inf, -np.inf)
     assert _finite_range(np.zeros(0, np.float32)) == (np.inf, -np.inf)
+
+
+def test_calibration_samples_counts_samples_not_feeds(tmp_path):
+    """One feed of 64 images is 64 samples: ``calibration_samples=16`` reads the first 16 of them,
+    exactly as if only those had been given."""
+    with np.load(MODELS / "digits_cnn.calibration.npz") as archive:
+        images = archive["input"]
+    images = images.copy()
+    images[16:] *= 50.0  # ranges read past the 16th sample would be 50x wider
+    written = {}
+    for name, pipeline, calibration in (("limited", "qdq{mode=static calibration_samples=16 bias_correction=off guard=false}", [{"input": images}]),
+                                         ("first", "qdq{mode=static bias_correction=off guard=false}", [{"input": images[:16]}])):
+        optimize(MODELS / "digits_cnn.onnx", tmp_path / f"{name}.onnx", pipeline, inputs=MODELS / "digits_cnn.inputs.npz",
+                 calibration=calibration, policy="keep", keep_worse=True)
+        written[name] = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / f"{name}.onnx").graph.initializer}
+    assert written["limited"].keys() == written["first"].keys()
+    for key, value in written["limited"].items():
+        np.testing.assert_array_equal(value, written["first"][key], err_msg=key)

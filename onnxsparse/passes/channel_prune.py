@@ -19,6 +19,7 @@ from ..graph import constant_value, from_gs, overridable_initializers, to_gs, un
 from ..inspect_model import count_macs, count_work, summarize
 from ..latency import relative_latency, timing_feed
 from ..layerwise import ReadingLayer, add_output_shift, compensated_removal, greedy_removal_costs
+from ..limits import CALIBRATION_SAMPLES
 from ..refit import layers_from, refit_layers
 from ..runtime import Runtime
 from ..validation import EXACT, DriftProbe, Tolerance
@@ -196,7 +197,7 @@ class ChannelPrune(Pass):
                 "fits best predict calibration samples held out of them (4 folds)"})
     refit_scope: Literal["consumers", "downstream"] = field(default="consumers", metadata={
         "help": "refit the layers that read pruned channels, or every layer from the first of them on (corrects drift further down)"})
-    calibration_samples: int = field(default=32, metadata={"help": "feeds read for activation statistics and refits"})
+    calibration_samples: int = field(default=CALIBRATION_SAMPLES, metadata={"help": "calibration samples read (the first ones) for activation statistics and refits"})
     never_slower: bool = field(default=True, metadata={
         "help": "time the pruned model against its input in onnxruntime (one thread, interleaved runs) and keep the "
                 "input when pruning did not make it faster (fewer MACs can still run slower: a 16-channel block cut to 11), "

@@ -30,6 +30,7 @@ from ..layerwise import (
     to_matrix,
     unsupported_reason,
 )
+from ..limits import CALIBRATION_SAMPLES
 from ..shapes import shapes_where_known
 from ..validation import DriftProbe, Tolerance
 from ..weights import WeightSite, find_weights, matches, replace_weight
@@ -85,7 +86,7 @@ class MagnitudePrune(Pass):
     skip_first: bool = field(default=False, metadata={"help": "leave the first weight layer dense"})
     skip_last: bool = field(default=False, metadata={"help": "leave the last weight layer dense"})
     min_size: int = field(default=0, metadata={"help": "leave tensors with fewer elements dense"})
-    calibration_samples: int = field(default=64, metadata={"help": "feeds read for wanda/sparsegpt/bias_correction statistics"})
+    calibration_samples: int = field(default=CALIBRATION_SAMPLES, metadata={"help": "calibration samples read (the first ones) for wanda/sparsegpt/bias_correction statistics"})
     bias_correction: bool = field(default=False, metadata={"help": "re-centre each pruned layer's mean output on calibration data"})
     block: int = field(default=128, metadata={"help": "sparsegpt: columns per block"})
     damp: float = field(default=0.01, metadata={"help": "sparsegpt: damping, a fraction of the mean Hessian diagonal"})

@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..activations import ChangingModelValues, ChannelStats, accumulate_channels, collect_channel_stats, collect_ranges
-from ..calibration import FirstSamples
+from ..calibration import first_samples, samples_read
 from ..errors import InputDataError
 from ..files import write_text_atomically
 from ..graph import constant_value, from_gs, name_unnamed_nodes, opset_version, overridable_initializers, to_gs, unique_name
@@ -23,6 +23,7 @@ from ..io import check_model
 from ..latency import relative_latency, timing_feed
 from ..layers import CONV_TRANSPOSE, layer_kind
 from ..layerwise import add_output_shift
+from ..limits import CALIBRATION_SAMPLES
 from ..quantization import (
     CALIBRATION_METHODS,
     ActivationParams,
@@ -104,7 +105,7 @@ class Qdq(Pass):
     correction_samples: int = field(default=16, metadata={"help": "calibration samples read per layer by bias_correction"})
     embeddings: bool = field(default=False, metadata={
         "help": "int8 embedding tables (DequantizeLinear before Gather): MiniLM 0.65x -> 0.26x the file, but 0.46x -> 0.65x latency"})
-    calibration_samples: int = field(default=64, metadata={"help": "feeds read for calibration"})
+    calibration_samples: int = field(default=CALIBRATION_SAMPLES, metadata={"help": "calibration samples read (the first ones)"})
     cache: str = field(default="", metadata={"help": "JSON file of calibrated ranges: read if present, written if not"})
 
     def __post_init__(self) -> None:
@@ -218,8 +219,8 @@ class Qdq(Pass):
             result.figures["calibration"] = f"read from {self.cache}"
             return cached
         assert context.calibration is not None  # the manager checked needs()
-        total = self.calibration_samples
         progress = context.progress
+        total = samples_read(context.calibration, model, self.calibration_samples) if progress is not None else 0
         report = (lambda done: progress("qdq calibration", done, total)) if progress is not None else None
         ranges = collect_ranges(model, context.calibration, plan.tensors, method=self.method, percentile=self.percentile,
                                 limit=self.calibration_samples, progress=report)
@@ -290,7 +291,7 @@ class Qdq(Pass):
         MobileNetV2 (minmax): mean logit cosine 0.973 -> 0.982. With clipped ranges (entropy,
         percentile, mse) it made things worse, hence ``auto`` (minmax, convolutions)."""
         assert context.calibration is not None
-        source = FirstSamples(context.calibration, self.correction_samples)
+        source = first_samples(context.calibration, model, self.correction_samples)
         # auto corrects convolutions only: on MiniLM's MatMuls it lowered the cosine (0.947 -> 0.932)
         ops = ("Conv", "Gemm", "MatMul") if self.bias_correction == "on" else ("Conv",)
         layers = [n for n in plan.nodes if n.op in ops and n.name and constant_value(n.inputs[1]) is not None]
