@@ -84,7 +84,9 @@ SPARSE_MESSAGE_BYTES = 256 * 2**20
 
 # The weights of the models whose onnxruntime sessions a run keeps for reuse (runtime.Runtime): a model
 # asked for again (the original, a trial that becomes the result, the model a step starts from) is not
-# loaded again. A model larger than this is never kept, so it never holds memory past its use.
+# loaded again. A model of more than half this is never kept: it never holds memory past its use, so
+# a big model's peak memory stays what it was (one session of the original held on through a step of
+# a 168 MB model would add 1x its size).
 SESSION_CACHE_BYTES = 256 * 2**20
 
 # Calibration samples a pass reads by default (its ``calibration_samples`` option): the first ones, as

@@ -85,8 +85,8 @@ class _Held:
 
 class Runtime:
     """The sessions of one run, memoized per (model content, threads) within ``max_bytes`` of the
-    models' weights (the least recently used goes first; a model larger than the budget is never
-    held, so a big model's run holds no more than it did without the cache)."""
+    models' weights (the least recently used goes first; a model of more than half the budget is
+    never held, so a big model's run holds no more than it did without the cache)."""
 
     def __init__(self, max_bytes: int = SESSION_CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
@@ -110,7 +110,7 @@ class Runtime:
             return held.session
         session = _session(model, None if store_of(model) is not None else serialized, label, threads)
         self.created += 1
-        if keep and size <= self.max_bytes:
+        if keep and size <= self.max_bytes // 2:
             self._held[key] = _Held(session, size)
             self._trim()
         return session

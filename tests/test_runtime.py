@@ -42,8 +42,11 @@ def test_the_runtime_makes_one_session_per_model_content_and_thread_count():
 
 def test_the_runtime_keeps_nothing_past_its_budget_and_nothing_it_is_told_not_to():
     model = parse(TINY)
-    unkept = Runtime(max_bytes=0)
+    size = len(model.SerializeToString())
+    unkept = Runtime(max_bytes=2 * size - 1)  # a model of more than half the budget is never kept
     assert unkept.session(model, "tiny") is not unkept.session(model, "tiny")
+    kept = Runtime(max_bytes=2 * size)
+    assert kept.session(model, "tiny") is kept.session(model, "tiny")
     runtime = Runtime()
     assert runtime.session(model, "tiny", keep=False) is not runtime.session(model, "tiny", keep=False)
     kept = runtime.session(model, "tiny")
