@@ -95,8 +95,27 @@ def input_rows(site: WeightSite, activation: np.ndarray, dtype: type[np.floating
     return _unfold(node, x, site.value.shape)
 
 
-def _unfold(node: gs.Node, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
-    """im2col for an N-d convolution: [N*out positions, groups * (kernel positions x C_in/groups)]."""
+def grouped_rows(site: WeightSite, activation: np.ndarray, dtype: type[np.floating] = np.float32) -> np.ndarray:
+    """The layer's input as rows per group, [groups, samples, columns of one group] (the columns of
+    :func:`to_matrix`), each group's rows contiguous so that its Gram is one BLAS product."""
+    node = site.uses[0].node
+    if node.op != "Conv":
+        return input_rows(site, activation, dtype)[None]
+    return _unfold(node, np.asarray(activation, dtype=dtype), site.value.shape, group_major=True)
+
+
+def gram_blocks(rows: np.ndarray, teacher_rows: np.ndarray | None = None) -> np.ndarray:
+    """X_tᵀX per group ([groups, columns, columns], float64) of rows from :func:`grouped_rows`, XᵀX
+    without a teacher. The products are taken in the rows' dtype (float32, as SparseGPT's reference
+    accumulates its Hessians) in one batched product over the groups: a depthwise layer's 960 groups
+    sliced out of one float64 im2col one by one took 69 s of SparseGPT's 191 on MobileNetV2."""
+    other = rows if teacher_rows is None else teacher_rows
+    return np.matmul(other.transpose(0, 2, 1), rows).astype(np.float64)
+
+
+def _unfold(node: gs.Node, x: np.ndarray, weight_shape: tuple[int, ...], group_major: bool = False) -> np.ndarray:
+    """im2col for an N-d convolution: [N*out positions, groups * (kernel positions x C_in/groups)],
+    or with ``group_major`` [groups, N*out positions, kernel positions x C_in/groups]."""
     spatial = x.ndim - 2
     kernel = tuple(weight_shape[2:])
     strides = tuple(node.attrs.get("strides", [1] * spatial))
@@ -110,8 +129,11 @@ def _unfold(node: gs.Node, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.n
     groups = CONV.groups(node.attrs)
     n, channels = x.shape[:2]
     positions = windows.shape[2 : 2 + spatial]
-    # -> [N, positions..., groups, kernel..., C_in/groups] so that each group's columns are contiguous
     grouped = windows.reshape(n, groups, channels // groups, *positions, *kernel)
+    if group_major:  # -> [groups, N, positions..., kernel..., C_in/groups]
+        order = (1, 0, *range(3, 3 + spatial), *range(3 + spatial, 3 + 2 * spatial), 2)
+        return grouped.transpose(order).reshape(groups, n * math.prod(positions), -1)
+    # -> [N, positions..., groups, kernel..., C_in/groups] so that each group's columns are contiguous
     order = (0, *range(3, 3 + spatial), 1, *range(3 + spatial, 3 + 2 * spatial), 2)
     return grouped.transpose(order).reshape(n * math.prod(positions), -1)
 
@@ -129,18 +151,6 @@ def sample_slices(site: WeightSite, *arrays: np.ndarray) -> Iterator[tuple[np.nd
         return
     for start in range(0, arrays[0].shape[0], CONV_SAMPLES_PER_SLICE):
         yield tuple(a[start : start + CONV_SAMPLES_PER_SLICE] for a in arrays)
-
-
-def hessian_blocks(site: WeightSite, rows: np.ndarray) -> list[np.ndarray]:
-    """XᵀX per group of the layer (one block for an ungrouped layer)."""
-    return cross_blocks(site, rows, rows)
-
-
-def cross_blocks(site: WeightSite, rows: np.ndarray, teacher_rows: np.ndarray) -> list[np.ndarray]:
-    """X_teacherᵀ X per group: how the original model's layer input correlates with the pruned one's."""
-    groups = groups_of(site)
-    width = rows.shape[1] // groups
-    return [teacher_rows[:, g * width : (g + 1) * width].T @ rows[:, g * width : (g + 1) * width] for g in range(groups)]
 
 
 def ridge_towards(gram: np.ndarray, right: np.ndarray, start: np.ndarray, ridge: float | np.ndarray) -> np.ndarray:

@@ -9,7 +9,17 @@ from conftest import bundled, run, with_initializers
 
 from onnxsparse.calibration import IterableInputs
 from onnxsparse.graph import to_gs
-from onnxsparse.layerwise import ReadingLayer, fit_to_teacher, from_matrix, greedy_removal_costs, input_rows, sparsegpt, to_matrix
+from onnxsparse.layerwise import (
+    ReadingLayer,
+    fit_to_teacher,
+    from_matrix,
+    gram_blocks,
+    greedy_removal_costs,
+    grouped_rows,
+    input_rows,
+    sparsegpt,
+    to_matrix,
+)
 from onnxsparse.passes import PassContext
 from onnxsparse.passes.magnitude import MagnitudePrune
 from onnxsparse.pipeline import PassManager
@@ -47,6 +57,15 @@ def test_unfolded_rows_times_the_weight_matrix_is_the_convolution(rng, attrs, gr
     got = outputs.reshape(2, positions, shape[0]).transpose(0, 2, 1).reshape(expected.shape)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(from_matrix(site, matrix), site.value)
+    # the same rows group by group, and their Grams (what SparseGPT's Hessians sum) in one batched product
+    by_group = grouped_rows(site, x)
+    assert by_group.shape == (group, rows.shape[0], width)
+    for g in range(group):
+        np.testing.assert_allclose(by_group[g], rows[:, g * width : (g + 1) * width], rtol=1e-6)
+    teacher = grouped_rows(site, x + 0.5)
+    expected_grams = np.stack([(teacher[g].astype(np.float64).T @ by_group[g].astype(np.float64)) for g in range(group)])
+    np.testing.assert_allclose(gram_blocks(by_group, teacher), expected_grams, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(gram_blocks(by_group), np.stack([r.astype(np.float64).T @ r.astype(np.float64) for r in by_group]), rtol=1e-5, atol=1e-4)
 
 
 def _least_squares_problem(rng):

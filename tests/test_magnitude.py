@@ -241,7 +241,8 @@ def test_one_pass_hessians_are_each_layers_input_gram_matrix(monkeypatch, bytes_
         x = np.concatenate(activations[names[site.name]]).astype(np.float64)
         rows = x.reshape(-1, x.shape[-1])
         [hessian] = together[site.name]
-        np.testing.assert_allclose(hessian, rows.T @ rows, rtol=1e-9, atol=1e-9)
+        exact = rows.T @ rows  # the products are taken in float32, as SparseGPT's reference takes them
+        np.testing.assert_allclose(hessian, exact, rtol=1e-5, atol=1e-6 * float(np.abs(exact).max()))
 
 
 def test_sensitivity_allocation_keeps_the_total_and_spares_sensitive_and_steep_tensors():

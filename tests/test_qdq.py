@@ -364,3 +364,42 @@ def test_calibration_samples_counts_samples_not_feeds(tmp_path):
     assert written["limited"].keys() == written["first"].keys()
     for key, value in written["limited"].items():
         np.testing.assert_array_equal(value, written["first"][key], err_msg=key)
+
+
+def test_ranges_are_reduced_inside_onnxruntime_and_read_whole_only_where_a_run_is_not_finite(monkeypatch):
+    """Min and max come from ReduceMin/ReduceMax nodes added to the graph (no activation is copied
+    out); a tensor that is NaN/Inf in some run is read again whole and its finite values kept."""
+    from conftest import parse
+
+    from onnxsparse import activations
+
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        agraph (float[N, 4] x) => (float[N, 4] y, int64[N, 4] k) {
+            a = Relu (x)
+            b = Log (a)
+            y = Neg (b)
+            k = Cast <to = 7> (a)
+        }
+    """)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.5, 4.0, (64, 4)).astype(np.float32)
+    x[40, 1] = -1.0  # Relu -> 0 -> Log: -inf in b and +inf in y, in one run of 16
+    read: list[list[str]] = []
+    real = activations.tensor_values
+
+    def spy(model, source, names, **kwargs):
+        read.append(list(names))
+        return real(model, source, names, **kwargs)
+
+    monkeypatch.setattr(activations, "tensor_values", spy)
+    ranges = activations.collect_ranges(model, IterableInputs([{"x": x}]), ["a", "b", "y", "k"], method="minmax")
+    finite_x = np.delete(x, 40, axis=0)
+    a = np.maximum(x, 0)
+    assert ranges["a"] == pytest.approx((min(0.0, float(a.min())), float(a.max())))
+    logs = np.log(np.maximum(x[x > 0], 0))
+    assert ranges["b"] == pytest.approx((min(0.0, float(logs.min())), max(0.0, float(logs.max()))), rel=1e-6)
+    assert ranges["y"] == pytest.approx((min(0.0, -float(logs.max())), max(0.0, -float(logs.min()))), rel=1e-6)
+    assert ranges["k"] == (0.0, float(np.floor(finite_x.max())))
+    assert all(name.endswith(("__reducemin", "__reducemax")) for name in read[0])  # reduced in onnxruntime, not copied out
+    assert sorted(read[1]) == ["b", "k", "y"]  # read whole: the two that were not finite in a run, and the integer one

@@ -19,12 +19,11 @@ from ..layers import WEIGHT_OPS, layer_kind, layer_ops
 from ..layerwise import (
     activation_name,
     correct_biases,
-    cross_blocks,
     fit_to_teacher,
     from_matrix,
+    gram_blocks,
+    grouped_rows,
     groups_of,
-    hessian_blocks,
-    input_rows,
     sample_slices,
     sparsegpt,
     to_matrix,
@@ -199,7 +198,7 @@ class MagnitudePrune(Pass):
             for (site, _), p, share in zip(chosen, exponents, shares)}
         return [(site, float(share)) for (site, _), share in zip(chosen, shares)]
 
-    def _pruned_alone(self, model: onnx.ModelProto, site: WeightSite, sparsity: float, hessians: list[np.ndarray] | None) -> onnx.ModelProto:
+    def _pruned_alone(self, model: onnx.ModelProto, site: WeightSite, sparsity: float, hessians: np.ndarray | None) -> onnx.ModelProto:
         """The model with only this tensor pruned: by SparseGPT given its input's Hessians, else by magnitude."""
         trial_graph = to_gs(model)
         trial_site = next(s for s in find_weights(trial_graph, layer_ops())[0] if s.name == site.name)
@@ -336,7 +335,7 @@ class MagnitudePrune(Pass):
         hessians, crosses = self._layer_statistics(current, site, inputs, teacher)
         return self._solve(site, hessians, crosses, target, nm)
 
-    def _solve(self, site: WeightSite, hessians: list[np.ndarray], crosses: list[np.ndarray] | None, target: float,
+    def _solve(self, site: WeightSite, hessians: np.ndarray, crosses: np.ndarray | None, target: float,
                nm: tuple[int, int] | None) -> np.ndarray:
         """SparseGPT on the layer's weight, group by group, after the teacher fit when ``crosses`` are given."""
         matrix = to_matrix(site)
@@ -349,23 +348,23 @@ class MagnitudePrune(Pass):
         return from_matrix(site, np.concatenate(solved, axis=0))
 
     def _layer_statistics(self, current: onnx.ModelProto, site: WeightSite, inputs: ChangingModelValues, teacher_values: FixedModelValues | None
-                          ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+                          ) -> tuple[np.ndarray, np.ndarray | None]:
         """XᵀX per group of the layer's input in the partly pruned model and, with a teacher,
         X_tᵀX with X_t the same input in the original model (the same feeds, in the same order)."""
         name = activation_name(site)
         mine = inputs.values(current, [name])
         theirs = iter(teacher_values.values(name)) if teacher_values is not None else None
-        hessians: list[np.ndarray] | None = None
-        crosses: list[np.ndarray] | None = None
+        hessians: np.ndarray | None = None
+        crosses: np.ndarray | None = None
         for values in mine:
             teacher = next(theirs) if theirs is not None else None
             if teacher is None:
                 hessians = _add_hessians(hessians, site, values[name])
                 continue
             for part in sample_slices(site, values[name], teacher):
-                rows = input_rows(site, part[0])
-                hessians = _add_blocks(hessians, hessian_blocks(site, rows))
-                crosses = _add_blocks(crosses, cross_blocks(site, rows, input_rows(site, part[1])))
+                rows = grouped_rows(site, part[0])
+                hessians = _add_blocks(hessians, gram_blocks(rows))
+                crosses = _add_blocks(crosses, gram_blocks(rows, grouped_rows(site, part[1])))
         assert hessians is not None, "no calibration feed"
         return hessians, crosses
 
@@ -428,14 +427,15 @@ def allocate_sparsity(sizes: np.ndarray, targets: np.ndarray, drifts: np.ndarray
     return shares(high)
 
 
-def _add_blocks(total: list[np.ndarray] | None, blocks: list[np.ndarray]) -> list[np.ndarray]:
-    return blocks if total is None else [a + b for a, b in zip(total, blocks)]
+def _add_blocks(total: np.ndarray | None, blocks: np.ndarray) -> np.ndarray:
+    """Per-group blocks [groups, ...] summed (``total`` None: the first)."""
+    return blocks if total is None else total + blocks
 
 
-def _add_hessians(total: list[np.ndarray] | None, site: WeightSite, activation: np.ndarray) -> list[np.ndarray]:
+def _add_hessians(total: np.ndarray | None, site: WeightSite, activation: np.ndarray) -> np.ndarray:
     """``total`` plus XᵀX per group of the layer's input ``activation`` (a Conv's a few images at a time)."""
     for (part,) in sample_slices(site, activation):
-        total = _add_blocks(total, hessian_blocks(site, input_rows(site, part)))
+        total = _add_blocks(total, gram_blocks(grouped_rows(site, part)))
     assert total is not None
     return total
 
@@ -445,11 +445,11 @@ HESSIAN_BYTES_PER_PASS = 1 << 30
 
 
 def original_hessians(model: onnx.ModelProto, sites: list[WeightSite], source: InputSource, limit: int | None = None
-                      ) -> dict[str, list[np.ndarray]]:
+                      ) -> dict[str, np.ndarray]:
     """XᵀX per group of every listed layer's input in ``model``, in as few passes over ``source`` as
     fit HESSIAN_BYTES_PER_PASS (a sensitivity scan of MobileNetV2's 53 tensors ran the model once
     per tensor before: 53 passes over 368 images, now one)."""
-    hessians: dict[str, list[np.ndarray]] = {}
+    hessians: dict[str, np.ndarray] = {}
     for batch in _by_hessian_bytes(sites, HESSIAN_BYTES_PER_PASS):
         names = {site.name: activation_name(site) for site in batch}
         for values in tensor_values(model, source, list(dict.fromkeys(names.values())), limit=limit, label="sparsegpt sensitivity inputs"):
