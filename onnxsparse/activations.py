@@ -313,8 +313,34 @@ def collect_channel_stats(
     stats: dict[str, ChannelStats] = {}
     for values in tensor_values(model, source, feature_axes, limit=limit, label=label):
         for name, axis in feature_axes.items():
-            accumulate_channels(stats, name, np.asarray(values[name], dtype=np.float64), axis)
+            accumulate_channels(stats, name, values[name], axis)
     return stats
+
+
+def collect_channel_means(
+    model: onnx.ModelProto,
+    source: InputSource,
+    feature_axes: Mapping[str, int],
+    *,
+    limit: int | None = None,
+    label: str = "calibration",
+) -> dict[str, np.ndarray]:
+    """The mean of each named main-graph tensor per channel along its feature axis (summed in float64):
+    a third of what :func:`collect_channel_stats` computes, for a pass that needs no more (qdq's bias
+    correction)."""
+    return channel_means(tensor_values(model, source, feature_axes, limit=limit, label=label), feature_axes)
+
+
+def channel_means(runs: Iterable[Mapping[str, np.ndarray]], feature_axes: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """Per named tensor, its mean per channel along its axis over every run (summed in float64)."""
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for values in runs:
+        for name, axis in feature_axes.items():
+            rows = channel_rows(values[name], axis)  # rows summed in order into float64: the same sums as rows made float64 first
+            sums[name] = sums.get(name, np.zeros(rows.shape[1])) + rows.sum(axis=0, dtype=np.float64)
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+    return {name: total / max(counts[name], 1) for name, total in sums.items()}
 
 
 def collect_channel_grams(
@@ -330,7 +356,7 @@ def collect_channel_grams(
     grams: dict[str, np.ndarray] = {}
     for values in tensor_values(model, source, feature_axes, limit=limit, label=label):
         for name, axis in feature_axes.items():
-            rows = channel_rows(np.asarray(values[name], dtype=np.float64), axis)
+            rows = channel_rows(values[name], axis, np.float64)
             gram = grams.setdefault(name, np.zeros((rows.shape[1] + 1, rows.shape[1] + 1)))
             # the blocks of [rows, 1]ᵀ[rows, 1], without copying the rows to append the ones column
             gram[:-1, :-1] += rows.T @ rows
@@ -341,14 +367,16 @@ def collect_channel_grams(
     return {name: gram / max(gram[-1, -1], 1.0) for name, gram in grams.items()}
 
 
-def channel_rows(value: np.ndarray, axis: int) -> np.ndarray:
-    """A tensor as rows [every sample and position, channels along ``axis``]."""
-    return np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
+def channel_rows(value: np.ndarray, axis: int, dtype: type[np.floating] | None = None) -> np.ndarray:
+    """A tensor as rows [every sample and position, channels along ``axis``], in ``dtype`` if given:
+    one copy at most (converting first and moving the axis then copied a large activation twice)."""
+    moved = np.moveaxis(np.asarray(value), axis, -1)
+    return np.asarray(moved, dtype=dtype, order="C").reshape(-1, moved.shape[-1])
 
 
 def accumulate_channels(stats: dict[str, ChannelStats], name: str, value: np.ndarray, axis: int) -> None:
-    """Add ``value``'s per-channel sums (along ``axis``) to ``stats[name]``."""
-    moved = channel_rows(value, axis)
+    """Add ``value``'s per-channel sums (along ``axis``, in float64) to ``stats[name]``."""
+    moved = channel_rows(value, axis, np.float64)
     entry = stats.get(name)
     if entry is None:
         width = moved.shape[1]

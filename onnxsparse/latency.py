@@ -54,7 +54,7 @@ def timing_feed(model: onnx.ModelProto, calibration: InputSource | None) -> dict
 
 
 def _runner(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], runtime: Runtime | None, keep: bool):  # noqa: ANN202 - a closure
-    session = open_session(model, "latency probe", threads=1, runtime=runtime, keep=keep)
+    session = open_session(model, "latency probe", timing=True, runtime=runtime, keep=keep)
     accepted = {i.name for i in session.get_inputs()}
     inputs = {k: v for k, v in feed.items() if k in accepted}
     return lambda: session.run(None, inputs)

@@ -24,14 +24,14 @@ TINY = """
 """
 
 
-def test_the_runtime_makes_one_session_per_model_content_and_thread_count():
+def test_the_runtime_makes_one_session_per_model_content_and_use():
     runtime = Runtime()
     model = parse(TINY)
     first = runtime.session(model, "tiny")
     same_content = onnx.ModelProto()
     same_content.CopyFrom(model)
     assert runtime.session(same_content, "tiny") is first
-    one_thread = runtime.session(model, "tiny", threads=1)
+    one_thread = runtime.session(model, "tiny", timing=True)
     assert one_thread is not first
     other = parse(TINY.replace("Relu", "Neg"))
     assert runtime.session(other, "neg") is not first

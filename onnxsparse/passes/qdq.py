@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..activations import ChangingModelValues, ChannelStats, accumulate_channels, collect_channel_stats, collect_ranges
+from ..activations import ChangingModelValues, channel_means, collect_channel_means, collect_ranges
 from ..calibration import first_samples, samples_read
 from ..errors import InputDataError
 from ..files import write_text_atomically
@@ -296,7 +296,7 @@ class Qdq(Pass):
         ops = ("Conv", "Gemm", "MatMul") if self.bias_correction == "on" else ("Conv",)
         layers = [n for n in plan.nodes if n.op in ops and n.name and constant_value(n.inputs[1]) is not None]
         axes = {n.outputs[0].name: (-1 if n.op == "MatMul" else 1) for n in layers}
-        reference = collect_channel_stats(model, source, axes, label="bias correction (float)")
+        reference = collect_channel_means(model, source, axes, label="bias correction (float)")
         shifts: dict[str, np.ndarray] = {}
         # One int8 model, built with a zero shift on every Conv whose bias is a constant or absent, whose
         # biases are then patched as their shifts become known: building the model again per layer took
@@ -304,7 +304,7 @@ class Qdq(Pass):
         # shift would be an Add node that changes what onnxruntime fuses) are corrected by building
         # again, as before, once their turn comes; both ways give the same bytes (tests/test_qdq.py).
         biases: dict[str, BiasSite] = {}
-        zero = {layer.name: np.zeros_like(reference[layer.outputs[0].name].mean, dtype=np.float32) for layer in layers if _patchable(layer)}
+        zero = {layer.name: np.zeros_like(reference[layer.outputs[0].name], dtype=np.float32) for layer in layers if _patchable(layer)}
         patched = self._build(model, plan, ranges, set(), weights, zero, biases) if PATCH_BIASES else None
         # Each layer's output is computed from the int8 activation entering the layer before it, kept
         # from the step before (a segment run), not by running the model from its inputs: that made
@@ -319,9 +319,9 @@ class Qdq(Pass):
             else:
                 quantized = patched
             entry = _int8_entry(quantized, layer.name)
-            observed = _channel_means(values.values(quantized, [output, *([entry] if entry else [])]), output, axes[output])
+            observed = channel_means(values.values(quantized, [output, *([entry] if entry else [])]), {output: axes[output]})[output]
             values.kept.pop(output, None)  # the layer's bias changes now: its output with it
-            shifts[layer.name] = (reference[output].mean - observed).astype(np.float32)
+            shifts[layer.name] = (reference[output] - observed).astype(np.float32)
             if patched is not None and layer.name in biases:
                 biases[layer.name].patch(patched, shifts[layer.name])
             if context.progress:
@@ -456,14 +456,6 @@ def _int8_entry(model: onnx.ModelProto, name: str) -> str | None:
         return None
     producer = next((n for n in model.graph.node if node.input[0] in n.output), None)
     return producer.input[0] if producer is not None and producer.op_type == "DequantizeLinear" else None
-
-
-def _channel_means(runs: Iterable[dict[str, np.ndarray]], name: str, axis: int) -> np.ndarray:
-    """The mean of tensor ``name`` per channel (along ``axis``) over every run, accumulated in float64."""
-    stats: dict[str, ChannelStats] = {}
-    for run in runs:
-        accumulate_channels(stats, name, np.asarray(run[name], dtype=np.float64), axis)
-    return stats[name].mean
 
 
 def _patchable(layer: gs.Node) -> bool:
