@@ -317,22 +317,10 @@ def collect_channel_stats(
     return stats
 
 
-def collect_channel_means(
-    model: onnx.ModelProto,
-    source: InputSource,
-    feature_axes: Mapping[str, int],
-    *,
-    limit: int | None = None,
-    label: str = "calibration",
-) -> dict[str, np.ndarray]:
-    """The mean of each named main-graph tensor per channel along its feature axis (summed in float64):
-    a third of what :func:`collect_channel_stats` computes, for a pass that needs no more (qdq's bias
-    correction)."""
-    return channel_means(tensor_values(model, source, feature_axes, limit=limit, label=label), feature_axes)
-
-
 def channel_means(runs: Iterable[Mapping[str, np.ndarray]], feature_axes: Mapping[str, int]) -> dict[str, np.ndarray]:
-    """Per named tensor, its mean per channel along its axis over every run (summed in float64)."""
+    """Per named tensor, its mean per channel along its axis over every run of :func:`tensor_values`
+    (summed in float64): a third of what :func:`collect_channel_stats` computes, for a pass that needs
+    no more (qdq's bias correction)."""
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for values in runs:

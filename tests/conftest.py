@@ -97,3 +97,18 @@ def conv_bn_model(rng: np.random.Generator) -> onnx.ModelProto:
         g2=rng.uniform(0.5, 2, 4).astype(f32), beta2=rng.standard_normal(4).astype(f32),
         mean2=rng.standard_normal(4).astype(f32), var2=rng.uniform(0.5, 2, 4).astype(f32),
     )
+
+
+def record_tensor_values(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Make activations.tensor_values record the names each call asks for (in the list returned)."""
+    from onnxsparse import activations
+
+    asked: list[list[str]] = []
+    real = activations.tensor_values
+
+    def recording(model, source, names, **kwargs):  # noqa: ANN202 - the real function's signature
+        asked.append(list(names))
+        return real(model, source, names, **kwargs)
+
+    monkeypatch.setattr(activations, "tensor_values", recording)
+    return asked

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import bundled, run, with_initializers
+from conftest import bundled, record_tensor_values, run, with_initializers
 
 from onnxsparse.calibration import IterableInputs
 from onnxsparse.graph import to_gs
@@ -208,14 +208,7 @@ def test_fixed_model_values_batch_coming_tensors_into_runs_and_hand_each_over_un
     names = [node.output[0] for node in model.graph.node if node.op_type == "Conv"][:3]
     coming = [names[0], names[1], names[0], names[2]]  # the first is read by two layers
     expected = {name: [v[name] for v in activations.tensor_values(model, calibration, [name], limit=2)] for name in names}
-    runs: list[list[str]] = []
-    real = activations.tensor_values
-
-    def recording(model, source, asked, **kwargs):
-        runs.append(list(asked))
-        return real(model, source, asked, **kwargs)
-
-    monkeypatch.setattr(activations, "tensor_values", recording)
+    runs = record_tensor_values(monkeypatch)
     values = activations.FixedModelValues(model, calibration, 2, coming, label="test")
     for name in coming:
         got = values.values(name)
@@ -241,9 +234,7 @@ def test_fixed_model_values_drop_what_a_skipped_layer_never_asked_for_and_end_a_
     assert set(values.held) == {names[1], names[2]}  # computed with the first
     values.values(names[2])  # the layer reading names[1] was skipped
     assert not values.held
-    runs: list[list[str]] = []
-    real = activations.tensor_values
-    monkeypatch.setattr(activations, "tensor_values", lambda model, source, asked, **kw: runs.append(list(asked)) or real(model, source, asked, **kw))
+    runs = record_tensor_values(monkeypatch)
     values = activations.FixedModelValues(model, calibration, 2, names, label="test")
     unknown = {name: size for name, size in values.facts.bytes_per_sample.items() if name != names[0]}  # a size shape inference did not give
     values.facts = activations.ValueFacts(values.facts.types, unknown)

@@ -369,7 +369,7 @@ def test_calibration_samples_counts_samples_not_feeds(tmp_path):
 def test_ranges_are_reduced_inside_onnxruntime_and_read_whole_only_where_a_run_is_not_finite(monkeypatch):
     """Min and max come from ReduceMin/ReduceMax nodes added to the graph (no activation is copied
     out); a tensor that is NaN/Inf in some run is read again whole and its finite values kept."""
-    from conftest import parse
+    from conftest import parse, record_tensor_values
 
     from onnxsparse import activations
 
@@ -385,14 +385,7 @@ def test_ranges_are_reduced_inside_onnxruntime_and_read_whole_only_where_a_run_i
     rng = np.random.default_rng(0)
     x = rng.uniform(0.5, 4.0, (64, 4)).astype(np.float32)
     x[40, 1] = -1.0  # Relu -> 0 -> Log: -inf in b and +inf in y, in one run of 16
-    read: list[list[str]] = []
-    real = activations.tensor_values
-
-    def spy(model, source, names, **kwargs):
-        read.append(list(names))
-        return real(model, source, names, **kwargs)
-
-    monkeypatch.setattr(activations, "tensor_values", spy)
+    read = record_tensor_values(monkeypatch)
     ranges = activations.collect_ranges(model, IterableInputs([{"x": x}]), ["a", "b", "y", "k"], method="minmax")
     finite_x = np.delete(x, 40, axis=0)
     a = np.maximum(x, 0)

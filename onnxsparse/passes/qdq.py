@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..activations import ChangingModelValues, channel_means, collect_channel_means, collect_ranges
+from ..activations import ChangingModelValues, channel_means, collect_ranges, tensor_values
 from ..calibration import first_samples, samples_read
 from ..errors import InputDataError
 from ..files import write_text_atomically
@@ -296,7 +296,7 @@ class Qdq(Pass):
         ops = ("Conv", "Gemm", "MatMul") if self.bias_correction == "on" else ("Conv",)
         layers = [n for n in plan.nodes if n.op in ops and n.name and constant_value(n.inputs[1]) is not None]
         axes = {n.outputs[0].name: (-1 if n.op == "MatMul" else 1) for n in layers}
-        reference = collect_channel_means(model, source, axes, label="bias correction (float)")
+        reference = channel_means(tensor_values(model, source, axes, label="bias correction (float)"), axes)
         shifts: dict[str, np.ndarray] = {}
         # One int8 model, built with a zero shift on every Conv whose bias is a constant or absent, whose
         # biases are then patched as their shifts become known: building the model again per layer took
