@@ -235,7 +235,7 @@ class PassManager:
 
         crash = ""
         try:
-            result = pass_.run(self._prepared_copy(pass_, chain.model),
+            result = pass_.run(self._prepared_copy(pass_, chain),
                                PassContext(calibration=data.calibration, validate=validate if data.calibration is not None else None,
                                            progress=self.progress, runtime=self.runtime))
         except _CALLER_ERRORS:
@@ -311,11 +311,14 @@ class PassManager:
         log.info("%s %s: %s", step.pass_name, step.status, step.reason)
         return step
 
-    def _prepared_copy(self, pass_: Pass, current: onnx.ModelProto) -> onnx.ModelProto:
-        candidate = clone(current)
-        if Requirement.SHAPES in pass_.needs():
-            candidate = infer_shapes(candidate, f"{pass_.name} needs tensor shapes, and the model")
-        return candidate
+    def _prepared_copy(self, pass_: Pass, chain: _Chain) -> onnx.ModelProto:
+        """The pass's own copy of the committed model, with every tensor's shape if it needs them:
+        inferred once per model version, and not again after a step whose pass preserves them."""
+        if Requirement.SHAPES in pass_.needs() and chain.shaped is None:
+            chain.shaped = infer_shapes(chain.model, f"{pass_.name} needs tensor shapes, and the model")
+        given = chain.shaped if Requirement.SHAPES in pass_.needs() and chain.shaped is not None else chain.model
+        chain.input_shaped = given is chain.shaped
+        return clone(given)
 
     def _structural_failure(self, step: StepReport, reason: str) -> StepReport:
         """The pass crashed or produced an invalid model: never kept, whatever the policy."""
@@ -366,6 +369,10 @@ class _Chain:
     last_pass: str | None = None
     drifted: bool = False
     outputs_current: bool = True  # ``outputs`` are the committed model's own (not an earlier one's)
+    # The committed model with every tensor's shape in its value_info, once inferred (Requirement.SHAPES);
+    # a step whose pass preserves SHAPES and was given them commits a model that still has them.
+    shaped: onnx.ModelProto | None = None
+    input_shaped: bool = False  # the running step's pass was given ``shaped``
 
     def budget_with(self, pass_: Pass) -> Tolerance:
         own = pass_.tolerance()
@@ -375,6 +382,7 @@ class _Chain:
 
     def commit(self, model: onnx.ModelProto, outputs: list[dict[str, np.ndarray]] | None, pass_: Pass) -> None:
         self.budget = self.budget_with(pass_)
+        self.shaped = model if self.input_shaped and Requirement.SHAPES in pass_.preserves else None
         self.model, self.last_pass = model, pass_.name
         self.footprint = footprint(model)
         self.outputs = outputs if outputs is not None else self.outputs

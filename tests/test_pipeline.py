@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import pytest
-from conftest import BUNDLED, MODELS, bundled_inputs, run
+from conftest import BUNDLED, MODELS, bundled, bundled_inputs, run
 
 from onnxsparse import load, optimize
 from onnxsparse.calibration import resolve_inputs
@@ -193,3 +193,24 @@ def test_each_model_version_runs_once_on_the_validation_feeds(cnn, monkeypatch):
     assert not report.final_validation.passed  # ... and still judges the kept, failing model, on its own outputs
     assert report.final_validation.outputs == report.steps[1].validation.outputs
     assert final.SerializeToString() != cnn.SerializeToString()
+
+
+def test_shapes_are_inferred_once_per_model_version_and_kept_by_passes_that_preserve_them(monkeypatch):
+    """channel-prune needs shapes: the manager infers them for the first, and the model the first
+    commits (it preserves shapes), then magnitude-prune's (it changes weights only), has them still."""
+    from onnxsparse import pipeline
+    from onnxsparse.spec import parse_pipeline
+
+    inferred = []
+    real = pipeline.infer_shapes
+    monkeypatch.setattr(pipeline, "infer_shapes", lambda model, label: inferred.append(label) or real(model, label))
+    model, inputs, _ = bundled("digits_cnn")
+    passes = parse_pipeline("channel-prune{ratio=0.25 round_to=4},magnitude-prune{sparsity=0.3},channel-prune{ratio=0.25 round_to=4}")
+    _, report = PassManager(passes, inputs=inputs, policy="keep").run(model)
+    from onnxsparse.report import KEPT
+
+    assert all(step.status in KEPT for step in report.steps)
+    assert len(inferred) == 1
+    _, report = PassManager(parse_pipeline("channel-prune{ratio=0.25 round_to=4},qdq{mode=dynamic},channel-prune{ratio=0.25 round_to=4}"),
+                            inputs=inputs, policy="keep", keep_worse=True).run(model)
+    assert report.steps[1].status in KEPT and len(inferred) == 3  # qdq adds tensors without shapes: inferred again

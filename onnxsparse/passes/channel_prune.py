@@ -219,6 +219,8 @@ class ChannelPrune(Pass):
         if self.refit_strength != "auto" and not self.refit_strength >= 0:
             raise ValueError(f"refit_strength {self.refit_strength} must be >= 0")
 
+    preserves = frozenset({Requirement.SHAPES})  # its result's shapes are inferred again (_reinfer)
+
     def needs(self) -> frozenset[Requirement]:
         needs = {Requirement.SHAPES}
         if self.criterion in ("activation", "output", "reconstruction") or self.refit or self.scope == "sensitivity":

@@ -9,7 +9,7 @@ import onnx
 from ..graph import used_names
 from ..walk import iter_model_graphs, subgraphs_of
 from ..weightstore import stored_bytes
-from .base import Change, Pass, PassContext, PassResult, Skip, register
+from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 
 
 @register
@@ -23,6 +23,7 @@ class Cleanup(Pass):
     """
 
     name = "cleanup"
+    preserves = frozenset({Requirement.SHAPES})  # it removes what nothing reads
 
     drop_unused_inputs: bool = False
 

@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..graph import constant_value, from_gs, overridable_initializers, to_gs, unique_name
-from .base import Change, Pass, PassContext, PassResult, Skip, register
+from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 
 _BN_PARAMETERS = ("scale", "bias", "mean", "var")
 
@@ -25,6 +25,7 @@ class FoldBatchNorm(Pass):
     """
 
     name = "fold-batchnorm"
+    preserves = frozenset({Requirement.SHAPES})  # a BatchNormalization's output has its input's shape
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         graph = to_gs(model)

@@ -66,6 +66,7 @@ class MagnitudePrune(Pass):
     """
 
     name = "magnitude-prune"
+    preserves = frozenset({Requirement.SHAPES})  # it changes weight values only
     default_tolerance = Tolerance(min_cosine=0.99)
 
     sparsity: float = field(default=0.5, metadata={"help": "fraction of weights zeroed, in [0, 1) (N:M patterns imply M-N / M)"})
