@@ -104,11 +104,11 @@ class Runtime:
     def session(self, model: onnx.ModelProto, label: str, *, timing: bool = False, keep: bool = True) -> ort.InferenceSession:
         """A session of ``model``: the one made before for the same content and use, else a new
         one, held for reuse unless ``keep`` is False (a one-off trial that only takes room)."""
-        serialized = _small_message(model)
-        if serialized is None:  # over protobuf's limit in one message: not keyed, never held
+        size = data_size(model)  # about what the session holds of its weights
+        if size > self.max_bytes // 2:  # never held, so never found: neither serialized nor hashed here
             self.created += 1
             return _session(model, None, label, timing)
-        size = data_size(model)  # about what the session holds of its weights
+        serialized = model.SerializeToString()
         key = (hashlib.blake2b(serialized, digest_size=16).hexdigest(), timing)
         held = self._held.get(key)
         if held is not None:
@@ -117,7 +117,7 @@ class Runtime:
             return held.session
         session = _session(model, None if store_of(model) is not None else serialized, label, timing)
         self.created += 1
-        if keep and size <= self.max_bytes // 2:
+        if keep:
             self._held[key] = _Held(session, size)
             self._trim()
         return session
@@ -138,11 +138,4 @@ def open_session(model: onnx.ModelProto, label: str, *, timing: bool = False, ru
     if runtime is not None:
         return runtime.session(model, label, timing=timing, keep=keep)
     return make_session(model, label, timing=timing)
-
-
-def _small_message(model: onnx.ModelProto) -> bytes | None:
-    """The serialized message, or None when it is too large to be one (its tensors go through a file)."""
-    if model.ByteSize() >= _SESSION_FROM_FILE_BYTES:
-        return None
-    return model.SerializeToString()
 
