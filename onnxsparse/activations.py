@@ -23,6 +23,7 @@ from .calibration import (
     sample_axis,
     samples_in,
 )
+from .errors import RuntimeLoadError
 from .graph import downstream_names
 from .quantization import choose_range
 from .runtime import make_session
@@ -411,7 +412,11 @@ def collect_ranges(
     wanted = list(dict.fromkeys(names))
     stats = {name: RangeStats() for name in wanted}
     facts = ValueFacts.of(model)
-    extremes, not_finite = _extremes(model, source, wanted, facts, limit, progress)
+    try:
+        extremes, not_finite = _extremes(model, source, wanted, facts, limit, progress)
+    except RuntimeLoadError as error:  # onnxruntime refuses the added reductions (a model without the default domain)
+        log.info("ranges read whole: %s", error)
+        extremes, not_finite = {}, set()
     # A tensor whose min or max is NaN/Inf in some run is read again whole, its finite values picked out.
     read_whole = [name for name in wanted if name not in extremes or name in not_finite]
     for name, (low, high) in extremes.items():

@@ -396,3 +396,31 @@ def test_ranges_are_reduced_inside_onnxruntime_and_read_whole_only_where_a_run_i
     assert ranges["k"] == (0.0, float(np.floor(finite_x.max())))
     assert all(name.endswith(("__reducemin", "__reducemax")) for name in read[0])  # reduced in onnxruntime, not copied out
     assert sorted(read[1]) == ["b", "k", "y"]  # read whole: the two that were not finite in a run, and the integer one
+
+
+def test_ranges_are_read_whole_when_onnxruntime_refuses_the_added_reductions(monkeypatch):
+    from conftest import parse
+
+    from onnxsparse import activations
+
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        agraph (float[N, 4] x) => (float[N, 4] y) {
+            a = Relu (x)
+            y = Neg (a)
+        }
+    """)
+    real = activations._with_reductions
+
+    def refused(model, names, facts):  # as if onnxruntime had no ReduceMin/ReduceMax for this model
+        augmented, outputs = real(model, names, facts)
+        for node in augmented.graph.node:
+            if node.op_type.startswith("Reduce"):
+                node.op_type = "NoSuchReduction"
+        return augmented, outputs
+
+    monkeypatch.setattr(activations, "_with_reductions", refused)
+    x = np.random.default_rng(0).uniform(-2.0, 3.0, (32, 4)).astype(np.float32)
+    ranges = activations.collect_ranges(model, IterableInputs([{"x": x}]), ["a", "y"], method="minmax")
+    assert ranges["a"] == pytest.approx((0.0, float(x.max())))
+    assert ranges["y"] == pytest.approx((-float(x.max()), 0.0))
