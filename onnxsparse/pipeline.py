@@ -117,7 +117,7 @@ class PassManager:
     held_out_seed: int = 0
     keep_worse: bool = False
     report: RunReport | None = field(default=None, init=False)
-    # The run's onnxruntime sessions, one per model version and thread count (see runtime.py).
+    # The run's onnxruntime sessions, one per model version and use, timing or not (see runtime.py).
     runtime: Runtime = field(default_factory=Runtime, init=False)
 
     def __post_init__(self) -> None:

@@ -66,8 +66,9 @@ def _content_key(model: object) -> str:
 
 
 def test_the_readme_main_job_loads_each_model_version_once_and_exports_each_once(tmp_path, monkeypatch):
-    """A model version is exported from graphsurgeon once and loaded in onnxruntime once per thread
-    count; the only second load is the written file's, read back to prove it loads."""
+    """A model version is exported from graphsurgeon once and loaded in onnxruntime once per use
+    (timing on one thread, or not); the only second load is the written file's, read back to prove
+    it loads."""
     sessions: collections.Counter[tuple[str, int]] = collections.Counter()
     exports: collections.Counter[str] = collections.Counter()
     real_session, real_export = ort.InferenceSession, gs.export_onnx
