@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import MODELS, bundled, run, with_initializers
+from conftest import MODELS, bundled, parse, record_tensor_values, run, with_initializers
 
-from onnxsparse import load, optimize
+from onnxsparse import activations, load, optimize
 from onnxsparse.calibration import IterableInputs, resolve_inputs
 from onnxsparse.errors import PipelineSpecError, RequirementError
 from onnxsparse.passes import PassContext
@@ -369,10 +369,6 @@ def test_calibration_samples_counts_samples_not_feeds(tmp_path):
 def test_ranges_are_reduced_inside_onnxruntime_and_read_whole_only_where_a_run_is_not_finite(monkeypatch):
     """Min and max come from ReduceMin/ReduceMax nodes added to the graph (no activation is copied
     out); a tensor that is NaN/Inf in some run is read again whole and its finite values kept."""
-    from conftest import parse, record_tensor_values
-
-    from onnxsparse import activations
-
     model = parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         agraph (float[N, 4] x) => (float[N, 4] y, int64[N, 4] k) {
@@ -399,10 +395,6 @@ def test_ranges_are_reduced_inside_onnxruntime_and_read_whole_only_where_a_run_i
 
 
 def test_ranges_are_read_whole_when_onnxruntime_refuses_the_added_reductions(monkeypatch):
-    from conftest import parse
-
-    from onnxsparse import activations
-
     model = parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         agraph (float[N, 4] x) => (float[N, 4] y) {
