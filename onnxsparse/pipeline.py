@@ -24,6 +24,7 @@ from .calibration import (
     SpreadSamples,
     SyntheticInputs,
     collect_feeds,
+    first_samples,
     held_out_split,
     model_inputs,
     resolve_inputs,
@@ -44,7 +45,7 @@ from .files import OutputLock, Staging
 from .inspect_model import Footprint, footprint, summarize
 from .io import LoadInfo, check_model, checked_output_path, load, load_with_info, same_file, stage_model
 from .latency import relative_latency, timing_feed
-from .limits import DEFAULT_MAX_INPUT_BYTES
+from .limits import DEFAULT_MAX_INPUT_BYTES, VALIDATION_SAMPLES
 from .passes import Pass, PassContext, PassResult, Requirement
 from .report import KEPT, KEPT_FAILING, KEPT_WORSE, NO_CHANGE, ROLLED_BACK, WORSE, RunReport, StepReport
 from .runtime import Runtime, open_session
@@ -111,7 +112,7 @@ class PassManager:
     tolerances: Tolerances = field(default_factory=Tolerances)
     policy: Policy = "rollback"
     temperature: float = 1.0
-    max_feeds: int | None = 64
+    max_samples: int | None = VALIDATION_SAMPLES  # validation samples judged on, the first ones (None: all)
     progress: ProgressCallback | None = None
     fallback_inputs: InputSource | None = None
     held_out_seed: int = 0
@@ -144,11 +145,11 @@ class PassManager:
         data = self._plan_data(model)
         report = self.report = RunReport(pipeline=format_pipeline(self.passes), policy=self.policy, inputs="", input=summarize(model, info))
         report.input.source = label
-        limit = None if data.held_out else self.max_feeds
-        feeds = collect_feeds(data.validation, model, limit=limit)
+        limit = None if data.held_out else self.max_samples
+        feeds = collect_feeds(first_samples(data.validation, model, limit), model)
         if self.inputs is not None and data.fitting:
             _refuse_overlap(self.inputs, feeds, self.calibration, model, data.fitting)  # type: ignore[arg-type]
-        report.inputs = _describe_feeds(data.validation, feeds, limit)
+        report.inputs = _describe_feeds(data.validation, _count_samples(feeds, model), limit)
         report.calibration = data.calibration.describe() if data.calibration is not None and data.fitting else ""
         if data.note:
             report.warnings.append(data.note)
@@ -471,10 +472,10 @@ class _CalibrationJudge:
         return self._reference.validate(model, tolerance_of, label, temperature=self.temperature, runtime=self.runtime)
 
 
-def _describe_feeds(source: InputSource, feeds: list[Feed], limit: int | None) -> str:
+def _describe_feeds(source: InputSource, samples: int, limit: int | None) -> str:
     text = source.describe()
-    if limit is not None and len(feeds) == limit:
-        text += f" (validated on the first {limit} feeds)"
+    if limit is not None and samples >= limit:
+        text += f" (validated on the first {limit} samples)"
     return text
 
 
@@ -592,19 +593,20 @@ def validate(
     dims: dict[str, int] | None = None,
     int_range: tuple[int, int] | None = None,
     temperature: float = 1.0,
-    max_feeds: int | None = 64,
+    max_samples: int | None = VALIDATION_SAMPLES,
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
 ) -> ValidationResult:
     """Run both models on the same inputs in onnxruntime and compare the candidate with the reference
     (``onnxsparse.validate``, the ``validate`` command).
 
+    ``max_samples``: the validation samples compared, the first ones (None: all).
     ``max_input_bytes``: the most an input file, a synthetic feed or a model's densified sparse
     tensors may unpack to (see ``onnxsparse.limits``)."""
     with WeightStore() as weights:  # external data stays out of the messages (see weightstore.py)
         original = load(reference, max_input_bytes=max_input_bytes, weights=weights)
         other = load(candidate, max_input_bytes=max_input_bytes, weights=weights)
         source = resolve_inputs(inputs, original, samples=samples, seed=seed, dims=dims, int_range=int_range, max_input_bytes=max_input_bytes)
-        feeds = collect_feeds(source, original, limit=max_feeds)
+        feeds = collect_feeds(first_samples(source, original, max_samples), original)
         chosen = (tolerances or Tolerances(default=tolerance)).checked([o.name for o in original.graph.output])
         outputs = Reference.of(original, feeds, str(reference))
         return outputs.validate(other, lambda name: chosen.for_output(name, None, EXACT), str(candidate), temperature=temperature)

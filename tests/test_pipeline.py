@@ -11,7 +11,7 @@ import pytest
 from conftest import BUNDLED, MODELS, bundled, bundled_inputs, run
 
 from onnxsparse import load, optimize
-from onnxsparse.calibration import resolve_inputs
+from onnxsparse.calibration import IterableInputs, resolve_inputs
 from onnxsparse.errors import PassFailed, RequirementError, ValidationFailed
 from onnxsparse.graph import tensor_array
 from onnxsparse.passes import Change, Pass, PassContext, PassResult, Requirement, Skip, register
@@ -214,3 +214,18 @@ def test_shapes_are_inferred_once_per_model_version_and_kept_by_passes_that_pres
     _, report = PassManager(parse_pipeline("channel-prune{ratio=0.25 round_to=4},qdq{mode=dynamic},channel-prune{ratio=0.25 round_to=4}"),
                             inputs=inputs, policy="keep", keep_worse=True).run(model)
     assert report.steps[1].status in KEPT and len(inferred) == 3  # qdq adds tensors without shapes: inferred again
+
+
+def test_validation_inputs_are_counted_in_samples_whatever_the_files():
+    """Three feeds of 300 images are 900 samples: the run judges on the first 512, and says so."""
+    from onnxsparse.passes.cleanup import Cleanup
+
+    model, _, _ = bundled("digits_cnn")
+    rng = np.random.default_rng(0)
+    feeds = [{"input": rng.standard_normal((300, 1, 8, 8)).astype(np.float32)} for _ in range(3)]
+    manager = PassManager([Cleanup()], inputs=IterableInputs(feeds))
+    _, report = manager.run(model)
+    assert report.inputs.endswith("(validated on the first 512 samples)")
+    assert report.final_validation.feeds == 2  # 300 + 212
+    _, report = PassManager([Cleanup()], inputs=IterableInputs(feeds), max_samples=None).run(model)
+    assert "validated on the first" not in report.inputs and report.final_validation.feeds == 3
