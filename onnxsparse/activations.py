@@ -13,7 +13,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .calibration import (
-    FirstSamples,
     InputSource,
     batch_dim,
     check_feed,
@@ -201,7 +200,7 @@ class FixedModelValues:
         self.model, self.source, self.limit, self.label = model, source, limit, label
         self.coming = coming  # the names in the order they will be asked for (a name may come again)
         self.asked = 0
-        self.total_samples = _samples_read(source, limit)
+        self.rows_read = _rows_read(source, model, limit)
         self.facts = ValueFacts.of(model)
         self.held: dict[str, list[np.ndarray]] = {}
 
@@ -228,7 +227,7 @@ class FixedModelValues:
         held = 0
         for following in dict.fromkeys(self.coming[position:]):
             size = self.facts.bytes_per_sample.get(following)
-            needed = size * self.total_samples if size is not None else None
+            needed = size * self.rows_read if size is not None else None
             if names and (needed is None or held + needed > FIXED_VALUES_BYTES):
                 break
             if following not in self.held:
@@ -248,9 +247,10 @@ class ChangingModelValues:
 
     def __init__(self, source: InputSource, limit: int | None, *, label: str) -> None:
         self.source, self.limit, self.label = source, limit, label
-        self.total_samples = _samples_read(source, limit)
         self.kept: dict[str, list[np.ndarray]] = {}  # in the order they were computed
-        self.facts: ValueFacts | None = None  # of the first version asked about: edits keep them
+        # Of the first version asked about: edits keep its types, shapes and inputs.
+        self.facts: ValueFacts | None = None
+        self.rows_read = 0
 
     def values(self, model: onnx.ModelProto, names: Iterable[str]) -> Iterable[dict[str, np.ndarray]]:
         """The values of ``names`` in ``model``, one dict per run of :func:`tensor_values` over the
@@ -258,10 +258,10 @@ class ChangingModelValues:
         size is not known)."""
         wanted = list(dict.fromkeys(names))
         if self.facts is None:
-            self.facts = ValueFacts.of(model)
+            self.facts, self.rows_read = ValueFacts.of(model), _rows_read(self.source, model, self.limit)
         runs = tensor_values(model, self.source, wanted, limit=self.limit, label=self.label, given=self.kept, facts=self.facts)
         sizes = self.facts.bytes_per_sample
-        if any(name not in sizes for name in wanted) or sum(sizes[n] for n in wanted) * self.total_samples > FIXED_VALUES_BYTES:
+        if any(name not in sizes for name in wanted) or sum(sizes[n] for n in wanted) * self.rows_read > FIXED_VALUES_BYTES:
             return runs
         held = list(runs)
         for name in wanted:
@@ -284,9 +284,11 @@ class ChangingModelValues:
             held -= sum(value.nbytes for value in self.kept.pop(next(iter(self.kept))))
 
 
-def _samples_read(source: InputSource, limit: int | None) -> int:
-    """How many samples a pass over the first ``limit`` samples of ``source`` reads (at most)."""
-    return sum(samples_in(feed) for feed in (source if limit is None else FirstSamples(source, limit)).feeds())
+def _rows_read(source: InputSource, model: onnx.ModelProto, limit: int | None) -> int:
+    """The axis-0 rows of the feeds :func:`tensor_values` reads for the first ``limit`` samples of
+    ``source``: what a tensor's bytes per sample (past axis 0) are multiplied by. The same as the
+    samples for a batched model; for one without a sample axis a feed is one sample of many rows."""
+    return sum(samples_in(feed) for feed in first_samples(source, model, limit).feeds())
 
 
 def _bytes_per_sample(model: onnx.ModelProto) -> dict[str, int]:

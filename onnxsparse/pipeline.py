@@ -149,7 +149,8 @@ class PassManager:
         feeds = collect_feeds(first_samples(data.validation, model, limit), model)
         if self.inputs is not None and data.fitting:
             _refuse_overlap(self.inputs, feeds, self.calibration, model, data.fitting)  # type: ignore[arg-type]
-        report.inputs = _describe_feeds(data.validation, _count_samples(feeds, model), limit)
+        validated = _count_samples(feeds, model)
+        report.inputs = _describe_feeds(data.validation, validated, limit)
         report.calibration = data.calibration.describe() if data.calibration is not None and data.fitting else ""
         if data.note:
             report.warnings.append(data.note)
@@ -180,7 +181,6 @@ class PassManager:
         report.output = summarize(final, with_tensors=True)
         report.warnings.extend(dict.fromkeys(w for step in report.steps for w in step.warnings))
         report.warnings.extend(report.final_validation.verdict.notes)
-        validated = _count_samples(feeds, model)
         if validated < FEW_VALIDATION_SAMPLES:
             report.warnings.append(f"validated on {validated} sample(s) only: a verdict on so few says little; give more validation "
                                    "data (--inputs), or more calibration data to hold out from")
