@@ -6,8 +6,9 @@ their runs interleaved, so a burst of load hits both alike.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -15,7 +16,12 @@ import onnx
 from .calibration import FirstSamples, InputSource, SyntheticInputs
 from .runtime import Runtime, open_session
 
-WARMUP_RUNS = 3
+WARMUP_RUNS = 2
+# With thresholds to decide against, timing stops early once the ratio is this many standard errors
+# from each of them, after at least EARLY_PAIRS interleaved pairs and EARLY_SECONDS: a verdict that is
+# not close costs a fraction of the full timing, a close one gets all of it.
+DECISIVE_ERRORS = 4.0
+EARLY_PAIRS, EARLY_SECONDS = 6, 0.2
 
 
 def relative_latency(
@@ -28,10 +34,15 @@ def relative_latency(
     max_runs: int = 200,
     runtime: Runtime | None = None,
     keep_candidate: bool = True,
+    decide_at: Sequence[float] = (),
 ) -> float:
     """Median seconds of one run of ``candidate`` over that of ``reference`` (one thread each;
     sessions from ``runtime`` when given, so a model timed before is not loaded again; a one-off
-    candidate's is not kept there without ``keep_candidate``)."""
+    candidate's is not kept there without ``keep_candidate``).
+
+    ``decide_at``: the ratios the caller's verdict turns on (a step slower than 1.10x is worse);
+    timing then stops before ``min_runs``/``min_seconds`` once the ratio is clearly on one side of
+    every one of them (see :func:`_decided`)."""
     runners = [_runner(reference, feed, runtime, True), _runner(candidate, feed, runtime, keep_candidate)]
     for run in runners:
         for _ in range(WARMUP_RUNS):
@@ -44,7 +55,31 @@ def relative_latency(
             begin = time.perf_counter()
             runners[index]()
             times[index].append(time.perf_counter() - begin)
+        if decide_at and time.perf_counter() - started >= EARLY_SECONDS and _decided(times[0], times[1], decide_at):
+            break
     return float(np.median(times[1]) / np.median(times[0]))
+
+
+def _decided(reference: list[float], candidate: list[float], thresholds: Sequence[float]) -> bool:
+    """Whether the timings so far put the ratio clearly on one side of every threshold.
+
+    Each interleaved pair gives one log-ratio (a burst of load slows both runs of a pair alike);
+    their median estimates the log of the ratio, with a standard error of about 1.25 sigma/sqrt(n)
+    (sigma from the median absolute deviation, robust to the odd preempted run). The ratio of the
+    medians, which the caller gets, must fall on the same side too."""
+    pairs = len(reference)
+    if pairs < EARLY_PAIRS:
+        return False
+    logs = np.log(np.asarray(candidate) / np.asarray(reference))
+    center = float(np.median(logs))
+    spread = 1.4826 * float(np.median(np.abs(logs - center)))
+    error = 1.2533 * spread / math.sqrt(pairs)
+    estimate = math.log(float(np.median(candidate) / np.median(reference)))
+    for threshold in thresholds:
+        gap = center - math.log(threshold)
+        if abs(gap) <= DECISIVE_ERRORS * error or (estimate - math.log(threshold)) * gap <= 0:
+            return False
+    return True
 
 
 def timing_feed(model: onnx.ModelProto, calibration: InputSource | None) -> dict[str, np.ndarray]:

@@ -278,11 +278,12 @@ class PassManager:
         step = self._judged(step)
         if step.status in KEPT:
             measured = time.perf_counter()
-            step = self._judged_for_size_and_speed(step, pass_, chain, result.model, data)
+            step = self._judged_for_size_and_speed(step, pass_, chain, result.model, data, result.latency_vs_input)
             step.seconds["compare"] = time.perf_counter() - measured
         return step, result.model, outputs
 
-    def _judged_for_size_and_speed(self, step: StepReport, pass_: Pass, chain: _Chain, model: onnx.ModelProto, data: DataPlan) -> StepReport:
+    def _judged_for_size_and_speed(self, step: StepReport, pass_: Pass, chain: _Chain, model: onnx.ModelProto, data: DataPlan,
+                                   latency_vs_input: float | None = None) -> StepReport:
         """A step that leaves the model larger on disk and not faster, or slower than its input in
         onnxruntime, is worse whatever its accuracy: rolled back unless ``keep_worse``. Only passes
         that can change the speed, and steps that grew the model, are timed."""
@@ -291,7 +292,8 @@ class PassManager:
         grew = after.bytes > before.bytes * SIZE_NOISE
         if not (grew or pass_.may_change_speed):
             return step
-        ratio = _confirmed_latency_ratio(chain.model, model, timing_feed(chain.model, data.calibration or data.validation), grew, self.runtime)
+        ratio = _confirmed_latency_ratio(chain.model, model, timing_feed(chain.model, data.calibration or data.validation), grew, self.runtime,
+                                         measured=latency_vs_input)
         step.figures["latency_vs_input"] = round(ratio, 3)
         why = ""
         if grew and ratio > 1.0 - SPEED_NOISE:
@@ -400,9 +402,13 @@ SLOWER_MARGIN = 0.10
 RETIME_RUNS, RETIME_SECONDS = 60, 3.0
 
 
-def _confirmed_latency_ratio(before: onnx.ModelProto, after: onnx.ModelProto, feed: dict[str, np.ndarray], grew: bool, runtime: Runtime) -> float:
-    """``after``'s onnxruntime time over ``before``'s; a ratio that would condemn the step is timed again, longer."""
-    ratio = relative_latency(before, after, feed, runtime=runtime)
+def _confirmed_latency_ratio(before: onnx.ModelProto, after: onnx.ModelProto, feed: dict[str, np.ndarray], grew: bool, runtime: Runtime,
+                             measured: float | None = None) -> float:
+    """``after``'s onnxruntime time over ``before``'s (``measured`` when the pass timed it already); a
+    ratio that would condemn the step is timed again, longer. The first timing stops early when the
+    ratio is clearly on one side of the bound that judges it."""
+    bound = 1.0 - SPEED_NOISE if grew else 1.0 + SLOWER_MARGIN  # a grown step must be faster; any other, not slower
+    ratio = measured if measured is not None else relative_latency(before, after, feed, runtime=runtime, decide_at=(bound,))
     if (grew and ratio > 1.0 - SPEED_NOISE) or ratio > 1.0 + SLOWER_MARGIN:
         ratio = relative_latency(before, after, feed, min_runs=RETIME_RUNS, min_seconds=RETIME_SECONDS, runtime=runtime)
     return ratio

@@ -165,21 +165,36 @@ class WeightScheme:
 
 
 def quantize_weight(weight: np.ndarray, axis: int | None, bound: int = 127) -> WeightQuant:
-    """Symmetric int8 in [-bound, bound] (zero point 0, so a pruned zero stays exactly zero)."""
-    w = weight.astype(np.float64)
+    """Symmetric int8 in [-bound, bound] (zero point 0, so a pruned zero stays exactly zero).
+
+    Rounded in float64 (w / scale exactly as divided, ties to even), a block of rows at a time: a
+    big weight never gets a whole float64 copy (8 bytes per value) beside its int8 one."""
     if axis is None:
-        peak = np.array(np.max(np.abs(w)) if w.size else 0.0)
-        scale = np.where(peak > 0, peak / bound, 1.0)
-        values = np.clip(np.round(w / scale), -bound, bound)
+        peak = np.array(float(np.max(np.abs(weight))) if weight.size else 0.0)
     else:
-        moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-        peak = np.max(np.abs(moved), axis=1) if moved.size else np.zeros(w.shape[axis])
-        scale = np.where(peak > 0, peak / bound, 1.0)
-        shape = [1] * w.ndim
+        rows = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+        peak = np.max(np.abs(rows), axis=1).astype(np.float64) if rows.size else np.zeros(weight.shape[axis])
+    scale = np.where(peak > 0, peak / bound, 1.0)
+    shape = [1] * weight.ndim
+    if axis is not None:
         shape[axis] = -1
-        values = np.clip(np.round(w / scale.reshape(shape)), -bound, bound)
+    divisor = scale.reshape(shape)
+    values = np.empty(weight.shape, dtype=np.int8)
+    if weight.ndim == 0:
+        values[()] = np.clip(np.rint(float(weight) / float(scale)), -bound, bound)
+    else:
+        step = max(1, _ROUNDING_BLOCK // max(1, weight[:1].size))
+        for start in range(0, weight.shape[0], step):
+            block = weight[start:start + step].astype(np.float64)
+            np.divide(block, divisor[start:start + step] if axis == 0 else divisor, out=block)
+            np.rint(block, out=block)
+            np.clip(block, -bound, bound, out=block)
+            values[start:start + step] = block
     scale32 = scale.astype(np.float32)
-    return WeightQuant(values.astype(np.int8), scale32, np.zeros(scale32.shape, dtype=np.int8), axis)
+    return WeightQuant(values, scale32, np.zeros(scale32.shape, dtype=np.int8), axis)
+
+
+_ROUNDING_BLOCK = 1 << 20  # values rounded per block in quantize_weight (8 MiB of float64)
 
 
 @functools.cache

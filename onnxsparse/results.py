@@ -43,3 +43,6 @@ class PassResult:
     # Why the pass handed back its input because its own result was worse (ran slower): the step is
     # then reported as "worse", like one the manager rolls back, not as a pass that found nothing to do.
     worse: str = ""
+    # The pass's own timing of its model against its input (one thread, interleaved, as the manager
+    # times a step), when it took one: the manager judges the step's speed on it, not on a second timing.
+    latency_vs_input: float | None = None

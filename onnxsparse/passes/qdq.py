@@ -528,6 +528,7 @@ def _pick(static: PassResult, dynamic: PassResult, model: onnx.ModelProto, conte
         why = "neither within tolerance; the closer to the original"
     picked = results[chosen]
     picked.figures.update(mode=chosen, mode_choice=why, **{f"{mode}_latency_ratio": round(r, 3) for mode, r in ratios.items()})
+    picked.latency_vs_input = ratios[chosen]
     return picked
 
 
