@@ -296,3 +296,23 @@ def test_tensor_values_feed_given_values_instead_of_computing_them_and_changing_
     monkeypatch.setattr(activations, "FIXED_VALUES_BYTES", 90)  # s1 (32 bytes) fits, but not beside a (64): the older goes
     changing.values(model, ["s1"])
     assert set(changing.kept) == {"s1"}
+
+
+def test_the_refit_normal_equations_are_the_float64_products_of_the_blocks_they_were_given(rng):
+    """Blocks added one by one, centred in place on the first block's means with the shift added
+    back, give XᵀX and XᵀY of the design [X, 1] and |Y|² per fold as one float64 product would."""
+    from onnxsparse.refit import NormalEquations
+
+    groups, columns, outputs, folds = 3, 5, 2, 2
+    blocks = [(rng.standard_normal((groups, n, columns)) * 4 + 30, rng.standard_normal((groups, n, outputs)) - 7) for n in (40, 17, 23)]
+    equations = NormalEquations.zeros(groups, columns + 1, outputs, folds)  # one more column: the bias's ones
+    for index, (rows, target) in enumerate(blocks):
+        given_rows, given_target = rows.astype(np.float32), target.astype(np.float32)
+        equations.add(given_rows, given_target, index % folds)
+    for fold in range(folds):
+        rows = np.concatenate([r for i, (r, _) in enumerate(blocks) if i % folds == fold], axis=1).astype(np.float32).astype(np.float64)
+        target = np.concatenate([t for i, (_, t) in enumerate(blocks) if i % folds == fold], axis=1).astype(np.float32).astype(np.float64)
+        design = np.concatenate([rows, np.ones(rows.shape[:2] + (1,))], axis=2)
+        np.testing.assert_allclose(equations.gram[fold], design.transpose(0, 2, 1) @ design, rtol=2e-6)
+        np.testing.assert_allclose(equations.cross[fold], design.transpose(0, 2, 1) @ target, rtol=2e-6, atol=1e-3)
+        np.testing.assert_allclose(equations.norm[fold], np.sum(target**2), rtol=1e-9)
