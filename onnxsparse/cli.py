@@ -472,34 +472,10 @@ def _quiet_libraries(verbose: int) -> None:
     logging.getLogger("py.warnings").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
-# glibc returns a freed block of more than 32 MiB to the system at once (munmap), and the next array
-# of that size faults every page in again: activations of hundreds of MB, made and dropped once per
-# run of onnxruntime, cost channel-prune{ratio=0.5 refit=true refit_scope=downstream} on MobileNetV2
-# 3.1 M page faults and a third of its time in the kernel. The CLI owns its process, so it asks glibc
-# to keep blocks of up to 1 GiB in its heap for reuse (the heap is not given back before exit, and
-# the peak stays what the run needs at once). The Python API leaves the caller's allocator alone.
-_REUSE_BLOCKS_UP_TO = 1 << 30
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-
-
-def _reuse_freed_memory() -> None:
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        accepted = libc.mallopt(_M_MMAP_THRESHOLD, _REUSE_BLOCKS_UP_TO) and libc.mallopt(_M_TRIM_THRESHOLD, _REUSE_BLOCKS_UP_TO)
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt): its own allocator's defaults stand
-        return
-    log.debug("glibc keeps freed blocks of up to %d MiB for reuse: %s", _REUSE_BLOCKS_UP_TO >> 20, "yes" if accepted else "refused")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)], format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries(args.verbose)
-    _reuse_freed_memory()
     try:
         return _COMMANDS[args.command](args)
     except OnnxsparseError as error:

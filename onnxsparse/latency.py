@@ -70,11 +70,12 @@ def _decided(reference: list[float], candidate: list[float], thresholds: Sequenc
     pairs = len(reference)
     if pairs < EARLY_PAIRS:
         return False
-    logs = np.log(np.asarray(candidate) / np.asarray(reference))
+    tick = 1e-9  # a run never reads 0 s on perf_counter; guarded all the same
+    logs = np.log(np.maximum(candidate, tick) / np.maximum(reference, tick))
     center = float(np.median(logs))
     spread = 1.4826 * float(np.median(np.abs(logs - center)))
     error = 1.2533 * spread / math.sqrt(pairs)
-    estimate = math.log(float(np.median(candidate) / np.median(reference)))
+    estimate = math.log(max(float(np.median(candidate)), tick) / max(float(np.median(reference)), tick))
     for threshold in thresholds:
         gap = center - math.log(threshold)
         if abs(gap) <= DECISIVE_ERRORS * error or (estimate - math.log(threshold)) * gap <= 0:

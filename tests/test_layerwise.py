@@ -222,6 +222,32 @@ def test_fixed_model_values_batch_coming_tensors_into_runs_and_hand_each_over_un
     assert runs == [[names[0]], [names[1]], [names[2]]]  # the one asked twice is kept, not run again
 
 
+def test_fixed_model_values_start_each_run_from_the_tensors_the_last_run_left_at_its_cut(monkeypatch):
+    from onnxsparse import activations
+    from onnxsparse.shapes import infer_shapes
+
+    model, _, calibration = bundled("digits_cnn")
+    model = infer_shapes(model)
+    names = [node.output[0] for node in model.graph.node if node.op_type == "Conv"]  # 4096 bytes a sample, 8192 at the last
+    expected = {name: [v[name] for v in activations.tensor_values(model, calibration, [name], limit=2)] for name in names}
+    given: list[list[str]] = []
+    real = activations.tensor_values
+
+    def recording(*args, **kwargs):  # noqa: ANN202 - the real function's signature
+        given.append(sorted(kwargs.get("given") or {}))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(activations, "tensor_values", recording)
+    monkeypatch.setattr(activations, "FIXED_VALUES_BYTES", 4 * 4096 * 2)  # two samples: batches of two names, a cut of two
+    monkeypatch.setattr(activations, "FRONTIER_SHARE", 2)
+    values = activations.FixedModelValues(model, calibration, 2, names, label="test")
+    for name in names:
+        got = values.values(name)
+        assert all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(got, expected[name], strict=True))
+    # the second run starts from the residual block's input and conv1's output, the third from the depthwise conv's output
+    assert given == [[], sorted([names[1], "/stem/stem.2/Relu_output_0"]), [names[3]]]
+
+
 def test_fixed_model_values_drop_what_a_skipped_layer_never_asked_for_and_end_a_batch_at_an_unknown_size(monkeypatch):
     from onnxsparse import activations
     from onnxsparse.shapes import infer_shapes
