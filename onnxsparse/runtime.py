@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import shutil
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import RuntimeLoadError
-from .io import data_size
+from .io import data_size, load
 from .limits import SESSION_CACHE_BYTES
 from .weightstore import store_of
 
@@ -71,6 +72,43 @@ def _session(model: onnx.ModelProto, serialized: bytes | None, label: str, timin
             return ort.InferenceSession(str(path), options, providers=PROVIDERS)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises several private exception types
         raise RuntimeLoadError(f"{label}: onnxruntime cannot load it: {_load_failure(error)}") from error
+
+
+def optimized_offline(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
+    """``model`` as onnxruntime's basic graph optimizer leaves it: constants folded, redundant nodes
+    (Identity, Dropout, no-op Slice/Cast, ...) removed, and Pad, BatchNormalization, Add and Mul fused
+    into the Conv or Gemm they feed or follow. That level runs before onnxruntime picks an execution
+    provider, so what it writes holds standard ops only and runs anywhere (the extended level writes
+    onnxruntime's own fused ops). Big tensors go to external data in the model's weight store, which
+    takes them in; a model without a store is read back whole."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    store = store_of(model)
+    folder = store.scratch_folder() if store is not None else Path(tempfile.mkdtemp(prefix="onnxsparse-optimized-"))
+    target = folder / "optimized.onnx"
+    options.optimized_model_filepath = str(target)
+    if store is not None:
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(_OPTIMIZED_EXTERNAL_BYTES))
+    try:
+        try:
+            if store is not None:
+                with store.model_file(model) as path:
+                    ort.InferenceSession(str(path), options, providers=PROVIDERS)
+            else:
+                ort.InferenceSession(model.SerializeToString(), options, providers=PROVIDERS)
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises several private exception types
+            raise RuntimeLoadError(f"{label}: onnxruntime cannot load it: {_load_failure(error)}") from error
+        # the store keeps reading its scratch folder's data until a model file needs a copy of it
+        return load(target, weights=store, check=False)
+    finally:
+        if store is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# Tensors of at least this many bytes in onnxruntime's optimized model go to its external data file.
+_OPTIMIZED_EXTERNAL_BYTES = 1024
 
 
 def _load_failure(error: BaseException) -> str:

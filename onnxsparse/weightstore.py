@@ -102,6 +102,13 @@ class WeightStore:
         if self.folder.exists():
             log.warning("could not remove the weight store %s; delete it by hand", self.folder)
 
+    def scratch_folder(self) -> Path:
+        """A new empty folder inside the store, removed with it: for files another library writes
+        (onnxruntime's optimized model and its data) that the store then takes in."""
+        folder = self.folder / f"{self.token}.scratch{next(self._models)}"
+        folder.mkdir()
+        return folder
+
     # -- taking tensors in ----------------------------------------------------------------------
 
     def adopt(self, model: onnx.ModelProto, source: Path) -> None:

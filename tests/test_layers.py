@@ -20,7 +20,7 @@ LAYERS = (
     # analyses and numerics over weights and channels
     "layers", "weights", "channels", "layerwise", "refit", "inspect_model",
     # the pass contract, then the passes
-    "passes.options", "passes.base", "passes.cleanup", "passes.fold_batchnorm", "passes.sparse_encode", "passes.magnitude",
+    "passes.options", "passes.base", "passes.cleanup", "passes.simplify", "passes.fold_batchnorm", "passes.sparse_encode", "passes.magnitude",
     "passes.channel_prune", "passes.qdq", "passes",
     # what drives the passes
     "report", "spec", "pipeline", "cli", "", "__main__",

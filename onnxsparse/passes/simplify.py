@@ -1,0 +1,84 @@
+"""``simplify``: fold and fuse what the exporter left for the runtime to work out, with onnxruntime's
+portable optimizer, so that later passes (and int8 placement) see the graph a runtime will run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from ..graph import ModelEnvelope, op_histogram
+from ..runtime import optimized_offline
+from ..walk import iter_model_graphs
+from .base import Change, Pass, PassContext, PassResult, Skip, register
+
+
+@register
+@dataclass(frozen=True)
+class Simplify(Pass):
+    """Fold constant subgraphs, remove redundant nodes and fuse Pad, BatchNormalization, Add and Mul
+    into Conv/Gemm, with onnxruntime's basic graph optimizer (standard ops only; opsets, IR version,
+    inputs and outputs kept).
+
+    Exporters compute at run time what is known in advance: a torch export of an EfficientNet-style
+    net builds every Pad's amounts from 222 Constant nodes, and those Pads then stay float between
+    int8 layers. onnxruntime's basic level (the one its quantizer's pre-processing uses) folds them
+    and moves each Pad into its convolution. Exact up to float rounding (fused weights).
+    """
+
+    name = "simplify"
+    may_change_speed = True
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        optimized = optimized_offline(model, f"{self.name}: the model")
+        result = PassResult(model)
+        problem = _interface_change(model, optimized) or _new_domains(model, optimized)
+        if problem:
+            result.skipped.append(Skip("model", f"onnxruntime's optimizer {problem}; the model is kept as it was"))
+            return result
+        before, after = op_histogram(model), op_histogram(optimized)
+        initializers_before, initializers_after = _initializer_count(model), _initializer_count(optimized)
+        if before == after and initializers_before == initializers_after:
+            result.skipped.append(Skip("model", "nothing to fold, remove or fuse at onnxruntime's basic level"))
+            return result
+        ModelEnvelope.of(model).apply(optimized)
+        _keep_opsets_of(model, optimized)
+        for op in sorted(set(before) | set(after)):
+            if before[op] != after[op]:
+                result.changes.append(Change(op, "removed" if after[op] < before[op] else "added", {"before": before[op], "after": after[op]}))
+        if not result.changes:  # the same ops, fewer or more constants (shared or folded initializers)
+            result.changes.append(Change("initializers", "folded", {"before": initializers_before, "after": initializers_after}))
+        result.model = optimized
+        result.figures.update(nodes_before=sum(before.values()), nodes_after=sum(after.values()),
+                              initializers_before=initializers_before, initializers_after=initializers_after)
+        return result
+
+
+def _interface_change(model: onnx.ModelProto, optimized: onnx.ModelProto) -> str:
+    """Why ``optimized`` would not be a drop-in replacement: its inputs or outputs differ."""
+    for kind, old, new in (("inputs", model.graph.input, optimized.graph.input), ("outputs", model.graph.output, optimized.graph.output)):
+        overridable = {t.name for t in model.graph.initializer}
+        if [v.name for v in old if v.name not in overridable] != [v.name for v in new if v.name not in overridable]:
+            return f"changed the graph's {kind}"
+    return ""
+
+
+def _domains(names: set[str]) -> set[str]:
+    return {"" if name in ("", "ai.onnx") else name for name in names}
+
+
+def _new_domains(model: onnx.ModelProto, optimized: onnx.ModelProto) -> str:
+    """Ops from a domain the input does not import would make the result onnxruntime's own format."""
+    used = _domains({node.domain for graph in iter_model_graphs(optimized) for node in graph.node})
+    new = sorted(used - _domains({opset.domain for opset in model.opset_import}))
+    return f"wrote ops of domain(s) {', '.join(new)}, which the input does not import" if new else ""
+
+
+def _keep_opsets_of(model: onnx.ModelProto, optimized: onnx.ModelProto) -> None:
+    """The input's opset imports: onnxruntime writes every domain it knows (com.microsoft, ...)."""
+    del optimized.opset_import[:]
+    optimized.opset_import.extend(model.opset_import)
+
+
+def _initializer_count(model: onnx.ModelProto) -> int:
+    return sum(len(graph.initializer) for graph in iter_model_graphs(model))
