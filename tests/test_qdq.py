@@ -278,7 +278,8 @@ def test_auto_choosing_dynamic_reports_the_dynamic_candidate_not_the_static_ones
     figures, step = report.steps[0].figures, report.steps[0]
     assert figures["mode"] == "dynamic", figures
     assert "nodes_kept_float" not in figures and "guard_kept_float" not in figures
-    assert figures["nodes_quantized"] == len(step.changes) == sum(c.action == "dynamic int8" for c in step.changes)
+    quantized = [c for c in step.changes if not c.action.startswith("simplify: ")]  # the simplification made first comes before
+    assert figures["nodes_quantized"] == len(quantized) == sum(c.action == "dynamic int8" for c in step.changes)
 
 
 # Convs with and without a bias, a depthwise and a grouped one, a bare 2-D MatMul (its shift is an Add node,
@@ -416,3 +417,56 @@ def test_ranges_are_read_whole_when_onnxruntime_refuses_the_added_reductions(mon
     ranges = activations.collect_ranges(model, IterableInputs([{"x": x}]), ["a", "y"], method="minmax")
     assert ranges["a"] == pytest.approx((0.0, float(x.max())))
     assert ranges["y"] == pytest.approx((-float(x.max()), 0.0))
+
+
+# Two convolutions with a Pad between them whose amounts an exporter builds from Constant nodes.
+PADDED_BETWEEN = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4, 8, 8] x) => (float[N, 8, 8, 8] y) {
+        c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r1 = Relu (c1)
+        zero = Constant <value = int64[1] {0}> ()
+        one = Constant <value = int64[1] {1}> ()
+        pads = Concat <axis = 0> (zero, zero, one, one, zero, zero, one, one)
+        p = Pad (r1, pads)
+        c2 = Conv (p, w2, b2)
+        y = Relu (c2)
+    }
+"""
+
+
+@pytest.mark.parametrize("simplify", [True, False])
+def test_qdq_simplifies_first_so_that_a_pad_between_convolutions_does_not_stay_float(tmp_path, rng, simplify):
+    model = with_initializers(onnx.parser.parse_model(PADDED_BETWEEN), w1=rng.standard_normal((8, 4, 3, 3)).astype(np.float32) / 6,
+                              b1=rng.standard_normal(8).astype(np.float32), w2=rng.standard_normal((8, 8, 3, 3)).astype(np.float32) / 8,
+                              b2=rng.standard_normal(8).astype(np.float32))
+    calibration = [{"x": rng.standard_normal((8, 4, 8, 8)).astype(np.float32)} for _ in range(4)]
+    inputs = [{"x": rng.standard_normal((8, 4, 8, 8)).astype(np.float32)}]
+    # keep_worse: on an 8x8 toy, int8 need not beat float; what runs where is the point here
+    manager = PassManager(parse_pipeline(f"qdq{{mode=static simplify={str(simplify).lower()}}}"), inputs=IterableInputs(inputs),
+                          calibration=IterableInputs(calibration), keep_worse=True)
+    int8, report = manager.run(model)
+    assert report.steps[0].status in ("committed", "kept-worse")
+    quantized = tmp_path / "quantized.onnx"
+    onnx.save(int8, quantized)
+    ops = _fused_ops(quantized, tmp_path)
+    # the first convolution runs int8 either way (the second, whose output is the graph's, keeps a float output)
+    assert ops["QLinearConv"] == 1, ops
+    if simplify:  # the Pad went into the second convolution: nothing float between the two
+        assert "Pad" not in ops, ops
+        assert [c.action for c in report.steps[0].changes][:3] == ["simplify: removed"] * 3
+    else:  # the Pad stays, in float, between DequantizeLinear and QuantizeLinear
+        assert ops["Pad"] == 1, ops
+
+
+def test_qdq_keeps_no_simplification_when_it_quantizes_nothing():
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 4] y) {
+            xi = Identity (x)
+            y = Relu (xi)
+        }
+    """)
+    result = Qdq(mode="dynamic").run(clone(model), PassContext())
+    assert not result.changes and result.model.graph == model.graph
+    assert any("simplification made first is not kept" in w for w in result.warnings)

@@ -67,9 +67,9 @@ def _content_key(model: object) -> str:
 
 def test_the_readme_main_job_loads_each_model_version_once_and_exports_each_once(tmp_path, monkeypatch):
     """A model version is exported from graphsurgeon once and loaded in onnxruntime once per use
-    (timing on one thread, or not); the only second load is the written file's, read back to prove
-    it loads."""
-    sessions: collections.Counter[tuple[str, int]] = collections.Counter()
+    (timing on one thread, running, or writing its optimized graph for simplify); the only second
+    load is the written file's, read back to prove it loads."""
+    sessions: collections.Counter[tuple[str, int, bool]] = collections.Counter()
     exports: collections.Counter[str] = collections.Counter()
     real_session, real_export = ort.InferenceSession, gs.export_onnx
     output = tmp_path / "digits_cnn.opt.onnx"
@@ -77,7 +77,8 @@ def test_the_readme_main_job_loads_each_model_version_once_and_exports_each_once
     def counted_session(model, options=None, *args, **kwargs):
         if isinstance(model, str) and Path(model).name.startswith(output.name):  # the staged output, verified
             return real_session(model, options, *args, **kwargs)
-        sessions[(_content_key(model), options.intra_op_num_threads if options is not None else 0)] += 1
+        use = (options.intra_op_num_threads, bool(options.optimized_model_filepath)) if options is not None else (0, False)
+        sessions[(_content_key(model), *use)] += 1
         return real_session(model, options, *args, **kwargs)
 
     def counted_export(*args, **kwargs):

@@ -43,6 +43,7 @@ class Simplify(Pass):
             return result
         ModelEnvelope.of(model).apply(optimized)
         _keep_opsets_of(model, optimized)
+        _keep_known_types(model, optimized)
         for op in sorted(set(before) | set(after)):
             if before[op] != after[op]:
                 result.changes.append(Change(op, "removed" if after[op] < before[op] else "added", {"before": before[op], "after": after[op]}))
@@ -78,6 +79,30 @@ def _keep_opsets_of(model: onnx.ModelProto, optimized: onnx.ModelProto) -> None:
     """The input's opset imports: onnxruntime writes every domain it knows (com.microsoft, ...)."""
     del optimized.opset_import[:]
     optimized.opset_import.extend(model.opset_import)
+
+
+def _keep_known_types(model: onnx.ModelProto, optimized: onnx.ModelProto) -> None:
+    """Give back to ``optimized``'s main graph the tensor types onnx's inference knew in ``model``.
+
+    onnxruntime drops a Cast to the type its input already has (it knows that type; onnx's inference
+    may not, after an ai.onnx.ml op such as Scaler): the Cast's input then carries the type its
+    output had. Without it, later passes see a tensor of unknown type (qdq left an MLP's MatMuls
+    float)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - a model onnx cannot infer: nothing known to keep
+        return
+    known = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output] if v.type.tensor_type.elem_type}
+    for node in model.graph.node:  # a dropped Cast: its input has the type its output had
+        if node.op_type == "Cast" and node.output[0] in known and node.input[0] not in known:
+            typed = onnx.ValueInfoProto()
+            typed.CopyFrom(known[node.output[0]])
+            typed.name = node.input[0]
+            known[node.input[0]] = typed
+    graph = optimized.graph
+    present = {name for node in graph.node for name in node.output} | {v.name for v in graph.input}
+    described = {v.name for v in [*graph.value_info, *graph.input, *graph.output]}
+    graph.value_info.extend(known[name] for name in sorted(present - described) if name in known)
 
 
 def _initializer_count(model: onnx.ModelProto) -> int:
