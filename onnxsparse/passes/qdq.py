@@ -110,7 +110,7 @@ class Qdq(Pass):
     cache: str = field(default="", metadata={"help": "JSON file of calibrated ranges: read if present, written if not"})
     simplify: bool = field(default=True, metadata={
         "help": "fold constants and fuse Pad/BatchNormalization/Add/Mul into Conv/Gemm first (the simplify pass), so that "
-                "what an exporter left for the runtime does not stay float between int8 layers"})
+                "what an exporter left for the runtime does not stay float between int8 layers (static and auto modes)"})
 
     def __post_init__(self) -> None:
         if not 0 < self.percentile <= 100:
@@ -129,7 +129,9 @@ class Qdq(Pass):
         if already:
             result.warnings.append(f"qdq: the model is already quantized ({', '.join(already)}): left as it is")
             return result
-        simplified = _simplified(model, context, result) if self.simplify else None
+        # Dynamic mode leaves every activation float, so folding gains it nothing, and on a big model
+        # onnxruntime's optimizer would load and write every weight once more.
+        simplified = _simplified(model, context, result) if self.simplify and self.mode != "dynamic" else None
         if simplified is None or not simplified.changes:
             return self._quantized(model, context, result)
         quantized = self._quantized(simplified.model, context, result)
