@@ -471,3 +471,41 @@ def test_qdq_keeps_no_simplification_when_it_quantizes_nothing():
     result = Qdq(mode="static").run(clone(model), PassContext(calibration=calibration))
     assert not result.changes and result.model.graph == model.graph
     assert any("simplification made first is not kept" in w for w in result.warnings)
+
+
+# Per data-movement op: its attributes, constant inputs after the data, and the DQ -> op -> Q model.
+SAME_SCALE_PROBES = {
+    "MaxPool": ({"kernel_shape": [2, 2], "strides": [2, 2]}, {}),
+    "Reshape": ({}, {"shape": np.array([1, 8, 64], np.int64)}),
+    "Transpose": ({"perm": [0, 2, 3, 1]}, {}),
+    "Flatten": ({"axis": 1}, {}),
+    "Squeeze": ({}, {"axes": np.array([0], np.int64)}),
+    "Unsqueeze": ({}, {"axes": np.array([0], np.int64)}),
+    "Resize": ({"mode": "nearest"}, {"roi": np.array([], np.float32), "scales": np.array([1, 1, 2, 2], np.float32)}),
+    "Slice": ({}, {"starts": np.array([0], np.int64), "ends": np.array([4], np.int64), "axes": np.array([1], np.int64)}),
+    "Identity": ({}, {}),
+    "DepthToSpace": ({"blocksize": 2}, {}),
+}
+
+
+@pytest.mark.parametrize("op", sorted(SAME_SCALE_PROBES))
+def test_every_op_qdq_quantizes_through_runs_on_int8_in_onnxruntime(tmp_path, op):
+    """An op qdq boxes between DQ and Q with its input's scale must be one onnxruntime then runs on
+    the int8 data (it drops the pair); one it runs in float only gains a Q/DQ pair."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxsparse.passes.qdq import SAME_SCALE
+
+    assert set(SAME_SCALE_PROBES) == set(SAME_SCALE)  # a new op in SAME_SCALE needs its probe here
+    attrs, constants = SAME_SCALE_PROBES[op]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node(op, ["xd", *constants], ["y"], **attrs),
+             helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"]), helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["out"])]
+    initializers = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z"),
+                    *(numpy_helper.from_array(value, name) for name, value in constants.items())]
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], initializers)
+    path = tmp_path / "probe.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    ops = _fused_ops(path, tmp_path)
+    assert ops["DequantizeLinear"] == 1 and ops["QuantizeLinear"] == 1, ops  # the input's Q and the output's DQ only

@@ -48,9 +48,12 @@ COMPUTE = {"Conv": (0,), "ConvTranspose": (0,), "Gemm": (0,), "MatMul": (0, 1)}
 ELEMENTWISE = {"Add": (0, 1), "Mul": (0, 1)}
 POOLS = {"GlobalAveragePool": (0,), "AveragePool": (0,)}
 CONCAT = "Concat"
-# ops onnxruntime runs on int8 when input and output share one scale (data movement)
-SAME_SCALE = frozenset({"MaxPool", "GlobalMaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize",
-                        "Slice", "Identity", "DepthToSpace", "SpaceToDepth"})
+# Ops onnxruntime runs on int8 when input and output share one scale (data movement): it drops the
+# DQ before and the Q after them (tests/test_qdq.py checks each on its optimized graph). Not
+# GlobalMaxPool, SpaceToDepth or Pad: onnxruntime 1.32 runs them in float between DQ and Q, so
+# quantizing through them only adds a Q/DQ pair.
+SAME_SCALE = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Slice", "Identity",
+                        "DepthToSpace"})
 # a QDQ right after these is what onnxruntime folds into the producer's int8 kernel
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 # Bias correction patches each layer's shift into one built int8 model; False builds the model again
