@@ -53,6 +53,12 @@ def _session(model: onnx.ModelProto, serialized: bytes | None, label: str, timin
         # times (segment runs, trials, validation), where that doubled the page faults: MobileNetV2's
         # qdq{mode=static} 21.3 -> 17.3 s CPU, 1.2 GB fewer page faults. Timing sessions keep it.
         options.enable_mem_pattern = False
+    return _loaded(model, serialized, label, options)
+
+
+def _loaded(model: onnx.ModelProto, serialized: bytes | None, label: str, options: ort.SessionOptions) -> ort.InferenceSession:
+    """``model`` loaded in onnxruntime with ``options``: by path when a weight store holds its tensors
+    or it is too big for one message, else from its bytes (``serialized`` when the caller has them)."""
     try:
         store = store_of(model)
         if store is not None:  # by path: onnxruntime reads the store's files beside the model
@@ -92,14 +98,7 @@ def optimized_offline(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(_OPTIMIZED_EXTERNAL_BYTES))
     try:
-        try:
-            if store is not None:
-                with store.model_file(model) as path:
-                    ort.InferenceSession(str(path), options, providers=PROVIDERS)
-            else:
-                ort.InferenceSession(model.SerializeToString(), options, providers=PROVIDERS)
-        except Exception as error:  # noqa: BLE001 - onnxruntime raises several private exception types
-            raise RuntimeLoadError(f"{label}: onnxruntime cannot load it: {_load_failure(error)}") from error
+        _loaded(model, None, label, options)  # loading it writes the optimized model
         # the store keeps reading its scratch folder's data until a model file needs a copy of it
         return load(target, weights=store, check=False)
     finally:

@@ -57,8 +57,8 @@ class Simplify(Pass):
 
 def _interface_change(model: onnx.ModelProto, optimized: onnx.ModelProto) -> str:
     """Why ``optimized`` would not be a drop-in replacement: its inputs or outputs differ."""
+    overridable = {t.name for t in model.graph.initializer}
     for kind, old, new in (("inputs", model.graph.input, optimized.graph.input), ("outputs", model.graph.output, optimized.graph.output)):
-        overridable = {t.name for t in model.graph.initializer}
         if [v.name for v in old if v.name not in overridable] != [v.name for v in new if v.name not in overridable]:
             return f"changed the graph's {kind}"
     return ""
