@@ -212,17 +212,17 @@ def test_a_step_that_grows_the_model_and_is_not_faster_is_rolled_back_as_worse(m
 def test_a_step_that_runs_slower_is_rolled_back_as_worse_and_the_exit_status_says_so(monkeypatch, tmp_path):
     from onnxsparse.cli import main
 
-    _timed_at(monkeypatch, 1.3)
+    _timed_at(monkeypatch, 1.3)  # the manager's own timing: qdq's (never_slower) is off
     out = tmp_path / "out.onnx"
-    status = main(["optimize", str(MODELS / "digits_cnn.onnx"), "-o", str(out), "-p", "qdq{mode=static}",
+    status = main(["optimize", str(MODELS / "digits_cnn.onnx"), "-o", str(out), "-p", "qdq{mode=static never_slower=false}",
                    "--inputs", str(MODELS / "digits_cnn.inputs.npz"), "--calibration", str(MODELS / "digits_cnn.calibration.npz")])
     assert status == 4 and out.exists()
     assert "QuantizeLinear" not in {n.op_type for n in onnx.load(out).graph.node}
-    assert main(["optimize", str(MODELS / "digits_cnn.onnx"), "-o", str(out), "-p", "qdq{mode=static}", "--keep-worse",
+    assert main(["optimize", str(MODELS / "digits_cnn.onnx"), "-o", str(out), "-p", "qdq{mode=static never_slower=false}", "--keep-worse",
                  "--inputs", str(MODELS / "digits_cnn.inputs.npz"), "--calibration", str(MODELS / "digits_cnn.calibration.npz")]) == 0
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(out).graph.node}
     _timed_at(monkeypatch, 1.05)  # within the noise of one timing: not called slower
-    assert main(["optimize", str(MODELS / "digits_cnn.onnx"), "-o", str(out), "-p", "qdq{mode=static}",
+    assert main(["optimize", str(MODELS / "digits_cnn.onnx"), "-o", str(out), "-p", "qdq{mode=static never_slower=false}",
                  "--inputs", str(MODELS / "digits_cnn.inputs.npz"), "--calibration", str(MODELS / "digits_cnn.calibration.npz")]) == 0
 
 
@@ -379,7 +379,7 @@ def test_every_held_out_sample_of_a_folder_of_single_sample_files_is_validated(t
     model = load(MODELS / "digits_cnn.onnx")
     from onnxsparse.calibration import resolve_inputs
 
-    _, report = PassManager(parse_pipeline("qdq{mode=static guard=false}"), calibration=resolve_inputs(str(tmp_path), model)).run(model)
+    _, report = PassManager(parse_pipeline("qdq{mode=static guard=false never_slower=false}"), calibration=resolve_inputs(str(tmp_path), model)).run(model)
     assert report.inputs.startswith("70 of the 280 samples") and "validated on the first" not in report.inputs
     assert report.final_validation.feeds == 70
 
@@ -466,11 +466,11 @@ def test_a_step_over_tolerance_and_slower_under_policy_keep_says_both(monkeypatc
     strict = Tolerances(default=Tolerance(min_cosine=0.999999))
     calibration = IterableInputs([{"input": _digits("calibration")}])
     inputs = IterableInputs([{"input": _digits("inputs")}])
-    _, kept = PassManager(parse_pipeline("qdq{mode=static guard=false}"), inputs=inputs, calibration=calibration, tolerances=strict,
+    _, kept = PassManager(parse_pipeline("qdq{mode=static guard=false never_slower=false}"), inputs=inputs, calibration=calibration, tolerances=strict,
                           policy="keep", keep_worse=True).run(model)
     step = kept.steps[0]
     assert step.status == "kept-failing" and "cosine" in step.reason and "also worse than its input: 2.00x" in step.reason
-    _, rolled = PassManager(parse_pipeline("qdq{mode=static guard=false}"), inputs=inputs, calibration=calibration, tolerances=strict,
+    _, rolled = PassManager(parse_pipeline("qdq{mode=static guard=false never_slower=false}"), inputs=inputs, calibration=calibration, tolerances=strict,
                             policy="keep").run(model)
     assert rolled.steps[0].status == "worse" and "cosine" in rolled.steps[0].reason and "rolled back" in rolled.steps[0].reason
 
@@ -479,7 +479,7 @@ def test_a_slower_step_under_policy_raise_is_rolled_back_not_raised(monkeypatch)
     model = load(MODELS / "digits_cnn.onnx")
     _timed_at(monkeypatch, 1.5)
     calibration = IterableInputs([{"input": _digits("calibration")}])
-    final, report = PassManager(parse_pipeline("qdq{mode=static}"), inputs=IterableInputs([{"input": _digits("inputs")}]),
+    final, report = PassManager(parse_pipeline("qdq{mode=static never_slower=false}"), inputs=IterableInputs([{"input": _digits("inputs")}]),
                                 calibration=calibration, policy="raise").run(model)
     assert report.steps[0].status == "worse" and "kept the input" not in report.steps[0].reason
     assert "QuantizeLinear" not in {n.op_type for n in final.graph.node}
@@ -496,7 +496,7 @@ def test_a_pass_that_keeps_its_input_because_its_result_ran_slower_is_worse_not_
 def test_a_verdict_on_a_handful_of_samples_is_flagged():
     model = load(MODELS / "digits_cnn.onnx")
     three = IterableInputs([{"input": _digits("calibration")[:3]}])
-    _, report = PassManager(parse_pipeline("qdq{mode=static guard=false}"), calibration=three).run(model)
+    _, report = PassManager(parse_pipeline("qdq{mode=static guard=false never_slower=false}"), calibration=three).run(model)
     assert report.inputs.startswith("1 of the 3 samples")
     assert any(w.startswith("validated on 1 sample(s) only") for w in report.warnings)
 
@@ -540,6 +540,6 @@ def test_which_axis_0_counts_samples(dims, counts):
 def test_a_calibration_file_of_one_sample_validates_on_synthetic_inputs_and_says_why():
     model = load(MODELS / "digits_cnn.onnx")
     one = IterableInputs([{"input": _digits("calibration")[:1]}])
-    _, report = PassManager(parse_pipeline("qdq{mode=static guard=false}"), calibration=one, keep_worse=True).run(model)
+    _, report = PassManager(parse_pipeline("qdq{mode=static guard=false never_slower=false}"), calibration=one, keep_worse=True).run(model)
     assert report.inputs.startswith("16 synthetic sample(s)")
     assert any("holds 1 sample: none could be held out" in w for w in report.warnings)

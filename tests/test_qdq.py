@@ -272,7 +272,7 @@ def test_weights_inside_subgraphs_count_as_quantized_in_the_report(rng):
 def test_auto_choosing_dynamic_reports_the_dynamic_candidate_not_the_static_ones_figures(tmp_path, monkeypatch):
     """The static candidate's guard kept nodes in float; when auto picks dynamic, the report must
     not carry that count (MiniLM showed 56 nodes kept float while all 36 weight MatMuls were int8)."""
-    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", lambda reference, candidate, feed, runtime=None: 0.5 if any(
+    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", lambda reference, candidate, feed, **_: 0.5 if any(
         n.op_type == "MatMulInteger" for n in candidate.graph.node) else 0.9)
     _, report = _quantize("digits_transformer", tmp_path, "qdq{guard=true}", tolerances=None)
     figures, step = report.steps[0].figures, report.steps[0]
@@ -509,3 +509,75 @@ def test_every_op_qdq_quantizes_through_runs_on_int8_in_onnxruntime(tmp_path, op
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
     ops = _fused_ops(path, tmp_path)
     assert ops["DequantizeLinear"] == 1 and ops["QuantizeLinear"] == 1, ops  # the input's Q and the output's DQ only
+
+
+def _reads_dequantized(model: onnx.ModelProto, op: str) -> bool:
+    """Whether some ``op`` node of the QDQ model reads an activation through a DequantizeLinear."""
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return any(n.op_type == op and any(i in dequantized for i in n.input) for n in model.graph.node)
+
+
+def test_never_slower_keeps_the_input_when_no_candidate_runs_faster(monkeypatch):
+    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", lambda *args, **kwargs: 1.2)
+    model, inputs, calibration = bundled("digits_cnn")
+    _, report = PassManager(parse_pipeline("qdq"), inputs=inputs, calibration=calibration).run(model)
+    step = report.steps[0]
+    assert step.status == "worse" and "1.20x its input's time" in step.reason, step.reason
+    assert step.figures["static_latency_ratio"] == step.figures["dynamic_latency_ratio"] == 1.2
+    # without the option the int8 model is handed back, with the timing the manager then judges on
+    result = Qdq(mode="static", never_slower=False).run(clone(model), PassContext(calibration=calibration))
+    assert _reads_dequantized(result.model, "Conv") and not result.worse
+
+
+def test_a_kind_of_node_whose_int8_form_is_slower_stays_float(monkeypatch, tmp_path):
+    """The int8 depthwise convolution is made to cost time: each kind is tried in float, and the model
+    keeps its other convolutions int8 and the depthwise one float, saying why in the report."""
+    def depthwise_int8(model: onnx.ModelProto) -> bool:
+        dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        return any(n.op_type == "Conv" and n.input[1] in dequantized and any(a.name == "group" and a.i > 1 for a in n.attribute)
+                   for n in model.graph.node)
+
+    timed = []
+    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency",
+                        lambda reference, candidate, feed, **_: timed.append(candidate) or (1.05 if depthwise_int8(candidate) else 0.7))
+    out, report = _quantize("digits_cnn", tmp_path, "fold-batchnorm,qdq{mode=static}")
+    step = report.steps[1]
+    assert step.status == "committed" and step.figures["latency_ratio"] == 0.7
+    slow = [s for s in step.skipped if "made the model slower" in s.reason]
+    assert len(slow) == 1 and "int8 depthwise Conv made the model slower (1.05x -> 0.70x" in slow[0].reason
+    ops = _fused_ops(out, tmp_path)
+    assert ops["QLinearConv"] == 4 and ops["Conv"] + ops["FusedConv"] == 1, ops
+    # the Add's tensors are quantized by its int8 neighbours whatever is said of it: not timed alone
+    assert step.figures["kinds_in_float_latency"] == "Conv: 1.050; Gemm: 1.050; GlobalAveragePool: 1.050; depthwise Conv: 0.700"
+    assert len(timed) == 1 + 4
+
+
+@pytest.mark.parametrize("excluded", ["/block/conv1/Conv", "/pointwise/pointwise.0/Conv", "/fc/Gemm"])
+def test_a_layer_kept_float_between_int8_neighbours_runs_float_in_onnxruntime(tmp_path, excluded):
+    """onnxruntime quantizes a float Conv/Gemm weight itself (per tensor) when the layer reads a
+    DequantizeLinear and writes to a QuantizeLinear: a layer kept float must not read one."""
+    out, _ = _quantize("digits_cnn", tmp_path, f"fold-batchnorm,qdq{{mode=static exclude={excluded}}}")
+    ops = _fused_ops(out, tmp_path)
+    quantized_layers = ops["QLinearConv"] + ops["QGemm"] + ops["QLinearMatMul"]
+    float_layers = ops["Conv"] + ops["FusedConv"] + ops["Gemm"] + ops["FusedGemm"]
+    assert quantized_layers <= 5 and float_layers >= 1, ops
+    names = {n.name for n in onnx.load(out).graph.node if n.op_type in ("Conv", "Gemm")}
+    assert excluded in names
+
+
+def test_speed_kinds_tell_one_dimensional_and_depthwise_convolutions_apart():
+    from onnxsparse.graph import to_gs
+    from onnxsparse.passes.qdq import speed_kind
+
+    model = with_initializers(onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 8, 1, 32] x) => (float[1, 8, 1, 32] y, float[1, 8, 4, 4] z) {
+        a = Conv <pads = [0, 1, 0, 1]> (x, w13)
+        y = Conv <pads = [0, 1, 0, 1], group = 8> (a, wd)
+        p = Reshape (x, shape)
+        z = Conv <pads = [1, 1, 1, 1]> (p, w33)
+    }"""), w13=np.ones((8, 8, 1, 3), np.float32), wd=np.ones((8, 1, 1, 3), np.float32), w33=np.ones((8, 8, 3, 3), np.float32),
+        shape=np.array([1, 8, 4, 8], np.int64))
+    graph = to_gs(onnx.shape_inference.infer_shapes(model))
+    kinds = {n.outputs[0].name: speed_kind(n) for n in graph.nodes if n.op == "Conv"}
+    assert kinds == {"a": "1-D Conv", "y": "1-D depthwise Conv", "z": "Conv"}

@@ -59,6 +59,11 @@ FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 # Bias correction patches each layer's shift into one built int8 model; False builds the model again
 # per layer (the same bytes, measured by a test; kept to check the patching against).
 PATCH_BIASES = True
+# never_slower: a best candidate at this ratio to its input or above is tried with each kind of node
+# in float; a ratio within CLOSE_TO_EVEN of 1 is timed again, longer, before it decides anything.
+SPEED_SEARCH_ABOVE = 0.95
+CLOSE_TO_EVEN = 0.03
+RETIME_RUNS, RETIME_SECONDS = 60, 3.0
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
                            "ConvInteger", "DynamicQuantizeLinear"})
 
@@ -111,6 +116,11 @@ class Qdq(Pass):
         "help": "int8 embedding tables (DequantizeLinear before Gather): MiniLM 0.65x -> 0.26x the file, but 0.46x -> 0.65x latency"})
     calibration_samples: int = field(default=CALIBRATION_SAMPLES, metadata={"help": "calibration samples read (the first ones)"})
     cache: str = field(default="", metadata={"help": "JSON file of calibrated ranges: read if present, written if not"})
+    never_slower: bool = field(default=True, metadata={
+        "help": "time each candidate against the pass's input in onnxruntime (one thread, interleaved runs) and keep the "
+                "input when none is faster, saying so; when the best is not clearly faster, each kind of quantized node "
+                "(1-D Conv, depthwise Conv, MatMul of activations, Add, ...) is also tried in float, and a kind whose int8 "
+                "form made the model slower stays float. The pass manager also rolls back a step slower than its input"})
     simplify: bool = field(default=True, metadata={
         "help": "fold constants and fuse Pad/BatchNormalization/Add/Mul into Conv/Gemm first (the simplify pass), so that "
                 "what an exporter left for the runtime does not stay float between int8 layers (static and auto modes)"})
@@ -136,32 +146,102 @@ class Qdq(Pass):
         # onnxruntime's optimizer would load and write every weight once more.
         simplified = _simplified(model, context, result) if self.simplify and self.mode != "dynamic" else None
         if simplified is None or not simplified.changes:
-            return self._quantized(model, context, result)
-        quantized = self._quantized(simplified.model, context, result)
+            return self._quantized(model, context, result, model)
+        quantized = self._quantized(simplified.model, context, result, model)
         if not quantized.changes:  # the simplification alone is not what was asked for
             quantized.model = model
-            quantized.warnings.append("qdq: nothing was quantized, so the simplification made first is not kept either "
-                                      "(the simplify pass keeps it)")
+            if not quantized.worse:
+                quantized.warnings.append("qdq: nothing was quantized, so the simplification made first is not kept either "
+                                          "(the simplify pass keeps it)")
             return quantized
         quantized.changes[:0] = [Change(c.target, f"simplify: {c.action}", c.details) for c in simplified.changes]
         quantized.figures["simplified_nodes"] = f"{simplified.figures['nodes_before']} -> {simplified.figures['nodes_after']}"
-        quantized.latency_vs_input = None  # timed against the simplified model, not this pass's input
         return quantized
 
-    def _quantized(self, model: onnx.ModelProto, context: PassContext, result: PassResult) -> PassResult:
+    def _quantized(self, model: onnx.ModelProto, context: PassContext, result: PassResult, original: onnx.ModelProto) -> PassResult:
+        """The chosen quantization of ``model`` (the pass's input ``original``, simplified), timed
+        against ``original`` itself, or ``original`` when nothing quantized runs faster."""
         model, per_channel = self._opset_for(model, result)
         model = name_unnamed_nodes(shapes_where_known(model))
         self._warn_unmatched(model, result)
         if self.mode == "dynamic":
-            return self._with_embeddings(self._dynamic(model, result, self._scheme(per_channel, result)))
+            return self._kept_if_faster({"dynamic": self._with_embeddings(self._dynamic(model, result, self._scheme(per_channel, result)))},
+                                        original, context)
         # The dynamic candidate starts from what was said before either was built (opset raised,
         # unmatched patterns), not from the static candidate's figures (its nodes kept float).
         said = PassResult(model, warnings=list(result.warnings), figures=dict(result.figures), skipped=list(result.skipped))
         static = self._static(model, context, result, self._scheme(per_channel, result))
-        if self.mode == "static" or context.validate is None or context.calibration is None:
-            return self._with_embeddings(static)
-        dynamic = self._dynamic(model, said, self._scheme(per_channel, said))
-        return self._with_embeddings(_pick(static, dynamic, model, context, self.default_tolerance.min_cosine or 0.97))
+        candidates = {"static": static.first}
+        if self.mode == "auto" and context.validate is not None and context.calibration is not None:
+            candidates["dynamic"] = self._dynamic(model, said, self._scheme(per_channel, said))
+        return self._kept_if_faster({mode: self._with_embeddings(c) for mode, c in candidates.items()}, original, context, static)
+
+    def _kept_if_faster(self, candidates: dict[str, PassResult], original: onnx.ModelProto, context: PassContext,
+                        static: StaticResult | None = None) -> PassResult:
+        """Of the candidates, the one within tolerance (the faster if several are: mode=auto); with
+        ``never_slower``, a static one with its slow kinds of node kept float where that is faster
+        still, and ``original`` itself, said to be kept, when no candidate runs faster than it."""
+        timed = self.never_slower or len(candidates) > 1
+        feed = timing_feed(original, context.calibration) if timed else {}
+        ratios = {mode: _time_against(original, c.model, feed, context) for mode, c in candidates.items()} if timed else {}
+        chosen, why = _pick(candidates, ratios, original, context, self.default_tolerance.min_cosine or 0.97)
+        picked = candidates[chosen]
+        if len(candidates) > 1:
+            picked.figures.update(mode_choice=why, **{f"{mode}_latency_ratio": round(r, 3) for mode, r in ratios.items()})
+        if not self.never_slower or not picked.changes:
+            picked.latency_vs_input = ratios.get(chosen)
+            return picked
+        ratio = ratios[chosen]
+        if static is not None and chosen == "static" and ratio >= SPEED_SEARCH_ABOVE:
+            picked, ratio = self._without_slow_kinds(static, picked, ratio, original, feed, context)
+        if abs(ratio - 1.0) < CLOSE_TO_EVEN:  # one timing on a shared machine is off by a few percent
+            ratio = relative_latency(original, picked.model, feed, runtime=context.runtime, keep_candidate=False,
+                                     min_runs=RETIME_RUNS, min_seconds=RETIME_SECONDS)
+        picked.figures["latency_ratio"] = round(ratio, 3)
+        if ratio < 1.0:
+            picked.latency_vs_input = ratio
+            return picked
+        kept = PassResult(original, warnings=picked.warnings, figures=picked.figures, skipped=picked.skipped)
+        kept.worse = (f"the quantized model took {ratio:.2f}x its input's time in onnxruntime (one thread), so the input is kept: "
+                      "quantize and dequantize steps around small layers can cost more than their int8 kernels save "
+                      "(never_slower=false keeps the int8 model)")
+        kept.warnings.append(f"qdq: {kept.worse}")
+        return kept
+
+    def _without_slow_kinds(self, static: StaticResult, picked: PassResult, ratio: float, original: onnx.ModelProto,
+                            feed: dict[str, np.ndarray], context: PassContext) -> tuple[PassResult, float]:
+        """The static model with the kinds of node whose int8 form made it slower kept float, if that
+        is faster than ``ratio`` and within tolerance; else ``picked`` as it was. Each kind is timed in
+        float on its own; the kinds that helped are then kept float together."""
+        kinds: dict[str, set[str]] = {}
+        for node in static.plan.nodes:
+            if node.name not in static.guard_kept:
+                kinds.setdefault(speed_kind(node), set()).add(node.name)
+        if len(kinds) < 2:  # every kind in float is the input itself
+            return picked, ratio
+        # An Add or a pool whose tensors its int8 neighbours quantize anyway runs int8 in onnxruntime
+        # (it fuses DQ -> Add -> Q) whether or not it is "kept float": such a kind changes nothing alone.
+        kinds = {kind: names for kind, names in kinds.items() if static.changes_anything(static.guard_kept | names)}
+        trials: dict[tuple[str, ...], float] = {}
+        for kind in sorted(kinds):
+            trials[(kind,)] = _time_against(original, static.build(static.guard_kept | kinds[kind]), feed, context, bound=ratio)
+        helped = tuple(kind for (kind,), trial in trials.items() if trial < ratio)
+        if 1 < len(helped) < len(kinds):
+            trials[helped] = _time_against(original, static.build(static.guard_kept | set().union(*(kinds[k] for k in helped))), feed, context,
+                                           bound=ratio)
+        picked.figures["kinds_in_float_latency"] = "; ".join(f"{'+'.join(k)}: {r:.3f}" for k, r in trials.items())
+        best = min(trials, key=lambda k: trials[k])
+        if trials[best] >= ratio:
+            return picked, ratio
+        slow = {name: f"kept in float: int8 {kind} made the model slower ({ratio:.2f}x -> {trials[best]:.2f}x its input's time "
+                      f"with every {'+'.join(best)} in float)" for kind in best for name in kinds[kind]}
+        model = static.build(static.guard_kept | set(slow))
+        if context.validate is not None and not context.validate(model).passed:
+            picked.warnings.append(f"qdq: {'+'.join(best)} in float ran faster ({trials[best]:.2f}x) but broke the tolerance: kept int8")
+            return picked, ratio
+        faster = self._with_embeddings(static.result(model, slow))
+        faster.figures["kinds_in_float_latency"] = picked.figures["kinds_in_float_latency"]
+        return faster, trials[best]
 
     def _scheme(self, per_channel: bool, result: PassResult) -> WeightScheme:
         """Weights in 7 bits where asked, or (auto) where this machine's int8 kernels saturate 8-bit ones."""
@@ -189,7 +269,7 @@ class Qdq(Pass):
         result.model = from_gs(graph, like=result.model)
         return result
 
-    def _static(self, model: onnx.ModelProto, context: PassContext, result: PassResult, weights: WeightScheme) -> PassResult:
+    def _static(self, model: onnx.ModelProto, context: PassContext, result: PassResult, weights: WeightScheme) -> StaticResult:
         graph = to_gs(model)
         plan = plan_static(graph, self.exclude, overridable_initializers(model), result)
         nested = [node.name or node.outputs[0].name for node in nested_weight_layers(graph)]
@@ -204,10 +284,10 @@ class Qdq(Pass):
         quantized = build(kept_float)
         if self.guard and context.validate is not None:
             quantized, kept_float = self._guard(build, plan, quantized, context, result)
-        result.model = quantized
-        result.figures["mode"] = "static"
-        self._report(plan, kept_float, nested, weights, result)
-        return result
+        result.figures.update(mode="static", activations=self.activations, weights=weights.describe())
+        static = StaticResult(graph, plan, nested, build, kept_float, result)
+        static.first = static.result(quantized, dict.fromkeys(kept_float, "kept in float by the accuracy guard"))
+        return static
 
     # -- opsets -------------------------------------------------------------------------------
 
@@ -295,6 +375,10 @@ class Qdq(Pass):
         main_nodes = {id(node) for node in graph.nodes}
         for name, value in params.items():
             insert_qdq(graph, variables[name], value, main_nodes)
+        chosen_ids = {id(node) for node in chosen}
+        for node in list(graph.nodes):
+            if id(node) not in chosen_ids:
+                keep_float_in_onnxruntime(node)
         for node in chosen:
             if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
                 quantize_node_weights(graph, node, params, weights)
@@ -436,23 +520,46 @@ class Qdq(Pass):
         result.figures.update(nodes_quantized=len(result.changes), mode="dynamic", weights=weights.describe())
         return result
 
-    # -- report -------------------------------------------------------------------------------
 
-    def _report(self, plan: Plan, kept_float: set[str], nested: list[str], weights: WeightScheme, result: PassResult) -> None:
-        for node in plan.nodes:
+@dataclass
+class StaticResult:
+    """A static quantization with what it was built from, so that variants of it (more nodes in
+    float) can be built and reported without calibrating again."""
+
+    graph: gs.Graph  # what the plan's nodes belong to
+    plan: Plan
+    nested: list[str]  # weights inside subgraphs, stored int8
+    build: Callable[[set[str]], onnx.ModelProto]  # the model with these nodes kept float
+    guard_kept: set[str]  # kept float by the accuracy guard
+    said: PassResult  # what was said before any variant: calibration, guard figures, excluded nodes
+    first: PassResult = field(init=False)  # the variant the guard chose
+
+    def changes_anything(self, kept: set[str]) -> bool:
+        """Whether keeping ``kept`` float builds another model than the guard's: it does when a weight
+        stays float or a tensor goes unquantized."""
+        def quantized(float_nodes: set[str]) -> tuple[set[str], set[str]]:
+            chosen = [n for n in self.plan.nodes if n.name not in float_nodes]
+            return _tensors_of(chosen, self.plan, self.graph), {n.name for n in chosen if n.op in COMPUTE}
+        return quantized(kept) != quantized(self.guard_kept)
+
+    def result(self, model: onnx.ModelProto, kept: dict[str, str]) -> PassResult:
+        """The report of ``model``: every planned node quantized but those in ``kept`` (name -> why)."""
+        said = self.said
+        result = PassResult(model, skipped=list(said.skipped), figures=dict(said.figures), warnings=list(said.warnings))
+        for node in self.plan.nodes:
             label = node.name or node.outputs[0].name
-            if node.name in kept_float:
-                result.skipped.append(Skip(label, "kept in float by the accuracy guard"))
+            if node.name in kept:
+                result.skipped.append(Skip(label, kept[node.name]))
             else:
                 result.changes.append(Change(label, "quantized", {"op": node.op}))
-        result.changes.extend(Change(label, "int8 weight inside a subgraph (its activations stay float)") for label in nested)
-        if not plan.nodes and not nested and not result.skipped:
+        result.changes.extend(Change(label, "int8 weight inside a subgraph (its activations stay float)") for label in self.nested)
+        if not self.plan.nodes and not self.nested and not result.skipped:
             result.skipped.append(Skip("model", "no Conv/Gemm/MatMul/Add/Mul/pool/Concat on float activations to quantize"))
         result.figures.update(
-            nodes_quantized=len(plan.nodes) - len(kept_float) + len(nested), nodes_kept_float=len(kept_float),
-            subgraph_weights_quantized=len(nested), tensors_calibrated=len(plan.tensors), activations=self.activations,
-            weights=weights.describe(),
+            nodes_quantized=len(self.plan.nodes) - len(kept) + len(self.nested), nodes_kept_float=len(kept),
+            subgraph_weights_quantized=len(self.nested), tensors_calibrated=len(self.plan.tensors),
         )
+        return result
 
 
 @dataclass(frozen=True)
@@ -537,13 +644,13 @@ def _within_own_bound(model: onnx.ModelProto, results: dict[str, PassResult], co
     return [mode for mode, result in results.items() if 1.0 - probe.drift(result.model) >= bound]
 
 
-def _pick(static: PassResult, dynamic: PassResult, model: onnx.ModelProto, context: PassContext, own_bound: float) -> PassResult:
-    """mode=auto: the result within tolerance; if both are, the faster in onnxruntime on one thread."""
+def _pick(results: dict[str, PassResult], ratios: dict[str, float], model: onnx.ModelProto, context: PassContext, own_bound: float) -> tuple[str, str]:
+    """mode=auto: the candidate within tolerance; if several are, the faster in onnxruntime on one
+    thread (``ratios``, against ``model``). One candidate is simply itself."""
+    if len(results) == 1:
+        return next(iter(results)), ""
     assert context.validate is not None and context.calibration is not None
-    verdicts = {"static": context.validate(static.model), "dynamic": context.validate(dynamic.model)}
-    results = {"static": static, "dynamic": dynamic}
-    feed = timing_feed(model, context.calibration)
-    ratios = {mode: relative_latency(model, results[mode].model, feed, runtime=context.runtime) for mode in results}
+    verdicts = {mode: context.validate(result.model) for mode, result in results.items()}
     passing = [mode for mode, verdict in verdicts.items() if verdict.passed]
     why_prefix = ""
     if not passing and not context.validate(model).passed:
@@ -553,17 +660,32 @@ def _pick(static: PassResult, dynamic: PassResult, model: onnx.ModelProto, conte
         passing = _within_own_bound(model, results, context, own_bound)
         why_prefix = "neither within tolerance of the original; judged against this pass's input: "
     if len(passing) == 1:
-        chosen, why = passing[0], why_prefix + "the only one within tolerance"
-    elif passing:
-        chosen = min(passing, key=lambda mode: ratios[mode])
-        why = why_prefix + "both within tolerance; the faster"
-    else:
-        chosen = max(results, key=lambda mode: _closeness(verdicts[mode]))
-        why = "neither within tolerance; the closer to the original"
-    picked = results[chosen]
-    picked.figures.update(mode=chosen, mode_choice=why, **{f"{mode}_latency_ratio": round(r, 3) for mode, r in ratios.items()})
-    picked.latency_vs_input = ratios[chosen]
-    return picked
+        return passing[0], why_prefix + "the only one within tolerance"
+    if passing:
+        return min(passing, key=lambda mode: ratios[mode]), why_prefix + "both within tolerance; the faster"
+    return max(results, key=lambda mode: _closeness(verdicts[mode])), "neither within tolerance; the closer to the original"
+
+
+def _time_against(original: onnx.ModelProto, candidate: onnx.ModelProto, feed: dict[str, np.ndarray], context: PassContext,
+                  bound: float | None = None) -> float:
+    """``candidate``'s one-thread onnxruntime time over ``original``'s. Timing stops early once the
+    ratio is clearly on one side of 1 (and of ``bound``)."""
+    bounds = (1.0,) if bound is None or bound == 1.0 else (1.0, bound)
+    return relative_latency(original, candidate, feed, runtime=context.runtime, keep_candidate=False, decide_at=bounds)
+
+
+def speed_kind(node: gs.Node) -> str:
+    """The kind of node whose int8 form tends to be fast or slow alike: a 1-D convolution (an
+    exporter's conv1d over an unsqueezed axis, often between Transposes), a depthwise one, a MatMul
+    of two activations, or the op type."""
+    if node.op not in ("Conv", "ConvTranspose"):
+        return _kind(node)
+    weight = constant_value(node.inputs[1])
+    kernel = list(weight.shape[2:]) if weight is not None else []
+    spatial = list(node.inputs[0].shape[2:]) if node.inputs[0].shape is not None else kernel
+    one_d = len(kernel) == 1 or sum(not (isinstance(d, int) and d == 1) for d in spatial) == 1
+    depthwise = weight is not None and weight.shape[1] == 1 and int(node.attrs.get("group", 1)) > 1 and node.op == "Conv"
+    return f"{'1-D ' if one_d else ''}{'depthwise ' if depthwise else ''}{node.op}"
 
 
 def _closeness(validation: ValidationResult) -> float:
@@ -673,6 +795,39 @@ def insert_qdq(graph: gs.Graph, tensor: gs.Tensor, params: ActivationParams, mai
         for index, value in enumerate(node.inputs):
             if value is tensor:
                 node.inputs[index] = restored
+
+
+# onnxruntime (WeightBiasQuantization, 1.21 on) quantizes the float weight of these ops itself, to
+# per-tensor int8, when the activation comes from a DequantizeLinear and the output goes (through
+# Relu/Clip only) to a QuantizeLinear: such a node "kept float" between int8 neighbours would run int8.
+WEIGHTS_QUANTIZED_BY_ONNXRUNTIME = frozenset({"Conv", "ConvTranspose", "Gemm"})
+
+
+def keep_float_in_onnxruntime(node: gs.Node) -> None:
+    """Make a float ``node`` that onnxruntime would quantize itself (see
+    WEIGHTS_QUANTIZED_BY_ONNXRUNTIME) read its activation before the QuantizeLinear, not after the
+    DequantizeLinear. Its producer's output then has two readers, so the producer runs float too:
+    the float region grows by one node, which the guard and the speed timing measure."""
+    if node.op not in WEIGHTS_QUANTIZED_BY_ONNXRUNTIME or not node.inputs or not _path_to_quantize(node):
+        return
+    dequantize = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if dequantize is None or dequantize.op != "DequantizeLinear" or not dequantize.inputs[0].inputs:
+        return
+    quantize = dequantize.inputs[0].inputs[0]
+    if quantize.op == "QuantizeLinear":
+        node.inputs[0] = quantize.inputs[0]
+
+
+def _path_to_quantize(node: gs.Node) -> bool:
+    """Whether ``node``'s output reaches a QuantizeLinear through single readers that are Relu/Clip."""
+    current = node
+    while len(current.outputs) == 1 and len(current.outputs[0].outputs) == 1:
+        current = current.outputs[0].outputs[0]
+        if current.op == "QuantizeLinear":
+            return True
+        if current.op not in FUSED_ACTIVATIONS:
+            return False
+    return False
 
 
 def _weight_axis(node: gs.Node, rank: int) -> int | None:
