@@ -684,11 +684,12 @@ def parse_dims(text: str) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_feed(feed: Mapping[str, np.ndarray], inputs: list[ModelInput], origin: str) -> Feed:
+def check_feed(feed: Mapping[str, np.ndarray], inputs: list[ModelInput], origin: str, *, extras: bool = False) -> Feed:
     """The feed restricted to the model's inputs, or an error naming the mismatch.
 
-    Extra keys (labels stored beside the inputs) are ignored: a misspelt input name still fails,
-    as the input it was meant for is then missing.
+    Extra keys (labels stored beside the inputs) are dropped, or with ``extras`` kept as they are,
+    for the user's task metric to read; a misspelt input name still fails, as the input it was meant
+    for is then missing.
     """
     checked: Feed = {}
     for model_input in inputs:
@@ -710,17 +711,20 @@ def check_feed(feed: Mapping[str, np.ndarray], inputs: list[ModelInput], origin:
             )
         _check_finite(array, f"{origin}: input '{model_input.name}'")
         checked[model_input.name] = array
+    if extras:
+        checked.update({name: np.asarray(value) for name, value in feed.items() if name not in checked})
     return checked
 
 
-def collect_feeds(source: InputSource, model: onnx.ModelProto, *, limit: int | None = None) -> list[Feed]:
-    """All feeds of a source (up to ``limit``), each checked against the model's inputs."""
+def collect_feeds(source: InputSource, model: onnx.ModelProto, *, limit: int | None = None, extras: bool = False) -> list[Feed]:
+    """All feeds of a source (up to ``limit``), each checked against the model's inputs (``extras``:
+    with the arrays stored beside them, such as labels, for a task metric; see :func:`check_feed`)."""
     inputs = model_inputs(model)
     collected = []
     for index, feed in enumerate(source.feeds()):
         if limit is not None and index >= limit:
             break
-        collected.append(check_feed(feed, inputs, f"{source.describe()}, feed {index}"))
+        collected.append(check_feed(feed, inputs, f"{source.describe()}, feed {index}", extras=extras))
     if not collected:
         raise InputDataError(f"{source.describe()}: yielded no feeds")
     return collected

@@ -204,6 +204,9 @@ def _add_tolerance_options(parser: argparse.ArgumentParser, *, per_pass: bool) -
     if per_pass:
         group.add_argument("--pass-tolerance", action="append", default=[], metavar='PASS:"min_top1=0.9 ..."', help="per pass (repeatable)")
     group.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL divergence (default 1)")
+    group.add_argument("--metric", metavar="MODULE:FUNCTION|FILE.py:FUNCTION",
+                       help="your task metric, judged beside the tolerances (by guards, every step and the final validation): "
+                            "function(reference_outputs, candidate_outputs, inputs) -> (value, within_budget); see the README")
 
 
 def _add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -277,6 +280,7 @@ def run_optimize(args: argparse.Namespace) -> int:
             keep_worse=args.keep_worse,
             external_data=args.external_data,
             progress=progress,
+            metric=args.metric,
         )
     print(json.dumps(report.to_dict(), indent=2) if args.json else render_run(report))
     return optimize_status(report)
@@ -309,7 +313,7 @@ def render_run(report: RunReport) -> str:
         )
     if report.final_validation is not None:
         verdict = "passed" if report.final_validation.passed else "FAILED: " + "; ".join(report.final_validation.verdict.failures)
-        lines.append(f"final validation on {report.inputs}: {verdict}; {worst_output(report.final_validation)}")
+        lines.append(f"final validation on {report.inputs}: {verdict}; {worst_output(report.final_validation)}{_metric_text(report.final_validation)}")
     if report.calibration:
         lines.append(f"passes fitted on: {report.calibration}")
     lines.extend(f"warning: {w}" for w in report.warnings)
@@ -331,6 +335,7 @@ def run_validate(args: argparse.Namespace) -> int:
         int_range=_int_range(args.int_range),
         temperature=args.temperature,
         max_input_bytes=_max_input_bytes(args),
+        metric=args.metric,
     )
     if args.json:
         print(json.dumps(_validation_dict(result), indent=2))
@@ -362,7 +367,13 @@ def render_validation(result: ValidationResult) -> str:
     table = format_table(["output", "dtype", "shape", "max abs", "max rel", "cosine", "SQNR dB", "top-1", "KL", "equal", "note"], rows, right=range(3, 10))
     verdict = "passed" if result.passed else "FAILED\n" + "\n".join(f"  {f}" for f in result.verdict.failures)
     notes = "".join(f"\nnote: {note}" for note in result.verdict.notes)
-    return f"{table}\n\n{result.feeds} feed(s), tolerance {next(iter(result.verdict.tolerances.values()), 'none')}: {verdict}{notes}"
+    return (f"{table}\n\n{result.feeds} feed(s), tolerance {next(iter(result.verdict.tolerances.values()), 'none')}{_metric_text(result)}: "
+            f"{verdict}{notes}")
+
+
+def _metric_text(result: ValidationResult) -> str:
+    metric = result.metric
+    return "" if metric is None else f"; metric {metric.name} {metric.value:.4g} ({'within' if metric.within_budget else 'outside'} budget)"
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -54,8 +54,10 @@ from .spec import format_pipeline, load_recipe, parse_pipeline
 from .validation import (
     EXACT,
     Feed,
+    MetricFunction,
     ProgressCallback,
     Reference,
+    TaskMetric,
     Tolerance,
     Tolerances,
     ValidationResult,
@@ -117,6 +119,7 @@ class PassManager:
     fallback_inputs: InputSource | None = None
     held_out_seed: int = 0
     keep_worse: bool = False
+    metric: TaskMetric | None = None  # the user's task metric, judged beside the tolerances everywhere
     report: RunReport | None = field(default=None, init=False)
     # The run's onnxruntime sessions, one per model version and use, timing or not (see runtime.py).
     runtime: Runtime = field(default_factory=Runtime, init=False)
@@ -146,7 +149,7 @@ class PassManager:
         report = self.report = RunReport(pipeline=format_pipeline(self.passes), policy=self.policy, inputs="", input=summarize(model, info))
         report.input.source = label
         limit = None if data.held_out else self.max_samples
-        feeds = collect_feeds(first_samples(data.validation, model, limit), model)
+        feeds = collect_feeds(first_samples(data.validation, model, limit), model, extras=self.metric is not None)
         if self.inputs is not None and data.fitting:
             _refuse_overlap(self.inputs, feeds, self.calibration, model, data.fitting)  # type: ignore[arg-type]
         validated = _count_samples(feeds, model)
@@ -155,10 +158,10 @@ class PassManager:
         if data.note:
             report.warnings.append(data.note)
         phase = time.perf_counter()
-        reference = Reference.of(model, feeds, f"{label} (original)", self._progress("reference"), runtime=self.runtime)
+        reference = Reference.of(model, feeds, f"{label} (original)", self._progress("reference"), runtime=self.runtime, metric=self.metric)
         log.info("reference: the original's outputs on %s in %.1f s", report.inputs, time.perf_counter() - phase)
         chain = _Chain(model, reference.outputs, footprint(model))
-        judge = _CalibrationJudge(model, data.calibration, self.temperature, self.runtime)
+        judge = _CalibrationJudge(model, data.calibration, self.temperature, self.runtime, self.metric)
         for index, pass_ in enumerate(self.passes):
             self._report_progress("passes", index, len(self.passes))
             step, result_model, outputs = self._run_step(pass_, chain, reference, data, judge, label)
@@ -171,7 +174,7 @@ class PassManager:
         self._report_progress("passes", len(self.passes), len(self.passes))
         final = _finalize_versions(clone(chain.model), model)
         phase = time.perf_counter()
-        final_tolerance = lambda output: self.tolerances.for_output(output, chain.last_pass, chain.budget)
+        final_tolerance = chain.tolerance_of(None, reference.scores, self.tolerances)
         if chain.outputs_current and final.ir_version == chain.model.ir_version:  # the model its last step already ran
             report.final_validation = reference.compared(chain.outputs, final_tolerance, temperature=self.temperature)
         else:
@@ -224,12 +227,9 @@ class PassManager:
         if self.report is not None:  # in the report at once: a `raise` below still leaves it there
             self.report.steps.append(step)
         started = time.perf_counter()
-        budget = chain.budget_with(pass_)
         fits = Requirement.CALIBRATION in pass_.needs()
         step.fitted_on = data.calibration.describe() if fits and data.calibration is not None else ""
-
-        def tolerance_of(output: str) -> Tolerance:
-            return self.tolerances.for_output(output, pass_.name, budget)
+        tolerance_of = chain.tolerance_of(pass_, reference.scores, self.tolerances)
 
         def validate(model: onnx.ModelProto) -> ValidationResult:  # for passes that search (the qdq guard): calibration only
             return judge.validate(model, tolerance_of, f"{label} trial of {pass_.name}")
@@ -268,7 +268,8 @@ class PassManager:
                                 self._progress(f"validate {pass_.name}"))
         except (RuntimeLoadError, InputDataError) as error:
             return self._structural_failure(step, str(error)), None, None
-        step.validation = compare(reference.outputs, outputs, tolerance_of, temperature=self.temperature, scores=reference.scores)
+        step.validation = compare(reference.outputs, outputs, tolerance_of, temperature=self.temperature, scores=reference.scores,
+                                  metric=reference.metric, feeds=reference.feeds)
         if pass_.tolerance() == EXACT and chain.drifted:
             # An exact pass after a lossy one: the drift from the original belongs to the earlier
             # pass; this one is held to its own bound against the model it was given.
@@ -369,6 +370,7 @@ class _Chain:
     outputs: list[dict[str, np.ndarray]]
     footprint: Footprint
     budget: Tolerance = EXACT
+    score_budget: Tolerance = EXACT  # the same for class-score outputs (Pass.score_tolerance)
     last_pass: str | None = None
     drifted: bool = False
     outputs_current: bool = True  # ``outputs`` are the committed model's own (not an earlier one's)
@@ -378,19 +380,34 @@ class _Chain:
     input_shaped: bool = False  # the running step's pass was given ``shaped``
 
     def budget_with(self, pass_: Pass) -> Tolerance:
-        own = pass_.tolerance()
-        if own == EXACT:
-            return self.budget
-        return own if self.budget == EXACT else loosest(self.budget, own)
+        return _widened(self.budget, pass_.tolerance())
+
+    def score_budget_with(self, pass_: Pass) -> Tolerance:
+        return _widened(self.score_budget, pass_.score_tolerance())
+
+    def tolerance_of(self, pass_: Pass | None, scores: frozenset[str] | None, tolerances: Tolerances) -> Callable[[str], Tolerance]:
+        """Each output's tolerance: the user's, else the budget with ``pass_`` (class-score outputs their own)."""
+        budget = self.budget_with(pass_) if pass_ is not None else self.budget
+        score_budget = self.score_budget_with(pass_) if pass_ is not None else self.score_budget
+        name = pass_.name if pass_ is not None else self.last_pass
+        return lambda output: tolerances.for_output(output, name, score_budget if scores and output in scores else budget)
 
     def commit(self, model: onnx.ModelProto, outputs: list[dict[str, np.ndarray]] | None, pass_: Pass) -> None:
         self.budget = self.budget_with(pass_)
+        self.score_budget = self.score_budget_with(pass_)
         self.shaped = model if self.input_shaped and Requirement.SHAPES in pass_.preserves else None
         self.model, self.last_pass = model, pass_.name
         self.footprint = footprint(model)
         self.outputs = outputs if outputs is not None else self.outputs
         self.outputs_current = outputs is not None
         self.drifted = self.drifted or pass_.tolerance() != EXACT
+
+
+def _widened(budget: Tolerance, own: Tolerance) -> Tolerance:
+    """The budget of the passes so far and one more: lossy passes widen it, exact ones do not."""
+    if own == EXACT:
+        return budget
+    return own if budget == EXACT else loosest(budget, own)
 
 
 # A step "grew" the model when its constant tensors take more than 1% more bytes (QDQ adds a few scales);
@@ -465,8 +482,10 @@ class _CalibrationJudge:
 
     SAMPLES = 32
 
-    def __init__(self, original: onnx.ModelProto, calibration: InputSource | None, temperature: float, runtime: Runtime) -> None:
+    def __init__(self, original: onnx.ModelProto, calibration: InputSource | None, temperature: float, runtime: Runtime,
+                 metric: TaskMetric | None = None) -> None:
         self.original, self.calibration, self.temperature, self.runtime = original, calibration, temperature, runtime
+        self.metric = metric
         self._reference: Reference | None = None
 
     def validate(self, model: onnx.ModelProto, tolerance_of: Callable[[str], Tolerance], label: str) -> ValidationResult:
@@ -474,7 +493,9 @@ class _CalibrationJudge:
             raise RequirementError("a pass asked to judge a trial model without calibration data")
         if self._reference is None:
             source = SpreadSamples(self.calibration, self.SAMPLES)
-            self._reference = Reference.of(self.original, collect_feeds(source, self.original), "original on calibration samples", runtime=self.runtime)
+            feeds = collect_feeds(source, self.original, extras=self.metric is not None)
+            self._reference = Reference.of(self.original, feeds, "original on calibration samples", runtime=self.runtime,
+                                           metric=self.metric)
         return self._reference.validate(model, tolerance_of, label, temperature=self.temperature, runtime=self.runtime)
 
 
@@ -530,6 +551,7 @@ def optimize(
     keep_worse: bool = False,
     external_data: bool | None = None,
     progress: ProgressCallback | None = None,
+    metric: TaskMetric | MetricFunction | str | None = None,
 ) -> RunReport:
     """Load ``input_path``, run the pipeline (text, pass objects, or a TOML ``recipe``) under
     validation, write ``output_path`` atomically (None: run and report only), and return the report.
@@ -544,8 +566,10 @@ def optimize(
     written together at the end, or none of them (a full disk, a model that does not verify); only
     the reports are written when a pass fails under policy ``raise``. ``external_data``: None keeps
     the input's layout (external data in, external data out; by size otherwise), True/False forces.
+    ``metric``: the user's task metric (a function, or ``module:function`` / ``file.py:function``; see
+    :class:`TaskMetric`), judged beside the tolerances by every guard, step and the final validation.
     """
-    passes, tolerances, policy = _resolve_pipeline(pipeline, recipe, tolerances, policy)
+    passes, tolerances, policy, recipe_metric = _resolve_pipeline(pipeline, recipe, tolerances, policy)
     written_paths = [p for p in (output_path, report_path, markdown_path) if p is not None]
     read_paths = [recipe, *_paths_in(inputs), *_paths_in(calibration)]
     _check_output_paths(written_paths, read_paths, model=Path(input_path), overwrite_model=overwrite_input and output_path is not None)
@@ -572,6 +596,7 @@ def optimize(
             policy=policy,
             temperature=temperature,
             progress=progress,
+            metric=task_metric(metric if metric is not None else recipe_metric),
         )
         # Held for the whole run: a second run writing the same output fails now, not after its work.
         outputs = _Outputs(output_path, report_path, markdown_path, tuple(Path(p) for p in protected), _layout(external_data, info))
@@ -601,6 +626,7 @@ def validate(
     temperature: float = 1.0,
     max_samples: int | None = VALIDATION_SAMPLES,
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+    metric: TaskMetric | MetricFunction | str | None = None,
 ) -> ValidationResult:
     """Run both models on the same inputs in onnxruntime and compare the candidate with the reference
     (``onnxsparse.validate``, the ``validate`` command).
@@ -612,13 +638,20 @@ def validate(
         original = load(reference, max_input_bytes=max_input_bytes, weights=weights)
         other = load(candidate, max_input_bytes=max_input_bytes, weights=weights)
         source = resolve_inputs(inputs, original, samples=samples, seed=seed, dims=dims, int_range=int_range, max_input_bytes=max_input_bytes)
-        feeds = collect_feeds(first_samples(source, original, max_samples), original)
+        feeds = collect_feeds(first_samples(source, original, max_samples), original, extras=metric is not None)
         chosen = (tolerances or Tolerances(default=tolerance)).checked([o.name for o in original.graph.output])
-        outputs = Reference.of(original, feeds, str(reference))
+        outputs = Reference.of(original, feeds, str(reference), metric=task_metric(metric))
         return outputs.validate(other, lambda name: chosen.for_output(name, None, EXACT), str(candidate), temperature=temperature)
 
 
 validate_files = validate  # the name it had (and the CLI imports)
+
+
+def task_metric(metric: TaskMetric | MetricFunction | str | None) -> TaskMetric | None:
+    """The user's metric as given to :func:`optimize`: an object, a function, or where to import it from."""
+    if metric is None or isinstance(metric, TaskMetric):
+        return metric
+    return TaskMetric.load(metric) if isinstance(metric, str) else TaskMetric(metric)
 
 
 def _synthetic_inputs(model: onnx.ModelProto, inputs: InputSpec, calibration: InputSpec, **settings: Any) -> InputSource | None:
@@ -699,15 +732,16 @@ def _resolve_pipeline(
     recipe: str | os.PathLike[str] | None,
     tolerances: Tolerances | None,
     policy: Policy | None,
-) -> tuple[list[Pass], Tolerances, Policy]:
+) -> tuple[list[Pass], Tolerances, Policy, str | None]:
+    """The passes, tolerances and policy to run (a recipe's where not given), and the recipe's metric."""
     if (pipeline is None) == (recipe is None):
         raise PipelineSpecError("give exactly one of a pipeline (-p) or a recipe (--recipe)")
     if recipe is not None:
         loaded = load_recipe(recipe)
-        return loaded.passes, tolerances or loaded.tolerances, policy or loaded.policy  # type: ignore[return-value]
+        return loaded.passes, tolerances or loaded.tolerances, policy or loaded.policy, loaded.metric  # type: ignore[return-value]
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)  # type: ignore[arg-type]
     for item in passes:
         if not isinstance(item, Pass):
             raise PipelineSpecError(f"pipeline item {item!r} is not a Pass")
-    return passes, tolerances or Tolerances(), policy or "rollback"
+    return passes, tolerances or Tolerances(), policy or "rollback", None
 

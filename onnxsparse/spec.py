@@ -27,7 +27,7 @@ import itertools
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -164,9 +164,10 @@ class Recipe:
     passes: list[Pass]
     tolerances: Tolerances
     policy: str = "rollback"
+    metric: str | None = None  # the user's task metric, module:function or file.py:function
 
 
-_RECIPE_KEYS = {"pass", "tolerance", "policy"}
+_RECIPE_KEYS = {"pass", "tolerance", "policy", "metric"}
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
@@ -177,7 +178,12 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         raise PipelineSpecError(f"{location}: no such recipe file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise PipelineSpecError(f"{location}: not a valid TOML recipe ({error})") from error
-    return parse_recipe(document, str(location))
+    recipe = parse_recipe(document, str(location))
+    if recipe.metric is not None:  # a metric file is found beside the recipe that names it
+        where, _, function = recipe.metric.rpartition(":")
+        if where.endswith(".py") and not Path(where).is_absolute():
+            recipe = replace(recipe, metric=f"{location.parent / where}:{function}")
+    return recipe
 
 
 def parse_recipe(document: Mapping[str, Any], label: str = "recipe") -> Recipe:
@@ -199,7 +205,10 @@ def parse_recipe(document: Mapping[str, Any], label: str = "recipe") -> Recipe:
     policy = document.get("policy", "rollback")
     if policy not in _POLICIES:
         raise PipelineSpecError(f"{label}: policy '{policy}' is not one of {', '.join(_POLICIES)}")
-    return Recipe(passes, parse_tolerances(document.get("tolerance", {}), label), policy)
+    metric = document.get("metric")
+    if metric is not None and not isinstance(metric, str):
+        raise PipelineSpecError(f"{label}: metric must be \"module:function\" or \"file.py:function\", not {metric!r}")
+    return Recipe(passes, parse_tolerances(document.get("tolerance", {}), label), policy, metric)
 
 
 def _table(value: Any, where: str) -> Mapping[str, Any]:

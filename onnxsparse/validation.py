@@ -8,12 +8,15 @@ elements. NaN/Inf where the reference is finite fails whatever the tolerance.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import math
 import re
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -117,6 +120,70 @@ class Tolerances:
         if pass_name is not None and pass_name in self.per_pass:
             return self.per_pass[pass_name]
         return self.default if self.default is not None else pass_default
+
+
+# ---------------------------------------------------------------------------------------------
+# the user's task metric
+# ---------------------------------------------------------------------------------------------
+
+Outputs = Sequence[Mapping[str, Any]]
+# (the original's outputs, the candidate's, the inputs), feed by feed -> (value, within the budget)
+MetricFunction = Callable[[Outputs, Outputs, Sequence[Feed]], tuple[float, bool]]
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """What the user's task metric said of a candidate."""
+
+    name: str
+    value: float
+    within_budget: bool
+
+
+@dataclass(frozen=True)
+class TaskMetric:
+    """The user's measure of the task (accuracy against labels, matched boxes, retrieval recall...),
+    judged beside the tolerances wherever a candidate is judged: the guard of a pass, each step, the
+    final model. ``function(reference, candidate, feeds)`` gets the original's and the candidate's
+    outputs and the inputs, feed by feed, and returns the metric's value and whether it is within
+    the user's budget."""
+
+    function: MetricFunction
+    name: str = ""
+
+    @classmethod
+    def load(cls, spec: str) -> TaskMetric:
+        """``module:function`` (importable) or ``path/to/file.py:function``."""
+        where, _, attribute = spec.rpartition(":")
+        if not where or not attribute:
+            raise InputDataError(f"--metric '{spec}': expected module:function or file.py:function")
+        try:
+            if where.endswith(".py"):
+                loader = importlib.util.spec_from_file_location(f"onnxsparse_user_metric_{Path(where).stem}", where)
+                if loader is None or loader.loader is None:
+                    raise InputDataError(f"{where}: not a Python file")
+                module = importlib.util.module_from_spec(loader)
+                loader.loader.exec_module(module)
+            else:
+                module = importlib.import_module(where)
+        except InputDataError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the user's module may raise anything on import
+            raise InputDataError(f"--metric '{spec}': cannot import {where}: {type(error).__name__}: {_first_line(error)}") from error
+        function = getattr(module, attribute, None)
+        if not callable(function):
+            raise InputDataError(f"--metric '{spec}': {where} has no function '{attribute}'")
+        return cls(function, spec)
+
+    def measure(self, reference: Outputs, candidate: Outputs, feeds: Sequence[Feed]) -> MetricResult:
+        label = self.name or getattr(self.function, "__name__", "metric")
+        try:
+            value, within = self.function(reference, candidate, feeds)
+        except Exception as error:  # noqa: BLE001 - the user's code; its failure is bad input, not ours
+            raise InputDataError(f"metric {label} raised {type(error).__name__}: {_first_line(error)}") from error
+        if not isinstance(value, (int, float, np.number)) or not isinstance(within, (bool, np.bool_)):
+            raise InputDataError(f"metric {label} returned {value!r}, {within!r}: expected (a number, whether it is within the budget)")
+        return MetricResult(label, float(value), bool(within))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +433,7 @@ class ValidationResult:
     verdict: Verdict
     feeds: int
     seconds: float
+    metric: MetricResult | None = None  # the user's task metric, when one was given
 
     @property
     def passed(self) -> bool:
@@ -426,6 +494,8 @@ def compare(
     temperature: float = 1.0,
     seconds: float = 0.0,
     scores: Collection[str] | None = None,
+    metric: TaskMetric | None = None,
+    feeds: Sequence[Feed] = (),
 ) -> ValidationResult:
     """Metrics and verdict for candidate outputs against reference outputs, feed by feed. Top-1 and KL
     are computed for the outputs named in ``scores`` (see :func:`class_score_outputs`) and for any
@@ -441,7 +511,13 @@ def compare(
             elif not accumulator.broken:
                 accumulator.add(ref_value, cand_outputs[name])
     metrics = [accumulator.result() for accumulator in accumulators.values()]
-    return ValidationResult(metrics, judge(metrics, tolerance_of), feeds=len(reference), seconds=seconds)
+    result = ValidationResult(metrics, judge(metrics, tolerance_of), feeds=len(reference), seconds=seconds)
+    if metric is not None:
+        result.metric = metric.measure(reference, candidate, feeds)
+        if not result.metric.within_budget:
+            result.verdict.failures.append(f"task metric {result.metric.name}: {result.metric.value:.4g} is outside its budget")
+            result.verdict.passed = False
+    return result
 
 
 def _is_scored(name: str, scores: Collection[str] | None, tolerance_of: Callable[[str], Tolerance]) -> bool | None:
@@ -495,10 +571,11 @@ class Reference:
     feeds: list[Feed]
     outputs: list[dict[str, np.ndarray]]
     scores: frozenset[str] | None = None
+    metric: TaskMetric | None = None  # judged beside the tolerances on every candidate
 
     @classmethod
     def of(cls, model: onnx.ModelProto, feeds: list[Feed], label: str, progress: ProgressCallback | None = None, *,
-           runtime: Runtime | None = None) -> Reference:
+           runtime: Runtime | None = None, metric: TaskMetric | None = None) -> Reference:
         """The outputs, or an InputDataError when any is NaN/Inf: every candidate would then be
         compared on the finite rest only, and a model gone all-NaN would validate as perfect."""
         session = open_session(model, label, runtime=runtime)
@@ -510,7 +587,7 @@ class Reference:
                     f"{label}: output '{name}' is NaN/Inf in {bad:,} of {total:,} values on the {len(feeds)} validation feed(s); "
                     "the original must give finite outputs to be compared with (fix the model, or give inputs it is defined on)"
                 )
-        return cls(feeds, outputs, class_score_outputs(model))
+        return cls(feeds, outputs, class_score_outputs(model), metric)
 
     def validate(
         self,
@@ -525,11 +602,12 @@ class Reference:
         start = time.perf_counter()
         session = open_session(candidate, label, runtime=runtime)
         outputs = run_feeds(session, self.feeds, label, progress)
-        return compare(self.outputs, outputs, tolerance_of, temperature=temperature, seconds=time.perf_counter() - start, scores=self.scores)
+        return compare(self.outputs, outputs, tolerance_of, temperature=temperature, seconds=time.perf_counter() - start, scores=self.scores,
+                       metric=self.metric, feeds=self.feeds)
 
     def compared(self, outputs: list[dict[str, np.ndarray]], tolerance_of: Callable[[str], Tolerance], *, temperature: float = 1.0) -> ValidationResult:
         """A verdict on outputs a candidate already gave on these feeds: a model is never run twice on them."""
-        return compare(self.outputs, outputs, tolerance_of, temperature=temperature, scores=self.scores)
+        return compare(self.outputs, outputs, tolerance_of, temperature=temperature, scores=self.scores, metric=self.metric, feeds=self.feeds)
 
 
 def _nonfinite_count(values: Iterable[object]) -> tuple[int, int]:

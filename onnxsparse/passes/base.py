@@ -86,6 +86,11 @@ class Pass:
         """The tolerance used when the user sets none; options may make a pass exact (zero-only)."""
         return self.default_tolerance
 
+    def score_tolerance(self) -> Tolerance:
+        """The tolerance of class-score outputs (see validation.class_score_outputs) when the user sets
+        none: where top-1 agreement means something, a pass may bound it too."""
+        return self.tolerance()
+
     @classmethod
     def summary(cls) -> str:
         """The first paragraph of the pass's docstring, on one line."""
