@@ -450,8 +450,8 @@ def test_qdq_simplifies_first_so_that_a_pad_between_convolutions_does_not_stay_f
     quantized = tmp_path / "quantized.onnx"
     onnx.save(int8, quantized)
     ops = _fused_ops(quantized, tmp_path)
-    # the first convolution runs int8 either way (the second, whose output is the graph's, keeps a float output)
-    assert ops["QLinearConv"] == 1, ops
+    # both convolutions run int8 either way (the second's Relu, whose output is the graph's, runs float after it)
+    assert ops["QLinearConv"] == 2 and ops["Relu"] == 1, ops
     if simplify:  # the Pad went into the second convolution: nothing float between the two
         assert "Pad" not in ops, ops
         assert [c.action for c in report.steps[0].changes][:3] == ["simplify: removed"] * 3
@@ -473,7 +473,8 @@ def test_qdq_keeps_no_simplification_when_it_quantizes_nothing():
     assert any("simplification made first is not kept" in w for w in result.warnings)
 
 
-# Per data-movement op: its attributes, constant inputs after the data, and the DQ -> op -> Q model.
+# Per data-movement op: its attributes, constant inputs after the data (and its output count, where
+# not one), and the DQ -> op -> Q model.
 SAME_SCALE_PROBES = {
     "MaxPool": ({"kernel_shape": [2, 2], "strides": [2, 2]}, {}),
     "Reshape": ({}, {"shape": np.array([1, 8, 64], np.int64)}),
@@ -485,6 +486,8 @@ SAME_SCALE_PROBES = {
     "Slice": ({}, {"starts": np.array([0], np.int64), "ends": np.array([4], np.int64), "axes": np.array([1], np.int64)}),
     "Identity": ({}, {}),
     "DepthToSpace": ({"blocksize": 2}, {}),
+    "Split": ({"axis": 1}, {"split": np.array([4, 4], np.int64)}, 2),
+    "Gather": ({"axis": 1}, {"indices": np.array([0, 2, 5], np.int64)}),
 }
 
 
@@ -497,18 +500,21 @@ def test_every_op_qdq_quantizes_through_runs_on_int8_in_onnxruntime(tmp_path, op
     from onnxsparse.passes.qdq import SAME_SCALE
 
     assert set(SAME_SCALE_PROBES) == set(SAME_SCALE)  # a new op in SAME_SCALE needs its probe here
-    attrs, constants = SAME_SCALE_PROBES[op]
+    attrs, constants, *more = SAME_SCALE_PROBES[op]
+    outputs = more[0] if more else 1
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
-             helper.make_node(op, ["xd", *constants], ["y"], **attrs),
-             helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"]), helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["out"])]
+             helper.make_node(op, ["xd", *constants], [f"y{i}" for i in range(outputs)], **attrs)]
+    for i in range(outputs):
+        nodes += [helper.make_node("QuantizeLinear", [f"y{i}", "s", "z"], [f"yq{i}"]),
+                  helper.make_node("DequantizeLinear", [f"yq{i}", "s", "z"], [f"out{i}"])]
     initializers = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z"),
                     *(numpy_helper.from_array(value, name) for name, value in constants.items())]
     graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], initializers)
+                              [helper.make_tensor_value_info(f"out{i}", TensorProto.FLOAT, None) for i in range(outputs)], initializers)
     path = tmp_path / "probe.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
     ops = _fused_ops(path, tmp_path)
-    assert ops["DequantizeLinear"] == 1 and ops["QuantizeLinear"] == 1, ops  # the input's Q and the output's DQ only
+    assert ops["DequantizeLinear"] == outputs and ops["QuantizeLinear"] == 1, ops  # the input's Q and the outputs' DQs only
 
 
 def _reads_dequantized(model: onnx.ModelProto, op: str) -> bool:
@@ -597,3 +603,33 @@ def test_class_scores_are_held_to_top1_agreement_by_default_and_other_outputs_ar
     model, inputs, calibration = bundled("digits_cnn")
     _, report = PassManager(parse_pipeline("qdq{mode=static}"), inputs=inputs, calibration=calibration).run(model)
     assert report.steps[0].validation.verdict.tolerances == {"logits": "min_cosine=0.97 min_top1=0.99"}
+
+
+def test_a_split_and_a_gather_of_activations_run_on_int8_between_int8_convolutions(tmp_path, rng):
+    model = with_initializers(onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4, 8, 8] x) => (float[N, 8, 8, 8] y, float[N, 8, 8, 8] z, float[N, 8, 8, 8] u) {
+        a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = Relu (a)
+        p, q = Split <axis = 1> (r, halves)
+        cy = Conv <pads = [1, 1, 1, 1]> (p, w2, b2)
+        cz = Conv <pads = [1, 1, 1, 1]> (q, w3, b3)
+        c = Gather <axis = 1> (r, picked)
+        cu = Conv <pads = [1, 1, 1, 1]> (c, w4, b4)
+        y = Relu (cy)
+        z = Relu (cz)
+        u = Relu (cu)
+    }"""), w1=rng.standard_normal((16, 4, 3, 3)).astype(np.float32), b1=rng.standard_normal(16).astype(np.float32),
+        halves=np.array([8, 8], np.int64), picked=np.array([0, 3, 5, 6, 9, 10, 12, 15], np.int64),
+        **{f"w{i}": rng.standard_normal((8, 8, 3, 3)).astype(np.float32) for i in (2, 3, 4)},
+        **{f"b{i}": rng.standard_normal(8).astype(np.float32) for i in (2, 3, 4)})
+    calibration = IterableInputs([{"x": rng.standard_normal((8, 4, 8, 8)).astype(np.float32)} for _ in range(4)])
+    result = Qdq(mode="static", guard=False, never_slower=False).run(clone(model), PassContext(calibration=calibration))
+    path = tmp_path / "int8.onnx"
+    onnx.save(result.model, path)
+    ops = _fused_ops(path, tmp_path)
+    # the input's Q and the DQs before the three output Relus: none around the Split or the Gather
+    assert ops["QLinearConv"] == 4 and ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 3, ops
+    feed = {"x": rng.standard_normal((2, 4, 8, 8)).astype(np.float32)}
+    for got, want in zip(run(result.model, feed), run(model, feed)):
+        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99

@@ -53,7 +53,7 @@ CONCAT = "Concat"
 # GlobalMaxPool, SpaceToDepth or Pad: onnxruntime 1.32 runs them in float between DQ and Q, so
 # quantizing through them only adds a Q/DQ pair.
 SAME_SCALE = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Slice", "Identity",
-                        "DepthToSpace"})
+                        "DepthToSpace", "Split", "Gather"})
 # a QDQ right after these is what onnxruntime folds into the producer's int8 kernel
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 # Bias correction patches each layer's shift into one built int8 model; False builds the model again
@@ -719,13 +719,14 @@ def plan_static(graph: gs.Graph, exclude: Iterable[str], overridable: set[str], 
         plan.nodes.append(node)
         own.update(t.name for t in inputs)
         own.add(_quantized_output(graph, node.outputs[0]).name)
-    # data-movement ops after a quantized tensor keep its range, so that they run on int8 too
+    # data-movement ops after a quantized tensor keep its range (every output of a Split), so that
+    # they run on int8 too; Gather's data is its input 0, the indices are not quantized
     for node in graph.nodes:
-        if node.op in SAME_SCALE and node.inputs and _is_float(node.inputs[0]) and node.outputs and _is_float(node.outputs[0]):
+        if node.op in SAME_SCALE and node.inputs and _is_float(node.inputs[0]):
             source = node.inputs[0].name
             root = plan.shared.get(source, source)
             if root in own:
-                plan.shared[node.outputs[0].name] = root
+                plan.shared.update({output.name: root for output in node.outputs if _is_float(output)})
     plan.tensors = sorted(own)
     return plan
 
@@ -766,9 +767,9 @@ def _quantized_output(graph: gs.Graph, output: gs.Tensor) -> gs.Tensor:
     """Where the output's QDQ goes: after a Relu/Clip that is its only reader (onnxruntime then
     runs Conv+Relu as one int8 kernel)."""
     readers = output.outputs
-    if len(readers) == 1 and readers[0].op in FUSED_ACTIVATIONS and output not in graph.outputs:
+    if len(readers) == 1 and readers[0].op in FUSED_ACTIVATIONS and output not in graph.outputs and readers[0].outputs[0] not in graph.outputs:
         return readers[0].outputs[0]
-    return output
+    return output  # a graph output keeps its float tensor (the interface): the pair goes before the activation
 
 
 def _tensors_of(nodes: list[gs.Node], plan: Plan, graph: gs.Graph) -> set[str]:
