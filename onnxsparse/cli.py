@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InputDataError, OnnxsparseError
@@ -143,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     densify.add_argument("-o", "--output", required=True)
     _add_layout_option(densify)
     _add_budget_option(densify)
+
+    explain = commands.add_parser("explain", help="what each step of a run did, from its --report JSON: the nodes left alone and why, "
+                                                  "and qdq's per-node sensitivity (qdq{sensitivity=true})")
+    explain.add_argument("report", metavar="REPORT.json")
+    explain.add_argument("--top", type=int, default=30, help="rows of each table, worst first (default 30; 0 for all)")
 
     passes = commands.add_parser("passes", help="every pass with its options and defaults")
     _add_common_options(passes)
@@ -470,7 +476,45 @@ def run_densify(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"optimize": run_optimize, "validate": run_validate, "inspect": run_inspect, "densify": run_densify, "passes": run_passes}
+def run_explain(args: argparse.Namespace) -> int:
+    try:
+        report = json.loads(Path(args.report).read_text(encoding="utf-8"))
+        steps = report["steps"]
+    except FileNotFoundError:
+        raise InputDataError(f"{args.report}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise InputDataError(f"{args.report}: not an onnxsparse report ({type(error).__name__}: {error})") from None
+    print("\n\n".join(explain_step(step, args.top) for step in steps))
+    return 0
+
+
+def explain_step(step: dict[str, Any], top: int) -> str:
+    """One step of a report: its status, what it left alone grouped by reason, its sensitivity table."""
+    lines = [f"{step.get('spec') or step.get('pass_name')}: {step.get('status')}" + (f" ({step['reason']})" if step.get("reason") else "")]
+    by_reason: dict[str, list[str]] = {}
+    for skip in step.get("skipped", []):
+        by_reason.setdefault(skip["reason"], []).append(skip["target"])
+    for reason, targets in sorted(by_reason.items(), key=lambda item: -len(item[1])):
+        shown = targets if top <= 0 else targets[:top]
+        lines.append(f"  left alone, {reason}: {', '.join(shown)}" + (f" and {len(targets) - len(shown)} more" if len(shown) < len(targets) else ""))
+    rows = step.get("figures", {}).get("sensitivity") or []
+    if rows:
+        shown_rows = rows if top <= 0 else rows[:top]
+        table = [[r["node"], r["kind"], _number(r.get("cosine_alone"), ".6f"), _number(r.get("top1_alone"), ".3f"),
+                  _number(r.get("metric_alone"), ".4g"), r["status"]] for r in shown_rows]
+        lines.append("  each node quantized alone, worst first:")
+        lines.extend("  " + line for line in format_table(["node", "kind", "cosine", "top-1", "metric", "in the result"], table, right=(2, 3, 4)).splitlines())
+        if len(shown_rows) < len(rows):
+            lines.append(f"  ... and {len(rows) - len(shown_rows)} more (--top 0 shows all)")
+    return "\n".join(lines)
+
+
+def _number(value: object, spec: str) -> str:
+    return "-" if not isinstance(value, (int, float)) else format(value, spec)
+
+
+_COMMANDS = {"optimize": run_optimize, "validate": run_validate, "inspect": run_inspect, "densify": run_densify, "passes": run_passes,
+             "explain": run_explain}
 
 
 def _quiet_libraries(verbose: int) -> None:

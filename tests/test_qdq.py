@@ -633,3 +633,26 @@ def test_a_split_and_a_gather_of_activations_run_on_int8_between_int8_convolutio
     feed = {"x": rng.standard_normal((2, 4, 8, 8)).astype(np.float32)}
     for got, want in zip(run(result.model, feed), run(model, feed)):
         assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
+
+
+def test_sensitivity_lists_each_node_alone_worst_first_and_explain_prints_it_from_the_report(tmp_path, capsys):
+    from onnxsparse.cli import main
+    from onnxsparse.validation import Tolerance, Tolerances
+
+    out = tmp_path / "int8.onnx"
+    report = optimize(MODELS / "digits_transformer.onnx", out, "qdq{mode=static sensitivity=true}", inputs=MODELS / "digits_transformer.inputs.npz",
+                      calibration=MODELS / "digits_transformer.calibration.npz", report_path=tmp_path / "r.json",
+                      tolerances=Tolerances(per_pass={"qdq": Tolerance(min_cosine=0.99995)}))
+    step = report.steps[0]
+    rows = step.figures["sensitivity"]
+    assert len(rows) == step.figures["nodes_quantized"] + step.figures["nodes_kept_float"]
+    cosines = [row["cosine_alone"] for row in rows]
+    assert cosines == sorted(cosines) and all(0 < c <= 1 for c in cosines)
+    kept = {row["node"] for row in rows if row["status"] == "kept in float by the accuracy guard"}
+    assert kept and kept == {s.target for s in step.skipped if s.reason == "kept in float by the accuracy guard"}
+    assert main(["explain", str(tmp_path / "r.json")]) == 0
+    text = capsys.readouterr().out
+    assert "each node quantized alone, worst first:" in text and rows[0]["node"] in text
+    assert "left alone, kept in float by the accuracy guard: " in text
+    assert main(["explain", str(tmp_path / "int8.onnx")]) == 2  # a model, not a report: one line, exit 2
+    assert "not an onnxsparse report" in capsys.readouterr().err

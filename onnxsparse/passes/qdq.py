@@ -123,6 +123,10 @@ class Qdq(Pass):
                 "input when none is faster, saying so; when the best is not clearly faster, each kind of quantized node "
                 "(1-D Conv, depthwise Conv, MatMul of activations, Add, ...) is also tried in float, and a kind whose int8 "
                 "form made the model slower stays float. The pass manager also rolls back a step slower than its input"})
+    sensitivity: bool = field(default=False, metadata={
+        "help": "measure each planned node's error alone (only it in int8: output cosine, top-1 agreement, your --metric) on "
+                "the guard's calibration samples, and list them worst first with the nodes kept float and why, in the report "
+                "(`onnxsparse explain REPORT.json`); one validation per node"})
     simplify: bool = field(default=True, metadata={
         "help": "fold constants and fuse Pad/BatchNormalization/Add/Mul into Conv/Gemm first (the simplify pass), so that "
                 "what an exporter left for the runtime does not stay float between int8 layers (static and auto modes)"})
@@ -196,6 +200,8 @@ class Qdq(Pass):
         if len(candidates) > 1:
             picked.figures.update(mode_choice=why, **{f"{mode}_latency_ratio": round(r, 3) for mode, r in ratios.items()})
         if not self.never_slower or not picked.changes:
+            if self.sensitivity and static is not None and picked.figures.get("mode") == "static":
+                picked.figures["sensitivity"] = _sensitivity(static, picked, context)
             picked.latency_vs_input = ratios.get(chosen)
             return picked
         ratio = ratios[chosen]
@@ -205,6 +211,8 @@ class Qdq(Pass):
             ratio = relative_latency(original, picked.model, feed, runtime=context.runtime, keep_candidate=False,
                                      min_runs=RETIME_RUNS, min_seconds=RETIME_SECONDS)
         picked.figures["latency_ratio"] = round(ratio, 3)
+        if self.sensitivity and static is not None and picked.figures.get("mode") == "static":
+            picked.figures["sensitivity"] = _sensitivity(static, picked, context)
         if ratio < 1.0:
             picked.latency_vs_input = ratio
             return picked
@@ -671,6 +679,29 @@ def _pick(results: dict[str, PassResult], ratios: dict[str, float], model: onnx.
     if passing:
         return min(passing, key=lambda mode: ratios[mode]), why_prefix + "both within tolerance; the faster"
     return max(results, key=lambda mode: _closeness(verdicts[mode])), "neither within tolerance; the closer to the original"
+
+
+def _sensitivity(static: StaticResult, picked: PassResult, context: PassContext) -> list[dict[str, object]]:
+    """Per planned node, what quantizing it alone does to the outputs (judged like the guard's trials),
+    with whether it ended int8 or float and why: worst first, so that "which layer broke it" has an
+    answer in the report. Empty without calibration data to judge on."""
+    if context.validate is None:
+        return []
+    why_float = {skip.target: skip.reason for skip in picked.skipped}
+    planned = {node.name for node in static.plan.nodes}
+    rows: list[dict[str, object]] = []
+    for index, node in enumerate(static.plan.nodes):
+        label = node.name or node.outputs[0].name
+        verdict = context.validate(static.build(planned - {node.name}))
+        top1 = [o.top1 for o in verdict.outputs if o.top1 is not None]
+        row: dict[str, object] = {"node": label, "kind": speed_kind(node), "cosine_alone": round(_closeness(verdict), 6),
+                                  "top1_alone": round(min(top1), 4) if top1 else None, "status": why_float.get(label, "int8")}
+        if verdict.metric is not None:
+            row["metric_alone"] = verdict.metric.value
+        rows.append(row)
+        if context.progress:
+            context.progress("qdq sensitivity", index + 1, len(static.plan.nodes))
+    return sorted(rows, key=lambda row: float(row["cosine_alone"]))  # type: ignore[arg-type]
 
 
 def _time_against(original: onnx.ModelProto, candidate: onnx.ModelProto, feed: dict[str, np.ndarray], context: PassContext,

@@ -2,7 +2,7 @@
 
 Every exporter ends the same way: check the model, describe it, write the task data, score the fp32
 model on its own eval split with the same code the benchmark uses (``realmodels.tasks``), and write
-``info.json``. Keeping that here keeps the four exporters about their model only.
+``info.json``. Keeping that here keeps the exporters about their model only.
 """
 
 from __future__ import annotations
@@ -48,15 +48,18 @@ def run_main(main: Callable[[Path], None], description: str) -> None:
         sys.exit(1)
 
 
-def export_classifier(model: Any, sample_shape: tuple[int, ...], path: Path, opset: int, *, keep_batchnorm: bool = False) -> None:
-    """torch.onnx.export of an image classifier: ``input`` [batch, ...] -> ``logits`` [batch, classes],
+def export_classifier(
+    model: Any, sample_shape: tuple[int, ...], path: Path, opset: int, *, keep_batchnorm: bool = False, dtype: Any = None
+) -> None:
+    """torch.onnx.export of a classifier: ``input`` [batch, ...] -> ``logits`` [batch, classes],
     TorchScript exporter (what most deployed torch exports still are). ``keep_batchnorm`` leaves
-    BatchNormalization as nodes (PRESERVE, no constant folding) instead of folding it into the convs."""
+    BatchNormalization as nodes (PRESERVE, no constant folding) instead of folding it into the convs;
+    ``dtype`` is the input's torch dtype (default float32; torch.int32 for token or byte ids)."""
     import torch
 
     torch.onnx.export(
         model,
-        (torch.zeros(1, *sample_shape),),
+        (torch.zeros(1, *sample_shape, dtype=dtype or torch.float32),),
         str(path),
         input_names=["input"],
         output_names=["logits"],

@@ -42,7 +42,8 @@ def _evaluate_imagenet(reference: np.ndarray, candidate: np.ndarray, data: Mappi
     return scores
 
 
-def _evaluate_digits(reference: np.ndarray, candidate: np.ndarray, data: Mapping[str, np.ndarray]) -> dict[str, float]:
+def _evaluate_labels(reference: np.ndarray, candidate: np.ndarray, data: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """A classifier with a ground-truth class per sample (key 'label'): the digit models, bytecnn."""
     labels = data["label"]
     return {
         "accuracy": metrics.accuracy(candidate, labels),
@@ -97,7 +98,8 @@ def _evaluate_embeddings(reference: np.ndarray, candidate: np.ndarray, data: Map
 
 EVALUATORS: dict[str, Evaluator] = {
     "imagenet-classification": _evaluate_imagenet,
-    "digit-classification": _evaluate_digits,
+    "digit-classification": _evaluate_labels,
+    "text-classification": _evaluate_labels,
     "ctc-text-recognition": _evaluate_text_lines,
     "sentence-embedding": _evaluate_embeddings,
 }
