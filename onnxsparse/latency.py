@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from .calibration import FirstSamples, InputSource, SyntheticInputs
+from .calibration import FirstSamples, InputSource, SyntheticInputs, sample_axis
 from .runtime import Runtime, open_session
 
 WARMUP_RUNS = 2
@@ -84,8 +84,10 @@ def _decided(reference: list[float], candidate: list[float], thresholds: Sequenc
 
 
 def timing_feed(model: onnx.ModelProto, calibration: InputSource | None) -> dict[str, np.ndarray]:
-    """What the passes time a model on: one calibration sample, or a synthetic one without calibration data."""
-    source = FirstSamples(calibration, 1) if calibration is not None else SyntheticInputs(model, samples=1)
+    """What the passes time a model on: one calibration sample (one feed whole where axis 0 does not
+    count samples: a time-major [steps, batch, features] input is not cut to one step), or a
+    synthetic one without calibration data."""
+    source = FirstSamples(calibration, 1, sample_axis(model)) if calibration is not None else SyntheticInputs(model, samples=1)
     return dict(next(iter(source.feeds())))
 
 

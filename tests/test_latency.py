@@ -10,7 +10,7 @@ import onnx
 from conftest import MODELS
 
 from onnxsparse.io import load
-from onnxsparse.latency import EARLY_PAIRS, _decided
+from onnxsparse.latency import EARLY_PAIRS, _decided, timing_feed
 from onnxsparse.passes import Change, Pass, PassContext, PassResult
 from onnxsparse.pipeline import PassManager
 
@@ -68,3 +68,19 @@ def test_the_manager_judges_a_step_on_the_pass_own_timing_and_confirms_a_condemn
     # a ratio that would condemn the step is timed again, longer, by the manager itself
     assert len(timed) == 1 and timed[0]["min_seconds"] > 1
     assert report.steps[0].status == "committed" and report.steps[0].figures["latency_vs_input"] == 0.9
+
+
+def test_the_timing_feed_of_a_time_major_model_is_one_whole_feed_not_one_step(rng):
+    """axis 0 of a [steps, batch, features] input counts time steps: cutting it to one sample would
+    feed one step to a model that needs twelve (onnxruntime refuses the run)."""
+    from onnxsparse.calibration import IterableInputs
+
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[12, N, 16] x) => (float[12, N, 16] y) { y = Relu (x) }""")
+    calibration = IterableInputs([{"x": rng.standard_normal((12, 4, 16)).astype(np.float32)}])
+    assert timing_feed(model, calibration)["x"].shape == (12, 4, 16)
+    batched = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 16] x) => (float[N, 16] y) { y = Relu (x) }""")
+    assert timing_feed(batched, IterableInputs([{"x": rng.standard_normal((5, 16)).astype(np.float32)}]))["x"].shape == (1, 16)

@@ -656,3 +656,42 @@ def test_sensitivity_lists_each_node_alone_worst_first_and_explain_prints_it_fro
     assert "left alone, kept in float by the accuracy guard: " in text
     assert main(["explain", str(tmp_path / "int8.onnx")]) == 2  # a model, not a report: one line, exit 2
     assert "not an onnxsparse report" in capsys.readouterr().err
+
+
+def _recurrent_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """x [T, N, 16] -> LSTM (weights in Constant nodes, as some exporters write them) -> GRU -> y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    hidden = 32
+    def constant(name: str, shape: tuple[int, ...]) -> onnx.NodeProto:
+        value = (rng.standard_normal(shape) * 0.2).astype(np.float32)
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
+
+    nodes = [constant("W", (1, 4 * hidden, 16)), constant("R", (1, 4 * hidden, hidden)), constant("B", (1, 8 * hidden)),
+             helper.make_node("LSTM", ["x", "W", "R", "B"], ["h", "", ""], hidden_size=hidden, name="lstm"),
+             helper.make_node("Squeeze", ["h", "axis1"], ["s"]),
+             constant("Wg", (1, 3 * hidden, hidden)), constant("Rg", (1, 3 * hidden, hidden)),
+             helper.make_node("GRU", ["s", "Wg", "Rg"], ["y", ""], hidden_size=hidden, name="gru")]
+    graph = helper.make_graph(nodes, "rnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [12, "N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [12, 1, "N", hidden])],
+                              [numpy_helper.from_array(np.array([1], np.int64), "axis1")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_lstm_weights_become_int8_for_onnxruntimes_kernel_and_a_gru_stays_float_with_a_reason(rng, mode):
+    model = _recurrent_model(rng)
+    calibration = IterableInputs([{"x": rng.standard_normal((12, 4, 16)).astype(np.float32)} for _ in range(2)])
+    result = Qdq(mode=mode, never_slower=False, guard=False).run(clone(model), PassContext(calibration=calibration))
+    ops = Counter(n.op_type for n in result.model.graph.node)
+    assert ops["DynamicQuantizeLSTM"] == 1 and "LSTM" not in ops and ops["GRU"] == 1
+    assert any(c.target == "lstm" and c.action == "dynamic int8" for c in result.changes)
+    assert [s.reason for s in result.skipped if s.target == "gru"] == ["onnxruntime has no int8 GRU kernel"]
+    assert not result.standard  # a contrib op: the manager checks it by loading it in onnxruntime
+    lstm = next(n for n in result.model.graph.node if n.op_type == "DynamicQuantizeLSTM")
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert weights[lstm.input[1]].dtype == np.int8 and weights[lstm.input[1]].shape == (1, 16, 128)  # [directions, inputs, 4 x hidden]
+    assert weights[lstm.input[8]].shape == (1, 128)  # one scale per gate unit
+    feed = {"x": rng.standard_normal((12, 3, 16)).astype(np.float32)}
+    got, want = run(result.model, feed)[0], run(model, feed)[0]
+    assert np.dot(got.ravel(), want.ravel()) / np.linalg.norm(got) / np.linalg.norm(want) > 0.999

