@@ -192,7 +192,10 @@ class Qdq(Pass):
         candidates = {"static": static.first}
         if self.mode == "auto" and context.validate is not None and context.calibration is not None:
             candidates["dynamic"] = self._dynamic(model, said, weights)
-        return self._kept_if_faster({mode: self._with_embeddings(c) for mode, c in candidates.items()}, original, context, static)
+        chosen = self._kept_if_faster({mode: self._with_embeddings(c) for mode, c in candidates.items()}, original, context, static)
+        if self.sensitivity and chosen.figures.get("mode") == "static":  # also when the input was kept: what each node did
+            chosen.figures["sensitivity"] = _sensitivity(static, chosen, context)
+        return chosen
 
     def _kept_if_faster(self, candidates: dict[str, PassResult], original: onnx.ModelProto, context: PassContext,
                         static: StaticResult | None = None) -> PassResult:
@@ -207,8 +210,6 @@ class Qdq(Pass):
         if len(candidates) > 1:
             picked.figures.update(mode_choice=why, **{f"{mode}_latency_ratio": round(r, 3) for mode, r in ratios.items()})
         if not self.never_slower or not picked.changes:
-            if self.sensitivity and static is not None and picked.figures.get("mode") == "static":
-                picked.figures["sensitivity"] = _sensitivity(static, picked, context)
             picked.latency_vs_input = ratios.get(chosen)
             return picked
         ratio = ratios[chosen]
@@ -218,8 +219,6 @@ class Qdq(Pass):
             ratio = relative_latency(original, picked.model, feed, runtime=context.runtime, keep_candidate=False,
                                      min_runs=RETIME_RUNS, min_seconds=RETIME_SECONDS)
         picked.figures["latency_ratio"] = round(ratio, 3)
-        if self.sensitivity and static is not None and picked.figures.get("mode") == "static":
-            picked.figures["sensitivity"] = _sensitivity(static, picked, context)
         if ratio < 1.0:
             picked.latency_vs_input = ratio
             return picked
