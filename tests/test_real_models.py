@@ -195,7 +195,8 @@ def test_load_task_names_the_fetch_command_when_absent(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the real cached models
 
 # The key in eval.npz / calibration.npz that identifies a sample's origin, to check the split.
-ORIGIN_KEY = {"mobilenetv2": "view", "ppocr_rec": "text", "minilm": "sentence", "mnist": None, "resnet18": None}
+ORIGIN_KEY = {"mobilenetv2": "view", "ppocr_rec": "text", "minilm": "sentence", "mnist": None, "resnet18": None, "dwstack": None,
+              "conv1d_seq": None, "bytecnn": "window"}
 # What the fp32 model must reach on its own eval split (ground-truth metrics), with margin.
 FP32_FLOORS = {
     "mobilenetv2": {"fp32_accuracy": 0.8},
@@ -203,6 +204,9 @@ FP32_FLOORS = {
     "minilm": {"fp32_paraphrase_top1": 0.8},
     "mnist": {"fp32_accuracy": 0.95},
     "resnet18": {"fp32_accuracy": 0.95},
+    "dwstack": {"fp32_accuracy": 0.95},
+    "conv1d_seq": {"fp32_accuracy": 0.95},
+    "bytecnn": {"fp32_accuracy": 0.88},
 }
 # Metrics of a candidate against fp32 that equal these when the candidate IS the fp32 model.
 PERFECT = {

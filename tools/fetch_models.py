@@ -15,7 +15,8 @@ Models (each in ``<cache>/<name>/``: model.onnx, calibration.npz, eval.npz, info
 * ``resnet18``     torchvision's ResNet-18 architecture trained here on the same digits (no PyPI
                    package ships ImageNet ResNet-18 weights); about 4 minutes of training.
 * ``dwstack``      an EfficientNet-Lite-style inverted-residual stack (1x1 expand, 3x3 depthwise,
-                   ReLU6, residual Adds, no squeeze-excitation) trained here on the same digits.
+                   ReLU6, residual Adds, no squeeze-excitation) trained here on the same digits;
+                   about 2.5 minutes of training.
 * ``conv1d_seq``   a conv1d sequence classifier in tf2onnx's layout (Unsqueeze, Transpose, Conv (1,k),
                    Transpose, Squeeze per layer) trained here on the digits read as 28 steps x 28 features.
 * ``bytecnn``      a byte-level CNN (int32 ids into an embedding Gather, tf2onnx-style conv1d, global max)

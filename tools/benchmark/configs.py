@@ -142,6 +142,9 @@ HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
     "minilm": ("embedding_cosine", "nn_agreement"),
     "mnist": ("accuracy", "top1_agreement"),
     "resnet18": ("accuracy", "top1_agreement"),
+    "dwstack": ("accuracy", "top1_agreement"),
+    "conv1d_seq": ("accuracy", "top1_agreement"),
+    "bytecnn": ("accuracy", "top1_agreement"),
 }
 
 

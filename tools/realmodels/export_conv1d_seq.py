@@ -26,10 +26,10 @@ from realmodels import _export
 from realmodels.export_mnist import SEED, SPLIT, TRAIN_BATCH, digits_source, fit, load_digits, seed_everything, split
 
 OPSET = 15
-EPOCHS = 10
+EPOCHS = 30
 BATCH_SIZE = 100  # eval/calibration feed batches
 STEPS, FEATURES = 28, 28
-LAYERS = ((64, 3), (64, 3), (96, 3), (128, 3))  # (output channels, kernel) per conv1d
+LAYERS = ((64, 5), (96, 5), (128, 5), (128, 5))  # (output channels, kernel) per conv1d
 
 
 class TFConv1d(nn.Module):
