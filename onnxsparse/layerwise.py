@@ -121,7 +121,8 @@ def _unfold(node: gs.Node, x: np.ndarray, weight_shape: tuple[int, ...], group_m
     strides = tuple(node.attrs.get("strides", [1] * spatial))
     dilations = tuple(node.attrs.get("dilations", [1] * spatial))
     pads = list(node.attrs.get("pads", [0] * 2 * spatial))
-    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)])
+    # np.pad copies even with nothing to pad: a pointwise layer's input is then copied once, not twice
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)]) if any(pads) else x
     span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations))
     windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=tuple(range(2, 2 + spatial)))
     # windows: [N, C, positions..., span...]; keep every stride-th position and every dilation-th tap
