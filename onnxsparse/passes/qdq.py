@@ -386,6 +386,11 @@ class Qdq(Pass):
         graph = to_gs(model)
         nodes = {n.name: n for n in graph.nodes}
         chosen = [nodes[n.name] for n in plan.nodes if n.name not in kept_float and n.name in nodes]
+        if shifts and kept_float:
+            # A shift corrects the error of every int8 layer above it: below a layer kept float that
+            # error is another, and the shift measured with everything int8 would add one of its own.
+            after_float = _downstream_of([nodes[name] for name in kept_float if name in nodes])
+            shifts = {name: shift for name, shift in shifts.items() if name not in after_float}
         for node in chosen:
             if shifts and node.name in shifts:
                 add_output_shift(graph, node, shifts[node.name])
@@ -676,6 +681,21 @@ def nested_weight_layers(graph: gs.Graph) -> list[gs.Node]:
             if weight is not None and weight.dtype == np.float32 and weight.ndim >= 2:
                 layers.append(node)
     return layers
+
+
+def _downstream_of(nodes: list[gs.Node]) -> set[str]:
+    """The names of the nodes that read, directly or not, what ``nodes`` compute."""
+    seen: set[int] = set()
+    names: set[str] = set()
+    frontier = [reader for node in nodes for output in node.outputs for reader in output.outputs]
+    while frontier:
+        node = frontier.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        names.add(node.name)
+        frontier.extend(reader for output in node.outputs for reader in output.outputs)
+    return names
 
 
 def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
