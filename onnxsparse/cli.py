@@ -204,7 +204,7 @@ def _seed(args: argparse.Namespace) -> int:
 
 
 def _add_tolerance_options(parser: argparse.ArgumentParser, *, per_pass: bool) -> None:
-    group = parser.add_argument_group("tolerances (bounds: max_abs max_rel min_cosine min_sqnr_db min_top1 max_kl min_agreement)")
+    group = parser.add_argument_group("tolerances (bounds: max_abs max_rel min_cosine min_sqnr_db min_top1 max_top1_drop max_kl min_agreement)")
     group.add_argument("--tolerance", metavar='"max_rel=1e-3 ..."', help="global tolerance")
     group.add_argument("--output-tolerance", action="append", default=[], metavar='NAME:"min_cosine=0.99 ..."', help="per output (repeatable)")
     if per_pass:

@@ -48,6 +48,7 @@ class Tolerance:
     min_cosine: float | None = None
     min_sqnr_db: float | None = None
     min_top1: float | None = None
+    max_top1_drop: float | None = None
     max_kl: float | None = None
     min_agreement: float | None = None
 
@@ -74,7 +75,7 @@ TOLERANCE_FIELDS = tuple(f.name for f in fields(Tolerance))
 # allowed: it is how a caller says "any direction" and still gets NaN/Inf and shape checks.
 _BOUND_RANGES = {
     "max_abs": (0.0, math.inf), "max_rel": (0.0, math.inf), "max_kl": (0.0, math.inf),
-    "min_cosine": (-1.0, 1.0), "min_top1": (0.0, 1.0), "min_agreement": (0.0, 1.0),
+    "min_cosine": (-1.0, 1.0), "min_top1": (0.0, 1.0), "min_agreement": (0.0, 1.0), "max_top1_drop": (0.0, 1.0),
 }
 
 
@@ -203,6 +204,10 @@ class OutputMetrics:
     cosine: float | None = 1.0
     sqnr_db: float | None = math.inf
     top1: float | None = None
+    # The top-1 accuracy the candidate loses if the original's probabilities are right: the mean over
+    # rows of p(original's class) - p(candidate's class), both by the original. A flip between two
+    # near-tied classes costs little, one away from a confident class nearly a whole row.
+    top1_drop: float | None = None
     top1_interval: tuple[float, float] | None = None  # 95% Wilson interval of top1 over ``rows``
     rows: int = 0  # score rows top1 and kl were computed over (samples x positions)
     kl: float | None = None
@@ -232,6 +237,7 @@ class _OutputAccumulator:
         self.dot = self.ref_sq = self.cand_sq = self.err_sq = 0.0
         self.equal = self.count = self.nonfinite = 0
         self.top1_equal = self.rows = 0
+        self.drop_sum = 0.0
         self.kl_sum = 0.0
         self.unit = 0.0
         self.note = ""
@@ -294,8 +300,12 @@ class _OutputAccumulator:
     def _add_scores(self, ref: np.ndarray, cand: np.ndarray) -> None:
         self.scored = True
         ref2, cand2 = ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])
-        self.top1_equal += int(np.sum(ref2.argmax(axis=1) == cand2.argmax(axis=1)))
+        ref_top, cand_top = ref2.argmax(axis=1), cand2.argmax(axis=1)
+        self.top1_equal += int(np.sum(ref_top == cand_top))
         self.rows += ref2.shape[0]
+        probabilities = ref2 if _are_probabilities(ref2) else np.exp(_log_softmax(ref2 / self.temperature))
+        rows = np.arange(ref2.shape[0])
+        self.drop_sum += float(np.sum(probabilities[rows, ref_top] - probabilities[rows, cand_top]))
         log_p = _log_softmax(ref2 / self.temperature)
         log_q = _log_softmax(cand2 / self.temperature)
         self.kl_sum += float(np.sum(np.exp(log_p) * (log_p - log_q)))
@@ -319,6 +329,7 @@ class _OutputAccumulator:
         metrics.nonfinite = self.nonfinite
         if self.scored and self.rows:
             metrics.top1 = self.top1_equal / self.rows
+            metrics.top1_drop = self.drop_sum / self.rows
             metrics.top1_interval = wilson_interval(self.top1_equal, self.rows)
             metrics.rows = self.rows
             metrics.kl = self.kl_sum / self.rows
@@ -346,6 +357,11 @@ def rows_for_precision(p: float, half_width: float = TOP1_PRECISION) -> int:
     """About how many rows pin a proportion near ``p`` to +-``half_width`` (95%)."""
     p = min(max(p, 0.05), 0.95)  # near 0 or 1 the normal estimate undercounts: plan for 0.95
     return math.ceil(_Z95 * _Z95 * p * (1 - p) / (half_width * half_width))
+
+
+def _are_probabilities(rows: np.ndarray) -> bool:
+    """Whether score rows are already probabilities (a Softmax output): non-negative, each summing to 1."""
+    return bool(np.all(rows >= 0) and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -522,7 +538,7 @@ def compare(
 
 def _is_scored(name: str, scores: Collection[str] | None, tolerance_of: Callable[[str], Tolerance]) -> bool | None:
     tolerance = tolerance_of(name)
-    if tolerance.min_top1 is not None or tolerance.max_kl is not None:
+    if tolerance.min_top1 is not None or tolerance.max_kl is not None or tolerance.max_top1_drop is not None:
         return True  # the user asked for a verdict on them
     return None if scores is None else name in scores
 

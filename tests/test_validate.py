@@ -64,6 +64,22 @@ def test_top1_agreement_counts_rows_whose_argmax_is_kept():
     assert metrics.top1 == 0.75
 
 
+def test_top1_drop_costs_a_flip_what_the_original_gave_each_class():
+    """A flip between near-tied classes costs little, one away from a confident class almost a row;
+    outputs that already are probabilities are not put through a softmax again."""
+    logits = np.array([[0.0, 0.1, -5.0], [8.0, 0.0, 0.0]], np.float32)
+    near_tie = np.array([[0.1, 0.0, -5.0], [8.0, 0.0, 0.0]], np.float32)
+    confident = np.array([[0.0, 0.1, -5.0], [0.0, 8.0, 0.0]], np.float32)
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert metrics_of(logits, near_tie)[0].top1_drop == pytest.approx((p[0, 1] - p[0, 0]) / 2, rel=1e-6)
+    assert metrics_of(logits, confident)[0].top1_drop == pytest.approx((p[1, 0] - p[1, 1]) / 2, rel=1e-6)
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]], np.float32)
+    flipped = np.array([[0.7, 0.2, 0.1], [0.3, 0.45, 0.25]], np.float32)
+    assert metrics_of(probabilities, flipped)[0].top1_drop == pytest.approx(0.05 / 2, rel=1e-5)
+    _, verdict = metrics_of(logits, confident, Tolerance(max_top1_drop=0.01))
+    assert not verdict.passed and "top1_drop" in verdict.failures[0]
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_kl_divergence_at_a_temperature_matches_softmax_by_hand(temperature):
     ref = np.array([[2.0, 1.0, 0.0], [0.5, 0.5, 3.0]], np.float32)
