@@ -174,7 +174,7 @@ class PassManager:
         self._report_progress("passes", len(self.passes), len(self.passes))
         final = _finalize_versions(clone(chain.model), model)
         phase = time.perf_counter()
-        final_tolerance = chain.tolerance_of(None, reference.scores, self.tolerances)
+        final_tolerance = chain.tolerance_of(None, reference.labels, self.tolerances)
         if chain.outputs_current and final.ir_version == chain.model.ir_version:  # the model its last step already ran
             report.final_validation = reference.compared(chain.outputs, final_tolerance, temperature=self.temperature)
         else:
@@ -229,7 +229,7 @@ class PassManager:
         started = time.perf_counter()
         fits = Requirement.CALIBRATION in pass_.needs()
         step.fitted_on = data.calibration.describe() if fits and data.calibration is not None else ""
-        tolerance_of = chain.tolerance_of(pass_, reference.scores, self.tolerances)
+        tolerance_of = chain.tolerance_of(pass_, reference.labels, self.tolerances)
 
         def validate(model: onnx.ModelProto) -> ValidationResult:  # for passes that search (the qdq guard): calibration only
             return judge.validate(model, tolerance_of, f"{label} trial of {pass_.name}")
@@ -370,7 +370,7 @@ class _Chain:
     outputs: list[dict[str, np.ndarray]]
     footprint: Footprint
     budget: Tolerance = EXACT
-    score_budget: Tolerance = EXACT  # the same for class-score outputs (Pass.score_tolerance)
+    score_budget: Tolerance = EXACT  # the same for outputs of one label per sample (Pass.score_tolerance)
     last_pass: str | None = None
     drifted: bool = False
     outputs_current: bool = True  # ``outputs`` are the committed model's own (not an earlier one's)

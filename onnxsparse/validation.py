@@ -576,6 +576,14 @@ def class_score_outputs(model: onnx.ModelProto) -> frozenset[str]:
     return frozenset(chosen)
 
 
+def label_outputs(model: onnx.ModelProto, scores: frozenset[str]) -> frozenset[str]:
+    """The class-score outputs that give one label per sample ([batch, classes]): a pass's default
+    bound on label flips applies to these. A [batch, positions, classes] output (a CTC text
+    recogniser's frames) flips at ambiguous frames without changing what is read from it."""
+    ranks = {o.name: len(o.type.tensor_type.shape.dim) for o in model.graph.output if o.type.HasField("tensor_type")}
+    return frozenset(name for name in scores if ranks.get(name) == 2)
+
+
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
 
 
@@ -588,6 +596,7 @@ class Reference:
     outputs: list[dict[str, np.ndarray]]
     scores: frozenset[str] | None = None
     metric: TaskMetric | None = None  # judged beside the tolerances on every candidate
+    labels: frozenset[str] = frozenset()  # the score outputs with one label per sample (label_outputs)
 
     @classmethod
     def of(cls, model: onnx.ModelProto, feeds: list[Feed], label: str, progress: ProgressCallback | None = None, *,
@@ -603,7 +612,8 @@ class Reference:
                     f"{label}: output '{name}' is NaN/Inf in {bad:,} of {total:,} values on the {len(feeds)} validation feed(s); "
                     "the original must give finite outputs to be compared with (fix the model, or give inputs it is defined on)"
                 )
-        return cls(feeds, outputs, class_score_outputs(model), metric)
+        scores = class_score_outputs(model)
+        return cls(feeds, outputs, scores, metric, label_outputs(model, scores))
 
     def validate(
         self,

@@ -404,3 +404,18 @@ def test_an_npz_source_reads_each_file_once_and_hands_out_read_only_arrays(tmp_p
     fresh = resolve_inputs(str(tmp_path), parse("<ir_version: 8, opset_import: [\"\" : 17]> g (float[N, 3] x) => (float[N, 3] y) { y = Relu (x) }"))
     list(fresh.feeds()), list(fresh.feeds())
     assert len(reads) == 3 + 6
+
+
+def test_only_class_scores_of_one_label_per_sample_get_a_passs_label_bound():
+    """[batch, classes] logits carry one label per sample; a recogniser's [batch, frames, classes]
+    softmax flips at ambiguous frames without changing the text read from it."""
+    from onnxsparse.validation import class_score_outputs, label_outputs
+
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 8] x, float[N, 5, 8] f) => (float[N, 8] logits, float[N, 5, 8] frames) {
+        logits = Softmax (x)
+        frames = Softmax <axis = -1> (f)
+    }""")
+    scores = class_score_outputs(model)
+    assert scores == {"logits", "frames"} and label_outputs(model, scores) == {"logits"}

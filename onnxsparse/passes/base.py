@@ -87,8 +87,8 @@ class Pass:
         return self.default_tolerance
 
     def score_tolerance(self) -> Tolerance:
-        """The tolerance of class-score outputs (see validation.class_score_outputs) when the user sets
-        none: where top-1 agreement means something, a pass may bound it too."""
+        """The tolerance of class-score outputs with one label per sample (validation.label_outputs) when
+        the user sets none: where a label flip means something, a pass may bound it too."""
         return self.tolerance()
 
     @classmethod
