@@ -23,7 +23,16 @@ import torch
 from torch import nn
 
 from realmodels import _export
-from realmodels.export_mnist import SEED, SPLIT, TRAIN_BATCH, digits_source, fit, load_digits, seed_everything, split
+from realmodels.export_mnist import (
+    SEED,
+    TRAIN_BATCH,
+    digits_source,
+    fit,
+    load_digits,
+    reused_split,
+    seed_everything,
+    split,
+)
 
 OPSET = 15
 EPOCHS = 30
@@ -119,10 +128,7 @@ def main(out: Path) -> None:
         },
         "provenance": "Trained in export_conv1d_seq.py on real MNIST digits; nothing downloaded. Stands in for tf2onnx exports of "
         "Keras Conv1D models (Unsqueeze/Transpose/Conv/Transpose/Squeeze per layer).",
-        "preprocessing": "pixels / 255 (float32 in [0, 1]), shape [batch, 28 (time = image rows), 28 (features = pixels of a row)]",
-        "train": {"size": SPLIT[0]},
-        "calibration": {"size": SPLIT[1], "split": "the calibration part of export_mnist.py's split; key 'label' holds the digit"},
-        "eval": {"size": SPLIT[2], "split": "the test part of export_mnist.py's split; key 'label' holds the digit"},
+        **reused_split("pixels / 255 (float32 in [0, 1]), shape [batch, 28 (time = image rows), 28 (features = pixels of a row)]"),
     }
     _export.finish(out, info, task_metric_keys=["fp32_accuracy"], source_outputs=torch_logits)
 

@@ -22,11 +22,11 @@ from torch import nn
 from realmodels import _export
 from realmodels.export_mnist import (
     SEED,
-    SPLIT,
     TRAIN_BATCH,
     digits_source,
     fit,
     load_digits,
+    reused_split,
     seed_everything,
     split,
     write_task_data,
@@ -126,10 +126,7 @@ def main(out: Path) -> None:
         },
         "provenance": "Trained in export_dwstack.py on real MNIST digits; nothing downloaded. Stands in for EfficientNet-Lite / "
         "MobileNet-style depthwise graphs (Conv, depthwise Conv, Clip, residual Add) at digit size.",
-        "preprocessing": "pixels / 255 (float32 in [0, 1]), shape [batch, 1, 28, 28]",
-        "train": {"size": SPLIT[0]},
-        "calibration": {"size": SPLIT[1], "split": "the calibration part of export_mnist.py's split; key 'label' holds the digit"},
-        "eval": {"size": SPLIT[2], "split": "the test part of export_mnist.py's split; key 'label' holds the digit"},
+        **reused_split("pixels / 255 (float32 in [0, 1]), shape [batch, 1, 28, 28]"),
     }
     _export.finish(out, info, task_metric_keys=["fp32_accuracy"], source_outputs=torch_logits)
 

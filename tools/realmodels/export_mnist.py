@@ -122,6 +122,16 @@ def write_task_data(out: Path, parts: dict[str, tuple[np.ndarray, np.ndarray]], 
         return model(torch.from_numpy(parts["test"][0])).numpy()
 
 
+def reused_split(preprocessing: str) -> dict[str, object]:
+    """info.json's preprocessing and split entries of a model trained on this script's split."""
+    return {
+        "preprocessing": preprocessing,
+        "train": {"size": SPLIT[0]},
+        "calibration": {"size": SPLIT[1], "split": "the calibration part of export_mnist.py's split; key 'label' holds the digit"},
+        "eval": {"size": SPLIT[2], "split": "the test part of export_mnist.py's split; key 'label' holds the digit"},
+    }
+
+
 def digits_source(data_path: Path, what: str) -> dict[str, str]:
     return {"package": PACKAGE, "version": _export.package_version(PACKAGE), "file": DATA_FILE, "sha256": _export.sha256(data_path),
             "what": what}

@@ -25,11 +25,11 @@ from torch import nn
 from realmodels import _export
 from realmodels.export_mnist import (
     SEED,
-    SPLIT,
     TRAIN_BATCH,
     digits_source,
     fit,
     load_digits,
+    reused_split,
     seed_everything,
     split,
     write_task_data,
@@ -114,10 +114,7 @@ def main(out: Path) -> None:
         },
         "provenance": "Trained in export_resnet18.py on real MNIST digits; nothing downloaded. No ImageNet ResNet-18 "
         "checkpoint is shipped by any PyPI package (searched 2026-11-22).",
-        "preprocessing": "pixels / 255 (float32 in [0, 1]), shape [batch, 1, 28, 28]",
-        "train": {"size": SPLIT[0]},
-        "calibration": {"size": SPLIT[1], "split": "the calibration part of export_mnist.py's split; key 'label' holds the digit"},
-        "eval": {"size": SPLIT[2], "split": "the test part of export_mnist.py's split; key 'label' holds the digit"},
+        **reused_split("pixels / 255 (float32 in [0, 1]), shape [batch, 1, 28, 28]"),
     }
     _export.finish(out, info, task_metric_keys=["fp32_accuracy"], source_outputs=torch_logits)
 
