@@ -415,11 +415,12 @@ class SpreadSamples:
     source: InputSource
     count: int
     others: bool = False
+    batched: bool = True  # axis 0 counts samples (see sample_axis); else a feed is one sample, never cut
 
     @functools.cached_property
     def _sizes(self) -> list[int]:
         """Samples per feed of the source, counted once: a scan asks for the feeds once per trial."""
-        return [samples_in(feed) for feed in self.source.feeds()]
+        return [samples_in(feed) if self.batched else 1 for feed in self.source.feeds()]
 
     @property
     def total(self) -> int:

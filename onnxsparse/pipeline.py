@@ -492,7 +492,7 @@ class _CalibrationJudge:
         if self.calibration is None:
             raise RequirementError("a pass asked to judge a trial model without calibration data")
         if self._reference is None:
-            source = SpreadSamples(self.calibration, self.SAMPLES)
+            source = SpreadSamples(self.calibration, self.SAMPLES, batched=sample_axis(self.original))
             feeds = collect_feeds(source, self.original, extras=self.metric is not None)
             self._reference = Reference.of(self.original, feeds, "original on calibration samples", runtime=self.runtime,
                                            metric=self.metric)

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -23,7 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibration import SpreadSamples, batch_dim, collect_feeds, in_chunks
+from .calibration import SpreadSamples, batch_dim, collect_feeds, in_chunks, sample_axis
 from .errors import InputDataError, RuntimeLoadError
 from .runtime import Runtime, open_session
 from .text import did_you_mean
@@ -141,6 +142,27 @@ class MetricResult:
     within_budget: bool
 
 
+def _import_file(path: Path) -> Any:
+    """A metric's .py file as a module, imported as Python would import it from its folder: registered
+    in sys.modules (dataclasses look their module up there) and able to import its neighbours."""
+    name = f"onnxsparse_user_metric_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise InputDataError(f"{path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
 @dataclass(frozen=True)
 class TaskMetric:
     """The user's measure of the task (accuracy against labels, matched boxes, retrieval recall...),
@@ -160,11 +182,7 @@ class TaskMetric:
             raise InputDataError(f"--metric '{spec}': expected module:function or file.py:function")
         try:
             if where.endswith(".py"):
-                loader = importlib.util.spec_from_file_location(f"onnxsparse_user_metric_{Path(where).stem}", where)
-                if loader is None or loader.loader is None:
-                    raise InputDataError(f"{where}: not a Python file")
-                module = importlib.util.module_from_spec(loader)
-                loader.loader.exec_module(module)
+                module = _import_file(Path(where))
             else:
                 module = importlib.import_module(where)
         except InputDataError:
@@ -177,6 +195,7 @@ class TaskMetric:
         return cls(function, spec)
 
     def measure(self, reference: Outputs, candidate: Outputs, feeds: Sequence[Feed]) -> MetricResult:
+        """The metric on these outputs; its exceptions and wrong return types are the user's input errors."""
         label = self.name or getattr(self.function, "__name__", "metric")
         try:
             value, within = self.function(reference, candidate, feeds)
@@ -672,14 +691,14 @@ class DriftProbe:
     SAMPLES = 16
 
     def __init__(self, model: onnx.ModelProto, calibration: object) -> None:
-        self.source = SpreadSamples(calibration, self.SAMPLES)  # type: ignore[arg-type]
-        self.held_out = self.not_judged(calibration)  # the rest, to fit trials on
+        self.source = SpreadSamples(calibration, self.SAMPLES, batched=sample_axis(model))  # type: ignore[arg-type]
+        self.held_out = self.not_judged(calibration, model)  # the rest, to fit trials on
         self.reference = outputs_on(model, self.source)
 
     @classmethod
-    def not_judged(cls, calibration: object) -> SpreadSamples:
-        """The calibration samples other than those a probe judges by (the same for every probe)."""
-        return SpreadSamples(calibration, cls.SAMPLES, others=True)  # type: ignore[arg-type]
+    def not_judged(cls, calibration: object, model: onnx.ModelProto) -> SpreadSamples:
+        """The calibration samples other than those a probe of ``model`` judges by (the same for every probe)."""
+        return SpreadSamples(calibration, cls.SAMPLES, others=True, batched=sample_axis(model))  # type: ignore[arg-type]
 
     def drift(self, trial: onnx.ModelProto) -> float:
         return output_drift(self.reference, outputs_on(trial, self.source))

@@ -601,7 +601,7 @@ def test_a_sensitivity_probe_is_compensated_on_other_samples_than_those_that_jud
     drift = {}
     for fitting in ("others", "the judged too"):
         if fitting == "the judged too":
-            monkeypatch.setattr(channel_prune, "_fitting_samples", lambda calibration: calibration)
+            monkeypatch.setattr(channel_prune, "_fitting_samples", lambda calibration, model: calibration)
         result = _prune(model, PassContext(calibration=calibration), ratio=0.5, scope="sensitivity", criterion="reconstruction",
                         round_to=1, never_slower=False)
         (entry,) = result.figures["sensitivity"].values()

@@ -125,5 +125,24 @@ def test_labels_stored_beside_the_inputs_reach_the_metric_on_held_out_calibratio
                       calibration=tmp_path / "labelled.npz",
                       metric=lambda r, c, f: seen.append(sum(len(x["labels"]) for x in f)) or accuracy_drop(r, c, f))
     assert report.final_validation.metric is not None and report.final_validation.metric.name == "<lambda>"
-    assert report.final_validation.metric.within_budget == (report.final_validation.metric.value <= 1.0)
+    failed_on_metric = any("task metric" in failure for failure in report.final_validation.verdict.failures)
+    assert failed_on_metric == (not report.final_validation.metric.within_budget)
     assert 16 in seen and 32 in seen  # the 16 held-out validation samples, the guard's 32 spread calibration samples
+
+
+def test_a_metric_file_imports_its_neighbours_and_may_define_dataclasses(tmp_path):
+    (tmp_path / "helpers_for_metric.py").write_text("THRESHOLD = 0.5\n", encoding="utf-8")
+    path = _metric_file(tmp_path, """
+        from __future__ import annotations
+        from dataclasses import dataclass
+        from helpers_for_metric import THRESHOLD
+
+        @dataclass
+        class Score:
+            value: float
+
+        def metric(reference, candidate, feeds):
+            return Score(1.0).value, 1.0 >= THRESHOLD
+        """)
+    metric = TaskMetric.load(f"{path}:metric")
+    assert metric.measure([], [], []).within_budget

@@ -329,7 +329,7 @@ class ChannelPrune(Pass):
         if self.criterion == "reconstruction":
             # A sensitivity probe's compensation must not be fit on the samples that judge it: a reader
             # with more inputs than samples (a classifier, one row per image) would make up for anything.
-            fitting = _fitting_samples(context.calibration) if self.scope == "sensitivity" and context.calibration else None
+            fitting = _fitting_samples(context.calibration, model) if self.scope == "sensitivity" and context.calibration else None
             _reconstruction_importance(model, analysis, groups, fitting or context.calibration, self.calibration_samples,
                                        compensate=fitting is not None)
 
@@ -712,10 +712,10 @@ def _activation_importance(model: onnx.ModelProto, analysis: Analysis, context: 
     return importance
 
 
-def _fitting_samples(calibration: InputSource) -> InputSource | None:
-    """The calibration samples but those a :class:`DriftProbe` judges by; None unless as many are left
-    (the probes then go uncompensated)."""
-    others = DriftProbe.not_judged(calibration)
+def _fitting_samples(calibration: InputSource, model: onnx.ModelProto) -> InputSource | None:
+    """The calibration samples but those a :class:`DriftProbe` of ``model`` judges by; None unless as
+    many are left (the probes then go uncompensated)."""
+    others = DriftProbe.not_judged(calibration, model)
     return others if others.total >= DriftProbe.SAMPLES else None
 
 

@@ -59,6 +59,7 @@ FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 # Bias correction patches each layer's shift into one built int8 model; False builds the model again
 # per layer (the same bytes, measured by a test; kept to check the patching against).
 PATCH_BIASES = True
+GUARD_REASON = "kept in float by the accuracy guard"
 # The guard searches node by node within the kinds it kept float up to this many nodes (one trial
 # each, about 2 s on PP-OCRv4): beyond it, whole kinds stay float. With kinds split finer (depthwise,
 # pointwise, 1-D), MobileNetV2's largest kind is 35 convolutions.
@@ -187,25 +188,22 @@ class Qdq(Pass):
         model = name_unnamed_nodes(shapes_where_known(model))
         self._warn_unmatched(model, result)
         weights = self._scheme(per_channel, result)
-        # LSTMs first, in every mode (their only int8 form is dynamic): each candidate is built, calibrated
-        # and timed with them int8
-        model = self._with_recurrent(model, weights, result)
         if self.mode == "dynamic":
-            return self._kept_if_faster({"dynamic": self._with_embeddings(self._dynamic(model, result, weights))}, original, context)
+            return self._kept_if_faster({"dynamic": self._with_embeddings(self._dynamic(model, result, weights))}, original, context, weights)
         # The dynamic candidate starts from what was said before either was built (opset raised,
-        # unmatched patterns, LSTMs), not from the static candidate's figures (its nodes kept float).
+        # unmatched patterns), not from the static candidate's figures (its nodes kept float).
         said = PassResult(model, changes=list(result.changes), warnings=list(result.warnings), figures=dict(result.figures),
                           skipped=list(result.skipped), standard=result.standard)
         static = self._static(model, context, result, weights)
         candidates = {"static": static.first}
         if self.mode == "auto" and context.validate is not None and context.calibration is not None:
             candidates["dynamic"] = self._dynamic(model, said, weights)
-        chosen = self._kept_if_faster({mode: self._with_embeddings(c) for mode, c in candidates.items()}, original, context, static)
+        chosen = self._kept_if_faster({mode: self._with_embeddings(c) for mode, c in candidates.items()}, original, context, weights, static)
         if self.sensitivity and chosen.figures.get("mode") == "static":  # also when the input was kept: what each node did
             chosen.figures["sensitivity"] = _sensitivity(static, chosen, context)
         return chosen
 
-    def _kept_if_faster(self, candidates: dict[str, PassResult], original: onnx.ModelProto, context: PassContext,
+    def _kept_if_faster(self, candidates: dict[str, PassResult], original: onnx.ModelProto, context: PassContext, weights: WeightScheme,
                         static: StaticResult | None = None) -> PassResult:
         """Of the candidates, the one within tolerance (the faster if several are: mode=auto); with
         ``never_slower``, a static one with its slow kinds of node kept float where that is faster
@@ -220,12 +218,14 @@ class Qdq(Pass):
         picked = candidates[chosen]
         if len(candidates) > 1:
             picked.figures.update(mode_choice=why, **{f"{mode}_latency_ratio": round(r, 3) for mode, r in ratios.items()})
-        if not self.never_slower or not picked.changes:
-            picked.latency_vs_input = ratios.get(chosen)
-            return picked
-        ratio = ratios[chosen]
-        if static is not None and chosen == "static" and ratio >= SPEED_SEARCH_ABOVE:
+        ratio = ratios.get(chosen)
+        if ratio is not None and picked.changes and static is not None and chosen == "static" and ratio >= SPEED_SEARCH_ABOVE:
             picked, ratio = self._without_slow_kinds(static, picked, ratio, original, feed, context)
+        picked, ratio = self._with_lstms(picked, ratio, original, feed, context, weights)
+        if not self.never_slower or not picked.changes:
+            picked.latency_vs_input = ratio
+            return picked
+        assert ratio is not None  # never_slower times every candidate
         if abs(ratio - 1.0) < CLOSE_TO_EVEN:  # one timing on a shared machine is off by a few percent
             ratio = relative_latency(original, picked.model, feed, runtime=context.runtime, keep_candidate=False,
                                      min_runs=RETIME_RUNS, min_seconds=RETIME_SECONDS)
@@ -239,6 +239,33 @@ class Qdq(Pass):
                       "(never_slower=false keeps the int8 model)")
         kept.warnings.append(f"qdq: {kept.worse}")
         return kept
+
+    def _with_lstms(self, picked: PassResult, ratio: float | None, original: onnx.ModelProto, feed: dict[str, np.ndarray],
+                    context: PassContext, weights: WeightScheme) -> tuple[PassResult, float | None]:
+        """``picked`` with its LSTMs int8 (onnxruntime's DynamicQuantizeLSTM) where that is within
+        tolerance and, with ``never_slower``, faster than ``picked`` without them (``ratio``, or the
+        input's time when nothing else was quantized): a small LSTM runs slower in int8 (hidden 32:
+        1.45x), a large one faster (hidden 256: 0.63x)."""
+        said = PassResult(picked.model)
+        model = self._with_recurrent(picked.model, weights, said)
+        picked.skipped.extend(said.skipped)
+        if not said.changes:
+            return picked, ratio
+        if context.validate is not None and not context.validate(model).passed:
+            picked.skipped.extend(Skip(c.target, "kept float: its int8 form broke the tolerance") for c in said.changes)
+            return picked, ratio
+        if self.never_slower:
+            timed = _time_against(original, model, feed, context, bound=ratio)
+            if timed >= (ratio if ratio is not None and picked.changes else 1.0):
+                before = f"{ratio:.2f}x" if ratio is not None and picked.changes else "1.00x"
+                picked.skipped.extend(Skip(c.target, f"kept float: its int8 form made the model slower ({before} -> {timed:.2f}x its input's time)")
+                                      for c in said.changes)
+                return picked, ratio
+            ratio = timed
+        picked.model, picked.standard = model, False  # a contrib op: onnxruntime loads it, other runtimes need not
+        picked.changes.extend(said.changes)
+        picked.figures["nodes_quantized"] = picked.figures.get("nodes_quantized", 0) + len(said.changes)
+        return picked, ratio
 
     def _without_slow_kinds(self, static: StaticResult, picked: PassResult, ratio: float, original: onnx.ModelProto,
                             feed: dict[str, np.ndarray], context: PassContext) -> tuple[PassResult, float]:
@@ -254,13 +281,14 @@ class Qdq(Pass):
         # An Add or a pool whose tensors its int8 neighbours quantize anyway runs int8 in onnxruntime
         # (it fuses DQ -> Add -> Q) whether or not it is "kept float": such a kind changes nothing alone.
         kinds = {kind: names for kind, names in kinds.items() if static.changes_anything(static.guard_kept | names)}
-        trials: dict[tuple[str, ...], float] = {}
-        for kind in sorted(kinds):
-            trials[(kind,)] = _time_against(original, static.build(static.guard_kept | kinds[kind]), feed, context, bound=ratio)
-        helped = tuple(kind for (kind,), trial in trials.items() if trial < ratio)
+        def trial(float_kinds: tuple[str, ...]) -> float:  # built as ``picked`` was (int8 embeddings too, if asked)
+            built = static.build(static.guard_kept | set().union(*(kinds[k] for k in float_kinds)))
+            return _time_against(original, self._with_embeddings(PassResult(built)).model, feed, context, bound=ratio)
+
+        trials: dict[tuple[str, ...], float] = {(kind,): trial((kind,)) for kind in sorted(kinds)}
+        helped = tuple(kind for (kind,), timed in trials.items() if timed < ratio)
         if 1 < len(helped) < len(kinds):
-            trials[helped] = _time_against(original, static.build(static.guard_kept | set().union(*(kinds[k] for k in helped))), feed, context,
-                                           bound=ratio)
+            trials[helped] = trial(helped)
         picked.figures["kinds_in_float_latency"] = "; ".join(f"{'+'.join(k)}: {r:.3f}" for k, r in trials.items())
         best = min(trials, key=lambda k: trials[k])
         if trials[best] >= ratio:
@@ -271,8 +299,9 @@ class Qdq(Pass):
         if context.validate is not None and not context.validate(model).passed:
             picked.warnings.append(f"qdq: {'+'.join(best)} in float ran faster ({trials[best]:.2f}x) but broke the tolerance: kept int8")
             return picked, ratio
-        faster = self._with_embeddings(static.result(model, slow))
-        faster.figures["kinds_in_float_latency"] = picked.figures["kinds_in_float_latency"]
+        guarded = dict.fromkeys(static.guard_kept, GUARD_REASON)
+        faster = self._with_embeddings(static.result(model, {**guarded, **slow}))
+        faster.figures = {**picked.figures, **faster.figures}  # the mode choice and the trials' timings stay
         return faster, trials[best]
 
     def _scheme(self, per_channel: bool, result: PassResult) -> WeightScheme:
@@ -318,7 +347,7 @@ class Qdq(Pass):
             quantized, kept_float = self._guard(build, plan, quantized, context, result)
         result.figures.update(mode="static", activations=self.activations, weights=weights.describe())
         static = StaticResult(graph, plan, nested, build, kept_float, result)
-        static.first = static.result(quantized, dict.fromkeys(kept_float, "kept in float by the accuracy guard"))
+        static.first = static.result(quantized, dict.fromkeys(kept_float, GUARD_REASON))
         return static
 
     # -- opsets -------------------------------------------------------------------------------
@@ -397,7 +426,8 @@ class Qdq(Pass):
         if shifts and kept_float:
             # A shift corrects the error of every int8 layer above it: below a layer kept float that
             # error is another, and the shift measured with everything int8 would add one of its own.
-            after_float = _downstream_of([nodes[name] for name in kept_float if name in nodes])
+            # (from layers only: an Add or a pool "kept float" between int8 neighbours still runs int8)
+            after_float = _downstream_of([nodes[name] for name in kept_float if name in nodes and nodes[name].op in COMPUTE])
             shifts = {name: shift for name, shift in shifts.items() if name not in after_float}
         for node in chosen:
             if shifts and node.name in shifts:
@@ -541,7 +571,7 @@ class Qdq(Pass):
     def _with_recurrent(self, model: onnx.ModelProto, weights: WeightScheme, result: PassResult) -> onnx.ModelProto:
         """``model`` with its LSTMs (main graph and subgraphs) as onnxruntime's DynamicQuantizeLSTM with
         int8 weights, one scale per gate unit (there is no static int8 LSTM); GRU and RNN stay float
-        (onnxruntime has no int8 kernel for them). Said in ``result``."""
+        (onnxruntime has no int8 kernel for them). Said in ``result`` (changes and skips)."""
         if not any(n.op_type in RECURRENT for n in _all_nodes(model.graph)):
             return model
         graph = to_gs(model)
@@ -566,8 +596,8 @@ class Qdq(Pass):
             return model
         graph.cleanup().toposort()
         quantized_model = from_gs(graph, like=model)
-        quantized_model.opset_import.append(onnx.helper.make_opsetid(MICROSOFT_DOMAIN, 1))
-        result.standard = False  # a contrib op: onnxruntime loads it, other runtimes need not
+        if not any(opset.domain == MICROSOFT_DOMAIN for opset in quantized_model.opset_import):  # graphsurgeon may add it
+            quantized_model.opset_import.append(onnx.helper.make_opsetid(MICROSOFT_DOMAIN, 1))
         return quantized_model
 
     def _dynamic(self, model: onnx.ModelProto, result: PassResult, weights: WeightScheme) -> PassResult:
