@@ -395,7 +395,8 @@ class FirstSamples:
                 return
             size = samples_in(feed) if self.batched else 1
             if size > remaining:
-                feed = {name: np.asarray(value)[:remaining] for name, value in feed.items()}
+                # only arrays with a row per sample: a scalar or a file's extra table passes on whole
+                feed = {name: _rows(value, slice(0, remaining), size) for name, value in feed.items()}
                 size = remaining
             remaining -= size
             yield feed

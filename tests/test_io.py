@@ -361,3 +361,13 @@ def test_saved_model_runs_like_the_original(tmp_path, rng):
     model, x = matmul_model(rng), feed(rng)
     io.save(model, tmp_path / "m.onnx")
     np.testing.assert_allclose(run(tmp_path / "m.onnx", x)[0], x["x"] @ weight(model, "w"), rtol=1e-5, atol=1e-5)
+
+
+def test_the_first_samples_of_a_feed_with_a_scalar_beside_its_inputs_are_cut_without_it():
+    """A version number stored beside the inputs has no row per sample: cutting the first samples
+    passes it on whole instead of failing on a 0-d array."""
+    from onnxsparse.calibration import FirstSamples, IterableInputs
+
+    feed = {"x": np.arange(20, dtype=np.float32).reshape(10, 2), "labels": np.arange(10), "version": np.array(3)}
+    first = list(FirstSamples(IterableInputs([feed]), 4).feeds())
+    assert first[0]["x"].shape == (4, 2) and first[0]["labels"].tolist() == [0, 1, 2, 3] and first[0]["version"] == 3
