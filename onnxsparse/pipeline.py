@@ -44,7 +44,7 @@ from .errors import (
 from .files import OutputLock, Staging
 from .inspect_model import Footprint, footprint, summarize
 from .io import LoadInfo, check_model, checked_output_path, load, load_with_info, same_file, stage_model
-from .latency import relative_latency, timing_feed
+from .latency import RETIME_RUNS, RETIME_SECONDS, relative_latency, timing_feed
 from .limits import DEFAULT_MAX_INPUT_BYTES, VALIDATION_SAMPLES
 from .passes import Pass, PassContext, PassResult, Requirement
 from .report import KEPT, KEPT_FAILING, KEPT_WORSE, NO_CHANGE, ROLLED_BACK, WORSE, RunReport, StepReport
@@ -416,7 +416,6 @@ def _widened(budget: Tolerance, own: Tolerance) -> Tolerance:
 SIZE_NOISE = 1.01
 SPEED_NOISE = 0.03
 SLOWER_MARGIN = 0.10
-RETIME_RUNS, RETIME_SECONDS = 60, 3.0
 
 
 def _confirmed_latency_ratio(before: onnx.ModelProto, after: onnx.ModelProto, feed: dict[str, np.ndarray], grew: bool, runtime: Runtime,

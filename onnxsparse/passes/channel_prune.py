@@ -17,7 +17,7 @@ from ..channels import Analysis, ConsumerUse, Producer, analyze, apply_plan
 from ..errors import RequirementError
 from ..graph import constant_value, from_gs, overridable_initializers, to_gs, unique_name
 from ..inspect_model import count_macs, count_work, summarize
-from ..latency import relative_latency, timing_feed
+from ..latency import RETIME_RUNS, RETIME_SECONDS, relative_latency, timing_feed
 from ..layerwise import ReadingLayer, add_output_shift, compensated_removal, greedy_removal_costs
 from ..limits import CALIBRATION_SAMPLES
 from ..refit import layers_from, refit_layers
@@ -30,8 +30,7 @@ log = logging.getLogger(__name__)
 
 # Times a sensitivity plan is measured whole and re-aimed at its budget (each costs one shape inference).
 PLAN_ADJUSTMENTS = 4
-# A probe timed no faster than its input is timed again, for at least this many runs and seconds.
-RETIME_RUNS, RETIME_SECONDS = 60, 3.0
+# A probe timed no faster than its input is timed again (latency.RETIME_RUNS and RETIME_SECONDS).
 # Reader inputs up to which criterion=reconstruction runs its greedy OBS order (each removal updates an n x n inverse).
 GREEDY_WIDTH = 4096
 

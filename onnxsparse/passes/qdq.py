@@ -18,9 +18,18 @@ from ..activations import ChangingModelValues, channel_means, collect_ranges, te
 from ..calibration import first_samples, samples_read
 from ..errors import InputDataError, RuntimeLoadError
 from ..files import write_text_atomically
-from ..graph import constant_value, from_gs, name_unnamed_nodes, opset_version, overridable_initializers, to_gs, unique_name
+from ..graph import (
+    constant_value,
+    downstream_names,
+    from_gs,
+    name_unnamed_nodes,
+    opset_version,
+    overridable_initializers,
+    to_gs,
+    unique_name,
+)
 from ..io import check_model
-from ..latency import relative_latency, timing_feed
+from ..latency import RETIME_RUNS, RETIME_SECONDS, relative_latency, timing_feed
 from ..layers import CONV_TRANSPOSE, layer_kind
 from ..layerwise import add_output_shift
 from ..limits import CALIBRATION_SAMPLES
@@ -36,6 +45,7 @@ from ..quantization import (
 )
 from ..shapes import shapes_where_known
 from ..validation import DriftProbe, Tolerance, ValidationResult
+from ..walk import iter_graphs
 from ..weights import matches
 from ..weightstore import release_pages
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
@@ -72,7 +82,6 @@ SCORE_MAX_TOP1_DROP = 0.01
 # in float; a ratio within CLOSE_TO_EVEN of 1 is timed again, longer, before it decides anything.
 SPEED_SEARCH_ABOVE = 0.95
 CLOSE_TO_EVEN = 0.03
-RETIME_RUNS, RETIME_SECONDS = 60, 3.0
 # Recurrent ops: onnxruntime has an int8 kernel for LSTM only (DynamicQuantizeLSTM, a contrib op).
 RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
 MICROSOFT_DOMAIN = "com.microsoft"
@@ -428,8 +437,9 @@ class Qdq(Pass):
             # A shift corrects the error of every int8 layer above it: below a layer kept float that
             # error is another, and the shift measured with everything int8 would add one of its own.
             # (from layers only: an Add or a pool "kept float" between int8 neighbours still runs int8)
-            after_float = _downstream_of([nodes[name] for name in kept_float if name in nodes and nodes[name].op in COMPUTE])
-            shifts = {name: shift for name, shift in shifts.items() if name not in after_float}
+            after_float = downstream_names(nodes[name] for name in kept_float if name in nodes and nodes[name].op in COMPUTE)
+            shifts = {name: shift for name, shift in shifts.items()
+                      if name in nodes and not any(t.name in after_float for t in nodes[name].inputs)}
         for node in chosen:
             if shifts and node.name in shifts:
                 add_output_shift(graph, node, shifts[node.name])
@@ -573,7 +583,7 @@ class Qdq(Pass):
         """``model`` with its LSTMs (main graph and subgraphs) as onnxruntime's DynamicQuantizeLSTM with
         int8 weights, one scale per gate unit (there is no static int8 LSTM); GRU and RNN stay float
         (onnxruntime has no int8 kernel for them). Said in ``result`` (changes and skips)."""
-        if not any(n.op_type in RECURRENT for n in _all_nodes(model.graph)):
+        if not any(n.op_type in RECURRENT for g in iter_graphs(model.graph) for n in g.node):
             return model
         graph = to_gs(model)
         overridable = overridable_initializers(model)
@@ -721,30 +731,6 @@ def nested_weight_layers(graph: gs.Graph) -> list[gs.Node]:
             if weight is not None and weight.dtype == np.float32 and weight.ndim >= 2:
                 layers.append(node)
     return layers
-
-
-def _downstream_of(nodes: list[gs.Node]) -> set[str]:
-    """The names of the nodes that read, directly or not, what ``nodes`` compute."""
-    seen: set[int] = set()
-    names: set[str] = set()
-    frontier = [reader for node in nodes for output in node.outputs for reader in output.outputs]
-    while frontier:
-        node = frontier.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        names.add(node.name)
-        frontier.extend(reader for output in node.outputs for reader in output.outputs)
-    return names
-
-
-def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
-    """Every node of the graph and of its subgraphs (If branches, Loop bodies)."""
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                yield from _all_nodes(subgraph)
 
 
 def _simplified(model: onnx.ModelProto, context: PassContext, result: PassResult) -> PassResult | None:
