@@ -362,12 +362,9 @@ def _validation_dict(result: ValidationResult) -> dict[str, Any]:
 
 
 def render_validation(result: ValidationResult) -> str:
-    def number(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
     rows = [
-        [o.name, o.dtype, "x".join(map(str, o.shape)), number(o.max_abs, ".3g"), number(o.max_rel, ".3g"), number(o.cosine, ".6f"),
-         number(o.sqnr_db, ".1f"), number(o.top1, ".3f"), number(o.kl, ".3g"), number(o.agreement, ".3f"), o.note]
+        [o.name, o.dtype, "x".join(map(str, o.shape)), _number(o.max_abs, ".3g"), _number(o.max_rel, ".3g"), _number(o.cosine, ".6f"),
+         _number(o.sqnr_db, ".1f"), _number(o.top1, ".3f"), _number(o.kl, ".3g"), _number(o.agreement, ".3f"), o.note]
         for o in result.outputs
     ]
     table = format_table(["output", "dtype", "shape", "max abs", "max rel", "cosine", "SQNR dB", "top-1", "KL", "equal", "note"], rows, right=range(3, 10))
@@ -510,6 +507,7 @@ def explain_step(step: dict[str, Any], top: int) -> str:
 
 
 def _number(value: object, spec: str) -> str:
+    """A figure for a table cell; "-" where there is none."""
     return "-" if not isinstance(value, (int, float)) else format(value, spec)
 
 
