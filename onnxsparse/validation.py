@@ -322,12 +322,13 @@ class _OutputAccumulator:
         ref_top, cand_top = ref2.argmax(axis=1), cand2.argmax(axis=1)
         self.top1_equal += int(np.sum(ref_top == cand_top))
         self.rows += ref2.shape[0]
-        probabilities = ref2 if _are_probabilities(ref2) else np.exp(_log_softmax(ref2 / self.temperature))
-        rows = np.arange(ref2.shape[0])
-        self.drop_sum += float(np.sum(probabilities[rows, ref_top] - probabilities[rows, cand_top]))
         log_p = _log_softmax(ref2 / self.temperature)
         log_q = _log_softmax(cand2 / self.temperature)
-        self.kl_sum += float(np.sum(np.exp(log_p) * (log_p - log_q)))
+        p = np.exp(log_p)
+        self.kl_sum += float(np.sum(p * (log_p - log_q)))
+        probabilities = ref2 if _are_probabilities(ref2) else p  # the softmax taken once, for both
+        rows = np.arange(ref2.shape[0])
+        self.drop_sum += float(np.sum(probabilities[rows, ref_top] - probabilities[rows, cand_top]))
 
     def result(self) -> OutputMetrics:
         metrics = OutputMetrics(name=self.name, dtype=self.dtype, shape=self.shape, note=self.note, broken=self.broken)
