@@ -560,6 +560,9 @@ def _verify_written(path: Path, *, standard: bool) -> None:
             onnx.checker.check_model(str(path), full_check=True)
         quiet = ort.SessionOptions()
         quiet.log_severity_level = 3  # its load warnings are noise to the user; a failure is raised below
+        # loaded as a deployment loads it (graph optimizations and all), but its weights are not
+        # copied into kernel layouts for runs that never come: 0.8 s less on a 504 MB model
+        quiet.add_session_config_entry("session.disable_prepacking", "1")
         ort.InferenceSession(str(path), quiet, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - both libraries raise many types; all mean "not written"
         raise OutputPathError(f"{path.name}: refusing to write a model that does not verify: {_one_line(error)}") from error

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import shutil
 import tempfile
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import Message
 
 from .errors import RuntimeLoadError
 from .io import data_size, load
@@ -138,20 +141,29 @@ class Runtime:
         self.created = 0
         self.reused = 0
 
-    def session(self, model: onnx.ModelProto, label: str, *, timing: bool = False, keep: bool = True) -> ort.InferenceSession:
+    def session(self, model: onnx.ModelProto, label: str, *, timing: bool = False, keep: bool = True,
+                timed_later: bool = False) -> ort.InferenceSession:
         """A session of ``model``: the one made before for the same content and use, else a new
-        one, held for reuse unless ``keep`` is False (a one-off trial that only takes room)."""
+        one, held for reuse unless ``keep`` is False (a one-off trial that only takes room).
+        ``timed_later``: the model will be timed too, so a model small enough to hold gets its
+        timing session now."""
         size = data_size(model)  # about what the session holds of its weights
         if size > self.max_bytes // 2:  # never held, so never found: neither serialized nor hashed here
             self.created += 1
             return _session(model, None, label, timing)
+        timing = timing or timed_later
         serialized = model.SerializeToString()
-        key = (hashlib.blake2b(serialized, digest_size=16).hexdigest(), timing)
-        held = self._held.get(key)
-        if held is not None:
-            self._held.move_to_end(key)
-            self.reused += 1
-            return held.session
+        content = content_key(model)
+        # A timing session serves a validation as well (the same outputs; run_feeds spreads the feeds
+        # over the cores): a model timed and validated is loaded once. Not the other way round: a
+        # timing needs one thread.
+        for key in ((content, timing),) if timing else ((content, False), (content, True)):
+            held = self._held.get(key)
+            if held is not None:
+                self._held.move_to_end(key)
+                self.reused += 1
+                return held.session
+        key = (content, timing)
         session = _session(model, None if store_of(model) is not None else serialized, label, timing)
         self.created += 1
         if keep:
@@ -169,10 +181,39 @@ class Runtime:
             total -= self._held.popitem(last=False)[1].bytes
 
 
+def content_key(model: onnx.ModelProto) -> str:
+    """What a session's outputs depend on: the model without its main graph's value_info (the
+    shapes a pass's copy carries change no output, and the original keeps its session for them)."""
+    digest = hashlib.blake2b(digest_size=16)
+    graph = model.graph
+    parts: tuple[tuple[bytes, Iterable[Message]], ...] = (
+        (b"opset", model.opset_import), (b"function", model.functions), (b"node", graph.node), (b"initializer", graph.initializer),
+        (b"sparse", graph.sparse_initializer), (b"input", graph.input), (b"output", graph.output))
+    digest.update(str(model.ir_version).encode())
+    for tag, messages in parts:
+        for message in messages:
+            data = message.SerializeToString()
+            digest.update(tag + len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()
+
+
+def single_threaded(session: ort.InferenceSession) -> bool:
+    """Whether ``session`` runs on one thread (a timing session): its runs can go side by side."""
+    return session.get_session_options().intra_op_num_threads == 1
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def open_session(model: onnx.ModelProto, label: str, *, timing: bool = False, runtime: Runtime | None = None,
-                 keep: bool = True) -> ort.InferenceSession:
+                 keep: bool = True, timed_later: bool = False) -> ort.InferenceSession:
     """A session from ``runtime`` when one is given (memoized, see :meth:`Runtime.session`), else a new one."""
     if runtime is not None:
-        return runtime.session(model, label, timing=timing, keep=keep)
+        return runtime.session(model, label, timing=timing, keep=keep, timed_later=timed_later)
     return make_session(model, label, timing=timing)
 

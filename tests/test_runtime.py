@@ -11,10 +11,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
-from conftest import MODELS, parse
+from conftest import MODELS, bundled, parse, run
 
 from onnxsparse import latency, optimize
-from onnxsparse.runtime import Runtime
+from onnxsparse.runtime import Runtime, make_session
+from onnxsparse.runtime import content_key as runtime_content
+from onnxsparse.validation import run_feeds
 
 TINY = """
     <ir_version: 8, opset_import: ["" : 17]>
@@ -100,3 +102,60 @@ def test_the_readme_main_job_loads_each_model_version_once_and_exports_each_once
     assert {key: count for key, count in sessions.items() if count > 1} == {}
     assert {key: count for key, count in exports.items() if count > 1} == {}
 
+
+
+def test_a_timing_session_serves_the_validation_of_the_same_model_and_shapes_do_not_count():
+    """A model timed and validated is loaded once: a validation takes the timing session of the
+    same content (never the other way round: a timing needs one thread), and a pass's copy with
+    inferred shapes (value_info) is the same content."""
+    runtime = Runtime()
+    model = parse(TINY)
+    timing = runtime.session(model, "tiny", timing=True)
+    shaped = onnx.shape_inference.infer_shapes(parse(TINY.replace("y = Relu (x)", "h = Relu (x)\n        y = Relu (h)")))
+    assert len(shaped.graph.value_info) == 1
+    assert runtime.session(model, "tiny") is timing
+    assert runtime.session(parse(TINY), "tiny", timing=True) is timing
+    plain = runtime.session(shaped, "two relus")
+    assert runtime.session(shaped, "two relus", timing=True) is not plain  # a validation session has onnxruntime's threads
+    del shaped.graph.value_info[:]
+    assert runtime.session(shaped, "two relus") is plain
+    assert (runtime.created, runtime.reused) == (3, 3)
+
+
+def test_a_one_thread_session_runs_its_feeds_side_by_side_with_the_same_outputs_in_order(monkeypatch):
+    monkeypatch.setattr("onnxsparse.validation.usable_cores", lambda: 2)
+    model = bundled("digits_cnn")[0]
+    feeds = [{"input": np.random.default_rng(seed).random((3, 1, 8, 8), dtype=np.float32)} for seed in range(7)]
+    seen: list[int] = []
+    threaded = run_feeds(make_session(model, "digits"), feeds, "digits")
+    timed = run_feeds(make_session(model, "digits", timing=True), feeds, "digits", lambda label, done, total: seen.append(done))
+    assert seen == list(range(1, 8))
+    assert len(timed) == len(threaded) == 7
+    for ours, theirs, feed in zip(timed, threaded, feeds):
+        np.testing.assert_allclose(next(iter(ours.values())), next(iter(theirs.values())), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(next(iter(ours.values())), run(model, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_qdq_dynamic_loads_the_original_and_its_result_once_each_for_timing_and_validation(tmp_path, monkeypatch):
+    """The README's transformer through qdq{mode=dynamic}: the original is run for the reference
+    and timed on one session, the int8 result timed and validated on one session."""
+    loads: collections.Counter[str] = collections.Counter()
+    real_session = ort.InferenceSession
+    output = tmp_path / "transformer.int8.onnx"
+
+    def counted_session(model, options=None, *args, **kwargs):
+        if not (isinstance(model, str) and Path(model).name.startswith(output.name)):  # not the written file, read back
+            loads[runtime_content(onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model))] += 1
+        return real_session(model, options, *args, **kwargs)
+
+    def timed_as_faster(*args, **kwargs):  # really timed (its sessions counted), judged faster whatever the noise
+        latency.relative_latency(*args, **kwargs)
+        return 0.5
+
+    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", timed_as_faster)
+    monkeypatch.setattr(ort, "InferenceSession", counted_session)
+    report = optimize(MODELS / "digits_transformer.onnx", output, "qdq{mode=dynamic}", inputs=MODELS / "digits_transformer.inputs.npz")
+    assert report.steps[0].status == "committed"
+    original = runtime_content(onnx.load(MODELS / "digits_transformer.onnx"))
+    assert loads[original] == 1
+    assert loads[runtime_content(onnx.load(output))] == 1

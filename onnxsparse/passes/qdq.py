@@ -223,7 +223,9 @@ class Qdq(Pass):
         # Candidates to choose between are timed in full: two that are both clearly faster than the input
         # can still be close to each other (PP-OCRv4: static 0.949x, dynamic 0.964x after 6 pairs each).
         several = len(candidates) > 1
-        ratios = {mode: _time_against(original, c.model, feed, context, early=not several) for mode, c in candidates.items()} if timed else {}
+        # a sole candidate's session is kept: the manager validates it next
+        ratios = {mode: _time_against(original, c.model, feed, context, early=not several, keep=not several)
+                  for mode, c in candidates.items()} if timed else {}
         chosen, why = _pick(candidates, ratios, original, context, self.default_tolerance.min_cosine or 0.97)
         picked = candidates[chosen]
         if len(candidates) > 1:
@@ -802,11 +804,12 @@ def _sensitivity(static: StaticResult, picked: PassResult, context: PassContext)
 
 
 def _time_against(original: onnx.ModelProto, candidate: onnx.ModelProto, feed: dict[str, np.ndarray], context: PassContext,
-                  bound: float | None = None, *, early: bool = True) -> float:
+                  bound: float | None = None, *, early: bool = True, keep: bool = False) -> float:
     """``candidate``'s one-thread onnxruntime time over ``original``'s. With ``early``, timing stops
-    once the ratio is clearly on one side of 1 (and of ``bound``)."""
+    once the ratio is clearly on one side of 1 (and of ``bound``); ``keep`` holds the candidate's
+    session for its validation."""
     bounds = (1.0,) if bound is None or bound == 1.0 else (1.0, bound)
-    return relative_latency(original, candidate, feed, runtime=context.runtime, keep_candidate=False, decide_at=bounds if early else ())
+    return relative_latency(original, candidate, feed, runtime=context.runtime, keep_candidate=keep, decide_at=bounds if early else ())
 
 
 def speed_kind(node: gs.Node) -> str:
