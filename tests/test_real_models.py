@@ -4,6 +4,7 @@ a tiny cache built here, and (marked ``real``) the four cached models from tools
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -122,6 +123,86 @@ def test_nearest_neighbour_agreement() -> None:
     assert metrics.nearest_neighbour_agreement(reference, candidate) == 0.75
 
 
+# --------------------------------------------------------------------------- detection metrics
+
+
+def yolo_output(rows: list[tuple[float, float, float, float, int, float]], classes: int = 3) -> np.ndarray:
+    """One image's YOLOv8 output [1, 4 + classes, anchors] from (cx, cy, w, h, class, probability) rows."""
+    output = np.zeros((1, 4 + classes, len(rows)), dtype=np.float32)
+    for anchor, (cx, cy, w, h, cls, probability) in enumerate(rows):
+        output[0, :4, anchor] = cx, cy, w, h
+        output[0, 4 + cls, anchor] = probability
+    return output
+
+
+def test_box_iou_and_xywh_to_xyxy() -> None:
+    boxes = metrics.xywh_to_xyxy(np.array([[5.0, 5.0, 10.0, 10.0], [10.0, 5.0, 10.0, 10.0]]))
+    assert boxes.tolist() == [[0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0]]
+    assert metrics.box_iou(boxes, boxes) == pytest.approx(np.array([[1.0, 50 / 150], [50 / 150, 1.0]]))
+    assert metrics.box_iou(boxes[:1], np.array([[20.0, 20.0, 30.0, 30.0]])).tolist() == [[0.0]]
+
+
+def test_nms_keeps_the_best_of_overlapping_boxes() -> None:
+    boxes = np.array([[0.0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30], [5, 0, 15, 10]])
+    scores = np.array([0.6, 0.9, 0.5, 0.7])
+    # 1 (0.9) suppresses 0 (IoU 0.82); 3 overlaps 1 by 60/140 = 0.43 <= 0.5 and stays; 2 stands apart
+    assert metrics.nms(boxes, scores, 0.5).tolist() == [1, 3, 2]
+
+
+def test_yolo_detections_threshold_classwise_nms_and_order() -> None:
+    output = yolo_output([
+        (5, 5, 10, 10, 0, 0.9),   # kept
+        (6, 5, 10, 10, 0, 0.8),   # same class, IoU 0.82 with the first: suppressed
+        (6, 5, 10, 10, 1, 0.7),   # other class on the same spot: kept (NMS is per class)
+        (50, 50, 10, 10, 2, 0.2),  # under the 0.25 score threshold
+    ])
+    (found,) = metrics.yolo_detections(output)
+    assert found.classes.tolist() == [0, 1]
+    assert found.scores.tolist() == pytest.approx([0.9, 0.7])
+    assert found.boxes.tolist() == [[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0]]
+
+
+def test_detections_kept_needs_same_class_and_iou() -> None:
+    reference = metrics.yolo_detections(yolo_output([(5, 5, 10, 10, 0, 0.9), (30, 30, 10, 10, 1, 0.8),
+                                                     (60, 60, 10, 10, 2, 0.8), (90, 90, 10, 10, 0, 0.6)]))
+    candidate = metrics.yolo_detections(yolo_output([(6, 5, 10, 10, 0, 0.5),  # IoU 0.82: kept
+                                                     (30, 30, 10, 10, 2, 0.8),  # wrong class: lost
+                                                     (66, 60, 10, 10, 2, 0.8),  # IoU 4/16 = 0.25: lost
+                                                     (90, 90, 10, 10, 0, 0.3)]))  # kept
+    assert metrics.detections_kept(reference, candidate) == 0.5
+    assert metrics.detections_kept(reference, reference) == 1.0
+    assert metrics.detections_kept(candidate[:0], candidate[:0]) == 1.0
+
+
+def test_detection_scores_map50_precision_recall() -> None:
+    gt_boxes = np.zeros((2, 2, 4), dtype=np.float32)
+    gt_boxes[0, 0] = [0, 0, 10, 10]
+    gt_boxes[0, 1] = [20, 20, 30, 30]
+    gt_boxes[1, 0] = [0, 0, 10, 10]
+    gt_classes = np.array([[0, 1], [0, -1]])
+    found = metrics.yolo_detections(np.concatenate([
+        yolo_output([(5, 5, 10, 10, 0, 0.9), (25, 25, 10, 10, 1, 0.4), (60, 60, 10, 10, 1, 0.8)]),  # TP, TP, FP (better score)
+        yolo_output([(5, 5, 10, 10, 0, 0.3), (6, 6, 10, 10, 2, 0.3), (60, 60, 10, 10, 2, 0.3)]),  # TP, FP, FP (class 2 has no truth)
+    ]))
+    scores = metrics.detection_scores(found, gt_boxes, gt_classes)
+    # class 0: TP, TP -> AP 1; class 1: FP then TP -> precision 1/2 at recall 1 -> AP 0.5; class 2: no truth, not averaged
+    assert scores == pytest.approx({"map50": 0.75, "precision": 3 / 6, "recall": 1.0})
+
+
+def test_detection_metric_file_loads_in_onnxsparse_and_scores_kept_detections() -> None:
+    from onnxsparse.validation import TaskMetric
+
+    metric = TaskMetric.load(f"{TOOLS / 'realmodels' / 'detection_metric.py'}:matched_detections")
+    reference = [{"output0": yolo_output([(5, 5, 10, 10, 0, 0.9), (30, 30, 10, 10, 1, 0.8)])},
+                 {"output0": yolo_output([(60, 60, 10, 10, 2, 0.8), (90, 90, 10, 10, 0, 0.6)])}]
+    candidate = [{"output0": yolo_output([(5, 5, 10, 10, 0, 0.9), (30, 30, 10, 10, 1, 0.8)])},
+                 {"output0": yolo_output([(60, 60, 10, 10, 2, 0.8), (90, 90, 10, 10, 0, 0.1)])}]  # the last drops under 0.25
+    inputs = [{"images": np.zeros((1, 1, 8, 8), dtype=np.float32)}] * 2
+    assert (metric.measure(reference, reference, inputs).value, metric.measure(reference, reference, inputs).within_budget) == (1.0, True)
+    result = metric.measure(reference, candidate, inputs)
+    assert (result.value, result.within_budget) == (0.75, False)
+
+
 # --------------------------------------------------------------------------- task loader on a tiny cache
 
 TINY_CLASSIFIER = """
@@ -196,7 +277,7 @@ def test_load_task_names_the_fetch_command_when_absent(tmp_path: Path) -> None:
 
 # The key in eval.npz / calibration.npz that identifies a sample's origin, to check the split.
 ORIGIN_KEY = {"mobilenetv2": "view", "ppocr_rec": "text", "minilm": "sentence", "mnist": None, "resnet18": None, "dwstack": None,
-              "conv1d_seq": None, "bytecnn": "window"}
+              "conv1d_seq": None, "bytecnn": "window", "detector": None}
 # What the fp32 model must reach on its own eval split (ground-truth metrics), with margin.
 FP32_FLOORS = {
     "mobilenetv2": {"fp32_accuracy": 0.8},
@@ -207,11 +288,12 @@ FP32_FLOORS = {
     "dwstack": {"fp32_accuracy": 0.95},
     "conv1d_seq": {"fp32_accuracy": 0.95},
     "bytecnn": {"fp32_accuracy": 0.88},
+    "detector": {"fp32_map50": 0.85},
 }
 # Metrics of a candidate against fp32 that equal these when the candidate IS the fp32 model.
 PERFECT = {
     "top1_agreement": 1.0, "top5_containment": 1.0, "logit_cosine": 1.0, "text_agreement": 1.0,
-    "cer_vs_fp32": 0.0, "embedding_cosine": 1.0, "nn_agreement": 1.0,
+    "cer_vs_fp32": 0.0, "embedding_cosine": 1.0, "nn_agreement": 1.0, "detections_kept": 1.0,
 }
 
 
@@ -221,9 +303,9 @@ def cached_task(name: str):
     return load_task(name)
 
 
-def origins(archive: dict[str, np.ndarray], key: str | None) -> set[str]:
+def origins(archive: dict[str, np.ndarray], key: str | None, input_name: str = "input") -> set[str]:
     if key is None:  # no names: a sample is its pixels
-        return {hashlib.sha1(row.tobytes()).hexdigest() for row in archive["input"]}
+        return {hashlib.sha1(row.tobytes()).hexdigest() for row in archive[input_name]}
     return {str(value).split(":")[0] for value in archive[key]}
 
 
@@ -262,7 +344,7 @@ def test_real_model_calibration_and_eval_are_disjoint(name: str) -> None:
     folder = task.model_path.parent
     with np.load(folder / "calibration.npz") as calibration, np.load(folder / "eval.npz") as evaluation:
         key = ORIGIN_KEY[name]
-        assert not origins(dict(calibration), key) & origins(dict(evaluation), key)
+        assert not origins(dict(calibration), key, task.input_names[0]) & origins(dict(evaluation), key, task.input_names[0])
     assert task.info["calibration"]["size"] == sum(len(next(iter(f.values()))) for f in task.calibration)
     assert task.info["eval"]["size"] == sum(len(next(iter(f.values()))) for f in task.eval_feeds)
 
@@ -288,3 +370,25 @@ def test_removing_all_zero_channels_of_a_real_cnn_leaves_its_outputs_unchanged(n
     before, after = task.run(zeroed), task.run(removed)
     scale = float(np.max(np.abs(before)))
     assert float(np.max(np.abs(after - before))) <= 1e-5 * scale
+
+
+@pytest.mark.real
+def test_detector_metric_file_agrees_with_the_task_evaluator() -> None:
+    """detection_metric.py (what onnxsparse --metric loads) and the benchmark's evaluator decode the same
+    way: on a candidate whose scores are damped (some detections fall under 0.25) both give one figure."""
+    from onnxsparse.validation import TaskMetric
+
+    task = cached_task("detector")
+    fp32 = task.run()
+    damped = fp32.copy()
+    damped[:, 4:] *= 0.6
+    kept = task.evaluate(fp32, damped)["detections_kept"]
+    assert 0.0 < kept < 1.0
+    metric = TaskMetric.load(f"{TOOLS / 'realmodels' / 'detection_metric.py'}:matched_detections")
+    bounds = list(itertools.pairwise(np.cumsum([0] + [len(feed["images"]) for feed in task.eval_feeds])))
+    reference = [{"output0": fp32[a:b]} for a, b in bounds]
+    candidate = [{"output0": damped[a:b]} for a, b in bounds]
+    result = metric.measure(reference, candidate, task.eval_feeds)
+    assert result.value == pytest.approx(kept, abs=1e-12)
+    assert not result.within_budget
+    assert metric.measure(reference, reference, task.eval_feeds).value == 1.0

@@ -145,6 +145,7 @@ HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
     "dwstack": ("accuracy", "top1_agreement"),
     "conv1d_seq": ("accuracy", "top1_agreement"),
     "bytecnn": ("accuracy", "top1_agreement"),
+    "detector": ("map50", "detections_kept"),
 }
 
 

@@ -96,12 +96,30 @@ def _evaluate_embeddings(reference: np.ndarray, candidate: np.ndarray, data: Map
     }
 
 
+def _evaluate_detections(reference: np.ndarray, candidate: np.ndarray, data: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """A YOLOv8-style detector (output0 [batch, 4 + classes, anchors]) against ground-truth boxes
+    (gt_boxes [n, max objects, 4] x1y1x2y2 pixels, gt_classes [n, max objects], -1 = padding) and
+    against the fp32 model's own detections (``detections_kept``: the share of them the
+    candidate still finds, same class at IoU >= 0.5)."""
+    reference_found = metrics.yolo_detections(reference)
+    candidate_found = metrics.yolo_detections(candidate)
+    truth = (data["gt_boxes"], data["gt_classes"])
+    scores = metrics.detection_scores(candidate_found, *truth)
+    fp32 = metrics.detection_scores(reference_found, *truth)
+    return {
+        **scores,
+        **{f"fp32_{key}": value for key, value in fp32.items()},
+        "detections_kept": metrics.detections_kept(reference_found, candidate_found),
+    }
+
+
 EVALUATORS: dict[str, Evaluator] = {
     "imagenet-classification": _evaluate_imagenet,
     "digit-classification": _evaluate_labels,
     "text-classification": _evaluate_labels,
     "ctc-text-recognition": _evaluate_text_lines,
     "sentence-embedding": _evaluate_embeddings,
+    "digit-detection": _evaluate_detections,
 }
 
 
