@@ -728,3 +728,58 @@ def test_a_slow_kind_kept_float_on_top_of_the_guard_reports_both(monkeypatch):
     assert step.figures["guard_kept_float"] > 0 and reasons["guard"] == step.figures["guard_kept_float"] and reasons["slow"] > 0
     assert step.figures["nodes_kept_float"] == reasons["guard"] + reasons["slow"]
     assert len([c for c in step.changes if c.action == "quantized"]) == step.figures["nodes_quantized"]
+
+
+def test_the_guard_finds_the_one_harmful_node_in_a_kind_too_big_to_search_node_by_node():
+    """60 nodes of one kind (a detector's convolutions) are more than the node-by-node search takes
+    (GUARD_MAX_NODE_SEARCH): runs of graph neighbours are searched first, then the nodes of the run
+    kept, so one harmful node ends float, not the whole kind."""
+    from types import SimpleNamespace
+
+    import onnx_graphsurgeon as gs
+
+    from onnxsparse.passes.qdq import GUARD_MAX_NODE_SEARCH, Plan
+    from onnxsparse.results import PassResult
+
+    names = [f"add{index}" for index in range(60)]
+    assert len(names) > GUARD_MAX_NODE_SEARCH
+    plan = Plan(nodes=[gs.Node("Add", name=name) for name in names])
+    trials: list[frozenset[str]] = []
+
+    def validate(model: frozenset[str]) -> SimpleNamespace:  # the "model" is the set of nodes kept float
+        trials.append(model)
+        fine = "add37" in model
+        return SimpleNamespace(passed=fine, outputs=[SimpleNamespace(cosine=1.0 if fine else 0.9)])
+
+    result = PassResult(None)  # type: ignore[arg-type]
+    model, kept = Qdq()._guard(frozenset, plan, frozenset(), PassContext(validate=validate), result)  # type: ignore[arg-type]
+    assert kept == {"add37"} and model == frozenset({"add37"})
+    assert result.figures["guard_kept_float"] == 1
+    assert len(trials) < len(names)  # fewer trials than one per node
+
+
+def test_auto_on_a_model_without_matmuls_never_picks_an_empty_dynamic_candidate(monkeypatch, rng):
+    """With no MatMul/Gemm, dynamic quantization changes nothing: it is the input, not a candidate
+    that can be "chosen as the faster". A static candidate that runs slower keeps the input, saying
+    that static int8 was slower (not that dynamic had nothing to do)."""
+    model = with_initializers(onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        agraph (float[N, 3, 12, 12] x) => (float[N, 8, 1, 1] y) {
+            a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+            r = Relu (a)
+            c = Conv <pads = [1, 1, 1, 1]> (r, w2, b2)
+            y = GlobalAveragePool (c)
+        }
+    """), w1=rng.standard_normal((8, 3, 3, 3)).astype(np.float32), b1=np.zeros(8, np.float32),
+        w2=rng.standard_normal((8, 8, 3, 3)).astype(np.float32), b2=np.zeros(8, np.float32))
+    feeds = [{"x": rng.standard_normal((4, 3, 12, 12)).astype(np.float32)} for _ in range(4)]
+
+    def int8_is_slower(reference, candidate, feed, **_):
+        return 1.4 if any(n.op_type == "QuantizeLinear" for n in candidate.graph.node) else 1.0
+
+    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", int8_is_slower)
+    _, report = PassManager(parse_pipeline("qdq"), inputs=IterableInputs(feeds[:2]), calibration=IterableInputs(feeds[2:])).run(model)
+    step = report.steps[0]
+    assert step.status == "worse" and "1.40x its input's time" in step.reason, step.reason
+    assert "dynamic_latency_ratio" not in step.figures and "mode_choice" not in step.figures
+    assert not any("nothing to quantize" in s.reason for s in step.skipped)

@@ -75,6 +75,9 @@ GUARD_REASON = "kept in float by the accuracy guard"
 # static candidate (which auto then did not choose) from 15 s to 104 s. With kinds split finer
 # (depthwise, 1-D), MobileNetV2's largest kind is 35 convolutions.
 GUARD_MAX_NODE_SEARCH = 48
+# Beyond it, the kept kinds' nodes are first searched in this many runs of graph neighbours (a
+# detector's 60 convolutions are one kind; its class head alone may be what a metric needs float).
+GUARD_RUNS = 8
 # The default top-1 accuracy class-score outputs may lose, as the original's probabilities count it
 # (score_tolerance, validation.OutputMetrics.top1_drop): one point.
 SCORE_MAX_TOP1_DROP = 0.01
@@ -207,7 +210,9 @@ class Qdq(Pass):
         static = self._static(model, context, result, weights)
         candidates = {"static": static.first}
         if self.mode == "auto" and context.validate is not None and context.calibration is not None:
-            candidates["dynamic"] = self._dynamic(model, said, weights)
+            dynamic = self._dynamic(model, said, weights)
+            if dynamic.changes:  # a dynamic candidate that quantizes nothing is the input: never slower or "chosen"
+                candidates["dynamic"] = dynamic
         chosen = self._kept_if_faster({mode: self._with_embeddings(c) for mode, c in candidates.items()}, original, context, weights, static)
         if self.sensitivity and chosen.figures.get("mode") == "static":  # also when the input was kept: what each node did
             chosen.figures["sensitivity"] = _sensitivity(static, chosen, context)
@@ -525,9 +530,10 @@ class Qdq(Pass):
 
         First by kind (:func:`speed_kind`: op type, depthwise and 1-D convolutions and MatMuls of two
         activations apart): each kind is kept float on its own, kinds are then kept float in order of
-        how much that helps until the tolerance holds. Then, within those kinds (up to
-        GUARD_MAX_NODE_SEARCH nodes), node by node the same way, doubling the count until it holds and
-        bisecting back to the fewest that do."""
+        how much that helps until the tolerance holds. Within kinds of more than GUARD_MAX_NODE_SEARCH
+        nodes, by runs of nodes next to each other in graph order (GUARD_RUNS of them) the same way.
+        Then, within what is kept (up to GUARD_MAX_NODE_SEARCH nodes), node by node the same way,
+        doubling the count until it holds and bisecting back to the fewest that do."""
         assert context.validate is not None
         if context.validate(quantized).passed:
             return quantized, set()
@@ -538,7 +544,15 @@ class Qdq(Pass):
         if kept is None:
             result.warnings.append("qdq guard: even all nodes in float do not meet the tolerance; every node kept quantized")
             return quantized, set()
-        candidates = sorted(kept[1])
+        candidates = [node.name for node in plan.nodes if node.name in kept[1]]  # in graph order
+        if len(candidates) > GUARD_MAX_NODE_SEARCH:
+            size = -(-len(candidates) // GUARD_RUNS)
+            runs = {f"nodes {start + 1}-{min(start + size, len(candidates))}": candidates[start:start + size]
+                    for start in range(0, len(candidates), size)}
+            refined = self._fewest(list(runs), lambda chosen: {n for run in chosen for n in runs[run]}, build, context, "runs of nodes")
+            if refined is not None:
+                kept = refined
+                candidates = [name for name in candidates if name in kept[1]]
         if 1 < len(candidates) <= GUARD_MAX_NODE_SEARCH:
             refined = self._fewest(candidates, set, build, context, "nodes")
             if refined is not None:
