@@ -247,6 +247,9 @@ class PassManager:
         except Exception as error:  # a broken pass is rolled back, not fatal
             log.debug("pass %s raised", pass_.name, exc_info=True)
             crash = f"pass raised {type(error).__name__}: {_first_line(error)}"
+        # The original's session, held for a first pass that times its result against it: the pass is
+        # done with it, and the validation's sessions come next.
+        self.runtime.unpin()
         # A pass's graphsurgeon graph is a web of cycles that refcounting never frees, and it holds the
         # weights the pass read (memory maps) and wrote: freed here, whether the pass returned or raised,
         # before the check and the sessions (and the next step) need the memory.

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .runtime import make_session
+from .weightstore import release_pages
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +169,10 @@ def quantize_weight(weight: np.ndarray, axis: int | None, bound: int = 127) -> W
     """Symmetric int8 in [-bound, bound] (zero point 0, so a pruned zero stays exactly zero).
 
     Rounded (ties to even) from w divided by the float32 scale the model stores, so each integer is
-    the nearest to w that the stored scale can express; in float32, a block of rows at a time, so a
-    big weight never gets a whole float copy beside its int8 one (float64 took 1.8x as long)."""
-    if axis is None:
-        peak = np.array(float(np.max(np.abs(weight))) if weight.size else 0.0)
-    else:
-        rows = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
-        peak = np.max(np.abs(rows), axis=1).astype(np.float64) if rows.size else np.zeros(weight.shape[axis])
+    the nearest to w that the stored scale can express. In float32 (float64 took 1.8x as long), a
+    block of rows at a time for the peaks and for the rounding: a big weight never gets a whole float
+    copy beside its int8 one, and a store-held weight's pages leave memory block by block."""
+    peak = _peaks(weight, axis)
     scale32 = np.where(peak > 0, peak / bound, 1.0).astype(np.float32)
     shape = [1] * weight.ndim
     if axis is not None:
@@ -183,14 +181,41 @@ def quantize_weight(weight: np.ndarray, axis: int | None, bound: int = 127) -> W
     values = np.empty(weight.shape, dtype=np.int8)
     if weight.ndim == 0:
         values[()] = np.clip(np.rint(np.float32(weight) / scale32), -bound, bound)
-    else:
-        step = max(1, _ROUNDING_BLOCK // max(1, weight[:1].size))
-        for start in range(0, weight.shape[0], step):
-            block = np.divide(weight[start:start + step], divisor[start:start + step] if axis == 0 else divisor, dtype=np.float32)
-            np.rint(block, out=block)
-            np.clip(block, -bound, bound, out=block)
-            values[start:start + step] = block
+    for start, stop in _row_blocks(weight):
+        block = np.divide(weight[start:stop], divisor[start:stop] if axis == 0 else divisor, dtype=np.float32)
+        np.rint(block, out=block)
+        np.clip(block, -bound, bound, out=block)
+        values[start:stop] = block
+        release_pages(weight)
     return WeightQuant(values, scale32, np.zeros(scale32.shape, dtype=np.int8), axis)
+
+
+def _peaks(weight: np.ndarray, axis: int | None) -> np.ndarray:
+    """max |w| per index of ``axis`` (float64), or of the whole weight (a 0-d array)."""
+    if axis is None:
+        peak = 0.0 if weight.ndim else float(abs(weight))
+        for start, stop in _row_blocks(weight):
+            peak = max(peak, float(np.max(np.abs(weight[start:stop]), initial=0.0)))
+            release_pages(weight)
+        return np.array(peak)
+    others = tuple(a for a in range(weight.ndim) if a != axis)
+    peaks = np.zeros(weight.shape[axis])
+    for start, stop in _row_blocks(weight):
+        part = np.max(np.abs(weight[start:stop]), axis=others, initial=0.0)
+        if axis == 0:
+            peaks[start:stop] = part
+        else:
+            np.maximum(peaks, part, out=peaks)
+        release_pages(weight)
+    return peaks
+
+
+def _row_blocks(weight: np.ndarray) -> list[tuple[int, int]]:
+    """Ranges of axis 0 of about _ROUNDING_BLOCK values each (none for a 0-d weight)."""
+    if weight.ndim == 0:
+        return []
+    step = max(1, _ROUNDING_BLOCK // max(1, weight[:1].size))
+    return [(start, min(start + step, weight.shape[0])) for start in range(0, weight.shape[0], step)]
 
 
 _ROUNDING_BLOCK = 1 << 20  # values rounded per block in quantize_weight (4 MiB of float32)

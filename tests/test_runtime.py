@@ -159,3 +159,18 @@ def test_qdq_dynamic_loads_the_original_and_its_result_once_each_for_timing_and_
     original = runtime_content(onnx.load(MODELS / "digits_transformer.onnx"))
     assert loads[original] == 1
     assert loads[runtime_content(onnx.load(output))] == 1
+
+
+def test_a_model_too_big_to_hold_is_pinned_for_its_timing_and_let_go_after():
+    """A model past the budget is never held, except the original a first step will time: its
+    reference session is a timing one, found again by that timing, and let go by unpin()."""
+    model = parse(TINY)
+    runtime = Runtime(max_bytes=1)  # every model is "big"
+    assert runtime.session(model, "tiny") is not runtime.session(model, "tiny")
+    pinned = runtime.session(model, "tiny (original)", timed_later=True)
+    assert pinned.get_session_options().intra_op_num_threads == 1
+    runtime.session(parse(TINY.replace("Relu", "Neg")), "other")  # not held, and trims nothing pinned
+    assert runtime.session(model, "latency probe", timing=True) is pinned
+    assert runtime.session(model, "validation") is pinned
+    runtime.unpin()
+    assert runtime.session(model, "latency probe", timing=True) is not pinned
