@@ -561,7 +561,7 @@ def _verify_written(path: Path, *, standard: bool) -> None:
         quiet = ort.SessionOptions()
         quiet.log_severity_level = 3  # its load warnings are noise to the user; a failure is raised below
         # loaded as a deployment loads it (graph optimizations and all), but its weights are not
-        # copied into kernel layouts for runs that never come: 0.8 s less on a 504 MB model
+        # copied into kernel layouts for runs that never come (a 504 MB model: written in 0.2 s, was 0.6 s)
         quiet.add_session_config_entry("session.disable_prepacking", "1")
         ort.InferenceSession(str(path), quiet, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - both libraries raise many types; all mean "not written"
