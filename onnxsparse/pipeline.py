@@ -186,7 +186,7 @@ class PassManager:
         log.info("final validation: %s in %.1f s", "passed" if report.final_validation.passed else "FAILED", time.perf_counter() - phase)
         report.output = summarize(final, with_tensors=True)
         report.warnings.extend(dict.fromkeys(w for step in report.steps for w in step.warnings))
-        report.warnings.extend(report.final_validation.verdict.notes)
+        report.warnings.extend(note for note in report.final_validation.verdict.notes if note not in report.warnings)
         if validated < FEW_VALIDATION_SAMPLES:
             report.warnings.append(f"validated on {validated} sample(s) only: a verdict on so few says little; give more validation "
                                    "data (--inputs), or more calibration data to hold out from")
@@ -282,6 +282,7 @@ class PassManager:
             own = self.tolerances.per_pass.get(pass_.name, EXACT)
             step.step_validation = compare(chain.outputs, outputs, lambda _: own, temperature=self.temperature, scores=reference.scores)
         step.seconds["validate"] = time.perf_counter() - validated
+        step.warnings.extend(note for note in step.validation.verdict.notes if note not in step.warnings)  # how far to trust it
         step = self._judged(step)
         if step.status in KEPT:
             measured = time.perf_counter()

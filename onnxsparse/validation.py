@@ -228,6 +228,7 @@ class OutputMetrics:
     # rows of p(original's class) - p(candidate's class), both by the original. A flip between two
     # near-tied classes costs little, one away from a confident class nearly a whole row.
     top1_drop: float | None = None
+    top1_drop_error: float | None = None  # standard error of that mean over ``rows``
     top1_interval: tuple[float, float] | None = None  # 95% Wilson interval of top1 over ``rows``
     rows: int = 0  # score rows top1 and kl were computed over (samples x positions)
     kl: float | None = None
@@ -257,7 +258,7 @@ class _OutputAccumulator:
         self.dot = self.ref_sq = self.cand_sq = self.err_sq = 0.0
         self.equal = self.count = self.nonfinite = 0
         self.top1_equal = self.rows = 0
-        self.drop_sum = 0.0
+        self.drop_sum = self.drop_sq_sum = 0.0
         self.kl_sum = 0.0
         self.unit = 0.0
         self.note = ""
@@ -329,7 +330,9 @@ class _OutputAccumulator:
         self.kl_sum += float(np.sum(p * (log_p - log_q)))
         probabilities = ref2 if _are_probabilities(ref2) else p  # the softmax taken once, for both
         rows = np.arange(ref2.shape[0])
-        self.drop_sum += float(np.sum(probabilities[rows, ref_top] - probabilities[rows, cand_top]))
+        drops = probabilities[rows, ref_top] - probabilities[rows, cand_top]
+        self.drop_sum += float(np.sum(drops))
+        self.drop_sq_sum += float(np.sum(drops * drops))
 
     def result(self) -> OutputMetrics:
         metrics = OutputMetrics(name=self.name, dtype=self.dtype, shape=self.shape, note=self.note, broken=self.broken)
@@ -351,6 +354,7 @@ class _OutputAccumulator:
         if self.scored and self.rows:
             metrics.top1 = self.top1_equal / self.rows
             metrics.top1_drop = self.drop_sum / self.rows
+            metrics.top1_drop_error = math.sqrt(max(self.drop_sq_sum / self.rows - metrics.top1_drop**2, 0.0) / self.rows)
             metrics.top1_interval = wilson_interval(self.top1_equal, self.rows)
             metrics.rows = self.rows
             metrics.kl = self.kl_sum / self.rows
@@ -437,6 +441,8 @@ def judge(metrics: Sequence[OutputMetrics], tolerance_of: Callable[[str], Tolera
         verdict.smallest_passing[output.name] = reached
         if tolerance.min_top1 is not None:
             verdict.notes.extend(_top1_precision_note(output))
+        if tolerance.max_top1_drop is not None:
+            verdict.notes.extend(_top1_drop_precision_note(output, tolerance.max_top1_drop))
     verdict.passed = not verdict.failures
     return verdict
 
@@ -453,6 +459,19 @@ def _top1_precision_note(output: OutputMetrics) -> list[str]:
     rows = f"{output.rows} sample(s)" if len(output.shape) == 2 else f"{output.rows} rows (samples x positions: the true interval is wider)"
     return [(f"output '{output.name}': top-1 agreement {output.top1:.3f} on {rows} is known only to {low:.2f}-{high:.2f} "
             f"(95%); about {rows_for_precision(output.top1)} samples pin it to +-{TOP1_PRECISION:g}")]
+
+
+def _top1_drop_precision_note(output: OutputMetrics, bound: float) -> list[str]:
+    """A note when the mean top-1 drop is known less precisely than half its bound: on a few samples
+    (or views of a few photos, which flip together) one hard sample decides the verdict."""
+    if output.top1_drop is None or output.top1_drop_error is None or not output.rows:
+        return []
+    half = _Z95 * output.top1_drop_error
+    if half <= bound / 2:
+        return []
+    needed = math.ceil(output.rows * (half / (bound / 2)) ** 2)
+    return [(f"output '{output.name}': top1_drop {output.top1_drop:.4f} on {output.rows} sample(s) is known only to +-{half:.4f} "
+             f"(95%, samples taken as independent); about {needed} samples judge it to +-{bound / 2:g}")]
 
 
 def _loosened(value: float, bound: str) -> float:

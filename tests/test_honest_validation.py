@@ -543,3 +543,32 @@ def test_a_calibration_file_of_one_sample_validates_on_synthetic_inputs_and_says
     _, report = PassManager(parse_pipeline("qdq{mode=static guard=false never_slower=false}"), calibration=one, keep_worse=True).run(model)
     assert report.inputs.startswith("16 synthetic sample(s)")
     assert any("holds 1 sample: none could be held out" in w for w in report.warnings)
+
+
+def test_a_top1_drop_verdict_on_too_few_samples_says_how_precisely_it_is_known():
+    """One confident sample flipping among 20 decides a mean top-1 drop bound: the verdict's notes
+    give its 95% half-width (1.96 standard errors of the per-sample drops) and how many samples would
+    judge it to half the bound; on many samples of small drops there is no note."""
+    from onnxsparse.validation import compare
+
+    reference = np.zeros((20, 3), np.float32)
+    reference[:, 0] = 4.0  # every sample sure of class 0
+    candidate = reference.copy()
+    candidate[0] = [0.0, 5.0, 0.0]  # one flips away from a confident class
+    tolerance = Tolerance(max_top1_drop=0.01)
+    result = compare([{"logits": reference}], [{"logits": candidate}], lambda name: tolerance, scores={"logits"})
+    probabilities = np.exp(reference) / np.exp(reference).sum(axis=1, keepdims=True)
+    drops = probabilities[:, 0] - probabilities[np.arange(20), candidate.argmax(axis=1)]
+    half = 1.959964 * drops.std() / np.sqrt(20)
+    output = result.outputs[0]
+    assert output.top1_drop == pytest.approx(drops.mean()) and output.top1_drop_error == pytest.approx(drops.std() / np.sqrt(20))
+    assert not result.passed
+    note = next(n for n in result.verdict.notes if "top1_drop" in n)
+    assert f"on 20 sample(s) is known only to +-{half:.4f}" in note
+    assert f"about {int(np.ceil(20 * (half / 0.005) ** 2))} samples judge it to +-0.005" in note
+    calm = candidate.copy()
+    calm[0] = reference[0]
+    calm = np.repeat(calm, 50, axis=0)
+    calm[:, 1] += 0.01  # tiny moves, no flips
+    result = compare([{"logits": np.repeat(reference, 50, axis=0)}], [{"logits": calm}], lambda name: tolerance, scores={"logits"})
+    assert result.passed and not any("top1_drop" in n for n in result.verdict.notes)
