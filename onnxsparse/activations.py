@@ -171,8 +171,10 @@ def tensor_values(
     batched = batch_dim(i.shape for i in inputs) is not None
     runs = read = 0
     counted = sample_axis(model)
+    # a source read once (read_once) was checked then: a layer-by-layer pass reads it once per layer
+    checked_before = getattr(source, "checked", False)
     for index, feed in enumerate(first_samples(source, model, limit).feeds()):
-        checked = check_feed(feed, inputs, f"{source.describe()}, feed {index}")
+        checked = feed if checked_before else check_feed(feed, inputs, f"{source.describe()}, feed {index}")
         for run in in_chunks(checked, batched):
             known = {name: runs_of[runs] for name, runs_of in given.items()}
             runs += 1

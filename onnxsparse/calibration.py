@@ -261,6 +261,8 @@ class IterableInputs:
     """
 
     source: Any
+    # the feeds were checked against the model already (collect_feeds: names, dtypes, shapes, finite)
+    checked: bool = False
     _kept: list[Feed] | None = field(default=None, repr=False)
 
     def feeds(self) -> Iterator[Feed]:
@@ -735,7 +737,7 @@ def collect_feeds(source: InputSource, model: onnx.ModelProto, *, limit: int | N
 def read_once(source: InputSource, model: onnx.ModelProto, *, limit: int | None = None) -> IterableInputs:
     """The source's first ``limit`` samples (all: None) held in memory, for a pass that goes over them
     once per layer: a calibration file is then read and checked once, not at every layer."""
-    return IterableInputs(collect_feeds(first_samples(source, model, limit), model))
+    return IterableInputs(collect_feeds(first_samples(source, model, limit), model), checked=True)
 
 
 def first_samples(source: InputSource, model: onnx.ModelProto, limit: int | None) -> InputSource:

@@ -607,3 +607,27 @@ def test_a_sensitivity_probe_is_compensated_on_other_samples_than_those_that_jud
         (entry,) = result.figures["sensitivity"].values()
         drift[fitting] = entry["drift_at_ratio"]
     assert drift["others"] > 10 * drift["the judged too"]
+
+
+def test_a_refit_checks_the_calibration_feeds_once_not_once_per_layer(monkeypatch):
+    """The refit reads its calibration samples once (read_once) and runs the model on them once per
+    layer: the feeds are checked (names, dtypes, shapes, NaN/Inf) when read, not at every layer."""
+    import onnxsparse.activations as activations_module
+    import onnxsparse.calibration as calibration_module
+
+    model, inputs, calibration = bundled("digits_cnn")
+    checked: list[str] = []
+    real_check = calibration_module.check_feed
+
+    def counting(feed, model_inputs, origin, **kwargs):
+        checked.append(origin)
+        return real_check(feed, model_inputs, origin, **kwargs)
+
+    monkeypatch.setattr(calibration_module, "check_feed", counting)
+    monkeypatch.setattr(activations_module, "check_feed", counting)
+    spec = "channel-prune{ratio=0.25 round_to=1 refit=true refit_scope=downstream never_slower=false}"
+    _, report = PassManager(parse_pipeline(spec), inputs=inputs, calibration=calibration, policy="keep").run(model)
+    refits = sum(c.action == "refit" for c in report.steps[0].changes)
+    assert refits >= 3
+    # the calibration file when it is read, the refit's copy when it is read once: not once per layer
+    assert len(checked) < refits, checked
