@@ -783,3 +783,23 @@ def test_auto_on_a_model_without_matmuls_never_picks_an_empty_dynamic_candidate(
     assert step.status == "worse" and "1.40x its input's time" in step.reason, step.reason
     assert "dynamic_latency_ratio" not in step.figures and "mode_choice" not in step.figures
     assert not any("nothing to quantize" in s.reason for s in step.skipped)
+
+
+@pytest.mark.parametrize("shape, axis", [((64, 3, 3, 3), 0), ((300, 70), 1), ((300, 70), None), ((2048, 600), 1), ((5,), 0)])
+def test_int8_weights_are_the_nearest_integers_the_stored_scale_expresses(shape, axis):
+    """quantize_weight: per channel (or tensor) scale = max |w| / 127 as float32, and each integer is
+    the one whose value under that stored scale is nearest w, over blocks of rows (up to the float32
+    rounding of w / scale: a quotient within an ulp of a half may round either way)."""
+    from onnxsparse.quantization import quantize_weight
+
+    weight = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+    quant = quantize_weight(weight, axis)
+    peaks = np.abs(weight).max() if axis is None else np.moveaxis(np.abs(weight), axis, 0).reshape(shape[axis], -1).max(axis=1)
+    np.testing.assert_array_equal(quant.scale, (peaks.astype(np.float64) / 127).astype(np.float32))
+    scale = quant.scale if axis is None else quant.scale.reshape([-1 if i == axis else 1 for i in range(len(shape))])
+    values = quant.values.astype(np.float64)
+    error = np.abs(values * scale - weight)
+    for step in (-1, 1):
+        neighbour = np.clip(values + step, -127, 127)
+        assert np.all(error <= np.abs(neighbour * scale - weight) + 1e-5 * scale)
+    assert np.abs(quant.values).max() == 127 and not np.any(quant.zero_point)
