@@ -37,6 +37,10 @@ class RequirementError(OnnxsparseError):
     """A pass needs something the caller did not provide (calibration data, shapes...)."""
 
 
+class UnsupportedModelError(OnnxsparseError):
+    """The model uses something onnxsparse has no rule for (an op the training engine cannot run)."""
+
+
 class RuntimeLoadError(OnnxsparseError):
     """onnxruntime refuses to load or run a model."""
 

@@ -1,0 +1,216 @@
+"""The training engine: ONNX graphs run as torch operations give onnxruntime's outputs, op by op and
+on the bundled models, with their weights as named parameters that gradients reach and that are
+written back into the same graph."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import MODELS, REPO, bundled_inputs
+
+from onnxsparse import load
+from onnxsparse.errors import UnsupportedModelError
+
+torch = pytest.importorskip("torch", reason="the training engine's tests need torch: pip install '.[test]'")
+from onnxsparse.train.graph_module import GraphModule  # noqa: E402 - after the skip
+
+RNG = np.random.default_rng(0)
+
+
+def _model(body: str, inputs: str, outputs: str, opset: int = 17, initializers: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : {opset}]>
+        agraph ({inputs}) => ({outputs}) {{
+            {body}
+        }}
+    """)
+    for name, value in (initializers or {}).items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _ours_and_theirs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    theirs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    with torch.no_grad():
+        outputs = GraphModule(model)(**{name: torch.from_numpy(value) for name, value in feed.items()})
+    return [value.numpy() for value in outputs.values()], theirs
+
+
+def _floats(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+# (id, body, inputs, outputs, feed, initializers, opset)
+CASES = [
+    ("conv 2-D, uneven pads, strides, dilations, groups", "y = Conv <pads = [1, 0, 2, 1], strides = [2, 1], dilations = [1, 2], group = 2> (x, w, b)",
+     "float[2, 4, 9, 8] x", "float[2, 6, 5, 7] y", {"x": _floats(2, 4, 9, 8)}, {"w": _floats(6, 2, 3, 2), "b": _floats(6)}, 17),
+    ("conv SAME_UPPER", "y = Conv <auto_pad = \"SAME_UPPER\", strides = [2, 2]> (x, w)", "float[1, 3, 7, 6] x", "float[1, 4, 4, 3] y",
+     {"x": _floats(1, 3, 7, 6)}, {"w": _floats(4, 3, 3, 3)}, 17),
+    ("conv 1-D", "y = Conv <pads = [2, 2]> (x, w, b)", "float[2, 3, 10] x", "float[2, 5, 10] y", {"x": _floats(2, 3, 10)},
+     {"w": _floats(5, 3, 5), "b": _floats(5)}, 17),
+    ("depthwise conv", "y = Conv <pads = [1, 1, 1, 1], group = 4> (x, w)", "float[1, 4, 6, 6] x", "float[1, 4, 6, 6] y",
+     {"x": _floats(1, 4, 6, 6)}, {"w": _floats(4, 1, 3, 3)}, 17),
+    ("conv transpose", "y = ConvTranspose <strides = [2, 2], pads = [1, 1, 1, 1], output_padding = [1, 1]> (x, w, b)",
+     "float[1, 3, 4, 5] x", "float[1, 2, 8, 10] y", {"x": _floats(1, 3, 4, 5)}, {"w": _floats(3, 2, 3, 3), "b": _floats(2)}, 17),
+    ("gemm transB alpha beta", "y = Gemm <transB = 1, alpha = 0.5, beta = 2.0> (a, w, c)", "float[3, 4] a", "float[3, 5] y",
+     {"a": _floats(3, 4)}, {"w": _floats(5, 4), "c": _floats(5)}, 17),
+    ("batched matmul", "y = MatMul (a, b)", "float[2, 3, 4] a, float[4, 6] b", "float[2, 3, 6] y", {"a": _floats(2, 3, 4), "b": _floats(4, 6)}, {}, 17),
+    ("element-wise, broadcast", "s = Add (a, b)\n d = Sub (s, a)\n m = Mul (d, b)\n q = Div (m, c)\n p = Pow (q, two)\n y = Sqrt (p)",
+     "float[2, 3, 4] a, float[4] b, float[3, 1] c", "float[2, 3, 4] y", {"a": _floats(2, 3, 4), "b": _floats(4), "c": _floats(3, 1) + 3},
+     {"two": np.array(2.0, np.float32)}, 17),
+    ("activations", ("r = Relu (x)\n s = Sigmoid (r)\n t = Tanh (x)\n e = Erf (t)\n h = HardSwish (x)\n g = HardSigmoid <alpha = 0.3> (h)\n"
+     " l = LeakyRelu <alpha = 0.1> (x)\n c = Clip (l, lo, hi)\n a = Add (s, e)\n b = Add (a, g)\n y = Add (b, c)"),
+     "float[2, 8] x", "float[2, 8] y", {"x": _floats(2, 8) * 3}, {"lo": np.array(-0.2, np.float32), "hi": np.array(0.7, np.float32)}, 17),
+    ("gelu", "y = Gelu <approximate = \"tanh\"> (x)", "float[3, 5] x", "float[3, 5] y", {"x": _floats(3, 5)}, {}, 20),
+    ("softmax and log-softmax", "s = Softmax <axis = 1> (x)\n y = LogSoftmax (s)", "float[2, 3, 4] x", "float[2, 3, 4] y", {"x": _floats(2, 3, 4)}, {}, 13),
+    ("softmax before opset 13 (flattened)", "y = Softmax <axis = 1> (x)", "float[2, 3, 4] x", "float[2, 3, 4] y", {"x": _floats(2, 3, 4)}, {}, 11),
+    ("layer norm", "y = LayerNormalization <axis = -1, epsilon = 1e-5> (x, g, b)", "float[2, 3, 8] x", "float[2, 3, 8] y",
+     {"x": _floats(2, 3, 8)}, {"g": _floats(8), "b": _floats(8)}, 17),
+    ("batch norm", "y = BatchNormalization <epsilon = 1e-3> (x, g, b, m, v)", "float[2, 3, 4, 4] x", "float[2, 3, 4, 4] y",
+     {"x": _floats(2, 3, 4, 4)}, {"g": _floats(3), "b": _floats(3), "m": _floats(3), "v": np.abs(_floats(3)) + 0.5}, 15),
+    ("pools", ("g = GlobalAveragePool (x)\n a = AveragePool <kernel_shape = [3, 3], pads = [1, 1, 1, 1], strides = [2, 2]> (x)\n"
+     " m = MaxPool <kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1]> (x)\n c = MaxPool <kernel_shape = [2, 2], strides = [2, 2], ceil_mode = 1> (x)\n"
+     " y = Add (a, m)"), "float[1, 2, 7, 7] x", "float[1, 2, 1, 1] g, float[1, 2, 4, 4] y, float[1, 2, 4, 4] c", {"x": _floats(1, 2, 7, 7)}, {}, 17),
+    ("reshape, flatten, transpose, concat", "r = Reshape (x, shape)\n t = Transpose <perm = [0, 2, 1]> (r)\n f = Flatten <axis = 1> (t)\n y = Concat <axis = 1> (f, f)",
+     "float[2, 3, 4] x", "float[2, 24] y", {"x": _floats(2, 3, 4)}, {"shape": np.array([0, 4, -1], np.int64)}, 17),
+    ("split by sizes, slice with negative steps", "a, b = Split <axis = 1> (x, sizes)\n y = Slice (b, starts, ends, axes, steps)",
+     "float[2, 7, 6] x", "float[2, 3, 3] y", {"x": _floats(2, 7, 6)},
+     {"sizes": np.array([3, 4], np.int64), "starts": np.array([-1, 5], np.int64), "ends": np.array([0, -100], np.int64),
+      "axes": np.array([1, 2], np.int64), "steps": np.array([-1, -2], np.int64)}, 17),
+    ("split into equal parts (opset 18)", "a, b, c = Split <axis = 2, num_outputs = 3> (x)\n y = Concat <axis = 2> (c, a)", "float[2, 3, 8] x",
+     "float[2, 3, 5] y", {"x": _floats(2, 3, 8)}, {}, 18),
+    ("gather, squeeze, unsqueeze", "g = Gather <axis = 1> (x, idx)\n s = Squeeze (g, one)\n y = Unsqueeze (s, zero)", "float[2, 5, 3] x",
+     "float[1, 2, 3] y", {"x": _floats(2, 5, 3)}, {"idx": np.array([-2], np.int64), "one": np.array([1], np.int64), "zero": np.array([0], np.int64)}, 17),
+    ("embedding gather of token ids", "y = Gather (table, ids)", "int64[2, 4] ids", "float[2, 4, 6] y",
+     {"ids": np.array([[0, 3, 9, 1], [2, 2, 5, 8]], np.int64)}, {"table": _floats(10, 6)}, 17),
+    ("shape arithmetic", ("s = Shape (x)\n b = Gather (s, zero)\n u = Unsqueeze (b, axes)\n n = Concat <axis = 0> (u, minus)\n r = Reshape (x, n)\n"
+     " c = Cast <to = 7> (b)\n y = ReduceMean <axes = [1], keepdims = 0> (r)"), "float[3, 4, 5] x", "float[3] y", {"x": _floats(3, 4, 5)},
+     {"zero": np.array(0, np.int64), "axes": np.array([0], np.int64), "minus": np.array([-1], np.int64)}, 17),
+    ("reductions with axes as inputs (opset 18)", "m = ReduceMean <keepdims = 1> (x, ax)\n y = ReduceSum <keepdims = 0> (m, ax)", "float[2, 3, 4] x",
+     "float[2, 4] y", {"x": _floats(2, 3, 4)}, {"ax": np.array([1], np.int64)}, 18),
+    ("norms and log-sum-exp", ("n = ReduceL2 <keepdims = 1> (x, ax)\n d = Div (x, n)\n l = ReduceL1 <keepdims = 0> (d, ax)\n"
+     " q = ReduceSumSquare <keepdims = 0> (d, ax)\n e = ReduceLogSumExp <keepdims = 0> (x, ax)\n a = Add (l, q)\n y = Add (a, e)"),
+     "float[2, 3, 4] x", "float[2, 4] y", {"x": _floats(2, 3, 4)}, {"ax": np.array([1], np.int64)}, 18),
+    ("pad constant and reflect", "p = Pad <mode = \"constant\"> (x, pads, v)\n y = Pad <mode = \"reflect\"> (p, pads)", "float[1, 2, 4, 4] x",
+     "float[1, 2, 8, 8] y", {"x": _floats(1, 2, 4, 4)}, {"pads": np.array([0, 0, 1, 0, 0, 0, 1, 2], np.int64), "v": np.array(0.5, np.float32)}, 17),
+    ("resize nearest x2 (an upsample)", "y = Resize <mode = \"nearest\", coordinate_transformation_mode = \"asymmetric\", nearest_mode = \"floor\"> (x, , scales)",
+     "float[1, 2, 3, 4] x", "float[1, 2, 6, 8] y", {"x": _floats(1, 2, 3, 4)}, {"scales": np.array([1, 1, 2, 2], np.float32)}, 17),
+    ("resize linear half_pixel", "y = Resize <mode = \"linear\"> (x, , , sizes)", "float[1, 2, 3, 4] x", "float[1, 2, 5, 7] y",
+     {"x": _floats(1, 2, 3, 4)}, {"sizes": np.array([1, 2, 5, 7], np.int64)}, 17),
+    ("constant of shape, expand, where, range, tile",
+     ("z = ConstantOfShape <value = float[1] {2.0}> (shape)\n e = Expand (b, shape)\n c = Greater (x, e)\n w = Where (c, x, z)\n"
+     " r = Range (start, limit, delta)\n t = Tile (w, reps)\n y = Identity (t)"), "float[2, 3] x", "float[2, 6] y, int64[3] r",
+     {"x": _floats(2, 3)}, {"shape": np.array([2, 3], np.int64), "b": _floats(3), "start": np.array(1, np.int64), "limit": np.array(7, np.int64),
+                             "delta": np.array(2, np.int64), "reps": np.array([1, 2], np.int64)}, 17),
+]
+
+
+@pytest.mark.parametrize("body, inputs, outputs, feed, initializers, opset", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_each_op_gives_onnxruntimes_outputs(body, inputs, outputs, feed, initializers, opset):
+    model = _model(body, inputs, outputs, opset, initializers)
+    ours, theirs = _ours_and_theirs(model, feed)
+    assert len(ours) == len(theirs)
+    for mine, reference in zip(ours, theirs):
+        assert mine.shape == reference.shape and mine.dtype == reference.dtype
+        np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "digits_transformer"])
+def test_the_bundled_models_give_onnxruntimes_outputs(name):
+    model = load(MODELS / f"{name}.onnx")
+    feed = {model.graph.input[0].name: bundled_inputs(name)["input"][:16]}
+    ours, theirs = _ours_and_theirs(model, feed)
+    for mine, reference in zip(ours, theirs):
+        np.testing.assert_allclose(mine, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_are_parameters_named_as_in_the_graph_and_trained_values_are_written_back():
+    model = load(MODELS / "digits_cnn.onnx")
+    module = GraphModule(model)
+    names = dict(module.onnx_parameters())
+    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 1}
+    statistics = {n for node in model.graph.node if node.op_type == "BatchNormalization" for n in node.input[3:5]}
+    assert set(names) == floats - statistics and names
+    untouched = module.write_back()
+    assert untouched.SerializeToString() != b"" and [n.name for n in untouched.graph.node] == [n.name for n in model.graph.node]
+    for before, after in zip(model.graph.initializer, untouched.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(before), onnx.numpy_helper.to_array(after))
+    # one gradient step on a loss of the outputs reaches every parameter and moves the written model
+    feed = torch.from_numpy(bundled_inputs("digits_cnn")["input"][:32])
+    logits = next(iter(module(feed).values()))
+    loss = logits.logsumexp(dim=1).mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.any(p.grad != 0) for p in names.values())
+    with torch.no_grad():
+        for parameter in names.values():
+            parameter -= 0.05 * parameter.grad
+        expected = next(iter(module(feed).values())).numpy()
+    trained = module.write_back()
+    onnx.checker.check_model(trained, full_check=True)
+    assert [(n.name, n.op_type, list(n.input)) for n in trained.graph.node] == [(n.name, n.op_type, list(n.input)) for n in model.graph.node]
+    assert trained.opset_import == model.opset_import and trained.ir_version == model.ir_version
+    theirs = ort.InferenceSession(trained.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {model.graph.input[0].name: feed.numpy()})[0]
+    np.testing.assert_allclose(expected, theirs, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(theirs, ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {model.graph.input[0].name: feed.numpy()})[0], atol=1e-3)
+
+
+def test_constant_node_weights_train_too():
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        agraph (float[2, 3] x) => (float[2, 2] y) {
+            w = Constant <value = float[3, 2] {1, 2, 3, 4, 5, 6}> ()
+            y = MatMul (x, w)
+        }
+    """)
+    module = GraphModule(model)
+    assert [name for name, _ in module.onnx_parameters()] == ["w"]
+    with torch.no_grad():
+        module.constant("w").mul_(2)
+    written = module.write_back()
+    value = onnx.numpy_helper.to_array(written.graph.node[0].attribute[0].t)
+    np.testing.assert_array_equal(value, 2 * np.arange(1, 7, dtype=np.float32).reshape(3, 2))
+
+
+def test_an_op_without_a_rule_is_an_error_naming_it():
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        agraph (float[2, 3] x) => (float[2, 3] y) {
+            y = Hardmax <axis = 1> (x)
+        }
+    """)
+    model.graph.node[0].name = "the_hardmax"
+    with pytest.raises(UnsupportedModelError, match="node 'the_hardmax': the training engine has no rule for Hardmax"):
+        GraphModule(model)
+
+
+def test_the_core_never_imports_torch():
+    code = "import sys, onnxsparse, onnxsparse.cli, onnxsparse.pipeline, onnxsparse.passes, onnxsparse.train; assert 'torch' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["mobilenetv2", "ppocr_rec", "minilm", "mnist", "resnet18", "dwstack", "conv1d_seq", "bytecnn", "detector"])
+def test_the_real_models_run_in_the_training_engine_as_in_onnxruntime(name):
+    """Every exported real model (tools/fetch_models.py) runs as torch operations with onnxruntime's
+    outputs on four eval samples (skipped when the model cache is absent)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from realmodels import available_models, cache_dir
+
+    if name not in available_models():
+        pytest.skip(f"real model {name!r} is not in the cache {cache_dir()}")
+    folder = cache_dir() / name
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    with np.load(folder / "eval.npz") as data:
+        feed = {i.name: data[i.name][:4] for i in session.get_inputs()}
+    ours, theirs = _ours_and_theirs(load(folder / "model.onnx"), feed)
+    for mine, reference in zip(ours, theirs):
+        scale = max(float(np.abs(reference).max()), 1.0)
+        np.testing.assert_allclose(mine, reference, rtol=0, atol=1e-5 * scale + 3e-4)
