@@ -97,6 +97,16 @@ CASES = [
     ("norms and log-sum-exp", ("n = ReduceL2 <keepdims = 1> (x, ax)\n d = Div (x, n)\n l = ReduceL1 <keepdims = 0> (d, ax)\n"
      " q = ReduceSumSquare <keepdims = 0> (d, ax)\n e = ReduceLogSumExp <keepdims = 0> (x, ax)\n a = Add (l, q)\n y = Add (a, e)"),
      "float[2, 3, 4] x", "float[2, 4] y", {"x": _floats(2, 3, 4)}, {"ax": np.array([1], np.int64)}, 18),
+    ("lstm, bidirectional", "y, yh, yc = LSTM <hidden_size = 4, direction = \"bidirectional\"> (x, w, r, b, , h0, c0)", "float[5, 2, 3] x",
+     "float[5, 2, 2, 4] y, float[2, 2, 4] yh, float[2, 2, 4] yc", {"x": _floats(5, 2, 3)},
+     {"w": _floats(2, 16, 3) * 0.5, "r": _floats(2, 16, 4) * 0.5, "b": _floats(2, 32) * 0.1, "h0": _floats(2, 2, 4), "c0": _floats(2, 2, 4)}, 14),
+    ("lstm, reverse", "y, yh = LSTM <hidden_size = 4, direction = \"reverse\"> (x, w, r, b)", "float[5, 2, 3] x",
+     "float[5, 1, 2, 4] y, float[1, 2, 4] yh", {"x": _floats(5, 2, 3)},
+     {"w": _floats(1, 16, 3) * 0.5, "r": _floats(1, 16, 4) * 0.5, "b": _floats(1, 32) * 0.1}, 14),
+    ("quantize and dequantize, per tensor and per channel", ("q = QuantizeLinear (x, s, z)\n d = DequantizeLinear (q, s, z)\n"
+     " k = DequantizeLinear <axis = 1> (wq, ws)\n y = MatMul (d, k)"), "float[3, 4] x", "float[3, 5] y", {"x": _floats(3, 4) * 2},
+     {"s": np.array(0.02, np.float32), "z": np.array(128, np.uint8), "wq": RNG.integers(-127, 128, (4, 5)).astype(np.int8),
+      "ws": np.array([0.01, 0.02, 0.03, 0.04, 0.05], np.float32)}, 17),
     ("pad constant and reflect", "p = Pad <mode = \"constant\"> (x, pads, v)\n y = Pad <mode = \"reflect\"> (p, pads)", "float[1, 2, 4, 4] x",
      "float[1, 2, 8, 8] y", {"x": _floats(1, 2, 4, 4)}, {"pads": np.array([0, 0, 1, 0, 0, 0, 1, 2], np.int64), "v": np.array(0.5, np.float32)}, 17),
     ("resize nearest x2 (an upsample)", "y = Resize <mode = \"nearest\", coordinate_transformation_mode = \"asymmetric\", nearest_mode = \"floor\"> (x, , scales)",
@@ -214,3 +224,15 @@ def test_the_real_models_run_in_the_training_engine_as_in_onnxruntime(name):
     for mine, reference in zip(ours, theirs):
         scale = max(float(np.abs(reference).max()), 1.0)
         np.testing.assert_allclose(mine, reference, rtol=0, atol=1e-5 * scale + 3e-4)
+
+
+def test_gradients_pass_straight_through_quantize_dequantize_inside_the_range():
+    """Quantization-aware training: Q/DQ compute onnxruntime's values, and the gradient of DQ(Q(x))
+    is 1 where x is inside the integer range and 0 where it saturates."""
+    model = _model("q = QuantizeLinear (x, s, z)\n y = DequantizeLinear (q, s, z)", "float[6] x", "float[6] y",
+                   initializers={"s": np.array(0.1, np.float32), "z": np.array(0, np.int8)})
+    x = torch.tensor([-20.0, -0.26, 0.04, 0.15, 3.3, 20.0], requires_grad=True)
+    y = GraphModule(model)(x=x)["y"]
+    np.testing.assert_allclose(y.detach().numpy(), [-12.8, -0.3, 0.0, 0.2, 3.3, 12.7], rtol=1e-6)
+    y.sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [0, 1, 1, 1, 1, 0])

@@ -525,3 +525,79 @@ def _einsum(node: OnnxNode, *xs: Tensor) -> Tensor:
 def _arg(node: OnnxNode, x: Tensor) -> Tensor:
     function = torch.argmax if node.op == "ArgMax" else torch.argmin
     return function(x, dim=node.attr("axis", 0), keepdim=bool(node.attr("keepdims", 1)))
+
+
+# -- quantization (fake: what QDQ computes, with gradients straight through the rounding) --------
+
+_INTEGER_RANGES = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127), onnx.TensorProto.UINT16: (0, 65535),
+                   onnx.TensorProto.INT16: (-32768, 32767), onnx.TensorProto.INT32: (-(2**31), 2**31 - 1)}
+_TORCH_INTEGER_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int16: (-32768, 32767), torch.int32: (-(2**31), 2**31 - 1)}
+
+
+def _per_axis(node: OnnxNode, x: Tensor, value: Tensor) -> Tensor:
+    """A scale or zero point shaped to broadcast along the node's axis (per tensor when 0-d)."""
+    if value.dim() == 0 or value.numel() == 1:
+        return value.reshape(())
+    shape = [1] * x.dim()
+    shape[node.attr("axis", 1) % x.dim()] = -1
+    return value.reshape(shape)
+
+
+@rule("QuantizeLinear")
+def _quantize(node: OnnxNode, x: Tensor, scale: Tensor, zero_point: Tensor | None = None) -> Tensor:
+    """The integers QuantizeLinear writes (round half to even, saturated), kept as a float tensor so
+    that gradients pass straight through the rounding (inside the range) to what it quantizes."""
+    low, high = _TORCH_INTEGER_RANGES[zero_point.dtype] if zero_point is not None else (0, 255)
+    zero = _per_axis(node, x, zero_point.to(x.dtype)) if zero_point is not None else torch.zeros((), dtype=x.dtype)
+    scaled = x / _per_axis(node, x, scale)
+    rounded = scaled + (torch.round(scaled) - scaled).detach()  # rounded before the zero point is added, as ONNX says
+    return torch.clamp(rounded + zero, low, high)
+
+
+@rule("DequantizeLinear")
+def _dequantize(node: OnnxNode, q: Tensor, scale: Tensor, zero_point: Tensor | None = None) -> Tensor:
+    values = q.float() if not q.dtype.is_floating_point else q  # an integer initializer, or a fake-quantized float
+    zero = _per_axis(node, values, zero_point.float()) if zero_point is not None else 0.0
+    return (values - zero) * _per_axis(node, values, scale)
+
+
+# -- recurrent ---------------------------------------------------------------------------------
+
+_GATE_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Relu": torch.relu}
+
+
+@rule("LSTM")
+def _lstm(node: OnnxNode, x: Tensor, w: Tensor, r: Tensor, b: Tensor | None = None, sequence_lens: Tensor | None = None,
+          initial_h: Tensor | None = None, initial_c: Tensor | None = None, peepholes: Tensor | None = None) -> list[Tensor]:
+    """ONNX LSTM (gates i, o, f, c; forward, reverse or bidirectional), one step at a time."""
+    if sequence_lens is not None or peepholes is not None or node.attr("clip") is not None or node.attr("input_forget", 0):
+        raise UnsupportedModelError(f"node '{node.name}': LSTM with sequence_lens, peepholes, clip or input_forget has no rule yet")
+    batch_first = bool(node.attr("layout", 0))
+    x = x.transpose(0, 1) if batch_first else x  # [steps, batch, features]
+    directions, hidden = w.shape[0], r.shape[-1]
+    names = node.attr("activations") or ["Sigmoid", "Tanh", "Tanh"] * directions
+    names = [n.decode() if isinstance(n, bytes) else n for n in names]
+    h0 = initial_h.transpose(0, 1) if initial_h is not None and batch_first else initial_h
+    c0 = initial_c.transpose(0, 1) if initial_c is not None and batch_first else initial_c
+    reverse = node.attr("direction", "forward") == "reverse"
+    outputs, last_h, last_c = [], [], []
+    for d in range(directions):
+        gate, cell, out = (_GATE_ACTIVATIONS[n] for n in names[3 * d: 3 * d + 3])
+        bias = (b[d, : 4 * hidden] + b[d, 4 * hidden:]) if b is not None else 0.0
+        h = h0[d] if h0 is not None else x.new_zeros(x.shape[1], hidden)
+        c = c0[d] if c0 is not None else x.new_zeros(x.shape[1], hidden)
+        steps = range(x.shape[0] - 1, -1, -1) if (reverse or d == 1) else range(x.shape[0])
+        ys: list[Tensor] = [x] * x.shape[0]
+        for t in steps:
+            i, o, f, g = torch.split(x[t] @ w[d].t() + h @ r[d].t() + bias, hidden, dim=-1)
+            c = gate(f) * c + gate(i) * cell(g)
+            h = gate(o) * out(c)
+            ys[t] = h
+        outputs.append(torch.stack(ys))  # [steps, batch, hidden]
+        last_h.append(h)
+        last_c.append(c)
+    y = torch.stack(outputs, dim=1)  # [steps, directions, batch, hidden]
+    y_h, y_c = torch.stack(last_h), torch.stack(last_c)
+    if batch_first:
+        return [y.permute(2, 0, 1, 3), y_h.transpose(0, 1), y_c.transpose(0, 1)]
+    return [y, y_h, y_c]
