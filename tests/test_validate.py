@@ -305,9 +305,9 @@ def test_validation_runs_a_large_feed_in_bounded_batches_unless_an_output_spans_
         def __getattr__(self, name):
             return getattr(session, name)
 
-        def run(self, names, feed):
+        def run(self, names, feed, options=None):
             batches.append(len(feed["x"]))
-            return session.run(names, feed)
+            return session.run(names, feed, options)
 
     [values] = run_feeds(Spy(), [{"x": x}], "test")  # type: ignore[arg-type]
     expected = np.maximum(x, 0) if "Relu" in output else x.sum()
