@@ -67,6 +67,7 @@ CASES = [
     ("activations", ("r = Relu (x)\n s = Sigmoid (r)\n t = Tanh (x)\n e = Erf (t)\n h = HardSwish (x)\n g = HardSigmoid <alpha = 0.3> (h)\n"
      " l = LeakyRelu <alpha = 0.1> (x)\n c = Clip (l, lo, hi)\n a = Add (s, e)\n b = Add (a, g)\n y = Add (b, c)"),
      "float[2, 8] x", "float[2, 8] y", {"x": _floats(2, 8) * 3}, {"lo": np.array(-0.2, np.float32), "hi": np.array(0.7, np.float32)}, 17),
+    ("clip before opset 11 (bounds as attributes)", "y = Clip <min = -0.5> (x)", "float[2, 4] x", "float[2, 4] y", {"x": _floats(2, 4)}, {}, 10),
     ("gelu", "y = Gelu <approximate = \"tanh\"> (x)", "float[3, 5] x", "float[3, 5] y", {"x": _floats(3, 5)}, {}, 20),
     ("softmax and log-softmax", "s = Softmax <axis = 1> (x)\n y = LogSoftmax (s)", "float[2, 3, 4] x", "float[2, 3, 4] y", {"x": _floats(2, 3, 4)}, {}, 13),
     ("softmax before opset 13 (flattened)", "y = Softmax <axis = 1> (x)", "float[2, 3, 4] x", "float[2, 3, 4] y", {"x": _floats(2, 3, 4)}, {}, 11),

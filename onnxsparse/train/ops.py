@@ -150,9 +150,8 @@ def _gelu(node: OnnxNode, x: Tensor) -> Tensor:
 
 @rule("Clip")
 def _clip(node: OnnxNode, x: Tensor, low: Tensor | None = None, high: Tensor | None = None) -> Tensor:
-    if node.opset < 11:
-        low_value, high_value = node.attr("min"), node.attr("max")
-        return torch.clamp(x, low_value, high_value)
+    if node.opset < 11:  # bounds as attributes (both optional)
+        low, high = node.attr("min"), node.attr("max")
     return torch.clamp(x, low, high) if (low is not None or high is not None) else x
 
 
