@@ -158,10 +158,14 @@ class PassManager:
         if data.note:
             report.warnings.append(data.note)
         phase = time.perf_counter()
-        # the first step's timing loads the original once more, unless its outputs come from that session
-        timed = bool(self.passes) and self.passes[0].may_change_speed
+        # The first step's timing loads the original once more, unless its outputs come from that
+        # session. A big original is held for it only when the pass does not run the model on
+        # calibration data in sessions of its own meanwhile (two copies of a big model's weights).
+        first = self.passes[0] if self.passes else None
+        timed = first is not None and first.may_change_speed
+        pin = timed and first is not None and Requirement.CALIBRATION not in first.needs()
         reference = Reference.of(model, feeds, f"{label} (original)", self._progress("reference"), runtime=self.runtime, metric=self.metric,
-                                 timed_later=timed)
+                                 timed_later=timed, pin=pin)
         log.info("reference: the original's outputs on %s in %.1f s", report.inputs, time.perf_counter() - phase)
         chain = _Chain(model, reference.outputs, footprint(model))
         judge = _CalibrationJudge(model, data.calibration, self.temperature, self.runtime, self.metric)

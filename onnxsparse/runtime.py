@@ -144,16 +144,18 @@ class Runtime:
         self.reused = 0
 
     def session(self, model: onnx.ModelProto, label: str, *, timing: bool = False, keep: bool = True,
-                timed_later: bool = False) -> ort.InferenceSession:
+                timed_later: bool = False, pin: bool = False) -> ort.InferenceSession:
         """A session of ``model``: the one made before for the same content and use, else a new
         one, held for reuse unless ``keep`` is False (a one-off trial that only takes room).
-        ``timed_later``: the model will be timed too, so it gets its timing session now, held even
-        past the budget (pinned) until :meth:`unpin`: a big model is then loaded once for its
-        validation and its timing, not twice (0.7 s of 5.4 s for a 504 MB one), and its session
-        lives through what comes between (a model as big as it had to be loaded then anyway)."""
+        ``timed_later``: the model will be timed too, so it gets its timing session now. With
+        ``pin``, that session is held even past the budget until :meth:`unpin`: a big model is then
+        loaded once for its validation and its timing, not twice (0.7 s of 5.4 s for a 504 MB one),
+        and its session lives through what comes between (the caller's word that nothing between
+        loads a model as big)."""
         size = data_size(model)  # about what the session holds of its weights
         big = size > self.max_bytes // 2
-        if big and not timed_later and not self._pinned:  # never held, nothing to find: neither serialized nor hashed
+        pinned = timed_later and pin
+        if big and not pinned and not self._pinned:  # never held, nothing to find: neither serialized nor hashed
             self.created += 1
             return _session(model, None, label, timing)
         timing = timing or timed_later
@@ -171,7 +173,7 @@ class Runtime:
         serialized = None if store_of(model) is not None or big else model.SerializeToString()
         session = _session(model, serialized, label, timing)
         self.created += 1
-        if keep and (not big or timed_later):
+        if keep and (not big or pinned):
             self._held[key] = _Held(session, size)
             if big:
                 self._pinned.add(key)
@@ -227,9 +229,9 @@ def usable_cores() -> int:
 
 
 def open_session(model: onnx.ModelProto, label: str, *, timing: bool = False, runtime: Runtime | None = None,
-                 keep: bool = True, timed_later: bool = False) -> ort.InferenceSession:
+                 keep: bool = True, timed_later: bool = False, pin: bool = False) -> ort.InferenceSession:
     """A session from ``runtime`` when one is given (memoized, see :meth:`Runtime.session`), else a new one."""
     if runtime is not None:
-        return runtime.session(model, label, timing=timing, keep=keep, timed_later=timed_later)
+        return runtime.session(model, label, timing=timing, keep=keep, timed_later=timed_later, pin=pin)
     return make_session(model, label, timing=timing)
 

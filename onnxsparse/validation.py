@@ -665,11 +665,11 @@ class Reference:
 
     @classmethod
     def of(cls, model: onnx.ModelProto, feeds: list[Feed], label: str, progress: ProgressCallback | None = None, *,
-           runtime: Runtime | None = None, metric: TaskMetric | None = None, timed_later: bool = False) -> Reference:
+           runtime: Runtime | None = None, metric: TaskMetric | None = None, timed_later: bool = False, pin: bool = False) -> Reference:
         """The outputs, or an InputDataError when any is NaN/Inf: every candidate would then be
         compared on the finite rest only, and a model gone all-NaN would validate as perfect.
-        ``timed_later``: the caller times the model later (see :meth:`Runtime.session`)."""
-        session = open_session(model, label, runtime=runtime, timed_later=timed_later)
+        ``timed_later``, ``pin``: the caller times the model later (see :meth:`Runtime.session`)."""
+        session = open_session(model, label, runtime=runtime, timed_later=timed_later, pin=pin)
         outputs = run_feeds(session, feeds, label, progress)
         for name in outputs[0] if outputs else ():
             bad, total = _nonfinite_count(output[name] for output in outputs)

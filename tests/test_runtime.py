@@ -11,9 +11,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
+import pytest
 from conftest import MODELS, bundled, parse, run
 
-from onnxsparse import latency, optimize
+from onnxsparse import latency, load, optimize
 from onnxsparse.runtime import Runtime, make_session
 from onnxsparse.runtime import content_key as runtime_content
 from onnxsparse.validation import run_feeds
@@ -167,10 +168,46 @@ def test_a_model_too_big_to_hold_is_pinned_for_its_timing_and_let_go_after():
     model = parse(TINY)
     runtime = Runtime(max_bytes=1)  # every model is "big"
     assert runtime.session(model, "tiny") is not runtime.session(model, "tiny")
-    pinned = runtime.session(model, "tiny (original)", timed_later=True)
+    assert runtime.session(model, "tiny (original)", timed_later=True) is not runtime.session(model, "tiny", timing=True)  # not pinned
+    pinned = runtime.session(model, "tiny (original)", timed_later=True, pin=True)
     assert pinned.get_session_options().intra_op_num_threads == 1
     runtime.session(parse(TINY.replace("Relu", "Neg")), "other")  # not held, and trims nothing pinned
     assert runtime.session(model, "latency probe", timing=True) is pinned
     assert runtime.session(model, "validation") is pinned
     runtime.unpin()
     assert runtime.session(model, "latency probe", timing=True) is not pinned
+
+
+@pytest.mark.parametrize("spec, loads_of_the_original", [("qdq{mode=dynamic}", 1), ("qdq{mode=static}", 3)])
+def test_a_big_original_is_held_for_its_timing_only_when_the_pass_runs_no_sessions_of_its_own(tmp_path, monkeypatch, spec,
+                                                                                             loads_of_the_original):
+    """Every model counts as big here (a budget of 1 byte). qdq{mode=dynamic} runs nothing between the
+    reference and its timing: the original is loaded once. qdq{mode=static} calibrates in sessions of
+    its own: the original is not held through that (two copies of a big model's weights), so it is
+    loaded for the reference, the guard's judge and the timing (simplify's offline optimizer aside)."""
+    import onnxsparse.pipeline as pipeline_module
+    from onnxsparse.calibration import resolve_inputs
+    from onnxsparse.spec import parse_pipeline
+
+    loads: collections.Counter[str] = collections.Counter()
+    real_session = ort.InferenceSession
+
+    def counted_session(model, options=None, *args, **kwargs):
+        if options is None or not options.optimized_model_filepath:  # not simplify's offline optimizer
+            loads[runtime_content(onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model))] += 1
+        return real_session(model, options, *args, **kwargs)
+
+    def timed_as_faster(*args, **kwargs):
+        latency.relative_latency(*args, **kwargs)
+        return 0.5
+
+    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", timed_as_faster)
+    monkeypatch.setattr(ort, "InferenceSession", counted_session)
+    model = load(MODELS / "digits_transformer.onnx")
+    manager = pipeline_module.PassManager(parse_pipeline(spec), inputs=resolve_inputs(str(MODELS / "digits_transformer.inputs.npz"), model),
+                                          calibration=resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model))
+    manager.runtime = Runtime(max_bytes=1)
+    _, report = manager.run(model)
+    assert report.steps[0].status == "committed"
+    original = runtime_content(model)
+    assert loads[original] == loads_of_the_original, loads[original]
