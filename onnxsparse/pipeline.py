@@ -245,7 +245,7 @@ class PassManager:
         try:
             result = pass_.run(self._prepared_copy(pass_, chain),
                                PassContext(calibration=data.calibration, validate=validate if data.calibration is not None else None,
-                                           progress=self.progress, runtime=self.runtime))
+                                           progress=self.progress, runtime=self.runtime, original=judge.original))
         except _CALLER_ERRORS:
             raise
         except Exception as error:  # a broken pass is rolled back, not fatal

@@ -237,3 +237,52 @@ def test_gradients_pass_straight_through_quantize_dequantize_inside_the_range():
     np.testing.assert_allclose(y.detach().numpy(), [-12.8, -0.3, 0.0, 0.2, 3.3, 12.7], rtol=1e-6)
     y.sum().backward()
     np.testing.assert_array_equal(x.grad.numpy(), [0, 1, 1, 1, 1, 0])
+
+
+# -- the distill pass ---------------------------------------------------------------------------
+
+
+def _distilled(spec: str):
+    from onnxsparse.calibration import resolve_inputs
+    from onnxsparse.pipeline import PassManager
+    from onnxsparse.spec import parse_pipeline
+
+    model = load(MODELS / "digits_cnn.onnx")
+    manager = PassManager(parse_pipeline(spec), inputs=resolve_inputs(str(MODELS / "digits_cnn.inputs.npz"), model),
+                          calibration=resolve_inputs(str(MODELS / "digits_cnn.calibration.npz"), model), policy="keep", keep_worse=True)
+    return manager.run(model)
+
+
+def test_distill_after_channel_removal_lowers_the_held_out_loss_and_moves_the_model_toward_the_original():
+    """One tiny distillation: the pruned digits CNN trained toward the original on its 64 calibration
+    samples. The held-out loss falls, the validation cosine to the original rises, and the written
+    model has the student's nodes (names, ops, inputs) with only weight values changed."""
+    student, _ = _distilled("channel-prune{ratio=0.5 round_to=1 never_slower=false}")
+    trained, report = _distilled("channel-prune{ratio=0.5 round_to=1 never_slower=false},distill{epochs=10 learning_rate=0.001}")
+    prune, distill = report.steps
+    assert distill.status in ("committed", "kept-failing") and distill.changes[0].action == "distilled"
+    assert distill.figures["held_out_loss_after"] < distill.figures["held_out_loss_before"]
+    assert distill.validation.outputs[0].cosine > prune.validation.outputs[0].cosine + 0.02
+    assert [(n.name, n.op_type, list(n.input)) for n in trained.graph.node] == [(n.name, n.op_type, list(n.input)) for n in student.graph.node]
+    changed = [t.name for t, s in zip(trained.graph.initializer, student.graph.initializer)
+               if not np.array_equal(onnx.numpy_helper.to_array(t), onnx.numpy_helper.to_array(s))]
+    assert changed and all(t.dims == s.dims for t, s in zip(trained.graph.initializer, student.graph.initializer))
+
+
+def test_distill_keeps_pruned_zeros_zero():
+    student, _ = _distilled("magnitude-prune{sparsity=0.5}")
+    trained, report = _distilled("magnitude-prune{sparsity=0.5},distill{epochs=3 learning_rate=0.001}")
+    assert report.steps[1].changes and report.steps[1].changes[0].details["kept_zero"] > 0
+    for before, after in zip(student.graph.initializer, trained.graph.initializer):
+        zeros = onnx.numpy_helper.to_array(before) == 0
+        if zeros.any() and zeros.mean() > 0.2:  # the pruned weights
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(after)[zeros], 0)
+
+
+def test_distill_without_torch_says_how_to_get_it(monkeypatch):
+    from onnxsparse.errors import RequirementError
+    from onnxsparse.train import require_torch
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch then fails
+    with pytest.raises(RequirementError, match=r"pip install 'onnxsparse\[train\]'"):
+        require_torch()

@@ -54,6 +54,7 @@ class PassContext:
     validate: Callable[[onnx.ModelProto], ValidationResult] | None = None
     progress: Callable[[str, int, int], None] | None = None
     runtime: Runtime | None = None
+    original: onnx.ModelProto | None = None  # the run's input model, as a teacher (distill); never edited
 
 
 @dataclass(frozen=True)

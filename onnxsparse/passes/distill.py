@@ -1,0 +1,168 @@
+"""``distill``: train the model toward the original's outputs (knowledge distillation), on PyTorch.
+
+The student is the model as the pipeline has it (after pruning, say); the teacher is the run's
+original model, whose outputs on the calibration samples onnxruntime computes once. The student's
+float weights train in :mod:`onnxsparse.train` (torch, an optional extra) and are written back into
+the same graph. A weight's exact zeros stay zero (pruned weights stay pruned). The calibration
+samples are split: the held-out part picks the epoch kept and says whether training helped at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..calibration import collect_feeds, sample_axis
+from ..errors import RequirementError
+from ..limits import CALIBRATION_SAMPLES
+from ..runtime import open_session, usable_cores
+from ..validation import Tolerance, class_score_outputs, run_feeds
+from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
+
+log = logging.getLogger(__name__)
+
+
+@register
+@dataclass(frozen=True)
+class Distill(Pass):
+    """Train the float weights toward the original model's outputs on the calibration data: KL
+    divergence at a temperature on class scores, mean squared error (relative to the original's
+    energy) on other outputs; Adam, the epoch with the lowest held-out loss kept, exact zeros kept
+    zero. Needs PyTorch: pip install 'onnxsparse[train]'.
+    """
+
+    name = "distill"
+    requires = frozenset({Requirement.CALIBRATION})
+    default_tolerance = Tolerance(min_cosine=0.99)
+
+    epochs: int = field(default=20, metadata={"help": "passes over the training samples, at most"})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Adam's step size"})
+    batch_size: int = field(default=32, metadata={"help": "samples per step"})
+    temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the KL divergence on class scores (x T^2)"})
+    held_out: float = field(default=0.2, metadata={"help": "share of the calibration samples held out to choose the epoch"})
+    patience: int = field(default=3, metadata={"help": "epochs without a better held-out loss before training stops"})
+    calibration_samples: int = field(default=CALIBRATION_SAMPLES, metadata={"help": "calibration samples read (the first ones)"})
+    seed: int = field(default=0, metadata={"help": "seed of the split and the batch order"})
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1 or self.calibration_samples < 2:
+            raise ValueError("epochs, batch_size and patience must be at least 1, calibration_samples at least 2")
+        if not 0 < self.held_out < 1:
+            raise ValueError(f"held_out must be between 0 and 1, not {self.held_out}")
+        if not (self.learning_rate > 0 and self.temperature > 0):
+            raise ValueError("learning_rate and temperature must be above 0")
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
+        from ..train import require_torch
+
+        torch = require_torch()
+        from ..train.graph_module import GraphModule
+
+        result = PassResult(model)
+        if context.calibration is None or context.original is None:
+            raise RequirementError("distill needs calibration data and the run's original model (the teacher)")
+        if not sample_axis(model):
+            result.skipped.append(Skip("model", "its inputs have no sample axis to draw training batches from"))
+            return result
+        inputs = _stacked(collect_feeds(context.calibration, model, limit=self.calibration_samples))
+        samples = len(next(iter(inputs.values())))
+        held = max(1, round(samples * self.held_out))
+        if samples - held < 1:
+            result.skipped.append(Skip("model", f"{samples} calibration sample(s): too few to train on and hold out from"))
+            return result
+        teacher = _stacked(run_feeds(open_session(context.original, "distill teacher", runtime=context.runtime),
+                                     [{name: value[i:i + 64] for name, value in inputs.items()} for i in range(0, samples, 64)], "distill teacher"))
+        student = GraphModule(model)
+        parameters = dict(student.onnx_parameters())
+        if not parameters:
+            result.skipped.append(Skip("model", "no float weights to train (an int8 model's weights are integers)"))
+            return result
+        torch.manual_seed(self.seed)
+        torch.set_num_threads(usable_cores())
+        order = np.random.default_rng(self.seed).permutation(samples)
+        train, test = order[held:], order[:held]
+        loss_of = _Loss(torch, class_score_outputs(context.original), self.temperature, teacher)
+        masks = {name: (p.detach() != 0) for name, p in parameters.items() if bool((p.detach() == 0).any())}
+        optimizer = torch.optim.Adam(parameters.values(), lr=self.learning_rate)
+
+        def held_out_loss() -> float:
+            with torch.no_grad():
+                return sum(float(loss_of(student, inputs, batch)) * len(batch) for batch in _batches(test, self.batch_size)) / len(test)
+
+        started = time.perf_counter()
+        before = best = held_out_loss()
+        best_state, best_epoch, history = copy.deepcopy(student.state_dict()), 0, []
+        for epoch in range(1, self.epochs + 1):
+            rng = np.random.default_rng(self.seed + epoch)
+            train_loss = 0.0
+            for batch in _batches(rng.permutation(train), self.batch_size):
+                optimizer.zero_grad()
+                loss = loss_of(student, inputs, batch)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    for name, mask in masks.items():
+                        parameters[name].mul_(mask)
+                train_loss += float(loss.detach()) * len(batch)
+            current = held_out_loss()
+            history.append({"epoch": epoch, "train_loss": round(train_loss / len(train), 6), "held_out_loss": round(current, 6)})
+            log.info("distill epoch %d: train loss %.5f, held-out loss %.5f", epoch, train_loss / len(train), current)
+            if context.progress:
+                context.progress("distill", epoch, self.epochs)
+            if current < best:
+                best, best_state, best_epoch = current, copy.deepcopy(student.state_dict()), epoch
+            elif epoch - best_epoch >= self.patience:
+                break
+        result.figures.update(samples_trained=len(train), samples_held_out=len(test), held_out_loss_before=round(before, 6),
+                              held_out_loss_after=round(best, 6), epoch_kept=best_epoch, epochs_run=len(history),
+                              training_seconds=round(time.perf_counter() - started, 1), history=history)
+        if best_epoch == 0:
+            result.skipped.append(Skip("model", f"training did not lower the held-out loss ({before:.5g}); the weights are left as they were"))
+            return result
+        student.load_state_dict(best_state)
+        result.model = student.write_back()
+        result.changes.append(Change("model", "distilled", {"parameters": len(parameters), "kept_zero": len(masks),
+                                                            "held_out_loss": f"{before:.5g} -> {best:.5g}"}))
+        return result
+
+
+def _stacked(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Feeds (samples on axis 0) as one array per name."""
+    return {name: np.concatenate([feed[name] for feed in feeds]) for name in feeds[0]}
+
+
+def _batches(indices: np.ndarray, size: int) -> list[np.ndarray]:
+    return [indices[start:start + size] for start in range(0, len(indices), size)]
+
+
+class _Loss:
+    """The distillation loss of a batch: per output, KL(teacher || student) at temperature T (x T^2) on
+    class scores over their last axis, else the squared error over the teacher's mean energy; summed."""
+
+    def __init__(self, torch: Any, scores: frozenset[str], temperature: float, teacher: dict[str, np.ndarray]) -> None:
+        self.torch, self.scores, self.temperature = torch, scores, temperature
+        self.teacher = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in teacher.items()}
+        self.energy = {name: max(float(np.mean(np.square(value, dtype=np.float64))), 1e-12) for name, value in teacher.items()}
+
+    def __call__(self, student: Any, inputs: dict[str, np.ndarray], batch: np.ndarray) -> Any:
+        torch = self.torch
+        index = torch.from_numpy(np.sort(batch))
+        outputs = student(**{name: torch.from_numpy(np.ascontiguousarray(value[np.sort(batch)])) for name, value in inputs.items()})
+        total = 0.0
+        for name, produced in outputs.items():
+            target = self.teacher[name].index_select(0, index)
+            if name in self.scores and produced.dim() >= 2:
+                t = self.temperature
+                log_p = torch.log_softmax(target / t, dim=-1)
+                log_q = torch.log_softmax(produced / t, dim=-1)
+                total = total + (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean() * t * t
+            else:
+                total = total + ((produced - target) ** 2).mean() / self.energy[name]
+        return total
+
