@@ -4,6 +4,7 @@ drift adds up visibly instead of hiding in step-to-step deltas."""
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import os
@@ -47,7 +48,19 @@ from .io import LoadInfo, check_model, checked_output_path, load, load_with_info
 from .latency import RETIME_RUNS, RETIME_SECONDS, relative_latency, timing_feed
 from .limits import DEFAULT_MAX_INPUT_BYTES, VALIDATION_SAMPLES
 from .passes import Pass, PassContext, PassResult, Requirement
-from .report import KEPT, KEPT_FAILING, KEPT_WORSE, NO_CHANGE, ROLLED_BACK, WORSE, RunReport, StepReport
+from .report import (
+    COMMITTED,
+    KEPT,
+    KEPT_FAILING,
+    KEPT_WORSE,
+    NO_CHANGE,
+    PENDING,
+    RECOVERED,
+    ROLLED_BACK,
+    WORSE,
+    RunReport,
+    StepReport,
+)
 from .runtime import Runtime, open_session
 from .shapes import infer_shapes
 from .spec import format_pipeline, load_recipe, parse_pipeline
@@ -169,13 +182,20 @@ class PassManager:
         log.info("reference: the original's outputs on %s in %.1f s", report.inputs, time.perf_counter() - phase)
         chain = _Chain(model, reference.outputs, footprint(model))
         judge = _CalibrationJudge(model, data.calibration, self.temperature, self.runtime, self.metric)
+        pending: tuple[StepReport, _Chain] | None = None  # a step judged again after the recovery step that follows
         for index, pass_ in enumerate(self.passes):
             self._report_progress("passes", index, len(self.passes))
-            step, result_model, outputs = self._run_step(pass_, chain, reference, data, judge, label)
+            recovery_follows = index + 1 < len(self.passes) and self.passes[index + 1].recovers
+            step, result_model, outputs = self._run_step(pass_, chain, reference, data, judge, label, recovery_follows)
             step.judged_on = report.inputs if step.validation is not None else ""  # a step that changed nothing was not judged
             log.info("step %d/%d %s: %s (%s)", index + 1, len(self.passes), pass_.name, step.status,
                      ", ".join(f"{phase_name} {seconds:.1f} s" for phase_name, seconds in step.seconds.items()))
-            if step.status in KEPT and result_model is not None:
+            if pending is not None:
+                chain = self._settled(pending, step, chain, pass_.name)
+                pending = None
+            if step.status == PENDING and result_model is not None:
+                pending = (step, copy.copy(chain))  # the chain as it was, to go back to
+            if step.status in (*KEPT, PENDING) and result_model is not None:
                 chain.commit(result_model, outputs, pass_)
                 report.standard = report.standard and step.standard
         self._report_progress("passes", len(self.passes), len(self.passes))
@@ -227,8 +247,23 @@ class PassManager:
             if Requirement.CALIBRATION in pass_.needs() and self.calibration is None:
                 raise RequirementError(f"{pass_.name} needs calibration data: {_REQUIREMENT_HINTS[Requirement.CALIBRATION]}")
 
+    def _settled(self, pending: tuple[StepReport, _Chain], recovery: StepReport, chain: _Chain, recovery_name: str) -> _Chain:
+        """The chain after a recovery step: the step before it is kept when the two together hold the
+        tolerance, else both go and the chain is as it was before that step."""
+        earlier, before = pending
+        if recovery.status in (COMMITTED, KEPT_WORSE):
+            earlier.status, earlier.reason = RECOVERED, f"out of tolerance alone ({earlier.reason}); within it after {recovery_name}"
+            return chain
+        earlier.status = ROLLED_BACK
+        earlier.reason += f"; {recovery_name} did not bring it back within tolerance ({recovery.status})"
+        if recovery.status in KEPT:  # a recovery kept past its tolerance (it cannot be: pending needs policy rollback)
+            recovery.status, recovery.reason = ROLLED_BACK, f"{recovery.reason}; rolled back with the step it recovers"
+        log.info("%s rolled back: %s", earlier.pass_name, earlier.reason)
+        return before
+
     def _run_step(
-        self, pass_: Pass, chain: _Chain, reference: Reference, data: DataPlan, judge: _CalibrationJudge, label: str
+        self, pass_: Pass, chain: _Chain, reference: Reference, data: DataPlan, judge: _CalibrationJudge, label: str,
+        recovery_follows: bool = False,
     ) -> tuple[StepReport, onnx.ModelProto | None, list[dict[str, np.ndarray]] | None]:
         step = StepReport(pass_name=pass_.name, spec=pass_.spec())
         if self.report is not None:  # in the report at once: a `raise` below still leaves it there
@@ -287,7 +322,7 @@ class PassManager:
             step.step_validation = compare(chain.outputs, outputs, lambda _: own, temperature=self.temperature, scores=reference.scores)
         step.seconds["validate"] = time.perf_counter() - validated
         step.warnings.extend(note for note in step.validation.verdict.notes if note not in step.warnings)  # how far to trust it
-        step = self._judged(step)
+        step = self._judged(step, recovery_follows)
         if step.status in KEPT:
             measured = time.perf_counter()
             step = self._judged_for_size_and_speed(step, pass_, chain, result.model, data, result.latency_vs_input)
@@ -343,7 +378,7 @@ class PassManager:
             raise PassFailed(f"{step.pass_name}: {reason}")
         return step
 
-    def _judged(self, step: StepReport) -> StepReport:
+    def _judged(self, step: StepReport, recovery_follows: bool = False) -> StepReport:
         if step.step_validation is not None:
             # An exact pass after drift is judged on what it changed itself; its distance to the
             # original is the earlier passes' (and is reported beside it).
@@ -356,7 +391,7 @@ class PassManager:
         if self.policy == "raise":
             step.status, step.reason = ROLLED_BACK, reason
             raise ValidationFailed(f"{step.pass_name}: {reason}")
-        step.status = KEPT_FAILING if self.policy == "keep" else ROLLED_BACK
+        step.status = KEPT_FAILING if self.policy == "keep" else PENDING if recovery_follows else ROLLED_BACK
         step.reason = reason
         log.info("%s %s: %s", step.pass_name, step.status, reason)
         return step

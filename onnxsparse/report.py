@@ -19,7 +19,9 @@ ROLLED_BACK = "rolled-back"  # crashed, invalid model, or tolerance broken
 WORSE = "worse"  # rolled back: larger on disk and not faster, or slower, than its input
 KEPT_FAILING = "kept-failing"  # tolerance broken, kept because the policy is "keep"
 KEPT_WORSE = "kept-worse"  # worse, kept because the caller asked to keep such steps
-KEPT = (COMMITTED, KEPT_FAILING, KEPT_WORSE)  # the statuses whose model the next step starts from
+RECOVERED = "recovered"  # out of tolerance alone, within it after the recovery step that follows (distill)
+PENDING = "pending"  # out of tolerance, judged again after the recovery step that follows (never final)
+KEPT = (COMMITTED, KEPT_FAILING, KEPT_WORSE, RECOVERED)  # the statuses whose model the next step starts from
 
 
 @dataclass

@@ -286,3 +286,35 @@ def test_distill_without_torch_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch then fails
     with pytest.raises(RequirementError, match=r"pip install 'onnxsparse\[train\]'"):
         require_torch()
+
+
+def test_a_lossy_step_before_distill_is_judged_after_it_kept_when_the_two_hold_and_rolled_back_with_it_when_not():
+    """channel-prune breaks the tolerance alone; under the default policy it is no longer rolled back
+    before distill runs: the two are judged together. A bound the distilled model meets keeps both
+    (the prune 'recovered'); a bound it does not meet rolls both back to the original."""
+    from onnxsparse.calibration import resolve_inputs
+    from onnxsparse.pipeline import PassManager
+    from onnxsparse.spec import parse_pipeline
+    from onnxsparse.validation import Tolerance, Tolerances
+
+    spec = "channel-prune{ratio=0.5 round_to=1 never_slower=false},distill{epochs=10 learning_rate=0.001}"
+    _, kept = _distilled(spec)  # policy keep: what each step reaches
+    pruned_cosine, distilled_cosine = (step.validation.outputs[0].cosine for step in kept.steps)
+    assert distilled_cosine > pruned_cosine + 0.02
+    model = load(MODELS / "digits_cnn.onnx")
+
+    def run(bound: float):
+        manager = PassManager(parse_pipeline(spec), inputs=resolve_inputs(str(MODELS / "digits_cnn.inputs.npz"), model),
+                              calibration=resolve_inputs(str(MODELS / "digits_cnn.calibration.npz"), model),
+                              tolerances=Tolerances(default=Tolerance(min_cosine=bound)), keep_worse=True)
+        return manager.run(model)
+
+    out, report = run((pruned_cosine + distilled_cosine) / 2)
+    assert [s.status for s in report.steps] == ["recovered", "committed"], [(s.status, s.reason) for s in report.steps]
+    assert "out of tolerance alone" in report.steps[0].reason and "within it after distill" in report.steps[0].reason
+    assert report.final_validation.passed
+    assert sum(np.prod(t.dims) for t in out.graph.initializer) < sum(np.prod(t.dims) for t in model.graph.initializer)  # pruned
+    out, report = run(0.99)
+    assert [s.status for s in report.steps] == ["rolled-back", "rolled-back"], [(s.status, s.reason) for s in report.steps]
+    assert "distill did not bring it back within tolerance" in report.steps[0].reason
+    assert [(t.name, t.dims) for t in out.graph.initializer] == [(t.name, t.dims) for t in model.graph.initializer]

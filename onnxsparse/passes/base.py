@@ -75,6 +75,9 @@ class Pass:
     # True for passes whose rewrites can make onnxruntime faster or slower (new op types, changed
     # shapes): the manager times each such step against its input and rolls back one that ran slower.
     may_change_speed: ClassVar[bool] = False
+    # True for a pass that moves the model back toward the original (distill): a lossy step right
+    # before it that breaks its tolerance is judged again after it, and kept if the two together hold.
+    recovers: ClassVar[bool] = False
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         raise NotImplementedError

@@ -39,6 +39,7 @@ class Distill(Pass):
 
     name = "distill"
     requires = frozenset({Requirement.CALIBRATION})
+    recovers = True
     default_tolerance = Tolerance(min_cosine=0.99)
 
     epochs: int = field(default=20, metadata={"help": "passes over the training samples, at most"})
