@@ -182,7 +182,9 @@ class PassManager:
         log.info("reference: the original's outputs on %s in %.1f s", report.inputs, time.perf_counter() - phase)
         chain = _Chain(model, reference.outputs, footprint(model))
         judge = _CalibrationJudge(model, data.calibration, self.temperature, self.runtime, self.metric)
-        pending: tuple[StepReport, _Chain] | None = None  # a step judged again after the recovery step that follows
+        # steps judged again after the recovery step that follows them, and the chain from before them
+        pending: list[StepReport] = []
+        before: _Chain | None = None
         for index, pass_ in enumerate(self.passes):
             self._report_progress("passes", index, len(self.passes))
             recovery_follows = index + 1 < len(self.passes) and self.passes[index + 1].recovers
@@ -190,11 +192,12 @@ class PassManager:
             step.judged_on = report.inputs if step.validation is not None else ""  # a step that changed nothing was not judged
             log.info("step %d/%d %s: %s (%s)", index + 1, len(self.passes), pass_.name, step.status,
                      ", ".join(f"{phase_name} {seconds:.1f} s" for phase_name, seconds in step.seconds.items()))
-            if pending is not None:
-                chain = self._settled(pending, step, chain, pass_.name)
-                pending = None
             if step.status == PENDING and result_model is not None:
-                pending = (step, copy.copy(chain))  # the chain as it was, to go back to
+                before = before or copy.copy(chain)  # the chain as it was, to go back to
+                pending.append(step)
+            elif pending and before is not None:
+                chain = self._settled(pending, step, chain, before, pass_.name)
+                pending, before = [], None
             if step.status in (*KEPT, PENDING) and result_model is not None:
                 chain.commit(result_model, outputs, pass_)
                 report.standard = report.standard and step.standard
@@ -247,19 +250,18 @@ class PassManager:
             if Requirement.CALIBRATION in pass_.needs() and self.calibration is None:
                 raise RequirementError(f"{pass_.name} needs calibration data: {_REQUIREMENT_HINTS[Requirement.CALIBRATION]}")
 
-    def _settled(self, pending: tuple[StepReport, _Chain], recovery: StepReport, chain: _Chain, recovery_name: str) -> _Chain:
-        """The chain after a recovery step: the step before it is kept when the two together hold the
-        tolerance, else both go and the chain is as it was before that step."""
-        earlier, before = pending
-        if recovery.status in (COMMITTED, KEPT_WORSE):
-            earlier.status, earlier.reason = RECOVERED, f"out of tolerance alone ({earlier.reason}); within it after {recovery_name}"
-            return chain
-        earlier.status = ROLLED_BACK
-        earlier.reason += f"; {recovery_name} did not bring it back within tolerance ({recovery.status})"
-        if recovery.status in KEPT:  # a recovery kept past its tolerance (it cannot be: pending needs policy rollback)
-            recovery.status, recovery.reason = ROLLED_BACK, f"{recovery.reason}; rolled back with the step it recovers"
-        log.info("%s rolled back: %s", earlier.pass_name, earlier.reason)
-        return before
+    def _settled(self, pending: list[StepReport], recovery: StepReport, chain: _Chain, before: _Chain, recovery_name: str) -> _Chain:
+        """The chain after a recovery step: the pending steps before it are kept when the model after it
+        holds the tolerance, else they all go and the chain is as it was before the first of them."""
+        kept = recovery.status in (COMMITTED, KEPT_WORSE)
+        for earlier in pending:
+            if kept:
+                earlier.status, earlier.reason = RECOVERED, f"out of tolerance alone ({earlier.reason}); within it after {recovery_name}"
+            else:
+                earlier.status = ROLLED_BACK
+                earlier.reason += f"; {recovery_name} did not bring it back within tolerance ({recovery.status})"
+                log.info("%s rolled back: %s", earlier.pass_name, earlier.reason)
+        return chain if kept else before
 
     def _run_step(
         self, pass_: Pass, chain: _Chain, reference: Reference, data: DataPlan, judge: _CalibrationJudge, label: str,

@@ -318,3 +318,26 @@ def test_a_lossy_step_before_distill_is_judged_after_it_kept_when_the_two_hold_a
     assert [s.status for s in report.steps] == ["rolled-back", "rolled-back"], [(s.status, s.reason) for s in report.steps]
     assert "distill did not bring it back within tolerance" in report.steps[0].reason
     assert [(t.name, t.dims) for t in out.graph.initializer] == [(t.name, t.dims) for t in model.graph.initializer]
+
+
+def test_two_recovery_steps_in_a_row_are_settled_together():
+    """prune, distill, distill with a bound only the second distill meets: the first distill does not
+    settle the prune (it is pending too); the second keeps all three, and the model written is the
+    pruned and twice-distilled one."""
+    from onnxsparse.calibration import resolve_inputs
+    from onnxsparse.pipeline import PassManager
+    from onnxsparse.spec import parse_pipeline
+    from onnxsparse.validation import Tolerance, Tolerances
+
+    spec = "channel-prune{ratio=0.5 round_to=1 never_slower=false},distill{epochs=4 learning_rate=0.001},distill{epochs=4 learning_rate=0.001}"
+    _, kept = _distilled(spec)  # policy keep: what each step reaches
+    cosines = [step.validation.outputs[0].cosine for step in kept.steps]
+    assert cosines[0] < cosines[1] < cosines[2], cosines
+    model = load(MODELS / "digits_cnn.onnx")
+    manager = PassManager(parse_pipeline(spec), inputs=resolve_inputs(str(MODELS / "digits_cnn.inputs.npz"), model),
+                          calibration=resolve_inputs(str(MODELS / "digits_cnn.calibration.npz"), model),
+                          tolerances=Tolerances(default=Tolerance(min_cosine=(cosines[1] + cosines[2]) / 2)), keep_worse=True)
+    out, report = manager.run(model)
+    assert [s.status for s in report.steps] == ["recovered", "recovered", "committed"], [(s.status, s.reason) for s in report.steps]
+    assert sum(np.prod(t.dims) for t in out.graph.initializer) < sum(np.prod(t.dims) for t in model.graph.initializer)  # pruned
+    assert report.final_validation.passed
