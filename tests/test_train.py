@@ -341,3 +341,15 @@ def test_two_recovery_steps_in_a_row_are_settled_together():
     assert [s.status for s in report.steps] == ["recovered", "recovered", "committed"], [(s.status, s.reason) for s in report.steps]
     assert sum(np.prod(t.dims) for t in out.graph.initializer) < sum(np.prod(t.dims) for t in model.graph.initializer)  # pruned
     assert report.final_validation.passed
+
+
+def test_distill_holds_out_whole_runs_of_neighbouring_samples():
+    """Neighbouring samples are often views of one photo (MobileNetV2's calibration: 8 per photo):
+    the held-out share is whole runs of 16, so no photo is both trained on and held out."""
+    from onnxsparse.passes.distill import _split
+
+    train, test = _split(384, 77, seed=0)
+    assert sorted(np.concatenate([train, test]).tolist()) == list(range(384))
+    assert len(test) == 80 and {int(i) // 16 for i in test}.isdisjoint({int(i) // 16 for i in train})
+    few_train, few_test = _split(10, 2, seed=0)  # one run only: single samples
+    assert len(few_test) == 2 and len(few_train) == 8
