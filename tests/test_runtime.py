@@ -137,24 +137,32 @@ def test_a_one_thread_session_runs_its_feeds_side_by_side_with_the_same_outputs_
         np.testing.assert_allclose(next(iter(ours.values())), run(model, feed)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_qdq_dynamic_loads_the_original_and_its_result_once_each_for_timing_and_validation(tmp_path, monkeypatch):
-    """The README's transformer through qdq{mode=dynamic}: the original is run for the reference
-    and timed on one session, the int8 result timed and validated on one session."""
+def _counted_loads(monkeypatch, counted) -> collections.Counter[str]:
+    """onnxruntime loads per model content (runtime.content_key) of the models ``counted(model, options)``
+    accepts, from here on; qdq's timing really runs (its sessions counted) and is judged faster
+    whatever the noise."""
     loads: collections.Counter[str] = collections.Counter()
     real_session = ort.InferenceSession
-    output = tmp_path / "transformer.int8.onnx"
 
     def counted_session(model, options=None, *args, **kwargs):
-        if not (isinstance(model, str) and Path(model).name.startswith(output.name)):  # not the written file, read back
+        if counted(model, options):
             loads[runtime_content(onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model))] += 1
         return real_session(model, options, *args, **kwargs)
 
-    def timed_as_faster(*args, **kwargs):  # really timed (its sessions counted), judged faster whatever the noise
+    def timed_as_faster(*args, **kwargs):
         latency.relative_latency(*args, **kwargs)
         return 0.5
 
     monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", timed_as_faster)
     monkeypatch.setattr(ort, "InferenceSession", counted_session)
+    return loads
+
+
+def test_qdq_dynamic_loads_the_original_and_its_result_once_each_for_timing_and_validation(tmp_path, monkeypatch):
+    """The README's transformer through qdq{mode=dynamic}: the original is run for the reference
+    and timed on one session, the int8 result timed and validated on one session."""
+    output = tmp_path / "transformer.int8.onnx"
+    loads = _counted_loads(monkeypatch, lambda model, options: not (isinstance(model, str) and Path(model).name.startswith(output.name)))
     report = optimize(MODELS / "digits_transformer.onnx", output, "qdq{mode=dynamic}", inputs=MODELS / "digits_transformer.inputs.npz")
     assert report.steps[0].status == "committed"
     original = runtime_content(onnx.load(MODELS / "digits_transformer.onnx"))
@@ -189,20 +197,8 @@ def test_a_big_original_is_held_for_its_timing_only_when_the_pass_runs_no_sessio
     from onnxsparse.calibration import resolve_inputs
     from onnxsparse.spec import parse_pipeline
 
-    loads: collections.Counter[str] = collections.Counter()
-    real_session = ort.InferenceSession
-
-    def counted_session(model, options=None, *args, **kwargs):
-        if options is None or not options.optimized_model_filepath:  # not simplify's offline optimizer
-            loads[runtime_content(onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model))] += 1
-        return real_session(model, options, *args, **kwargs)
-
-    def timed_as_faster(*args, **kwargs):
-        latency.relative_latency(*args, **kwargs)
-        return 0.5
-
-    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", timed_as_faster)
-    monkeypatch.setattr(ort, "InferenceSession", counted_session)
+    # simplify's offline optimizer (a session writing its optimized graph) is not counted
+    loads = _counted_loads(monkeypatch, lambda model, options: options is None or not options.optimized_model_filepath)
     model = load(MODELS / "digits_transformer.onnx")
     manager = pipeline_module.PassManager(parse_pipeline(spec), inputs=resolve_inputs(str(MODELS / "digits_transformer.inputs.npz"), model),
                                           calibration=resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model))

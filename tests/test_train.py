@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import MODELS, REPO, bundled_inputs
+from conftest import MODELS, REPO, bundled_inputs, with_initializers
 
 from onnxsparse import load
 from onnxsparse.errors import UnsupportedModelError
@@ -29,8 +29,7 @@ def _model(body: str, inputs: str, outputs: str, opset: int = 17, initializers: 
             {body}
         }}
     """)
-    for name, value in (initializers or {}).items():
-        model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    with_initializers(model, **(initializers or {}))
     onnx.checker.check_model(model, full_check=True)
     return model
 

@@ -168,8 +168,9 @@ class _Loss:
 
     def __call__(self, student: Any, inputs: dict[str, np.ndarray], batch: np.ndarray) -> Any:
         torch = self.torch
-        index = torch.from_numpy(np.sort(batch))
-        outputs = student(**{name: torch.from_numpy(np.ascontiguousarray(value[np.sort(batch)])) for name, value in inputs.items()})
+        rows = np.sort(batch)
+        index = torch.from_numpy(rows)
+        outputs = student(**{name: torch.from_numpy(np.ascontiguousarray(value[rows])) for name, value in inputs.items()})
         total = 0.0
         for name, produced in outputs.items():
             target = self.teacher[name].index_select(0, index)
