@@ -22,10 +22,10 @@ from .activations import ChangingModelValues, FixedModelValues
 from .calibration import InputSource, read_once
 from .graph import constant_value, from_gs, to_gs
 from .layerwise import (
+    CentredColumns,
     activation_name,
     add_output_shift,
     from_matrix,
-    grouped_rows,
     groups_of,
     ridge_towards,
     sample_slices,
@@ -116,47 +116,36 @@ class NormalEquations:
     gram: np.ndarray
     cross: np.ndarray
     norm: np.ndarray
-    # Per group, what is subtracted from the rows [g, c] and the targets [g, o] before the float32
-    # products (the first block's means): a column whose mean dwarfs its spread (an un-normalised
-    # input, a transformer's massive activation) would lose its spread in an uncentred float32 XᵀX.
-    shift: np.ndarray | None = None
-    target_shift: np.ndarray | None = None
 
     @classmethod
     def zeros(cls, groups: int, columns: int, outputs: int, folds: int) -> NormalEquations:
         return cls(np.zeros((folds, groups, columns, columns)), np.zeros((folds, groups, columns, outputs)), np.zeros(folds))
 
-    def add(self, rows: np.ndarray, target: np.ndarray, fold: int) -> None:
-        """rows [g, n, c] (without the bias column: when the equations have one more column than
-        ``rows``, it is the bias's column of ones, added from sums instead of a copy of ``rows``),
-        target [g, n, o], both group-major (:func:`~onnxsparse.layerwise.grouped_rows`: a group's
-        block contiguous, one BLAS product per group; a depthwise layer's groups strided through
-        [n, g, c] rows read the whole im2col once per group) and both centred in place (the caller
-        hands over arrays of its own). The products are taken in float32 on centred blocks (twice
-        BLAS's float64 speed; one block's sum is good to ~1e-6) and the sums kept in float64, the
-        shifts added back exactly: with X = Xc + 1sᵀ and Y = Yc + 1tᵀ, XᵀX = XcᵀXc + usᵀ + suᵀ +
-        n ssᵀ and XᵀY = XcᵀYc + utᵀ + svᵀ + n stᵀ, u and v the column sums of Xc and Yc."""
-        if self.shift is None or self.target_shift is None:
-            self.shift = (_column_sums(rows) / max(rows.shape[1], 1)).astype(rows.dtype)
-            self.target_shift = (_column_sums(target) / max(target.shape[1], 1)).astype(target.dtype)
-        centred = np.subtract(rows, self.shift[:, None, :], out=rows)
-        centred_target = np.subtract(target, self.target_shift[:, None, :], out=target)
-        transposed = centred.transpose(0, 2, 1)
-        n, columns = rows.shape[1], rows.shape[2]
-        shift, target_shift = self.shift.astype(np.float64), self.target_shift.astype(np.float64)
-        sums, target_sums = _column_sums(centred), _column_sums(centred_target)  # u [g, c], v [g, o]
+    def add(self, columns: np.ndarray, targets: np.ndarray, shift: np.ndarray, target_shift: np.ndarray, fold: int) -> None:
+        """A block of the design as centred columns [g, c, n] and targets [g, o, n] (the inputs X and
+        the target Y less a shift per column, s [g, c] and t [g, o]: :class:`~onnxsparse.layerwise.CentredColumns`),
+        without the bias column: when the equations have one more column, it is the bias's column of
+        ones, added from sums. The products are taken in float32 on centred blocks (twice BLAS's
+        float64 speed; one block's sum is good to ~1e-6: a column whose mean dwarfs its spread, an
+        un-normalised input or a transformer's massive activation, would lose its spread in an
+        uncentred float32 XᵀX) and summed in float64 with the shifts added back exactly: with
+        X = Xc + 1sᵀ and Y = Yc + 1tᵀ, XᵀX = XcᵀXc + usᵀ + suᵀ + n ssᵀ and XᵀY = XcᵀYc + utᵀ + svᵀ +
+        n stᵀ, u and v the column sums of Xc and Yc."""
+        n, width = columns.shape[2], columns.shape[1]
+        shift, target_shift = shift.astype(np.float64), target_shift.astype(np.float64)
+        sums, target_sums = _row_sums(columns), _row_sums(targets)  # u [g, c], v [g, o]
         # Batched matmuls per group (BLAS); einsum without a path ran 14x slower on 1000 x 1000.
-        self.gram[fold, :, :columns, :columns] += (transposed @ centred + _outer(sums, shift) + _outer(shift, sums)
-                                                   + n * _outer(shift, shift))
-        self.cross[fold, :, :columns] += (transposed @ centred_target + _outer(sums, target_shift) + _outer(shift, target_sums)
-                                          + n * _outer(shift, target_shift))
-        if self.gram.shape[-1] > columns:  # [X, 1]ᵀ[X, 1] and [X, 1]ᵀY: column sums and the row count
+        self.gram[fold, :, :width, :width] += (columns @ columns.transpose(0, 2, 1) + _outer(sums, shift) + _outer(shift, sums)
+                                               + n * _outer(shift, shift))
+        self.cross[fold, :, :width] += (columns @ targets.transpose(0, 2, 1) + _outer(sums, target_shift) + _outer(shift, target_sums)
+                                        + n * _outer(shift, target_shift))
+        if self.gram.shape[-1] > width:  # [X, 1]ᵀ[X, 1] and [X, 1]ᵀY: column sums and the row count
             column_sums = sums + n * shift
-            self.gram[fold, :, :columns, columns] += column_sums
-            self.gram[fold, :, columns, :columns] += column_sums
-            self.gram[fold, :, columns, columns] += n
-            self.cross[fold, :, columns] += target_sums + n * target_shift
-        flat = target.reshape(-1)  # centred in place: |Y|² = |Yc|² + 2 tᵀv + n |t|² per group
+            self.gram[fold, :, :width, width] += column_sums
+            self.gram[fold, :, width, :width] += column_sums
+            self.gram[fold, :, width, width] += n
+            self.cross[fold, :, width] += target_sums + n * target_shift
+        flat = targets.reshape(-1)  # |Y|² = |Yc|² + 2 tᵀv + n |t|² per group
         self.norm[fold] += (float(np.einsum("i,i->", flat, flat, dtype=np.float64)) + 2 * float(np.sum(target_shift * target_sums))
                             + n * float(np.sum(target_shift * target_shift)))
 
@@ -186,9 +175,9 @@ class NormalEquations:
         return _error(solution, self.gram[fold], self.cross[fold], float(self.norm[fold]))
 
 
-def _column_sums(blocks: np.ndarray) -> np.ndarray:
-    """[g, n, c] -> [g, c] float64 sums over the rows (einsum: 2.3x numpy's casting sum along n)."""
-    return np.einsum("gnc->gc", blocks, dtype=np.float64)
+def _row_sums(blocks: np.ndarray) -> np.ndarray:
+    """[g, c, n] -> [g, c] float64 sums over the samples (einsum: 2.3x numpy's casting sum)."""
+    return np.einsum("gcn->gc", blocks, dtype=np.float64)
 
 
 def _outer(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -224,6 +213,7 @@ def _refit_one(originals: FixedModelValues, current_values: ChangingModelValues,
     inputs = current_values.values(current, inputs_read)
     folds = FOLDS if strength == "auto" and theta.shape[1] <= CROSS_VALIDATED_WIDTH else 1
     equations = NormalEquations.zeros(groups, theta.shape[1], theta.shape[2], folds)
+    design, wanted_columns = CentredColumns(site), CentredColumns(site, output=True)
     samples_seen = 0
     for target_value, input_values in zip(targets, inputs, strict=True):
         wanted = _surviving(target_value, kept.get(target_name))
@@ -235,12 +225,12 @@ def _refit_one(originals: FixedModelValues, current_values: ChangingModelValues,
             fold = (samples_seen // FOLD_BLOCK) % folds  # single-sample feeds: 16 in a row share a fold
             samples_seen += len(block[1]) if block[1].ndim else 1
             for activation, target_part in sample_slices(site, *block):
-                target = _output_rows(node, target_part, groups)
-                if target.shape[0] * target.shape[2] != outputs:
+                target = wanted_columns(target_part)
+                if target.shape[0] * target.shape[1] != outputs:
                     result.skipped.append(Skip(node.name, "refit: output channels differ from the original's"))
                     return False
-                rows = _own(grouped_rows(site, activation, np.float32), activation)
-                equations.add(rows, _own(target, target_part), fold)  # the bias column: theta's extra row
+                inputs_block = design(activation)  # the bias column: theta's extra row
+                equations.add(inputs_block, target, design.shift, wanted_columns.shift, fold)
     norm = float(equations.norm.sum())
     if not norm:
         return False
@@ -260,12 +250,6 @@ def _refit_one(originals: FixedModelValues, current_values: ChangingModelValues,
         details["strength_note"] = f"not cross-validated: fewer than 2 folds of {FOLD_BLOCK} samples, or over {CROSS_VALIDATED_WIDTH} inputs"
     result.changes.append(Change(node.name, "refit", details))
     return True
-
-
-def _own(array: np.ndarray, source: np.ndarray) -> np.ndarray:
-    """``array``, copied if it is a view of ``source`` (values the model caches hold): the normal
-    equations centre what they are given in place."""
-    return array.copy() if np.may_share_memory(array, source) else array
 
 
 def _sample_blocks(activation: np.ndarray, target: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -334,14 +318,3 @@ def _bias_of(node: gs.Node, outputs: int) -> np.ndarray:
             flat = value.astype(np.float64).reshape(-1) * scale  # a Gemm's C may be [1, N]
             return np.broadcast_to(flat, (outputs,)).copy() if flat.size in (1, outputs) else np.zeros(outputs)
     return np.zeros(outputs)
-
-
-def _output_rows(node: gs.Node, value: np.ndarray, groups: int) -> np.ndarray:
-    """A layer's output as rows per group [groups, samples, outputs of one group], the rows in the
-    order of :func:`~onnxsparse.layerwise.grouped_rows` (a Conv's: image, then position)."""
-    y = np.asarray(value, dtype=np.float32)  # multiplied by float32 rows (NormalEquations.add)
-    if node.op == "Conv":
-        images, channels = y.shape[:2]
-        by_group = y.reshape(images, groups, channels // groups, -1)  # [n, g, o, positions]
-        return by_group.transpose(1, 0, 3, 2).reshape(groups, -1, channels // groups)
-    return y.reshape(1, -1, y.shape[-1])

@@ -10,6 +10,7 @@ from conftest import bundled, record_tensor_values, run, with_initializers
 from onnxsparse.calibration import IterableInputs
 from onnxsparse.graph import to_gs
 from onnxsparse.layerwise import (
+    CentredColumns,
     ReadingLayer,
     fit_to_teacher,
     from_matrix,
@@ -66,6 +67,13 @@ def test_unfolded_rows_times_the_weight_matrix_is_the_convolution(rng, attrs, gr
     expected_grams = np.stack([(teacher[g].astype(np.float64).T @ by_group[g].astype(np.float64)) for g in range(group)])
     np.testing.assert_allclose(gram_blocks(by_group, teacher), expected_grams, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(gram_blocks(by_group), np.stack([r.astype(np.float64).T @ r.astype(np.float64) for r in by_group]), rtol=1e-5, atol=1e-4)
+    # the same rows as centred columns (the refit's design), built twice from kept buffers, and the outputs likewise
+    design, outputs_as_columns = CentredColumns(site), CentredColumns(site, output=True)
+    for _ in range(2):
+        np.testing.assert_allclose(design(x) + design.shift[:, :, None], by_group.transpose(0, 2, 1), rtol=1e-6, atol=1e-6)
+    assert np.all(np.abs(design.shift - by_group.mean(axis=1)) < 0.5)  # about the columns' means (padding zeros aside)
+    expected_rows = expected.reshape(2, group, shape[0] // group, positions).transpose(1, 2, 0, 3).reshape(group, shape[0] // group, -1)
+    np.testing.assert_allclose(outputs_as_columns(expected) + outputs_as_columns.shift[:, :, None], expected_rows, rtol=1e-6, atol=1e-6)
 
 
 def _least_squares_problem(rng):
@@ -325,16 +333,18 @@ def test_tensor_values_feed_given_values_instead_of_computing_them_and_changing_
 
 
 def test_the_refit_normal_equations_are_the_float64_products_of_the_blocks_they_were_given(rng):
-    """Blocks added one by one, centred in place on the first block's means with the shift added
-    back, give XᵀX and XᵀY of the design [X, 1] and |Y|² per fold as one float64 product would."""
+    """Blocks added one by one as columns centred on a shift (the first block's means), the shift
+    added back, give XᵀX and XᵀY of the design [X, 1] and |Y|² per fold as one float64 product would."""
     from onnxsparse.refit import NormalEquations
 
     groups, columns, outputs, folds = 3, 5, 2, 2
     blocks = [(rng.standard_normal((groups, n, columns)) * 4 + 30, rng.standard_normal((groups, n, outputs)) - 7) for n in (40, 17, 23)]
     equations = NormalEquations.zeros(groups, columns + 1, outputs, folds)  # one more column: the bias's ones
+    shift, target_shift = blocks[0][0].mean(axis=1).astype(np.float32), blocks[0][1].mean(axis=1).astype(np.float32)
     for index, (rows, target) in enumerate(blocks):
         given_rows, given_target = rows.astype(np.float32), target.astype(np.float32)
-        equations.add(given_rows, given_target, index % folds)
+        equations.add((given_rows - shift[:, None]).transpose(0, 2, 1), (given_target - target_shift[:, None]).transpose(0, 2, 1),
+                      shift, target_shift, index % folds)
     for fold in range(folds):
         rows = np.concatenate([r for i, (r, _) in enumerate(blocks) if i % folds == fold], axis=1).astype(np.float32).astype(np.float64)
         target = np.concatenate([t for i, (_, t) in enumerate(blocks) if i % folds == fold], axis=1).astype(np.float32).astype(np.float64)
