@@ -136,6 +136,18 @@ def test_inspect_shows_ops_tensors_bytes_and_sparsity(workdir, capsys):
     assert data["op_histogram"]["Conv"] == 5 and data["parameters"] == 6138
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int8, np.bool_])
+def test_zero_counts_take_negative_zero_nan_and_chunk_edges_as_numpy_does(monkeypatch, rng, dtype):
+    from onnxsparse import inspect_model
+
+    monkeypatch.setattr(inspect_model, "ZERO_COUNT_CHUNK", 7)  # chunk edges inside the array
+    values = np.where(rng.random(50) < 0.3, 0.0, rng.standard_normal(50))
+    if np.dtype(dtype).kind == "f":
+        values[[3, 21]] = -0.0, np.nan
+    array = values.astype(dtype).reshape(5, 10)
+    assert inspect_model.zero_count(array) == array.size - np.count_nonzero(array) > 0
+
+
 def test_passes_lists_every_pass_with_options_and_defaults(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
