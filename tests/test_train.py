@@ -238,6 +238,59 @@ def test_gradients_pass_straight_through_quantize_dequantize_inside_the_range():
     np.testing.assert_array_equal(x.grad.numpy(), [0, 1, 1, 1, 1, 0])
 
 
+def _qdq_conv() -> onnx.ModelProto:
+    """A QDQ convolution as the qdq pass writes one: uint8 activations, int8 weights with a scale per
+    output channel, an int32 bias on the product of the scales."""
+    weights = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    weight_scale = (np.abs(weights).reshape(4, -1).max(axis=1) / 127).astype(np.float32)
+    bias_scale = (weight_scale * 0.02).astype(np.float32)
+    return _model("""
+        q = QuantizeLinear (x, xs, xz)
+        dx = DequantizeLinear (q, xs, xz)
+        dw = DequantizeLinear <axis = 0> (wq, ws)
+        db = DequantizeLinear <axis = 0> (bq, bs)
+        y = Conv <pads = [1, 1, 1, 1]> (dx, dw, db)""", "float[2, 3, 6, 6] x", "float[2, 4, 6, 6] y", initializers={
+        "xs": np.array(0.02, np.float32), "xz": np.array(128, np.uint8),
+        "wq": np.round(weights / weight_scale[:, None, None, None]).astype(np.int8), "ws": weight_scale,
+        "bq": RNG.integers(-300, 300, 4).astype(np.int32), "bs": bias_scale})
+
+
+def test_quantization_aware_training_trains_integer_weights_on_their_grid_and_writes_back_what_it_ran():
+    """With quantized=True the int8 weight and the int32 bias behind DequantizeLinear are parameters
+    (their float values), the module gives onnxruntime's outputs, a gradient step moves them, and the
+    written model holds integers of the same types, scales untouched, whose onnxruntime outputs are the
+    trained module's."""
+    model = _qdq_conv()
+    feed = {"x": RNG.uniform(-2, 2, (2, 3, 6, 6)).astype(np.float32)}
+    assert dict(GraphModule(model).onnx_parameters()) == {}  # without it, integers are buffers
+    module = GraphModule(model, quantized=True)
+    parameters = dict(module.onnx_parameters())
+    assert set(parameters) == {"wq", "bq"}
+    theirs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    x = torch.from_numpy(feed["x"])
+    np.testing.assert_allclose(module(x=x)["y"].detach().numpy(), theirs, rtol=1e-5, atol=1e-5)
+    untrained = {t.name: onnx.numpy_helper.to_array(t) for t in module.write_back().graph.initializer}
+    for tensor in model.graph.initializer:  # untrained: the same integers
+        np.testing.assert_array_equal(untrained[tensor.name], onnx.numpy_helper.to_array(tensor))
+    loss = (module(x=x)["y"] - torch.from_numpy(theirs) * 0.5).square().mean()
+    loss.backward()
+    assert all(torch.any(p.grad != 0) for p in parameters.values())
+    with torch.no_grad():
+        parameters["wq"] -= 0.05 * parameters["wq"].grad / parameters["wq"].grad.abs().max()
+        parameters["bq"] -= 0.5 * parameters["bq"].grad / parameters["bq"].grad.abs().max()
+        expected = module(x=x)["y"].numpy()
+    trained = module.write_back()
+    onnx.checker.check_model(trained, full_check=True)
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in trained.graph.initializer}
+    assert after["wq"].dtype == np.int8 and after["bq"].dtype == np.int32
+    assert not np.array_equal(after["wq"], before["wq"]) and not np.array_equal(after["bq"], before["bq"])
+    for name in ("xs", "xz", "ws", "bs"):
+        np.testing.assert_array_equal(after[name], before[name])
+    got = ort.InferenceSession(trained.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
 # -- the distill pass ---------------------------------------------------------------------------
 
 
@@ -276,6 +329,30 @@ def test_distill_keeps_pruned_zeros_zero():
         zeros = onnx.numpy_helper.to_array(before) == 0
         if zeros.any() and zeros.mean() > 0.2:  # the pruned weights
             np.testing.assert_array_equal(onnx.numpy_helper.to_array(after)[zeros], 0)
+
+
+def test_distill_after_qdq_trains_the_integer_weights_on_their_grid():
+    """Quantization-aware distillation of a pruned, quantized CNN: the held-out loss falls and the
+    validation cosine rises; the written model has the quantized student's nodes, integer weights of
+    the same types (some of them changed) and the same scales and zero points."""
+    chain = "channel-prune{ratio=0.5 round_to=1 never_slower=false},qdq{mode=static never_slower=false}"
+    student, _ = _distilled(chain)
+    trained, report = _distilled(chain + ",distill{epochs=10 learning_rate=0.001}")
+    quantized, distill = report.steps[1:]
+    assert distill.changes and distill.figures["held_out_loss_after"] < distill.figures["held_out_loss_before"]
+    assert distill.validation.outputs[0].cosine > quantized.validation.outputs[0].cosine + 0.02
+    assert [(n.name, n.op_type, list(n.input)) for n in trained.graph.node] == [(n.name, n.op_type, list(n.input)) for n in student.graph.node]
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in student.graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in trained.graph.initializer}
+    assert {n: a.dtype for n, a in after.items()} == {n: a.dtype for n, a in before.items()}
+    integers = [n for n, a in before.items() if a.dtype == np.int8 and a.size > 1]
+    assert integers and any(not np.array_equal(after[n], before[n]) for n in integers)
+    quantization_parameters = {name for node in student.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                               for name in node.input[1:]}
+    for name in quantization_parameters & set(before):
+        np.testing.assert_array_equal(after[name], before[name])
+    _, no_qat = _distilled(chain + ",distill{epochs=10 learning_rate=0.001 qat=false}")
+    assert not no_qat.steps[2].changes and "qat=true" in no_qat.steps[2].skipped[0].reason
 
 
 def test_distill_without_torch_says_how_to_get_it(monkeypatch):

@@ -5,6 +5,10 @@ original model, whose outputs on the calibration samples onnxruntime computes on
 float weights train in :mod:`onnxsparse.train` (torch, an optional extra) and are written back into
 the same graph. A weight's exact zeros stay zero (pruned weights stay pruned). The calibration
 samples are split: the held-out part picks the epoch kept and says whether training helped at all.
+
+A QDQ model trains quantization-aware: its integer weights (behind DequantizeLinear) train as the
+float values they stand for, rounded to their grid in every forward pass with gradients straight
+through, and are written back as integers on the same grid (scales and zero points unchanged).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ class Distill(Pass):
     """Train the float weights toward the original model's outputs on the calibration data: KL
     divergence at a temperature on class scores, mean squared error (relative to the original's
     energy) on other outputs; Adam, the epoch with the lowest held-out loss kept, exact zeros kept
-    zero. Needs PyTorch: pip install 'onnxsparse[train]'.
+    zero, integer weights trained on their quantization grid. Needs PyTorch: pip install 'onnxsparse[train]'.
     """
 
     name = "distill"
@@ -50,6 +54,7 @@ class Distill(Pass):
     patience: int = field(default=3, metadata={"help": "epochs without a better held-out loss before training stops"})
     calibration_samples: int = field(default=CALIBRATION_SAMPLES, metadata={"help": "calibration samples read (the first ones)"})
     seed: int = field(default=0, metadata={"help": "seed of the split and the batch order"})
+    qat: bool = field(default=True, metadata={"help": "train integer weights behind DequantizeLinear on their grid (quantization-aware)"})
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1 or self.calibration_samples < 2:
@@ -79,10 +84,11 @@ class Distill(Pass):
             return result
         teacher = _stacked(run_feeds(open_session(context.original, "distill teacher", runtime=context.runtime),
                                      [{name: value[i:i + 64] for name, value in inputs.items()} for i in range(0, samples, 64)], "distill teacher"))
-        student = GraphModule(model)
+        student = GraphModule(model, quantized=self.qat)
         parameters = dict(student.onnx_parameters())
         if not parameters:
-            result.skipped.append(Skip("model", "no float weights to train (an int8 model's weights are integers)"))
+            why = "" if self.qat else "; an int8 model's integer weights train with qat=true"
+            result.skipped.append(Skip("model", f"no weights to train{why}"))
             return result
         torch.manual_seed(self.seed)
         torch.set_num_threads(usable_cores())

@@ -4,6 +4,11 @@ The graph is interpreted node by node with the rules of :mod:`onnxsparse.train.o
 so shapes computed inside the graph stay exact whatever the batch. ``write_back`` returns a copy of
 the model with the trained values in the same initializers and Constant nodes: node names,
 structure, opsets and metadata unchanged.
+
+With ``quantized=True`` (quantization-aware training), an integer weight read only by
+DequantizeLinear nodes trains too: as the float values it stands for, rounded to its grid on the way
+in with gradients straight through the rounding, its scale and zero point fixed. It is written back
+as the integers the forward pass used, so the written model computes what the trained module did.
 """
 
 from __future__ import annotations
@@ -21,9 +26,31 @@ from ..errors import UnsupportedModelError
 from ..graph import tensor_array
 from .ops import OnnxNode, Rule, rule_of
 
-# Which constants train by default: float weights, not scalars (an epsilon, an exponent) and not a
-# BatchNormalization's running statistics (inputs 3 and 4: measured, not learnt).
+# Which constants train by default: float weights, not scalars (an epsilon, an exponent), not a
+# BatchNormalization's running statistics (inputs 3 and 4) and not quantization scales or zero points.
 Trainable = Callable[[str, np.ndarray], bool]
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """An integer weight's quantization grid: scale and zero point shaped to broadcast onto it, and
+    the range of its integer type."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    low: int
+    high: int
+
+    def integers(self, values: torch.Tensor) -> torch.Tensor:
+        """The integers (as floats) that float ``values`` round to, saturated, with gradients straight
+        through the rounding inside the range."""
+        scaled = values / self.scale
+        rounded = scaled + (torch.round(scaled) - scaled).detach()
+        return torch.clamp(rounded + self.zero, self.low, self.high)
+
+    def values(self, integers: np.ndarray) -> torch.Tensor:
+        """What DequantizeLinear makes of ``integers``: (q - zero point) x scale, in float32."""
+        return (torch.from_numpy(integers.astype(np.float32)) - self.zero) * self.scale
 
 
 @dataclass(frozen=True)
@@ -40,20 +67,26 @@ class GraphModule(torch.nn.Module):
     initializer or Constant-node value of more than one element, BatchNormalization statistics
     aside); the rest are buffers."""
 
-    def __init__(self, model: onnx.ModelProto, trainable: Trainable | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, trainable: Trainable | None = None, *, quantized: bool = False) -> None:
         super().__init__()
         self.model = model
         graph = model.graph
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         constants = {t.name: tensor_array(t) for t in graph.initializer}
         constants.update({node.output[0]: _constant_value(node) for node in graph.node if node.op_type == "Constant"})
-        statistics = {name for node in graph.node if node.op_type == "BatchNormalization" for name in node.input[3:5]}
-        trainable = trainable or (lambda name, value: value.dtype.kind == "f" and value.size > 1 and name not in statistics)
+        # Measured or decided, not learnt: a BatchNormalization's running statistics, quantization scales and zero points.
+        fixed = {name for node in graph.node if node.op_type == "BatchNormalization" for name in node.input[3:5]}
+        fixed |= {name for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear") for name in node.input[1:3]}
+        trainable = trainable or (lambda name, value: value.dtype.kind == "f" and value.size > 1 and name not in fixed)
+        self._grids = _integer_grids(graph, constants) if quantized else {}
         self.weights = torch.nn.ParameterDict()
         self._keys: dict[str, str] = {}  # ONNX name -> attribute key (ONNX names may hold dots)
         for index, (name, value) in enumerate(constants.items()):
             key = f"c{index}"
             self._keys[name] = key
+            if name in self._grids:  # trained as the float values the integers stand for
+                self.weights[key] = torch.nn.Parameter(self._grids[name].values(value))
+                continue
             tensor = torch.from_numpy(np.array(value))  # a writable copy: the model's arrays stay as they are
             if trainable(name, value):
                 self.weights[key] = torch.nn.Parameter(tensor)
@@ -73,6 +106,11 @@ class GraphModule(torch.nn.Module):
         key = self._keys[name]
         return self.weights[key] if key in self.weights else getattr(self, key)
 
+    def _value(self, name: str) -> torch.Tensor:
+        """What the graph reads as ``name``: an integer weight trained on its grid as its integers."""
+        grid = self._grids.get(name)
+        return self.constant(name) if grid is None else grid.integers(self.constant(name))
+
     def onnx_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         """(ONNX name, parameter) of every trainable constant."""
         for name, key in self._keys.items():
@@ -80,7 +118,7 @@ class GraphModule(torch.nn.Module):
                 yield name, self.weights[key]
 
     def forward(self, *args: torch.Tensor, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        values: dict[str, Any] = {name: self.constant(name) for name in self._keys}
+        values: dict[str, Any] = {name: self._value(name) for name in self._keys}
         values.update(zip(self.input_names, args))
         values.update(inputs)
         for step in self._steps:
@@ -91,7 +129,8 @@ class GraphModule(torch.nn.Module):
     def write_back(self) -> onnx.ModelProto:
         """A copy of the model with the parameters' current values in their initializers and Constant
         nodes (same names, dtypes and shapes); nothing else differs."""
-        trained: Mapping[str, np.ndarray] = {name: p.detach().cpu().numpy() for name, p in self.onnx_parameters()}
+        with torch.no_grad():
+            trained: Mapping[str, np.ndarray] = {name: self._value(name).cpu().numpy() for name, _ in self.onnx_parameters()}
         model = onnx.ModelProto()
         model.CopyFrom(self.model)
         for index, tensor in enumerate(model.graph.initializer):
@@ -105,9 +144,50 @@ class GraphModule(torch.nn.Module):
 
 
 def _tensor_like(original: onnx.TensorProto, values: np.ndarray) -> onnx.TensorProto:
-    """``values`` as a tensor with ``original``'s name and element type, its data in the message."""
+    """``values`` as a tensor with ``original``'s name and element type, its data in the message (an
+    integer type's values are whole numbers already: the integers of a grid)."""
     dtype = onnx.helper.tensor_dtype_to_np_dtype(original.data_type)
     return numpy_helper.from_array(np.asarray(values, dtype=dtype).reshape(tuple(original.dims)), original.name)
+
+
+_GRID_TYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32)
+
+
+def _integer_grids(graph: onnx.GraphProto, constants: Mapping[str, np.ndarray]) -> dict[str, _Grid]:
+    """The integer constants that only DequantizeLinear nodes read, as their input 0, all with the
+    same constant scale and zero point (block-wise ones aside): the weights a QDQ model trains."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    grids = {}
+    for name, value in constants.items():
+        nodes = readers.get(name, [])
+        if value.dtype.type not in _GRID_TYPES or not nodes or any(n.op_type != "DequantizeLinear" or n.input[0] != name for n in nodes):
+            continue
+        node = nodes[0]
+        if any(list(n.input[1:]) != list(node.input[1:]) or n.attribute != node.attribute for n in nodes):
+            continue  # read with different scales or axes
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        scale_name, zero_name = node.input[1], (node.input[2] if len(node.input) > 2 else "")
+        if attributes.get("block_size") or scale_name not in constants or (zero_name and zero_name not in constants):
+            continue
+        info = np.iinfo(value.dtype)
+        zero = constants[zero_name] if zero_name else np.zeros((), value.dtype)
+        axis = int(attributes.get("axis", 1)) % max(value.ndim, 1)
+        grids[name] = _Grid(_along(constants[scale_name].astype(np.float32), value.ndim, axis),
+                            _along(zero.astype(np.float32), value.ndim, axis), int(info.min), int(info.max))
+    return grids
+
+
+def _along(value: np.ndarray, rank: int, axis: int) -> torch.Tensor:
+    """A per-tensor (0-d or one element) or per-axis (1-d) scale or zero point shaped to broadcast
+    onto a tensor of ``rank`` dimensions along ``axis``."""
+    if value.size == 1:
+        return torch.tensor(float(value.reshape(-1)[0]))
+    shape = [1] * rank
+    shape[axis] = -1
+    return torch.from_numpy(np.ascontiguousarray(value)).reshape(shape)
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray:
