@@ -355,6 +355,30 @@ def test_distill_after_qdq_trains_the_integer_weights_on_their_grid():
     assert not no_qat.steps[2].changes and "qat=true" in no_qat.steps[2].skipped[0].reason
 
 
+def test_distill_trains_on_the_samples_of_its_data_option_without_calibration(tmp_path):
+    """distill{data=...} reads its training samples from the file it names: the run needs no
+    --calibration, and a file that does not exist is an error when the pipeline is built."""
+    from onnxsparse.calibration import resolve_inputs
+    from onnxsparse.errors import PipelineSpecError
+    from onnxsparse.pipeline import PassManager
+    from onnxsparse.spec import parse_pipeline
+
+    model = load(MODELS / "digits_cnn.onnx")
+    data = tmp_path / "training samples.npz"
+    with np.load(MODELS / "digits_cnn.calibration.npz") as archive:
+        np.savez(data, **{name: np.flip(archive[name], axis=-1) for name in archive.files})  # other samples than any the run has
+    spec = f'magnitude-prune{{sparsity=0.6}},distill{{epochs=5 learning_rate=0.001 data="{data}"}}'
+    passes = parse_pipeline(spec)
+    assert passes[1].data == str(data) and not passes[1].needs()
+    manager = PassManager(passes, inputs=resolve_inputs(str(MODELS / "digits_cnn.inputs.npz"), model), policy="keep", keep_worse=True)
+    _, report = manager.run(model)
+    distill = report.steps[1]
+    assert distill.changes and distill.figures["samples_trained"] + distill.figures["samples_held_out"] == 64
+    assert distill.figures["held_out_loss_after"] < distill.figures["held_out_loss_before"]
+    with pytest.raises(PipelineSpecError, match="does not exist"):
+        parse_pipeline(f'distill{{data="{tmp_path / "missing.npz"}"}}')
+
+
 def test_distill_without_torch_says_how_to_get_it(monkeypatch):
     from onnxsparse.errors import RequirementError
     from onnxsparse.train import require_torch

@@ -17,12 +17,13 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import onnx
 
-from ..calibration import RUN_SAMPLES, collect_feeds, sample_axis
+from ..calibration import RUN_SAMPLES, collect_feeds, resolve_inputs, sample_axis
 from ..errors import RequirementError
 from ..limits import CALIBRATION_SAMPLES
 from ..runtime import open_session, usable_cores
@@ -51,8 +52,13 @@ class Distill(Pass):
     batch_size: int = field(default=32, metadata={"help": "samples per step"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the KL divergence on class scores (x T^2)"})
     held_out: float = field(default=0.2, metadata={"help": "share of the calibration samples held out to choose the epoch"})
-    patience: int = field(default=3, metadata={"help": "epochs without a better held-out loss before training stops"})
-    calibration_samples: int = field(default=CALIBRATION_SAMPLES, metadata={"help": "calibration samples read (the first ones)"})
+    schedule: Literal["cosine", "constant"] = field(default="cosine", metadata={
+        "help": "the learning rate over the epochs: cosine decays it to 0 at the last epoch, constant keeps it"})
+    patience: int = field(default=5, metadata={"help": "epochs without a better held-out loss before training stops"})
+    data: str = field(default="", metadata={
+        "help": "an .npz file (or folder of them) of training samples, inputs by name, taken instead of the calibration data: "
+                "a training set is usually bigger than a calibration set"})
+    calibration_samples: int = field(default=CALIBRATION_SAMPLES, metadata={"help": "samples read (the first ones) of the calibration data or data"})
     seed: int = field(default=0, metadata={"help": "seed of the split and the batch order"})
     qat: bool = field(default=True, metadata={"help": "train integer weights behind DequantizeLinear on their grid (quantization-aware)"})
 
@@ -63,6 +69,13 @@ class Distill(Pass):
             raise ValueError(f"held_out must be between 0 and 1, not {self.held_out}")
         if not (self.learning_rate > 0 and self.temperature > 0):
             raise ValueError("learning_rate and temperature must be above 0")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be cosine or constant, not {self.schedule!r}")
+        if self.data and not Path(self.data).exists():
+            raise ValueError(f"data: {self.data} does not exist")
+
+    def needs(self) -> frozenset[Requirement]:
+        return frozenset() if self.data else self.requires
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         from ..train import require_torch
@@ -71,12 +84,13 @@ class Distill(Pass):
         from ..train.graph_module import GraphModule
 
         result = PassResult(model)
-        if context.calibration is None or context.original is None:
-            raise RequirementError("distill needs calibration data and the run's original model (the teacher)")
+        source = resolve_inputs(self.data, model) if self.data else context.calibration
+        if source is None or context.original is None:
+            raise RequirementError("distill needs calibration data (or its data option) and the run's original model (the teacher)")
         if not sample_axis(model):
             result.skipped.append(Skip("model", "its inputs have no sample axis to draw training batches from"))
             return result
-        inputs = _stacked(collect_feeds(context.calibration, model, limit=self.calibration_samples))
+        inputs = _stacked(collect_feeds(source, model, limit=self.calibration_samples))
         samples = len(next(iter(inputs.values())))
         held = max(1, round(samples * self.held_out))
         if samples - held < 1:
@@ -96,6 +110,8 @@ class Distill(Pass):
         loss_of = _Loss(torch, class_score_outputs(context.original), self.temperature, teacher)
         masks = {name: (p.detach() != 0) for name, p in parameters.items() if bool((p.detach() == 0).any())}
         optimizer = torch.optim.Adam(parameters.values(), lr=self.learning_rate)
+        steps_per_epoch = len(_batches(train, self.batch_size))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs * steps_per_epoch) if self.schedule == "cosine" else None
 
         def held_out_loss() -> float:
             with torch.no_grad():
@@ -112,6 +128,8 @@ class Distill(Pass):
                 loss = loss_of(student, inputs, batch)
                 loss.backward()
                 optimizer.step()
+                if schedule is not None:
+                    schedule.step()
                 with torch.no_grad():
                     for name, mask in masks.items():
                         parameters[name].mul_(mask)
