@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
-from benchmark.cell import first_error_line
+from benchmark.cell import first_error_line, task_pipeline
 from benchmark.configs import CONFIGS, Config, find_config
 from benchmark.measure import latency_ratio, relative_spread
 from benchmark.peer import Call, parse_calls
@@ -72,6 +72,16 @@ def test_every_peer_spec_parses() -> None:
     for config in CONFIGS:
         if config.tool in ("ort", "onnxsim"):
             assert parse_calls(config.pipeline)
+
+
+def test_every_onnxsparse_row_parses_with_its_task_folder_filled_in(tmp_path: Path) -> None:
+    from onnxsparse.spec import parse_pipeline
+
+    (tmp_path / "train.npz").write_bytes(b"")  # rows that train name the task's training split
+    for config in CONFIGS:
+        if config.tool == "onnxsparse":
+            assert parse_pipeline(task_pipeline(config.pipeline, tmp_path)), config.name
+    assert task_pipeline('distill{data="$TASK/train.npz"}', tmp_path) == f'distill{{data="{tmp_path}/train.npz"}}'
 
 
 def test_first_error_line_prefers_the_tools_own_line() -> None:

@@ -379,6 +379,47 @@ def test_distill_trains_on_the_samples_of_its_data_option_without_calibration(tm
         parse_pipeline(f'distill{{data="{tmp_path / "missing.npz"}"}}')
 
 
+def test_augmented_batches_are_flips_crops_jitters_and_mixes_of_the_samples():
+    from onnxsparse.train.augment import _bilinear, applicable, augmented
+
+    images = RNG.standard_normal((6, 3, 8, 10)).astype(np.float32)
+    tokens = np.arange(12).reshape(6, 2)
+    assert applicable(("flip", "crop", "jitter", "mixup"), {"x": images}) == ("flip", "crop", "jitter", "mixup")
+    assert applicable(("flip", "mixup"), {"ids": tokens}) == ()  # token ids: no image, nothing to mix
+    assert applicable(("flip", "mixup"), {"x": images, "ids": tokens}) == ("flip",)
+    flipped = augmented({"x": images}, ("flip",), np.random.default_rng(1))["x"]
+    mirrored = [bool(np.array_equal(f, i[..., ::-1])) for f, i in zip(flipped, images)]
+    assert all(m or np.array_equal(f, i) for m, f, i in zip(mirrored, flipped, images)) and 0 < sum(mirrored) < 6
+    np.testing.assert_allclose(_bilinear(images[0], 8, 10), images[0], rtol=1e-6)  # same size: the image itself
+    cropped = augmented({"x": np.full((4, 3, 8, 10), 2.5, np.float32)}, ("crop",), np.random.default_rng(2))["x"]
+    np.testing.assert_allclose(cropped, 2.5, rtol=1e-6)  # a flat image stays flat, at its size
+    pair = np.stack([np.zeros((3, 8, 10)), np.ones((3, 8, 10))]).astype(np.float32)
+    mixed = augmented({"x": pair}, ("mixup",), np.random.default_rng(3))["x"]
+    assert mixed.dtype == np.float32 and np.all((mixed >= 0) & (mixed <= 1)) and np.ptp(mixed[0]) < 1e-6
+    assert augmented({"x": images}, ("jitter",), np.random.default_rng(4))["x"].shape == images.shape
+
+
+def test_distill_with_augmentation_trains_on_varied_batches_and_says_what_did_not_apply():
+    _, report = _distilled("channel-prune{ratio=0.5 round_to=1 never_slower=false},distill{epochs=5 learning_rate=0.001 augment=flip,mixup}")
+    distill = report.steps[1]
+    assert distill.figures["augmented"] == ["flip", "mixup"] and distill.changes
+    assert distill.figures["held_out_loss_after"] < distill.figures["held_out_loss_before"]
+    from onnxsparse.calibration import resolve_inputs
+    from onnxsparse.errors import PipelineSpecError
+    from onnxsparse.pipeline import PassManager
+    from onnxsparse.spec import parse_pipeline
+
+    mlp = load(MODELS / "digits_transformer.onnx")  # rows of pixels as tokens [N, 8, 8]: nothing to flip, samples to mix
+    manager = PassManager(parse_pipeline("magnitude-prune{sparsity=0.7},distill{epochs=2 augment=flip,mixup}"),
+                          calibration=resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), mlp), policy="keep", keep_worse=True)
+    _, report = manager.run(mlp)
+    assert report.steps[1].figures["augmented"] == ["mixup"]
+    assert [s.reason for s in report.steps[1].skipped if s.target == "augment"] == [
+        "flip: no input of the model takes it (images: float [N, C, H, W]; mixup: float inputs only)"]
+    with pytest.raises(PipelineSpecError, match="unknown rotate"):
+        parse_pipeline("distill{augment=rotate}")
+
+
 def test_distill_without_torch_says_how_to_get_it(monkeypatch):
     from onnxsparse.errors import RequirementError
     from onnxsparse.train import require_torch

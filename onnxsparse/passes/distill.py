@@ -27,6 +27,7 @@ from ..calibration import RUN_SAMPLES, collect_feeds, resolve_inputs, sample_axi
 from ..errors import RequirementError
 from ..limits import CALIBRATION_SAMPLES
 from ..runtime import open_session, usable_cores
+from ..train.augment import AUGMENTATIONS, applicable, augmented
 from ..validation import Tolerance, class_score_outputs, run_feeds
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 
@@ -59,7 +60,11 @@ class Distill(Pass):
         "help": "an .npz file (or folder of them) of training samples, inputs by name, taken instead of the calibration data: "
                 "a training set is usually bigger than a calibration set"})
     calibration_samples: int = field(default=CALIBRATION_SAMPLES, metadata={"help": "samples read (the first ones) of the calibration data or data"})
-    seed: int = field(default=0, metadata={"help": "seed of the split and the batch order"})
+    augment: tuple[str, ...] = field(default=(), metadata={
+        "help": "ways to vary each training batch, the teacher run anew on what the student sees: flip (left-right), crop (a random "
+                "60-100% of each side, resized back), jitter (brightness and contrast x0.8-1.2) for float [N, C, H, W] inputs; "
+                "mixup (Beta(0.4, 0.4) mixes of two samples) when every input is float"})
+    seed: int = field(default=0, metadata={"help": "seed of the split, the batch order and the variations"})
     qat: bool = field(default=True, metadata={"help": "train integer weights behind DequantizeLinear on their grid (quantization-aware)"})
 
     def __post_init__(self) -> None:
@@ -69,6 +74,9 @@ class Distill(Pass):
             raise ValueError(f"held_out must be between 0 and 1, not {self.held_out}")
         if not (self.learning_rate > 0 and self.temperature > 0):
             raise ValueError("learning_rate and temperature must be above 0")
+        unknown = [a for a in self.augment if a not in AUGMENTATIONS]
+        if unknown:
+            raise ValueError(f"augment: unknown {', '.join(unknown)}; known: {', '.join(AUGMENTATIONS)}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine or constant, not {self.schedule!r}")
         if self.data and not Path(self.data).exists():
@@ -96,8 +104,20 @@ class Distill(Pass):
         if samples - held < 1:
             result.skipped.append(Skip("model", f"{samples} calibration sample(s): too few to train on and hold out from"))
             return result
-        teacher = _stacked(run_feeds(open_session(context.original, "distill teacher", runtime=context.runtime),
-                                     [{name: value[i:i + 64] for name, value in inputs.items()} for i in range(0, samples, 64)], "distill teacher"))
+        session = open_session(context.original, "distill teacher", runtime=context.runtime)
+        teacher = _stacked(run_feeds(session, [{name: value[i:i + 64] for name, value in inputs.items()} for i in range(0, samples, 64)],
+                                     "distill teacher"))
+        applied = applicable(self.augment, inputs)
+        result.skipped.extend(Skip("augment", f"{name}: no input of the model takes it (images: float [N, C, H, W]; mixup: float inputs only)")
+                              for name in self.augment if name not in applied)
+
+        def training_batch(rows: np.ndarray, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+            """A batch's inputs and the teacher's outputs on them: varied ones run through the teacher anew."""
+            batch = {name: value[rows] for name, value in inputs.items()}
+            if not applied:
+                return batch, {name: value[rows] for name, value in teacher.items()}
+            batch = augmented(batch, applied, rng)
+            return batch, dict(zip(teacher, session.run(list(teacher), batch)))
         student = GraphModule(model, quantized=self.qat)
         parameters = dict(student.onnx_parameters())
         if not parameters:
@@ -108,6 +128,9 @@ class Distill(Pass):
         torch.set_num_threads(usable_cores())
         train, test = _split(samples, held, self.seed)
         loss_of = _Loss(torch, class_score_outputs(context.original), self.temperature, teacher)
+        # held out as they are: the loss that picks the epoch is measured on samples, not variations
+        test_batches = [({n: v[rows] for n, v in inputs.items()}, {n: v[rows] for n, v in teacher.items()})
+                        for rows in (np.sort(b) for b in _batches(test, self.batch_size))]
         masks = {name: (p.detach() != 0) for name, p in parameters.items() if bool((p.detach() == 0).any())}
         optimizer = torch.optim.Adam(parameters.values(), lr=self.learning_rate)
         steps_per_epoch = len(_batches(train, self.batch_size))
@@ -115,7 +138,7 @@ class Distill(Pass):
 
         def held_out_loss() -> float:
             with torch.no_grad():
-                return sum(float(loss_of(student, inputs, batch)) * len(batch) for batch in _batches(test, self.batch_size)) / len(test)
+                return sum(float(loss_of(student, *batch)) * len(next(iter(batch[0].values()))) for batch in test_batches) / len(test)
 
         started = time.perf_counter()
         before = best = held_out_loss()
@@ -125,7 +148,7 @@ class Distill(Pass):
             train_loss = 0.0
             for batch in _batches(rng.permutation(train), self.batch_size):
                 optimizer.zero_grad()
-                loss = loss_of(student, inputs, batch)
+                loss = loss_of(student, *training_batch(np.sort(batch), rng))
                 loss.backward()
                 optimizer.step()
                 if schedule is not None:
@@ -143,7 +166,7 @@ class Distill(Pass):
                 best, best_state, best_epoch = current, copy.deepcopy(student.state_dict()), epoch
             elif epoch - best_epoch >= self.patience:
                 break
-        result.figures.update(samples_trained=len(train), samples_held_out=len(test), held_out_loss_before=round(before, 6),
+        result.figures.update(samples_trained=len(train), samples_held_out=len(test), augmented=list(applied), held_out_loss_before=round(before, 6),
                               held_out_loss_after=round(best, 6), epoch_kept=best_epoch, epochs_run=len(history),
                               training_seconds=round(time.perf_counter() - started, 1), history=history)
         if best_epoch == 0:
@@ -183,21 +206,19 @@ def _batches(indices: np.ndarray, size: int) -> list[np.ndarray]:
 
 class _Loss:
     """The distillation loss of a batch: per output, KL(teacher || student) at temperature T (x T^2) on
-    class scores over their last axis, else the squared error over the teacher's mean energy; summed."""
+    class scores over their last axis, else the squared error over the teacher's mean energy (over
+    all the samples, so that batches weigh alike); summed."""
 
     def __init__(self, torch: Any, scores: frozenset[str], temperature: float, teacher: dict[str, np.ndarray]) -> None:
         self.torch, self.scores, self.temperature = torch, scores, temperature
-        self.teacher = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in teacher.items()}
         self.energy = {name: max(float(np.mean(np.square(value, dtype=np.float64))), 1e-12) for name, value in teacher.items()}
 
-    def __call__(self, student: Any, inputs: dict[str, np.ndarray], batch: np.ndarray) -> Any:
+    def __call__(self, student: Any, inputs: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> Any:
         torch = self.torch
-        rows = np.sort(batch)
-        index = torch.from_numpy(rows)
-        outputs = student(**{name: torch.from_numpy(np.ascontiguousarray(value[rows])) for name, value in inputs.items()})
+        outputs = student(**{name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in inputs.items()})
         total = 0.0
         for name, produced in outputs.items():
-            target = self.teacher[name].index_select(0, index)
+            target = torch.from_numpy(np.ascontiguousarray(targets[name]))
             if name in self.scores and produced.dim() >= 2:
                 t = self.temperature
                 log_p = torch.log_softmax(target / t, dim=-1)
@@ -206,4 +227,3 @@ class _Loss:
             else:
                 total = total + ((produced - target) ** 2).mean() / self.energy[name]
         return total
-

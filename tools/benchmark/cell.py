@@ -94,7 +94,7 @@ def produce_onnxsparse(config: Config, task_dir: Path, cell_dir: Path, validate_
     candidate, report_path = cell_dir / CANDIDATE_FILE, cell_dir / "report.json"
     inputs = ["--inputs", str(task_dir / "eval.npz")] if validate_on == "eval" else []
     arguments = [
-        "optimize", str(task_dir / "model.onnx"), "-o", str(candidate), "-p", config.pipeline,
+        "optimize", str(task_dir / "model.onnx"), "-o", str(candidate), "-p", task_pipeline(config.pipeline, task_dir),
         *inputs, "--calibration", str(task_dir / "calibration.npz"), "--policy", "keep", "--report", str(report_path),
     ]  # fmt: skip
     for stale in (candidate, report_path):
@@ -105,6 +105,15 @@ def produce_onnxsparse(config: Config, task_dir: Path, cell_dir: Path, validate_
         return Produced(None, seconds, command, first_error_line((cell_dir / TOOL_LOG).read_text(encoding="utf-8", errors="replace")))
     report = json.loads(report_path.read_text(encoding="utf-8"))
     return Produced(candidate, seconds, command, details=report_details(report))
+
+
+# Written in a row's pipeline where it names a file of the task: distill{data="$TASK/train.npz"}.
+TASK_FOLDER = "$TASK"
+
+
+def task_pipeline(pipeline: str, task_dir: Path) -> str:
+    """The row's pipeline text for one task: ``$TASK`` becomes the task's folder."""
+    return pipeline.replace(TASK_FOLDER, str(task_dir))
 
 
 def report_details(report: dict[str, Any]) -> dict[str, Any]:

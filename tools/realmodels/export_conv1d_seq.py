@@ -104,6 +104,7 @@ def main(out: Path) -> None:
     model = train(*digits["train"])  # trained on [N, 1, 28, 28] digits through FromImages, to shift them
     parts = {name: (sequences(x), y) for name, (x, y) in digits.items()}
     _export.export_classifier(model, (STEPS, FEATURES), out / "model.onnx", OPSET)
+    _export.save_npz(out / "train.npz", {"input": parts["train"][0], "label": parts["train"][1]})  # for distill{data=...}
     _export.save_npz(out / "calibration.npz", {"input": parts["calibration"][0], "label": parts["calibration"][1]})
     _export.save_npz(out / "eval.npz", {"input": parts["test"][0], "label": parts["test"][1]})
     with torch.no_grad():

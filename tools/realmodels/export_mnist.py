@@ -115,7 +115,10 @@ def train(images: np.ndarray, labels: np.ndarray) -> nn.Module:
 
 
 def write_task_data(out: Path, parts: dict[str, tuple[np.ndarray, np.ndarray]], model: nn.Module) -> np.ndarray:
-    """calibration.npz and eval.npz (digits and labels) of the split; returns torch's eval logits."""
+    """train.npz, calibration.npz and eval.npz (digits and labels) of the split; returns torch's eval
+    logits. train.npz holds what the model was trained on: the samples ``distill{data=...}`` trains a
+    compressed model on (the benchmark's distillation rows), never the eval digits."""
+    _export.save_npz(out / "train.npz", {"input": parts["train"][0], "label": parts["train"][1]})
     _export.save_npz(out / "calibration.npz", {"input": parts["calibration"][0], "label": parts["calibration"][1]})
     _export.save_npz(out / "eval.npz", {"input": parts["test"][0], "label": parts["test"][1]})
     with torch.no_grad():
@@ -126,7 +129,7 @@ def reused_split(preprocessing: str) -> dict[str, object]:
     """info.json's preprocessing and split entries of a model trained on this script's split."""
     return {
         "preprocessing": preprocessing,
-        "train": {"size": SPLIT[0]},
+        "train": {"size": SPLIT[0], "file": "train.npz"},
         "calibration": {"size": SPLIT[1], "split": "the calibration part of export_mnist.py's split; key 'label' holds the digit"},
         "eval": {"size": SPLIT[2], "split": "the test part of export_mnist.py's split; key 'label' holds the digit"},
     }
@@ -160,7 +163,7 @@ def main(out: Path) -> None:
         },
         "provenance": "Trained in export_mnist.py on real MNIST digits; nothing downloaded.",
         "preprocessing": "pixels / 255 (float32 in [0, 1]), shape [batch, 1, 28, 28]",
-        "train": {"size": SPLIT[0]},
+        "train": {"size": SPLIT[0], "file": "train.npz"},
         "calibration": {
             "size": SPLIT[1],
             "split": f"rows of mnist_5k.csv.gz shuffled with numpy default_rng({SEED}).permutation; "
