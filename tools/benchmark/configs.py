@@ -119,6 +119,12 @@ CONFIGS: tuple[Config, ...] = (
              f"fold-batchnorm,channel-prune{{ratio={p / 100:g} budget=latency criterion=reconstruction scope=sensitivity refit=true refit_scope=downstream}},qdq")
       for p in (20, 30, 40, 50)),
     Config("int8 + int8 embeddings", "qdq{embeddings=true}"),
+    # Distillation rows (need torch: the train extra): trained toward the fp32 model on the task's training
+    # split where it has one (the digit models' train.npz), else on its calibration split, varied.
+    Config("channel 70% + distill", 'fold-batchnorm,channel-prune{ratio=0.7},distill{epochs=30 data="$TASK/train.npz" calibration_samples=4000}'),
+    Config("channel 50% refit downstream + distill augmented",
+           "fold-batchnorm,channel-prune{ratio=0.5 refit=true refit_scope=downstream},distill{epochs=30 augment=flip,crop,mixup}"),
+    Config("int8 + distill qat", "qdq,distill{epochs=10 learning_rate=0.0001}"),
     Config("ort quantize_static", _ORT_STATIC, ORT),
     Config("ort quantize_dynamic", 'quantize_dynamic(weight_type="QInt8")', ORT),
     Config("onnxsim simplify", "simplify()", ONNXSIM),

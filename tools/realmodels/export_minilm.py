@@ -91,6 +91,54 @@ SINGLES: tuple[str, ...] = (
 )
 
 
+# The training split (train.npz, what distill{data=...} trains a compressed model on): English prose
+# shipped with Python itself, the language reference topics of pydoc (pydoc_data/topics.py), cut into
+# sentences. Another domain than the eval sentences: distillation needs text, not labels or topics.
+TRAIN_SENTENCES = 4000
+TRAIN_WORDS = (6, 24)  # words per sentence kept
+
+
+def training_sentences(tokenizer: object) -> list[str]:
+    """Up to TRAIN_SENTENCES prose sentences (no code, no markup) of pydoc's topics, then of the
+    standard library's docstrings, each within SEQ_LEN tokens, none a calibration or eval sentence."""
+    import re
+    from pydoc_data.topics import topics
+
+    held = {s for side in split_sentences().values() for s in side[0]}
+    kept: list[str] = []
+    seen: set[str] = set()
+    for text in [topics[name] for name in sorted(topics)] + _standard_library_docstrings():
+        for raw in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+            sentence = raw.strip()
+            words = sentence.split()
+            prose = re.fullmatch(r"[A-Z][A-Za-z0-9 ,;:'\"()-]+[a-z)][.!?]", sentence) is not None and "  " not in sentence
+            if prose and TRAIN_WORDS[0] <= len(words) <= TRAIN_WORDS[1] and sentence not in seen and sentence not in held:
+                seen.add(sentence)
+                kept.append(sentence)
+    fits = [s for s, ids in zip(kept, tokenizer(kept)["input_ids"]) if len(ids) <= SEQ_LEN]  # type: ignore[operator]
+    return fits[:TRAIN_SENTENCES]
+
+
+def _standard_library_docstrings() -> list[str]:
+    """The docstrings of the standard library's top-level modules (read from source, not imported),
+    in file-name order: more of Python's own English prose."""
+    import ast
+    import sysconfig
+
+    texts = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                docstring = ast.get_docstring(node)
+                if docstring:
+                    texts.append(docstring)
+    return texts
+
+
 def split_sentences() -> dict[str, tuple[list[str], list[int]]]:
     """calibration / eval -> (sentences, pair ids); whole pairs stay on one side, singles get -1."""
     half_pairs, half_singles = len(PAIRS) // 2, len(SINGLES) // 2
@@ -181,6 +229,8 @@ def main(out: Path) -> None:
     for side, (sentences, pair_ids) in sides.items():
         extra = {"sentence": np.array(sentences), "pair_id": np.array(pair_ids, dtype=np.int64)}
         _export.save_npz(out / f"{side}.npz", {**data[side], **extra})
+    train = training_sentences(tokenizer)
+    _export.save_npz(out / "train.npz", {**tokenize(tokenizer, train), "sentence": np.array(train)})
     with torch.no_grad():
         torch_embeddings = model(*(torch.from_numpy(data["eval"][name]) for name in INPUT_NAMES)).numpy()
 
@@ -204,6 +254,8 @@ def main(out: Path) -> None:
         "provenance": "Real pretrained weights and tokenizer from the package, loaded offline; sentences written in export_minilm.py.",
         "preprocessing": f"the model's WordPiece tokenizer (lower case), [CLS] ... [SEP], padded with [PAD] to {SEQ_LEN} tokens; "
         "token_type_ids all 0",
+        "train": {"size": len(train), "file": "train.npz",
+                  "split": f"prose sentences of Python's pydoc_data/topics.py ({TRAIN_WORDS[0]}-{TRAIN_WORDS[1]} words), for distillation"},
         "calibration": {
             "size": len(calibration_sentences),
             "split": f"paraphrase pairs 0-{len(PAIRS) // 2 - 1} and the first {len(SINGLES) // 2} single sentences; "
