@@ -107,17 +107,9 @@ class Distill(Pass):
         session = open_session(context.original, "distill teacher", runtime=context.runtime)
         teacher = _stacked(run_feeds(session, [{name: value[i:i + 64] for name, value in inputs.items()} for i in range(0, samples, 64)],
                                      "distill teacher"))
-        applied = applicable(self.augment, inputs)
+        data = _Samples(inputs, teacher, session, applicable(self.augment, inputs))
         result.skipped.extend(Skip("augment", f"{name}: no input of the model takes it (images: float [N, C, H, W]; mixup: float inputs only)")
-                              for name in self.augment if name not in applied)
-
-        def training_batch(rows: np.ndarray, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-            """A batch's inputs and the teacher's outputs on them: varied ones run through the teacher anew."""
-            batch = {name: value[rows] for name, value in inputs.items()}
-            if not applied:
-                return batch, {name: value[rows] for name, value in teacher.items()}
-            batch = augmented(batch, applied, rng)
-            return batch, dict(zip(teacher, session.run(list(teacher), batch)))
+                              for name in self.augment if name not in data.applied)
         student = GraphModule(model, quantized=self.qat)
         parameters = dict(student.onnx_parameters())
         if not parameters:
@@ -127,28 +119,44 @@ class Distill(Pass):
         torch.manual_seed(self.seed)
         torch.set_num_threads(usable_cores())
         train, test = _split(samples, held, self.seed)
-        loss_of = _Loss(torch, class_score_outputs(context.original), self.temperature, teacher)
+        started = time.perf_counter()
+        fit = self._fit(torch, student, parameters, data, train, test, _Loss(torch, class_score_outputs(context.original), self.temperature, teacher),
+                        context)
+        result.figures.update(samples_trained=len(train), samples_held_out=len(test), augmented=list(data.applied),
+                              held_out_loss_before=round(fit.before, 6), held_out_loss_after=round(fit.best, 6), epoch_kept=fit.best_epoch,
+                              epochs_run=len(fit.history), training_seconds=round(time.perf_counter() - started, 1), history=fit.history)
+        if fit.best_epoch == 0:
+            result.skipped.append(Skip("model", f"training did not lower the held-out loss ({fit.before:.5g}); the weights are left as they were"))
+            return result
+        student.load_state_dict(fit.best_state)
+        result.model = student.write_back()
+        result.changes.append(Change("model", "distilled", {"parameters": len(parameters), "kept_zero": fit.kept_zero,
+                                                            "held_out_loss": f"{fit.before:.5g} -> {fit.best:.5g}"}))
+        return result
+
+    def _fit(self, torch: Any, student: Any, parameters: dict[str, Any], data: _Samples, train: np.ndarray, test: np.ndarray,
+             loss_of: _Loss, context: PassContext) -> _Fit:
+        """Adam over ``train`` in batches, epoch by epoch, exact zeros put back after every step; the
+        state of the epoch with the lowest held-out loss (epoch 0: the weights as they came)."""
         # held out as they are: the loss that picks the epoch is measured on samples, not variations
-        test_batches = [({n: v[rows] for n, v in inputs.items()}, {n: v[rows] for n, v in teacher.items()})
-                        for rows in (np.sort(b) for b in _batches(test, self.batch_size))]
+        test_batches = [data.batch(rows) for rows in _batches(test, self.batch_size)]
         masks = {name: (p.detach() != 0) for name, p in parameters.items() if bool((p.detach() == 0).any())}
         optimizer = torch.optim.Adam(parameters.values(), lr=self.learning_rate)
-        steps_per_epoch = len(_batches(train, self.batch_size))
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs * steps_per_epoch) if self.schedule == "cosine" else None
+        steps = self.epochs * len(_batches(train, self.batch_size))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps) if self.schedule == "cosine" else None
 
         def held_out_loss() -> float:
             with torch.no_grad():
                 return sum(float(loss_of(student, *batch)) * len(next(iter(batch[0].values()))) for batch in test_batches) / len(test)
 
-        started = time.perf_counter()
-        before = best = held_out_loss()
-        best_state, best_epoch, history = copy.deepcopy(student.state_dict()), 0, []
+        fit = _Fit(held_out_loss(), 0.0, copy.deepcopy(student.state_dict()), 0, [], len(masks))
+        fit.best = fit.before
         for epoch in range(1, self.epochs + 1):
             rng = np.random.default_rng(self.seed + epoch)
             train_loss = 0.0
-            for batch in _batches(rng.permutation(train), self.batch_size):
+            for rows in _batches(rng.permutation(train), self.batch_size):
                 optimizer.zero_grad()
-                loss = loss_of(student, *training_batch(np.sort(batch), rng))
+                loss = loss_of(student, *data.batch(rows, rng))
                 loss.backward()
                 optimizer.step()
                 if schedule is not None:
@@ -156,27 +164,50 @@ class Distill(Pass):
                 with torch.no_grad():
                     for name, mask in masks.items():
                         parameters[name].mul_(mask)
-                train_loss += float(loss.detach()) * len(batch)
+                train_loss += float(loss.detach()) * len(rows)
             current = held_out_loss()
-            history.append({"epoch": epoch, "train_loss": round(train_loss / len(train), 6), "held_out_loss": round(current, 6)})
+            fit.history.append({"epoch": epoch, "train_loss": round(train_loss / len(train), 6), "held_out_loss": round(current, 6)})
             log.info("distill epoch %d: train loss %.5f, held-out loss %.5f", epoch, train_loss / len(train), current)
             if context.progress:
                 context.progress("distill", epoch, self.epochs)
-            if current < best:
-                best, best_state, best_epoch = current, copy.deepcopy(student.state_dict()), epoch
-            elif epoch - best_epoch >= self.patience:
+            if current < fit.best:
+                fit.best, fit.best_state, fit.best_epoch = current, copy.deepcopy(student.state_dict()), epoch
+            elif epoch - fit.best_epoch >= self.patience:
                 break
-        result.figures.update(samples_trained=len(train), samples_held_out=len(test), augmented=list(applied), held_out_loss_before=round(before, 6),
-                              held_out_loss_after=round(best, 6), epoch_kept=best_epoch, epochs_run=len(history),
-                              training_seconds=round(time.perf_counter() - started, 1), history=history)
-        if best_epoch == 0:
-            result.skipped.append(Skip("model", f"training did not lower the held-out loss ({before:.5g}); the weights are left as they were"))
-            return result
-        student.load_state_dict(best_state)
-        result.model = student.write_back()
-        result.changes.append(Change("model", "distilled", {"parameters": len(parameters), "kept_zero": len(masks),
-                                                            "held_out_loss": f"{before:.5g} -> {best:.5g}"}))
-        return result
+        return fit
+
+
+@dataclass
+class _Samples:
+    """The training samples (inputs by name, samples on axis 0), the teacher's outputs on them, and
+    the variations applied to training batches (run through the teacher's session anew)."""
+
+    inputs: dict[str, np.ndarray]
+    teacher: dict[str, np.ndarray]
+    session: Any
+    applied: tuple[str, ...]
+
+    def batch(self, rows: np.ndarray, rng: np.random.Generator | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The inputs and teacher outputs of ``rows``, varied when ``rng`` is given and variations apply."""
+        rows = np.sort(rows)
+        inputs = {name: value[rows] for name, value in self.inputs.items()}
+        if rng is None or not self.applied:
+            return inputs, {name: value[rows] for name, value in self.teacher.items()}
+        varied = augmented(inputs, self.applied, rng)
+        return varied, dict(zip(self.teacher, self.session.run(list(self.teacher), varied)))
+
+
+@dataclass
+class _Fit:
+    """What training did: the held-out loss before and at its best, that epoch's state, the per-epoch
+    losses, and how many weights had zeros kept."""
+
+    before: float
+    best: float
+    best_state: dict[str, Any]
+    best_epoch: int
+    history: list[dict[str, float]]
+    kept_zero: int
 
 
 def _split(samples: int, held: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
