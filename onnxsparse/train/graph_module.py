@@ -64,8 +64,9 @@ class _Step:
 class GraphModule(torch.nn.Module):
     """``model``'s main graph as a torch module: ``forward(**inputs)`` returns {output name: tensor}.
     ``trainable(name, value)`` picks the constants that become parameters (default: every float
-    initializer or Constant-node value of more than one element, BatchNormalization statistics
-    aside); the rest are buffers."""
+    initializer or Constant-node value of more than one element, BatchNormalization statistics and
+    quantization scales and zero points aside); the rest are buffers. ``quantized``: integer weights
+    behind DequantizeLinear train on their grid (see the module's docstring)."""
 
     def __init__(self, model: onnx.ModelProto, trainable: Trainable | None = None, *, quantized: bool = False) -> None:
         super().__init__()
