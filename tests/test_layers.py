@@ -19,8 +19,8 @@ LAYERS = (
     "calibration", "validation", "quantization", "activations", "shapes", "latency",
     # analyses and numerics over weights and channels
     "layers", "weights", "channels", "layerwise", "refit", "inspect_model",
-    # the training engine (torch, an optional extra: imported by nothing above unless asked for)
-    "train", "train.ops", "train.graph_module",
+    # the training engine (torch, an optional extra: imported by nothing above unless asked for; augment is numpy only)
+    "train", "train.augment", "train.ops", "train.graph_module",
     # the pass contract, then the passes
     "passes.options", "passes.base", "passes.cleanup", "passes.simplify", "passes.fold_batchnorm", "passes.sparse_encode", "passes.magnitude",
     "passes.channel_prune", "passes.qdq", "passes.distill", "passes",
