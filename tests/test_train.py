@@ -291,6 +291,34 @@ def test_quantization_aware_training_trains_integer_weights_on_their_grid_and_wr
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_quantize_dequantize_pair_runs_as_one_fake_quantization_with_the_pairs_values_and_gradients():
+    """A QuantizeLinear read only by DequantizeLinear (per channel here) runs fused: onnxruntime's
+    values, gradient 1 inside the integer range and 0 where it saturates, as the two ops' own rules
+    give it. A QuantizeLinear whose integers are also a graph output stays unfused."""
+    from onnxsparse.train.graph_module import _fused_quantizations
+
+    scale, zero = np.array([0.05, 0.2, 0.01], np.float32), np.array([10, -3, 0], np.int8)
+    pair = _model("q = QuantizeLinear <axis = 1> (x, s, z)\n y = DequantizeLinear <axis = 1> (q, s, z)", "float[4, 3, 5] x", "float[4, 3, 5] y",
+                  initializers={"s": scale, "z": zero})
+    both = _model("q = QuantizeLinear <axis = 1> (x, s, z)\n y = DequantizeLinear <axis = 1> (q, s, z)", "float[4, 3, 5] x",
+                  "int8[4, 3, 5] q, float[4, 3, 5] y", initializers={"s": scale, "z": zero})
+    assert _fused_quantizations(pair.graph) == {"q"} and _fused_quantizations(both.graph) == set()
+    x = RNG.uniform(-8, 8, (4, 3, 5)).astype(np.float32)
+    for model in (pair, both):
+        ours, theirs = _ours_and_theirs(model, {"x": x})
+        for mine, reference in zip(ours, theirs):
+            np.testing.assert_allclose(mine, reference, rtol=1e-6, atol=1e-6)
+    gradients = []
+    for model in (pair, both):
+        tensor = torch.from_numpy(x).requires_grad_(True)
+        GraphModule(model)(x=tensor)["y"].sum().backward()
+        gradients.append(tensor.grad.numpy())
+    np.testing.assert_array_equal(gradients[0], gradients[1])
+    integers = np.round(x / scale[:, None]) + zero[:, None]
+    np.testing.assert_array_equal(gradients[0], ((integers >= -128) & (integers <= 127)).astype(np.float32))
+    assert 0 < gradients[0].mean() < 1  # both sides of the range are in the data
+
+
 # -- the distill pass ---------------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ from onnx import numpy_helper
 
 from ..errors import UnsupportedModelError
 from ..graph import tensor_array
-from .ops import OnnxNode, Rule, rule_of
+from .ops import OnnxNode, Rule, fake_quantize, pass_through, rule_of
 
 # Which constants train by default: float weights, not scalars (an epsilon, an exponent), not a
 # BatchNormalization's running statistics (inputs 3 and 4) and not quantization scales or zero points.
@@ -96,11 +96,14 @@ class GraphModule(torch.nn.Module):
         given = set(constants)
         self.input_names = [i.name for i in graph.input if i.name not in given]
         self.output_names = [o.name for o in graph.output]
+        fused = _fused_quantizations(graph)
         self._steps = []
         for node in graph.node:
             if node.op_type != "Constant":
                 view = OnnxNode.of(node, opset)
-                self._steps.append(_Step(view, rule_of(view, node.domain), list(node.input), list(node.output)))
+                run = fake_quantize if node.op_type == "QuantizeLinear" and node.output[0] in fused else (
+                    pass_through if node.op_type == "DequantizeLinear" and node.input[0] in fused else rule_of(view, node.domain))
+                self._steps.append(_Step(view, run, list(node.input), list(node.output)))
 
     def constant(self, name: str) -> torch.Tensor:
         """The parameter or buffer holding the model's constant ``name``."""
@@ -179,6 +182,32 @@ def _integer_grids(graph: onnx.GraphProto, constants: Mapping[str, np.ndarray]) 
         grids[name] = _Grid(_along(constants[scale_name].astype(np.float32), value.ndim, axis),
                             _along(zero.astype(np.float32), value.ndim, axis), int(info.min), int(info.max))
     return grids
+
+
+def _fused_quantizations(graph: onnx.GraphProto) -> set[str]:
+    """The outputs of QuantizeLinear nodes (with a zero point, not block-wise) read only by
+    DequantizeLinear nodes of the same scale, zero point and axis, and not graph outputs: each such
+    pair runs as one fake-quantization (:func:`~onnxsparse.train.ops.fake_quantize`)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def axis(node: onnx.NodeProto) -> int:
+        return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+    fused = set()
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 3 or not node.input[2] or node.output[0] in outputs:
+            continue
+        if any(a.name in ("block_size", "output_dtype") for a in node.attribute):
+            continue
+        after = readers.get(node.output[0], [])
+        if after and all(r.op_type == "DequantizeLinear" and r.input[0] == node.output[0] and list(r.input[1:3]) == list(node.input[1:3])
+                         and axis(r) == axis(node) and not any(a.name == "block_size" for a in r.attribute) for r in after):
+            fused.add(node.output[0])
+    return fused
 
 
 def _along(value: np.ndarray, rank: int, axis: int) -> torch.Tensor:

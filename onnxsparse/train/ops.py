@@ -553,6 +553,38 @@ def _quantize(node: OnnxNode, x: Tensor, scale: Tensor, zero_point: Tensor | Non
     return torch.clamp(rounded + zero, low, high)
 
 
+class _FakeQuantize(torch.autograd.Function):
+    """QuantizeLinear then DequantizeLinear as one op: the values the pair computes, the gradient
+    straight through where the integers were not saturated. It keeps one boolean per element for the
+    backward pass, where the pair's own rules kept several float tensors (MobileNetV2's QDQ model
+    trained at 8.3 GB against 3.4 GB float)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Tensor, zero: Tensor, low: int, high: int) -> Tensor:  # type: ignore[override]
+        q = torch.round(x / scale) + zero  # rounded before the zero point is added, as ONNX says
+        ctx.save_for_backward((q >= low) & (q <= high))
+        return (torch.clamp(q, low, high) - zero) * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def fake_quantize(node: OnnxNode, inputs: list[Any]) -> list[Any]:
+    """The rule of a QuantizeLinear whose every reader is a DequantizeLinear of the same scale and
+    zero point (the graph module then reads its output as the pair's): their dequantized values."""
+    x, scale, zero_point = inputs[0], inputs[1], inputs[2]
+    low, high = _TORCH_INTEGER_RANGES[zero_point.dtype]
+    zero = _per_axis(node, x, zero_point.to(x.dtype))
+    return [_FakeQuantize.apply(x, _per_axis(node, x, scale.to(x.dtype)), zero, low, high)]
+
+
+def pass_through(node: OnnxNode, inputs: list[Any]) -> list[Any]:
+    """The rule of a DequantizeLinear fused into the QuantizeLinear before it: its input, as is."""
+    return [inputs[0]]
+
+
 @rule("DequantizeLinear")
 def _dequantize(node: OnnxNode, q: Tensor, scale: Tensor, zero_point: Tensor | None = None) -> Tensor:
     values = q.float() if not q.dtype.is_floating_point else q  # an integer initializer, or a fake-quantized float
