@@ -24,7 +24,7 @@ from onnx import numpy_helper
 
 from ..errors import UnsupportedModelError
 from ..graph import tensor_array
-from .ops import OnnxNode, Rule, fake_quantize, pass_through, rule_of
+from .ops import OnnxNode, Rule, along, fake_quantize, pass_through, rule_of, straight_through_integers
 
 # Which constants train by default: float weights, not scalars (an epsilon, an exponent), not a
 # BatchNormalization's running statistics (inputs 3 and 4) and not quantization scales or zero points.
@@ -42,11 +42,9 @@ class _Grid:
     high: int
 
     def integers(self, values: torch.Tensor) -> torch.Tensor:
-        """The integers (as floats) that float ``values`` round to, saturated, with gradients straight
-        through the rounding inside the range."""
-        scaled = values / self.scale
-        rounded = scaled + (torch.round(scaled) - scaled).detach()
-        return torch.clamp(rounded + self.zero, self.low, self.high)
+        """The integers (as floats) that float ``values`` round to on this grid (see
+        :func:`~onnxsparse.train.ops.straight_through_integers`)."""
+        return straight_through_integers(values, self.scale, self.zero, self.low, self.high)
 
     def values(self, integers: np.ndarray) -> torch.Tensor:
         """What DequantizeLinear makes of ``integers``: (q - zero point) x scale, in float32."""
@@ -160,10 +158,7 @@ _GRID_TYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32)
 def _integer_grids(graph: onnx.GraphProto, constants: Mapping[str, np.ndarray]) -> dict[str, _Grid]:
     """The integer constants that only DequantizeLinear nodes read, as their input 0, all with the
     same constant scale and zero point (block-wise ones aside): the weights a QDQ model trains."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     grids = {}
     for name, value in constants.items():
         nodes = readers.get(name, [])
@@ -179,8 +174,8 @@ def _integer_grids(graph: onnx.GraphProto, constants: Mapping[str, np.ndarray]) 
         info = np.iinfo(value.dtype)
         zero = constants[zero_name] if zero_name else np.zeros((), value.dtype)
         axis = int(attributes.get("axis", 1)) % max(value.ndim, 1)
-        grids[name] = _Grid(_along(constants[scale_name].astype(np.float32), value.ndim, axis),
-                            _along(zero.astype(np.float32), value.ndim, axis), int(info.min), int(info.max))
+        grids[name] = _Grid(along(torch.from_numpy(constants[scale_name].astype(np.float32)), value.ndim, axis),
+                            along(torch.from_numpy(zero.astype(np.float32)), value.ndim, axis), int(info.min), int(info.max))
     return grids
 
 
@@ -188,10 +183,7 @@ def _fused_quantizations(graph: onnx.GraphProto) -> set[str]:
     """The outputs of QuantizeLinear nodes (with a zero point, not block-wise) read only by
     DequantizeLinear nodes of the same scale, zero point and axis, and not graph outputs: each such
     pair runs as one fake-quantization (:func:`~onnxsparse.train.ops.fake_quantize`)."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     outputs = {o.name for o in graph.output}
 
     def axis(node: onnx.NodeProto) -> int:
@@ -210,14 +202,13 @@ def _fused_quantizations(graph: onnx.GraphProto) -> set[str]:
     return fused
 
 
-def _along(value: np.ndarray, rank: int, axis: int) -> torch.Tensor:
-    """A per-tensor (0-d or one element) or per-axis (1-d) scale or zero point shaped to broadcast
-    onto a tensor of ``rank`` dimensions along ``axis``."""
-    if value.size == 1:
-        return torch.tensor(float(value.reshape(-1)[0]))
-    shape = [1] * rank
-    shape[axis] = -1
-    return torch.from_numpy(np.ascontiguousarray(value)).reshape(shape)
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes of ``graph`` that read each tensor name."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray:

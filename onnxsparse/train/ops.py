@@ -528,29 +528,39 @@ def _arg(node: OnnxNode, x: Tensor) -> Tensor:
 
 # -- quantization (fake: what QDQ computes, with gradients straight through the rounding) --------
 
-_INTEGER_RANGES = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127), onnx.TensorProto.UINT16: (0, 65535),
-                   onnx.TensorProto.INT16: (-32768, 32767), onnx.TensorProto.INT32: (-(2**31), 2**31 - 1)}
 _TORCH_INTEGER_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int16: (-32768, 32767), torch.int32: (-(2**31), 2**31 - 1)}
 
 
-def _per_axis(node: OnnxNode, x: Tensor, value: Tensor) -> Tensor:
-    """A scale or zero point shaped to broadcast along the node's axis (per tensor when 0-d)."""
-    if value.dim() == 0 or value.numel() == 1:
+def along(value: Tensor, rank: int, axis: int) -> Tensor:
+    """A per-tensor (one element) or per-axis (1-d) scale or zero point shaped to broadcast onto a
+    tensor of ``rank`` dimensions along ``axis``."""
+    if value.numel() == 1:
         return value.reshape(())
-    shape = [1] * x.dim()
-    shape[node.attr("axis", 1) % x.dim()] = -1
+    shape = [1] * rank
+    shape[axis % rank] = -1
     return value.reshape(shape)
+
+
+def _per_axis(node: OnnxNode, x: Tensor, value: Tensor) -> Tensor:
+    """A scale or zero point shaped to broadcast onto ``x`` along the node's axis."""
+    return along(value, x.dim(), node.attr("axis", 1))
+
+
+def straight_through_integers(x: Tensor, scale: Tensor, zero: Tensor, low: int, high: int) -> Tensor:
+    """The integers (as floats) that QuantizeLinear makes of ``x``: round half to even, saturated, with
+    gradients straight through the rounding inside the range."""
+    scaled = x / scale
+    rounded = scaled + (torch.round(scaled) - scaled).detach()  # rounded before the zero point is added, as ONNX says
+    return torch.clamp(rounded + zero, low, high)
 
 
 @rule("QuantizeLinear")
 def _quantize(node: OnnxNode, x: Tensor, scale: Tensor, zero_point: Tensor | None = None) -> Tensor:
-    """The integers QuantizeLinear writes (round half to even, saturated), kept as a float tensor so
-    that gradients pass straight through the rounding (inside the range) to what it quantizes."""
+    """The integers QuantizeLinear writes, kept as a float tensor so that gradients pass straight
+    through the rounding (inside the range) to what it quantizes."""
     low, high = _TORCH_INTEGER_RANGES[zero_point.dtype] if zero_point is not None else (0, 255)
     zero = _per_axis(node, x, zero_point.to(x.dtype)) if zero_point is not None else torch.zeros((), dtype=x.dtype)
-    scaled = x / _per_axis(node, x, scale)
-    rounded = scaled + (torch.round(scaled) - scaled).detach()  # rounded before the zero point is added, as ONNX says
-    return torch.clamp(rounded + zero, low, high)
+    return straight_through_integers(x, _per_axis(node, x, scale), zero, low, high)
 
 
 class _FakeQuantize(torch.autograd.Function):
