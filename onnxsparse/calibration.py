@@ -567,10 +567,7 @@ def held_out_split(source: InputSource, sizes: Sequence[int], seed: int = 0) -> 
                              "validate on; give more, or validation inputs of your own (--inputs)")
     wanted = min(HELD_OUT_MAX_SAMPLES, max(1, round(total * HELD_OUT_FRACTION)))
     run = max(1, min(HELD_OUT_RUN, total // 16))
-    runs = np.arange(0, total, run)
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.permutation(runs)[: -(-wanted // run)])
-    held = np.unique(np.concatenate([np.arange(start, min(start + run, total)) for start in chosen]))[:wanted]
+    held = held_out_runs(total, run, -(-wanted // run), seed)[:wanted]
     if len(held) >= total:
         held = held[: total - 1]
     fit = np.setdiff1d(np.arange(total), held)
@@ -580,6 +577,13 @@ def held_out_split(source: InputSource, sizes: Sequence[int], seed: int = 0) -> 
         held_out=SelectedSamples(source, tuple(held.tolist()), tuple(sizes),
                                  f"{len(held)} of the {total} samples of {origin}, held out of calibration (runs of {run}, seed {seed})"),
     )
+
+
+def held_out_runs(total: int, run: int, count: int, seed: int) -> np.ndarray:
+    """The sorted indices of ``count`` runs of ``run`` consecutive samples out of ``total``, picked
+    by a seeded permutation: neighbouring samples (views or frames of one thing) go to one side."""
+    starts = np.sort(np.random.default_rng(seed).permutation(np.arange(0, total, run))[:count])
+    return np.concatenate([np.arange(start, min(start + run, total)) for start in starts]) if len(starts) else np.zeros(0, np.int64)
 
 
 # Samples per onnxruntime run: activation memory grows with the batch. A calibration file of 384

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from ..calibration import RUN_SAMPLES, collect_feeds, resolve_inputs, sample_axis
+from ..calibration import RUN_SAMPLES, collect_feeds, held_out_runs, resolve_inputs, sample_axis
 from ..errors import RequirementError
 from ..limits import CALIBRATION_SAMPLES
 from ..runtime import open_session, usable_cores
@@ -215,15 +215,13 @@ def _split(samples: int, held: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     (seeded), as the pipeline holds out validation samples: neighbours are often views or frames of one
     thing (MobileNetV2's calibration set: 8 views per photo), and a held-out view of a photo trained on
     says nothing about other photos. Single samples when there are too few runs to split."""
-    runs = [np.arange(start, min(start + RUN_SAMPLES, samples)) for start in range(0, samples, RUN_SAMPLES)]
-    chosen = max(1, round(len(runs) * held / samples))
-    if len(runs) - chosen < 1:
+    runs = -(-samples // RUN_SAMPLES)
+    chosen = max(1, round(runs * held / samples))
+    if runs - chosen < 1:
         order = np.random.default_rng(seed).permutation(samples)
         return order[held:], order[:held]
-    picked = set(np.random.default_rng(seed).permutation(len(runs))[:chosen].tolist())
-    test = np.concatenate([run for index, run in enumerate(runs) if index in picked])
-    train = np.concatenate([run for index, run in enumerate(runs) if index not in picked])
-    return train, test
+    test = held_out_runs(samples, RUN_SAMPLES, chosen, seed)
+    return np.setdiff1d(np.arange(samples), test), test
 
 
 def _stacked(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
