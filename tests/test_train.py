@@ -322,14 +322,17 @@ def test_a_quantize_dequantize_pair_runs_as_one_fake_quantization_with_the_pairs
 # -- the distill pass ---------------------------------------------------------------------------
 
 
-def _distilled(spec: str):
+def _distilled(spec: str, name: str = "digits_cnn", *, inputs: bool = True, calibration: bool = True, **options):
+    """``spec`` run on a bundled model with its validation inputs and calibration data (either left
+    out on request), worse steps kept; ``options`` go to the PassManager (policy keep unless given)."""
     from onnxsparse.calibration import resolve_inputs
     from onnxsparse.pipeline import PassManager
     from onnxsparse.spec import parse_pipeline
 
-    model = load(MODELS / "digits_cnn.onnx")
-    manager = PassManager(parse_pipeline(spec), inputs=resolve_inputs(str(MODELS / "digits_cnn.inputs.npz"), model),
-                          calibration=resolve_inputs(str(MODELS / "digits_cnn.calibration.npz"), model), policy="keep", keep_worse=True)
+    model = load(MODELS / f"{name}.onnx")
+    manager = PassManager(parse_pipeline(spec), inputs=resolve_inputs(str(MODELS / f"{name}.inputs.npz"), model) if inputs else None,
+                          calibration=resolve_inputs(str(MODELS / f"{name}.calibration.npz"), model) if calibration else None,
+                          keep_worse=True, **{"policy": "keep", **options})
     return manager.run(model)
 
 
@@ -386,20 +389,16 @@ def test_distill_after_qdq_trains_the_integer_weights_on_their_grid():
 def test_distill_trains_on_the_samples_of_its_data_option_without_calibration(tmp_path):
     """distill{data=...} reads its training samples from the file it names: the run needs no
     --calibration, and a file that does not exist is an error when the pipeline is built."""
-    from onnxsparse.calibration import resolve_inputs
     from onnxsparse.errors import PipelineSpecError
-    from onnxsparse.pipeline import PassManager
     from onnxsparse.spec import parse_pipeline
 
-    model = load(MODELS / "digits_cnn.onnx")
     data = tmp_path / "training samples.npz"
     with np.load(MODELS / "digits_cnn.calibration.npz") as archive:
         np.savez(data, **{name: np.flip(archive[name], axis=-1) for name in archive.files})  # other samples than any the run has
     spec = f'magnitude-prune{{sparsity=0.6}},distill{{epochs=5 learning_rate=0.001 data="{data}"}}'
     passes = parse_pipeline(spec)
     assert passes[1].data == str(data) and not passes[1].needs()
-    manager = PassManager(passes, inputs=resolve_inputs(str(MODELS / "digits_cnn.inputs.npz"), model), policy="keep", keep_worse=True)
-    _, report = manager.run(model)
+    _, report = _distilled(spec, calibration=False)
     distill = report.steps[1]
     assert distill.changes and distill.figures["samples_trained"] + distill.figures["samples_held_out"] == 64
     assert distill.figures["held_out_loss_after"] < distill.figures["held_out_loss_before"]
@@ -432,15 +431,11 @@ def test_distill_with_augmentation_trains_on_varied_batches_and_says_what_did_no
     distill = report.steps[1]
     assert distill.figures["augmented"] == ["flip", "mixup"] and distill.changes
     assert distill.figures["held_out_loss_after"] < distill.figures["held_out_loss_before"]
-    from onnxsparse.calibration import resolve_inputs
     from onnxsparse.errors import PipelineSpecError
-    from onnxsparse.pipeline import PassManager
     from onnxsparse.spec import parse_pipeline
 
-    mlp = load(MODELS / "digits_transformer.onnx")  # rows of pixels as tokens [N, 8, 8]: nothing to flip, samples to mix
-    manager = PassManager(parse_pipeline("magnitude-prune{sparsity=0.7},distill{epochs=2 augment=flip,mixup}"),
-                          calibration=resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), mlp), policy="keep", keep_worse=True)
-    _, report = manager.run(mlp)
+    # the digits transformer reads rows of pixels as tokens [N, 8, 8]: nothing to flip, samples to mix
+    _, report = _distilled("magnitude-prune{sparsity=0.7},distill{epochs=2 augment=flip,mixup}", "digits_transformer", inputs=False)
     assert report.steps[1].figures["augmented"] == ["mixup"]
     assert [s.reason for s in report.steps[1].skipped if s.target == "augment"] == [
         "flip: no input of the model takes it (images: float [N, C, H, W]; mixup: float inputs only)"]
@@ -461,9 +456,6 @@ def test_a_lossy_step_before_distill_is_judged_after_it_kept_when_the_two_hold_a
     """channel-prune breaks the tolerance alone; under the default policy it is no longer rolled back
     before distill runs: the two are judged together. A bound the distilled model meets keeps both
     (the prune 'recovered'); a bound it does not meet rolls both back to the original."""
-    from onnxsparse.calibration import resolve_inputs
-    from onnxsparse.pipeline import PassManager
-    from onnxsparse.spec import parse_pipeline
     from onnxsparse.validation import Tolerance, Tolerances
 
     spec = "channel-prune{ratio=0.5 round_to=1 never_slower=false},distill{epochs=10 learning_rate=0.001}"
@@ -473,10 +465,7 @@ def test_a_lossy_step_before_distill_is_judged_after_it_kept_when_the_two_hold_a
     model = load(MODELS / "digits_cnn.onnx")
 
     def run(bound: float):
-        manager = PassManager(parse_pipeline(spec), inputs=resolve_inputs(str(MODELS / "digits_cnn.inputs.npz"), model),
-                              calibration=resolve_inputs(str(MODELS / "digits_cnn.calibration.npz"), model),
-                              tolerances=Tolerances(default=Tolerance(min_cosine=bound)), keep_worse=True)
-        return manager.run(model)
+        return _distilled(spec, policy="rollback", tolerances=Tolerances(default=Tolerance(min_cosine=bound)))
 
     out, report = run((pruned_cosine + distilled_cosine) / 2)
     assert [s.status for s in report.steps] == ["recovered", "committed"], [(s.status, s.reason) for s in report.steps]
@@ -493,9 +482,6 @@ def test_two_recovery_steps_in_a_row_are_settled_together():
     """prune, distill, distill with a bound only the second distill meets: the first distill does not
     settle the prune (it is pending too); the second keeps all three, and the model written is the
     pruned and twice-distilled one."""
-    from onnxsparse.calibration import resolve_inputs
-    from onnxsparse.pipeline import PassManager
-    from onnxsparse.spec import parse_pipeline
     from onnxsparse.validation import Tolerance, Tolerances
 
     spec = "channel-prune{ratio=0.5 round_to=1 never_slower=false},distill{epochs=4 learning_rate=0.001},distill{epochs=4 learning_rate=0.001}"
@@ -503,10 +489,7 @@ def test_two_recovery_steps_in_a_row_are_settled_together():
     cosines = [step.validation.outputs[0].cosine for step in kept.steps]
     assert cosines[0] < cosines[1] < cosines[2], cosines
     model = load(MODELS / "digits_cnn.onnx")
-    manager = PassManager(parse_pipeline(spec), inputs=resolve_inputs(str(MODELS / "digits_cnn.inputs.npz"), model),
-                          calibration=resolve_inputs(str(MODELS / "digits_cnn.calibration.npz"), model),
-                          tolerances=Tolerances(default=Tolerance(min_cosine=(cosines[1] + cosines[2]) / 2)), keep_worse=True)
-    out, report = manager.run(model)
+    out, report = _distilled(spec, policy="rollback", tolerances=Tolerances(default=Tolerance(min_cosine=(cosines[1] + cosines[2]) / 2)))
     assert [s.status for s in report.steps] == ["recovered", "recovered", "committed"], [(s.status, s.reason) for s in report.steps]
     assert sum(np.prod(t.dims) for t in out.graph.initializer) < sum(np.prod(t.dims) for t in model.graph.initializer)  # pruned
     assert report.final_validation.passed
