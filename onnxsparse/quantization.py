@@ -171,9 +171,9 @@ def quantize_weight(weight: np.ndarray, axis: int | None, bound: int = 127) -> W
     Rounded (ties to even) from w divided by the float32 scale the model stores, so each integer is
     the nearest to w that the stored scale can express (up to the float32 rounding of the quotient:
     one in 1.2 million of a random 2048x600 weight was within an ulp of a half). In float32 (float64
-    took 1.8x as long), a
-    block of rows at a time for the peaks and for the rounding: a big weight never gets a whole float
-    copy beside its int8 one, and a store-held weight's pages leave memory block by block."""
+    took 1.8x as long), a block of rows at a time for the peaks and for the rounding: a big weight
+    never gets a whole float copy beside its int8 one, and a store-held weight's pages leave memory
+    block by block."""
     peak = _peaks(weight, axis)
     scale32 = np.where(peak > 0, peak / bound, 1.0).astype(np.float32)
     shape = [1] * weight.ndim
