@@ -14,6 +14,7 @@ from .graph import op_histogram, outer_scope_reads, tensor_array
 from .io import LoadInfo, sparse_to_dense
 from .shapes import infer_shapes  # shapes observed in onnxruntime where onnx cannot infer them
 from .walk import iter_all_tensors, iter_attribute_tensors, iter_model_graphs, subgraphs_of
+from .weightstore import data_bytes
 
 
 @dataclass
@@ -154,9 +155,8 @@ def footprint(model: onnx.ModelProto) -> Footprint:
     """:class:`Footprint` of every constant tensor, subgraphs and sparse parts included."""
     total_bytes = total_elements = 0
     for tensor in iter_all_tensors(model):
-        elements = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
-        total_bytes += elements * _itemsize(tensor)
-        total_elements += elements
+        total_bytes += data_bytes(tensor)  # int4/uint4 packed two to a byte
+        total_elements += int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
     for graph in iter_model_graphs(model):  # a sparse tensor's indices as stored: packed varints, mostly
         for sparse in graph.sparse_initializer:
             declared = sum(int(np.prod(part.dims, dtype=np.int64)) * _itemsize(part) for part in (sparse.values, sparse.indices))

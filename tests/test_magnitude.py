@@ -222,15 +222,15 @@ def test_sparsegpt_sensitivity_probes_each_tensor_with_sparsegpt():
 def test_one_pass_hessians_are_each_layers_input_gram_matrix(monkeypatch, bytes_per_pass):
     """The scan reads every layer's input Hessian XᵀX side by side (in one pass, or one per layer
     when they do not fit the memory bound); each must be that layer's input, as rows, times itself."""
+    from onnxsparse import layerwise
     from onnxsparse.activations import tensor_values
     from onnxsparse.graph import overridable_initializers, to_gs
-    from onnxsparse.passes import magnitude
     from onnxsparse.weights import WEIGHT_OPS, find_weights
 
-    monkeypatch.setattr(magnitude, "HESSIAN_BYTES_PER_PASS", bytes_per_pass)
+    monkeypatch.setattr(layerwise, "HESSIAN_BYTES_PER_PASS", bytes_per_pass)
     model, _, calibration = bundled("digits_transformer")
     sites = find_weights(to_gs(model), WEIGHT_OPS, overridable_initializers(model))[0]
-    together = magnitude.original_hessians(model, sites, calibration)
+    together = layerwise.original_hessians(model, sites, calibration)
     assert set(together) == {site.name for site in sites} and len(sites) >= 8
     names = {site.name: site.uses[0].node.inputs[0].name for site in sites}
     activations: dict[str, list[np.ndarray]] = {}

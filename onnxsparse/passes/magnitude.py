@@ -12,18 +12,20 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..activations import ChangingModelValues, FixedModelValues, collect_channel_stats, tensor_values
-from ..calibration import InputSource, read_once
+from ..activations import ChangingModelValues, FixedModelValues, collect_channel_stats
+from ..calibration import read_once
 from ..graph import from_gs, overridable_initializers, to_gs
 from ..layers import WEIGHT_OPS, layer_kind, layer_ops
 from ..layerwise import (
     activation_name,
+    add_blocks,
+    add_hessians,
     correct_biases,
     fit_to_teacher,
     from_matrix,
     gram_blocks,
     grouped_rows,
-    groups_of,
+    original_hessians,
     sample_slices,
     sparsegpt,
     to_matrix,
@@ -360,12 +362,12 @@ class MagnitudePrune(Pass):
         for values in mine:
             teacher = next(theirs) if theirs is not None else None
             if teacher is None:
-                hessians = _add_hessians(hessians, site, values[name])
+                hessians = add_hessians(hessians, site, values[name])
                 continue
             for part in sample_slices(site, values[name], teacher):
                 rows = grouped_rows(site, part[0])
-                hessians = _add_blocks(hessians, gram_blocks(rows))
-                crosses = _add_blocks(crosses, gram_blocks(rows, grouped_rows(site, part[1])))
+                hessians = add_blocks(hessians, gram_blocks(rows))
+                crosses = add_blocks(crosses, gram_blocks(rows, grouped_rows(site, part[1])))
         assert hessians is not None, "no calibration feed"
         return hessians, crosses
 
@@ -426,52 +428,6 @@ def allocate_sparsity(sizes: np.ndarray, targets: np.ndarray, drifts: np.ndarray
         middle = (low + high) / 2
         low, high = (middle, high) if float(np.sum(sizes * shares(middle))) < wanted else (low, middle)
     return shares(high)
-
-
-def _add_blocks(total: np.ndarray | None, blocks: np.ndarray) -> np.ndarray:
-    """Per-group blocks [groups, ...] summed (``total`` None: the first)."""
-    return blocks if total is None else total + blocks
-
-
-def _add_hessians(total: np.ndarray | None, site: WeightSite, activation: np.ndarray) -> np.ndarray:
-    """``total`` plus XᵀX per group of the layer's input ``activation`` (a Conv's a few images at a time)."""
-    for (part,) in sample_slices(site, activation):
-        total = _add_blocks(total, gram_blocks(grouped_rows(site, part)))
-    assert total is not None
-    return total
-
-
-# Hessians gathered side by side in one pass over the data; more layers than this take more passes.
-HESSIAN_BYTES_PER_PASS = 1 << 30
-
-
-def original_hessians(model: onnx.ModelProto, sites: list[WeightSite], source: InputSource, limit: int | None = None
-                      ) -> dict[str, np.ndarray]:
-    """XᵀX per group of every listed layer's input in ``model``, in as few passes over ``source`` as
-    fit HESSIAN_BYTES_PER_PASS (a sensitivity scan of MobileNetV2's 53 tensors ran the model once
-    per tensor before: 53 passes over 368 images, now one)."""
-    hessians: dict[str, np.ndarray] = {}
-    for batch in _by_hessian_bytes(sites, HESSIAN_BYTES_PER_PASS):
-        names = {site.name: activation_name(site) for site in batch}
-        for values in tensor_values(model, source, list(dict.fromkeys(names.values())), limit=limit, label="sparsegpt sensitivity inputs"):
-            for site in batch:
-                hessians[site.name] = _add_hessians(hessians.get(site.name), site, values[names[site.name]])
-    return hessians
-
-
-def _by_hessian_bytes(sites: list[WeightSite], budget: int) -> Iterator[list[WeightSite]]:
-    """``sites`` in runs whose float64 Hessians (groups x columns² each) add up to at most ``budget``."""
-    batch: list[WeightSite] = []
-    used = 0
-    for site in sites:
-        size = groups_of(site) * to_matrix(site).shape[1] ** 2 * 8
-        if batch and used + size > budget:
-            yield batch
-            batch, used = [], 0
-        batch.append(site)
-        used += size
-    if batch:
-        yield batch
 
 
 # ---------------------------------------------------------------------------------------------
