@@ -276,13 +276,14 @@ def test_load_task_names_the_fetch_command_when_absent(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the real cached models
 
 # The key in eval.npz / calibration.npz that identifies a sample's origin, to check the split.
-ORIGIN_KEY = {"mobilenetv2": "view", "ppocr_rec": "text", "minilm": "sentence", "mnist": None, "resnet18": None, "dwstack": None,
+ORIGIN_KEY = {"mobilenetv2": "view", "ppocr_rec": "text", "minilm": "sentence", "mpnet": "sentence", "mnist": None, "resnet18": None, "dwstack": None,
               "conv1d_seq": None, "bytecnn": "window", "detector": None}
 # What the fp32 model must reach on its own eval split (ground-truth metrics), with margin.
 FP32_FLOORS = {
     "mobilenetv2": {"fp32_accuracy": 0.8},
     "ppocr_rec": {"fp32_exact_match": 0.8},
     "minilm": {"fp32_paraphrase_top1": 0.8},
+    "mpnet": {"fp32_paraphrase_top1": 0.8},
     "mnist": {"fp32_accuracy": 0.95},
     "resnet18": {"fp32_accuracy": 0.95},
     "dwstack": {"fp32_accuracy": 0.95},

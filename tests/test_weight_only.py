@@ -190,13 +190,38 @@ def test_weights_read_otherwise_or_excluded_stay_float_with_the_reason(rng: np.r
                               w=rng.standard_normal((32, 16)).astype(np.float32))
     result = WeightOnly(exclude=("kept",)).run(model, PassContext())
     reasons = {skip.target: skip.reason for skip in result.skipped}
-    assert reasons["w"] == "excluded" and [c.target for c in result.changes] == ["table2"]
+    assert reasons["w"] == "excluded" and [c.target for c in result.changes] == ["table2", "table"]
     tied = with_initializers(parse(text.replace("table_t", "shared").replace("Gather (table, ids)", "Gather (shared2, ids)"), "tied", "gather", "kept"),
                              shared=table.T.copy(), shared2=table.T.copy(), w=rng.standard_normal((32, 16)).astype(np.float32))
     tied.graph.node[1].input[0] = "shared"  # the same tensor read by MatMul and by Gather
     result = WeightOnly().run(tied, PassContext())
-    reasons = {skip.target: skip.reason for skip in result.skipped}
-    assert "also read by Gather" in reasons["shared"] and [c.target for c in result.changes] == ["w"]
+    reasons = [skip.reason for skip in result.skipped if skip.target == "shared"]
+    assert [c.target for c in result.changes] == ["w"]  # the MatMul side and the table side each say why not
+    assert "also read by Gather" in reasons[0] and "also read by MatMul" in reasons[1]
+
+
+@pytest.mark.parametrize(("width", "symmetric", "bits"), [(40, True, 4), (64, False, 4), (40, True, 8), (40, False, 8)])
+def test_embedding_tables_become_gatherblockquantized_of_the_same_codes(width: int, symmetric: bool, bits: int, rng: np.random.Generator) -> None:
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (int64[N, 5] ids) => (float[N, 5, {width}] y) {{
+        y = Gather <axis = 0> (table, ids)
+    }}
+    """
+    table = rng.standard_normal((50, width)).astype(np.float32)
+    model = with_initializers(parse(text, "embed"), table=table)
+    result = WeightOnly(symmetric=symmetric, bits=bits).run(model, PassContext())
+    onnx.checker.check_model(result.model, full_check=True)
+    [node] = result.model.graph.node
+    assert (node.op_type, node.domain, node.name) == ("GatherBlockQuantized", "com.microsoft", "embed")
+    ids = rng.integers(0, 50, (3, 5))
+    [gathered] = run(result.model, {"ids": ids})
+    # rows are the output units, each quantized in blocks along its width, as a MatMul weight's columns
+    dequantized = round_to_nearest(table.T, BlockScheme(bits, 32, symmetric)).dequantized().T
+    np.testing.assert_array_equal(gathered, dequantized[ids])
+    assert result.changes[0].action == f"int{bits} embedding table"
+    kept = WeightOnly(embeddings=False).run(model, PassContext())
+    assert not kept.changes
 
 
 @pytest.mark.parametrize(("text", "message"), [

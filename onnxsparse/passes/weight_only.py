@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from ..blockwise import BlockCodes, BlockScheme, clipped_to_least_error, gptq, pack_low_first, round_to_nearest
 from ..calibration import read_once
 from ..errors import InputDataError
-from ..graph import from_gs, opset_version, overridable_initializers, stored_constant, to_gs, unique_name
+from ..graph import constant_value, from_gs, opset_version, overridable_initializers, stored_constant, to_gs, unique_name
 from ..layerwise import original_hessians
 from ..limits import CALIBRATION_SAMPLES
 from ..validation import Tolerance
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MICROSOFT_DOMAIN = "com.microsoft"
 BLOCKED_DEQUANTIZE_OPSET = 21  # DequantizeLinear with block_size, and int4/uint4 tensors
+INT4_IR_VERSION = 10  # the first IR version with int4/uint4 tensors
 
 
 @register
@@ -66,6 +67,9 @@ class WeightOnly(Pass):
     accuracy_level: int = field(default=0, metadata={
         "help": "MatMulNBits' accuracy_level: 0 unset (float math), 4 = activations quantized to int8 per block inside the "
                 "kernel (faster on x86 with VNNI, less exact)"})
+    embeddings: bool = field(default=True, metadata={
+        "help": "embedding tables (constant 2-D data of a Gather) to onnxruntime's GatherBlockQuantized, blocks along each row: "
+                "often the model's largest tensor (MiniLM: 40% of its bytes)"})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "weight, node name or op type patterns left float"})
     calibration_samples: int = field(default=CALIBRATION_SAMPLES, metadata={"help": "gptq: calibration samples read (the first ones)"})
     damp: float = field(default=0.01, metadata={"help": "gptq: damping, a fraction of the mean Hessian diagonal"})
@@ -94,23 +98,33 @@ class WeightOnly(Pass):
             model = self._at_blocked_opset(model, result)
         graph = to_gs(model)
         sites = self._chosen_sites(graph, model, result)
-        if not sites:
-            result.skipped.append(Skip("model", "no MatMul with a constant 2-D float32 weight to quantize"))
+        tables = self._embedding_tables(graph, model, result) if self.embeddings else []
+        if not sites and not tables:
+            result.skipped.append(Skip("model", "no MatMul with a constant 2-D float32 weight, nor embedding table, to quantize"))
             return result
         hessians = self._hessians(model, sites, context) if self.method == "gptq" else {}
         before = after = 0
         for site in sites:
-            codes = self._codes(site, hessians.get(site.name))
+            codes = self._codes(np.asarray(site.value), hessians.get(site.name))
             before += site.value.nbytes
             after += self._materialize(graph, site, codes)
             result.changes.append(Change(site.name, f"int{self.bits} weight-only", {
                 "nodes": site.node_names, "shape": list(site.value.shape), "block": self.block, "method": self.method,
                 "weight_error": _relative_error(site.value, codes)}))
             release_pages(site.value)
+        for table in tables:
+            codes = self._codes(np.asarray(table.value).T, None)  # rows are the output units, blocks run along each row
+            before += table.value.nbytes
+            after += self._materialize_table(table, codes)
+            result.changes.append(Change(table.name, f"int{self.bits} embedding table", {
+                "nodes": [node.name for node in table.readers], "shape": list(table.value.shape), "block": self.block,
+                "method": "rtn" if self.method == "gptq" else self.method, "weight_error": _relative_error(table.value.T, codes)}))
         graph.cleanup().toposort()
         result.model = from_gs(graph, like=model)
-        if self.format == "nbits" and not any(opset.domain == MICROSOFT_DOMAIN for opset in result.model.opset_import):
+        if (self.format == "nbits" or tables) and not any(opset.domain == MICROSOFT_DOMAIN for opset in result.model.opset_import):
             result.model.opset_import.append(onnx.helper.make_opsetid(MICROSOFT_DOMAIN, 1))
+        if tables and self.bits == 4:
+            result.model.ir_version = max(result.model.ir_version, INT4_IR_VERSION)
         result.figures.update(tensors_quantized=len(sites), weight_bytes_before=before, weight_bytes_after=after,
                               weight_bytes_ratio=round(after / max(before, 1), 4))
         return result
@@ -148,10 +162,36 @@ class WeightOnly(Pass):
         return {name: blocks[0] for name, blocks in original_hessians(model, sites, source, self.calibration_samples,
                                                                        label="weight-only gptq inputs").items()}
 
-    def _codes(self, site: WeightSite, hessian: np.ndarray | None) -> BlockCodes:
-        weight = np.asarray(site.value)
-        if self.method == "gptq":
-            assert hessian is not None, f"no Hessian for {site.name}"
+    def _embedding_tables(self, graph: gs.Graph, model: onnx.ModelProto, result: PassResult) -> list[_Table]:
+        """Constant 2-D float32 tables that only Gathers along axis 0 read (not a tied weight a MatMul reads too)."""
+        readers: dict[str, list[gs.Node]] = {}
+        for scope in [graph, *graph.subgraphs(recursive=True)]:
+            for node in scope.nodes:
+                for tensor in node.inputs:
+                    readers.setdefault(tensor.name, []).append(node)
+        overridable = overridable_initializers(model)
+        tables: dict[str, _Table] = {}
+        for scope in [graph, *graph.subgraphs(recursive=True)]:
+            for node in scope.nodes:
+                if node.op != "Gather" or not node.inputs or node.inputs[0].name in tables:
+                    continue
+                tensor = node.inputs[0]
+                value = constant_value(tensor)
+                if value is None or value.ndim != 2 or value.dtype != np.float32:
+                    continue
+                others = sorted({r.op for r in readers[tensor.name] if r.op != "Gather" or int(r.attrs.get("axis", 0)) != 0})
+                reason = ("excluded" if matches(self.exclude, tensor.name, node.name, node.op)
+                          else "an initializer that is also a graph input (overridable at run time)" if tensor.name in overridable
+                          else f"also read by {', '.join(others)} (not as a table rows are gathered from)" if others else "")
+                if reason:
+                    result.skipped.append(Skip(tensor.name, reason))
+                    continue
+                tables[tensor.name] = _Table(tensor.name, tensor, value, [(r, s) for s in [graph, *graph.subgraphs(recursive=True)]
+                                                                          for r in s.nodes if r in readers[tensor.name]])
+        return list(tables.values())
+
+    def _codes(self, weight: np.ndarray, hessian: np.ndarray | None) -> BlockCodes:
+        if self.method == "gptq" and hessian is not None:
             return gptq(weight, hessian, self.scheme, self.damp)
         if self.method == "mse":
             return clipped_to_least_error(weight, self.scheme)
@@ -196,6 +236,34 @@ class WeightOnly(Pass):
                 node.inputs[use.index] = dequantized
         return sum(_constant_bytes(constant) for constant in constants)
 
+    def _materialize_table(self, table: _Table, codes: BlockCodes) -> int:
+        """Every Gather of the table made a GatherBlockQuantized of int4 (or uint4 with zero points) codes
+        [rows, D] and scales [rows, blocks]; the bytes they take."""
+        constants = self._table_constants(table, codes)
+        for node, scope in table.scopes:
+            replacement = gs.Node("GatherBlockQuantized", name=node.name,
+                                  attrs={"gather_axis": 0, "quantize_axis": 1, "block_size": self.block, **({"bits": 8} if self.bits == 8 else {})},
+                                  inputs=[constants[0], node.inputs[1], *constants[1:]], outputs=list(node.outputs), domain=MICROSOFT_DOMAIN)
+            node.inputs.clear()
+            node.outputs.clear()
+            scope.nodes[scope.nodes.index(node)] = replacement
+        return sum(_constant_bytes(constant) for constant in constants)
+
+    def _table_constants(self, table: _Table, codes: BlockCodes) -> list[gs.Constant]:
+        rows, width = table.value.shape
+        flat = codes.codes.reshape(rows, -1)[:, :width].astype(np.int16)
+        if self.bits == 8:  # GatherBlockQuantized reads 8-bit codes as uint8 with zero points (128 when symmetric)
+            constants = [stored_constant(f"{table.name}_q8", flat.astype(np.uint8), table.tensor),
+                         stored_constant(f"{table.name}_scales", codes.scales, table.tensor),
+                         stored_constant(f"{table.name}_zero_points", codes.zero_points, table.tensor)]
+            return constants
+        data_type = onnx.TensorProto.INT4 if self.symmetric else onnx.TensorProto.UINT4
+        values = flat - self.scheme.middle if self.symmetric else flat
+        constants = [_integer_constant(f"{table.name}_q4", values, data_type, 4), stored_constant(f"{table.name}_scales", codes.scales, table.tensor)]
+        if not self.symmetric:
+            constants.append(_integer_constant(f"{table.name}_zero_points", codes.zero_points.astype(np.int16), data_type, 4))
+        return constants
+
     def _nbits_constants(self, site: WeightSite, codes: BlockCodes) -> list[gs.Constant]:
         """MatMulNBits' B [N, blocks, block * bits / 8], scales [N, blocks] and packed zero points."""
         like = site.tensor
@@ -222,6 +290,20 @@ class WeightOnly(Pass):
         if not signed:
             constants.append(_integer_constant(f"{site.name}_zero_points", codes.zero_points.T.astype(np.int16), data_type, self.bits))
         return constants
+
+
+@dataclass
+class _Table:
+    """An embedding table: a constant [rows, D] read only by Gathers along axis 0."""
+
+    name: str
+    tensor: gs.Tensor
+    value: np.ndarray
+    scopes: list[tuple[gs.Node, gs.Graph]]
+
+    @property
+    def readers(self) -> list[gs.Node]:
+        return [node for node, _ in self.scopes]
 
 
 def _integer_constant(name: str, values: np.ndarray, data_type: int, bits: int) -> gs.Constant:

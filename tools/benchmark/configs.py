@@ -146,6 +146,7 @@ HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
     "mobilenetv2": ("top1_agreement", "logit_cosine", "accuracy"),
     "ppocr_rec": ("exact_match", "cer"),
     "minilm": ("embedding_cosine", "nn_agreement"),
+    "mpnet": ("embedding_cosine", "nn_agreement"),
     "mnist": ("accuracy", "top1_agreement"),
     "resnet18": ("accuracy", "top1_agreement"),
     "dwstack": ("accuracy", "top1_agreement"),

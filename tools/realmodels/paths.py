@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 # The order is the order in which fetch_models.py produces them and reports them.
-MODEL_NAMES: tuple[str, ...] = ("mobilenetv2", "ppocr_rec", "minilm", "mnist", "resnet18", "dwstack", "conv1d_seq", "bytecnn", "detector")
+MODEL_NAMES: tuple[str, ...] = ("mobilenetv2", "ppocr_rec", "minilm", "mnist", "resnet18", "dwstack", "conv1d_seq", "bytecnn", "detector", "mpnet")
 
 # Every one of these must be present for a model to count as fetched. fetch_models.py writes a
 # model's folder under a temporary name and renames it at the end, so a half-written folder never
