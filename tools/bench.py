@@ -49,8 +49,10 @@ from realmodels.paths import MODEL_FILES, MODEL_NAMES, cache_dir, is_present, mo
 
 DEFAULT_TIMEOUT = 900.0
 # The peers' environment, pinned: the rows compare against these exact versions. onnx and
-# onnxruntime match the tools venv's pins, so peers and onnxsparse see the same runtime.
-PEER_REQUIREMENTS: tuple[str, ...] = ("onnxsim==0.8.1", "onnx==1.23.2", "onnxruntime==1.31.1", "numpy==2.4.6")
+# onnxruntime match the tools venv's pins, so peers and onnxsparse see the same runtime. onnx-ir is
+# imported by onnxruntime's MatMulNBitsQuantizer but not declared by onnxruntime; torch (this CPU build)
+# is what its HQQ algorithm runs on.
+PEER_REQUIREMENTS: tuple[str, ...] = ("onnxsim==0.8.1", "onnx==1.23.2", "onnxruntime==1.31.1", "numpy==2.4.6", "onnx-ir==1.1.0", "torch==2.13.0")
 PEERS_VENV = "peers-venv"
 PEERS_STAMP = "onnxsparse-peer-requirements.txt"
 

@@ -46,6 +46,12 @@ _PRUNE = "fold-batchnorm,magnitude-prune"
 # ort rows name every setting, defaults included, so the table says exactly what was asked for.
 _ORT_STATIC = 'quantize_static(quant_format="QDQ", per_channel=True, activation_type="QUInt8", weight_type="QInt8", calibrate_method="MinMax")'
 
+
+def _ort_nbits(algorithm: str, is_symmetric: bool = True) -> str:
+    """A MatMulNBitsQuantizer row: our block (32) and bits (4) named, not the quantizer's defaults (128, asymmetric)."""
+    return f'matmul_nbits(algorithm="{algorithm}", block_size=32, is_symmetric={is_symmetric}, accuracy_level=None, bits=4)'
+
+
 # The unstructured grid the magnitude-prune issue asks for: each criterion and scope at 30, 50 and 70%
 # (Wanda's own comparison group is the row; "wanda per-tensor" is the row-free variant), and the
 # sparse-encoded file at each sparsity (the bytes depend on how many weights are zero, not on which).
@@ -127,6 +133,18 @@ CONFIGS: tuple[Config, ...] = (
     Config("int8 + distill qat", "qdq,distill{epochs=10 learning_rate=0.0001}"),
     Config("ort quantize_static", _ORT_STATIC, ORT),
     Config("ort quantize_dynamic", 'quantize_dynamic(weight_type="QInt8")', ORT),
+    # 4-bit block-wise weight-only MatMul weights (MatMulNBits), block 32, against onnxruntime's MatMulNBitsQuantizer
+    Config("int4 weight-only", "weight-only"),
+    Config("int4 weight-only mse", "weight-only{method=mse}"),
+    Config("int4 weight-only gptq", "weight-only{method=gptq}"),
+    Config("int4 weight-only asym", "weight-only{symmetric=false}"),
+    Config("int4 weight-only acc4", "weight-only{accuracy_level=4}"),
+    Config("ort matmulnbits default sym", _ort_nbits("DEFAULT"), ORT),
+    Config("ort matmulnbits default asym", _ort_nbits("DEFAULT", is_symmetric=False), ORT),
+    Config("ort matmulnbits hqq", _ort_nbits("HQQ", is_symmetric=False), ORT),  # HQQ is asymmetric whatever it is told
+    Config("ort matmulnbits rtn", _ort_nbits("RTN"), ORT),
+    Config("ort matmulnbits k_quant", _ort_nbits("k_quant"), ORT),
+    Config("ort matmulnbits gptq", _ort_nbits("GPTQ"), ORT),
     Config("onnxsim simplify", "simplify()", ONNXSIM),
     *(Config(f"onnxsim magnitude {p}%", f"simplify(); apply_magnitude_pruning(sparsity={p / 100:g})", ONNXSIM) for p in (30, 50, 70, 90)),
     *(Config(f"onnxsim wanda {p}%", f"simplify(); apply_wanda_pruning(sparsity={p / 100:g})", ONNXSIM) for p in (30, 50, 70)),

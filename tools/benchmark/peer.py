@@ -63,13 +63,28 @@ def parse_calls(spec: str) -> list[Call]:
 
 
 class _FeedReader:
-    """onnxruntime's CalibrationDataReader protocol over the task's calibration feeds."""
+    """onnxruntime's CalibrationDataReader protocol over the task's calibration feeds. A list and an
+    index, not an iterator: MatMulNBitsQuantizer's GPTQ deep-copies the reader before reading it."""
 
     def __init__(self, feeds: list[dict[str, Any]]) -> None:
-        self._feeds = iter(feeds)
+        self._feeds = list(feeds)
+        self._next = 0
 
     def get_next(self) -> dict[str, Any] | None:
-        return next(self._feeds, None)
+        if self._next >= len(self._feeds):
+            return None
+        self._next += 1
+        return self._feeds[self._next - 1]
+
+
+def _calibration_reader(calibration: list[dict[str, Any]]) -> Any:
+    from onnxruntime import quantization as q
+
+    # A subclass is what onnxruntime's quantizer checks for; the plain class above keeps imports lazy.
+    class Reader(_FeedReader, q.CalibrationDataReader):
+        pass
+
+    return Reader(calibration)
 
 
 def _ort_enums(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -85,15 +100,49 @@ def run_ort(call: Call, source: Path, target: Path, calibration: list[dict[str, 
 
     kwargs = _ort_enums(call.kwargs)
     if call.function == "quantize_static":
-        # A subclass is what onnxruntime's quantizer checks for; the plain class above keeps imports lazy.
-        class Reader(_FeedReader, q.CalibrationDataReader):
-            pass
-
-        q.quantize_static(str(source), str(target), Reader(calibration), **kwargs)
+        q.quantize_static(str(source), str(target), _calibration_reader(calibration), **kwargs)
     elif call.function == "quantize_dynamic":
         q.quantize_dynamic(str(source), str(target), **kwargs)
+    elif call.function == "matmul_nbits":
+        matmul_nbits(source, target, calibration, **kwargs)
     else:
-        raise ValueError(f"ort: unsupported call {call.function!r} (quantize_static, quantize_dynamic)")
+        raise ValueError(f"ort: unsupported call {call.function!r} (quantize_static, quantize_dynamic, matmul_nbits)")
+
+
+# MatMulNBitsQuantizer's algorithms, as the spec names them. DEFAULT is onnxruntime's own C++ block-wise
+# RTN (algo_config None); HQQ needs torch and is asymmetric whatever is_symmetric says; RTN, k_quant
+# and GPTQ run the Intel Neural Compressor weight-only code that onnxruntime ships in
+# onnxruntime.quantization.neural_compressor (no neural-compressor package needed); k_quant always
+# writes zero points; GPTQ calibrates on the task's calibration feeds.
+MATMUL_NBITS_ALGORITHMS = ("DEFAULT", "HQQ", "RTN", "k_quant", "GPTQ")
+
+
+def matmul_nbits(source: Path, target: Path, calibration: list[dict[str, Any]], algorithm: str = "DEFAULT", block_size: int = 32,
+                 is_symmetric: bool = True, accuracy_level: int | None = None, bits: int = 4) -> None:
+    """onnxruntime's MatMulNBitsQuantizer (MatMul weights -> com.microsoft MatMulNBits). Our defaults
+    (block 32, symmetric) are passed explicitly: the quantizer's own are block 128, asymmetric. The
+    file is written whole (no external data): every model here is far under protobuf's 2 GB."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    if algorithm == "DEFAULT":
+        config = None
+    elif algorithm == "HQQ":
+        config = nbits.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits)
+    elif algorithm == "RTN":
+        config = nbits.RTNWeightOnlyQuantConfig()
+    elif algorithm == "k_quant":
+        config = nbits.KQuantWeightOnlyQuantConfig()
+    elif algorithm == "GPTQ":
+        config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=_calibration_reader(calibration))
+    else:
+        raise ValueError(f"matmul_nbits: unknown algorithm {algorithm!r} ({', '.join(MATMUL_NBITS_ALGORITHMS)})")
+    if algorithm in ("RTN", "k_quant", "GPTQ") and bits != 4:
+        raise ValueError(f"matmul_nbits: {algorithm} here quantizes to 4 bits only (onnxruntime's weight config is 4-bit)")
+    # The path, not a loaded proto: RTN/k_quant/GPTQ read the model from its path.
+    quantizer = nbits.MatMulNBitsQuantizer(str(source), bits=bits, block_size=block_size, is_symmetric=is_symmetric,
+                                           accuracy_level=accuracy_level, algo_config=config)  # fmt: skip
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
 
 
 # --------------------------------------------------------------------------- onnxsim
@@ -126,10 +175,16 @@ def run_onnxsim(call: Call, source: Path, target: Path, calibration: list[dict[s
 
 
 def versions(tool: str) -> dict[str, str]:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    names = ["onnx", "onnxruntime"] + (["onnxsim"] if tool == "onnxsim" else [])
-    return {name: version(name) for name in names}
+    names = ["onnx", "onnxruntime"] + (["onnxsim"] if tool == "onnxsim" else ["onnx-ir", "torch"])
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:  # onnx-ir and torch are needed by MatMulNBitsQuantizer only
+            pass
+    return found
 
 
 def apply(tool: str, spec: str, task_dir: Path, out: Path) -> dict[str, Any]:
