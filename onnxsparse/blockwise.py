@@ -79,31 +79,44 @@ def _blocks(weight: np.ndarray, block: int) -> np.ndarray:
     return columns.reshape(n, blocks, block)
 
 
-def _parameters(values: np.ndarray, scheme: BlockScheme, shrink: float | np.ndarray = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """(scales, zero points) of blocks [..., block] over their last axis, each range times ``shrink``."""
+def _parameters(values: np.ndarray, scheme: BlockScheme, shrink: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(scales, zero points) of blocks [..., block] over their last axis, each range times ``shrink``.
+    In float32 arithmetic as onnxruntime's quantizer does it, so that the codes are its codes."""
+    values = values.astype(np.float32, copy=False)
     if scheme.symmetric:
-        # the signed extreme maps to code 0: exact whichever its sign
-        at = np.argmax(np.abs(values), axis=-1)[..., None]
-        peak = np.take_along_axis(values, at, axis=-1)[..., 0] * shrink
-        return peak / -scheme.middle, np.full(peak.shape, scheme.middle, dtype=np.float64)
-    low = np.minimum(values.min(axis=-1), 0.0) * shrink
-    high = np.maximum(values.max(axis=-1), 0.0) * shrink
-    scales = (high - low) / scheme.top
-    safe = np.where(scales == 0, 1.0, scales)
-    zero_points = np.where(scales == 0, scheme.middle, np.clip(np.round(-low / safe), 0, scheme.top))
-    return scales, zero_points
+        # the signed extreme maps to code 0: exact whichever its sign (the negative one on a tie)
+        high, low = values.max(axis=-1), values.min(axis=-1)
+        peak = np.where(np.abs(high) > np.abs(low), high, low) * np.float32(shrink)
+        return peak / np.float32(-scheme.middle), np.full(peak.shape, scheme.middle, dtype=np.float32)
+    low = np.minimum(values.min(axis=-1), np.float32(0)) * np.float32(shrink)
+    high = np.maximum(values.max(axis=-1), np.float32(0)) * np.float32(shrink)
+    scales = (high - low) / np.float32(scheme.top)
+    zero_points = np.clip(_round_half_away(-low / np.where(scales == 0, np.float32(1), scales)), 0, scheme.top)  # divided, as onnxruntime does
+    return scales, np.where(scales == 0, np.float32(scheme.middle), zero_points)
+
+
+def _reciprocal(scales: np.ndarray) -> np.ndarray:
+    """1 / scale in float32, 0 where the scale is 0 (an all-zero block)."""
+    safe = np.where(scales == 0, np.float32(1), scales)
+    return np.where(scales == 0, np.float32(0), np.float32(1) / safe)
+
+
+def _round_half_away(values: np.ndarray) -> np.ndarray:
+    """Round to nearest, ties away from zero (C's roundf; numpy's round goes to even)."""
+    whole = np.trunc(values)
+    return np.where(np.abs(values - whole) == 0.5, whole + np.sign(values), np.round(values))
 
 
 def _codes(values: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, top: int) -> np.ndarray:
-    """Codes of blocks [..., block] (float64) under per-block scales and zero points; a zero scale
-    (an all-zero block) gives the zero point."""
-    safe = np.where(scales == 0, 1.0, scales)[..., None]
-    codes = np.round(values / safe) + zero_points[..., None]
-    return np.clip(np.where(scales[..., None] == 0, zero_points[..., None], codes), 0, top)
+    """Codes of blocks [..., block] under per-block scales and zero points: value x (1 / scale) +
+    zero point, rounded, in float32 (an all-zero block's codes are its zero point)."""
+    scaled = values.astype(np.float32) * _reciprocal(scales.astype(np.float32))[..., None] + zero_points.astype(np.float32)[..., None]
+    return np.clip(_round_half_away(scaled), 0, top)
 
 
 def _finished(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, k: int) -> BlockCodes:
-    """The codes as uint8 with the padding rows of K at 0 (never read; onnxruntime's quantizer writes 0 there too)."""
+    """The codes as uint8 with the padding rows of K at 0: never read. (onnxruntime's quantizer writes 0 there
+    too, except in the half byte an odd K shares with its last code, which it fills from a neighbouring column.)"""
     codes = codes.astype(np.uint8).reshape(len(codes), -1)
     codes[:, k:] = 0
     return BlockCodes(codes.reshape(len(codes), len(scales[0]), -1), scales.astype(np.float32), zero_points.astype(np.uint8), k)
@@ -128,7 +141,7 @@ def clipped_to_least_error(weight: np.ndarray, scheme: BlockScheme) -> BlockCode
     for shrink in SHRINK_GRID:
         scales, zero_points = _parameters(values, scheme, shrink)
         codes = _codes(values, scales, zero_points, scheme.top)
-        error = np.sum(((codes - zero_points[..., None]) * scales[..., None] - values) ** 2, axis=-1)
+        error = np.sum(((codes - zero_points[..., None]) * scales[..., None].astype(np.float64) - values) ** 2, axis=-1)
         if best is None:
             best = [error, codes, scales, zero_points]
             continue
@@ -141,13 +154,18 @@ def clipped_to_least_error(weight: np.ndarray, scheme: BlockScheme) -> BlockCode
     return _finished(best[1], best[2], best[3], weight.shape[0])
 
 
-def gptq(weight: np.ndarray, gram: np.ndarray, scheme: BlockScheme, damp: float = 0.01, lazy: int = 128) -> BlockCodes:
-    """GPTQ: the rows of K rounded in order, each one's error compensated by the rows after it, so
-    that ``X @ W`` changes least for inputs X with Gram matrix ``gram`` = XᵀX [K, K].
+def gptq(weight: np.ndarray, gram: np.ndarray, scheme: BlockScheme, damp: float = 0.01, lazy: int = 128, *,
+         act_order: bool = False, ranges: BlockCodes | None = None) -> BlockCodes:
+    """GPTQ: the rows of K rounded one at a time, each one's error compensated by the rows not yet
+    rounded, so that ``X @ W`` changes least for inputs X with Gram matrix ``gram`` = XᵀX [K, K].
 
-    A block's scales come from its weights as the earlier rows' compensation left them, when its
-    first row is reached. Rows of K that never see a non-zero input (a zero diagonal) are rounded
-    as they are and compensate nothing. ``damp`` adds that fraction of the mean diagonal."""
+    In order, a block's range comes from its weights as the earlier rows' compensation left them,
+    when its first row is reached. With ``act_order`` the rows go largest input energy first (the
+    Gram diagonal), and every block's range is fixed beforehand (each block's own extremes), so the
+    codes keep whole blocks of K (no reordering for the kernel). ``ranges`` fixes the blocks' scales
+    and zero points to a given quantization's (e.g. :func:`clipped_to_least_error`'s). Rows that
+    never see a non-zero input (a zero diagonal) are rounded as they are and compensate nothing;
+    ``damp`` adds that fraction of the mean diagonal."""
     k, n = weight.shape
     block = scheme.block
     padded = -(-k // block) * block
@@ -158,26 +176,32 @@ def gptq(weight: np.ndarray, gram: np.ndarray, scheme: BlockScheme, damp: float 
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)[:k]))
+    fixed = ranges is not None or act_order
+    if ranges is not None:
+        scales, zero_points = ranges.scales.astype(np.float64), ranges.zero_points.astype(np.float64)
+    elif fixed:
+        scales, zero_points = _parameters(w.reshape(n, -1, block), scheme)
+    else:
+        scales, zero_points = np.zeros((n, padded // block)), np.zeros((n, padded // block))
+    order = np.argsort(-np.diag(h)[:k], kind="stable") if act_order else np.arange(k)
+    order = np.concatenate([order, np.arange(k, padded)])
+    w, h = w[:, order], h[np.ix_(order, order)]
     u = upper_cholesky_of_inverse(h)
-    lazy = -(-max(lazy, block) // block) * block  # whole blocks per chunk: a block's scales see all its rows
+    lazy = -(-max(lazy, block) // block) * block  # whole blocks per chunk: a block's range sees all its rows
     codes = np.zeros((n, padded), dtype=np.float64)
-    scales = np.zeros((n, padded // block), dtype=np.float64)
-    zero_points = np.zeros_like(scales)
     for start in range(0, padded, lazy):
         end = min(start + lazy, padded)
         chunk = w[:, start:end].copy()
         errors = np.zeros_like(chunk)
         for i in range(end - start):
-            row = start + i
-            if row % block == 0:
-                group = row // block
-                scales[:, group], zero_points[:, group] = _parameters(chunk[:, i : i + block], scheme)
+            row = int(order[start + i])
             group = row // block
+            if not fixed and row % block == 0:
+                scales[:, group], zero_points[:, group] = _parameters(chunk[:, i : i + block], scheme)
             code = _codes(chunk[:, i, None], scales[:, group], zero_points[:, group], scheme.top)[:, 0]
             codes[:, row] = code
-            rounded = (code - zero_points[:, group]) * scales[:, group]
-            error = (chunk[:, i] - rounded) / u[row, row]
-            chunk[:, i:] -= np.outer(error, u[row, start + i : end])
+            error = (chunk[:, i] - (code - zero_points[:, group]) * scales[:, group]) / u[start + i, start + i]
+            chunk[:, i:] -= np.outer(error, u[start + i, start + i : end])
             errors[:, i] = error
         w[:, end:] -= errors @ u[start:end, end:]
     return _finished(codes.reshape(n, -1, block), scales, zero_points, k)

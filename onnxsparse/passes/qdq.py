@@ -44,7 +44,7 @@ from ..quantization import (
     quantize_weight,
 )
 from ..shapes import shapes_where_known
-from ..validation import DriftProbe, Tolerance, ValidationResult
+from ..validation import SCORE_MAX_TOP1_DROP, DriftProbe, Tolerance, ValidationResult
 from ..walk import iter_graphs
 from ..weights import matches
 from ..weightstore import release_pages
@@ -78,9 +78,6 @@ GUARD_MAX_NODE_SEARCH = 48
 # Beyond it, the kept kinds' nodes are first searched in this many runs of graph neighbours (a
 # detector's 60 convolutions are one kind; its class head alone may be what a metric needs float).
 GUARD_RUNS = 8
-# The default top-1 accuracy class-score outputs may lose, as the original's probabilities count it
-# (score_tolerance, validation.OutputMetrics.top1_drop): one point.
-SCORE_MAX_TOP1_DROP = 0.01
 # never_slower: a best candidate at this ratio to its input or above is tried with each kind of node
 # in float; a ratio within CLOSE_TO_EVEN of 1 is timed again, longer, before it decides anything.
 SPEED_SEARCH_ABOVE = 0.95

@@ -47,9 +47,11 @@ _PRUNE = "fold-batchnorm,magnitude-prune"
 _ORT_STATIC = 'quantize_static(quant_format="QDQ", per_channel=True, activation_type="QUInt8", weight_type="QInt8", calibrate_method="MinMax")'
 
 
-def _ort_nbits(algorithm: str, is_symmetric: bool = True) -> str:
-    """A MatMulNBitsQuantizer row: our block (32) and bits (4) named, not the quantizer's defaults (128, asymmetric)."""
-    return f'matmul_nbits(algorithm="{algorithm}", block_size=32, is_symmetric={is_symmetric}, accuracy_level=None, bits=4)'
+def _ort_nbits(algorithm: str, is_symmetric: bool = True, gather: bool = False) -> str:
+    """A MatMulNBitsQuantizer row: our block (32) and bits (4) named, not the quantizer's defaults (128, asymmetric);
+    ``gather``: embedding tables too (GatherBlockQuantized), as weight-only does by default."""
+    op_types = '("MatMul", "Gather")' if gather else '("MatMul",)'
+    return f'matmul_nbits(algorithm="{algorithm}", block_size=32, is_symmetric={is_symmetric}, accuracy_level=None, bits=4, op_types={op_types})'
 
 
 # The unstructured grid the magnitude-prune issue asks for: each criterion and scope at 30, 50 and 70%
@@ -137,6 +139,9 @@ CONFIGS: tuple[Config, ...] = (
     Config("int4 weight-only", "weight-only"),
     Config("int4 weight-only mse", "weight-only{method=mse}"),
     Config("int4 weight-only gptq", "weight-only{method=gptq}"),
+    Config("int4 weight-only gptq asym", "weight-only{method=gptq symmetric=false}"),
+    Config("int4 weight-only matmul only", "weight-only{embeddings=false}"),
+    Config("int4 weight-only gptq matmul only", "weight-only{method=gptq embeddings=false}"),
     Config("int4 weight-only asym", "weight-only{symmetric=false}"),
     Config("int4 weight-only acc4", "weight-only{accuracy_level=4}"),
     Config("ort matmulnbits default sym", _ort_nbits("DEFAULT"), ORT),
@@ -145,6 +150,9 @@ CONFIGS: tuple[Config, ...] = (
     Config("ort matmulnbits rtn", _ort_nbits("RTN"), ORT),
     Config("ort matmulnbits k_quant", _ort_nbits("k_quant"), ORT),
     Config("ort matmulnbits gptq", _ort_nbits("GPTQ"), ORT),
+    Config("ort matmulnbits default sym + gather", _ort_nbits("DEFAULT", gather=True), ORT),
+    Config("ort matmulnbits default asym + gather", _ort_nbits("DEFAULT", is_symmetric=False, gather=True), ORT),
+    Config("ort matmulnbits hqq + gather", _ort_nbits("HQQ", is_symmetric=False, gather=True), ORT),
     Config("onnxsim simplify", "simplify()", ONNXSIM),
     *(Config(f"onnxsim magnitude {p}%", f"simplify(); apply_magnitude_pruning(sparsity={p / 100:g})", ONNXSIM) for p in (30, 50, 70, 90)),
     *(Config(f"onnxsim wanda {p}%", f"simplify(); apply_wanda_pruning(sparsity={p / 100:g})", ONNXSIM) for p in (30, 50, 70)),
@@ -163,8 +171,8 @@ CONFIGS: tuple[Config, ...] = (
 HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
     "mobilenetv2": ("top1_agreement", "logit_cosine", "accuracy"),
     "ppocr_rec": ("exact_match", "cer"),
-    "minilm": ("embedding_cosine", "nn_agreement"),
-    "mpnet": ("embedding_cosine", "nn_agreement"),
+    "minilm": ("embedding_cosine", "embedding_cosine_min", "nn_agreement"),
+    "mpnet": ("embedding_cosine", "embedding_cosine_min", "nn_agreement"),
     "mnist": ("accuracy", "top1_agreement"),
     "resnet18": ("accuracy", "top1_agreement"),
     "dwstack": ("accuracy", "top1_agreement"),

@@ -118,16 +118,17 @@ MATMUL_NBITS_ALGORITHMS = ("DEFAULT", "HQQ", "RTN", "k_quant", "GPTQ")
 
 
 def matmul_nbits(source: Path, target: Path, calibration: list[dict[str, Any]], algorithm: str = "DEFAULT", block_size: int = 32,
-                 is_symmetric: bool = True, accuracy_level: int | None = None, bits: int = 4) -> None:
+                 is_symmetric: bool = True, accuracy_level: int | None = None, bits: int = 4, op_types: tuple[str, ...] = ("MatMul",)) -> None:
     """onnxruntime's MatMulNBitsQuantizer (MatMul weights -> com.microsoft MatMulNBits). Our defaults
     (block 32, symmetric) are passed explicitly: the quantizer's own are block 128, asymmetric. The
-    file is written whole (no external data): every model here is far under protobuf's 2 GB."""
+    file is written whole (no external data): every model here is far under protobuf's 2 GB. ``op_types``
+    with "Gather" quantizes embedding tables too (GatherBlockQuantized; DEFAULT and HQQ only)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
     if algorithm == "DEFAULT":
         config = None
     elif algorithm == "HQQ":
-        config = nbits.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits)
+        config = nbits.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=tuple(op_types))
     elif algorithm == "RTN":
         config = nbits.RTNWeightOnlyQuantConfig()
     elif algorithm == "k_quant":
@@ -140,7 +141,7 @@ def matmul_nbits(source: Path, target: Path, calibration: list[dict[str, Any]], 
         raise ValueError(f"matmul_nbits: {algorithm} here quantizes to 4 bits only (onnxruntime's weight config is 4-bit)")
     # The path, not a loaded proto: RTN/k_quant/GPTQ read the model from its path.
     quantizer = nbits.MatMulNBitsQuantizer(str(source), bits=bits, block_size=block_size, is_symmetric=is_symmetric,
-                                           accuracy_level=accuracy_level, algo_config=config)  # fmt: skip
+                                           accuracy_level=accuracy_level, algo_config=config, op_types_to_quantize=tuple(op_types))  # fmt: skip
     quantizer.process()
     quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
 

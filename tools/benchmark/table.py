@@ -77,7 +77,7 @@ HEADERS = ("configuration", "status", "file bytes", "size x fp32", "params used"
 
 # count_macs counts float Conv/Gemm/MatMul nodes only: on a quantized graph its figure is not comparable.
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-                           "QLinearConv", "QLinearMatMul"})
+                           "QLinearConv", "QLinearMatMul", "MatMulNBits", "GatherBlockQuantized"})
 
 
 def macs_ratio(figures: Mapping[str, Any], fp32_macs: Any) -> float | None:

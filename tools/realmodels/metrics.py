@@ -60,10 +60,18 @@ def topk_containment(reference_logits: np.ndarray, candidate_logits: np.ndarray,
 
 
 def mean_cosine(reference: np.ndarray, candidate: np.ndarray, eps: float = 1e-12) -> float:
-    """Cosine similarity per sample (each sample flattened), averaged over samples.
+    """Cosine similarity per sample (each sample flattened), averaged over samples."""
+    return float(np.mean(sample_cosines(reference, candidate, eps)))
 
-    Two zero vectors count as identical (1.0); a zero vector against a non-zero one as 0.0.
-    """
+
+def min_cosine(reference: np.ndarray, candidate: np.ndarray, eps: float = 1e-12) -> float:
+    """The lowest cosine similarity of one sample (each sample flattened): the worst sentence or image."""
+    return float(np.min(sample_cosines(reference, candidate, eps)))
+
+
+def sample_cosines(reference: np.ndarray, candidate: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Cosine similarity per sample, each flattened. Two zero vectors count as identical (1.0); a zero
+    vector against a non-zero one as 0.0."""
     _check_same_shape(reference, candidate)
     ref = reference.reshape(len(reference), -1).astype(np.float64)
     cand = candidate.reshape(len(candidate), -1).astype(np.float64)
@@ -71,7 +79,7 @@ def mean_cosine(reference: np.ndarray, candidate: np.ndarray, eps: float = 1e-12
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
     both_zero = (np.linalg.norm(ref, axis=1) < eps) & (np.linalg.norm(cand, axis=1) < eps)
     cosine = np.where(norms > eps, dot / np.maximum(norms, eps), 0.0)
-    return float(np.mean(np.where(both_zero, 1.0, cosine)))
+    return np.where(both_zero, 1.0, cosine)
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -90,6 +90,7 @@ def _evaluate_embeddings(reference: np.ndarray, candidate: np.ndarray, data: Map
     pair_id = data["pair_id"]
     return {
         "embedding_cosine": metrics.mean_cosine(reference, candidate),
+        "embedding_cosine_min": metrics.min_cosine(reference, candidate),
         "nn_agreement": metrics.nearest_neighbour_agreement(reference, candidate),
         "paraphrase_top1": _paraphrase_top1(candidate, pair_id),
         "fp32_paraphrase_top1": _paraphrase_top1(reference, pair_id),
