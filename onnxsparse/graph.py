@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnx import external_data_helper, numpy_helper
 
 from .walk import iter_model_graphs, subgraphs_of
-from .weightstore import SPILL_MIN_BYTES, WeightStore, read_external, store_of, store_of_tensor
+from .weightstore import SPILL_MIN_BYTES, WeightStore, data_bytes, read_external, store_of, store_of_tensor
 
 # graphsurgeon prints its warnings to stdout, which would corrupt `--json` output; passes report
 # what matters through their results instead.
@@ -161,6 +161,21 @@ def stored_constant(name: str, value: np.ndarray, like: gs.Tensor) -> gs.Constan
         if stored is not None:
             return gs.Constant(name, MappedValues(stored))
     return gs.Constant(name, np.ascontiguousarray(value))
+
+
+def typed_constant(name: str, values: np.ndarray, data_type: int) -> gs.Constant:
+    """A constant of ONNX type ``data_type`` (int4/uint4 included, packed two to a byte) holding ``values``
+    (integers in its range): written as onnx's numpy_helper writes it, since graphsurgeon would export a
+    4-bit array one byte per value."""
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(data_type)
+    tensor = onnx.numpy_helper.from_array(np.asarray(values).astype(dtype), name)
+    return gs.Constant(name, gs.ir.tensor.LazyValues(tensor))
+
+
+def constant_bytes(constant: gs.Constant) -> int:
+    """The bytes a constant's values take as raw data (4-bit types packed)."""
+    values = constant._values
+    return data_bytes(values.tensor) if isinstance(values, gs.ir.tensor.LazyValues) else int(np.asarray(values).nbytes)
 
 
 def _restore_reference(constant: gs.Constant) -> bool:

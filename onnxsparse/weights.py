@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from .graph import constant_value, stored_constant
 from .layers import RNN_OPS, WEIGHT_OPS, layer_kind
 
-__all__ = ["RNN_OPS", "WEIGHT_OPS", "Rejected", "WeightSite", "WeightUse", "find_weights", "matches", "replace_weight", "weight_axes"]
+__all__ = ["RNN_OPS", "WEIGHT_OPS", "Rejected", "WeightSite", "WeightUse", "find_tables", "find_weights", "matches", "replace_weight", "weight_axes"]
 
 
 @dataclass
@@ -88,6 +88,38 @@ def find_weights(graph: gs.Graph, ops: Iterable[str] = WEIGHT_OPS, overridable: 
         if other:
             rejected[site.name] = f"also read by {other} (not as a weight)"
             del sites[site.name]
+    return list(sites.values()), [Rejected(n, r) for n, r in rejected.items()]
+
+
+def find_tables(graph: gs.Graph, overridable: AbstractSet[str] = frozenset()) -> tuple[list[WeightSite], list[Rejected]]:
+    """Embedding tables: constant 2-D float tensors that only Gathers along axis 0 read (in ``graph`` or
+    its subgraphs), as sites whose rows (axis 0) are the output units. A tensor that something else reads
+    too (a tied MatMul weight) is rejected with the reason, as are ``overridable`` initializers."""
+    scopes = [graph, *graph.subgraphs(recursive=True)]
+    readers: dict[str, list[tuple[gs.Node, int, gs.Graph]]] = {}
+    for scope in scopes:
+        for node in scope.nodes:
+            for index, tensor in enumerate(node.inputs):
+                readers.setdefault(tensor.name, []).append((node, index, scope))
+    sites: dict[str, WeightSite] = {}
+    rejected: dict[str, str] = {}
+    for scope in scopes:
+        for node in scope.nodes:
+            if node.op != "Gather" or not node.inputs or node.inputs[0].name in sites or node.inputs[0].name in rejected:
+                continue
+            tensor = node.inputs[0]
+            value = constant_value(tensor)
+            if value is None or value.ndim != 2 or not np.issubdtype(value.dtype, np.floating):
+                continue
+            uses = readers[tensor.name]
+            others = sorted({n.op for n, index, _ in uses if n.op != "Gather" or index != 0 or int(n.attrs.get("axis", 0)) != 0})
+            if tensor.name in overridable:
+                rejected[tensor.name] = "an initializer that is also a graph input (overridable at run time)"
+            elif others:
+                rejected[tensor.name] = f"also read by {', '.join(others)} (not as a table rows are gathered from)"
+            else:
+                sites[tensor.name] = WeightSite(tensor.name, tensor, value, "Gather", 0, 1, [WeightUse(n, index, s) for n, index, s in uses],
+                                                in_subgraph=any(s is not graph for _, _, s in uses))
     return list(sites.values()), [Rejected(n, r) for n, r in rejected.items()]
 
 

@@ -18,12 +18,12 @@ LAYERS = (
     # data, running models, comparing outputs
     "calibration", "validation", "quantization", "activations", "shapes", "latency",
     # analyses and numerics over weights and channels
-    "layers", "weights", "channels", "layerwise", "blockwise", "refit", "inspect_model",
+    "layers", "weights", "channels", "layerwise", "blockwise", "codebook", "refit", "inspect_model",
     # the training engine (torch, an optional extra: imported by nothing above unless asked for; augment is numpy only)
     "train", "train.augment", "train.ops", "train.graph_module",
     # the pass contract, then the passes
     "passes.options", "passes.base", "passes.cleanup", "passes.simplify", "passes.fold_batchnorm", "passes.sparse_encode", "passes.magnitude",
-    "passes.channel_prune", "passes.qdq", "passes.weight_only", "passes.distill", "passes",
+    "passes.channel_prune", "passes.qdq", "passes.weight_only", "passes.cluster", "passes.distill", "passes",
     # what drives the passes
     "report", "spec", "pipeline", "cli", "", "__main__",
 )  # fmt: skip

@@ -21,12 +21,21 @@ import onnx_graphsurgeon as gs
 from ..blockwise import BlockCodes, BlockScheme, clipped_to_least_error, gptq, pack_low_first, round_to_nearest
 from ..calibration import read_once
 from ..errors import InputDataError
-from ..graph import constant_value, from_gs, opset_version, overridable_initializers, stored_constant, to_gs, unique_name
+from ..graph import (
+    constant_bytes,
+    from_gs,
+    opset_version,
+    overridable_initializers,
+    stored_constant,
+    to_gs,
+    typed_constant,
+    unique_name,
+)
 from ..layerwise import original_hessians
 from ..limits import CALIBRATION_SAMPLES
 from ..validation import SCORE_MAX_TOP1_DROP, Tolerance
-from ..weights import WeightSite, find_weights, matches
-from ..weightstore import data_bytes, release_pages
+from ..weights import WeightSite, find_tables, find_weights, matches
+from ..weightstore import release_pages
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 
 log = logging.getLogger(__name__)
@@ -124,7 +133,7 @@ class WeightOnly(Pass):
             before += table.value.nbytes
             after += self._materialize_table(table, codes)
             result.changes.append(Change(table.name, f"int{self.bits} embedding table", {
-                "nodes": [node.name for node in table.readers], "shape": list(table.value.shape), "block": self.block,
+                "nodes": table.node_names, "shape": list(table.value.shape), "block": self.block,
                 "method": "rtn" if self.method == "gptq" else self.method, "weight_error": _relative_error(table.value.T, codes)}))
         graph.cleanup().toposort()
         result.model = from_gs(graph, like=model)
@@ -169,33 +178,19 @@ class WeightOnly(Pass):
         return {name: blocks[0] for name, blocks in original_hessians(model, sites, source, self.calibration_samples,
                                                                        label="weight-only gptq inputs").items()}
 
-    def _embedding_tables(self, graph: gs.Graph, model: onnx.ModelProto, result: PassResult) -> list[_Table]:
+    def _embedding_tables(self, graph: gs.Graph, model: onnx.ModelProto, result: PassResult) -> list[WeightSite]:
         """Constant 2-D float32 tables that only Gathers along axis 0 read (not a tied weight a MatMul reads too)."""
-        readers: dict[str, list[gs.Node]] = {}
-        for scope in [graph, *graph.subgraphs(recursive=True)]:
-            for node in scope.nodes:
-                for tensor in node.inputs:
-                    readers.setdefault(tensor.name, []).append(node)
-        overridable = overridable_initializers(model)
-        tables: dict[str, _Table] = {}
-        for scope in [graph, *graph.subgraphs(recursive=True)]:
-            for node in scope.nodes:
-                if node.op != "Gather" or not node.inputs or node.inputs[0].name in tables:
-                    continue
-                tensor = node.inputs[0]
-                value = constant_value(tensor)
-                if value is None or value.ndim != 2 or value.dtype != np.float32:
-                    continue
-                others = sorted({r.op for r in readers[tensor.name] if r.op != "Gather" or int(r.attrs.get("axis", 0)) != 0})
-                reason = ("excluded" if matches(self.exclude, tensor.name, node.name, node.op)
-                          else "an initializer that is also a graph input (overridable at run time)" if tensor.name in overridable
-                          else f"also read by {', '.join(others)} (not as a table rows are gathered from)" if others else "")
-                if reason:
-                    result.skipped.append(Skip(tensor.name, reason))
-                    continue
-                tables[tensor.name] = _Table(tensor.name, tensor, value, [(r, s) for s in [graph, *graph.subgraphs(recursive=True)]
-                                                                          for r in s.nodes if r in readers[tensor.name]])
-        return list(tables.values())
+        tables, rejected = find_tables(graph, overridable_initializers(model))
+        result.skipped.extend(Skip(r.name, r.reason) for r in rejected)
+        chosen = []
+        for table in tables:
+            reason = ("excluded" if matches(self.exclude, table.name, *table.node_names, "Gather")
+                      else f"{table.value.dtype} table (float32 only)" if table.value.dtype != np.float32 else "")
+            if reason:
+                result.skipped.append(Skip(table.name, reason))
+            else:
+                chosen.append(table)
+        return chosen
 
     def _codes(self, weight: np.ndarray, hessian: np.ndarray | None) -> BlockCodes:
         if self.method == "gptq" and hessian is not None:
@@ -241,22 +236,23 @@ class WeightOnly(Pass):
                                      attrs={"axis": 0, "block_size": self.block}, inputs=list(constants), outputs=[dequantized])
                 use.scope.nodes.insert(use.scope.nodes.index(node), dequantize)
                 node.inputs[use.index] = dequantized
-        return sum(_constant_bytes(constant) for constant in constants)
+        return sum(constant_bytes(constant) for constant in constants)
 
-    def _materialize_table(self, table: _Table, codes: BlockCodes) -> int:
+    def _materialize_table(self, table: WeightSite, codes: BlockCodes) -> int:
         """Every Gather of the table made a GatherBlockQuantized of int4 (or uint4 with zero points) codes
         [rows, D] and scales [rows, blocks]; the bytes they take."""
         constants = self._table_constants(table, codes)
-        for node, scope in table.scopes:
+        for use in table.uses:
+            node, scope = use.node, use.scope
             replacement = gs.Node("GatherBlockQuantized", name=node.name,
                                   attrs={"gather_axis": 0, "quantize_axis": 1, "block_size": self.block, **({"bits": 8} if self.bits == 8 else {})},
                                   inputs=[constants[0], node.inputs[1], *constants[1:]], outputs=list(node.outputs), domain=MICROSOFT_DOMAIN)
             node.inputs.clear()
             node.outputs.clear()
             scope.nodes[scope.nodes.index(node)] = replacement
-        return sum(_constant_bytes(constant) for constant in constants)
+        return sum(constant_bytes(constant) for constant in constants)
 
-    def _table_constants(self, table: _Table, codes: BlockCodes) -> list[gs.Constant]:
+    def _table_constants(self, table: WeightSite, codes: BlockCodes) -> list[gs.Constant]:
         rows, width = table.value.shape
         flat = codes.codes.reshape(rows, -1)[:, :width].astype(np.int16)
         if self.bits == 8:  # GatherBlockQuantized reads 8-bit codes as uint8 with zero points (128 when symmetric)
@@ -266,9 +262,9 @@ class WeightOnly(Pass):
             return constants
         data_type = onnx.TensorProto.INT4 if self.symmetric else onnx.TensorProto.UINT4
         values = flat - self.scheme.middle if self.symmetric else flat
-        constants = [_integer_constant(f"{table.name}_q4", values, data_type, 4), stored_constant(f"{table.name}_scales", codes.scales, table.tensor)]
+        constants = [typed_constant(f"{table.name}_q4", values, data_type), stored_constant(f"{table.name}_scales", codes.scales, table.tensor)]
         if not self.symmetric:
-            constants.append(_integer_constant(f"{table.name}_zero_points", codes.zero_points.astype(np.int16), data_type, 4))
+            constants.append(typed_constant(f"{table.name}_zero_points", codes.zero_points.astype(np.int16), data_type))
         return constants
 
     def _nbits_constants(self, site: WeightSite, codes: BlockCodes) -> list[gs.Constant]:
@@ -292,42 +288,11 @@ class WeightOnly(Pass):
         values = codes.codes.reshape(len(codes.codes), -1)[:, :k].T.astype(np.int16)  # [K, N]
         if signed:
             values = values - self.scheme.middle
-        constants = [_integer_constant(f"{site.name}_q{self.bits}", values, data_type, self.bits),
+        constants = [typed_constant(f"{site.name}_q{self.bits}", values, data_type),
                      stored_constant(f"{site.name}_scales", np.ascontiguousarray(codes.scales.T), site.tensor)]
         if not signed:
-            constants.append(_integer_constant(f"{site.name}_zero_points", codes.zero_points.T.astype(np.int16), data_type, self.bits))
+            constants.append(typed_constant(f"{site.name}_zero_points", codes.zero_points.T.astype(np.int16), data_type))
         return constants
-
-
-@dataclass
-class _Table:
-    """An embedding table: a constant [rows, D] read only by Gathers along axis 0."""
-
-    name: str
-    tensor: gs.Tensor
-    value: np.ndarray
-    scopes: list[tuple[gs.Node, gs.Graph]]
-
-    @property
-    def readers(self) -> list[gs.Node]:
-        return [node for node, _ in self.scopes]
-
-
-def _integer_constant(name: str, values: np.ndarray, data_type: int, bits: int) -> gs.Constant:
-    """A constant of ONNX integer type ``data_type`` holding ``values``; 4-bit ones packed two to a byte, low
-    nibble first, as the ONNX spec stores them (graphsurgeon cannot write int4 from numpy)."""
-    flat = values.reshape(-1)
-    if bits == 4:
-        raw = pack_low_first(np.pad(flat & 0xF, (0, flat.size % 2)).astype(np.uint8), 4).tobytes()
-    else:
-        raw = flat.astype(np.int8 if data_type == onnx.TensorProto.INT8 else np.uint8).tobytes()
-    tensor = onnx.helper.make_tensor(name, data_type, list(values.shape), raw, raw=True)
-    return gs.Constant(name, gs.ir.tensor.LazyValues(tensor))
-
-
-def _constant_bytes(constant: gs.Constant) -> int:
-    values = constant._values
-    return data_bytes(values.tensor) if isinstance(values, gs.ir.tensor.LazyValues) else int(np.asarray(values).nbytes)
 
 
 def _relative_error(weight: np.ndarray, codes: BlockCodes) -> float:

@@ -1,0 +1,153 @@
+"""``cluster``: weights from k-means codebooks, stored as uint4/uint8 indices that onnxruntime decodes
+(and folds) at load."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import bundled, run, with_initializers
+
+from onnxsparse.codebook import compensated, fit_codebooks, kmeans
+from onnxsparse.errors import PipelineSpecError
+from onnxsparse.passes import PassContext
+from onnxsparse.passes.cluster import Cluster
+from onnxsparse.pipeline import PassManager
+from onnxsparse.spec import parse_pipeline
+
+CONV_MATMUL = """
+<ir_version: 8, opset_import: ["" : 17]>
+agraph (float[N, 8, 6, 6] x) => (float[N, 12] y) <float[16, 8, 3, 3] w, float[16, 12] m> {
+    c = Conv <pads = [1, 1, 1, 1]> (x, w)
+    r = Relu (c)
+    p = GlobalAveragePool (r)
+    f = Flatten (p)
+    y = MatMul (f, m)
+}
+"""
+
+
+def _model(rng: np.random.Generator) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(CONV_MATMUL)
+    del model.graph.initializer[:]
+    return with_initializers(model, w=rng.standard_normal((16, 8, 3, 3)).astype(np.float32),
+                             m=rng.standard_normal((16, 12)).astype(np.float32))
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_kmeans_puts_levels_where_the_values_are_and_keeps_zeros_exact(rng: np.random.Generator) -> None:
+    values = np.concatenate([rng.normal(0, 0.01, 5000), rng.normal(1.0, 0.01, 50), np.zeros(1000)])
+    book = kmeans(values, 4)
+    assert len(book.centroids) == 4 and 0.0 in book.centroids
+    decoded = book.decoded()
+    assert np.all(decoded[values == 0] == 0)  # pruned weights stay exactly zero
+    assert np.abs(decoded[5000:5050] - 1.0).max() < 0.05  # the far cluster has its own level
+    # Lloyd never ends worse than its quantile start, and beats a uniform grid of as many levels
+    uniform = np.linspace(values.min(), values.max(), 4)
+    uniform_error = np.min(np.abs(values[:, None] - uniform[None]), axis=1) ** 2
+    assert np.sum((decoded - values) ** 2) < 0.5 * np.sum(uniform_error)
+    few = kmeans(np.array([0.5, -1.0, 0.5, 2.0]), 16)  # fewer distinct values than levels: each is its own
+    assert few.centroids.tolist() == [-1.0, 0.5, 2.0] and np.array_equal(few.decoded(), [0.5, -1.0, 0.5, 2.0])
+    # importance pulls a centroid toward the values that matter
+    weighted = kmeans(np.array([0.0, 1.0, 2.0, 3.0]), 1, np.array([1.0, 1.0, 1.0, 100.0]), keep_zero=False)
+    assert weighted.centroids[0] > 2.8
+
+
+@pytest.mark.parametrize("scope", ["tensor", "channel", "scaled"])
+@pytest.mark.parametrize("index_type", ["auto", "uint8"])
+def test_the_clustered_model_computes_with_the_decoded_weights_and_onnxruntime_folds_the_decoding(
+        scope: str, index_type: str, rng: np.random.Generator, tmp_path) -> None:
+    model = _model(rng)
+    result = Cluster(scope=scope, index_type=index_type, min_elements=1).run(model, PassContext())
+    clustered = result.model
+    onnx.checker.check_model(clustered, full_check=True)
+    assert clustered.opset_import[0].version == (21 if index_type == "auto" else 17)
+    index_types = {t.data_type for t in clustered.graph.initializer if t.name.endswith("_indices")}
+    assert index_types == {onnx.TensorProto.UINT4 if index_type == "auto" else onnx.TensorProto.UINT8}
+    # the same model with each weight replaced by what its codebook decodes to
+    weights = _weights(model)
+    decoded = {name: fit_codebooks(value, 16, scope, 0 if name == "w" else 1).decoded() for name, value in weights.items()}
+    assert all(len(np.unique(d)) <= (16 if scope == "tensor" else 16 * d.shape[0 if n == "w" else 1]) for n, d in decoded.items())
+    expected = onnx.parser.parse_model(CONV_MATMUL)
+    del expected.graph.initializer[:]
+    with_initializers(expected, **decoded)
+    x = rng.standard_normal((2, 8, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(run(clustered, {"x": x})[0], run(expected, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    assert result.figures["tensors_clustered"] == 2
+    # 4-bit indices and a book (per channel: 16 floats each, dear on a tensor this small)
+    bound = 0.6 if index_type == "uint8" or scope == "channel" else 0.35
+    assert result.figures["weight_bytes_after"] < result.figures["weight_bytes_before"] * bound
+    # onnxruntime folds Cast, Add, Gather and Mul of constants at load: only the layers run
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    ort.InferenceSession(clustered.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node] == ["Conv", "Relu", "GlobalAveragePool", "Flatten", "MatMul"]
+
+
+def test_compensated_rounding_moves_the_layer_outputs_less_than_nearest_centroids(rng: np.random.Generator) -> None:
+    k, n = 96, 32
+    matrix = rng.standard_normal((n, k))
+    mixing = rng.standard_normal((k, k)) * 0.3 + np.eye(k)
+    x = (rng.standard_normal((3000, k)) * np.linspace(0.2, 3.0, k)) @ mixing
+    held_out = (rng.standard_normal((500, k)) * np.linspace(0.2, 3.0, k)) @ mixing
+    books = fit_codebooks(matrix.astype(np.float32), 8, "scaled", 0)
+    rows = books.row_centroids(n)
+    nearest = books.decoded().astype(np.float64)
+    solved = compensated(matrix, x.T @ x, rows)
+    assert all(np.isin(solved[i], rows[i]).all() for i in range(n))  # every value one of its row's centroids
+    error = {name: np.linalg.norm(held_out @ (m - matrix).T) for name, m in (("nearest", nearest), ("compensated", solved))}
+    assert error["compensated"] < 0.8 * error["nearest"]
+
+
+def test_gptq_in_the_pipeline_beats_nearest_centroids_on_held_out_digits() -> None:
+    model, inputs, calibration = bundled("digits_cnn")
+    drift = {}
+    for method in ("kmeans", "gptq"):
+        manager = PassManager(parse_pipeline(f"cluster{{method={method} bits=3 min_elements=100}}"), inputs=inputs, calibration=calibration,
+                              policy="keep", keep_worse=True)
+        clustered, report = manager.run(model)
+        changes = {c.target: c.details for c in report.steps[0].changes}
+        assert set(changes) == {"stem.0.weight", "block.conv1.weight", "block.conv2.weight", "depthwise.0.weight", "pointwise.0.weight",
+                                "fc.weight"}
+        assert sum(n.op_type == "Gather" for n in clustered.graph.node) == 6
+        assert all(details["compensated"] == (method == "gptq") for details in changes.values())
+        drift[method] = 1 - report.final_validation.outputs[0].cosine
+    assert drift["gptq"] < drift["kmeans"]
+
+
+def test_small_excluded_or_half_precision_weights_stay_float_with_the_reason(rng: np.random.Generator) -> None:
+    model = _model(rng)
+    result = Cluster(exclude=("m",), min_elements=100).run(model, PassContext())
+    reasons = {skip.target: skip.reason for skip in result.skipped}
+    assert reasons == {"m": "excluded"} and [c.target for c in result.changes] == ["w"]
+    result = Cluster().run(model, PassContext())  # both under the default 4096 elements
+    assert not result.changes and "fewer than min_elements=4096" in {s.target: s.reason for s in result.skipped}["w"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("cluster{bits=9}", "1 to 8"), ("cluster{bits=5 index_type=uint4}", "at most 4 bits"), ("cluster{scope=row}", "not one of"),
+    ("cluster{method=gptq iterations=0}", "at least 1"), ("cluster{centroids=16}", "valid options"),
+])
+def test_bad_options_are_refused_when_the_pass_is_built(text: str, message: str) -> None:
+    with pytest.raises(PipelineSpecError, match=message):
+        parse_pipeline(text)
+
+
+def test_embedding_tables_are_clustered_like_weights(rng: np.random.Generator) -> None:
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (int64[N, 5] ids) => (float[N, 5, 64] y) <float[100, 64] table> { y = Gather <axis = 0> (table, ids) }""")
+    del model.graph.initializer[:]
+    table = rng.standard_normal((100, 64)).astype(np.float32)
+    with_initializers(model, table=table)
+    result = Cluster().run(model, PassContext())
+    assert [c.target for c in result.changes] == ["table"]
+    ids = rng.integers(0, 100, (2, 5))
+    decoded = fit_codebooks(table, 16, "scaled", 0).decoded()  # rows are the units a table's scale follows
+    np.testing.assert_array_equal(run(result.model, {"ids": ids})[0], decoded[ids])
+    assert not Cluster(embeddings=False).run(model, PassContext()).changes
