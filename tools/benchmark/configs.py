@@ -144,6 +144,11 @@ CONFIGS: tuple[Config, ...] = (
     Config("int4 weight-only gptq matmul only", "weight-only{method=gptq embeddings=false}"),
     Config("int4 weight-only asym", "weight-only{symmetric=false}"),
     Config("int4 weight-only acc4", "weight-only{accuracy_level=4}"),
+    # k-means codebooks (16 centroids), decoded at load: the file's size at a given accuracy
+    Config("cluster 16", "cluster"),
+    Config("cluster 16 gptq", "cluster{method=gptq}"),
+    Config("cluster 16 per channel gptq", "cluster{method=gptq scope=channel}"),
+    Config("cluster 256 gptq", "cluster{method=gptq bits=8}"),
     Config("ort matmulnbits default sym", _ort_nbits("DEFAULT"), ORT),
     Config("ort matmulnbits default asym", _ort_nbits("DEFAULT", is_symmetric=False), ORT),
     Config("ort matmulnbits hqq", _ort_nbits("HQQ", is_symmetric=False), ORT),  # HQQ is asymmetric whatever it is told
