@@ -1,7 +1,8 @@
 """Tensor shapes for passes that need them: onnx's shape inference first, then, for the tensors it
 leaves unknown (ops from ai.onnx.ml or custom domains, data-dependent shapes), shapes observed in
-onnxruntime on two synthetic feeds that differ in batch size, so that a dim that follows the batch
-is recorded as dynamic rather than as the value seen once."""
+onnxruntime on two synthetic feeds that differ in every named input dim (batch 1 and 2, the others
+32 and 64), so that a dim that follows one of them (a sequence, an image's width) is recorded as
+dynamic rather than as the value seen once."""
 
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ def _has_shape(value: onnx.ValueInfoProto) -> bool:
 
 def _observe_shapes(model: onnx.ModelProto, names: list[str], label: str) -> None:
     observed = []
-    for batch in (1, 2):
-        feeds = SyntheticInputs(model, samples=1, seed=0, dims=_batch_dims(model, batch))
+    for scale in (1, 2):
+        feeds = SyntheticInputs(model, samples=1, seed=0, dims=_probe_dims(model, scale))
         session = make_session(with_extra_outputs(model, names), f"{label} (shape probe)")
         try:
             outputs = session.run(names, next(iter(feeds.feeds())))
@@ -70,12 +71,15 @@ def _observe_shapes(model: onnx.ModelProto, names: list[str], label: str) -> Non
             model.graph.value_info.append(value)
 
 
-def _batch_dims(model: onnx.ModelProto, batch: int) -> dict[str, int]:
-    """Named leading dims set to ``batch``; unnamed ones follow SyntheticInputs' default (1)."""
+def _probe_dims(model: onnx.ModelProto, scale: int) -> dict[str, int]:
+    """Named input dims at ``scale`` times SyntheticInputs' defaults (1 for a leading dim, 32 for the
+    others; PP-OCR's line width recorded its 4 time steps as static before the others moved too);
+    unnamed ones keep the defaults."""
     dims = {}
     for model_input in model_inputs(model):
-        if model_input.shape and isinstance(model_input.shape[0], str):
-            dims[model_input.shape[0]] = batch
+        for axis, dim in enumerate(model_input.shape or ()):
+            if isinstance(dim, str):
+                dims.setdefault(dim, scale * (1 if axis == 0 else 32))
     return dims
 
 

@@ -4,7 +4,7 @@ To add a pass, copy ``cleanup.py`` (the smallest), rename the class and its ``na
 module below. Third-party packages register passes through the ``onnxsparse.passes`` entry-point group.
 """
 
-from . import channel_prune, cleanup, cluster, distill, fold_batchnorm, magnitude, qdq, simplify, sparse_encode, weight_only  # noqa: E402,F401  (registers the built-in passes)
+from . import channel_prune, cleanup, cluster, distill, fold_batchnorm, fp16, magnitude, qdq, simplify, sparse_encode, weight_only  # noqa: E402,F401  (registers the built-in passes)
 from .base import (
     ENTRY_POINT_GROUP,
     Change,
