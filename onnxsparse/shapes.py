@@ -75,7 +75,7 @@ def _probe_dims(model: onnx.ModelProto, scale: int) -> dict[str, int]:
     """Named input dims at ``scale`` times SyntheticInputs' defaults (1 for a leading dim, 32 for the
     others; PP-OCR's line width recorded its 4 time steps as static before the others moved too);
     unnamed ones keep the defaults."""
-    dims = {}
+    dims: dict[str, int] = {}
     for model_input in model_inputs(model):
         for axis, dim in enumerate(model_input.shape or ()):
             if isinstance(dim, str):

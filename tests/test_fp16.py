@@ -108,7 +108,7 @@ def test_a_bundled_cnn_in_float16_is_half_the_file_and_within_tolerance() -> Non
 
     inputs = resolve_inputs(str(MODELS / "digits_cnn.inputs.npz"), model)
     calibration = resolve_inputs(str(MODELS / "digits_cnn.calibration.npz"), model)
-    converted, report = PassManager(parse_pipeline("fp16"), inputs=inputs, calibration=calibration).run(model)
+    _, report = PassManager(parse_pipeline("fp16"), inputs=inputs, calibration=calibration).run(model)
     step = report.steps[0]
     assert step.status == "committed" and report.final_validation.outputs[0].cosine > 0.9999
     assert step.figures["bytes_after"] < 0.51 * step.figures["bytes_before"]
