@@ -168,7 +168,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
                                    "header.npz: member 'input.npy' declares an array of shape [4, 1, 8, 8] float32 (1,024 bytes) but holds 64 bytes"),
     "NaN validation input": (cnn_case("--inputs", path_of(npz_with(np.nan, "nan.npz"))), "nan.npz: input 'input' holds 1 NaN/Inf value(s), first at index (3, 0, 2, 2)"),
     "Inf calibration input": (cnn_case("--calibration", path_of(npz_with(np.inf, "inf.npz")), pipeline="qdq"), "inf.npz: input 'input' holds 1 NaN/Inf value(s)"),
-    "all-NaN original": (model_case(negative_variance), "negvar.onnx (original): output 'logits' is NaN/Inf in 160 of 160 values on the 16 validation feed(s)"),
+    "all-NaN original": (model_case(negative_variance), "negvar.onnx (original): output 'logits' is NaN/Inf in 160 of 160 values on the 16 validation sample(s)"),
     "negative tolerance": (cnn_case("--tolerance", "max_rel=-1"), "--tolerance: tolerance max_rel=-1 is outside [0, inf]"),
     "top-1 bound above 1": (cnn_case("--pass-tolerance", "cleanup:min_top1=1.5"), "tolerance min_top1=1.5 is outside [0, 1]"),
 }
