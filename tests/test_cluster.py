@@ -151,3 +151,31 @@ def test_embedding_tables_are_clustered_like_weights(rng: np.random.Generator) -
     decoded = fit_codebooks(table, 16, "scaled", 0).decoded()  # rows are the units a table's scale follows
     np.testing.assert_array_equal(run(result.model, {"ids": ids})[0], decoded[ids])
     assert not Cluster(embeddings=False).run(model, PassContext()).changes
+
+
+def test_allocation_spends_the_8_bit_budget_on_the_tensor_that_moves_the_outputs() -> None:
+    """Two weights of one size; the second's output is scaled down 1000x, so its rounding hardly
+    shows: an average of 6 bits puts the first at 8 and the second at 4."""
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[N, 64] x) => (float[N, 64] y) <float[64, 64] loud, float[64, 64] quiet, float[1] small> {
+        a = MatMul (x, loud)
+        b = MatMul (x, quiet)
+        c = Mul (b, small)
+        y = Add (a, c)
+    }""")
+    del model.graph.initializer[:]
+    rng = np.random.default_rng(1)
+    with_initializers(model, loud=rng.standard_normal((64, 64)).astype(np.float32), quiet=rng.standard_normal((64, 64)).astype(np.float32),
+                      small=np.array([1e-3], np.float32))
+    feeds = [{"x": rng.standard_normal((16, 64)).astype(np.float32)} for _ in range(4)]
+    from onnxsparse.calibration import IterableInputs
+
+    result = Cluster(allocate="sensitivity", bits=6, min_elements=100).run(model, PassContext(calibration=IterableInputs(feeds)))
+    assert result.figures["bits_allocated"] == {"loud": 8, "quiet": 4}
+    assert {c.target: c.action for c in result.changes} == {"loud": "8-bit codebook", "quiet": "4-bit codebook"}
+    types = {t.name: t.data_type for t in result.model.graph.initializer if t.name.endswith("_indices")}
+    assert types == {"loud_indices": onnx.TensorProto.UINT8, "quiet_indices": onnx.TensorProto.UINT4}
+    onnx.checker.check_model(result.model, full_check=True)
+    with pytest.raises(PipelineSpecError, match="from 4 to 8"):
+        parse_pipeline("cluster{allocate=sensitivity bits=3}")

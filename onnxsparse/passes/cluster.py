@@ -34,7 +34,7 @@ from ..graph import (
 from ..layers import RNN_OPS, WEIGHT_OPS, layer_kind
 from ..layerwise import activation_name, add_hessians, from_matrix, original_hessians, to_matrix, unsupported_reason
 from ..limits import CALIBRATION_SAMPLES
-from ..validation import SCORE_MAX_TOP1_DROP, Tolerance
+from ..validation import SCORE_MAX_TOP1_DROP, DriftProbe, Tolerance
 from ..weights import WeightSite, find_tables, find_weights, matches, replace_weight
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 from .weight_only import INT4_IR_VERSION
@@ -42,6 +42,9 @@ from .weight_only import INT4_IR_VERSION
 log = logging.getLogger(__name__)
 
 UINT4_CAST_OPSET = 21  # Cast (and Gather's inputs) of uint4 tensors
+# The widths allocate=sensitivity chooses from: what a file stores them in (uint4 or uint8 indices), so a
+# byte spent is a byte on disk (3 bits cost what 4 do, 6 what 8 do).
+ALLOCATED_BITS = (4, 8)
 
 
 @register
@@ -60,7 +63,11 @@ class Cluster(Pass):
     name = "cluster"
     default_tolerance = Tolerance(min_cosine=0.97)
 
-    bits: int = field(default=4, metadata={"help": "bits per index: 2^bits centroids (1 to 8)"})
+    bits: float = field(default=4, metadata={"help": "bits per index: 2^bits centroids (1 to 8); with allocate=sensitivity, the average "
+                                                   "index bits per weight (4 to 8)"})
+    allocate: Literal["uniform", "sensitivity"] = field(default="uniform", metadata={
+        "help": "uniform: every tensor at `bits`; sensitivity: each tensor at 4 or 8 bits, the 8-bit ones chosen so that the outputs move "
+                "least within an average of `bits` bits per weight, from a probe of each tensor alone at each width (calibration data)"})
     scope: Literal["tensor", "channel", "scaled"] = field(default="scaled", metadata={
         "help": "one codebook per tensor; per output channel (each channel's book costs 2^bits floats); or scaled: one book of the "
                 "weights divided by their channel's largest magnitude, each channel scaling it back (one float per channel)"})
@@ -82,22 +89,25 @@ class Cluster(Pass):
     calibration_samples: int = field(default=CALIBRATION_SAMPLES, metadata={"help": "weighted: calibration samples read (the first ones)"})
 
     def __post_init__(self) -> None:
-        if not 1 <= self.bits <= 8:
-            raise ValueError(f"bits {self.bits}: 1 to 8")
+        if not 1 <= self.bits <= 8 or (self.allocate == "uniform" and self.bits != int(self.bits)):
+            raise ValueError(f"bits {self.bits}: a whole number from 1 to 8 (an average from 4 to 8 with allocate=sensitivity)")
+        if self.allocate == "sensitivity" and not ALLOCATED_BITS[0] <= self.bits <= ALLOCATED_BITS[-1]:
+            raise ValueError(f"allocate=sensitivity: bits {self.bits} is an average of 4- and 8-bit tensors, from 4 to 8")
         if self.index_type == "uint4" and self.bits > 4:
             raise ValueError(f"index_type=uint4 holds at most 4 bits, not {self.bits}")
         if self.iterations < 1 or self.min_elements < 1 or self.calibration_samples < 1:
             raise ValueError("iterations, min_elements and calibration_samples must be at least 1")
 
     def needs(self) -> frozenset[Requirement]:
-        return frozenset({Requirement.CALIBRATION}) if self.weighted or self.method == "gptq" else frozenset()
+        data = self.weighted or self.method == "gptq" or self.allocate == "sensitivity"
+        return frozenset({Requirement.CALIBRATION}) if data else frozenset()
 
     def score_tolerance(self) -> Tolerance:
         return replace(self.tolerance(), max_top1_drop=SCORE_MAX_TOP1_DROP)
 
     @property
     def packed(self) -> bool:
-        return self.index_type == "uint4" or (self.index_type == "auto" and self.bits <= 4)
+        return self.index_type == "uint4" or (self.index_type == "auto" and (self.bits <= 4 or self.allocate == "sensitivity"))
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         result = PassResult(model)
@@ -114,11 +124,12 @@ class Cluster(Pass):
                 model, graph = converted, to_gs(converted)
                 sites = self._chosen_sites(graph, model, PassResult(model))
         importance = self._importance(model, sites, context) if self.weighted else {}
-        all_books = self._fitted(model, graph, sites, importance, context, result)
+        widths = self._allocated(model, sites, importance, context, result) if self.allocate == "sensitivity" else {}
+        all_books = self._fitted(model, graph, sites, importance, context, result, widths)
         before = after = 0
         for site, books in zip(sites, all_books):
             before += site.value.nbytes
-            after += self._materialize(graph, site, books, packed)
+            after += self._materialize(graph, site, books, packed and widths.get(site.name, int(self.bits)) <= 4)
         graph.cleanup().toposort()
         result.model = from_gs(graph, like=model)
         if packed:
@@ -188,7 +199,7 @@ class Cluster(Pass):
         return importance
 
     def _fitted(self, model: onnx.ModelProto, graph: gs.Graph, sites: list[WeightSite], importance: dict[str, np.ndarray],
-                context: PassContext, result: PassResult) -> list[Codebooks]:
+                context: PassContext, result: PassResult, widths: dict[str, int]) -> list[Codebooks]:
         """Each weight's codebooks and indices, in graph order; with gptq the indices compensate the
         layer's rounding errors on its inputs (sequential: in the model clustered up to that layer,
         whose weights stand in the graph as their decoded values meanwhile)."""
@@ -210,7 +221,8 @@ class Cluster(Pass):
         inputs = ChangingModelValues(source, self.calibration_samples, label="cluster gptq inputs") if source is not None and self.sequential else None
         fitted = []
         for site in sites:
-            books = fit_codebooks(np.asarray(site.value), 1 << self.bits, self.scope, site.out_axis, importance.get(site.name),
+            bits = widths.get(site.name, int(self.bits))
+            books = fit_codebooks(np.asarray(site.value), 1 << bits, self.scope, site.out_axis, importance.get(site.name),
                                   iterations=self.iterations, keep_zero=self.keep_zero)
             if site.name in compensating:
                 gram = self._inputs_gram(from_gs(graph, like=model), site, inputs) if inputs is not None else hessians[site.name]
@@ -220,10 +232,47 @@ class Cluster(Pass):
                     inputs.edited(graph, [use.node for use in site.uses])
             fitted.append(books)
             error = float(np.linalg.norm(books.decoded() - site.value)) / max(float(np.linalg.norm(site.value)), 1e-30)
-            result.changes.append(Change(site.name, f"{self.bits}-bit codebook", {
+            result.changes.append(Change(site.name, f"{bits}-bit codebook", {
                 "nodes": site.node_names, "shape": list(site.value.shape), "scope": self.scope, "codebooks": len(books.centroids),
                 "compensated": site.name in compensating, "weight_error": round(error, 6)}))
         return fitted
+
+    def _allocated(self, model: onnx.ModelProto, sites: list[WeightSite], importance: dict[str, np.ndarray], context: PassContext,
+                   result: PassResult) -> dict[str, int]:
+        """Bits per tensor (of ALLOCATED_BITS) minimising the sum of the drifts each tensor causes alone
+        at its width, within the index bytes of ``bits`` everywhere: greedily, the upgrade that buys the
+        most drift per byte first. Tensors the probe cannot swap alone (Constant nodes, subgraphs) keep ``bits``."""
+        if context.calibration is None:
+            raise InputDataError("cluster allocate=sensitivity needs calibration data (--calibration)")
+        probe = DriftProbe(model, context.calibration)
+        positions = {tensor.name: index for index, tensor in enumerate(model.graph.initializer)}
+        drifts: dict[str, dict[int, float]] = {}
+        for site in sites:
+            if site.name not in positions or site.in_subgraph:
+                continue
+            drifts[site.name] = {}
+            for bits in ALLOCATED_BITS:
+                books = fit_codebooks(np.asarray(site.value), 1 << bits, self.scope, site.out_axis, importance.get(site.name),
+                                      iterations=self.iterations, keep_zero=self.keep_zero)
+                drifts[site.name][bits] = probe.drift(_with_initializer(model, positions[site.name], books.decoded()))
+        sizes = {site.name: site.value.size for site in sites if site.name in drifts}
+        widths = {name: ALLOCATED_BITS[0] for name in drifts}
+        spare = sum(size * (self.bits - ALLOCATED_BITS[0]) for size in sizes.values())
+        while True:
+            best = None
+            for name, bits in widths.items():
+                for wider in (b for b in ALLOCATED_BITS if b > bits):
+                    cost = sizes[name] * (wider - bits)
+                    gain = drifts[name][bits] - drifts[name][wider]
+                    if cost <= spare and gain > 0 and (best is None or gain / cost > best[0]):
+                        best = (gain / cost, name, wider, cost)
+            if best is None:
+                break
+            _, name, wider, cost = best
+            widths[name], spare = wider, spare - cost
+        result.figures["bits_allocated"] = {name: widths[name] for name in widths}
+        result.figures["drift_alone"] = {name: round(drifts[name][widths[name]], 6) for name in widths}
+        return widths
 
     @staticmethod
     def _inputs_gram(current: onnx.ModelProto, site: WeightSite, inputs: ChangingModelValues) -> np.ndarray:
@@ -254,7 +303,7 @@ class Cluster(Pass):
         """Indices -> Cast(int32) [-> + each channel's offset into the flat books] -> Gather(books)
         [-> x each channel's scale], in the weight's scope and read by every use instead of the weight;
         the bytes the indices, books and scales take."""
-        levels = 1 << self.bits
+        levels = books.centroids.shape[1]
         shape = list(site.value.shape)
         channel_shape = [1] * len(shape)
         channel_shape[site.out_axis] = shape[site.out_axis]
@@ -286,6 +335,15 @@ class Cluster(Pass):
         output = gs.Variable(unique_name(graph, f"{name}_{op.lower()}"), dtype=dtype, shape=shape)
         nodes.append(gs.Node(op, name=unique_name(graph, f"{name}_{op}"), attrs=attrs or {}, inputs=inputs, outputs=[output]))
         return output
+
+
+def _with_initializer(model: onnx.ModelProto, position: int, value: np.ndarray) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializer at ``position`` holds ``value`` (a probe of one tensor alone)."""
+    trial = onnx.ModelProto()
+    trial.CopyFrom(model)
+    name = trial.graph.initializer[position].name
+    trial.graph.initializer[position].CopyFrom(onnx.numpy_helper.from_array(value.astype(np.float32), name))
+    return trial
 
 
 def _per_element(site: WeightSite, mean_square: np.ndarray) -> np.ndarray | None:
