@@ -203,6 +203,23 @@ def test_weights_read_otherwise_or_excluded_stay_float_with_the_reason(rng: np.r
     assert "also read by Gather" in reasons[0] and "also read by MatMul" in reasons[1]
 
 
+def test_gptq_rounds_a_weight_two_matmuls_share_and_says_why(rng: np.random.Generator) -> None:
+    from onnxsparse.calibration import IterableInputs
+
+    model = with_initializers(parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[N, 64] x) => (float[N, 32] y) {
+        a = MatMul (x, shared)
+        b = MatMul (x, shared)
+        y = Add (a, b)
+    }"""), shared=rng.standard_normal((64, 32)).astype(np.float32))
+    feeds = IterableInputs([{"x": rng.standard_normal((8, 64)).astype(np.float32)}])
+    result = WeightOnly(method="gptq").run(model, PassContext(calibration=feeds))
+    assert [n.op_type for n in result.model.graph.node] == ["MatMulNBits", "MatMulNBits", "Add"]
+    assert {s.target: s.reason for s in result.skipped}["shared"] == "gptq: shared by several nodes; rounded to nearest instead"
+    assert result.changes[0].details["method"] == "rtn"
+
+
 @pytest.mark.parametrize(("width", "symmetric", "bits"), [(40, True, 4), (64, False, 4), (40, True, 8), (40, False, 8)])
 def test_embedding_tables_become_gatherblockquantized_of_the_same_codes(width: int, symmetric: bool, bits: int, rng: np.random.Generator) -> None:
     text = f"""

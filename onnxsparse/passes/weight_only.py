@@ -31,7 +31,7 @@ from ..graph import (
     typed_constant,
     unique_name,
 )
-from ..layerwise import original_hessians
+from ..layerwise import original_hessians, unsupported_reason
 from ..limits import CALIBRATION_SAMPLES
 from ..validation import SCORE_MAX_TOP1_DROP, Tolerance
 from ..weights import WeightSite, find_tables, find_weights, matches
@@ -118,14 +118,15 @@ class WeightOnly(Pass):
         if not sites and not tables:
             result.skipped.append(Skip("model", "no MatMul with a constant 2-D float32 weight, nor embedding table, to quantize"))
             return result
-        hessians = self._hessians(model, sites, context) if self.method == "gptq" else {}
+        hessians = self._hessians(model, sites, context, result) if self.method == "gptq" else {}
         before = after = 0
         for site in sites:
             codes = self._codes(np.asarray(site.value), hessians.get(site.name))
             before += site.value.nbytes
             after += self._materialize(graph, site, codes)
             result.changes.append(Change(site.name, f"int{self.bits} weight-only", {
-                "nodes": site.node_names, "shape": list(site.value.shape), "block": self.block, "method": self.method,
+                "nodes": site.node_names, "shape": list(site.value.shape), "block": self.block,
+                "method": self.method if self.method != "gptq" or site.name in hessians else "rtn",
                 "weight_error": _relative_error(site.value, codes)}))
             release_pages(site.value)
         for table in tables:
@@ -141,7 +142,7 @@ class WeightOnly(Pass):
             result.model.opset_import.append(onnx.helper.make_opsetid(MICROSOFT_DOMAIN, 1))
         if tables and self.bits == 4:
             result.model.ir_version = max(result.model.ir_version, INT4_IR_VERSION)
-        result.figures.update(tensors_quantized=len(sites), weight_bytes_before=before, weight_bytes_after=after,
+        result.figures.update(tensors_quantized=len(sites) + len(tables), weight_bytes_before=before, weight_bytes_after=after,
                               weight_bytes_ratio=round(after / max(before, 1), 4))
         return result
 
@@ -170,12 +171,20 @@ class WeightOnly(Pass):
             return f"{site.value.dtype} weight (float32 only)"
         return ""
 
-    def _hessians(self, model: onnx.ModelProto, sites: list[WeightSite], context: PassContext) -> dict[str, np.ndarray]:
-        """XᵀX of every chosen layer's input in the pass's input model, in one pass over the data."""
+    def _hessians(self, model: onnx.ModelProto, sites: list[WeightSite], context: PassContext, result: PassResult) -> dict[str, np.ndarray]:
+        """XᵀX of every chosen layer's input in the pass's input model, in one pass over the data (layers
+        without a layer-wise view, in a subgraph or shared by several nodes, are rounded to nearest)."""
         if context.calibration is None:
             raise InputDataError("weight-only method=gptq needs calibration data (--calibration)")
+        viewed = []
+        for site in sites:
+            reason = unsupported_reason(site)
+            if reason:
+                result.skipped.append(Skip(site.name, f"gptq: {reason}; rounded to nearest instead"))
+            else:
+                viewed.append(site)
         source = read_once(context.calibration, model, limit=self.calibration_samples)
-        return {name: blocks[0] for name, blocks in original_hessians(model, sites, source, self.calibration_samples,
+        return {name: blocks[0] for name, blocks in original_hessians(model, viewed, source, self.calibration_samples,
                                                                        label="weight-only gptq inputs").items()}
 
     def _embedding_tables(self, graph: gs.Graph, model: onnx.ModelProto, result: PassResult) -> list[WeightSite]:
