@@ -202,13 +202,18 @@ class Cluster(Pass):
                 context: PassContext, result: PassResult, widths: dict[str, int]) -> list[Codebooks]:
         """Each weight's codebooks and indices, in graph order; with gptq the indices compensate the
         layer's rounding errors on its inputs (sequential: in the model clustered up to that layer,
-        whose weights stand in the graph as their decoded values meanwhile)."""
+        whose weights stand in the graph as their decoded values meanwhile), where that moves the
+        model's outputs less than the nearest centroids do, each layer alone on held-out calibration
+        samples. (Compensation cuts every MiniLM layer's error on its inputs 10-2000x and still made the
+        embeddings worse, min cosine 0.90 -> 0.58: the error it minimises is the high-norm tokens'.)"""
         compensating: set[str] = set()
         source = None
+        probe = None
         if self.method == "gptq":
             if context.calibration is None:
                 raise InputDataError("cluster method=gptq needs calibration data (--calibration)")
-            source = read_once(context.calibration, model, limit=self.calibration_samples)
+            probe = DriftProbe(model, context.calibration)
+            source = read_once(probe.held_out, model, limit=self.calibration_samples)
             for site in sites:
                 reason = unsupported_reason(site)
                 if reason:
@@ -219,11 +224,13 @@ class Cluster(Pass):
         hessians = (original_hessians(model, viewed, source, self.calibration_samples, label="cluster gptq inputs")
                     if source is not None and not self.sequential else {})
         inputs = ChangingModelValues(source, self.calibration_samples, label="cluster gptq inputs") if source is not None and self.sequential else None
-        fitted = []
+        fitted: list[Codebooks] = []
+        nearest: list[Codebooks] = []
         for site in sites:
             bits = widths.get(site.name, int(self.bits))
             books = fit_codebooks(np.asarray(site.value), 1 << bits, self.scope, site.out_axis, importance.get(site.name),
                                   iterations=self.iterations, keep_zero=self.keep_zero)
+            nearest.append(books)
             if site.name in compensating:
                 gram = self._inputs_gram(from_gs(graph, like=model), site, inputs) if inputs is not None else hessians[site.name]
                 books = self._compensated(site, books, gram)
@@ -231,8 +238,11 @@ class Cluster(Pass):
                     replace_weight(site, books.decoded())
                     inputs.edited(graph, [use.node for use in site.uses])
             fitted.append(books)
+        if probe is not None and compensating and not self._compensation_pays(model, sites, fitted, nearest, probe, result):
+            fitted, compensating = nearest, set()
+        for site, books in zip(sites, fitted):
             error = float(np.linalg.norm(books.decoded() - site.value)) / max(float(np.linalg.norm(site.value)), 1e-30)
-            result.changes.append(Change(site.name, f"{bits}-bit codebook", {
+            result.changes.append(Change(site.name, f"{books.centroids.shape[1].bit_length() - 1}-bit codebook", {
                 "nodes": site.node_names, "shape": list(site.value.shape), "scope": self.scope, "codebooks": len(books.centroids),
                 "compensated": site.name in compensating, "weight_error": round(error, 6)}))
         return fitted
@@ -254,7 +264,7 @@ class Cluster(Pass):
             for bits in ALLOCATED_BITS:
                 books = fit_codebooks(np.asarray(site.value), 1 << bits, self.scope, site.out_axis, importance.get(site.name),
                                       iterations=self.iterations, keep_zero=self.keep_zero)
-                drifts[site.name][bits] = probe.drift(_with_initializer(model, positions[site.name], books.decoded()))
+                drifts[site.name][bits] = probe.drift(_with_initializers(model, {positions[site.name]: books.decoded()}))
         sizes = {site.name: site.value.size for site in sites if site.name in drifts}
         widths = {name: ALLOCATED_BITS[0] for name in drifts}
         spare = sum(size * (self.bits - ALLOCATED_BITS[0]) for size in sizes.values())
@@ -273,6 +283,23 @@ class Cluster(Pass):
         result.figures["bits_allocated"] = {name: widths[name] for name in widths}
         result.figures["drift_alone"] = {name: round(drifts[name][widths[name]], 6) for name in widths}
         return widths
+
+    @staticmethod
+    def _compensation_pays(model: onnx.ModelProto, sites: list[WeightSite], compensated_books: list[Codebooks], nearest: list[Codebooks],
+                           probe: DriftProbe, result: PassResult) -> bool:
+        """Whether the compensated layers together move the outputs less than every weight at its nearest
+        centroids, on the calibration samples the Hessians left out (weights that are no main-graph
+        initializer keep their compensation on both sides)."""
+        positions = {tensor.name: index for index, tensor in enumerate(model.graph.initializer)}
+        drifts = [probe.drift(_with_initializers(model, {positions[site.name]: books.decoded() for site, books in zip(sites, chosen)
+                                                         if site.name in positions}))
+                  for chosen in (compensated_books, nearest)]
+        result.figures.update(drift_compensated=round(drifts[0], 6), drift_nearest=round(drifts[1], 6))
+        if drifts[0] < drifts[1]:
+            return True
+        result.warnings.append(f"cluster gptq: the compensated layers together moved the outputs more than the nearest centroids on held-out "
+                               f"calibration samples (drift {drifts[0]:.4g} against {drifts[1]:.4g}): every weight kept at its nearest centroid")
+        return False
 
     @staticmethod
     def _inputs_gram(current: onnx.ModelProto, site: WeightSite, inputs: ChangingModelValues) -> np.ndarray:
@@ -337,12 +364,13 @@ class Cluster(Pass):
         return output
 
 
-def _with_initializer(model: onnx.ModelProto, position: int, value: np.ndarray) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializer at ``position`` holds ``value`` (a probe of one tensor alone)."""
+def _with_initializers(model: onnx.ModelProto, values: dict[int, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers at the given positions hold the given values (a probe)."""
     trial = onnx.ModelProto()
     trial.CopyFrom(model)
-    name = trial.graph.initializer[position].name
-    trial.graph.initializer[position].CopyFrom(onnx.numpy_helper.from_array(value.astype(np.float32), name))
+    for position, value in values.items():
+        name = trial.graph.initializer[position].name
+        trial.graph.initializer[position].CopyFrom(onnx.numpy_helper.from_array(value.astype(np.float32), name))
     return trial
 
 
