@@ -35,7 +35,7 @@ from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, regi
 log = logging.getLogger(__name__)
 
 FLOAT16_MAX = 65504.0
-MAX_KERNEL_RETRIES = 64  # nodes kept float32 one at a time because onnxruntime has no kernel for the low type
+MAX_KERNEL_RETRIES = 64  # op types kept float32 one at a time because onnxruntime has no kernel for them in the low type
 # Ops whose output type an attribute sets (not rewritten here): kept float32.
 _TYPED_BY_ATTRIBUTE = frozenset({"EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                                  "Bernoulli"})
@@ -88,10 +88,12 @@ class Fp16(Pass):
             missing = _node_without_kernel(converted_model, context)
             if missing is None:
                 break
-            node, op = missing
-            kept[node] = f"onnxruntime has no {self.dtype} kernel for {op} on this machine"
+            # a kernel exists per op and type, not per node: every node of that op stays float32 at once
+            _, op = missing
+            kept.update({node.name: f"onnxruntime has no {self.dtype} kernel for {op} on this machine" for node in graph.nodes
+                         if node.op == op and node.name not in kept})
         else:
-            raise RuntimeLoadError(f"fp16: still no {self.dtype} kernel after keeping {MAX_KERNEL_RETRIES} nodes float32")
+            raise RuntimeLoadError(f"fp16: still no {self.dtype} kernel after keeping {MAX_KERNEL_RETRIES} op types float32")
         result.model = converted_model
         result.changes.append(Change("model", f"{self.dtype} nodes", {"nodes": converted, "tensors": tensors}))
         result.skipped.extend(Skip(name, reason) for name, reason in kept.items())
