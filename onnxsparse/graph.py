@@ -163,12 +163,22 @@ def stored_constant(name: str, value: np.ndarray, like: gs.Tensor) -> gs.Constan
     return gs.Constant(name, np.ascontiguousarray(value))
 
 
-def typed_constant(name: str, values: np.ndarray, data_type: int) -> gs.Constant:
+def typed_constant(name: str, values: np.ndarray, data_type: int, like: gs.Tensor | None = None) -> gs.Constant:
     """A constant of ONNX type ``data_type`` (int4/uint4 included, packed two to a byte) holding ``values``
     (integers in its range): written as onnx's numpy_helper writes it, since graphsurgeon would export a
-    4-bit array one byte per value."""
+    4-bit array one byte per value. Like :func:`stored_constant`, a big one goes to the weight store
+    that holds ``like``, as its packed bytes, so that a big model's message never holds it."""
     dtype = onnx.helper.tensor_dtype_to_np_dtype(data_type)
     tensor = onnx.numpy_helper.from_array(np.asarray(values).astype(dtype), name)
+    source = like._values if isinstance(like, gs.Constant) else None
+    stored_as = source.tensor if isinstance(source, MappedValues) else _stored_as(source)
+    if stored_as is not None and len(tensor.raw_data) >= SPILL_MIN_BYTES:
+        stored = store_of_tensor(stored_as).put(np.frombuffer(tensor.raw_data, dtype=np.uint8), name)
+        if stored is not None:
+            stored.data_type = data_type  # the packed bytes, read as what they are
+            del stored.dims[:]
+            stored.dims.extend(tensor.dims)
+            return gs.Constant(name, MappedValues(stored))
     return gs.Constant(name, gs.ir.tensor.LazyValues(tensor))
 
 

@@ -337,7 +337,7 @@ class Cluster(Pass):
         scope = site.uses[0].scope
         name = site.name
         index_name = unique_name(graph, f"{name}_indices")
-        stored = [typed_constant(index_name, books.indices, onnx.TensorProto.UINT4) if packed
+        stored = [typed_constant(index_name, books.indices, onnx.TensorProto.UINT4, site.tensor) if packed
                   else stored_constant(index_name, books.indices.astype(np.uint8), site.tensor),
                   gs.Constant(unique_name(graph, f"{name}_codebook"), books.centroids.reshape(-1).astype(np.float32))]
         wide = gs.Variable(unique_name(graph, f"{name}_indices_int32"), dtype=np.int32, shape=shape)

@@ -271,9 +271,9 @@ class WeightOnly(Pass):
             return constants
         data_type = onnx.TensorProto.INT4 if self.symmetric else onnx.TensorProto.UINT4
         values = flat - self.scheme.middle if self.symmetric else flat
-        constants = [typed_constant(f"{table.name}_q4", values, data_type), stored_constant(f"{table.name}_scales", codes.scales, table.tensor)]
+        constants = [typed_constant(f"{table.name}_q4", values, data_type, table.tensor), stored_constant(f"{table.name}_scales", codes.scales, table.tensor)]
         if not self.symmetric:
-            constants.append(typed_constant(f"{table.name}_zero_points", codes.zero_points.astype(np.int16), data_type))
+            constants.append(typed_constant(f"{table.name}_zero_points", codes.zero_points.astype(np.int16), data_type, table.tensor))
         return constants
 
     def _nbits_constants(self, site: WeightSite, codes: BlockCodes) -> list[gs.Constant]:
@@ -297,10 +297,10 @@ class WeightOnly(Pass):
         values = codes.codes.reshape(len(codes.codes), -1)[:, :k].T.astype(np.int16)  # [K, N]
         if signed:
             values = values - self.scheme.middle
-        constants = [typed_constant(f"{site.name}_q{self.bits}", values, data_type),
+        constants = [typed_constant(f"{site.name}_q{self.bits}", values, data_type, site.tensor),
                      stored_constant(f"{site.name}_scales", np.ascontiguousarray(codes.scales.T), site.tensor)]
         if not signed:
-            constants.append(typed_constant(f"{site.name}_zero_points", codes.zero_points.T.astype(np.int16), data_type))
+            constants.append(typed_constant(f"{site.name}_zero_points", codes.zero_points.T.astype(np.int16), data_type, site.tensor))
         return constants
 
 
