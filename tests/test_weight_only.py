@@ -258,3 +258,22 @@ def test_packing_puts_the_first_code_in_the_low_bits() -> None:
     assert pack_low_first(np.array([[1, 2, 3, 15]], np.uint8), 4).tolist() == [[0x21, 0xF3]]
     assert pack_low_first(np.array([[1, 2, 3, 0]], np.uint8), 2).tolist() == [[0b00111001]]
     assert blockwise.SHRINK_GRID[0] == 1.0
+
+
+def test_a_store_held_models_int4_codes_stay_external(rng: np.random.Generator, tmp_path) -> None:
+    """A model read with external data: its 4-bit codes go to the output's data file, not the message."""
+    from onnxsparse import optimize
+
+    model = with_initializers(parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[N, 512] x) => (float[N, 256] y) { y = MatMul (x, w) }"""), w=rng.standard_normal((512, 256)).astype(np.float32))
+    weight = _weight(model, "w")  # saving with external data moves it out of ``model``
+    onnx.save_model(model, tmp_path / "model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    optimize(tmp_path / "model.onnx", tmp_path / "out.onnx", "weight-only{format=qdq}", policy="keep")  # random [N, 256] scores flip labels
+    written = onnx.load(tmp_path / "out.onnx", load_external_data=False)
+    codes = next(t for t in written.graph.initializer if t.data_type == onnx.TensorProto.INT4)
+    assert codes.data_location == onnx.TensorProto.EXTERNAL and list(codes.dims) == [512, 256]
+    assert (tmp_path / "out.onnx").stat().st_size < 4096  # the 64 KB of codes are not in the message
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    expected = x @ round_to_nearest(weight, BlockScheme(4, 32, True)).dequantized()
+    assert _cosine(run(tmp_path / "out.onnx", {"x": x})[0], expected) > 0.999  # fused at accuracy level 4: int8 activations
