@@ -179,3 +179,16 @@ def test_allocation_spends_the_8_bit_budget_on_the_tensor_that_moves_the_outputs
     onnx.checker.check_model(result.model, full_check=True)
     with pytest.raises(PipelineSpecError, match="from 4 to 8"):
         parse_pipeline("cluster{allocate=sensitivity bits=3}")
+
+
+def test_gptq_on_too_few_samples_to_hold_any_out_fits_on_all_and_says_so(rng: np.random.Generator) -> None:
+    from onnxsparse.calibration import IterableInputs
+
+    model = _model(rng)
+    few = IterableInputs([{"x": rng.standard_normal((3, 8, 6, 6)).astype(np.float32)}])
+    result = Cluster(method="gptq", min_elements=1).run(model, PassContext(calibration=few))
+    assert all(change.details["compensated"] for change in result.changes)
+    assert any("not checked against held-out ones" in warning for warning in result.warnings)
+    many = IterableInputs([{"x": rng.standard_normal((40, 8, 6, 6)).astype(np.float32)}])
+    checked = Cluster(method="gptq", min_elements=1).run(model, PassContext(calibration=many))
+    assert {"drift_compensated", "drift_nearest"} <= set(checked.figures)  # judged on the samples the fit left out

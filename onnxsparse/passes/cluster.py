@@ -213,7 +213,12 @@ class Cluster(Pass):
             if context.calibration is None:
                 raise InputDataError("cluster method=gptq needs calibration data (--calibration)")
             probe = DriftProbe(model, context.calibration)
-            source = read_once(probe.held_out, model, limit=self.calibration_samples)
+            try:
+                source = read_once(probe.held_out, model, limit=self.calibration_samples)
+            except InputDataError:  # the probe took every sample: fit on them all, unchecked
+                result.warnings.append(f"cluster gptq: {DriftProbe.SAMPLES} calibration samples or fewer: the compensation is fitted "
+                                       "on all of them and not checked against held-out ones")
+                source, probe = read_once(context.calibration, model, limit=self.calibration_samples), None
             for site in sites:
                 reason = unsupported_reason(site)
                 if reason:
