@@ -129,3 +129,23 @@ def test_bfloat16_keeps_float32_what_this_onnxruntime_cannot_run(rng: np.random.
 def test_bad_options_are_refused_when_the_pass_is_built(text: str, message: str) -> None:
     with pytest.raises(PipelineSpecError, match=message):
         parse_pipeline(text)
+
+
+def test_what_an_if_body_reads_from_outside_stays_float32() -> None:
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (bool c, float[2, 4] x) => (float[2, 4] y) {
+        h = Relu (x)
+        y = If (c) <
+            then_branch = g1 () => (float[2, 4] t) { t = Neg (h) },
+            else_branch = g2 () => (float[2, 4] e) { e = Abs (h) }
+        >
+    }""")
+    onnx.checker.check_model(model, full_check=True)
+    result = Fp16().run(infer_shapes(model, "test"), PassContext())
+    reasons = {skip.target: skip.reason for skip in result.skipped}
+    assert "read inside an If/Loop body" in reasons["Relu_0"] and "subgraph" in reasons["If_1"]
+    x = np.array([[-1.0, 2.0, -3.0, 4.0]] * 2, np.float32)
+    model_out = result.model if result.changes else model
+    onnx.checker.check_model(model_out, full_check=True)
+    np.testing.assert_array_equal(run(model_out, {"c": np.array(True), "x": x})[0], -np.maximum(x, 0))

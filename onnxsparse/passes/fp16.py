@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 from ..activations import collect_ranges
 from ..calibration import read_once
 from ..errors import RuntimeLoadError
-from ..graph import from_gs, name_unnamed_nodes, opset_version, to_gs, unique_name
+from ..graph import from_gs, name_unnamed_nodes, opset_version, outer_scope_reads, to_gs, unique_name
 from ..limits import CALIBRATION_SAMPLES
 from ..runtime import open_session
 from ..validation import Tolerance
@@ -76,7 +76,7 @@ class Fp16(Pass):
         result = PassResult(model)
         name_unnamed_nodes(model)  # keeps and kernel errors name nodes
         graph = to_gs(model)
-        kept = self._kept_by_rule(graph)
+        kept = self._kept_by_rule(graph, _captured(model))
         if self.dtype == "float16":
             kept.update(self._kept_by_range(model, graph, context, result))
         for _ in range(MAX_KERNEL_RETRIES):
@@ -112,9 +112,12 @@ class Fp16(Pass):
 
     # -- what stays float32 ------------------------------------------------------------------
 
-    def _kept_by_rule(self, graph: gs.Graph) -> dict[str, str]:
+    def _kept_by_rule(self, graph: gs.Graph, captured: set[str]) -> dict[str, str]:
+        """Nodes kept float32 whatever their values: on request, with subgraphs, of other domains, typed by
+        an attribute, and the producers of tensors an If/Loop body reads from outside (the body stays float32)."""
         kept: dict[str, str] = {}
         for node in graph.nodes:
+            read_inside = sorted(tensor.name for tensor in node.outputs if tensor.name in captured)
             if node.name in self.keep or node.op in self.keep:
                 kept[node.name] = "kept on request"
             elif any(isinstance(value, gs.Graph) for value in node.attrs.values()):
@@ -125,6 +128,8 @@ class Fp16(Pass):
                 kept[node.name] = f"{node.op}'s output type is an attribute"
             elif node.op == "Constant" and "value" not in node.attrs:
                 kept[node.name] = "a Constant given as value_float(s) or a sparse value"
+            elif read_inside:
+                kept[node.name] = f"{', '.join(read_inside)} read inside an If/Loop body, which stays float32"
         return kept
 
     def _kept_by_range(self, model: onnx.ModelProto, graph: gs.Graph, context: PassContext, result: PassResult) -> dict[str, str]:
@@ -239,6 +244,17 @@ class _Conversion:
             self.low_names.discard(output.name)
             self.low_names.add(internal.name)
             self.graph.outputs[position] = output
+
+
+def _captured(model: onnx.ModelProto) -> set[str]:
+    """The main-graph tensors that some If/Loop/Scan body reads from outside itself."""
+    names: set[str] = set()
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            bodies = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+            for body in bodies:
+                names |= outer_scope_reads(body)
+    return names
 
 
 def _node_without_kernel(model: onnx.ModelProto, context: PassContext) -> tuple[str, str] | None:
