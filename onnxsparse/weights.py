@@ -101,6 +101,7 @@ def find_tables(graph: gs.Graph, overridable: AbstractSet[str] = frozenset()) ->
         for node in scope.nodes:
             for index, tensor in enumerate(node.inputs):
                 readers.setdefault(tensor.name, []).append((node, index, scope))
+    outputs = {tensor.name for scope in scopes for tensor in scope.outputs}
     sites: dict[str, WeightSite] = {}
     rejected: dict[str, str] = {}
     for scope in scopes:
@@ -115,6 +116,8 @@ def find_tables(graph: gs.Graph, overridable: AbstractSet[str] = frozenset()) ->
             others = sorted({n.op for n, index, _ in uses if n.op != "Gather" or index != 0 or int(n.attrs.get("axis", 0)) != 0})
             if tensor.name in overridable:
                 rejected[tensor.name] = "an initializer that is also a graph input (overridable at run time)"
+            elif tensor.name in outputs:
+                rejected[tensor.name] = "also a graph output (its float values stay in the file)"
             elif others:
                 rejected[tensor.name] = f"also read by {', '.join(others)} (not as a table rows are gathered from)"
             else:

@@ -149,3 +149,33 @@ def test_what_an_if_body_reads_from_outside_stays_float32() -> None:
     model_out = result.model if result.changes else model
     onnx.checker.check_model(model_out, full_check=True)
     np.testing.assert_array_equal(run(model_out, {"c": np.array(True), "x": x})[0], -np.maximum(x, 0))
+
+
+@pytest.mark.parametrize("body", ["s = Shape (x)\n c = ConstantOfShape <value = float[1] {2.5}> (s)\n y = Mul (x, c)", "y = Softmax (x)"])
+def test_bfloat16_never_writes_a_model_onnxruntime_cannot_load(body: str) -> None:
+    """ConstantOfShape admits no bfloat16 at opset 17 (its value must stay float); onnxruntime expands a
+    Softmax into ops it has no bfloat16 kernel for, named after none of the model's nodes."""
+    model = onnx.parser.parse_model(f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[2, 4] x) => (float[2, 4] y) {{ {body} }}""")
+    result = Fp16(dtype="bfloat16").run(infer_shapes(model, "test"), PassContext())
+    if result.changes:
+        onnx.checker.check_model(result.model, full_check=True)
+        run(result.model, {"x": np.ones((2, 4), np.float32)})
+    else:
+        assert result.skipped and result.skipped[0].target == "model"
+
+
+def test_float16_weights_of_a_store_held_model_stay_external(rng: np.random.Generator, tmp_path) -> None:
+    from onnxsparse import optimize
+
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[N, 512] x) => (float[N, 512] y) { y = MatMul (x, w) }""")
+    with_initializers(model, w=rng.standard_normal((512, 512)).astype(np.float32))
+    onnx.save_model(model, tmp_path / "model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    optimize(tmp_path / "model.onnx", tmp_path / "half.onnx", "fp16")
+    written = onnx.load(tmp_path / "half.onnx", load_external_data=False)
+    [weight] = written.graph.initializer
+    assert weight.data_type == onnx.TensorProto.FLOAT16 and weight.data_location == onnx.TensorProto.EXTERNAL
+    assert (tmp_path / "half.onnx").stat().st_size < 4096

@@ -277,3 +277,12 @@ def test_a_store_held_models_int4_codes_stay_external(rng: np.random.Generator, 
     x = rng.standard_normal((2, 512)).astype(np.float32)
     expected = x @ round_to_nearest(weight, BlockScheme(4, 32, True)).dequantized()
     assert _cosine(run(tmp_path / "out.onnx", {"x": x})[0], expected) > 0.999  # fused at accuracy level 4: int8 activations
+
+
+def test_a_table_that_is_also_a_graph_output_stays_float(rng: np.random.Generator) -> None:
+    model = with_initializers(parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (int64[N] ids) => (float[N, 64] y, float[50, 64] table) { y = Gather (table, ids) }"""),
+        table=rng.standard_normal((50, 64)).astype(np.float32))
+    result = WeightOnly().run(model, PassContext())
+    assert not result.changes and "also a graph output" in {s.target: s.reason for s in result.skipped}["table"]

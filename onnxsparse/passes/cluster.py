@@ -256,7 +256,8 @@ class Cluster(Pass):
                    result: PassResult) -> dict[str, int]:
         """Bits per tensor (of ALLOCATED_BITS) minimising the sum of the drifts each tensor causes alone
         at its width, within the index bytes of ``bits`` everywhere: greedily, the upgrade that buys the
-        most drift per byte first. Tensors the probe cannot swap alone (Constant nodes, subgraphs) keep ``bits``."""
+        most drift per byte first. Tensors the probe cannot swap alone (Constant nodes, subgraphs) take
+        the allowed width nearest ``bits``."""
         if context.calibration is None:
             raise InputDataError("cluster allocate=sensitivity needs calibration data (--calibration)")
         probe = DriftProbe(model, context.calibration)
@@ -285,16 +286,19 @@ class Cluster(Pass):
                 break
             _, name, wider, cost = best
             widths[name], spare = wider, spare - cost
+        nearest_width = min(ALLOCATED_BITS, key=lambda width: abs(width - self.bits))
+        widths.update({site.name: nearest_width for site in sites if site.name not in widths})
         result.figures["bits_allocated"] = {name: widths[name] for name in widths}
-        result.figures["drift_alone"] = {name: round(drifts[name][widths[name]], 6) for name in widths}
+        result.figures["drift_alone"] = {name: round(drifts[name][width], 6) for name, width in widths.items() if name in drifts}
         return widths
 
     @staticmethod
     def _compensation_pays(model: onnx.ModelProto, sites: list[WeightSite], compensated_books: list[Codebooks], nearest: list[Codebooks],
                            probe: DriftProbe, result: PassResult) -> bool:
         """Whether the compensated layers together move the outputs less than every weight at its nearest
-        centroids, on the calibration samples the Hessians left out (weights that are no main-graph
-        initializer keep their compensation on both sides)."""
+        centroids, on the calibration samples the Hessians left out. Weights that are no main-graph
+        initializer (Constant nodes, subgraphs) stay at their float values on both sides of the
+        comparison, and follow its verdict."""
         positions = {tensor.name: index for index, tensor in enumerate(model.graph.initializer)}
         drifts = [probe.drift(_with_initializers(model, {positions[site.name]: books.decoded() for site, books in zip(sites, chosen)
                                                          if site.name in positions}))

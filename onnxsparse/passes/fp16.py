@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 from ..activations import collect_ranges
 from ..calibration import read_once
 from ..errors import RuntimeLoadError
-from ..graph import from_gs, name_unnamed_nodes, opset_version, outer_scope_reads, to_gs, unique_name
+from ..graph import from_gs, name_unnamed_nodes, opset_version, outer_scope_reads, to_gs, typed_constant, unique_name
 from ..limits import CALIBRATION_SAMPLES
 from ..runtime import open_session
 from ..validation import Tolerance
@@ -89,9 +89,14 @@ class Fp16(Pass):
             if missing is None:
                 break
             # a kernel exists per op and type, not per node: every node of that op stays float32 at once
-            _, op = missing
-            kept.update({node.name: f"onnxruntime has no {self.dtype} kernel for {op} on this machine" for node in graph.nodes
-                         if node.op == op and node.name not in kept})
+            name, op = missing
+            newly = {node.name: f"onnxruntime has no {self.dtype} kernel for {op} on this machine" for node in graph.nodes
+                     if (node.op == op or node.name == name) and node.name not in kept}
+            if not newly:  # an op onnxruntime made itself (a Softmax it expanded): nothing here to keep
+                result.skipped.append(Skip("model", f"onnxruntime has no {self.dtype} kernel for {op}, an op it makes from others "
+                                                    f"of this model: nothing converted"))
+                return result
+            kept.update(newly)
         else:
             raise RuntimeLoadError(f"fp16: still no {self.dtype} kernel after keeping {MAX_KERNEL_RETRIES} op types float32")
         result.model = converted_model
@@ -163,28 +168,38 @@ class _Conversion:
         self.casts: dict[tuple[str, int], gs.Variable] = {}
         self.low_constants: dict[str, gs.Constant] = {}
         self.new_nodes: list[tuple[int, gs.Node]] = []
+        self.positions: dict[int, int] = {}
 
     def apply(self, converted: list[gs.Node]) -> int:
         chosen = {id(node) for node in converted}
+        self.positions = {id(node): index for index, node in enumerate(self.graph.nodes)}  # where Casts go, looked up once
         for node in list(self.graph.nodes):  # producers first: a node's inputs are known by the time it is read
             if id(node) not in chosen:
                 continue
             schema = _schema(node, self.opset)
             if schema is None:
                 continue
+            switched = False
             for index, tensor in enumerate(node.outputs):
                 if _is_float32(tensor) and _admits_low(schema, index, output=True, low=self.low):
                     tensor.dtype = self.low_numpy
                     self.low_names.add(tensor.name)
-            self._retype_attributes(node)
+                    switched = True
+            if switched:  # a float32 output the schema cannot make low keeps its attribute float32 too
+                self._retype_attributes(node)
         for node in list(self.graph.nodes):
             schema = _schema(node, self.opset) if id(node) in chosen else None
             for index, tensor in enumerate(node.inputs):
                 wants_low = schema is not None and _admits_low(schema, index, output=False, low=self.low) and self._is_floating(tensor)
                 node.inputs[index] = self._as_low(tensor, node) if wants_low else self._as_float32(tensor, node)
         self._float32_outputs()
-        for position, node in sorted(self.new_nodes, key=lambda item: -item[0]):
-            self.graph.nodes.insert(position, node)
+        # one rebuild of the node list, each Cast before the reader it was made for (not one insert per Cast)
+        before: dict[int, list[gs.Node]] = {}
+        for position, node in self.new_nodes:
+            before.setdefault(position, []).append(node)
+        nodes = [new for index, node in enumerate(self.graph.nodes) for new in [*before.get(index, []), node]]
+        self.graph.nodes.clear()
+        self.graph.nodes.extend(nodes)
         return len(self.low_names)
 
     def _is_floating(self, tensor: gs.Tensor) -> bool:
@@ -199,7 +214,8 @@ class _Conversion:
             low = self.low_constants.get(tensor.name)
             if low is None:
                 values = np.asarray(tensor.values, dtype=np.float32)
-                low = self.low_constants[tensor.name] = _typed(unique_name(self.graph, f"{tensor.name}_{self.suffix}"), values, self.low)
+                low = self.low_constants[tensor.name] = typed_constant(unique_name(self.graph, f"{tensor.name}_{self.suffix}"), values, self.low,
+                                                                       tensor)
             return low
         return self._cast(tensor, self.low, reader)
 
@@ -215,7 +231,7 @@ class _Conversion:
             cast = self.casts[key] = gs.Variable(unique_name(self.graph, f"{tensor.name}_to_{onnx.TensorProto.DataType.Name(to).lower()}"),
                                                  dtype=dtype, shape=tensor.shape)
             node = gs.Node("Cast", name=unique_name(self.graph, f"{tensor.name}_Cast"), attrs={"to": to}, inputs=[tensor], outputs=[cast])
-            self.new_nodes.append((self.graph.nodes.index(reader), node))
+            self.new_nodes.append((self.positions[id(reader)], node))
         return cast
 
     def _retype_attributes(self, node: gs.Node) -> None:
@@ -225,7 +241,7 @@ class _Conversion:
         for key in ("value",):
             value = node.attrs.get(key)
             if isinstance(value, gs.Constant) and value.dtype == np.float32:
-                node.attrs[key] = _typed(value.name, np.asarray(value.values), self.low)
+                node.attrs[key] = typed_constant(value.name, np.asarray(value.values), self.low)
 
     def _float32_outputs(self) -> None:
         """Graph outputs that came out low get a Cast back to float32 under their own name."""
@@ -267,11 +283,6 @@ def _node_without_kernel(model: onnx.ModelProto, context: PassContext) -> tuple[
         if match:
             return match.group(2), match.group(1)
     return None
-
-
-def _typed(name: str, values: np.ndarray, data_type: int) -> gs.Constant:
-    tensor = onnx.numpy_helper.from_array(values.astype(onnx.helper.tensor_dtype_to_np_dtype(data_type)), name)
-    return gs.Constant(name, gs.ir.tensor.LazyValues(tensor))
 
 
 def _is_float32(tensor: gs.Tensor) -> bool:
