@@ -48,16 +48,21 @@ def _has_shape(value: onnx.ValueInfoProto) -> bool:
 
 
 def _observe_shapes(model: onnx.ModelProto, names: list[str], label: str) -> None:
-    observed = []
-    for scale in (1, 2):
-        feeds = SyntheticInputs(model, samples=1, seed=0, dims=_probe_dims(model, scale))
-        session = make_session(with_extra_outputs(model, names), f"{label} (shape probe)")
+    session = make_session(with_extra_outputs(model, names), f"{label} (shape probe)")
+
+    def outputs_at(dims: dict[str, int]) -> list[np.ndarray]:
+        feeds = SyntheticInputs(model, samples=1, seed=0, dims=dims)
+        return [np.asarray(o) for o in session.run(names, next(iter(feeds.feeds())))]
+
+    try:
+        observed = [outputs_at(_probe_dims(model, 1))]
         try:
-            outputs = session.run(names, next(iter(feeds.feeds())))
-        except Exception as error:  # noqa: BLE001 - synthetic values a model does not accept (token ids past its table)
-            raise RequirementError(f"{label}: shapes onnx cannot infer could not be observed on synthetic inputs: "
-                                   f"{' '.join(str(error).split())[:200]}") from error
-        observed.append([np.asarray(o) for o in outputs])
+            observed.append(outputs_at(_probe_dims(model, 2)))
+        except Exception:  # noqa: BLE001 - a model whose other dims cannot move (a fixed-length position table): the batch alone
+            observed.append(outputs_at(_probe_dims(model, 2, batch_only=True)))
+    except Exception as error:  # noqa: BLE001 - synthetic values a model does not accept (token ids past its table)
+        raise RequirementError(f"{label}: shapes onnx cannot infer could not be observed on synthetic inputs: "
+                               f"{' '.join(str(error).split())[:200]}") from error
     by_name = {v.name: v for v in model.graph.value_info}
     for name, first, second in zip(names, observed[0], observed[1]):
         if not isinstance(first, np.ndarray) or first.dtype == object or first.ndim != second.ndim:
@@ -71,14 +76,14 @@ def _observe_shapes(model: onnx.ModelProto, names: list[str], label: str) -> Non
             model.graph.value_info.append(value)
 
 
-def _probe_dims(model: onnx.ModelProto, scale: int) -> dict[str, int]:
+def _probe_dims(model: onnx.ModelProto, scale: int, *, batch_only: bool = False) -> dict[str, int]:
     """Named input dims at ``scale`` times SyntheticInputs' defaults (1 for a leading dim, 32 for the
     others; PP-OCR's line width recorded its 4 time steps as static before the others moved too);
-    unnamed ones keep the defaults."""
+    unnamed ones keep the defaults. ``batch_only``: only the leading dims move."""
     dims: dict[str, int] = {}
     for model_input in model_inputs(model):
         for axis, dim in enumerate(model_input.shape or ()):
-            if isinstance(dim, str):
+            if isinstance(dim, str) and (axis == 0 or not batch_only):
                 dims.setdefault(dim, scale * (1 if axis == 0 else 32))
     return dims
 

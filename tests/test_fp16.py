@@ -179,3 +179,4 @@ def test_float16_weights_of_a_store_held_model_stay_external(rng: np.random.Gene
     [weight] = written.graph.initializer
     assert weight.data_type == onnx.TensorProto.FLOAT16 and weight.data_location == onnx.TensorProto.EXTERNAL
     assert (tmp_path / "half.onnx").stat().st_size < 4096
+
