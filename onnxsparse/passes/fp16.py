@@ -30,6 +30,7 @@ from ..graph import from_gs, name_unnamed_nodes, opset_version, outer_scope_read
 from ..limits import CALIBRATION_SAMPLES
 from ..runtime import open_session
 from ..validation import Tolerance
+from ..walk import subgraphs_of
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 
 log = logging.getLogger(__name__)
@@ -264,13 +265,7 @@ class _Conversion:
 
 def _captured(model: onnx.ModelProto) -> set[str]:
     """The main-graph tensors that some If/Loop/Scan body reads from outside itself."""
-    names: set[str] = set()
-    for node in model.graph.node:
-        for attribute in node.attribute:
-            bodies = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-            for body in bodies:
-                names |= outer_scope_reads(body)
-    return names
+    return {name for node in model.graph.node for body in subgraphs_of(node) for name in outer_scope_reads(body)}
 
 
 def _node_without_kernel(model: onnx.ModelProto, context: PassContext) -> tuple[str, str] | None:
