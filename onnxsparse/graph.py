@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper, numpy_helper
 
+from .errors import InputDataError
 from .walk import iter_model_graphs, subgraphs_of
 from .weightstore import SPILL_MIN_BYTES, WeightStore, data_bytes, read_external, store_of, store_of_tensor
 
@@ -51,6 +52,18 @@ def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
         if opset.domain in (domain, "ai.onnx" if domain == "" else domain):
             return opset.version
     return 0
+
+
+def at_opset(model: onnx.ModelProto, wanted: int) -> onnx.ModelProto:
+    """``model`` at default-domain opset ``wanted`` or above: itself, or onnx's conversion of it; an
+    InputDataError with the converter's reason when it cannot be converted."""
+    version = opset_version(model)
+    if version >= wanted:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, wanted)
+    except Exception as error:  # noqa: BLE001 - onnx's converter raises many kinds
+        raise InputDataError(f"opset {version} could not be converted to {wanted} ({' '.join(str(error).split())[:160]})") from error
 
 
 def used_names(graph: onnx.GraphProto) -> set[str]:

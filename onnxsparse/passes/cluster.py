@@ -22,6 +22,7 @@ from ..calibration import read_once
 from ..codebook import Codebooks, compensated, fit_codebooks, nearest_rows
 from ..errors import InputDataError
 from ..graph import (
+    at_opset,
     constant_bytes,
     from_gs,
     opset_version,
@@ -160,19 +161,16 @@ class Cluster(Pass):
 
     def _at_uint4_opset(self, model: onnx.ModelProto, result: PassResult) -> onnx.ModelProto | None:
         """The model at an opset that casts uint4 (itself, or onnx's conversion to 21); None if it cannot be."""
-        version = opset_version(model)
-        if version >= UINT4_CAST_OPSET:
-            return model
         try:
-            converted = onnx.version_converter.convert_version(model, UINT4_CAST_OPSET)
-        except Exception as error:  # noqa: BLE001 - onnx's converter raises many kinds
+            converted = at_opset(model, UINT4_CAST_OPSET)
+        except InputDataError as error:
             if self.index_type == "uint4":
-                raise InputDataError(f"cluster index_type=uint4 needs opset {UINT4_CAST_OPSET} and opset {version} could not be converted "
-                                     f"({' '.join(str(error).split())[:160]}): use index_type=uint8") from error
-            result.warnings.append(f"cluster: opset {version} could not be raised to {UINT4_CAST_OPSET}: indices stored as uint8")
+                raise InputDataError(f"cluster index_type=uint4 needs opset {UINT4_CAST_OPSET}: {error}; use index_type=uint8") from error
+            result.warnings.append(f"cluster: {error}: indices stored as uint8")
             return None
-        result.warnings.append(f"cluster: opset raised from {version} to {UINT4_CAST_OPSET} (uint4 indices)")
-        result.figures["opset_raised_to"] = UINT4_CAST_OPSET
+        if converted is not model:
+            result.warnings.append(f"cluster: opset raised from {opset_version(model)} to {UINT4_CAST_OPSET} (uint4 indices)")
+            result.figures["opset_raised_to"] = UINT4_CAST_OPSET
         return converted
 
     def _importance(self, model: onnx.ModelProto, sites: list[WeightSite], context: PassContext) -> dict[str, np.ndarray]:

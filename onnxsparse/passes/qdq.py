@@ -19,6 +19,7 @@ from ..calibration import first_samples, samples_read
 from ..errors import InputDataError, RuntimeLoadError
 from ..files import write_text_atomically
 from ..graph import (
+    at_opset,
     constant_value,
     downstream_names,
     from_gs,
@@ -373,9 +374,9 @@ class Qdq(Pass):
         if version >= wanted:
             return model, self.per_channel
         try:
-            converted = onnx.version_converter.convert_version(model, wanted)
+            converted = at_opset(model, wanted)
             check_model(converted, "the model at opset 13")  # by path when a weight store holds its tensors
-        except Exception as error:  # noqa: BLE001 - the converter raises many types
+        except Exception as error:  # noqa: BLE001 - the converter's reason, or the checker's
             if version >= 10:
                 result.warnings.append(f"qdq: opset {version} could not be raised to 13 ({' '.join(str(error).split())[:120]}): per-tensor weight scales")
                 return model, False

@@ -22,6 +22,7 @@ from ..blockwise import BlockCodes, BlockScheme, clipped_to_least_error, gptq, p
 from ..calibration import read_once
 from ..errors import InputDataError
 from ..graph import (
+    at_opset,
     constant_bytes,
     from_gs,
     opset_version,
@@ -211,16 +212,13 @@ class WeightOnly(Pass):
     # -- writing ----------------------------------------------------------------------------
 
     def _at_blocked_opset(self, model: onnx.ModelProto, result: PassResult) -> onnx.ModelProto:
-        version = opset_version(model)
-        if version >= BLOCKED_DEQUANTIZE_OPSET:
-            return model
         try:
-            converted = onnx.version_converter.convert_version(model, BLOCKED_DEQUANTIZE_OPSET)
-        except Exception as error:  # noqa: BLE001 - onnx's converter raises many kinds
-            raise InputDataError(f"weight-only format=qdq needs opset {BLOCKED_DEQUANTIZE_OPSET} and opset {version} could not be "
-                                 f"converted ({' '.join(str(error).split())[:160]}): use format=nbits") from error
-        result.warnings.append(f"weight-only: opset raised from {version} to {BLOCKED_DEQUANTIZE_OPSET} (blocked DequantizeLinear)")
-        result.figures["opset_raised_to"] = BLOCKED_DEQUANTIZE_OPSET
+            converted = at_opset(model, BLOCKED_DEQUANTIZE_OPSET)
+        except InputDataError as error:
+            raise InputDataError(f"weight-only format=qdq needs opset {BLOCKED_DEQUANTIZE_OPSET}: {error}; use format=nbits") from error
+        if converted is not model:
+            result.warnings.append(f"weight-only: opset raised from {opset_version(model)} to {BLOCKED_DEQUANTIZE_OPSET} (blocked DequantizeLinear)")
+            result.figures["opset_raised_to"] = BLOCKED_DEQUANTIZE_OPSET
         return converted
 
     def _materialize(self, graph: gs.Graph, site: WeightSite, codes: BlockCodes) -> int:
