@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .activations import collect_channel_stats, tensor_values
+from .activations import ChangingModelValues, collect_channel_stats, tensor_values
 from .calibration import InputSource
 from .graph import constant_value, from_gs, unique_name
 from .layers import CONV, layer_kind
@@ -270,6 +270,17 @@ def add_hessians(total: np.ndarray | None, site: WeightSite, activation: np.ndar
 
 # Hessians gathered side by side in one pass over the data; more layers than this take more passes.
 HESSIAN_BYTES_PER_PASS = 1 << 30
+
+
+def current_hessians(model: onnx.ModelProto, site: WeightSite, inputs: ChangingModelValues) -> np.ndarray:
+    """XᵀX per group of the layer's input in ``model`` (a model a layer-by-layer pass is editing), over
+    every run of ``inputs``."""
+    name = activation_name(site)
+    total: np.ndarray | None = None
+    for values in inputs.values(model, [name]):
+        total = add_hessians(total, site, values[name])
+    assert total is not None, "no calibration feed"
+    return total
 
 
 def original_hessians(model: onnx.ModelProto, sites: list[WeightSite], source: InputSource, limit: int | None = None,

@@ -33,7 +33,7 @@ from ..graph import (
     unique_name,
 )
 from ..layers import RNN_OPS, WEIGHT_OPS, layer_kind
-from ..layerwise import activation_name, add_hessians, from_matrix, original_hessians, to_matrix, unsupported_reason
+from ..layerwise import current_hessians, from_matrix, original_hessians, to_matrix, unsupported_reason
 from ..limits import CALIBRATION_SAMPLES
 from ..validation import SCORE_MAX_TOP1_DROP, DriftProbe, Tolerance
 from ..weights import WeightSite, find_tables, find_weights, matches, replace_weight
@@ -235,7 +235,7 @@ class Cluster(Pass):
                                   iterations=self.iterations, keep_zero=self.keep_zero)
             nearest.append(books)
             if site.name in compensating:
-                gram = self._inputs_gram(from_gs(graph, like=model), site, inputs) if inputs is not None else hessians[site.name]
+                gram = current_hessians(from_gs(graph, like=model), site, inputs) if inputs is not None else hessians[site.name]
                 books = self._compensated(site, books, gram)
                 if inputs is not None:  # the later layers see this one clustered
                     replace_weight(site, books.decoded())
@@ -307,16 +307,6 @@ class Cluster(Pass):
         result.warnings.append(f"cluster gptq: the compensated layers together moved the outputs more than the nearest centroids on held-out "
                                f"calibration samples (drift {drifts[0]:.4g} against {drifts[1]:.4g}): every weight kept at its nearest centroid")
         return False
-
-    @staticmethod
-    def _inputs_gram(current: onnx.ModelProto, site: WeightSite, inputs: ChangingModelValues) -> np.ndarray:
-        """XᵀX per group of the layer's input in ``current``."""
-        name = activation_name(site)
-        total: np.ndarray | None = None
-        for values in inputs.values(current, [name]):
-            total = add_hessians(total, site, values[name])
-        assert total is not None, "no calibration feed"
-        return total
 
     def _compensated(self, site: WeightSite, books: Codebooks, hessians: np.ndarray) -> Codebooks:
         """The same codebooks, the weight's indices chosen column by column with each rounding error

@@ -19,8 +19,8 @@ from ..layers import WEIGHT_OPS, layer_kind, layer_ops
 from ..layerwise import (
     activation_name,
     add_blocks,
-    add_hessians,
     correct_biases,
+    current_hessians,
     fit_to_teacher,
     from_matrix,
     gram_blocks,
@@ -354,16 +354,14 @@ class MagnitudePrune(Pass):
                           ) -> tuple[np.ndarray, np.ndarray | None]:
         """XᵀX per group of the layer's input in the partly pruned model and, with a teacher,
         X_tᵀX with X_t the same input in the original model (the same feeds, in the same order)."""
+        if teacher_values is None:
+            return current_hessians(current, site, inputs), None
         name = activation_name(site)
-        mine = inputs.values(current, [name])
-        theirs = iter(teacher_values.values(name)) if teacher_values is not None else None
+        theirs = iter(teacher_values.values(name))
         hessians: np.ndarray | None = None
         crosses: np.ndarray | None = None
-        for values in mine:
-            teacher = next(theirs) if theirs is not None else None
-            if teacher is None:
-                hessians = add_hessians(hessians, site, values[name])
-                continue
+        for values in inputs.values(current, [name]):
+            teacher = next(theirs)
             for part in sample_slices(site, values[name], teacher):
                 rows = grouped_rows(site, part[0])
                 hessians = add_blocks(hessians, gram_blocks(rows))
