@@ -54,6 +54,15 @@ def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
     return 0
 
 
+MICROSOFT_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits, DynamicQuantizeLSTM, ...)
+
+
+def import_domain(model: onnx.ModelProto, domain: str, version: int = 1) -> None:
+    """Declare ``domain`` among the model's opsets, in place, unless it is (graphsurgeon may have added it)."""
+    if not any(opset.domain == domain for opset in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+
+
 def at_opset(model: onnx.ModelProto, wanted: int) -> onnx.ModelProto:
     """``model`` at default-domain opset ``wanted`` or above: itself, or onnx's conversion of it; an
     InputDataError with the converter's reason when it cannot be converted."""

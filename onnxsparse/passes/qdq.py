@@ -19,10 +19,12 @@ from ..calibration import first_samples, samples_read
 from ..errors import InputDataError, RuntimeLoadError
 from ..files import write_text_atomically
 from ..graph import (
+    MICROSOFT_DOMAIN,
     at_opset,
     constant_value,
     downstream_names,
     from_gs,
+    import_domain,
     name_unnamed_nodes,
     opset_version,
     overridable_initializers,
@@ -85,7 +87,6 @@ SPEED_SEARCH_ABOVE = 0.95
 CLOSE_TO_EVEN = 0.03
 # Recurrent ops: onnxruntime has an int8 kernel for LSTM only (DynamicQuantizeLSTM, a contrib op).
 RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
-MICROSOFT_DOMAIN = "com.microsoft"
 QUANTIZED_OPS = frozenset({"DynamicQuantizeLSTM", "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
                            "ConvInteger", "DynamicQuantizeLinear"})
 
@@ -621,8 +622,7 @@ class Qdq(Pass):
             return model
         graph.cleanup().toposort()
         quantized_model = from_gs(graph, like=model)
-        if not any(opset.domain == MICROSOFT_DOMAIN for opset in quantized_model.opset_import):  # graphsurgeon may add it
-            quantized_model.opset_import.append(onnx.helper.make_opsetid(MICROSOFT_DOMAIN, 1))
+        import_domain(quantized_model, MICROSOFT_DOMAIN)
         return quantized_model
 
     def _dynamic(self, model: onnx.ModelProto, result: PassResult, weights: WeightScheme) -> PassResult:

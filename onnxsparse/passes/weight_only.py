@@ -22,9 +22,11 @@ from ..blockwise import BlockCodes, BlockScheme, clipped_to_least_error, gptq, p
 from ..calibration import read_once
 from ..errors import InputDataError
 from ..graph import (
+    MICROSOFT_DOMAIN,
     at_opset,
     constant_bytes,
     from_gs,
+    import_domain,
     opset_version,
     overridable_initializers,
     stored_constant,
@@ -41,7 +43,6 @@ from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, regi
 
 log = logging.getLogger(__name__)
 
-MICROSOFT_DOMAIN = "com.microsoft"
 BLOCKED_DEQUANTIZE_OPSET = 21  # DequantizeLinear with block_size, and int4/uint4 tensors
 INT4_IR_VERSION = 10  # the first IR version with int4/uint4 tensors
 
@@ -139,8 +140,8 @@ class WeightOnly(Pass):
                 "method": "rtn" if self.method == "gptq" else self.method, "weight_error": _relative_error(table.value.T, codes)}))
         graph.cleanup().toposort()
         result.model = from_gs(graph, like=model)
-        if (self.format == "nbits" or tables) and not any(opset.domain == MICROSOFT_DOMAIN for opset in result.model.opset_import):
-            result.model.opset_import.append(onnx.helper.make_opsetid(MICROSOFT_DOMAIN, 1))
+        if self.format == "nbits" or tables:
+            import_domain(result.model, MICROSOFT_DOMAIN)
         if tables and self.bits == 4:
             result.model.ir_version = max(result.model.ir_version, INT4_IR_VERSION)
         result.figures.update(tensors_quantized=len(sites) + len(tables), weight_bytes_before=before, weight_bytes_after=after,
