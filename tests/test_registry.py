@@ -21,6 +21,32 @@ def test_built_in_passes_are_registered_with_a_summary():
     assert all(cls.summary() for cls in passes.values())
 
 
+def test_the_built_in_table_names_every_pass_module_and_each_registers_its_name():
+    """BUILT_IN is how a pass's module is found without importing the others: every module of the
+    package that defines a pass is in it, under the name its class registers."""
+    import importlib
+    import inspect
+
+    folder = Path(base.__file__).parent
+    modules = {path.stem for path in folder.glob("*.py")} - {"__init__", "base", "options"}
+    assert set(base.BUILT_IN.values()) == modules
+    for name, module in base.BUILT_IN.items():
+        classes = [c for c in vars(importlib.import_module(f"onnxsparse.passes.{module}")).values()
+                   if inspect.isclass(c) and issubclass(c, Pass) and c.__module__.endswith(module)]
+        assert [c.name for c in classes] == [name]
+        assert pass_class(name) is classes[0]
+
+
+def test_a_pipeline_imports_only_the_passes_it_names():
+    """A fresh interpreter parsing "cleanup" imports no other pass module (each costs start-up time)."""
+    import subprocess
+
+    code = ("import sys; from onnxsparse.spec import parse_pipeline; parse_pipeline('cleanup'); "
+            "print(sorted(m for m in sys.modules if m.startswith('onnxsparse.passes.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == str(["onnxsparse.passes.base", "onnxsparse.passes.cleanup", "onnxsparse.passes.options"])
+
+
 def test_a_pass_must_be_a_frozen_dataclass_with_a_free_name():
     class NotADataclass(Pass):
         name = "test-not-a-dataclass"

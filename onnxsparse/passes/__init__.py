@@ -1,11 +1,12 @@
 """The passes: one module per pass family, each registering its passes by name.
 
-To add a pass, copy ``cleanup.py`` (the smallest), rename the class and its ``name``, and import the
-module below. Third-party packages register passes through the ``onnxsparse.passes`` entry-point group.
+To add a pass, copy ``cleanup.py`` (the smallest), rename the class and its ``name``, and add the
+name and module to ``BUILT_IN`` in ``base.py`` (a pass's module is imported when the pass is first
+asked for). Third-party packages register passes through the ``onnxsparse.passes`` entry-point group.
 """
 
-from . import channel_prune, cleanup, cluster, distill, fold_batchnorm, fp16, magnitude, qdq, simplify, sparse_encode, weight_only  # noqa: E402,F401  (registers the built-in passes)
 from .base import (
+    BUILT_IN,
     ENTRY_POINT_GROUP,
     Change,
     Pass,
@@ -25,6 +26,7 @@ def list_passes() -> dict[str, type[Pass]]:
 
 
 __all__ = [
+    "BUILT_IN",
     "ENTRY_POINT_GROUP",
     "Change",
     "Pass",
