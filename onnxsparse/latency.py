@@ -37,16 +37,18 @@ def relative_latency(
     max_runs: int = 200,
     runtime: Runtime | None = None,
     keep_candidate: bool = True,
+    hand_over: bool = False,
     decide_at: Sequence[float] = (),
 ) -> float:
     """Median seconds of one run of ``candidate`` over that of ``reference`` (one thread each;
     sessions from ``runtime`` when given, so a model timed before is not loaded again; a one-off
-    candidate's is not kept there without ``keep_candidate``).
+    candidate's is not kept there without ``keep_candidate``; ``hand_over`` holds it, however big,
+    for the caller's validation: see :meth:`Runtime.session`).
 
     ``decide_at``: the ratios the caller's verdict turns on (a step slower than 1.10x is worse);
     timing then stops before ``min_runs``/``min_seconds`` once the ratio is clearly on one side of
     every one of them (see :func:`_decided`)."""
-    runners = [_runner(reference, feed, runtime, True), _runner(candidate, feed, runtime, keep_candidate)]
+    runners = [_runner(reference, feed, runtime, True), _runner(candidate, feed, runtime, keep_candidate, hand_over)]
     for run in runners:
         for _ in range(WARMUP_RUNS):
             run()
@@ -94,8 +96,9 @@ def timing_feed(model: onnx.ModelProto, calibration: InputSource | None) -> dict
     return dict(next(iter(source.feeds())))
 
 
-def _runner(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], runtime: Runtime | None, keep: bool):  # noqa: ANN202 - a closure
-    session = open_session(model, "latency probe", timing=True, runtime=runtime, keep=keep)
+def _runner(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], runtime: Runtime | None, keep: bool,  # noqa: ANN202 - a closure
+            hand_over: bool = False):
+    session = open_session(model, "latency probe", timing=True, runtime=runtime, keep=keep, hand_over=hand_over)
     accepted = {i.name for i in session.get_inputs()}
     inputs = {k: v for k, v in feed.items() if k in accepted}
     return lambda: session.run(None, inputs)

@@ -189,6 +189,7 @@ class PassManager:
             self._report_progress("passes", index, len(self.passes))
             recovery_follows = index + 1 < len(self.passes) and self.passes[index + 1].recovers
             step, result_model, outputs = self._run_step(pass_, chain, reference, data, judge, label, recovery_follows)
+            self.runtime.drop_handed()  # a result the pass timed and handed over, if the step did not validate it
             step.judged_on = report.inputs if step.validation is not None else ""  # a step that changed nothing was not judged
             log.info("step %d/%d %s: %s (%s)", index + 1, len(self.passes), pass_.name, step.status,
                      ", ".join(f"{phase_name} {seconds:.1f} s" for phase_name, seconds in step.seconds.items()))
@@ -282,7 +283,8 @@ class PassManager:
         try:
             result = pass_.run(self._prepared_copy(pass_, chain),
                                PassContext(calibration=data.calibration, validate=validate if data.calibration is not None else None,
-                                           progress=self.progress, runtime=self.runtime, original=judge.original))
+                                           progress=self.progress, runtime=self.runtime, original=judge.original,
+                                           timing=data.validation))
         except _CALLER_ERRORS:
             raise
         except Exception as error:  # a broken pass is rolled back, not fatal

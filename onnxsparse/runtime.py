@@ -140,22 +140,25 @@ class Runtime:
         self.max_bytes = max_bytes
         self._held: OrderedDict[tuple[str, bool], _Held] = OrderedDict()
         self._pinned: set[tuple[str, bool]] = set()
+        self._handed: set[tuple[str, bool]] = set()
         self.created = 0
         self.reused = 0
 
     def session(self, model: onnx.ModelProto, label: str, *, timing: bool = False, keep: bool = True,
-                timed_later: bool = False, pin: bool = False) -> ort.InferenceSession:
+                timed_later: bool = False, pin: bool = False, hand_over: bool = False) -> ort.InferenceSession:
         """A session of ``model``: the one made before for the same content and use, else a new
         one, held for reuse unless ``keep`` is False (a one-off trial that only takes room).
         ``timed_later``: the model will be timed too, so it gets its timing session now. With
         ``pin``, that session is held even past the budget until :meth:`unpin`: a big model is then
         loaded once for its validation and its timing, not twice (0.7 s of 5.4 s for a 504 MB one),
         and its session lives through what comes between (the caller's word that nothing between
-        loads a model as big)."""
+        loads a model as big). ``hand_over``: a pass's result timed before the manager validates it;
+        a big one's session is held, past the budget, until it is next asked for (or
+        :meth:`drop_handed`), so the validation does not load it again."""
         size = data_size(model)  # about what the session holds of its weights
         big = size > self.max_bytes // 2
         pinned = timed_later and pin
-        if big and not pinned and not self._pinned:  # never held, nothing to find: neither serialized nor hashed
+        if big and not (pinned or hand_over) and not self._pinned and not self._handed:  # nothing to find or hold: not hashed
             self.created += 1
             return _session(model, None, label, timing)
         timing = timing or timed_later
@@ -168,17 +171,26 @@ class Runtime:
             if held is not None:
                 self._held.move_to_end(key)
                 self.reused += 1
+                if key in self._handed:  # handed over once: the receiver holds it from here
+                    self._handed.discard(key)
+                    del self._held[key]
                 return held.session
         key = (content, timing)
         serialized = None if store_of(model) is not None or big else model.SerializeToString()
         session = _session(model, serialized, label, timing)
         self.created += 1
-        if keep and (not big or pinned):
+        if keep and (not big or pinned or hand_over):
             self._held[key] = _Held(session, size)
             if big:
-                self._pinned.add(key)
+                (self._pinned if pinned else self._handed).add(key)
             self._trim()
         return session
+
+    def drop_handed(self) -> None:
+        """Let go the big sessions handed over that nobody asked for (the manager chose otherwise)."""
+        for key in self._handed:
+            self._held.pop(key, None)
+        self._handed.clear()
 
     def unpin(self) -> None:
         """Let the sessions pinned for a timing go (see :meth:`session`)."""
@@ -190,10 +202,12 @@ class Runtime:
         """Let every held session go (their memory with them)."""
         self._held.clear()
         self._pinned.clear()
+        self._handed.clear()
 
     def _trim(self) -> None:
-        total = sum(held.bytes for key, held in self._held.items() if key not in self._pinned)
-        for key in [key for key in self._held if key not in self._pinned]:  # least recently used first
+        exempt = self._pinned | self._handed
+        total = sum(held.bytes for key, held in self._held.items() if key not in exempt)
+        for key in [key for key in self._held if key not in exempt]:  # least recently used first
             if total <= self.max_bytes:
                 break
             total -= self._held.pop(key).bytes
@@ -229,9 +243,9 @@ def usable_cores() -> int:
 
 
 def open_session(model: onnx.ModelProto, label: str, *, timing: bool = False, runtime: Runtime | None = None,
-                 keep: bool = True, timed_later: bool = False, pin: bool = False) -> ort.InferenceSession:
+                 keep: bool = True, timed_later: bool = False, pin: bool = False, hand_over: bool = False) -> ort.InferenceSession:
     """A session from ``runtime`` when one is given (memoized, see :meth:`Runtime.session`), else a new one."""
     if runtime is not None:
-        return runtime.session(model, label, timing=timing, keep=keep, timed_later=timed_later, pin=pin)
+        return runtime.session(model, label, timing=timing, keep=keep, timed_later=timed_later, pin=pin, hand_over=hand_over)
     return make_session(model, label, timing=timing)
 

@@ -282,6 +282,27 @@ def test_auto_choosing_dynamic_reports_the_dynamic_candidate_not_the_static_ones
     assert figures["nodes_quantized"] == len(quantized) == sum(c.action == "dynamic int8" for c in step.changes)
 
 
+def test_without_calibration_the_pass_times_at_the_users_dims_as_it_validates(tmp_path, monkeypatch, rng):
+    """qdq{mode=dynamic} with synthetic validation at --dims seq=5: the never-slower timing runs at
+    that shape too (a synthetic default would time another model than the user's)."""
+    timed: list[tuple[int, ...]] = []
+
+    def recorded(reference, candidate, feed, **_):
+        timed.append(feed["x"].shape)
+        return 0.5
+
+    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", recorded)
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[batch, seq, 64] x, float[64, 64] w) => (float[batch, seq, 64] y) { y = MatMul (x, w) }""")
+    del model.graph.input[1]  # w becomes an initializer
+    with_initializers(model, w=rng.standard_normal((64, 64)).astype(np.float32))
+    onnx.save(model, tmp_path / "m.onnx")
+    report = optimize(tmp_path / "m.onnx", tmp_path / "q.onnx", "qdq{mode=dynamic}", dims={"seq": 5})
+    assert report.steps[0].status == "committed"
+    assert timed == [(1, 5, 64)]
+
+
 # Convs with and without a bias, a depthwise and a grouped one, a bare 2-D MatMul (its shift is an Add node,
 # which onnxruntime fuses with it) and a MatMul with a bias Add: every way bias correction can land.
 BIAS_KINDS = """

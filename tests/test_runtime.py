@@ -186,13 +186,30 @@ def test_a_model_too_big_to_hold_is_pinned_for_its_timing_and_let_go_after():
     assert runtime.session(model, "latency probe", timing=True) is not pinned
 
 
-@pytest.mark.parametrize("spec, loads_of_the_original", [("qdq{mode=dynamic}", 1), ("qdq{mode=static}", 3)])
+def test_a_big_session_handed_over_is_held_until_it_is_next_asked_for():
+    """A pass's result too big to hold, timed and handed over: the manager's validation gets that
+    session, and from then on the runtime holds it no longer; one nobody asks for is dropped."""
+    model, other = parse(TINY), parse(TINY.replace("Relu", "Neg"))
+    runtime = Runtime(max_bytes=1)  # every model is "big"
+    handed = runtime.session(model, "latency probe", timing=True, hand_over=True)
+    runtime.session(other, "other")  # not held, and trims nothing handed over
+    runtime.unpin()  # what the manager does once the pass returns: not a pin
+    assert runtime.session(model, "validation") is handed
+    assert runtime.session(model, "validation") is not handed
+    dropped = runtime.session(other, "latency probe", timing=True, hand_over=True)
+    runtime.drop_handed()
+    assert runtime.session(other, "validation") is not dropped
+
+
+@pytest.mark.parametrize("spec, loads_of_the_original, loads_of_the_result", [("qdq{mode=dynamic}", 1, 1), ("qdq{mode=static}", 3, 2)])
 def test_a_big_original_is_held_for_its_timing_only_when_the_pass_runs_no_sessions_of_its_own(tmp_path, monkeypatch, spec,
-                                                                                             loads_of_the_original):
+                                                                                             loads_of_the_original, loads_of_the_result):
     """Every model counts as big here (a budget of 1 byte). qdq{mode=dynamic} runs nothing between the
     reference and its timing: the original is loaded once. qdq{mode=static} calibrates in sessions of
     its own: the original is not held through that (two copies of a big model's weights), so it is
-    loaded for the reference, the guard's judge and the timing (simplify's offline optimizer aside)."""
+    loaded for the reference, the guard's judge and the timing (simplify's offline optimizer aside).
+    The result is timed by the pass and handed over to the manager's validation: loaded once, and
+    once more under qdq{mode=static}, whose guard judged it before (on all cores, not one thread)."""
     import onnxsparse.pipeline as pipeline_module
     from onnxsparse.calibration import resolve_inputs
     from onnxsparse.spec import parse_pipeline
@@ -203,7 +220,8 @@ def test_a_big_original_is_held_for_its_timing_only_when_the_pass_runs_no_sessio
     manager = pipeline_module.PassManager(parse_pipeline(spec), inputs=resolve_inputs(str(MODELS / "digits_transformer.inputs.npz"), model),
                                           calibration=resolve_inputs(str(MODELS / "digits_transformer.calibration.npz"), model))
     manager.runtime = Runtime(max_bytes=1)
-    _, report = manager.run(model)
+    result, report = manager.run(model)
     assert report.steps[0].status == "committed"
     original = runtime_content(model)
     assert loads[original] == loads_of_the_original, loads[original]
+    assert loads[runtime_content(result)] == loads_of_the_result, loads[runtime_content(result)]

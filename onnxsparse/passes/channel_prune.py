@@ -271,7 +271,7 @@ class ChannelPrune(Pass):
 
     def _faster(self, model: onnx.ModelProto, pruned: onnx.ModelProto, context: PassContext, result: PassResult) -> bool:
         """Whether ``pruned`` runs faster than ``model``; if not, say so in ``result`` (which keeps the input)."""
-        ratio = relative_latency(model, pruned, timing_feed(model, context.calibration), runtime=context.runtime, decide_at=(1.0,))
+        ratio = relative_latency(model, pruned, timing_feed(model, context.timing_inputs()), runtime=context.runtime, decide_at=(1.0,))
         result.figures["latency_ratio"] = round(ratio, 3)
         if ratio < 1.0:
             return True
@@ -478,7 +478,7 @@ class ChannelPrune(Pass):
                 raise RequirementError("channel-prune{budget=macs} needs the model's MACs, and its shapes cannot be inferred")
             return BudgetMeasure(float(total_macs), lambda trial: _macs_saved(total_macs, trial))
         if self.budget == "latency":
-            return TimeSaved(model, timing_feed(model, context.calibration), context.runtime)
+            return TimeSaved(model, timing_feed(model, context.timing_inputs()), context.runtime)
         return None
 
     def _removable(self, total: int, free: int, wanted: int) -> int:

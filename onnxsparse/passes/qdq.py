@@ -223,7 +223,7 @@ class Qdq(Pass):
         ``never_slower``, a static one with its slow kinds of node kept float where that is faster
         still, and ``original`` itself, said to be kept, when no candidate runs faster than it."""
         timed = self.never_slower or len(candidates) > 1
-        feed = timing_feed(original, context.calibration) if timed else {}
+        feed = timing_feed(original, context.timing_inputs()) if timed else {}
         # Candidates to choose between are timed in full: two that are both clearly faster than the input
         # can still be close to each other (PP-OCRv4: static 0.949x, dynamic 0.964x after 6 pairs each).
         several = len(candidates) > 1
@@ -821,7 +821,8 @@ def _time_against(original: onnx.ModelProto, candidate: onnx.ModelProto, feed: d
     once the ratio is clearly on one side of 1 (and of ``bound``); ``keep`` holds the candidate's
     session for its validation."""
     bounds = (1.0,) if bound is None or bound == 1.0 else (1.0, bound)
-    return relative_latency(original, candidate, feed, runtime=context.runtime, keep_candidate=keep, decide_at=bounds if early else ())
+    return relative_latency(original, candidate, feed, runtime=context.runtime, keep_candidate=keep, hand_over=keep,
+                            decide_at=bounds if early else ())
 
 
 def speed_kind(node: gs.Node) -> str:
