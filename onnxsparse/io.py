@@ -107,6 +107,8 @@ def load_with_info(
                 _check(str(source), label, full=True)
             except ModelLoadError:
                 check_model(model, label)
+            else:  # and onnxruntime loads the model, while it is unchanged, from that file: no copy
+                weights.given_as(model, Path(source))
         else:
             check_model(model, label)
     return model, info

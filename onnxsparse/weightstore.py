@@ -7,7 +7,10 @@ model with external data leaves its tensors where they are:
 - the store's folder takes the input's data files in (copies, made when onnxruntime or the checker
   first needs a model file: the onnx checker refuses data reached through a hard link, and both onnx
   and onnxruntime a symbolic link or a file outside the model's folder; until then, and for reads,
-  the input's own files serve), and the tensors passes write are appended to one file of its own;
+  the input's own files serve), and the tensors passes write are appended to one file of its own.
+  A model that reads little of an input file (quantized, its big weights rewritten) gets only its
+  tensors' byte ranges, at their offsets in a sparse file of the input's size; the input model
+  itself, unchanged, is given out as the user's own file (:meth:`WeightStore.given_as`);
 - each tensor's ``location`` names a file in the store under a name that begins with the store's
   token, so a ModelProto says where its data is with no folder travelling beside it
   (:func:`store_of`); a model keeps its store's tensors as long as the store is open;
@@ -83,7 +86,9 @@ class WeightStore:
         self._handle: IO[bytes] | None = None
         self._models = itertools.count()
         self._inputs: dict[Path, str] = {}  # an input data file -> its name in the store
-        self._pending: dict[str, Path] = {}  # names not copied yet: read in place until a model file needs them
+        self._pending: dict[str, Path] = {}  # names not copied whole yet: read in place until a model file needs them
+        self._ranges: dict[str, set[tuple[int, int]]] = {}  # of a pending name: the (offset, length) copied so far
+        self._origin: tuple[bytes, Path] | None = None  # the input model as loaded, and its own file
         _OPEN[self.token] = self
 
     def __enter__(self) -> Self:
@@ -126,19 +131,62 @@ class WeightStore:
             self._pending[alias] = path  # copied when a model file first needs it (inspect never does)
         return alias
 
+    def given_as(self, model: onnx.ModelProto, source: Path) -> None:
+        """``model``, as it now is, is the file ``source`` with its data beside it (loaded, its tensors
+        adopted, nothing else changed): :meth:`model_file` gives that file out for it, copying nothing."""
+        self._origin = (model.SerializeToString(), source)
+
     def file_of(self, location: str) -> Path:
         """Where the data a location names can be read now: the store's file, or the input's own."""
         return self._pending.get(location, self.folder / location)
 
-    def _copy_pending(self) -> None:
-        for alias, path in list(self._pending.items()):
-            started = time.perf_counter()
-            try:  # sendfile on Linux: no byte passes through Python's memory
-                shutil.copyfile(path, self.folder / alias)
-            except OSError as error:
-                raise ExternalDataError(f"{path}: cannot be copied into {self.folder} ({describe_os_error(error)})") from error
-            del self._pending[alias]
-            log.info("copied %s (%s) into the weight store in %.1f s", path, format_bytes(path.stat().st_size), time.perf_counter() - started)
+    def _copy_needed(self, model: onnx.ModelProto) -> None:
+        """Copy in what ``model`` reads of the input's data files: a file it reads mostly, whole (one
+        kernel copy); of one it reads little, only its tensors' byte ranges."""
+        wanted: dict[str, set[tuple[int, int]] | None] = {}  # None: the whole file
+        for tensor in iter_all_tensors(model):
+            if external_data_helper.uses_external_data(tensor):
+                entries = _entries(tensor)
+                alias = entries["location"]
+                if alias in self._pending:
+                    ranges = wanted.setdefault(alias, set())
+                    if ranges is not None and "length" in entries:
+                        ranges.add((int(entries.get("offset", 0)), int(entries["length"])))
+                    else:
+                        wanted[alias] = None
+        for alias, ranges in wanted.items():
+            path = self._pending[alias]
+            done = self._ranges.setdefault(alias, set())
+            size = path.stat().st_size
+            if ranges is None or 2 * sum(length for _, length in ranges | done) >= size:
+                self._copy_whole(alias, path)
+            elif ranges - done:
+                self._copy_ranges(alias, path, ranges - done, size)
+                done |= ranges
+
+    def _copy_whole(self, alias: str, path: Path) -> None:
+        started = time.perf_counter()
+        try:  # sendfile on Linux: no byte passes through Python's memory
+            shutil.copyfile(path, self.folder / alias)
+        except OSError as error:
+            raise ExternalDataError(f"{path}: cannot be copied into {self.folder} ({describe_os_error(error)})") from error
+        del self._pending[alias]
+        self._ranges.pop(alias, None)
+        log.info("copied %s (%s) into the weight store in %.1f s", path, format_bytes(path.stat().st_size), time.perf_counter() - started)
+
+    def _copy_ranges(self, alias: str, path: Path, ranges: set[tuple[int, int]], size: int) -> None:
+        """The bytes of ``ranges`` copied to the same offsets of the store's file for ``path``, a file
+        of ``size`` bytes whose other bytes are holes: no disk and no copying time for the tensors the
+        model no longer reads (onnxruntime and the checker read only the ranges a model names)."""
+        target = self.folder / alias
+        try:
+            with path.open("rb") as source, target.open("r+b" if target.exists() else "wb") as out:
+                out.truncate(size)
+                for offset, length in sorted(ranges):
+                    _copy_range(source.fileno(), out.fileno(), offset, length)
+        except OSError as error:
+            raise ExternalDataError(f"{path}: cannot be copied into {self.folder} ({describe_os_error(error)})") from error
+        log.info("copied %s of %s (%d tensors) into the weight store", format_bytes(sum(length for _, length in ranges)), path, len(ranges))
 
     def put(self, array: np.ndarray, name: str) -> onnx.TensorProto | None:
         """``array`` appended to the store, as an external TensorProto named ``name``; None for
@@ -186,11 +234,15 @@ class WeightStore:
         ``with`` block: for onnxruntime and the checker, which read models past 2 GB by path. Big
         tensors ``model`` holds in its message move into the store first (in place; same values)."""
         self.spill(model)  # a big inline tensor would make the file one message over 2 GB
-        self._copy_pending()  # onnxruntime and the checker read data only from the model's own folder
+        serialized = model.SerializeToString()
+        if self._origin is not None and serialized == self._origin[0]:  # the input itself, as the user's file
+            yield self._origin[1]
+            return
+        self._copy_needed(model)  # onnxruntime and the checker read data only from the model's own folder
         path = self.folder / f"{self.token}.model{next(self._models)}.onnx"
         try:
             try:
-                path.write_bytes(model.SerializeToString())
+                path.write_bytes(serialized)
             except OSError as error:
                 raise ExternalDataError(f"{self.folder}: cannot write a model file ({describe_os_error(error)})") from error
             yield path
@@ -360,6 +412,24 @@ def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
     buffer = io.BytesIO()
     _copy_external(tensor, buffer)
     return buffer.getvalue()
+
+
+def _copy_range(source: int, target: int, offset: int, length: int) -> None:
+    """``length`` bytes at ``offset`` of file descriptor ``source`` to the same offset of ``target``:
+    in the kernel where it can (copy_file_range), else through a buffer."""
+    end = offset + length
+    try:
+        while offset < end:
+            copied = os.copy_file_range(source, target, end - offset, offset, offset)
+            if copied == 0:
+                raise ExternalDataError(f"external data ends at byte {offset}, before {end}")
+            offset += copied
+    except (AttributeError, OSError):  # not on Linux, or a file system that refuses it: the rest by hand
+        while offset < end:
+            chunk = os.pread(source, min(end - offset, _COPY_CHUNK), offset)
+            if not chunk:
+                raise ExternalDataError(f"external data ends at byte {offset}, before {end}") from None
+            offset += os.pwrite(target, chunk, offset)
 
 
 def _copy_external(tensor: onnx.TensorProto, out: IO[bytes]) -> None:

@@ -207,6 +207,41 @@ def test_sparse_encode_spends_a_bounded_share_of_the_message_in_an_external_data
     assert external_data_helper.uses_external_data(next(t for t in written.graph.initializer if t.name == "w2"))
 
 
+def test_the_input_is_given_out_as_its_own_file_and_a_rewritten_model_copies_only_what_it_reads(tmp_path):
+    """onnxruntime gets the input model, unchanged, as the user's own file (no copy of its data); a
+    model whose big weights were rewritten (as a quantizer does) gets only the bytes it still reads
+    from the input's data, at their offsets in a sparse file; one that reads most of it, all of it."""
+    source = mlp_with_external_data(tmp_path / "in")
+    data = source.parent / "mlp.onnx.data"
+    feed = {"x": np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)}
+    expected = run(source, feed)
+    with WeightStore(tmp_path) as store:
+        model = io.load(source, weights=store)
+        with store.model_file(model) as path:
+            assert path == source
+            np.testing.assert_array_equal(run(path, feed)[0], expected[0])
+        assert sorted(store.folder.iterdir()) == []
+        rewritten = onnx.ModelProto()
+        rewritten.CopyFrom(model)
+        for index, tensor in enumerate(rewritten.graph.initializer):
+            if tensor.name in ("w1", "w2"):  # x0.5 then x2 through a Relu: the same outputs
+                values = weightstore.read_external(tensor)
+                rewritten.graph.initializer[index].CopyFrom(store.put(values * (0.5 if tensor.name == "w1" else 2.0), tensor.name))
+        with store.model_file(rewritten) as path:
+            assert path.parent == store.folder
+            np.testing.assert_allclose(run(path, feed)[0], expected[0], rtol=1e-6)
+        copied = next(f for f in store.folder.iterdir() if f.name.endswith(".input0.data"))
+        assert copied.stat().st_size == data.stat().st_size
+        assert copied.stat().st_blocks * 512 < data.stat().st_size // 4  # w3's 10 KiB, not w1's and w2's 512 KiB
+        shaped = onnx.ModelProto()
+        shaped.CopyFrom(model)
+        shaped.graph.value_info.add(name="a")  # not the input's message any more, and it reads all of the data
+        with store.model_file(shaped) as path:
+            assert path.parent == store.folder
+            np.testing.assert_array_equal(run(path, feed)[0], expected[0])
+        assert copied.stat().st_blocks * 512 >= data.stat().st_size
+
+
 def test_a_replaced_weight_goes_into_the_store_at_once(tmp_path):
     """A pass that rewrites every weight holds one new weight at a time, not all of them."""
     from onnxsparse.weights import find_weights, replace_weight
