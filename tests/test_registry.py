@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from onnxsparse import list_passes
+from onnxsparse import list_passes, passes
 from onnxsparse.errors import PipelineSpecError
 from onnxsparse.passes import Pass, base, pass_class, register
 from onnxsparse.spec import parse_pipeline
@@ -29,8 +29,8 @@ def test_the_built_in_table_names_every_pass_module_and_each_registers_its_name(
 
     folder = Path(base.__file__).parent
     modules = {path.stem for path in folder.glob("*.py")} - {"__init__", "base", "options"}
-    assert set(base.BUILT_IN.values()) == modules
-    for name, module in base.BUILT_IN.items():
+    assert set(passes.BUILT_IN.values()) == modules
+    for name, module in passes.BUILT_IN.items():
         classes = [c for c in vars(importlib.import_module(f"onnxsparse.passes.{module}")).values()
                    if inspect.isclass(c) and issubclass(c, Pass) and c.__module__.endswith(module)]
         assert [c.name for c in classes] == [name]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import importlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -121,29 +120,6 @@ class Pass:
 _REGISTRY: dict[str, type[Pass]] = {}
 _entry_points_loaded = False
 
-# The built-in passes by name -> their module in this package, imported when the pass is first asked
-# for: a run imports only the passes its pipeline names (all eleven cost 0.1 s of every command's start).
-BUILT_IN: dict[str, str] = {
-    "channel-prune": "channel_prune",
-    "cleanup": "cleanup",
-    "cluster": "cluster",
-    "distill": "distill",
-    "fold-batchnorm": "fold_batchnorm",
-    "fp16": "fp16",
-    "magnitude-prune": "magnitude",
-    "qdq": "qdq",
-    "simplify": "simplify",
-    "sparse-encode": "sparse_encode",
-    "weight-only": "weight_only",
-}
-
-
-def _import_built_in(name: str) -> None:
-    module = BUILT_IN.get(name)
-    if module is not None and name not in _REGISTRY:
-        importlib.import_module(f"{__package__}.{module}")  # its @register fills the registry
-
-
 def register(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make a pass available by its ``name``."""
     # Checked on the class itself: a subclass of a dataclass that is not decorated inherits the flag,
@@ -203,25 +179,20 @@ def _load_entry_points() -> None:
             log.warning("pass plugin %s could not be loaded: %s", entry_point.value, error)
             continue
         for cls in loaded if isinstance(loaded, Iterable) else [loaded]:
-            if isinstance(cls, type) and issubclass(cls, Pass) and cls.name not in _REGISTRY and cls.name not in BUILT_IN:
+            if isinstance(cls, type) and issubclass(cls, Pass) and cls.name not in _REGISTRY:
                 register(cls)
 
 
 def pass_class(name: str) -> type[Pass]:
     """The pass registered as ``name``, or an error listing the known ones."""
-    _import_built_in(name)
     if name not in _REGISTRY:
         _load_entry_points()
     if name not in _REGISTRY:
-        for built_in in BUILT_IN:  # the error lists every pass
-            _import_built_in(built_in)
         raise PipelineSpecError(f"unknown pass '{name}'{did_you_mean(name, _REGISTRY)}; known passes: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
 def registered_passes() -> dict[str, type[Pass]]:
     """Every known pass by name, plugins included, sorted by name."""
-    for name in BUILT_IN:
-        _import_built_in(name)
     _load_entry_points()
     return dict(sorted(_REGISTRY.items()))
