@@ -6,6 +6,7 @@ The public API::
     report = onnxsparse.optimize("model.onnx", "small.onnx", "cleanup,fold-batchnorm")
     model = onnxsparse.load("model.onnx")
     result = onnxsparse.validate("model.onnx", "small.onnx")
+    best = onnxsparse.tune("model.onnx", "fast.onnx", budget="min_top1=0.95", calibration="c.npz")
     onnxsparse.list_passes()
 """
 
@@ -25,6 +26,7 @@ _API = {
     "load": "io", "save": "io",
     "Pass": "passes", "PassContext": "passes", "PassResult": "passes", "register": "passes", "list_passes": "passes",
     "PassManager": "pipeline", "optimize": "pipeline", "validate": "pipeline",  # the file-level comparison (the module is `validation`)
+    "tune": "tuner", "TuneResult": "tuner",
     "RunReport": "report",
     "format_pipeline": "spec", "load_recipe": "spec", "parse_pipeline": "spec",
     # reachable from the package before it became lazy, kept so: not part of __all__
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from .pipeline import PassManager, optimize, validate
     from .report import RunReport
     from .spec import format_pipeline, load_recipe, parse_pipeline
+    from .tuner import TuneResult, tune
     from .validation import EXACT, Tolerance, Tolerances, ValidationResult
 
 
@@ -67,6 +70,7 @@ __all__ = [
     "RunReport",
     "Tolerance",
     "Tolerances",
+    "TuneResult",
     "ValidationResult",
     "format_pipeline",
     "list_passes",
@@ -76,5 +80,6 @@ __all__ = [
     "parse_pipeline",
     "register",
     "save",
+    "tune",
     "validate",
 ]

@@ -44,6 +44,12 @@ EXIT_STATUS = """exit status:
   4  a requested pass was rolled back (it crashed, broke its tolerance, or made the model worse): the
      output was written and validated without it; the report says why"""
 EXIT_DONE, EXIT_VALIDATION_FAILED, EXIT_ROLLED_BACK = 0, 1, 4
+TUNE_EXIT_STATUS = """exit status:
+  0  a candidate within the budget, faster (or smaller) than the input, was written
+  1  no candidate held the budget: only the reports were written
+  2  bad input (as for optimize); nothing was written
+  3  internal error: a bug in onnxsparse (please report it with the output of -vv)
+  4  candidates held the budget but none beat the input: only the reports were written"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "and qdq's per-node sensitivity (qdq{sensitivity=true})")
     explain.add_argument("report", metavar="REPORT.json")
     explain.add_argument("--top", type=int, default=30, help="rows of each table, worst first (default 30; 0 for all)")
+
+    tune = commands.add_parser("tune", help="search the passes for the fastest or smallest model within an accuracy budget, measured here",
+                               epilog=TUNE_EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tune.add_argument("model", help="input .onnx file (never modified)")
+    tune.add_argument("-o", "--output", required=True, help="where the chosen model goes (written atomically)")
+    tune.add_argument("--objective", choices=("latency", "size"), default="latency",
+                      help="what to minimise: onnxruntime latency on this machine, or file size (default latency)")
+    tune.add_argument("--budget", default="", metavar='"min_top1=0.95 ..."',
+                      help="the accuracy every candidate must hold, as --tolerance text (default: each pass's own tolerance)")
+    tune.add_argument("--metric", metavar="MODULE:FUNCTION|FILE.py:FUNCTION", help="your task metric, judged beside the budget (see the README)")
+    tune.add_argument("--calibration", nargs="+", metavar="NPZ|DIR", help="calibration inputs (int8 static, refit and GPTQ need them)")
+    tune.add_argument("--jobs", type=int, default=1, help="candidates built side by side (timings are always taken one at a time; default 1)")
+    tune.add_argument("--cache", metavar="DIR", help="where candidates and their figures are kept (default OUTPUT.tune); a second run reuses them")
+    tune.add_argument("--finalists", type=int, default=3, help="candidates within the budget timed at length, on one thread and on every core (default 3)")
+    tune.add_argument("--report", metavar="FILE.html", help="write the frontier, every candidate and the chosen one's steps as one HTML file")
+    tune.add_argument("--figures", metavar="FILE.json", help="write every candidate's figures as JSON")
+    _add_input_options(tune)
+    _add_common_options(tune)
 
     passes = commands.add_parser("passes", help="every pass with its options and defaults")
     _add_common_options(passes)
@@ -290,6 +314,41 @@ def run_optimize(args: argparse.Namespace) -> int:
         )
     print(json.dumps(report.to_dict(), indent=2) if args.json else render_run(report))
     return optimize_status(report)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from .calibration import parse_dims
+    from .tuner import tune
+
+    if args.jobs < 1 or args.finalists < 1:
+        raise InputDataError(f"--jobs and --finalists take 1 or more (got {args.jobs} and {args.finalists})")
+    with progress_bars(not args.json) as progress:
+        result = tune(args.model, args.output, objective=args.objective, budget=args.budget, metric=args.metric, inputs=args.inputs,
+                      calibration=args.calibration, samples=args.samples, seed=_seed(args), dims=parse_dims(args.dims),
+                      int_range=_int_range(args.int_range), jobs=args.jobs, cache=args.cache, finalists=args.finalists,
+                      max_input_bytes=_max_input_bytes(args), report_path=args.report, json_path=args.figures, progress=progress)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else render_tune(result))
+    if result.chosen is not None:
+        return EXIT_DONE
+    return EXIT_ROLLED_BACK if any(r.status == "within" for r in result.records) else EXIT_VALIDATION_FAILED
+
+
+def render_tune(result: Any) -> str:
+    rows = []
+    for record in sorted(result.records, key=lambda r: (r.status != "within", r.objective(result.objective) or float("inf"))):
+        rows.append([("* " if record is result.chosen else "  ") + record.pipeline, record.status, _times(record.size_ratio),
+                     _times(record.latency if record.latency is not None else record.latency_estimate), _times(record.latency_all_cores),
+                     "-" if record.quality is None else f"{record.quality:.4g}"])
+    lines = [format_table(["candidate", "status", "size", "latency 1 thread", "all cores", result.quality_label], rows, right=(2, 3, 4, 5)), ""]
+    if result.chosen is not None:
+        lines.append(f"{result.output}: {result.chosen.pipeline} ({result.objective} {_times(result.chosen.objective(result.objective))} of the input's)")
+    lines.append(f"budget: {result.budget}; {len(result.records)} candidates in {result.seconds:.0f} s; cache {result.cache}")
+    lines.extend(f"warning: {w}" for w in result.warnings)
+    return "\n".join(lines)
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}x"
 
 
 def optimize_status(report: RunReport) -> int:
@@ -512,7 +571,7 @@ def _number(value: object, spec: str) -> str:
 
 
 _COMMANDS = {"optimize": run_optimize, "validate": run_validate, "inspect": run_inspect, "densify": run_densify, "passes": run_passes,
-             "explain": run_explain}
+             "explain": run_explain, "tune": run_tune}
 
 
 def _quiet_libraries(verbose: int) -> None:

@@ -12,9 +12,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from .calibration import FirstSamples, InputSource, SyntheticInputs, sample_axis
-from .runtime import Runtime, open_session
+from .runtime import Runtime, make_session, open_session
 
 WARMUP_RUNS = 2
 # With thresholds to decide against, timing stops early once the ratio is this many standard errors
@@ -39,6 +40,7 @@ def relative_latency(
     keep_candidate: bool = True,
     hand_over: bool = False,
     decide_at: Sequence[float] = (),
+    threads: int = 1,
 ) -> float:
     """Median seconds of one run of ``candidate`` over that of ``reference`` (one thread each;
     sessions from ``runtime`` when given, so a model timed before is not loaded again; a one-off
@@ -47,8 +49,14 @@ def relative_latency(
 
     ``decide_at``: the ratios the caller's verdict turns on (a step slower than 1.10x is worse);
     timing then stops before ``min_runs``/``min_seconds`` once the ratio is clearly on one side of
-    every one of them (see :func:`_decided`)."""
-    runners = [_runner(reference, feed, runtime, True), _runner(candidate, feed, runtime, keep_candidate, hand_over)]
+    every one of them (see :func:`_decided`). ``threads``: other than 1 (0: one per core, onnxruntime's
+    default), both models run on that many threads, in sessions of their own."""
+    if threads != 1:
+        sessions = [make_session(model, "latency probe", timing=True, threads=threads) for model in (reference, candidate)]
+    else:
+        sessions = [open_session(reference, "latency probe", timing=True, runtime=runtime),
+                    open_session(candidate, "latency probe", timing=True, runtime=runtime, keep=keep_candidate, hand_over=hand_over)]
+    runners = [_runner(session, feed) for session in sessions]
     for run in runners:
         for _ in range(WARMUP_RUNS):
             run()
@@ -96,9 +104,7 @@ def timing_feed(model: onnx.ModelProto, calibration: InputSource | None) -> dict
     return dict(next(iter(source.feeds())))
 
 
-def _runner(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], runtime: Runtime | None, keep: bool,  # noqa: ANN202 - a closure
-            hand_over: bool = False):
-    session = open_session(model, "latency probe", timing=True, runtime=runtime, keep=keep, hand_over=hand_over)
+def _runner(session: ort.InferenceSession, feed: Mapping[str, np.ndarray]):  # noqa: ANN202 - a closure
     accepted = {i.name for i in session.get_inputs()}
     inputs = {k: v for k, v in feed.items() if k in accepted}
     return lambda: session.run(None, inputs)

@@ -133,6 +133,9 @@ class PassManager:
     held_out_seed: int = 0
     keep_worse: bool = False
     metric: TaskMetric | None = None  # the user's task metric, judged beside the tolerances everywhere
+    # False: no step is timed, and none is judged worse for its speed (sizes are still compared): for
+    # a caller that times the results itself, one at a time (the tuner builds candidates side by side).
+    measure_speed: bool = True
     report: RunReport | None = field(default=None, init=False)
     # The run's onnxruntime sessions, one per model version and use, timing or not (see runtime.py).
     runtime: Runtime = field(default_factory=Runtime, init=False)
@@ -175,7 +178,7 @@ class PassManager:
         # session. A big original is held for it only when the pass does not run the model on
         # calibration data in sessions of its own meanwhile (two copies of a big model's weights).
         first = self.passes[0] if self.passes else None
-        timed = first is not None and first.may_change_speed
+        timed = self.measure_speed and first is not None and first.may_change_speed
         pin = timed and first is not None and Requirement.CALIBRATION not in first.needs()
         reference = Reference.of(model, feeds, f"{label} (original)", self._progress("reference"), runtime=self.runtime, metric=self.metric,
                                  timed_later=timed, pin=pin)
@@ -341,7 +344,7 @@ class PassManager:
         before, after = chain.footprint, footprint(model)
         step.figures.update(bytes_before=before.bytes, bytes_after=after.bytes, parameters_before=before.elements, parameters_after=after.elements)
         grew = after.bytes > before.bytes * SIZE_NOISE
-        if not (grew or pass_.may_change_speed):
+        if not (grew or pass_.may_change_speed) or not self.measure_speed:
             return step
         ratio = _confirmed_latency_ratio(chain.model, model, timing_feed(chain.model, data.calibration or data.validation), grew, self.runtime,
                                          measured=latency_vs_input)
@@ -601,6 +604,7 @@ def optimize(
     external_data: bool | None = None,
     progress: ProgressCallback | None = None,
     metric: TaskMetric | MetricFunction | str | None = None,
+    measure_speed: bool = True,
 ) -> RunReport:
     """Load ``input_path``, run the pipeline (text, pass objects, or a TOML ``recipe``) under
     validation, write ``output_path`` atomically (None: run and report only), and return the report.
@@ -617,6 +621,7 @@ def optimize(
     the input's layout (external data in, external data out; by size otherwise), True/False forces.
     ``metric``: the user's task metric (a function, or ``module:function`` / ``file.py:function``; see
     :class:`TaskMetric`), judged beside the tolerances by every guard, step and the final validation.
+    ``measure_speed=False``: no step is timed or judged worse for its speed (see :class:`PassManager`).
     """
     passes, tolerances, policy, recipe_metric = _resolve_pipeline(pipeline, recipe, tolerances, policy)
     written_paths = [p for p in (output_path, report_path, markdown_path) if p is not None]
@@ -646,6 +651,7 @@ def optimize(
             temperature=temperature,
             progress=progress,
             metric=task_metric(metric if metric is not None else recipe_metric),
+            measure_speed=measure_speed,
         )
         # Held for the whole run: a second run writing the same output fails now, not after its work.
         outputs = _Outputs(output_path, report_path, markdown_path, tuple(Path(p) for p in protected), _layout(external_data, info))

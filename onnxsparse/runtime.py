@@ -38,18 +38,19 @@ _SESSION_FROM_FILE_BYTES = 2**31 - 256 * 2**20
 PROVIDERS = ["CPUExecutionProvider"]
 
 
-def make_session(model: onnx.ModelProto, label: str, *, timing: bool = False) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto, label: str, *, timing: bool = False, threads: int = 1) -> ort.InferenceSession:
     """A new onnxruntime session on the CPU, or a RuntimeLoadError naming the model and the problem.
-    ``timing``: a session to time the model with, on one thread and with onnxruntime's defaults, as a
-    deployment runs it; otherwise onnxruntime's threads, and no memory pattern (see below)."""
-    return _session(model, None, label, timing)
+    ``timing``: a session to time the model with, on ``threads`` threads (0: onnxruntime's choice, one
+    per core) and with onnxruntime's defaults, as a deployment runs it; otherwise onnxruntime's
+    threads, and no memory pattern (see below)."""
+    return _session(model, None, label, timing, threads)
 
 
-def _session(model: onnx.ModelProto, serialized: bytes | None, label: str, timing: bool) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto, serialized: bytes | None, label: str, timing: bool, threads: int = 1) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if timing:
-        options.intra_op_num_threads = 1
+        options.intra_op_num_threads = threads
     else:
         # Without a memory pattern a session's second run reuses the arena its first run grew; with one
         # it first allocates (and page-faults) a second block that size. Our sessions mostly run a few

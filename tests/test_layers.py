@@ -25,7 +25,10 @@ LAYERS = (
     "passes.options", "passes.base", "passes.cleanup", "passes.simplify", "passes.fold_batchnorm", "passes.sparse_encode", "passes.magnitude",
     "passes.channel_prune", "passes.qdq", "passes.weight_only", "passes.cluster", "passes.fp16", "passes.distill", "passes",
     # what drives the passes
-    "report", "spec", "pipeline", "cli", "", "__main__",
+    "report", "spec", "pipeline",
+    # the search over pipelines
+    "tuner.candidates", "tuner.html", "tuner.peers", "tuner.search", "tuner",
+    "cli", "", "__main__",
 )  # fmt: skip
 
 

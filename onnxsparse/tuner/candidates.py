@@ -1,0 +1,92 @@
+"""What the tuner tries on a model: families of pipelines, each a ladder from mild to strong.
+
+A family is climbed one rung at a time and left at the first rung over the budget (a stronger rung
+of the same method is assumed to cost at least as much accuracy: channel ratios, sparsities); the
+combinations come after the singles, built from the strongest rung of each family that held. Which
+families exist depends on the model (its ops), the data (calibration makes int8 static, refit and
+GPTQ possible) and the objective (formats that only make the file smaller join for ``size``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import onnx
+
+Objective = Literal["latency", "size"]
+OBJECTIVES: tuple[Objective, ...] = ("latency", "size")
+
+# Ops whose constant weights the passes below rewrite.
+_CONV_OPS = frozenset({"Conv", "ConvTranspose"})
+_MATMUL_OPS = frozenset({"MatMul", "Gemm"})
+
+# Rungs of the ladders: channel ratios and sparsities, mild to strong.
+CHANNEL_RATIOS = (0.25, 0.5, 0.7)
+SPARSITIES = (0.5, 0.7, 0.85)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One pipeline to build and measure. ``family`` groups the rungs of one ladder; ``rung`` is its
+    place on it (0 = mildest); ``parts`` the families a combination is made of."""
+
+    pipeline: str
+    family: str
+    rung: int = 0
+    parts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    rungs: tuple[str, ...]  # pipelines, mild to strong
+
+
+def families(model: onnx.ModelProto, objective: Objective, *, calibration: bool) -> list[Family]:
+    """The families worth trying on ``model`` for ``objective``."""
+    ops = {node.op_type for node in model.graph.node}
+    weighted = _constant_inputs(model)
+    convs = bool(ops & _CONV_OPS and weighted & _CONV_OPS)
+    matmuls = bool(ops & _MATMUL_OPS and weighted & _MATMUL_OPS)
+    found: list[Family] = []
+    # Every candidate leaves speed to the tuner, which times the results one at a time: no pass
+    # keeps its input for being slower, since a slower rung still tells where the frontier is.
+    if calibration and (convs or matmuls):
+        found.append(Family("int8 static", ("qdq{mode=static never_slower=false}",)))
+    if matmuls:
+        found.append(Family("int8 dynamic", ("qdq{mode=dynamic never_slower=false}",)))
+    if convs or matmuls:
+        refit = " refit=true" if calibration else ""
+        found.append(Family("channels", tuple(f"channel-prune{{ratio={r}{refit} never_slower=false}}" for r in CHANNEL_RATIOS)))
+    if objective == "size":
+        found.append(Family("fp16", ("fp16",)))
+        if matmuls:
+            method = "gptq" if calibration else "mse"
+            found.append(Family("4-bit weights", (f"weight-only{{method={method}}}",)))
+        if convs or matmuls:
+            found.append(Family("codebook", ("cluster{bits=4}",)))
+            criterion = " criterion=wanda" if calibration else ""
+            found.append(Family("sparse", tuple(f"magnitude-prune{{sparsity={s}{criterion}}},sparse-encode" for s in SPARSITIES)))
+    return found
+
+
+def combinations(held: dict[str, str], objective: Objective) -> list[Candidate]:
+    """Pipelines made of the strongest rung each family held: channels removed, then int8 (the
+    pairing the README's table found best on convolutional models)."""
+    found = []
+    channels = held.get("channels")
+    for int8 in ("int8 static", "int8 dynamic"):
+        if channels is not None and int8 in held:
+            found.append(Candidate(f"{channels},{held[int8]}", f"channels + {int8}", parts=("channels", int8)))
+    if objective == "size" and "sparse" in held and "int8 static" in held:
+        prune = held["sparse"].removesuffix(",sparse-encode")
+        found.append(Candidate(f"{prune},{held['int8 static']}", "sparse + int8 static", parts=("sparse", "int8 static")))
+    return found
+
+
+def _constant_inputs(model: onnx.ModelProto) -> set[str]:
+    """The op types of main-graph nodes that read an initializer or a Constant node's output."""
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    return {node.op_type for node in model.graph.node if any(name in constants for name in node.input[1:])}

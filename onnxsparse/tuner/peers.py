@@ -1,0 +1,72 @@
+"""onnxruntime's own quantizer as reference points on the tuner's frontier (never chosen): what a user
+gets from ``quantize_dynamic`` and ``quantize_static`` (QDQ, uint8 activations, int8 per-channel
+weights) with the same calibration data, validated and timed like every candidate."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..calibration import InputSource
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_DYNAMIC, QUANTIZE_STATIC = "onnxruntime quantize_dynamic", "onnxruntime quantize_static"
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader over our calibration source: one feed at a time, the
+    model's inputs only (a .npz may hold labels for a task metric too)."""
+
+    def __init__(self, source: InputSource, names: set[str]) -> None:
+        self._feeds: Iterator[dict[str, np.ndarray]] = ({k: v for k, v in feed.items() if k in names} for feed in source.feeds())
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+    def rewind(self) -> None:  # onnxruntime's readers may be asked to start again; ours are read once
+        pass
+
+
+def quantize_with_onnxruntime(kind: str, model: Path, output: Path, calibration: InputSource | None, external_data: bool) -> str:
+    """Write ``model`` quantized by onnxruntime's tool to ``output``; return why it could not ("" when
+    it did). onnxruntime raises several private exception types, and fails on some real models
+    (weights in Constant nodes, opset 12): every failure is a reason, not an error of ours."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    started = time.perf_counter()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process, logged on the root logger, is not for our user
+    try:
+        if kind == QUANTIZE_DYNAMIC:
+            quantize_dynamic(str(model), str(output), weight_type=QuantType.QInt8, use_external_data_format=external_data)
+        else:
+            assert calibration is not None
+            names = {i.name for i in onnx.load(str(model), load_external_data=False).graph.input}
+            quantize_static(str(model), str(output), _Reader(calibration, names), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, per_channel=True, use_external_data_format=external_data)
+        onnx.checker.check_model(str(output))
+    except Exception as error:  # noqa: BLE001 - see above
+        text = " ".join(str(error).split())[:300] or type(error).__name__
+        log.info("tune: %s failed: %s", kind, text)
+        return f"{kind} failed: {text}"
+    finally:
+        root.setLevel(level)
+    log.info("tune: %s wrote %s in %.1f s", kind, output, time.perf_counter() - started)
+    return ""
+
+
+def peer_kinds(model: onnx.ModelProto, *, calibration: bool) -> list[str]:
+    """Which of onnxruntime's tools apply: dynamic to MatMul/Gemm models, static with calibration data."""
+    ops: set[Any] = {node.op_type for node in model.graph.node}
+    kinds = [QUANTIZE_DYNAMIC] if ops & {"MatMul", "Gemm"} else []
+    if calibration and ops & {"Conv", "MatMul", "Gemm"}:
+        kinds.append(QUANTIZE_STATIC)
+    return kinds

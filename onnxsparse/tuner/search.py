@@ -1,0 +1,538 @@
+"""The tuner's search: build candidates, measure them for real, keep the best within the budget.
+
+Rounds: the mildest rung of every family (see candidates.py) is built first; a family whose rung held
+the budget climbs to its next rung, one that broke it stops; then the combinations of what held.
+Builds are independent runs of the pass manager (``measure_speed=False``: nobody times while others
+build), side by side in worker processes with ``jobs`` > 1. Then the timings, one at a time in this
+process, interleaved with the original: a short one for every candidate (the estimate), and a long
+one, on one thread and on every core, for the ``finalists`` best estimates within the budget.
+
+Every record is cached in a folder beside the output, keyed by what it depends on (the input
+model's bytes, the pipeline, the budget, the metric, the data; timings also by the machine), so a
+second run reuses what the first measured.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+
+from ..calibration import InputSource, InputSpec, resolve_inputs
+from ..errors import InputDataError, OnnxsparseError
+from ..files import Staging
+from ..io import load, load_with_info, same_file, stage_model
+from ..latency import RETIME_RUNS, RETIME_SECONDS, relative_latency, timing_feed
+from ..limits import DEFAULT_MAX_INPUT_BYTES, DEFAULT_SYNTHETIC_SAMPLES
+from ..passes import pass_class
+from ..pipeline import optimize, validate
+from ..report import RunReport, worst_output
+from ..spec import parse_tolerance_text
+from ..validation import Tolerance, Tolerances, ValidationResult
+from ..version import __version__
+from ..walk import iter_all_tensors
+from ..weightstore import WeightStore
+from .candidates import Candidate, Objective, combinations, families
+from .html import render_html
+from .peers import QUANTIZE_STATIC, peer_kinds, quantize_with_onnxruntime
+
+log = logging.getLogger(__name__)
+
+WITHIN, OVER, UNCHANGED, FAILED = "within", "over", "unchanged", "failed"
+# Timing of every candidate (the estimate): enough interleaved pairs to rank, not to decide a close call.
+ESTIMATE_RUNS, ESTIMATE_SECONDS = 8, 0.5
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass
+class Record:
+    """What one candidate is, and what it measured."""
+
+    pipeline: str
+    family: str
+    rung: int = 0
+    status: str = FAILED
+    reason: str = ""
+    file: str = ""  # its model, in the cache folder
+    bytes: int = 0
+    size_ratio: float | None = None  # file bytes over the input's
+    quality: float | None = None  # what the budget bounds (see _quality): higher is better
+    worst: str = ""  # the output that moved most, in words
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    build_seconds: float = 0.0
+    machine: str = ""  # where the latencies below were measured
+    latency_estimate: float | None = None  # one thread, short interleaved timing, over the input's time
+    latency: float | None = None  # one thread, long interleaved timing (finalists)
+    latency_all_cores: float | None = None  # onnxruntime's default threads (finalists)
+    reused: bool = False  # read from the cache, not built in this run
+    peer: bool = False  # onnxruntime's quantizer: a reference point, never chosen
+
+    def objective(self, objective: Objective) -> float | None:
+        if objective == "size":
+            return self.size_ratio
+        return self.latency if self.latency is not None else self.latency_estimate
+
+
+@dataclass
+class TuneResult:
+    objective: Objective
+    budget: str
+    quality_label: str
+    input: str
+    input_bytes: int
+    records: list[Record]
+    chosen: Record | None
+    output: str | None
+    seconds: float = 0.0
+    cache: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class _Build:
+    """One candidate's build, as a worker process gets it (everything picklable)."""
+
+    model: str
+    output: str
+    report: str
+    pipeline: str
+    inputs: Any
+    calibration: Any
+    budget: str
+    metric: Any
+    samples: int
+    seed: int
+    dims: dict[str, int] | None
+    int_range: tuple[int, int] | None
+    max_input_bytes: int
+
+
+def tune(
+    model_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    *,
+    objective: Objective = "latency",
+    budget: str = "",
+    metric: Any = None,
+    inputs: InputSpec = None,
+    calibration: InputSpec = None,
+    samples: int = DEFAULT_SYNTHETIC_SAMPLES,
+    seed: int = 0,
+    dims: dict[str, int] | None = None,
+    int_range: tuple[int, int] | None = None,
+    jobs: int = 1,
+    cache: str | os.PathLike[str] | None = None,
+    report_path: str | os.PathLike[str] | None = None,
+    json_path: str | os.PathLike[str] | None = None,
+    finalists: int = 3,
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+    progress: ProgressCallback | None = None,
+) -> TuneResult:
+    """Search the passes for the fastest (``objective="latency"``) or smallest (``"size"``) model whose
+    validation holds ``budget`` (tolerance text, e.g. ``"min_top1=0.95"``; empty: each pass's default
+    tolerance) and ``metric`` (the user's task metric, as for :func:`onnxsparse.optimize`), write it to
+    ``output_path`` and return every candidate's figures. ``jobs``: candidates built side by side (the
+    metric and the inputs must then be given as text or paths). ``cache``: where candidates and their
+    figures are kept (default: ``OUTPUT.tune`` beside the output); a second run reuses them.
+    ``report_path``: a self-contained HTML report (the frontier, every candidate, the chosen one's
+    steps); ``json_path``: the figures as JSON. The model and the reports are written together, after
+    the search, or none of them; without a candidate within the budget only the reports are."""
+    started = time.perf_counter()
+    if objective not in ("latency", "size"):
+        raise InputDataError(f"--objective: '{objective}' is not latency or size")
+    tolerance = parse_tolerance_text(budget, "--budget") if budget else None
+    model_file, output = Path(model_path), Path(output_path)
+    if same_file(model_file, output):
+        raise InputDataError(f"{output}: output path is the input model; choose another output path")
+    folder = Path(cache) if cache is not None else output.with_name(output.name + ".tune")
+    folder.mkdir(parents=True, exist_ok=True)
+    if jobs > 1 and not _picklable(metric, inputs, calibration):
+        log.warning("tune: the metric or the inputs are Python objects, which worker processes cannot receive: building one at a time")
+        jobs = 1
+    with WeightStore(folder) as store:
+        original, info = load_with_info(model_file, max_input_bytes=max_input_bytes, weights=store)
+        settings = _Settings(model_file, folder, inputs, calibration, budget, metric, samples, seed, dims, int_range, max_input_bytes)
+        cached = _Cache(folder, _fingerprint(model_file, info.external_data_files, settings))
+        records = _search(original, objective, settings, cached, jobs, progress)
+        source = resolve_inputs(calibration if calibration is not None else inputs, original, samples=samples, seed=seed, dims=dims,
+                                int_range=int_range, max_input_bytes=max_input_bytes)
+        records += _peers(original, settings, cached, source, bool(info.external_data_files), info.file_bytes)
+        machine = _machine()
+        feed = timing_feed(original, source)
+        _time_all(original, records, feed, objective, finalists, machine, store, cached, progress)
+        within = [r for r in records if r.status == WITHIN and not r.peer and r.objective(objective) is not None]
+        better = [r for r in within if (r.objective(objective) or 1.0) < 1.0]  # the input itself is the candidate to beat
+        chosen = min(better, key=lambda r: (r.objective(objective), -(r.quality or 0.0))) if better else None
+        result = TuneResult(objective=objective, budget=budget or "each pass's default tolerance", quality_label=_quality_label(tolerance, metric),
+                            input=str(model_file), input_bytes=info.file_bytes, records=records, chosen=chosen,
+                            output=str(output) if chosen is not None else None, cache=str(folder))
+        if not within:
+            result.warnings.append("no candidate held the budget: nothing written but the reports")
+        elif chosen is None:
+            result.warnings.append(f"no candidate within the budget is {'faster' if objective == 'latency' else 'smaller'} than the input: "
+                                   "nothing written but the reports")
+        result.seconds = time.perf_counter() - started
+        _publish(result, store, output, report_path, json_path, protect=(model_file, *info_paths(model_file, info.external_data_files)))
+    return result
+
+
+@dataclass(frozen=True)
+class _Settings:
+    model: Path
+    folder: Path
+    inputs: Any
+    calibration: Any
+    budget: str
+    metric: Any
+    samples: int
+    seed: int
+    dims: dict[str, int] | None
+    int_range: tuple[int, int] | None
+    max_input_bytes: int
+
+    def build(self, candidate: Candidate, key: str) -> _Build:
+        return _Build(str(self.model), str(self.folder / f"{key}.onnx"), str(self.folder / f"{key}.report.json"), candidate.pipeline,
+                      self.inputs, self.calibration, self.budget, self.metric, self.samples, self.seed, self.dims, self.int_range,
+                      self.max_input_bytes)
+
+
+def _search(original: onnx.ModelProto, objective: Objective, settings: _Settings, cached: _Cache, jobs: int,
+            progress: ProgressCallback | None) -> list[Record]:
+    """Every candidate's record: the families climbed rung by rung, then the combinations."""
+    ladders = {f.name: f for f in families(original, objective, calibration=settings.calibration is not None)}
+    if not ladders:
+        raise InputDataError(f"{settings.model}: no Conv, ConvTranspose, MatMul or Gemm with constant weights: nothing for the tuner to try")
+    records: list[Record] = []
+    held: dict[str, str] = {}
+    round_ = [Candidate(f.rungs[0], f.name, 0) for f in ladders.values()]
+    while round_:
+        built = _build_all(round_, settings, cached, jobs, progress, len(records))
+        records.extend(built)
+        next_round = []
+        for record in built:
+            ladder = ladders[record.family]
+            if record.status == WITHIN:
+                held[record.family] = record.pipeline
+            # a rung that changed nothing (too mild to remove a whole block of channels) says nothing
+            # of the next one; one over the budget says the rest would be too
+            if record.status in (WITHIN, UNCHANGED) and record.rung + 1 < len(ladder.rungs):
+                next_round.append(Candidate(ladder.rungs[record.rung + 1], record.family, record.rung + 1))
+        round_ = next_round
+    records.extend(_build_all(combinations(held, objective), settings, cached, jobs, progress, len(records)))
+    return records
+
+
+def _build_all(candidates: Sequence[Candidate], settings: _Settings, cached: _Cache, jobs: int, progress: ProgressCallback | None,
+               done_before: int) -> list[Record]:
+    records: dict[int, Record] = {}
+    todo: list[tuple[int, Candidate, str]] = []
+    for index, candidate in enumerate(candidates):
+        key = cached.key(candidate.pipeline)
+        found = cached.get(key)
+        if found is not None and Path(found.file).exists():
+            found.reused = True
+            records[index] = found
+        else:
+            todo.append((index, candidate, key))
+    total = done_before + len(candidates)
+    if progress:
+        progress("tune: candidates built", done_before + len(records), total)
+
+    def finished(index: int, candidate: Candidate, key: str, record: Record) -> None:
+        record.family, record.rung = candidate.family, candidate.rung
+        records[index] = record
+        cached.put(key, record)
+        log.info("tune: %s: %s%s (%.1f s)", candidate.pipeline, record.status, f" ({record.reason})" if record.reason else "", record.build_seconds)
+        if progress:
+            progress("tune: candidates built", done_before + len(records), total)
+
+    if jobs > 1 and len(todo) > 1:
+        # spawned, not forked: a fork of a process running onnxruntime's thread pools can deadlock
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(build_candidate, settings.build(c, key)): (i, c, key) for i, c, key in todo}
+            for future in concurrent.futures.as_completed(futures):
+                finished(*futures[future], future.result())
+    else:
+        for index, candidate, key in todo:
+            finished(index, candidate, key, build_candidate(settings.build(candidate, key)))
+    return [records[i] for i in range(len(candidates))]
+
+
+def build_candidate(job: _Build) -> Record:
+    """Build one candidate with the pass manager (validation under the budget, no timing) and say
+    what it is. A candidate whose pass breaks is a failed record, not the end of the search; bad
+    input (the user's files) is raised, since every candidate would meet it."""
+    started = time.perf_counter()
+    record = Record(pipeline=job.pipeline, family="")
+    tolerances = Tolerances(default=parse_tolerance_text(job.budget, "--budget")) if job.budget else None
+    try:
+        report = optimize(job.model, job.output, job.pipeline, inputs=job.inputs, calibration=job.calibration, tolerances=tolerances,
+                          policy="keep", keep_worse=True, samples=job.samples, seed=job.seed, dims=job.dims, int_range=job.int_range,
+                          max_input_bytes=job.max_input_bytes, metric=job.metric, measure_speed=False, report_path=job.report)
+    except InputDataError:
+        raise
+    except OnnxsparseError as error:  # a model this pipeline cannot produce (a pass raised under its own checks)
+        record.reason = str(error).splitlines()[0]
+        record.build_seconds = time.perf_counter() - started
+        return record
+    _describe(record, report, job)
+    record.build_seconds = time.perf_counter() - started
+    return record
+
+
+def _describe(record: Record, report: RunReport, job: _Build) -> None:
+    record.steps = [{"spec": s.spec, "status": s.status, "reason": s.reason, "changes": len(s.changes), "skipped": len(s.skipped)}
+                    for s in report.steps]
+    record.file = job.output
+    record.bytes = report.output.file_bytes if report.output is not None else 0
+    record.size_ratio = record.bytes / max(report.input.file_bytes, 1)
+    validation = report.final_validation
+    record.worst = worst_output(validation)
+    record.quality = _quality(validation, job.budget, job.metric is not None)
+    if not any(s.changes for s in report.steps):
+        record.status, record.reason = UNCHANGED, "; ".join(s.reason for s in report.steps if s.reason) or "no pass changed the model"
+    elif validation is not None and validation.passed:
+        record.status = WITHIN
+    else:
+        record.status = OVER
+        record.reason = "; ".join(validation.verdict.failures) if validation is not None else "not validated"
+
+
+def _quality(validation: ValidationResult | None, budget: str, has_metric: bool) -> float | None:
+    """The figure the frontier plots against the objective: the user's metric when there is one, else
+    the worst output's value of the budget's first bound (top-1 agreement, cosine, ...), else the worst
+    cosine. Bounds with a maximum (max_top1_drop, max_kl) are plotted negated: higher is better."""
+    if validation is None:
+        return None
+    if has_metric and validation.metric is not None:
+        return validation.metric.value
+    bound = _first_bound(parse_tolerance_text(budget, "--budget")) if budget else None
+    values = [v for o in validation.outputs if o.compared for v in [o.value_of(bound or "min_cosine")] if v is not None]
+    if not values:
+        return None
+    if bound is not None and bound.startswith("max_"):
+        return -max(values)
+    return min(values)
+
+
+def _first_bound(tolerance: Tolerance) -> str | None:
+    return next((f.name for f in dataclasses.fields(tolerance) if getattr(tolerance, f.name) is not None), None)
+
+
+def _quality_label(tolerance: Tolerance | None, metric: Any) -> str:
+    if metric is not None:
+        return "task metric"
+    bound = _first_bound(tolerance) if tolerance is not None else None
+    if bound is None:
+        return "worst output cosine"
+    name = bound.removeprefix("min_").removeprefix("max_")
+    return f"-{name} (worst output)" if bound.startswith("max_") else f"{name} (worst output)"
+
+
+def _peers(original: onnx.ModelProto, settings: _Settings, cached: _Cache, calibration: InputSource, external_data: bool,
+           input_bytes: int) -> list[Record]:
+    """onnxruntime's quantize_dynamic and quantize_static on the same model and data, validated like
+    the candidates (on the validation inputs; without them, on the calibration data they were
+    calibrated on, which flatters them a little: the row says so)."""
+    records = []
+    for kind in peer_kinds(original, calibration=settings.calibration is not None):
+        key = cached.key(kind)  # no pipeline text reads like a sentence
+        found = cached.get(key)
+        if found is not None and (found.status == FAILED or Path(found.file).exists()):
+            found.reused = True
+            records.append(found)
+            continue
+        started = time.perf_counter()
+        output = settings.folder / f"{key}.onnx"
+        record = Record(pipeline=kind, family=kind, peer=True)
+        record.reason = quantize_with_onnxruntime(kind, settings.model, output, calibration if kind == QUANTIZE_STATIC else None, external_data)
+        if not record.reason:
+            _judge_peer(record, output, settings, input_bytes)
+        record.build_seconds = time.perf_counter() - started
+        cached.put(key, record)
+        records.append(record)
+    return records
+
+
+def _judge_peer(record: Record, output: Path, settings: _Settings, input_bytes: int) -> None:
+    budget = parse_tolerance_text(settings.budget, "--budget") if settings.budget else pass_class("qdq").default_tolerance
+    validation = validate(settings.model, output, inputs=settings.inputs if settings.inputs is not None else settings.calibration,
+                          tolerance=budget, samples=settings.samples, seed=settings.seed, dims=settings.dims, int_range=settings.int_range,
+                          max_input_bytes=settings.max_input_bytes, metric=settings.metric)
+    record.file = str(output)
+    record.bytes = written_bytes(output)
+    record.size_ratio = record.bytes / max(input_bytes, 1)
+    record.worst = worst_output(validation)
+    record.quality = _quality(validation, settings.budget, settings.metric is not None)
+    record.status = WITHIN if validation.passed else OVER
+    failures = "; ".join(validation.verdict.failures)
+    record.reason = failures + ("; " if failures else "") + ("validated on its own calibration data" if settings.inputs is None else "")
+
+
+def written_bytes(model: Path) -> int:
+    """A model file's bytes with the external data files it names."""
+    proto = onnx.load(str(model), load_external_data=False)
+    names = {entry.value for tensor in iter_all_tensors(proto) for entry in tensor.external_data if entry.key == "location"}
+    return model.stat().st_size + sum((model.parent / name).stat().st_size for name in names)
+
+
+def _time_all(original: onnx.ModelProto, records: list[Record], feed: dict[str, Any], objective: Objective, finalists: int, machine: str,
+              store: WeightStore, cached: _Cache, progress: ProgressCallback | None) -> None:
+    """Latency of every built candidate over the input's, one at a time: a short timing each, then a
+    long one on one thread and on every core for the best ``finalists`` within the budget."""
+    timed = [r for r in records if r.status in (WITHIN, OVER) and r.file]
+    for record in timed:
+        if record.machine != machine:  # a latency measured elsewhere says nothing here
+            record.latency_estimate = record.latency = record.latency_all_cores = None
+            record.machine = machine
+    for index, record in enumerate(timed):
+        if record.latency_estimate is None:
+            record.latency_estimate = relative_latency(original, load(record.file, weights=store), feed, min_runs=ESTIMATE_RUNS,
+                                                       min_seconds=ESTIMATE_SECONDS)
+            cached.put_record(record)
+        if progress:
+            progress("tune: candidates timed", index + 1, len(timed))
+    within = sorted((r for r in timed if r.status == WITHIN and not r.peer), key=lambda r: r.objective(objective) or float("inf"))
+    for index, record in enumerate(within[:finalists]):
+        if record.latency is None or record.latency_all_cores is None:
+            candidate = load(record.file, weights=store)
+            record.latency = relative_latency(original, candidate, feed, min_runs=RETIME_RUNS, min_seconds=RETIME_SECONDS)
+            record.latency_all_cores = relative_latency(original, candidate, feed, min_runs=RETIME_RUNS, min_seconds=RETIME_SECONDS, threads=0)
+            cached.put_record(record)
+        if progress:
+            progress("tune: finalists timed", index + 1, min(finalists, len(within)))
+
+
+def _publish(result: TuneResult, store: WeightStore, output: Path, report_path: str | os.PathLike[str] | None,
+             json_path: str | os.PathLike[str] | None, protect: tuple[Path, ...]) -> None:
+    """The chosen candidate to ``output`` (its external data beside it if it has any) and the reports,
+    staged together and renamed into place only when all of them are written."""
+    with Staging() as staging:
+        if result.chosen is not None:
+            stage_model(load(result.chosen.file, weights=store), output, staging, protect=protect)
+        if report_path is not None:
+            staging.write_text(report_path, render_html(result))
+        if json_path is not None:
+            staging.write_text(json_path, json.dumps(result.to_dict(), indent=2))
+        staging.commit()
+
+
+def info_paths(model: Path, external_data_files: Sequence[str]) -> list[Path]:
+    """The input's external data files: never overwritten by what the tuner writes."""
+    folder = model.resolve().parent
+    return [folder / name for name in external_data_files]
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache
+# ---------------------------------------------------------------------------------------------
+
+
+class _Cache:
+    """Records in ``records.json`` of the cache folder, keyed by everything a candidate depends on."""
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.path = folder / "records.json"
+        self.fingerprint = fingerprint
+        self._keys: dict[str, str] = {}  # pipeline -> key, for put_record
+        try:
+            self._records: dict[str, dict[str, Any]] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except (OSError, ValueError):
+            log.warning("tune: %s is unreadable: starting a new cache", self.path)
+            self._records = {}
+
+    def key(self, pipeline: str) -> str:
+        key = hashlib.blake2b(f"{self.fingerprint}\n{pipeline}".encode(), digest_size=10).hexdigest()
+        self._keys[pipeline] = key
+        return key
+
+    def get(self, key: str) -> Record | None:
+        data = self._records.get(key)
+        if data is None:
+            return None
+        known = {f.name for f in dataclasses.fields(Record)}
+        return Record(**{k: v for k, v in data.items() if k in known})
+
+    def put(self, key: str, record: Record) -> None:
+        self._records[key] = dataclasses.asdict(record)
+        staged = self.path.with_name(self.path.name + ".tmp")
+        staged.write_text(json.dumps(self._records, indent=1))
+        staged.replace(self.path)
+
+    def put_record(self, record: Record) -> None:
+        self.put(self._keys.get(record.pipeline) or self.key(record.pipeline), record)
+
+
+def _fingerprint(model: Path, external_data_files: Sequence[str], settings: _Settings) -> str:
+    """What every candidate of this run depends on: the input model's bytes and its data files, the
+    budget, the metric, the data and its settings, and this version of the tool."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(model.read_bytes())
+    for part in (settings.inputs, settings.calibration):
+        for path in _paths(part):
+            stat = path.stat()
+            digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(repr((settings.budget, _metric_id(settings.metric), settings.samples, settings.seed, settings.dims, settings.int_range,
+                        __version__, ort.__version__)).encode())
+    for path in info_paths(model, external_data_files):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def _metric_id(metric: Any) -> str:
+    if metric is None or isinstance(metric, str):
+        return str(metric)
+    return f"{getattr(metric, '__module__', '')}.{getattr(metric, '__qualname__', type(metric).__name__)}"
+
+
+def _paths(spec: Any) -> list[Path]:
+    if spec is None:
+        return []
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    found = []
+    for item in items:
+        if isinstance(item, (str, os.PathLike)):
+            path = Path(item)
+            found.extend(sorted(path.rglob("*.npz")) if path.is_dir() else [path])
+    return found
+
+
+def _picklable(*values: Any) -> bool:
+    """Whether a worker process can receive these as given: text, paths, numbers and lists of them."""
+    def plain(value: Any) -> bool:
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (str, os.PathLike, int, float))
+    return all(plain(v) for v in values)
+
+
+def _machine() -> str:
+    """The machine a latency belongs to: CPU model, cores this process may use, onnxruntime version."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return f"{model}, {cores} cores, onnxruntime {ort.__version__}"

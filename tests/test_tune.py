@@ -1,0 +1,170 @@
+"""onnxsparse tune: the search over pipelines, its cache, its choice, and the report it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from xml.etree import ElementTree
+
+import numpy as np
+import onnx
+import pytest
+from conftest import MODELS, run
+
+from onnxsparse.cli import main
+from onnxsparse.tuner import search, tune
+
+CNN = MODELS / "digits_cnn.onnx"
+DATA = {"calibration": str(MODELS / "digits_cnn.calibration.npz"), "inputs": str(MODELS / "digits_cnn.inputs.npz")}
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _bytes(model: onnx.ModelProto) -> int:
+    return sum(t.ByteSize() for t in model.graph.initializer) + sum(n.ByteSize() for n in model.graph.node)
+
+
+@pytest.fixture
+def latency_by_size(monkeypatch):
+    """A stand-in for onnxruntime timing that ranks candidates the same on every machine: a
+    candidate's "latency" is its bytes over the input's (int8 and removed channels are "faster")."""
+    timed: list[int] = []
+
+    def by_size(reference, candidate, feed, **options):
+        timed.append(options.get("threads", 1))
+        return _bytes(candidate) / _bytes(reference)
+
+    monkeypatch.setattr(search, "relative_latency", by_size)
+    return timed
+
+
+def test_tune_climbs_each_family_until_the_budget_breaks_and_writes_the_best_within_it(tmp_path, latency_by_size):
+    output = tmp_path / "out.onnx"
+    result = tune(CNN, output, objective="latency", budget="min_top1=0.95", **DATA, report_path=tmp_path / "r.html",
+                  json_path=tmp_path / "r.json")
+    by_pipeline = {r.pipeline: r for r in result.records}
+    # channel ratio 0.25 removes nothing (blocks of 8), 0.5 breaks the budget, so 0.7 is never built
+    assert by_pipeline["channel-prune{ratio=0.25 refit=true never_slower=false}"].status == "unchanged"
+    assert by_pipeline["channel-prune{ratio=0.5 refit=true never_slower=false}"].status == "over"
+    assert not any("ratio=0.7" in p for p in by_pipeline)
+    within = [r for r in result.records if r.status == "within" and not r.peer]
+    assert result.chosen is not None and result.chosen.status == "within"
+    assert result.chosen.latency == min(r.objective("latency") for r in within) < 1.0
+    assert result.chosen.latency_all_cores is not None and 0 in latency_by_size  # finalists timed on every core too
+    # what was written is the chosen candidate: checked, loadable, the same outputs
+    written = onnx.load(output)
+    onnx.checker.check_model(written, full_check=True)
+    feed = {"input": np.load(MODELS / "digits_cnn.inputs.npz")["input"][:8]}
+    np.testing.assert_array_equal(run(output, feed)[0], run(result.chosen.file, feed)[0])
+    figures = json.loads((tmp_path / "r.json").read_text())
+    assert figures["chosen"]["pipeline"] == result.chosen.pipeline and len(figures["records"]) == len(result.records)
+
+
+def test_a_second_run_builds_nothing_and_chooses_the_same(tmp_path, latency_by_size, monkeypatch):
+    first = tune(CNN, tmp_path / "a.onnx", budget="min_top1=0.95", cache=tmp_path / "cache", **DATA)
+    real_build = search.build_candidate
+    built: list[str] = []
+    monkeypatch.setattr(search, "build_candidate", lambda job: built.append(job.pipeline) or real_build(job))
+    latency_by_size.clear()
+    second = tune(CNN, tmp_path / "b.onnx", budget="min_top1=0.95", cache=tmp_path / "cache", **DATA)
+    assert built == [] and all(r.reused for r in second.records)
+    assert [r.pipeline for r in second.records] == [r.pipeline for r in first.records]
+    assert second.chosen is not None and first.chosen is not None and second.chosen.pipeline == first.chosen.pipeline
+    assert latency_by_size == []  # the latencies measured on this machine were reused too
+    tune(CNN, tmp_path / "c.onnx", budget="min_top1=0.8", cache=tmp_path / "cache", **DATA)
+    assert built  # another budget is another search
+
+
+def test_the_report_draws_every_measured_candidate_and_rings_the_chosen_one(tmp_path, latency_by_size):
+    result = tune(CNN, tmp_path / "out.onnx", budget="min_top1=0.95", **DATA, report_path=tmp_path / "r.html")
+    text = (tmp_path / "r.html").read_text()
+    page = ElementTree.fromstring(text.split("\n", 1)[1])  # well-formed XML once the doctype line is off
+    circles = list(page.iter(f"{SVG}circle"))
+    diamonds = [d for d in page.iter(f"{SVG}rect") if "peer" in d.get("class", "")]  # onnxruntime's quantizer
+    points = [c for c in circles if "candidate" in c.get("class", "")] + diamonds
+    measured = [r for r in result.records if r.objective("latency") is not None and r.quality is not None]
+    assert len(points) == len(measured) >= 5
+    assert len(diamonds) == len([r for r in measured if r.peer]) == 2
+    assert [c.get("class") for c in circles].count("chosen-ring") == 1
+    assert any(line.get("class") == "budget" for line in page.iter(f"{SVG}line"))
+    assert result.chosen is not None and result.chosen.pipeline in text
+    assert "http" not in text.replace("http://www.w3.org/2000/svg", "")  # nothing fetched from a network
+
+
+def test_without_a_candidate_that_beats_the_input_only_the_reports_are_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(search, "relative_latency", lambda *args, **options: 1.2)
+    output = tmp_path / "out.onnx"
+    status = main(["tune", str(CNN), "-o", str(output), "--budget", "min_top1=0.95", "--calibration", DATA["calibration"],
+                   "--inputs", DATA["inputs"], "--report", str(tmp_path / "r.html")])
+    assert status == 4
+    assert not output.exists() and (tmp_path / "r.html").exists()
+    assert "no candidate within the budget is faster than the input" in capsys.readouterr().out
+
+
+def test_a_budget_that_is_not_tolerance_text_is_bad_input(tmp_path, capsys):
+    assert main(["tune", str(CNN), "-o", str(tmp_path / "o.onnx"), "--budget", "min_top=0.9"]) == 2
+    assert "min_top" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is installed by the README's test command")
+def test_the_report_renders_in_a_headless_browser(tmp_path, latency_by_size):
+    """The HTML as a user opens it: Chromium loads the file with no network and draws the frontier."""
+    tune(CNN, tmp_path / "out.onnx", budget="min_top1=0.95", **DATA, report_path=tmp_path / "r.html")
+    shot = tmp_path / "shot.png"
+    completed = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=800,600", f"--screenshot={shot}",
+         (tmp_path / "r.html").as_uri()],
+        capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "HOME": str(tmp_path)})
+    assert shot.exists(), completed.stderr[-2000:]
+    pixels = _png_pixels(shot)
+    blue = np.all(np.abs(pixels[..., :3].astype(int) - (0x2B, 0x7B, 0xB9)) <= 8, axis=-1)  # the within-budget points
+    assert blue.sum() >= 40, "no candidate point drawn"
+
+
+def _png_pixels(path: Path) -> np.ndarray:
+    """RGB(A) pixels of a non-interlaced 8-bit PNG, decoded with zlib (no imaging library needed)."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    offset, chunks, header = 8, [], b""
+    while offset < len(data):
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        body = data[offset + 8:offset + 8 + length]
+        if kind == b"IHDR":
+            header = body
+        elif kind == b"IDAT":
+            chunks.append(body)
+        offset += 12 + length
+    width, height, depth, colour = struct.unpack(">IIBB", header[:10])
+    assert depth == 8 and colour in (2, 6)
+    channels = 3 if colour == 2 else 4
+    raw = np.frombuffer(zlib.decompress(b"".join(chunks)), np.uint8).reshape(height, 1 + width * channels)
+    rows: list[list[int]] = []
+    previous = [0] * (width * channels)
+    for row in range(height):
+        kind, line = raw[row, 0], raw[row, 1:].tolist()
+        current = [0] * len(line)
+        for i, value in enumerate(line):  # the PNG row filters: None, Sub, Up, Average, Paeth
+            left = current[i - channels] if i >= channels else 0
+            up, corner = previous[i], (previous[i - channels] if i >= channels else 0)
+            if kind == 0:
+                predictor = 0
+            elif kind == 1:
+                predictor = left
+            elif kind == 2:
+                predictor = up
+            elif kind == 3:
+                predictor = (left + up) // 2
+            else:
+                estimate = left + up - corner
+                pa, pb, pc = abs(estimate - left), abs(estimate - up), abs(estimate - corner)
+                predictor = left if pa <= pb and pa <= pc else (up if pb <= pc else corner)
+            current[i] = (value + predictor) & 255
+        rows.append(current)
+        previous = current
+    return np.array(rows, np.uint8).reshape(height, width, channels)
