@@ -90,6 +90,10 @@ def test_the_report_draws_every_measured_candidate_and_rings_the_chosen_one(tmp_
     assert [c.get("class") for c in circles].count("chosen-ring") == 1
     assert any(line.get("class") == "budget" for line in page.iter(f"{SVG}line"))
     assert result.chosen is not None and result.chosen.pipeline in text
+    # the int8 candidate's per-node scan as bars, one per node it quantized, and what the chosen pipeline did to each node
+    bars = [r for r in page.iter(f"{SVG}rect") if "bar" in r.get("class", "")]
+    assert len(bars) == len(result.sensitivity) >= 5
+    assert result.layers and all(row["target"] in text for row in result.layers[:10])
     assert "http" not in text.replace("http://www.w3.org/2000/svg", "")  # nothing fetched from a network
 
 

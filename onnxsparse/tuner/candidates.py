@@ -23,6 +23,7 @@ _MATMUL_OPS = frozenset({"MatMul", "Gemm"})
 
 # Rungs of the ladders: channel ratios and sparsities, mild to strong.
 CHANNEL_RATIOS = (0.25, 0.5, 0.7)
+SENSITIVITY = "sensitivity=true"
 SPARSITIES = (0.5, 0.7, 0.85)
 
 
@@ -53,7 +54,8 @@ def families(model: onnx.ModelProto, objective: Objective, *, calibration: bool)
     # Every candidate leaves speed to the tuner, which times the results one at a time: no pass
     # keeps its input for being slower, since a slower rung still tells where the frontier is.
     if calibration and (convs or matmuls):
-        found.append(Family("int8 static", ("qdq{mode=static never_slower=false}",)))
+        # its per-node sensitivity (each node's error alone) goes into the report's bars
+        found.append(Family("int8 static", (f"qdq{{mode=static never_slower=false {SENSITIVITY}}}",)))
     if matmuls:
         found.append(Family("int8 dynamic", ("qdq{mode=dynamic never_slower=false}",)))
     if convs or matmuls:
@@ -74,14 +76,13 @@ def families(model: onnx.ModelProto, objective: Objective, *, calibration: bool)
 def combinations(held: dict[str, str], objective: Objective) -> list[Candidate]:
     """Pipelines made of the strongest rung each family held: channels removed, then int8 (the
     pairing the README's table found best on convolutional models)."""
+    del objective  # the same pairings serve both objectives: int8 and fewer channels shrink the file too
     found = []
     channels = held.get("channels")
     for int8 in ("int8 static", "int8 dynamic"):
         if channels is not None and int8 in held:
-            found.append(Candidate(f"{channels},{held[int8]}", f"channels + {int8}", parts=("channels", int8)))
-    if objective == "size" and "sparse" in held and "int8 static" in held:
-        prune = held["sparse"].removesuffix(",sparse-encode")
-        found.append(Candidate(f"{prune},{held['int8 static']}", "sparse + int8 static", parts=("sparse", "int8 static")))
+            quantize = held[int8].replace(f" {SENSITIVITY}", "")  # scanned once, on the int8 candidate alone
+            found.append(Candidate(f"{channels},{quantize}", f"channels + {int8}", parts=("channels", int8)))
     return found
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from html import escape
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import OnnxsparseError
 from ..spec import parse_tolerance_text
@@ -31,6 +31,8 @@ tr.chosen { background: #e8f4e8; font-weight: bold; }
 .unchanged, .failed { fill: #bbb; }
 .chosen-ring { fill: none; stroke: #1a7f37; stroke-width: 2.5; }
 .axis { stroke: #444; }
+.bar.int8 { fill: #2b7bb9; }
+.bar.float { fill: #e67e22; }
 .grid { stroke: #eee; }
 .budget { stroke: #c0392b; stroke-dasharray: 6 4; }
 text { font-size: 11px; fill: #333; }
@@ -55,8 +57,12 @@ def render_html(result: TuneResult) -> str:
         "<h2>Candidates</h2>",
         _candidates_table(result),
     ]
+    if result.sensitivity:
+        parts += ["<h2>Per-layer sensitivity: int8, one node at a time</h2>",
+                  ("<p>How far the outputs move when only this node is quantized (1 - cosine of the worst output, on calibration "
+                   "samples), worst first; blue: int8 in that candidate, orange: kept float.</p>"), sensitivity_svg(result.sensitivity)]
     if chosen is not None:
-        parts += ["<h2>What the chosen pipeline did</h2>", _steps_table(chosen)]
+        parts += ["<h2>What the chosen pipeline did</h2>", _steps_table(chosen), _layers_table(result)]
     parts += [f"<p>{escape(w)}</p>" for w in result.warnings]
     parts.append("</body></html>\n")
     return "\n".join(parts)
@@ -105,6 +111,37 @@ def frontier_svg(result: TuneResult) -> str:
             out.append(f'<text x="{sx(x) + 12:.1f}" y="{sy(y) - 10:.1f}">{escape(record.family)}</text>')
     out.append("</svg>")
     return "\n".join(out)
+
+
+SENSITIVITY_BARS = 30
+
+
+def sensitivity_svg(rows: list[dict[str, Any]]) -> str:
+    """One bar per node (the worst ``SENSITIVITY_BARS``), its length the error it adds alone."""
+    shown = sorted(rows, key=lambda r: float(r.get("cosine_alone", 1.0)))[:SENSITIVITY_BARS]
+    errors = [max(0.0, 1.0 - float(r.get("cosine_alone", 1.0))) for r in shown]
+    largest = max(errors, default=0.0) or 1.0
+    label_width, bar_width, row = 330, WIDTH - 330 - 90, 18
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{row * len(shown) + 10}" role="img">']
+    for index, (record, error) in enumerate(zip(shown, errors)):
+        y = 5 + index * row
+        name = f"{record.get('node', '')} ({record.get('kind', '')})"
+        out.append(f'<text x="{label_width - 6}" y="{y + 12}" text-anchor="end">{escape(name[-60:])}</text>')
+        out.append(f'<rect class="bar {"float" if record.get("status") != "int8" else "int8"}" x="{label_width}" y="{y + 2}" '
+                   f'width="{max(1.0, error / largest * bar_width):.1f}" height="{row - 5}"><title>{escape(str(record.get("status")))}</title></rect>')
+        out.append(f'<text x="{label_width + error / largest * bar_width + 6:.1f}" y="{y + 12}">{error:.2e}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _layers_table(result: TuneResult) -> str:
+    if not result.layers:
+        return ""
+    rows = ["<table><tr><th>step</th><th>node, tensor or channels</th><th>what became of it</th></tr>"]
+    rows += [f"<tr><td><code>{escape(r['step'])}</code></td><td>{escape(r['target'])}</td><td>{_shortened(r['what'])}</td></tr>"
+             for r in result.layers]
+    rows.append("</table>")
+    return "\n".join(rows)
 
 
 def _candidates_table(result: TuneResult) -> str:

@@ -67,6 +67,7 @@ class Record:
     status: str = FAILED
     reason: str = ""
     file: str = ""  # its model, in the cache folder
+    report: str = ""  # its run's JSON report, beside it
     bytes: int = 0
     size_ratio: float | None = None  # file bytes over the input's
     quality: float | None = None  # what the budget bounds (see _quality): higher is better
@@ -99,6 +100,8 @@ class TuneResult:
     seconds: float = 0.0
     cache: str = ""
     warnings: list[str] = field(default_factory=list)
+    layers: list[dict[str, str]] = field(default_factory=list)  # what each step of the chosen pipeline did, node by node
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)  # int8: each node's error alone (qdq{sensitivity=true})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,6 +185,8 @@ def tune(
         result = TuneResult(objective=objective, budget=budget or "each pass's default tolerance", quality_label=_quality_label(tolerance, metric),
                             input=str(model_file), input_bytes=info.file_bytes, records=records, chosen=chosen,
                             output=str(output) if chosen is not None else None, cache=str(folder))
+        result.layers = _layers(chosen) if chosen is not None else []
+        result.sensitivity = _sensitivity(records)
         if not within:
             result.warnings.append("no candidate held the budget: nothing written but the reports")
         elif chosen is None:
@@ -299,7 +304,7 @@ def build_candidate(job: _Build) -> Record:
 def _describe(record: Record, report: RunReport, job: _Build) -> None:
     record.steps = [{"spec": s.spec, "status": s.status, "reason": s.reason, "changes": len(s.changes), "skipped": len(s.skipped)}
                     for s in report.steps]
-    record.file = job.output
+    record.file, record.report = job.output, job.report
     record.bytes = report.output.file_bytes if report.output is not None else 0
     record.size_ratio = record.bytes / max(report.input.file_bytes, 1)
     validation = report.final_validation
@@ -312,6 +317,36 @@ def _describe(record: Record, report: RunReport, job: _Build) -> None:
     else:
         record.status = OVER
         record.reason = "; ".join(validation.verdict.failures) if validation is not None else "not validated"
+
+
+def _report_steps(record: Record) -> list[dict[str, Any]]:
+    try:
+        steps: list[dict[str, Any]] = json.loads(Path(record.report).read_text())["steps"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return steps
+
+
+LAYER_ROWS = 400  # of what the chosen pipeline did, the report lists this many rows
+
+
+def _layers(record: Record) -> list[dict[str, str]]:
+    """What each step of ``record``'s run did and left alone, node by node (from its JSON report)."""
+    rows = []
+    for step in _report_steps(record):
+        rows += [{"step": step["spec"], "target": c["target"], "what": c["action"]} for c in step.get("changes", [])]
+        rows += [{"step": step["spec"], "target": s["target"], "what": f"left alone: {s['reason']}"} for s in step.get("skipped", [])]
+    return rows[:LAYER_ROWS]
+
+
+def _sensitivity(records: Sequence[Record]) -> list[dict[str, Any]]:
+    """The per-node sensitivity scan of the int8 candidate that ran one (each node quantized alone)."""
+    for record in records:
+        for step in _report_steps(record) if record.report else []:
+            rows = step.get("figures", {}).get("sensitivity")
+            if rows:
+                return list(rows)
+    return []
 
 
 def _quality(validation: ValidationResult | None, budget: str, has_metric: bool) -> float | None:
