@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--metric", metavar="MODULE:FUNCTION|FILE.py:FUNCTION", help="your task metric, judged beside the budget (see the README)")
     tune.add_argument("--calibration", nargs="+", metavar="NPZ|DIR", help="calibration inputs (int8 static, refit and GPTQ need them)")
     tune.add_argument("--jobs", type=int, default=1, help="candidates built side by side (timings are always taken one at a time; default 1)")
+    tune.add_argument("--ray", metavar="ADDRESS", help="build and time the candidates on a Ray cluster (auto, ray://host:10001, or local for an "
+                                                      "instance of this machine; pip install 'onnxsparse[ray]'); the cache folder must be on "
+                                                      "storage every node mounts at the same path")
     tune.add_argument("--cache", metavar="DIR", help="where candidates and their figures are kept (default OUTPUT.tune); a second run reuses them")
     tune.add_argument("--finalists", type=int, default=3, help="candidates within the budget timed at length, on one thread and on every core (default 3)")
     tune.add_argument("--report", metavar="FILE.html", help="write the frontier, every candidate and the chosen one's steps as one HTML file")
@@ -325,7 +328,7 @@ def run_tune(args: argparse.Namespace) -> int:
     with progress_bars(not args.json) as progress:
         result = tune(args.model, args.output, objective=args.objective, budget=args.budget, metric=args.metric, inputs=args.inputs,
                       calibration=args.calibration, samples=args.samples, seed=_seed(args), dims=parse_dims(args.dims),
-                      int_range=_int_range(args.int_range), jobs=args.jobs, cache=args.cache, finalists=args.finalists,
+                      int_range=_int_range(args.int_range), jobs=args.jobs, ray=args.ray, cache=args.cache, finalists=args.finalists,
                       max_input_bytes=_max_input_bytes(args), report_path=args.report, json_path=args.figures, progress=progress)
     print(json.dumps(result.to_dict(), indent=2) if args.json else render_tune(result))
     if result.chosen is not None:

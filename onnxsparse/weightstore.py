@@ -88,7 +88,7 @@ class WeightStore:
         self._inputs: dict[Path, str] = {}  # an input data file -> its name in the store
         self._pending: dict[str, Path] = {}  # names not copied whole yet: read in place until a model file needs them
         self._ranges: dict[str, set[tuple[int, int]]] = {}  # of a pending name: the (offset, length) copied so far
-        self._origin: tuple[bytes, Path] | None = None  # the input model as loaded, and its own file
+        self._origins: dict[bytes, Path] = {}  # models as loaded (serialized) -> their own files
         _OPEN[self.token] = self
 
     def __enter__(self) -> Self:
@@ -134,7 +134,7 @@ class WeightStore:
     def given_as(self, model: onnx.ModelProto, source: Path) -> None:
         """``model``, as it now is, is the file ``source`` with its data beside it (loaded, its tensors
         adopted, nothing else changed): :meth:`model_file` gives that file out for it, copying nothing."""
-        self._origin = (model.SerializeToString(), source)
+        self._origins[model.SerializeToString()] = source
 
     def file_of(self, location: str) -> Path:
         """Where the data a location names can be read now: the store's file, or the input's own."""
@@ -235,8 +235,9 @@ class WeightStore:
         tensors ``model`` holds in its message move into the store first (in place; same values)."""
         self.spill(model)  # a big inline tensor would make the file one message over 2 GB
         serialized = model.SerializeToString()
-        if self._origin is not None and serialized == self._origin[0]:  # the input itself, as the user's file
-            yield self._origin[1]
+        origin = self._origins.get(serialized)
+        if origin is not None:  # a model as it was loaded, as the user's file
+            yield origin
             return
         self._copy_needed(model)  # onnxruntime and the checker read data only from the model's own folder
         path = self.folder / f"{self.token}.model{next(self._models)}.onnx"

@@ -113,6 +113,25 @@ def test_a_budget_that_is_not_tolerance_text_is_bad_input(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_local_ray_instance_builds_and_times_the_same_candidates(tmp_path, latency_by_size):
+    """--ray local: a Ray instance of this machine, started and stopped by the run; its workers build and
+    time every candidate (the timing stand-in of this process does not reach them: real timings)."""
+    ray = pytest.importorskip("ray")
+    here = tune(CNN, tmp_path / "a.onnx", budget="min_top1=0.95", cache=tmp_path / "here", **DATA)
+    assert len(latency_by_size) > 0
+    latency_by_size.clear()
+    remote = tune(CNN, tmp_path / "b.onnx", budget="min_top1=0.95", cache=tmp_path / "ray", ray="local", **DATA)
+    assert remote.executor.startswith("built and timed as Ray tasks") and not ray.is_initialized()
+    assert latency_by_size == []  # nothing timed in this process
+    assert [(r.pipeline, r.status) for r in remote.records] == [(r.pipeline, r.status) for r in here.records]
+    timed = [r for r in remote.records if r.status in ("within", "over")]
+    assert timed and all(r.latency_estimate is not None and r.latency_estimate > 0 for r in timed)
+    # each build ran in a worker of its own, so its peak memory is the build's; built here, it is not known
+    built = [r for r in remote.records if not r.peer]
+    assert all(r.peak_memory is not None and r.peak_memory > 50 * 2**20 for r in built)
+    assert all(r.peak_memory is None for r in here.records)
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is installed by the README's test command")
 def test_the_report_renders_in_a_headless_browser(tmp_path, latency_by_size):
     """The HTML as a user opens it: Chromium loads the file with no network and draws the frontier."""

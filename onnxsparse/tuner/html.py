@@ -48,7 +48,8 @@ def render_html(result: TuneResult) -> str:
         f"<title>onnxsparse tune: {escape(result.input)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>onnxsparse tune: <code>{escape(result.input)}</code></h1>",
         f"<p>objective: <b>{escape(result.objective)}</b>; budget: <b>{escape(result.budget)}</b>; {headline}</p>",
-        f"<p>{len(result.records)} candidates in {result.seconds:.0f} s; figures cached in <code>{escape(result.cache)}</code>.</p>",
+        (f"<p>{len(result.records)} candidates in {result.seconds:.0f} s, {escape(result.executor)}; figures cached in "
+         f"<code>{escape(result.cache)}</code>.</p>"),
         "<h2>Frontier</h2>",
         frontier_svg(result),
         ("<p>Each point is a candidate: filled within the budget, hollow over it; the ring marks the one written; diamonds are "
@@ -146,17 +147,18 @@ def _layers_table(result: TuneResult) -> str:
 
 def _candidates_table(result: TuneResult) -> str:
     fields = ["pipeline", "status", "size", "latency (estimate)", "latency 1 thread", "latency all cores", result.quality_label,
-              "build s", "why"]
+              "build s", "peak memory", "why"]
     rows = ["<table><tr>" + "".join(f"<th>{escape(f)}</th>" for f in fields) + "</tr>"]
     ordered = sorted(result.records, key=lambda r: (r.status != "within", r.objective(result.objective) or math.inf))
     for record in ordered:
         cells = [
             f"<code>{escape(record.pipeline)}</code>", escape(record.status + (" (cached)" if record.reused else "")),
             _ratio(record.size_ratio), _ratio(record.latency_estimate), _ratio(record.latency), _ratio(record.latency_all_cores),
-            "-" if record.quality is None else f"{record.quality:.4g}", f"{record.build_seconds:.0f}", _shortened(record.reason),
+            "-" if record.quality is None else f"{record.quality:.4g}", f"{record.build_seconds:.0f}",
+            "-" if record.peak_memory is None else f"{record.peak_memory / 2**20:.0f} MiB", _shortened(record.reason),
         ]
         kind = ' class="chosen"' if record is result.chosen else ""
-        rows.append(f"<tr{kind}>" + "".join(f'<td class="number">{c}</td>' if 2 <= i <= 7 else f"<td>{c}</td>" for i, c in enumerate(cells)) + "</tr>")
+        rows.append(f"<tr{kind}>" + "".join(f'<td class="number">{c}</td>' if 2 <= i <= 8 else f"<td>{c}</td>" for i, c in enumerate(cells)) + "</tr>")
     rows.append("</table>")
     return "\n".join(rows)
 

@@ -14,12 +14,10 @@ second run reuses what the first measured.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import platform
 import time
@@ -46,6 +44,7 @@ from ..version import __version__
 from ..walk import iter_all_tensors
 from ..weightstore import WeightStore
 from .candidates import Candidate, Objective, combinations, families
+from .executors import InProcess, executor
 from .html import render_html
 from .peers import QUANTIZE_STATIC, peer_kinds, quantize_with_onnxruntime
 
@@ -74,6 +73,7 @@ class Record:
     worst: str = ""  # the output that moved most, in words
     steps: list[dict[str, Any]] = field(default_factory=list)
     build_seconds: float = 0.0
+    peak_memory: int | None = None  # bytes: the build's process at its peak (None: built beside other work)
     machine: str = ""  # where the latencies below were measured
     latency_estimate: float | None = None  # one thread, short interleaved timing, over the input's time
     latency: float | None = None  # one thread, long interleaved timing (finalists)
@@ -100,6 +100,7 @@ class TuneResult:
     seconds: float = 0.0
     cache: str = ""
     warnings: list[str] = field(default_factory=list)
+    executor: str = ""  # where the candidates were built and timed
     layers: list[dict[str, str]] = field(default_factory=list)  # what each step of the chosen pipeline did, node by node
     sensitivity: list[dict[str, Any]] = field(default_factory=list)  # int8: each node's error alone (qdq{sensitivity=true})
 
@@ -124,6 +125,7 @@ class _Build:
     dims: dict[str, int] | None
     int_range: tuple[int, int] | None
     max_input_bytes: int
+    fresh_process: bool = False  # built in a process of its own: its peak resident memory is the build's
 
 
 def tune(
@@ -140,6 +142,7 @@ def tune(
     dims: dict[str, int] | None = None,
     int_range: tuple[int, int] | None = None,
     jobs: int = 1,
+    ray: str | None = None,
     cache: str | os.PathLike[str] | None = None,
     report_path: str | os.PathLike[str] | None = None,
     json_path: str | os.PathLike[str] | None = None,
@@ -150,8 +153,9 @@ def tune(
     """Search the passes for the fastest (``objective="latency"``) or smallest (``"size"``) model whose
     validation holds ``budget`` (tolerance text, e.g. ``"min_top1=0.95"``; empty: each pass's default
     tolerance) and ``metric`` (the user's task metric, as for :func:`onnxsparse.optimize`), write it to
-    ``output_path`` and return every candidate's figures. ``jobs``: candidates built side by side (the
-    metric and the inputs must then be given as text or paths). ``cache``: where candidates and their
+    ``output_path`` and return every candidate's figures. ``jobs``: candidates built side by side in
+    worker processes (the metric and the inputs must then be given as text or paths); ``ray``: on a
+    Ray cluster's workers instead (its address, or ``local``; see executors.py). ``cache``: where candidates and their
     figures are kept (default: ``OUTPUT.tune`` beside the output); a second run reuses them.
     ``report_path``: a self-contained HTML report (the frontier, every candidate, the chosen one's
     steps); ``json_path``: the figures as JSON. The model and the reports are written together, after
@@ -165,35 +169,45 @@ def tune(
         raise InputDataError(f"{output}: output path is the input model; choose another output path")
     folder = Path(cache) if cache is not None else output.with_name(output.name + ".tune")
     folder.mkdir(parents=True, exist_ok=True)
-    if jobs > 1 and not _picklable(metric, inputs, calibration):
-        log.warning("tune: the metric or the inputs are Python objects, which worker processes cannot receive: building one at a time")
-        jobs = 1
-    with WeightStore(folder) as store:
-        original, info = load_with_info(model_file, max_input_bytes=max_input_bytes, weights=store)
-        settings = _Settings(model_file, folder, inputs, calibration, budget, metric, samples, seed, dims, int_range, max_input_bytes)
-        cached = _Cache(folder, _fingerprint(model_file, info.external_data_files, settings))
-        records = _search(original, objective, settings, cached, jobs, progress)
-        source = resolve_inputs(calibration if calibration is not None else inputs, original, samples=samples, seed=seed, dims=dims,
-                                int_range=int_range, max_input_bytes=max_input_bytes)
-        records += _peers(original, settings, cached, source, bool(info.external_data_files), info.file_bytes)
-        machine = _machine()
-        feed = timing_feed(original, source)
-        _time_all(original, records, feed, objective, finalists, machine, store, cached, progress)
-        within = [r for r in records if r.status == WITHIN and not r.peer and r.objective(objective) is not None]
-        better = [r for r in within if (r.objective(objective) or 1.0) < 1.0]  # the input itself is the candidate to beat
-        chosen = min(better, key=lambda r: (r.objective(objective), -(r.quality or 0.0))) if better else None
-        result = TuneResult(objective=objective, budget=budget or "each pass's default tolerance", quality_label=_quality_label(tolerance, metric),
-                            input=str(model_file), input_bytes=info.file_bytes, records=records, chosen=chosen,
-                            output=str(output) if chosen is not None else None, cache=str(folder))
-        result.layers = _layers(chosen) if chosen is not None else []
-        result.sensitivity = _sensitivity(records)
-        if not within:
-            result.warnings.append("no candidate held the budget: nothing written but the reports")
-        elif chosen is None:
-            result.warnings.append(f"no candidate within the budget is {'faster' if objective == 'latency' else 'smaller'} than the input: "
-                                   "nothing written but the reports")
-        result.seconds = time.perf_counter() - started
-        _publish(result, store, output, report_path, json_path, protect=(model_file, *info_paths(model_file, info.external_data_files)))
+    if (jobs > 1 or ray) and not _picklable(metric, inputs, calibration):
+        log.warning("tune: the metric or the inputs are Python objects, which worker processes cannot receive: building one at a time here")
+        jobs, ray = 1, None
+    settings = _Settings(model_file, folder, inputs, calibration, budget, metric, samples, seed, dims, int_range, max_input_bytes)
+    runner = executor(jobs, ray)
+    try:
+        with WeightStore(folder) as store:
+            original, info = load_with_info(model_file, max_input_bytes=max_input_bytes, weights=store)
+            result = _searched(original, info.file_bytes, info.external_data_files, settings, objective, runner, finalists, progress)
+            result.quality_label = _quality_label(tolerance, metric)
+            result.seconds = time.perf_counter() - started
+            _publish(result, store, output, report_path, json_path, protect=(model_file, *info_paths(model_file, info.external_data_files)))
+    finally:
+        runner.close()
+    return result
+
+
+def _searched(original: onnx.ModelProto, input_bytes: int, external_data_files: Sequence[str], settings: _Settings, objective: Objective,
+              runner: InProcess, finalists: int, progress: ProgressCallback | None) -> TuneResult:
+    """Every candidate built and timed, onnxruntime's quantizer beside them, and the choice."""
+    cached = _Cache(settings.folder, _fingerprint(settings.model, external_data_files, settings))
+    records = _search(original, objective, settings, cached, runner, progress)
+    source = resolve_inputs(settings.calibration if settings.calibration is not None else settings.inputs, original, samples=settings.samples,
+                            seed=settings.seed, dims=settings.dims, int_range=settings.int_range, max_input_bytes=settings.max_input_bytes)
+    records += _peers(original, settings, cached, source, bool(external_data_files), input_bytes)
+    _time_all(settings.model, records, timing_feed(original, source), objective, finalists, _machine(), cached, runner, progress)
+    within = [r for r in records if r.status == WITHIN and not r.peer and r.objective(objective) is not None]
+    better = [r for r in within if (r.objective(objective) or 1.0) < 1.0]  # the input itself is the candidate to beat
+    chosen = min(better, key=lambda r: (r.objective(objective), -(r.quality or 0.0))) if better else None
+    result = TuneResult(objective=objective, budget=settings.budget or "each pass's default tolerance", quality_label="",
+                        input=str(settings.model), input_bytes=input_bytes, records=records, chosen=chosen,
+                        output=None, cache=str(settings.folder), executor=runner.describe())
+    result.layers = _layers(chosen) if chosen is not None else []
+    result.sensitivity = _sensitivity(records)
+    if not within:
+        result.warnings.append("no candidate held the budget: nothing written but the reports")
+    elif chosen is None:
+        result.warnings.append(f"no candidate within the budget is {'faster' if objective == 'latency' else 'smaller'} than the input: "
+                               "nothing written but the reports")
     return result
 
 
@@ -211,13 +225,13 @@ class _Settings:
     int_range: tuple[int, int] | None
     max_input_bytes: int
 
-    def build(self, candidate: Candidate, key: str) -> _Build:
+    def build(self, candidate: Candidate, key: str, fresh_process: bool) -> _Build:
         return _Build(str(self.model), str(self.folder / f"{key}.onnx"), str(self.folder / f"{key}.report.json"), candidate.pipeline,
                       self.inputs, self.calibration, self.budget, self.metric, self.samples, self.seed, self.dims, self.int_range,
-                      self.max_input_bytes)
+                      self.max_input_bytes, fresh_process)
 
 
-def _search(original: onnx.ModelProto, objective: Objective, settings: _Settings, cached: _Cache, jobs: int,
+def _search(original: onnx.ModelProto, objective: Objective, settings: _Settings, cached: _Cache, runner: InProcess,
             progress: ProgressCallback | None) -> list[Record]:
     """Every candidate's record: the families climbed rung by rung, then the combinations."""
     ladders = {f.name: f for f in families(original, objective, calibration=settings.calibration is not None)}
@@ -227,7 +241,7 @@ def _search(original: onnx.ModelProto, objective: Objective, settings: _Settings
     held: dict[str, str] = {}
     round_ = [Candidate(f.rungs[0], f.name, 0) for f in ladders.values()]
     while round_:
-        built = _build_all(round_, settings, cached, jobs, progress, len(records))
+        built = _build_all(round_, settings, cached, runner, progress, len(records))
         records.extend(built)
         next_round = []
         for record in built:
@@ -239,11 +253,11 @@ def _search(original: onnx.ModelProto, objective: Objective, settings: _Settings
             if record.status in (WITHIN, UNCHANGED) and record.rung + 1 < len(ladder.rungs):
                 next_round.append(Candidate(ladder.rungs[record.rung + 1], record.family, record.rung + 1))
         round_ = next_round
-    records.extend(_build_all(combinations(held, objective), settings, cached, jobs, progress, len(records)))
+    records.extend(_build_all(combinations(held, objective), settings, cached, runner, progress, len(records)))
     return records
 
 
-def _build_all(candidates: Sequence[Candidate], settings: _Settings, cached: _Cache, jobs: int, progress: ProgressCallback | None,
+def _build_all(candidates: Sequence[Candidate], settings: _Settings, cached: _Cache, runner: InProcess, progress: ProgressCallback | None,
                done_before: int) -> list[Record]:
     records: dict[int, Record] = {}
     todo: list[tuple[int, Candidate, str]] = []
@@ -267,15 +281,9 @@ def _build_all(candidates: Sequence[Candidate], settings: _Settings, cached: _Ca
         if progress:
             progress("tune: candidates built", done_before + len(records), total)
 
-    if jobs > 1 and len(todo) > 1:
-        # spawned, not forked: a fork of a process running onnxruntime's thread pools can deadlock
-        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(build_candidate, settings.build(c, key)): (i, c, key) for i, c, key in todo}
-            for future in concurrent.futures.as_completed(futures):
-                finished(*futures[future], future.result())
-    else:
-        for index, candidate, key in todo:
-            finished(index, candidate, key, build_candidate(settings.build(candidate, key)))
+    builds = [settings.build(candidate, key, runner.fresh_processes) for _, candidate, key in todo]
+    for position, record in runner.run(build_candidate, builds):
+        finished(*todo[position], record)
     return [records[i] for i in range(len(candidates))]
 
 
@@ -298,7 +306,19 @@ def build_candidate(job: _Build) -> Record:
         return record
     _describe(record, report, job)
     record.build_seconds = time.perf_counter() - started
+    if job.fresh_process:
+        record.peak_memory = _peak_resident_bytes()
     return record
+
+
+def _peak_resident_bytes() -> int | None:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if platform.system() == "Darwin" else int(peak) * 1024
 
 
 def _describe(record: Record, report: RunReport, job: _Build) -> None:
@@ -427,8 +447,16 @@ def written_bytes(model: Path) -> int:
     return model.stat().st_size + sum((model.parent / name).stat().st_size for name in names)
 
 
-def _time_all(original: onnx.ModelProto, records: list[Record], feed: dict[str, Any], objective: Objective, finalists: int, machine: str,
-              store: WeightStore, cached: _Cache, progress: ProgressCallback | None) -> None:
+def time_candidate(original: str, candidate: str, feed: dict[str, Any], runs: int, seconds: float, threads: int) -> float:
+    """``candidate``'s onnxruntime time over ``original``'s (both files), interleaved: what a timing
+    job runs, here or on a Ray worker."""
+    with WeightStore() as store:
+        return relative_latency(load(original, weights=store), load(candidate, weights=store), feed, min_runs=runs, min_seconds=seconds,
+                                threads=threads)
+
+
+def _time_all(original: Path, records: list[Record], feed: dict[str, Any], objective: Objective, finalists: int, machine: str,
+              cached: _Cache, runner: InProcess, progress: ProgressCallback | None) -> None:
     """Latency of every built candidate over the input's, one at a time: a short timing each, then a
     long one on one thread and on every core for the best ``finalists`` within the budget."""
     timed = [r for r in records if r.status in (WITHIN, OVER) and r.file]
@@ -438,17 +466,15 @@ def _time_all(original: onnx.ModelProto, records: list[Record], feed: dict[str, 
             record.machine = machine
     for index, record in enumerate(timed):
         if record.latency_estimate is None:
-            record.latency_estimate = relative_latency(original, load(record.file, weights=store), feed, min_runs=ESTIMATE_RUNS,
-                                                       min_seconds=ESTIMATE_SECONDS)
+            record.latency_estimate = runner.call(time_candidate, str(original), record.file, feed, ESTIMATE_RUNS, ESTIMATE_SECONDS, 1)
             cached.put_record(record)
         if progress:
             progress("tune: candidates timed", index + 1, len(timed))
     within = sorted((r for r in timed if r.status == WITHIN and not r.peer), key=lambda r: r.objective(objective) or float("inf"))
     for index, record in enumerate(within[:finalists]):
         if record.latency is None or record.latency_all_cores is None:
-            candidate = load(record.file, weights=store)
-            record.latency = relative_latency(original, candidate, feed, min_runs=RETIME_RUNS, min_seconds=RETIME_SECONDS)
-            record.latency_all_cores = relative_latency(original, candidate, feed, min_runs=RETIME_RUNS, min_seconds=RETIME_SECONDS, threads=0)
+            record.latency = runner.call(time_candidate, str(original), record.file, feed, RETIME_RUNS, RETIME_SECONDS, 1)
+            record.latency_all_cores = runner.call(time_candidate, str(original), record.file, feed, RETIME_RUNS, RETIME_SECONDS, 0)
             cached.put_record(record)
         if progress:
             progress("tune: finalists timed", index + 1, min(finalists, len(within)))
@@ -461,6 +487,7 @@ def _publish(result: TuneResult, store: WeightStore, output: Path, report_path: 
     with Staging() as staging:
         if result.chosen is not None:
             stage_model(load(result.chosen.file, weights=store), output, staging, protect=protect)
+            result.output = str(output)
         if report_path is not None:
             staging.write_text(report_path, render_html(result))
         if json_path is not None:
