@@ -107,6 +107,22 @@ def test_without_a_candidate_that_beats_the_input_only_the_reports_are_written(t
     assert "no candidate within the budget is faster than the input" in capsys.readouterr().out
 
 
+def test_onnxruntimes_calibrator_gets_runs_of_a_few_samples_and_the_models_inputs_only():
+    """A calibration file of many samples reaches onnxruntime's quantizer in runs of RUN_SAMPLES: it runs
+    each feed as one batch (MobileNetV2's 384 images in one: 20.5 GB); labels stay out."""
+    from onnxsparse.calibration import IterableInputs
+    from onnxsparse.tuner.peers import _Reader
+
+    model = onnx.load(CNN)
+    images = np.zeros((40, *[d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]), np.float32)
+    reader = _Reader(IterableInputs([{"input": images, "label": np.zeros(40)}]), model)
+    sizes = []
+    while (feed := reader.get_next()) is not None:
+        assert list(feed) == ["input"]
+        sizes.append(len(feed["input"]))
+    assert sizes == [16, 16, 8]
+
+
 def test_a_budget_that_is_not_tolerance_text_is_bad_input(tmp_path, capsys):
     assert main(["tune", str(CNN), "-o", str(tmp_path / "o.onnx"), "--budget", "min_top=0.9"]) == 2
     assert "min_top" in capsys.readouterr().err
