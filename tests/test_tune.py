@@ -107,6 +107,21 @@ def test_without_a_candidate_that_beats_the_input_only_the_reports_are_written(t
     assert "no candidate within the budget is faster than the input" in capsys.readouterr().out
 
 
+def test_the_families_follow_the_model_the_data_and_the_objective():
+    from onnxsparse.tuner.candidates import families
+
+    def names(model: str, objective: str, calibration: bool) -> dict[str, tuple[str, ...]]:
+        return {f.name: f.rungs for f in families(onnx.load(MODELS / model), objective, calibration=calibration)}  # type: ignore[arg-type]
+
+    cnn, transformer = names("digits_cnn.onnx", "latency", True), names("digits_transformer.onnx", "size", False)
+    assert set(cnn) == {"int8 static", "int8 dynamic", "channels"}  # its classifier is a Gemm: dynamic int8 applies
+    assert all("refit=true" in rung for rung in cnn["channels"])
+    assert "int8 static" not in transformer and "refit" not in " ".join(transformer["channels"])  # no calibration data
+    assert transformer["block-wise weights"] == ("weight-only{bits=8 method=mse}", "weight-only{bits=4 method=mse}")  # mild first
+    assert transformer["codebook"] == ("cluster{bits=8}", "cluster{bits=4}") and "fp16" in transformer
+    assert "block-wise weights" not in names("digits_cnn.onnx", "size", True)  # MatMulNBits reads MatMul weights only
+
+
 def test_onnxruntimes_calibrator_gets_runs_of_a_few_samples_and_the_models_inputs_only():
     """A calibration file of many samples reaches onnxruntime's quantizer in runs of RUN_SAMPLES: it runs
     each feed as one batch (MobileNetV2's 384 images in one: 20.5 GB); labels stay out."""

@@ -25,6 +25,8 @@ _MATMUL_OPS = frozenset({"MatMul", "Gemm"})
 CHANNEL_RATIOS = (0.25, 0.5, 0.7)
 SENSITIVITY = "sensitivity=true"
 SPARSITIES = (0.5, 0.7, 0.85)
+WEIGHT_BITS = (8, 4)
+CODEBOOK_BITS = (8, 4)  # 256 centroids (uint8 indices, 0.25x) then 16 (uint4, 0.13x): below 8 bits uint8 indices save nothing more
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,8 @@ def families(model: onnx.ModelProto, objective: Objective, *, calibration: bool)
     """The families worth trying on ``model`` for ``objective``."""
     ops = {node.op_type for node in model.graph.node}
     weighted = _constant_inputs(model)
-    convs = bool(ops & _CONV_OPS and weighted & _CONV_OPS)
-    matmuls = bool(ops & _MATMUL_OPS and weighted & _MATMUL_OPS)
+    convs = bool(weighted & _CONV_OPS)
+    matmuls = bool(weighted & _MATMUL_OPS)
     found: list[Family] = []
     # Every candidate leaves speed to the tuner, which times the results one at a time: no pass
     # keeps its input for being slower, since a slower rung still tells where the frontier is.
@@ -63,11 +65,11 @@ def families(model: onnx.ModelProto, objective: Objective, *, calibration: bool)
         found.append(Family("channels", tuple(f"channel-prune{{ratio={r}{refit} never_slower=false}}" for r in CHANNEL_RATIOS)))
     if objective == "size":
         found.append(Family("fp16", ("fp16",)))
-        if matmuls:
+        if "MatMul" in weighted:  # MatMulNBits reads MatMul weights only
             method = "gptq" if calibration else "mse"
-            found.append(Family("4-bit weights", (f"weight-only{{method={method}}}",)))
+            found.append(Family("block-wise weights", tuple(f"weight-only{{bits={b} method={method}}}" for b in WEIGHT_BITS)))
         if convs or matmuls:
-            found.append(Family("codebook", ("cluster{bits=4}",)))
+            found.append(Family("codebook", tuple(f"cluster{{bits={b}}}" for b in CODEBOOK_BITS)))
             criterion = " criterion=wanda" if calibration else ""
             found.append(Family("sparse", tuple(f"magnitude-prune{{sparsity={s}{criterion}}},sparse-encode" for s in SPARSITIES)))
     return found
