@@ -120,6 +120,15 @@ def test_the_families_follow_the_model_the_data_and_the_objective():
     assert transformer["block-wise weights"] == ("weight-only{bits=8 method=mse}", "weight-only{bits=4 method=mse}")  # mild first
     assert transformer["codebook"] == ("cluster{bits=8}", "cluster{bits=4}") and "fp16" in transformer
     assert "block-wise weights" not in names("digits_cnn.onnx", "size", True)  # MatMulNBits reads MatMul weights only
+    embedder = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N, 4] ids) => (float[N, 4, 8] y) <float[10, 8] table = {0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0}, float[8, 8] w = {0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0}> {
+            e = Gather (table, ids)
+            y = MatMul (e, w)
+        }""")
+    rungs = {f.name: f.rungs for f in families(embedder, "size", calibration=False)}["int8 dynamic"]
+    assert rungs == ("qdq{mode=dynamic never_slower=false}", "qdq{mode=dynamic never_slower=false embeddings=true}")  # tables too, for size
+    assert {f.name: f.rungs for f in families(embedder, "latency", calibration=False)}["int8 dynamic"] == rungs[:1]
 
 
 def test_onnxruntimes_calibrator_gets_runs_of_a_few_samples_and_the_models_inputs_only():
