@@ -656,9 +656,9 @@ def resolve_inputs(
     names = [i.name for i in model_inputs(model)]
     single = names[0] if len(names) == 1 else None
     if isinstance(spec, (str, os.PathLike)):
-        return NpzInputs(_npz_paths(Path(spec)), single, max_input_bytes, tuple(names))
+        return NpzInputs(input_files(Path(spec)), single, max_input_bytes, tuple(names))
     if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, (str, os.PathLike)) for s in spec):
-        return NpzInputs(tuple(p for s in spec for p in _npz_paths(Path(s))), single, max_input_bytes, tuple(names))
+        return NpzInputs(tuple(p for s in spec for p in input_files(Path(s))), single, max_input_bytes, tuple(names))
     return IterableInputs(spec)
 
 
@@ -671,7 +671,8 @@ def _check_dim_names(dims: Mapping[str, int], model: onnx.ModelProto) -> None:
             raise InputDataError(f"--dims: the model's inputs have no dim '{name}'{did_you_mean(name, known)}; named dims: {known or 'none'}")
 
 
-def _npz_paths(path: Path) -> tuple[Path, ...]:
+def input_files(path: Path) -> tuple[Path, ...]:
+    """The files an input path stands for: itself, or a folder's .npz and .npy files."""
     if path.is_dir():
         found = tuple(sorted([*path.glob("*.npz"), *path.glob("*.npy")]))
         if not found:

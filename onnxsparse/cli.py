@@ -333,7 +333,7 @@ def run_tune(args: argparse.Namespace) -> int:
     print(json.dumps(result.to_dict(), indent=2) if args.json else render_tune(result))
     if result.chosen is not None:
         return EXIT_DONE
-    return EXIT_ROLLED_BACK if any(r.status == "within" for r in result.records) else EXIT_VALIDATION_FAILED
+    return EXIT_ROLLED_BACK if result.held_budget else EXIT_VALIDATION_FAILED
 
 
 def render_tune(result: Any) -> str:

@@ -108,7 +108,8 @@ def load_with_info(
             except ModelLoadError:
                 check_model(model, label)
             else:  # and onnxruntime loads the model, while it is unchanged, from that file: no copy
-                weights.given_as(model, Path(source))
+                if base_dir is None:  # (with base_dir its data is elsewhere than beside the file)
+                    weights.given_as(model, Path(source))
         else:
             check_model(model, label)
     return model, info

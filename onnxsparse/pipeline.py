@@ -133,8 +133,9 @@ class PassManager:
     held_out_seed: int = 0
     keep_worse: bool = False
     metric: TaskMetric | None = None  # the user's task metric, judged beside the tolerances everywhere
-    # False: no step is timed, and none is judged worse for its speed (sizes are still compared): for
-    # a caller that times the results itself, one at a time (the tuner builds candidates side by side).
+    # False: no step is timed, and none is judged worse for its speed or for growing without being
+    # faster (sizes are recorded): for a caller that times the results itself, one at a time (the tuner
+    # builds candidates side by side).
     measure_speed: bool = True
     report: RunReport | None = field(default=None, init=False)
     # The run's onnxruntime sessions, one per model version and use, timing or not (see runtime.py).
@@ -625,8 +626,8 @@ def optimize(
     """
     passes, tolerances, policy, recipe_metric = _resolve_pipeline(pipeline, recipe, tolerances, policy)
     written_paths = [p for p in (output_path, report_path, markdown_path) if p is not None]
-    read_paths = [recipe, *_paths_in(inputs), *_paths_in(calibration)]
-    _check_output_paths(written_paths, read_paths, model=Path(input_path), overwrite_model=overwrite_input and output_path is not None)
+    read_paths = [recipe, *paths_in(inputs), *paths_in(calibration)]
+    check_output_paths(written_paths, read_paths, model=Path(input_path), overwrite_model=overwrite_input and output_path is not None)
     # A model with external data keeps it there: the store (beside the output) takes a copy of its
     # files and holds what the passes write, so no message ever holds the weights.
     with WeightStore(Path(output_path).parent.resolve() if output_path is not None else None) as weights:
@@ -635,7 +636,7 @@ def optimize(
         log.info("loaded %s (%d bytes, %d nodes) and checked it in %.1f s", input_path, info.file_bytes, len(model.graph.node), time.perf_counter() - phase)
         model_folder = Path(input_path).resolve().parent
         protected = [*(model_folder / name for name in info.external_data_files), *(p for p in read_paths if p is not None)]
-        _check_output_paths(written_paths, protected)
+        check_output_paths(written_paths, protected)
         if not overwrite_input:
             protected.append(Path(input_path))
         manager = PassManager(
@@ -723,7 +724,7 @@ def _synthetic_inputs(model: onnx.ModelProto, inputs: InputSpec, calibration: In
         return None
 
 
-def _paths_in(spec: InputSpec) -> list[Path]:
+def paths_in(spec: InputSpec) -> list[Path]:
     if isinstance(spec, (str, os.PathLike)):
         return [Path(spec)]
     if isinstance(spec, (list, tuple)) and all(isinstance(item, (str, os.PathLike)) for item in spec):
@@ -731,7 +732,7 @@ def _paths_in(spec: InputSpec) -> list[Path]:
     return []
 
 
-def _check_output_paths(written: list, read: list, *, model: Path | None = None, overwrite_model: bool = False) -> None:
+def check_output_paths(written: list, read: list, *, model: Path | None = None, overwrite_model: bool = False) -> None:
     """Before any work: outputs must not replace what the run reads, nor each other. Only the
     output model (written[0]) may replace the input ``model``, and only with ``overwrite_model``."""
     for index, target in enumerate(written):

@@ -27,7 +27,7 @@ LAYERS = (
     # what drives the passes
     "report", "spec", "pipeline",
     # the search over pipelines
-    "tuner.candidates", "tuner.executors", "tuner.html", "tuner.peers", "tuner.search", "tuner",
+    "tuner.candidates", "tuner.records", "tuner.cache", "tuner.executors", "tuner.html", "tuner.peers", "tuner.search", "tuner",
     "cli", "", "__main__",
 )  # fmt: skip
 

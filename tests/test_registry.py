@@ -47,6 +47,18 @@ def test_a_pipeline_imports_only_the_passes_it_names():
     assert loaded == str(["onnxsparse.passes.base", "onnxsparse.passes.cleanup", "onnxsparse.passes.options"])
 
 
+def test_a_plugin_taking_a_built_in_name_is_refused_at_once_and_breaks_nothing_after():
+    """Built-in passes load lazily; registering one's name before it loaded must still fail at the
+    decorator, not at a later lookup of any pass."""
+    @dataclass(frozen=True)
+    class Impostor(Pass):
+        name = "cluster"
+
+    with pytest.raises(TypeError, match="taken"):
+        register(Impostor)
+    assert pass_class("cluster").__name__ != "Impostor" and parse_pipeline("cleanup")
+
+
 def test_a_pass_must_be_a_frozen_dataclass_with_a_free_name():
     class NotADataclass(Pass):
         name = "test-not-a-dataclass"

@@ -231,3 +231,75 @@ def _png_pixels(path: Path) -> np.ndarray:
         rows.append(current)
         previous = current
     return np.array(rows, np.uint8).reshape(height, width, channels)
+
+
+@pytest.mark.parametrize("flag, target", [("--report", "model"), ("--figures", "calibration"), ("--report", "output")])
+def test_no_report_may_replace_the_input_its_data_or_the_model_written(tmp_path, capsys, flag, target):
+    model = tmp_path / "m.onnx"
+    shutil.copy(CNN, model)
+    calibration = tmp_path / "c.npz"
+    shutil.copy(DATA["calibration"], calibration)
+    output = tmp_path / "out.onnx"
+    paths = {"model": model, "calibration": calibration, "output": output}
+    before = {p: p.read_bytes() for p in (model, calibration)}
+    status = main(["tune", str(model), "-o", str(output), "--calibration", str(calibration), flag, str(paths[target])])
+    assert status == 2 and "onnxsparse: error:" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (model, calibration)} == before
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["c.npz", "m.onnx"]  # not even the cache folder
+
+
+def test_bad_data_is_exit_2_before_any_candidate_is_built(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(search, "build_candidate", lambda job: pytest.fail("built"))
+    status = main(["tune", str(CNN), "-o", str(tmp_path / "o.onnx"), "--calibration", str(tmp_path / "missing.npz")])
+    assert status == 2 and "missing.npz" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_a_long_timing_decides_and_only_our_candidates_count_for_the_exit_status(tmp_path, monkeypatch):
+    """Estimates rank, the finalists' long timings decide: here the long timings reverse the estimates."""
+    def reversed_at_length(reference, candidate, feed, **options):
+        ratio = _bytes(candidate) / _bytes(reference)
+        return ratio if options["min_runs"] == search.ESTIMATE_RUNS else 0.5 / ratio
+
+    monkeypatch.setattr(search, "relative_latency", reversed_at_length)
+    result = tune(CNN, tmp_path / "out.onnx", budget="min_top1=0.95", finalists=2, **DATA)
+    finalists = [r for r in result.records if r.latency is not None]
+    assert len(finalists) == 2 and result.chosen in finalists
+    assert result.chosen.latency == min(r.latency for r in finalists)
+    assert all(r.latency is None for r in result.records if r not in finalists)  # never chosen on an estimate alone
+
+
+def test_a_candidate_whose_pass_refuses_the_model_fails_alone(tmp_path, latency_by_size, monkeypatch):
+    from onnxsparse.errors import InputDataError
+
+    real_optimize = search.optimize
+
+    def refusing(model, output, pipeline, **options):
+        if pipeline.startswith("qdq{mode=dynamic"):
+            raise InputDataError("this candidate's metric raised")
+        return real_optimize(model, output, pipeline, **options)
+
+    monkeypatch.setattr(search, "optimize", refusing)
+    result = tune(CNN, tmp_path / "out.onnx", budget="min_top1=0.95", **DATA)
+    failed = [r for r in result.records if r.status == "failed"]
+    assert [r.pipeline for r in failed] == ["qdq{mode=dynamic never_slower=false}"] and "metric raised" in failed[0].reason
+    assert result.chosen is not None  # the others went on
+
+
+def test_inputs_given_as_arrays_or_a_metric_file_that_changed_are_not_reused(tmp_path, latency_by_size, monkeypatch):
+    real_build = search.build_candidate
+    built: list[str] = []
+    monkeypatch.setattr(search, "build_candidate", lambda job: built.append(job.pipeline) or real_build(job))
+    arrays = {"calibration": [dict(np.load(DATA["calibration"]))], "inputs": [dict(np.load(DATA["inputs"]))]}
+    for _ in range(2):
+        tune(CNN, tmp_path / "a.onnx", budget="min_top1=0.95", cache=tmp_path / "arrays", **arrays)
+    assert len(built) == 2 * len(set(built))  # Python objects cannot be fingerprinted: the second run built everything again
+    metric = tmp_path / "metric.py"
+    metric.write_text("def m(reference, candidate, inputs):\n    return 1.0, True\n")
+    built.clear()
+    tune(CNN, tmp_path / "b.onnx", metric=f"{metric}:m", cache=tmp_path / "metric", **DATA)
+    first = len(built)
+    metric.write_text("def m(reference, candidate, inputs):\n    return 0.0, False\n")
+    second = tune(CNN, tmp_path / "b.onnx", metric=f"{metric}:m", cache=tmp_path / "metric", **DATA)
+    ours = [r for r in second.records if not r.peer]
+    assert sorted(built[first:]) == sorted(r.pipeline for r in ours) and not any(r.reused for r in ours)  # another metric: built again

@@ -242,6 +242,22 @@ def test_the_input_is_given_out_as_its_own_file_and_a_rewritten_model_copies_onl
         assert copied.stat().st_blocks * 512 >= data.stat().st_size
 
 
+def test_a_model_whose_data_comes_from_base_dir_is_not_given_out_as_its_file(tmp_path):
+    """With base_dir the data is read from another folder than the file's: onnxruntime must get that
+    data (the store's copy), not the file's neighbour."""
+    source = mlp_with_external_data(tmp_path / "in")
+    other = tmp_path / "other"
+    other.mkdir()
+    data = np.fromfile(source.parent / "mlp.onnx.data", np.uint8)
+    (data * 0).tofile(other / "mlp.onnx.data")  # every weight 0.0 there
+    feed = {"x": np.ones((2, 256), np.float32)}
+    with WeightStore(tmp_path) as store:
+        model = io.load(source, base_dir=other, weights=store)
+        with store.model_file(model) as path:
+            assert path != source
+            np.testing.assert_array_equal(run(path, feed)[0], np.zeros((2, 10), np.float32))
+
+
 def test_a_replaced_weight_goes_into_the_store_at_once(tmp_path):
     """A pass that rewrites every weight holds one new weight at a time, not all of them."""
     from onnxsparse.weights import find_weights, replace_weight

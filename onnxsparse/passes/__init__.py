@@ -17,7 +17,6 @@ from .base import (
     PassResult,
     Requirement,
     Skip,
-    register,
 )
 
 # The built-in passes by name -> their module in this package, imported when the pass is first asked
@@ -49,6 +48,13 @@ def pass_class(name: str) -> type[Pass]:
     imported first, plugins after them)."""
     _import_built_in([name] if name in BUILT_IN else BUILT_IN)  # an unknown name: the error lists every pass
     return base.pass_class(name)
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available by its ``name`` (a built-in pass's name is taken, and
+    says so here, not at a later lookup)."""
+    _import_built_in([cls.name] if cls.name in BUILT_IN else [])
+    return base.register(cls)
 
 
 def registered_passes() -> dict[str, type[Pass]]:

@@ -2,6 +2,7 @@
 budget, measured on this machine, and show the frontier (see search.py, candidates.py, html.py)."""
 
 from .candidates import OBJECTIVES, Candidate, Family, Objective
-from .search import Record, TuneResult, tune
+from .records import Record, TuneResult
+from .search import tune
 
 __all__ = ["OBJECTIVES", "Candidate", "Family", "Objective", "Record", "TuneResult", "tune"]

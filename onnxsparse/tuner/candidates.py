@@ -48,7 +48,6 @@ class Family:
 
 def families(model: onnx.ModelProto, objective: Objective, *, calibration: bool) -> list[Family]:
     """The families worth trying on ``model`` for ``objective``."""
-    ops = {node.op_type for node in model.graph.node}
     weighted = _constant_inputs(model)
     convs = bool(weighted & _CONV_OPS)
     matmuls = bool(weighted & _MATMUL_OPS)

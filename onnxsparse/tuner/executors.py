@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import multiprocessing
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -33,7 +34,9 @@ class InProcess:
     def describe(self) -> str:
         return "built and timed in this process"
 
-    def run(self, function: Callable[[Job], Result], jobs: Sequence[Job]) -> Iterator[tuple[int, Result]]:
+    def run(self, function: Callable[[Job], Result], jobs: Sequence[Job]) -> Iterator[tuple[int, Result | BaseException]]:
+        """(index, result) of each job as it finishes; in a worker, a job whose process dies yields the
+        error instead (in this process, an error is ours and propagates)."""
         for index, job in enumerate(jobs):
             yield index, function(job)
 
@@ -49,20 +52,21 @@ class ProcessPool(InProcess):
     pools can deadlock), a new one for each build so that its peak memory is the build's; timings stay
     in this process, one at a time."""
 
-    fresh_processes = True
-
     def __init__(self, workers: int) -> None:
         self.workers = workers
+        self.fresh_processes = sys.version_info >= (3, 11)  # max_tasks_per_child came in Python 3.11
 
     def describe(self) -> str:
         return f"built in {self.workers} worker processes, timed in this process one at a time"
 
-    def run(self, function: Callable[[Job], Result], jobs: Sequence[Job]) -> Iterator[tuple[int, Result]]:
+    def run(self, function: Callable[[Job], Result], jobs: Sequence[Job]) -> Iterator[tuple[int, Result | BaseException]]:
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=min(self.workers, len(jobs)) or 1, mp_context=context, max_tasks_per_child=1) as pool:
+        options: dict[str, Any] = {"max_tasks_per_child": 1} if self.fresh_processes else {}
+        with concurrent.futures.ProcessPoolExecutor(max_workers=min(self.workers, len(jobs)) or 1, mp_context=context, **options) as pool:
             futures = {pool.submit(function, job): index for index, job in enumerate(jobs)}
             for future in concurrent.futures.as_completed(futures):
-                yield futures[future], future.result()
+                error = future.exception()  # BrokenProcessPool when its worker was killed (out of memory)
+                yield futures[future], future.result() if error is None else error
 
 
 class RayCluster(InProcess):
@@ -93,12 +97,18 @@ class RayCluster(InProcess):
     def describe(self) -> str:
         return f"built and timed as Ray tasks ({self._cpus:g} CPUs; timings one at a time)"
 
-    def run(self, function: Callable[[Job], Result], jobs: Sequence[Job]) -> Iterator[tuple[int, Result]]:
+    def run(self, function: Callable[[Job], Result], jobs: Sequence[Job]) -> Iterator[tuple[int, Result | BaseException]]:
         remote = self._ray.remote(max_calls=1)(function)
         pending = {remote.remote(job): index for index, job in enumerate(jobs)}
         while pending:
             done, _ = self._ray.wait(list(pending), num_returns=1)
-            yield pending.pop(done[0]), self._ray.get(done[0])
+            index = pending.pop(done[0])
+            result: Result | BaseException
+            try:
+                result = self._ray.get(done[0])
+            except Exception as error:  # noqa: BLE001 - Ray's task and worker errors: this job's, not the search's
+                result = error
+            yield index, result
 
     def call(self, function: Callable[..., Result], *args: Any) -> Result:
         return self._ray.get(self._ray.remote(function).remote(*args))  # type: ignore[no-any-return]

@@ -16,7 +16,7 @@ from ..errors import OnnxsparseError
 from ..spec import parse_tolerance_text
 
 if TYPE_CHECKING:
-    from .search import Record, TuneResult
+    from .records import Record, TuneResult
 
 WIDTH, HEIGHT = 720, 420
 LEFT, RIGHT, TOP, BOTTOM = 70, 20, 20, 50
@@ -73,7 +73,7 @@ def frontier_svg(result: TuneResult) -> str:
     """Objective (x, lower is better) against quality (y, higher is better) of every candidate that
     has both; the budget's bound as a dashed line when it bounds what is plotted."""
     points = [(r, r.objective(result.objective), r.quality) for r in result.records]
-    drawn = [(r, x, y) for r, x, y in points if x is not None and y is not None and math.isfinite(y)]
+    drawn = [(r, x, y) for r, x, y in points if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
     bound = _budget_line(result)
     xs = [x for _, x, _ in drawn] + [1.0]
     ys = [y for _, _, y in drawn] + ([bound] if bound is not None else [])

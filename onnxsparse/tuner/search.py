@@ -14,15 +14,13 @@ second run reuses what the first measured.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,83 +28,29 @@ import onnx
 import onnxruntime as ort
 
 from ..calibration import InputSource, InputSpec, resolve_inputs
-from ..errors import InputDataError, OnnxsparseError
-from ..files import Staging
-from ..io import load, load_with_info, same_file, stage_model
+from ..errors import InputDataError, OnnxsparseError, OutputPathError
+from ..files import OutputLock, Staging
+from ..io import load, load_with_info, stage_model
 from ..latency import RETIME_RUNS, RETIME_SECONDS, relative_latency, timing_feed
 from ..limits import DEFAULT_MAX_INPUT_BYTES, DEFAULT_SYNTHETIC_SAMPLES
 from ..passes import pass_class
-from ..pipeline import optimize, validate
+from ..pipeline import check_output_paths, optimize, paths_in, validate
 from ..report import RunReport, worst_output
 from ..spec import parse_tolerance_text
-from ..validation import Tolerance, Tolerances, ValidationResult
-from ..version import __version__
+from ..validation import Tolerances, ValidationResult
 from ..walk import iter_all_tensors
 from ..weightstore import WeightStore
+from .cache import RecordCache, fingerprint
 from .candidates import Candidate, Objective, combinations, families
 from .executors import InProcess, executor
 from .html import render_html
 from .peers import QUANTIZE_STATIC, peer_kinds, quantize_with_onnxruntime
+from .records import FAILED, OVER, UNCHANGED, WITHIN, ProgressCallback, Record, TuneResult
 
-log = logging.getLogger(__name__)
-
-WITHIN, OVER, UNCHANGED, FAILED = "within", "over", "unchanged", "failed"
 # Timing of every candidate (the estimate): enough interleaved pairs to rank, not to decide a close call.
 ESTIMATE_RUNS, ESTIMATE_SECONDS = 8, 0.5
-ProgressCallback = Callable[[str, int, int], None]
 
-
-@dataclass
-class Record:
-    """What one candidate is, and what it measured."""
-
-    pipeline: str
-    family: str
-    rung: int = 0
-    status: str = FAILED
-    reason: str = ""
-    file: str = ""  # its model, in the cache folder
-    report: str = ""  # its run's JSON report, beside it
-    bytes: int = 0
-    size_ratio: float | None = None  # file bytes over the input's
-    quality: float | None = None  # what the budget bounds (see _quality): higher is better
-    worst: str = ""  # the output that moved most, in words
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    build_seconds: float = 0.0
-    peak_memory: int | None = None  # bytes: the build's process at its peak (None: built beside other work)
-    machine: str = ""  # where the latencies below were measured
-    latency_estimate: float | None = None  # one thread, short interleaved timing, over the input's time
-    latency: float | None = None  # one thread, long interleaved timing (finalists)
-    latency_all_cores: float | None = None  # onnxruntime's default threads (finalists)
-    reused: bool = False  # read from the cache, not built in this run
-    peer: bool = False  # onnxruntime's quantizer: a reference point, never chosen
-
-    def objective(self, objective: Objective) -> float | None:
-        if objective == "size":
-            return self.size_ratio
-        return self.latency if self.latency is not None else self.latency_estimate
-
-
-@dataclass
-class TuneResult:
-    objective: Objective
-    budget: str
-    quality_label: str
-    input: str
-    input_bytes: int
-    records: list[Record]
-    chosen: Record | None
-    output: str | None
-    seconds: float = 0.0
-    cache: str = ""
-    warnings: list[str] = field(default_factory=list)
-    executor: str = ""  # where the candidates were built and timed
-    layers: list[dict[str, str]] = field(default_factory=list)  # what each step of the chosen pipeline did, node by node
-    sensitivity: list[dict[str, Any]] = field(default_factory=list)  # int8: each node's error alone (qdq{sensitivity=true})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class _Build:
@@ -163,44 +107,51 @@ def tune(
     started = time.perf_counter()
     if objective not in ("latency", "size"):
         raise InputDataError(f"--objective: '{objective}' is not latency or size")
-    tolerance = parse_tolerance_text(budget, "--budget") if budget else None
-    model_file, output = Path(model_path), Path(output_path)
-    if same_file(model_file, output):
-        raise InputDataError(f"{output}: output path is the input model; choose another output path")
-    folder = Path(cache) if cache is not None else output.with_name(output.name + ".tune")
-    folder.mkdir(parents=True, exist_ok=True)
+    first_bound(budget)  # a budget that is not tolerance text: exit 2 before any work
+    model_file, output = Path(model_path).resolve(), Path(output_path).resolve()
+    written = [p for p in (output, report_path, json_path) if p is not None]
+    check_output_paths(written, [*paths_in(inputs), *paths_in(calibration), *_metric_file(metric)], model=model_file)
     if (jobs > 1 or ray) and not _picklable(metric, inputs, calibration):
         log.warning("tune: the metric or the inputs are Python objects, which worker processes cannot receive: building one at a time here")
         jobs, ray = 1, None
-    settings = _Settings(model_file, folder, inputs, calibration, budget, metric, samples, seed, dims, int_range, max_input_bytes)
-    runner = executor(jobs, ray)
-    try:
-        with WeightStore(folder) as store:
-            original, info = load_with_info(model_file, max_input_bytes=max_input_bytes, weights=store)
-            result = _searched(original, info.file_bytes, info.external_data_files, settings, objective, runner, finalists, progress)
-            result.quality_label = _quality_label(tolerance, metric)
+    with WeightStore(output.parent) as store:
+        original, info = load_with_info(model_file, max_input_bytes=max_input_bytes, weights=store)
+        data_files = info_paths(model_file, info.external_data_files)
+        check_output_paths(written, data_files)
+        settings = _Settings(model_file, _cache_folder(cache, output), _absolute(inputs), _absolute(calibration), budget, metric, samples,
+                             seed, dims, int_range, max_input_bytes)
+        source = _checked_data(original, settings)  # bad data is exit 2 now, not after candidates were built
+        settings.folder.mkdir(parents=True, exist_ok=True)
+        cached = RecordCache(settings.folder, fingerprint(model_file, data_files, settings.inputs, settings.calibration, metric,
+                                                          (budget, samples, seed, dims, int_range)))
+        with OutputLock(written):
+            runner = executor(jobs, ray)
+            try:
+                result = _searched(original, info.file_bytes, bool(data_files), settings, source, cached, objective, runner, finalists, progress)
+            finally:
+                runner.close()
+            result.quality_label = _quality_label(budget, metric)
             result.seconds = time.perf_counter() - started
-            _publish(result, store, output, report_path, json_path, protect=(model_file, *info_paths(model_file, info.external_data_files)))
-    finally:
-        runner.close()
+            _publish(result, store, output, report_path, json_path, protect=(model_file, *data_files))
     return result
 
 
-def _searched(original: onnx.ModelProto, input_bytes: int, external_data_files: Sequence[str], settings: _Settings, objective: Objective,
-              runner: InProcess, finalists: int, progress: ProgressCallback | None) -> TuneResult:
-    """Every candidate built and timed, onnxruntime's quantizer beside them, and the choice."""
-    cached = _Cache(settings.folder, _fingerprint(settings.model, external_data_files, settings))
+def _searched(original: onnx.ModelProto, input_bytes: int, external_data: bool, settings: _Settings, source: InputSource,
+              cached: RecordCache, objective: Objective, runner: InProcess, finalists: int, progress: ProgressCallback | None) -> TuneResult:
+    """Every candidate built and timed, onnxruntime's quantizer beside them, and the choice: of ours
+    within the budget, the best that beats the input (for latency, by its long timing)."""
     records = _search(original, objective, settings, cached, runner, progress)
-    source = resolve_inputs(settings.calibration if settings.calibration is not None else settings.inputs, original, samples=settings.samples,
-                            seed=settings.seed, dims=settings.dims, int_range=settings.int_range, max_input_bytes=settings.max_input_bytes)
-    records += _peers(original, settings, cached, source, bool(external_data_files), input_bytes)
-    _time_all(settings.model, records, timing_feed(original, source), objective, finalists, _machine(), cached, runner, progress)
-    within = [r for r in records if r.status == WITHIN and not r.peer and r.objective(objective) is not None]
-    better = [r for r in within if (r.objective(objective) or 1.0) < 1.0]  # the input itself is the candidate to beat
+    records += _peers(original, settings, cached, source, external_data, input_bytes)
+    _time_all(settings.model, records, timing_feed(original, source), objective, finalists, runner.call(machine), cached, runner, progress)
+    within = [r for r in records if r.status == WITHIN and not r.peer]
+    if objective == "latency":  # an estimate ranks; only a long timing decides (see _time_all)
+        better = [r for r in within if r.latency is not None and r.latency < 1.0]
+    else:
+        better = [r for r in within if r.size_ratio is not None and r.size_ratio < 1.0]
     chosen = min(better, key=lambda r: (r.objective(objective), -(r.quality or 0.0))) if better else None
     result = TuneResult(objective=objective, budget=settings.budget or "each pass's default tolerance", quality_label="",
                         input=str(settings.model), input_bytes=input_bytes, records=records, chosen=chosen,
-                        output=None, cache=str(settings.folder), executor=runner.describe())
+                        output=None, cache=str(settings.folder), executor=runner.describe(), held_budget=bool(within))
     result.layers = _layers(chosen) if chosen is not None else []
     result.sensitivity = _sensitivity(records)
     if not within:
@@ -209,6 +160,38 @@ def _searched(original: onnx.ModelProto, input_bytes: int, external_data_files: 
         result.warnings.append(f"no candidate within the budget is {'faster' if objective == 'latency' else 'smaller'} than the input: "
                                "nothing written but the reports")
     return result
+
+
+def _cache_folder(cache: str | os.PathLike[str] | None, output: Path) -> Path:
+    folder = Path(cache).resolve() if cache is not None else output.with_name(output.name + ".tune")
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"{folder}: --cache is a file, not a folder")
+    return folder
+
+
+def _checked_data(original: onnx.ModelProto, settings: _Settings) -> InputSource:
+    """The validation inputs and calibration data resolved (missing files, wrong names: exit 2), and
+    the source timings take their sample from (calibration, else validation inputs, else synthetic)."""
+    def resolved(spec: InputSpec) -> InputSource:
+        return resolve_inputs(spec, original, samples=settings.samples, seed=settings.seed, dims=settings.dims, int_range=settings.int_range,
+                              max_input_bytes=settings.max_input_bytes)
+    validation = resolved(settings.inputs)
+    return resolved(settings.calibration) if settings.calibration is not None else validation
+
+
+def _absolute(spec: InputSpec) -> Any:
+    """Paths made absolute (a worker on another machine, or in another folder, reads the same files)."""
+    if isinstance(spec, (str, os.PathLike)):
+        return str(Path(spec).resolve())
+    paths = paths_in(spec)
+    return [str(path.resolve()) for path in paths] if paths else spec
+
+
+def _metric_file(metric: Any) -> list[Path]:
+    """A ``file.py:function`` metric's file: read by the run, never written over."""
+    if isinstance(metric, str) and metric.rpartition(":")[0].endswith(".py"):
+        return [Path(metric.rpartition(":")[0])]
+    return []
 
 
 @dataclass(frozen=True)
@@ -231,7 +214,7 @@ class _Settings:
                       self.max_input_bytes, fresh_process)
 
 
-def _search(original: onnx.ModelProto, objective: Objective, settings: _Settings, cached: _Cache, runner: InProcess,
+def _search(original: onnx.ModelProto, objective: Objective, settings: _Settings, cached: RecordCache, runner: InProcess,
             progress: ProgressCallback | None) -> list[Record]:
     """Every candidate's record: the families climbed rung by rung, then the combinations."""
     ladders = {f.name: f for f in families(original, objective, calibration=settings.calibration is not None)}
@@ -257,7 +240,7 @@ def _search(original: onnx.ModelProto, objective: Objective, settings: _Settings
     return records
 
 
-def _build_all(candidates: Sequence[Candidate], settings: _Settings, cached: _Cache, runner: InProcess, progress: ProgressCallback | None,
+def _build_all(candidates: Sequence[Candidate], settings: _Settings, cached: RecordCache, runner: InProcess, progress: ProgressCallback | None,
                done_before: int) -> list[Record]:
     records: dict[int, Record] = {}
     todo: list[tuple[int, Candidate, str]] = []
@@ -273,7 +256,9 @@ def _build_all(candidates: Sequence[Candidate], settings: _Settings, cached: _Ca
     if progress:
         progress("tune: candidates built", done_before + len(records), total)
 
-    def finished(index: int, candidate: Candidate, key: str, record: Record) -> None:
+    def finished(index: int, candidate: Candidate, key: str, record: Record | BaseException) -> None:
+        if isinstance(record, BaseException):  # its worker died (out of memory?) or Ray lost it: this candidate only
+            record = Record(pipeline=candidate.pipeline, family="", reason=f"its build's process failed: {type(record).__name__}: {record}")
         record.family, record.rung = candidate.family, candidate.rung
         records[index] = record
         cached.put(key, record)
@@ -298,9 +283,9 @@ def build_candidate(job: _Build) -> Record:
         report = optimize(job.model, job.output, job.pipeline, inputs=job.inputs, calibration=job.calibration, tolerances=tolerances,
                           policy="keep", keep_worse=True, samples=job.samples, seed=job.seed, dims=job.dims, int_range=job.int_range,
                           max_input_bytes=job.max_input_bytes, metric=job.metric, measure_speed=False, report_path=job.report)
-    except InputDataError:
-        raise
-    except OnnxsparseError as error:  # a model this pipeline cannot produce (a pass raised under its own checks)
+    except OnnxsparseError as error:
+        # The user's files were checked before the search: what fails here is this candidate's (a pass
+        # that refuses this model, a metric that raises on these outputs, a full disk).
         record.reason = str(error).splitlines()[0]
         record.build_seconds = time.perf_counter() - started
         return record
@@ -377,30 +362,32 @@ def _quality(validation: ValidationResult | None, budget: str, has_metric: bool)
         return None
     if has_metric and validation.metric is not None:
         return validation.metric.value
-    bound = _first_bound(parse_tolerance_text(budget, "--budget")) if budget else None
-    values = [v for o in validation.outputs if o.compared for v in [o.value_of(bound or "min_cosine")] if v is not None]
+    bound = first_bound(budget) or "min_cosine"
+    values = [v for o in validation.outputs if o.compared for v in [o.value_of(bound)] if v is not None]
     if not values:
         return None
-    if bound is not None and bound.startswith("max_"):
-        return -max(values)
-    return min(values)
+    return -max(values) if bound.startswith("max_") else min(values)
 
 
-def _first_bound(tolerance: Tolerance) -> str | None:
-    return next((f.name for f in dataclasses.fields(tolerance) if getattr(tolerance, f.name) is not None), None)
+def first_bound(budget: str) -> str | None:
+    """The bound the budget names first (``"min_top1=0.95 max_abs=1"`` -> ``min_top1``), checked."""
+    if not budget:
+        return None
+    parse_tolerance_text(budget, "--budget")
+    return budget.replace(",", " ").split()[0].partition("=")[0].strip()
 
 
-def _quality_label(tolerance: Tolerance | None, metric: Any) -> str:
+def _quality_label(budget: str, metric: Any) -> str:
     if metric is not None:
         return "task metric"
-    bound = _first_bound(tolerance) if tolerance is not None else None
+    bound = first_bound(budget)
     if bound is None:
         return "worst output cosine"
     name = bound.removeprefix("min_").removeprefix("max_")
     return f"-{name} (worst output)" if bound.startswith("max_") else f"{name} (worst output)"
 
 
-def _peers(original: onnx.ModelProto, settings: _Settings, cached: _Cache, calibration: InputSource, external_data: bool,
+def _peers(original: onnx.ModelProto, settings: _Settings, cached: RecordCache, calibration: InputSource, external_data: bool,
            input_bytes: int) -> list[Record]:
     """onnxruntime's quantize_dynamic and quantize_static on the same model and data, validated like
     the candidates (on the validation inputs; without them, on the calibration data they were
@@ -456,7 +443,7 @@ def time_candidate(original: str, candidate: str, feed: dict[str, Any], runs: in
 
 
 def _time_all(original: Path, records: list[Record], feed: dict[str, Any], objective: Objective, finalists: int, machine: str,
-              cached: _Cache, runner: InProcess, progress: ProgressCallback | None) -> None:
+              cached: RecordCache, runner: InProcess, progress: ProgressCallback | None) -> None:
     """Latency of every built candidate over the input's, one at a time: a short timing each, then a
     long one on one thread and on every core for the best ``finalists`` within the budget."""
     timed = [r for r in records if r.status in (WITHIN, OVER) and r.file]
@@ -501,81 +488,6 @@ def info_paths(model: Path, external_data_files: Sequence[str]) -> list[Path]:
     return [folder / name for name in external_data_files]
 
 
-# ---------------------------------------------------------------------------------------------
-# the cache
-# ---------------------------------------------------------------------------------------------
-
-
-class _Cache:
-    """Records in ``records.json`` of the cache folder, keyed by everything a candidate depends on."""
-
-    def __init__(self, folder: Path, fingerprint: str) -> None:
-        self.path = folder / "records.json"
-        self.fingerprint = fingerprint
-        self._keys: dict[str, str] = {}  # pipeline -> key, for put_record
-        try:
-            self._records: dict[str, dict[str, Any]] = json.loads(self.path.read_text()) if self.path.exists() else {}
-        except (OSError, ValueError):
-            log.warning("tune: %s is unreadable: starting a new cache", self.path)
-            self._records = {}
-
-    def key(self, pipeline: str) -> str:
-        key = hashlib.blake2b(f"{self.fingerprint}\n{pipeline}".encode(), digest_size=10).hexdigest()
-        self._keys[pipeline] = key
-        return key
-
-    def get(self, key: str) -> Record | None:
-        data = self._records.get(key)
-        if data is None:
-            return None
-        known = {f.name for f in dataclasses.fields(Record)}
-        return Record(**{k: v for k, v in data.items() if k in known})
-
-    def put(self, key: str, record: Record) -> None:
-        self._records[key] = dataclasses.asdict(record)
-        staged = self.path.with_name(self.path.name + ".tmp")
-        staged.write_text(json.dumps(self._records, indent=1))
-        staged.replace(self.path)
-
-    def put_record(self, record: Record) -> None:
-        self.put(self._keys.get(record.pipeline) or self.key(record.pipeline), record)
-
-
-def _fingerprint(model: Path, external_data_files: Sequence[str], settings: _Settings) -> str:
-    """What every candidate of this run depends on: the input model's bytes and its data files, the
-    budget, the metric, the data and its settings, and this version of the tool."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(model.read_bytes())
-    for part in (settings.inputs, settings.calibration):
-        for path in _paths(part):
-            stat = path.stat()
-            digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    digest.update(repr((settings.budget, _metric_id(settings.metric), settings.samples, settings.seed, settings.dims, settings.int_range,
-                        __version__, ort.__version__)).encode())
-    for path in info_paths(model, external_data_files):
-        stat = path.stat()
-        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()
-
-
-def _metric_id(metric: Any) -> str:
-    if metric is None or isinstance(metric, str):
-        return str(metric)
-    return f"{getattr(metric, '__module__', '')}.{getattr(metric, '__qualname__', type(metric).__name__)}"
-
-
-def _paths(spec: Any) -> list[Path]:
-    if spec is None:
-        return []
-    items = spec if isinstance(spec, (list, tuple)) else [spec]
-    found = []
-    for item in items:
-        if isinstance(item, (str, os.PathLike)):
-            path = Path(item)
-            found.extend(sorted(path.rglob("*.npz")) if path.is_dir() else [path])
-    return found
-
-
 def _picklable(*values: Any) -> bool:
     """Whether a worker process can receive these as given: text, paths, numbers and lists of them."""
     def plain(value: Any) -> bool:
@@ -585,7 +497,7 @@ def _picklable(*values: Any) -> bool:
     return all(plain(v) for v in values)
 
 
-def _machine() -> str:
+def machine() -> str:
     """The machine a latency belongs to: CPU model, cores this process may use, onnxruntime version."""
     model = platform.processor() or platform.machine()
     try:
