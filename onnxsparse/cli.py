@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--ray", metavar="ADDRESS", help="build and time the candidates on a Ray cluster (auto, ray://host:10001, or local for an "
                                                       "instance of this machine; pip install 'onnxsparse[ray]'); the cache folder must be on "
                                                       "storage every node mounts at the same path")
-    tune.add_argument("--cache", metavar="DIR", help="where candidates and their figures are kept (default OUTPUT.tune); a second run reuses them")
+    tune.add_argument("--cache", metavar="DIR", help="where candidates and their figures are kept (default MODEL.onnx.tune beside the output); a second run, for either objective, reuses them")
     tune.add_argument("--finalists", type=int, default=3, help="candidates within the budget timed at length, on one thread and on every core (default 3)")
     tune.add_argument("--report", metavar="FILE.html", help="write the frontier, every candidate and the chosen one's steps as one HTML file")
     tune.add_argument("--figures", metavar="FILE.json", help="write every candidate's figures as JSON")
@@ -340,18 +340,20 @@ def render_tune(result: Any) -> str:
     rows = []
     for record in sorted(result.records, key=lambda r: (r.status != "within", r.objective(result.objective) or float("inf"))):
         rows.append([("* " if record is result.chosen else "  ") + record.pipeline, record.status, _times(record.size_ratio),
-                     _times(record.latency if record.latency is not None else record.latency_estimate), _times(record.latency_all_cores),
+                     _times(record.latency) if record.latency is not None else _times(record.latency_estimate, "~"), _times(record.latency_all_cores),
                      "-" if record.quality is None else f"{record.quality:.4g}"])
     lines = [format_table(["candidate", "status", "size", "latency 1 thread", "all cores", result.quality_label], rows, right=(2, 3, 4, 5)), ""]
     if result.chosen is not None:
         lines.append(f"{result.output}: {result.chosen.pipeline} ({result.objective} {_times(result.chosen.objective(result.objective))} of the input's)")
-    lines.append(f"budget: {result.budget}; {len(result.records)} candidates in {result.seconds:.0f} s; cache {result.cache}")
+    reused = sum(r.reused for r in result.records)
+    lines.append(f"budget: {result.budget}; {len(result.records)} candidates ({reused} from the cache) in {result.seconds:.0f} s; "
+                 f"cache {result.cache}; ~ marks a short timing, the finalists' long ones decide")
     lines.extend(f"warning: {w}" for w in result.warnings)
     return "\n".join(lines)
 
 
-def _times(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}x"
+def _times(value: float | None, mark: str = "") -> str:
+    return "-" if value is None else f"{mark}{value:.3f}x"
 
 
 def optimize_status(report: RunReport) -> int:

@@ -303,3 +303,24 @@ def test_inputs_given_as_arrays_or_a_metric_file_that_changed_are_not_reused(tmp
     second = tune(CNN, tmp_path / "b.onnx", metric=f"{metric}:m", cache=tmp_path / "metric", **DATA)
     ours = [r for r in second.records if not r.peer]
     assert sorted(built[first:]) == sorted(r.pipeline for r in ours) and not any(r.reused for r in ours)  # another metric: built again
+
+
+def test_a_pipeline_that_wrote_the_same_model_as_an_earlier_one_is_that_one():
+    from onnxsparse.tuner.records import Record
+
+    first = Record("channel-prune{ratio=0.5}", "channels", 1, status="within", digest="d1")
+    twin = Record("channel-prune{ratio=0.7}", "channels", 2, status="within", digest="d1")
+    other = Record("qdq{mode=static}", "int8 static", 0, status="over", digest="d2")
+    search._mark_duplicates([first], [twin, other])
+    assert (twin.status, twin.duplicate_of, twin.status_as_built) == ("duplicate", first.pipeline, "within")
+    assert other.status == "over"
+
+
+def test_with_a_metric_and_no_budget_the_metric_alone_judges(tmp_path, latency_by_size):
+    metric = tmp_path / "metric.py"
+    metric.write_text("def m(reference, candidate, inputs):\n    return 1.0, True\n")
+    result = tune(CNN, tmp_path / "out.onnx", metric=f"{metric}:m", **DATA)
+    by_pipeline = {r.pipeline: r for r in result.records}
+    # half the channels break min_top1=0.95 (see above) and qdq's own cosine bound; the metric says yes
+    assert by_pipeline["channel-prune{ratio=0.5 refit=true never_slower=false}"].status == "within"
+    assert result.budget == "your metric"

@@ -53,7 +53,8 @@ def render_html(result: TuneResult) -> str:
         "<h2>Frontier</h2>",
         frontier_svg(result),
         ("<p>Each point is a candidate: filled within the budget, hollow over it; the ring marks the one written; diamonds are "
-         "onnxruntime's own quantizer on the same data, for reference. "
+         "onnxruntime's own quantizer on the same data, for reference. A latency with ~ is the short estimate every candidate "
+         "gets; the finalists' long timings decide. "
          "Latencies are onnxruntime run times over the input model's, one thread, interleaved runs.</p>"),
         "<h2>Candidates</h2>",
         _candidates_table(result),
@@ -73,21 +74,22 @@ def frontier_svg(result: TuneResult) -> str:
     """Objective (x, lower is better) against quality (y, higher is better) of every candidate that
     has both; the budget's bound as a dashed line when it bounds what is plotted."""
     points = [(r, r.objective(result.objective), r.quality) for r in result.records]
-    drawn = [(r, x, y) for r, x, y in points if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+    drawn = [(r, x, y) for r, x, y in points if x is not None and y is not None and 0 < x < math.inf and math.isfinite(y)]
     bound = _budget_line(result)
-    xs = [x for _, x, _ in drawn] + [1.0]
+    # ratios on a log axis: 0.05x and 9x (onnxruntime's dynamic int8 on a CNN) both stay readable
+    xs = [math.log10(x) for _, x, _ in drawn] + [0.0]
     ys = [y for _, _, y in drawn] + ([bound] if bound is not None else [])
     x_low, x_high = _padded(min(xs), max(xs))
     y_low, y_high = _padded(min(ys), max(ys)) if ys else (0.0, 1.0)
 
     def sx(x: float) -> float:
-        return LEFT + (x - x_low) / (x_high - x_low) * (WIDTH - LEFT - RIGHT)
+        return LEFT + (math.log10(x) - x_low) / (x_high - x_low) * (WIDTH - LEFT - RIGHT)
 
     def sy(y: float) -> float:
         return HEIGHT - BOTTOM - (y - y_low) / (y_high - y_low) * (HEIGHT - TOP - BOTTOM)
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" role="img">']
-    for tick in _ticks(x_low, x_high):
+    for tick in _ratio_ticks(x_low, x_high):
         out.append(f'<line class="grid" x1="{sx(tick):.1f}" y1="{TOP}" x2="{sx(tick):.1f}" y2="{HEIGHT - BOTTOM}"/>')
         out.append(f'<text x="{sx(tick):.1f}" y="{HEIGHT - BOTTOM + 16}" text-anchor="middle">{tick:.3g}x</text>')
     for tick in _ticks(y_low, y_high):
@@ -153,7 +155,7 @@ def _candidates_table(result: TuneResult) -> str:
     for record in ordered:
         cells = [
             f"<code>{escape(record.pipeline)}</code>", escape(record.status + (" (cached)" if record.reused else "")),
-            _ratio(record.size_ratio), _ratio(record.latency_estimate), _ratio(record.latency), _ratio(record.latency_all_cores),
+            _ratio(record.size_ratio), _ratio(record.latency_estimate, "~"), _ratio(record.latency), _ratio(record.latency_all_cores),
             "-" if record.quality is None else f"{record.quality:.4g}", f"{record.build_seconds:.0f}",
             "-" if record.peak_memory is None else f"{record.peak_memory / 2**20:.0f} MiB", _shortened(record.reason),
         ]
@@ -209,8 +211,8 @@ def _objective_label(result: TuneResult) -> str:
     return "latency over the input's (one thread)"
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}x"
+def _ratio(value: float | None, mark: str = "") -> str:
+    return "-" if value is None else f"{mark}{value:.3f}x"
 
 
 def _padded(low: float, high: float) -> tuple[float, float]:
@@ -218,6 +220,12 @@ def _padded(low: float, high: float) -> tuple[float, float]:
         low, high = low - 0.05 * max(abs(low), 1.0), high + 0.05 * max(abs(high), 1.0)
     margin = 0.06 * (high - low)
     return low - margin, high + margin
+
+
+def _ratio_ticks(log_low: float, log_high: float) -> list[float]:
+    """1-2-5 ratios between two powers of ten (a log axis)."""
+    ticks = [m * 10.0**e for e in range(math.floor(log_low), math.ceil(log_high) + 1) for m in (1, 2, 5)]
+    return [t for t in ticks if log_low <= math.log10(t) <= log_high]
 
 
 def _ticks(low: float, high: float, count: int = 6) -> list[float]:

@@ -59,6 +59,7 @@ def quantize_with_onnxruntime(kind: str, model: Path, output: Path, calibration:
                             weight_type=QuantType.QInt8, per_channel=True, use_external_data_format=external_data)
         onnx.checker.check_model(str(output))
     except Exception as error:  # noqa: BLE001 - see above
+        root.setLevel(level)
         text = " ".join(str(error).split())[:300] or type(error).__name__
         log.info("tune: %s failed: %s", kind, text)
         return f"{kind} failed: {text}"

@@ -9,7 +9,7 @@ from typing import Any
 
 from .candidates import Objective
 
-WITHIN, OVER, UNCHANGED, FAILED = "within", "over", "unchanged", "failed"
+WITHIN, OVER, UNCHANGED, FAILED, DUPLICATE = "within", "over", "unchanged", "failed", "duplicate"
 ProgressCallback = Callable[[str, int, int], None]
 
 
@@ -35,6 +35,9 @@ class Record:
     latency_estimate: float | None = None  # one thread, short interleaved timing, over the input's time
     latency: float | None = None  # one thread, long interleaved timing (finalists)
     latency_all_cores: float | None = None  # onnxruntime's default threads (finalists)
+    digest: str = ""  # of the model it wrote (file and data)
+    duplicate_of: str = ""  # the earlier pipeline that wrote the same model
+    status_as_built: str = ""  # a duplicate's own verdict (within/over), for its ladder
     reused: bool = False  # read from the cache, not built in this run
     peer: bool = False  # onnxruntime's quantizer: a reference point, never chosen
 

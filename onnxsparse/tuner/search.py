@@ -14,6 +14,7 @@ second run reuses what the first measured.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from ..passes import pass_class
 from ..pipeline import check_output_paths, optimize, paths_in, validate
 from ..report import RunReport, worst_output
 from ..spec import parse_tolerance_text
-from ..validation import Tolerances, ValidationResult
+from ..validation import Tolerance, Tolerances, ValidationResult
 from ..walk import iter_all_tensors
 from ..weightstore import WeightStore
 from .cache import RecordCache, fingerprint
@@ -45,7 +46,7 @@ from .candidates import Candidate, Objective, combinations, families
 from .executors import InProcess, executor
 from .html import render_html
 from .peers import QUANTIZE_STATIC, peer_kinds, quantize_with_onnxruntime
-from .records import FAILED, OVER, UNCHANGED, WITHIN, ProgressCallback, Record, TuneResult
+from .records import DUPLICATE, FAILED, OVER, UNCHANGED, WITHIN, ProgressCallback, Record, TuneResult
 
 # Timing of every candidate (the estimate): enough interleaved pairs to rank, not to decide a close call.
 ESTIMATE_RUNS, ESTIMATE_SECONDS = 8, 0.5
@@ -100,7 +101,7 @@ def tune(
     ``output_path`` and return every candidate's figures. ``jobs``: candidates built side by side in
     worker processes (the metric and the inputs must then be given as text or paths); ``ray``: on a
     Ray cluster's workers instead (its address, or ``local``; see executors.py). ``cache``: where candidates and their
-    figures are kept (default: ``OUTPUT.tune`` beside the output); a second run reuses them.
+    figures are kept (default: ``<input name>.tune`` beside the output); a second run reuses them.
     ``report_path``: a self-contained HTML report (the frontier, every candidate, the chosen one's
     steps); ``json_path``: the figures as JSON. The model and the reports are written together, after
     the search, or none of them; without a candidate within the budget only the reports are."""
@@ -118,7 +119,7 @@ def tune(
         original, info = load_with_info(model_file, max_input_bytes=max_input_bytes, weights=store)
         data_files = info_paths(model_file, info.external_data_files)
         check_output_paths(written, data_files)
-        settings = _Settings(model_file, _cache_folder(cache, output), _absolute(inputs), _absolute(calibration), budget, metric, samples,
+        settings = _Settings(model_file, _cache_folder(cache, output, model_file), _absolute(inputs), _absolute(calibration), budget, metric, samples,
                              seed, dims, int_range, max_input_bytes)
         source = _checked_data(original, settings)  # bad data is exit 2 now, not after candidates were built
         settings.folder.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,8 @@ def _searched(original: onnx.ModelProto, input_bytes: int, external_data: bool, 
     else:
         better = [r for r in within if r.size_ratio is not None and r.size_ratio < 1.0]
     chosen = min(better, key=lambda r: (r.objective(objective), -(r.quality or 0.0))) if better else None
-    result = TuneResult(objective=objective, budget=settings.budget or "each pass's default tolerance", quality_label="",
+    budget = settings.budget or ("your metric" if settings.metric is not None else "each pass's default tolerance")
+    result = TuneResult(objective=objective, budget=budget, quality_label="",
                         input=str(settings.model), input_bytes=input_bytes, records=records, chosen=chosen,
                         output=None, cache=str(settings.folder), executor=runner.describe(), held_budget=bool(within))
     result.layers = _layers(chosen) if chosen is not None else []
@@ -162,8 +164,10 @@ def _searched(original: onnx.ModelProto, input_bytes: int, external_data: bool, 
     return result
 
 
-def _cache_folder(cache: str | os.PathLike[str] | None, output: Path) -> Path:
-    folder = Path(cache).resolve() if cache is not None else output.with_name(output.name + ".tune")
+def _cache_folder(cache: str | os.PathLike[str] | None, output: Path, model: Path) -> Path:
+    """--cache, else ``<input name>.tune`` beside the output: a run for the other objective, or for
+    another output in that folder, reuses what this one built (the keys say what differs)."""
+    folder = Path(cache).resolve() if cache is not None else output.parent / f"{model.name}.tune"
     if folder.exists() and not folder.is_dir():
         raise OutputPathError(f"{folder}: --cache is a file, not a folder")
     return folder
@@ -225,19 +229,35 @@ def _search(original: onnx.ModelProto, objective: Objective, settings: _Settings
     round_ = [Candidate(f.rungs[0], f.name, 0) for f in ladders.values()]
     while round_:
         built = _build_all(round_, settings, cached, runner, progress, len(records))
+        _mark_duplicates(records, built)
         records.extend(built)
         next_round = []
         for record in built:
             ladder = ladders[record.family]
-            if record.status == WITHIN:
+            status = record.status_as_built or record.status  # a duplicate held (or broke) the budget as its twin did
+            if status == WITHIN:
                 held[record.family] = record.pipeline
             # a rung that changed nothing (too mild to remove a whole block of channels) says nothing
             # of the next one; one over the budget says the rest would be too
-            if record.status in (WITHIN, UNCHANGED) and record.rung + 1 < len(ladder.rungs):
+            if status in (WITHIN, UNCHANGED) and record.rung + 1 < len(ladder.rungs):
                 next_round.append(Candidate(ladder.rungs[record.rung + 1], record.family, record.rung + 1))
         round_ = next_round
-    records.extend(_build_all(combinations(held, objective), settings, cached, runner, progress, len(records)))
-    return records
+    combined = _build_all(combinations(held, objective), settings, cached, runner, progress, len(records))
+    _mark_duplicates(records, combined)
+    return records + combined
+
+
+def _mark_duplicates(earlier: list[Record], built: list[Record]) -> None:
+    """A candidate that wrote the same model as one before it is that one: not timed, not chosen
+    (MNIST: channel ratios 0.5 and 0.7 round to the same blocks). It still climbs its ladder."""
+    seen = {r.digest: r for r in earlier if r.digest and r.status != DUPLICATE}
+    for record in built:
+        first = seen.get(record.digest) if record.digest else None
+        if first is not None and record.status in (WITHIN, OVER):
+            record.duplicate_of, record.status_as_built = first.pipeline, record.status
+            record.status, record.reason = DUPLICATE, f"the same model as {first.pipeline}"
+        elif record.digest:
+            seen.setdefault(record.digest, record)
 
 
 def _build_all(candidates: Sequence[Candidate], settings: _Settings, cached: RecordCache, runner: InProcess, progress: ProgressCallback | None,
@@ -278,7 +298,7 @@ def build_candidate(job: _Build) -> Record:
     input (the user's files) is raised, since every candidate would meet it."""
     started = time.perf_counter()
     record = Record(pipeline=job.pipeline, family="")
-    tolerances = Tolerances(default=parse_tolerance_text(job.budget, "--budget")) if job.budget else None
+    tolerances = _tolerances(job.budget, job.metric is not None)
     try:
         report = optimize(job.model, job.output, job.pipeline, inputs=job.inputs, calibration=job.calibration, tolerances=tolerances,
                           policy="keep", keep_worse=True, samples=job.samples, seed=job.seed, dims=job.dims, int_range=job.int_range,
@@ -296,6 +316,14 @@ def build_candidate(job: _Build) -> Record:
     return record
 
 
+def _tolerances(budget: str, metric: bool) -> Tolerances | None:
+    """The budget as every step's tolerance; with a metric and no budget, the metric alone judges (no
+    pass's own default tolerance on top of it); with neither, each pass's default."""
+    if budget:
+        return Tolerances(default=parse_tolerance_text(budget, "--budget"))
+    return Tolerances(default=Tolerance()) if metric else None
+
+
 def _peak_resident_bytes() -> int | None:
     """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
     try:
@@ -310,6 +338,7 @@ def _describe(record: Record, report: RunReport, job: _Build) -> None:
     record.steps = [{"spec": s.spec, "status": s.status, "reason": s.reason, "changes": len(s.changes), "skipped": len(s.skipped)}
                     for s in report.steps]
     record.file, record.report = job.output, job.report
+    record.digest = written_digest(Path(job.output)) if report.output is not None else ""
     record.bytes = report.output.file_bytes if report.output is not None else 0
     record.size_ratio = record.bytes / max(report.input.file_bytes, 1)
     validation = report.final_validation
@@ -413,9 +442,9 @@ def _peers(original: onnx.ModelProto, settings: _Settings, cached: RecordCache, 
 
 
 def _judge_peer(record: Record, output: Path, settings: _Settings, input_bytes: int) -> None:
-    budget = parse_tolerance_text(settings.budget, "--budget") if settings.budget else pass_class("qdq").default_tolerance
+    chosen = _tolerances(settings.budget, settings.metric is not None)
     validation = validate(settings.model, output, inputs=settings.inputs if settings.inputs is not None else settings.calibration,
-                          tolerance=budget, samples=settings.samples, seed=settings.seed, dims=settings.dims, int_range=settings.int_range,
+                          tolerances=chosen or Tolerances(default=pass_class("qdq").default_tolerance), samples=settings.samples, seed=settings.seed, dims=settings.dims, int_range=settings.int_range,
                           max_input_bytes=settings.max_input_bytes, metric=settings.metric)
     record.file = str(output)
     record.bytes = written_bytes(output)
@@ -424,14 +453,29 @@ def _judge_peer(record: Record, output: Path, settings: _Settings, input_bytes: 
     record.quality = _quality(validation, settings.budget, settings.metric is not None)
     record.status = WITHIN if validation.passed else OVER
     failures = "; ".join(validation.verdict.failures)
-    record.reason = failures + ("; " if failures else "") + ("validated on its own calibration data" if settings.inputs is None else "")
+    record.reason = "; ".join(part for part in (failures, "validated on its own calibration data" if settings.inputs is None else "") if part)
 
 
 def written_bytes(model: Path) -> int:
     """A model file's bytes with the external data files it names."""
+    return sum(path.stat().st_size for path in _written_files(model))
+
+
+def written_digest(model: Path) -> str:
+    """A digest of a model file and the external data files it names: two pipelines that wrote the
+    same model (channel ratios that round to the same blocks) are one candidate."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in _written_files(model):
+        with path.open("rb") as stream:
+            for block in iter(lambda: stream.read(2**24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _written_files(model: Path) -> list[Path]:
     proto = onnx.load(str(model), load_external_data=False)
-    names = {entry.value for tensor in iter_all_tensors(proto) for entry in tensor.external_data if entry.key == "location"}
-    return model.stat().st_size + sum((model.parent / name).stat().st_size for name in names)
+    names = sorted({entry.value for tensor in iter_all_tensors(proto) for entry in tensor.external_data if entry.key == "location"})
+    return [model, *(model.parent / name for name in names)]
 
 
 def time_candidate(original: str, candidate: str, feed: dict[str, Any], runs: int, seconds: float, threads: int) -> float:
