@@ -54,13 +54,11 @@ ESTIMATE_RUNS, ESTIMATE_SECONDS = 8, 0.5
 log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
-class _Build:
-    """One candidate's build, as a worker process gets it (everything picklable)."""
+class _Settings:
+    """What every candidate of a run is built and judged with (picklable: workers get it)."""
 
-    model: str
-    output: str
-    report: str
-    pipeline: str
+    model: Path
+    folder: Path
     inputs: Any
     calibration: Any
     budget: str
@@ -70,6 +68,19 @@ class _Build:
     dims: dict[str, int] | None
     int_range: tuple[int, int] | None
     max_input_bytes: int
+
+    def build(self, candidate: Candidate, key: str, fresh_process: bool) -> _Build:
+        return _Build(self, str(self.folder / f"{key}.onnx"), str(self.folder / f"{key}.report.json"), candidate.pipeline, fresh_process)
+
+
+@dataclass(frozen=True)
+class _Build:
+    """One candidate's build, as a worker gets it."""
+
+    settings: _Settings
+    output: str
+    report: str
+    pipeline: str
     fresh_process: bool = False  # built in a process of its own: its peak resident memory is the build's
 
 
@@ -198,26 +209,6 @@ def _metric_file(metric: Any) -> list[Path]:
     return []
 
 
-@dataclass(frozen=True)
-class _Settings:
-    model: Path
-    folder: Path
-    inputs: Any
-    calibration: Any
-    budget: str
-    metric: Any
-    samples: int
-    seed: int
-    dims: dict[str, int] | None
-    int_range: tuple[int, int] | None
-    max_input_bytes: int
-
-    def build(self, candidate: Candidate, key: str, fresh_process: bool) -> _Build:
-        return _Build(str(self.model), str(self.folder / f"{key}.onnx"), str(self.folder / f"{key}.report.json"), candidate.pipeline,
-                      self.inputs, self.calibration, self.budget, self.metric, self.samples, self.seed, self.dims, self.int_range,
-                      self.max_input_bytes, fresh_process)
-
-
 def _search(original: onnx.ModelProto, objective: Objective, settings: _Settings, cached: RecordCache, runner: InProcess,
             progress: ProgressCallback | None) -> list[Record]:
     """Every candidate's record: the families climbed rung by rung, then the combinations."""
@@ -298,11 +289,11 @@ def build_candidate(job: _Build) -> Record:
     input (the user's files) is raised, since every candidate would meet it."""
     started = time.perf_counter()
     record = Record(pipeline=job.pipeline, family="")
-    tolerances = _tolerances(job.budget, job.metric is not None)
+    tolerances = _tolerances(job.settings.budget, job.settings.metric is not None)
     try:
-        report = optimize(job.model, job.output, job.pipeline, inputs=job.inputs, calibration=job.calibration, tolerances=tolerances,
-                          policy="keep", keep_worse=True, samples=job.samples, seed=job.seed, dims=job.dims, int_range=job.int_range,
-                          max_input_bytes=job.max_input_bytes, metric=job.metric, measure_speed=False, report_path=job.report)
+        report = optimize(job.settings.model, job.output, job.pipeline, inputs=job.settings.inputs, calibration=job.settings.calibration, tolerances=tolerances,
+                          policy="keep", keep_worse=True, samples=job.settings.samples, seed=job.settings.seed, dims=job.settings.dims, int_range=job.settings.int_range,
+                          max_input_bytes=job.settings.max_input_bytes, metric=job.settings.metric, measure_speed=False, report_path=job.report)
     except OnnxsparseError as error:
         # The user's files were checked before the search: what fails here is this candidate's (a pass
         # that refuses this model, a metric that raises on these outputs, a full disk).
@@ -343,7 +334,7 @@ def _describe(record: Record, report: RunReport, job: _Build) -> None:
     record.size_ratio = record.bytes / max(report.input.file_bytes, 1)
     validation = report.final_validation
     record.worst = worst_output(validation)
-    record.quality = _quality(validation, job.budget, job.metric is not None)
+    record.quality = _quality(validation, job.settings.budget, job.settings.metric is not None)
     if not any(s.changes for s in report.steps):
         record.status, record.reason = UNCHANGED, "; ".join(s.reason for s in report.steps if s.reason) or "no pass changed the model"
     elif validation is not None and validation.passed:
