@@ -338,7 +338,9 @@ def _describe(record: Record, report: RunReport, job: _Build) -> None:
     if not any(s.changes for s in report.steps):
         record.status, record.reason = UNCHANGED, "; ".join(s.reason for s in report.steps if s.reason) or "no pass changed the model"
     elif validation is not None and validation.passed:
-        record.status = WITHIN
+        # what it gave up to hold the budget (qdq's guard keeping nodes float), in a word per step
+        record.status, record.reason = WITHIN, "; ".join(f"{s.pass_name}: {len(s.changes)} changed, {len(s.skipped)} left alone"
+                                                         for s in report.steps if s.skipped)
     else:
         record.status = OVER
         record.reason = "; ".join(validation.verdict.failures) if validation is not None else "not validated"
