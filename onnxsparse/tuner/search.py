@@ -30,7 +30,7 @@ import onnxruntime as ort
 
 from ..calibration import InputSource, InputSpec, resolve_inputs
 from ..errors import InputDataError, OnnxsparseError, OutputPathError
-from ..files import OutputLock, Staging
+from ..files import OutputLock, Staging, describe_os_error
 from ..io import load, load_with_info, stage_model
 from ..latency import RETIME_RUNS, RETIME_SECONDS, relative_latency, timing_feed
 from ..limits import DEFAULT_MAX_INPUT_BYTES, DEFAULT_SYNTHETIC_SAMPLES
@@ -133,7 +133,10 @@ def tune(
         settings = _Settings(model_file, _cache_folder(cache, output, model_file), _absolute(inputs), _absolute(calibration), budget, metric, samples,
                              seed, dims, int_range, max_input_bytes)
         source = _checked_data(original, settings)  # bad data is exit 2 now, not after candidates were built
-        settings.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            settings.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputPathError(f"{settings.folder}: the tuner's cache folder cannot be made ({describe_os_error(error)})") from error
         cached = RecordCache(settings.folder, fingerprint(model_file, data_files, settings.inputs, settings.calibration, metric,
                                                           (budget, samples, seed, dims, int_range)))
         with OutputLock(written):
