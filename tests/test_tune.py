@@ -119,6 +119,8 @@ def test_the_families_follow_the_model_the_data_and_the_objective():
     assert "int8 static" not in transformer and "refit" not in " ".join(transformer["channels"])  # no calibration data
     assert transformer["block-wise weights"] == ("weight-only{bits=8 method=mse}", "weight-only{bits=4 method=mse}")  # mild first
     assert transformer["codebook"] == ("cluster{bits=8}", "cluster{bits=4}") and "fp16" in transformer
+    # with calibration, a mixed rung between them: each tensor 4 or 8 bits by its sensitivity
+    assert names("digits_cnn.onnx", "size", True)["codebook"] == ("cluster{bits=8}", "cluster{bits=6 allocate=sensitivity}", "cluster{bits=4}")
     assert "block-wise weights" not in names("digits_cnn.onnx", "size", True)  # MatMulNBits reads MatMul weights only
     embedder = onnx.parser.parse_model("""
         <ir_version: 8, opset_import: ["" : 17]>

@@ -71,7 +71,9 @@ def families(model: onnx.ModelProto, objective: Objective, *, calibration: bool)
             method = "gptq" if calibration else "mse"
             found.append(Family("block-wise weights", tuple(f"weight-only{{bits={b} method={method}}}" for b in WEIGHT_BITS)))
         if convs or matmuls:
-            found.append(Family("codebook", tuple(f"cluster{{bits={b}}}" for b in CODEBOOK_BITS)))
+            # between 8 and 4 bits, with calibration data: each tensor 4 or 8 bits by its sensitivity, 6 on average
+            mixed = ("cluster{bits=6 allocate=sensitivity}",) if calibration else ()
+            found.append(Family("codebook", (f"cluster{{bits={CODEBOOK_BITS[0]}}}", *mixed, f"cluster{{bits={CODEBOOK_BITS[1]}}}")))
             criterion = " criterion=wanda" if calibration else ""
             found.append(Family("sparse", tuple(f"magnitude-prune{{sparsity={s}{criterion}}},sparse-encode" for s in SPARSITIES)))
     return found
