@@ -25,6 +25,7 @@ import onnxruntime as ort
 from ..calibration import input_files
 from ..errors import InputDataError, OutputPathError
 from ..files import describe_os_error
+from ..pipeline import paths_in
 from ..version import __version__
 from .records import FAILED, Record
 
@@ -59,6 +60,14 @@ class RecordCache:
         key = hashlib.blake2b(f"{self.fingerprint}\n{pipeline}".encode(), digest_size=10).hexdigest()
         self._keys[pipeline] = key
         return key
+
+    def reusable(self, key: str) -> Record | None:
+        """The record under ``key`` when its model is still on disk (marked reused), else None."""
+        found = self.get(key)
+        if found is None or not Path(found.file).exists():
+            return None
+        found.reused = True
+        return found
 
     def get(self, key: str) -> Record | None:
         data = self._records.get(key)
@@ -113,10 +122,15 @@ def _files(spec: Any) -> list[Path] | None:
     """The files an input spec reads (as resolve_inputs finds them); None for Python objects."""
     if spec is None:
         return []
-    items = spec if isinstance(spec, (list, tuple)) else [spec]
-    if not all(isinstance(item, (str, os.PathLike)) for item in items):
-        return None
-    return [path for item in items for path in input_files(Path(item))]
+    paths = paths_in(spec)
+    return [path for item in paths for path in input_files(item)] if paths else None
+
+
+def metric_file(metric: Any) -> Path | None:
+    """A ``file.py:function`` metric's file (read by the run, never written over); else None."""
+    if isinstance(metric, str) and metric.rpartition(":")[0].endswith(".py"):
+        return Path(metric.rpartition(":")[0])
+    return None
 
 
 def _metric_code(metric: Any) -> bytes | None:
@@ -127,9 +141,8 @@ def _metric_code(metric: Any) -> bytes | None:
     if not isinstance(metric, str):
         return None
     where, _, name = metric.rpartition(":")
-    if where.endswith(".py"):
-        path = Path(where)
-    else:
+    path = metric_file(metric)
+    if path is None:
         try:
             spec = importlib.util.find_spec(where)
         except (ImportError, ValueError) as error:

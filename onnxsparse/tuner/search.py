@@ -37,16 +37,17 @@ from ..limits import DEFAULT_MAX_INPUT_BYTES, DEFAULT_SYNTHETIC_SAMPLES
 from ..passes import pass_class
 from ..pipeline import check_output_paths, optimize, paths_in, validate
 from ..report import RunReport, worst_output
+from ..runtime import usable_cores
 from ..spec import parse_tolerance_text
 from ..validation import Tolerance, Tolerances, ValidationResult
 from ..walk import iter_all_tensors
 from ..weightstore import WeightStore
-from .cache import RecordCache, fingerprint
+from .cache import RecordCache, fingerprint, metric_file
 from .candidates import Candidate, Objective, combinations, families
 from .executors import InProcess, executor
 from .html import render_html
 from .peers import QUANTIZE_STATIC, peer_kinds, quantize_with_onnxruntime
-from .records import DUPLICATE, FAILED, OVER, UNCHANGED, WITHIN, ProgressCallback, Record, TuneResult
+from .records import DUPLICATE, OVER, UNCHANGED, WITHIN, ProgressCallback, Record, TuneResult
 
 # Timing of every candidate (the estimate): enough interleaved pairs to rank, not to decide a close call.
 ESTIMATE_RUNS, ESTIMATE_SECONDS = 8, 0.5
@@ -122,7 +123,8 @@ def tune(
     first_bound(budget)  # a budget that is not tolerance text: exit 2 before any work
     model_file, output = Path(model_path).resolve(), Path(output_path).resolve()
     written = [p for p in (output, report_path, json_path) if p is not None]
-    check_output_paths(written, [*paths_in(inputs), *paths_in(calibration), *_metric_file(metric)], model=model_file)
+    read = [*paths_in(inputs), *paths_in(calibration), *filter(None, [metric_file(metric)])]
+    check_output_paths(written, read, model=model_file)
     if (jobs > 1 or ray) and not _picklable(metric, inputs, calibration):
         log.warning("tune: the metric or the inputs are Python objects, which worker processes cannot receive: building one at a time here")
         jobs, ray = 1, None
@@ -205,13 +207,6 @@ def _absolute(spec: InputSpec) -> Any:
     return [str(path.resolve()) for path in paths] if paths else spec
 
 
-def _metric_file(metric: Any) -> list[Path]:
-    """A ``file.py:function`` metric's file: read by the run, never written over."""
-    if isinstance(metric, str) and metric.rpartition(":")[0].endswith(".py"):
-        return [Path(metric.rpartition(":")[0])]
-    return []
-
-
 def _search(original: onnx.ModelProto, objective: Objective, settings: _Settings, cached: RecordCache, runner: InProcess,
             progress: ProgressCallback | None) -> list[Record]:
     """Every candidate's record: the families climbed rung by rung, then the combinations."""
@@ -260,9 +255,8 @@ def _build_all(candidates: Sequence[Candidate], settings: _Settings, cached: Rec
     todo: list[tuple[int, Candidate, str]] = []
     for index, candidate in enumerate(candidates):
         key = cached.key(candidate.pipeline)
-        found = cached.get(key)
-        if found is not None and Path(found.file).exists():
-            found.reused = True
+        found = cached.reusable(key)
+        if found is not None:
             records[index] = found
         else:
             todo.append((index, candidate, key))
@@ -288,8 +282,8 @@ def _build_all(candidates: Sequence[Candidate], settings: _Settings, cached: Rec
 
 def build_candidate(job: _Build) -> Record:
     """Build one candidate with the pass manager (validation under the budget, no timing) and say
-    what it is. A candidate whose pass breaks is a failed record, not the end of the search; bad
-    input (the user's files) is raised, since every candidate would meet it."""
+    what it is. A candidate whose pass or metric raises is a failed record, not the end of the search
+    (the user's files were checked before it began)."""
     started = time.perf_counter()
     record = Record(pipeline=job.pipeline, family="")
     tolerances = _tolerances(job.settings.budget, job.settings.metric is not None)
@@ -420,9 +414,8 @@ def _peers(original: onnx.ModelProto, settings: _Settings, cached: RecordCache, 
     records = []
     for kind in peer_kinds(original, calibration=settings.calibration is not None):
         key = cached.key(kind)  # no pipeline text reads like a sentence
-        found = cached.get(key)
-        if found is not None and (found.status == FAILED or Path(found.file).exists()):
-            found.reused = True
+        found = cached.reusable(key)
+        if found is not None:
             records.append(found)
             continue
         started = time.perf_counter()
@@ -471,7 +464,7 @@ def written_digest(model: Path) -> str:
 def _written_files(model: Path) -> list[Path]:
     proto = onnx.load(str(model), load_external_data=False)
     names = sorted({entry.value for tensor in iter_all_tensors(proto) for entry in tensor.external_data if entry.key == "location"})
-    return [model, *(model.parent / name for name in names)]
+    return [model, *info_paths(model, names)]
 
 
 def time_candidate(original: str, candidate: str, feed: dict[str, Any], runs: int, seconds: float, threads: int) -> float:
@@ -545,8 +538,4 @@ def machine() -> str:
             model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
     except OSError:
         pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return f"{model}, {cores} cores, onnxruntime {ort.__version__}"
+    return f"{model}, {usable_cores()} cores, onnxruntime {ort.__version__}"
