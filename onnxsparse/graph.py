@@ -278,6 +278,17 @@ def name_unnamed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def with_initializer_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose named main-graph initializers hold ``values`` (float32) instead: a
+    trial of other weights without graph surgery (the sensitivity probes)."""
+    trial = onnx.ModelProto()
+    trial.CopyFrom(model)
+    for tensor in trial.graph.initializer:
+        if tensor.name in values:
+            tensor.CopyFrom(numpy_helper.from_array(np.asarray(values[tensor.name], dtype=np.float32), tensor.name))
+    return trial
+
+
 def overridable_initializers(model: onnx.ModelProto) -> set[str]:
     """Initializers that are also graph inputs: defaults a caller may override at run time, so a
     pass must not treat them as fixed weights (graphsurgeon silently drops them from the inputs)."""

@@ -281,12 +281,18 @@ class PassManager:
         tolerance_of = chain.tolerance_of(pass_, reference.labels, self.tolerances)
 
         def validate(model: onnx.ModelProto) -> ValidationResult:  # for passes that search (the qdq guard): calibration only
-            return judge.validate(model, tolerance_of, f"{label} trial of {pass_.name}")
+            verdict = judge.validate(model, tolerance_of, f"{label} trial of {pass_.name}")
+            assert verdict is not None  # only a confirmation finds no samples
+            return verdict
+
+        def confirm(model: onnx.ModelProto) -> ValidationResult | None:  # the same, on calibration samples `validate` never sees
+            return judge.validate(model, tolerance_of, f"{label} confirmation of {pass_.name}", confirming=True)
 
         crash = ""
         try:
             result = pass_.run(self._prepared_copy(pass_, chain),
                                PassContext(calibration=data.calibration, validate=validate if data.calibration is not None else None,
+                                           confirm=confirm if data.calibration is not None else None,
                                            progress=self.progress, runtime=self.runtime, original=judge.original,
                                            timing=data.validation))
         except _CALLER_ERRORS:
@@ -534,22 +540,34 @@ class _CalibrationJudge:
     by must not be what its verdict is then computed on. The reference is computed on first use."""
 
     SAMPLES = 32
+    # A pass that tried many trials against the judge's samples has fitted its choice to them a little; it
+    # confirms the choice on up to this many others, spread over the rest of the set.
+    CONFIRMING_SAMPLES = 128
 
     def __init__(self, original: onnx.ModelProto, calibration: InputSource | None, temperature: float, runtime: Runtime,
                  metric: TaskMetric | None = None) -> None:
         self.original, self.calibration, self.temperature, self.runtime = original, calibration, temperature, runtime
         self.metric = metric
-        self._reference: Reference | None = None
+        self._references: dict[bool, Reference] = {}
 
-    def validate(self, model: onnx.ModelProto, tolerance_of: Callable[[str], Tolerance], label: str) -> ValidationResult:
+    def validate(self, model: onnx.ModelProto, tolerance_of: Callable[[str], Tolerance], label: str, *,
+                 confirming: bool = False) -> ValidationResult | None:
+        """``model`` against the original on the judge's calibration samples; ``confirming``: on up to
+        CONFIRMING_SAMPLES of the others instead (None when the set has no others)."""
         if self.calibration is None:
             raise RequirementError("a pass asked to judge a trial model without calibration data")
-        if self._reference is None:
-            source = SpreadSamples(self.calibration, self.SAMPLES, batched=sample_axis(self.original))
+        reference = self._references.get(confirming)
+        if reference is None:
+            batched = sample_axis(self.original)
+            source = SpreadSamples(self.calibration, self.SAMPLES, others=confirming, batched=batched)
+            if confirming:
+                if source.total == 0:
+                    return None
+                source = SpreadSamples(source, self.CONFIRMING_SAMPLES, batched=batched)
             feeds = collect_feeds(source, self.original, extras=self.metric is not None)
-            self._reference = Reference.of(self.original, feeds, "original on calibration samples", runtime=self.runtime,
-                                           metric=self.metric)
-        return self._reference.validate(model, tolerance_of, label, temperature=self.temperature, runtime=self.runtime)
+            reference = self._references[confirming] = Reference.of(
+                self.original, feeds, f"original on {'other ' if confirming else ''}calibration samples", runtime=self.runtime, metric=self.metric)
+        return reference.validate(model, tolerance_of, label, temperature=self.temperature, runtime=self.runtime)
 
 
 def _describe_feeds(source: InputSource, samples: int, limit: int | None) -> str:

@@ -122,6 +122,9 @@ def test_the_families_follow_the_model_the_data_and_the_objective():
     # with calibration, a mixed rung between them: each tensor 4 or 8 bits by its sensitivity
     assert names("digits_cnn.onnx", "size", True)["codebook"] == ("cluster{bits=8}", "cluster{bits=6 allocate=sensitivity}", "cluster{bits=4}")
     assert "block-wise weights" not in names("digits_cnn.onnx", "size", True)  # MatMulNBits reads MatMul weights only
+    # each tensor in a format of its own, chosen against the budget: it needs calibration data to probe and judge on
+    assert names("digits_cnn.onnx", "size", True)["mixed precision"] == ("mixed-precision",) and "mixed precision" not in transformer
+    assert "mixed precision" not in cnn  # a smaller file, not a faster model
     embedder = onnx.parser.parse_model("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (int64[N, 4] ids) => (float[N, 4, 8] y) <float[10, 8] table = {0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0}, float[8, 8] w = {0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0}> {

@@ -20,7 +20,7 @@ from .base import (
 )
 
 # The built-in passes by name -> their module in this package, imported when the pass is first asked
-# for: a run imports only the passes its pipeline names (all eleven cost 0.1 s of every command's start).
+# for: a run imports only the passes its pipeline names (all of them cost 0.1 s of every command's start).
 BUILT_IN: dict[str, str] = {
     "channel-prune": "channel_prune",
     "cleanup": "cleanup",
@@ -29,6 +29,7 @@ BUILT_IN: dict[str, str] = {
     "fold-batchnorm": "fold_batchnorm",
     "fp16": "fp16",
     "magnitude-prune": "magnitude",
+    "mixed-precision": "mixed_precision",
     "qdq": "qdq",
     "simplify": "simplify",
     "sparse-encode": "sparse_encode",

@@ -52,6 +52,10 @@ class PassContext:
 
     calibration: InputSource | None = None
     validate: Callable[[onnx.ModelProto], ValidationResult] | None = None
+    # The same judgement on calibration samples ``validate`` never sees (None: the set has no others): a
+    # pass that searched many trials against ``validate`` checks its choice here, since the choice is
+    # fitted to those samples a little.
+    confirm: Callable[[onnx.ModelProto], ValidationResult | None] | None = None
     progress: Callable[[str, int, int], None] | None = None
     runtime: Runtime | None = None
     original: onnx.ModelProto | None = None  # the run's input model, as a teacher (distill); never edited

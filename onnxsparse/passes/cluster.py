@@ -31,6 +31,7 @@ from ..graph import (
     to_gs,
     typed_constant,
     unique_name,
+    with_initializer_values,
 )
 from ..layers import RNN_OPS, WEIGHT_OPS, layer_kind
 from ..layerwise import current_hessians, from_matrix, original_hessians, to_matrix, unsupported_reason
@@ -113,24 +114,24 @@ class Cluster(Pass):
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         result = PassResult(model)
         graph = to_gs(model)
-        sites = self._chosen_sites(graph, model, result)
+        sites = self.chosen_sites(graph, model, result)
         if not sites:
             result.skipped.append(Skip("model", f"no float32 weight of {self.min_elements} elements or more to cluster"))
             return result
         packed = False
         if self.packed:
-            converted = self._at_uint4_opset(model, result)
+            converted = self.at_uint4_opset(model, result)
             packed = converted is not None
             if converted is not None and converted is not model:  # the sites again, in the converted graph
                 model, graph = converted, to_gs(converted)
-                sites = self._chosen_sites(graph, model, PassResult(model))
+                sites = self.chosen_sites(graph, model, PassResult(model))
         importance = self._importance(model, sites, context) if self.weighted else {}
         widths = self._allocated(model, sites, importance, context, result) if self.allocate == "sensitivity" else {}
         all_books = self._fitted(model, graph, sites, importance, context, result, widths)
         before = after = 0
         for site, books in zip(sites, all_books):
             before += site.value.nbytes
-            after += self._materialize(graph, site, books, packed and widths.get(site.name, int(self.bits)) <= 4)
+            after += self.materialize(graph, site, books, packed and widths.get(site.name, int(self.bits)) <= 4)
         graph.cleanup().toposort()
         result.model = from_gs(graph, like=model)
         if packed:
@@ -141,7 +142,7 @@ class Cluster(Pass):
 
     # -- what to cluster --------------------------------------------------------------------
 
-    def _chosen_sites(self, graph: gs.Graph, model: onnx.ModelProto, result: PassResult) -> list[WeightSite]:
+    def chosen_sites(self, graph: gs.Graph, model: onnx.ModelProto, result: PassResult) -> list[WeightSite]:
         sites, rejected = find_weights(graph, (*WEIGHT_OPS, *RNN_OPS), overridable_initializers(model))
         if self.embeddings:
             tables, rejected_tables = find_tables(graph, overridable_initializers(model))
@@ -159,7 +160,7 @@ class Cluster(Pass):
                 chosen.append(site)
         return chosen
 
-    def _at_uint4_opset(self, model: onnx.ModelProto, result: PassResult) -> onnx.ModelProto | None:
+    def at_uint4_opset(self, model: onnx.ModelProto, result: PassResult) -> onnx.ModelProto | None:
         """The model at an opset that casts uint4 (itself, or onnx's conversion to 21); None if it cannot be."""
         try:
             converted = at_opset(model, UINT4_CAST_OPSET)
@@ -236,7 +237,7 @@ class Cluster(Pass):
             nearest.append(books)
             if site.name in compensating:
                 gram = current_hessians(from_gs(graph, like=model), site, inputs) if inputs is not None else hessians[site.name]
-                books = self._compensated(site, books, gram)
+                books = self.compensated(site, books, gram)
                 if inputs is not None:  # the later layers see this one clustered
                     replace_weight(site, books.decoded())
                     inputs.edited(graph, [use.node for use in site.uses])
@@ -259,16 +260,16 @@ class Cluster(Pass):
         if context.calibration is None:
             raise InputDataError("cluster allocate=sensitivity needs calibration data (--calibration)")
         probe = DriftProbe(model, context.calibration)
-        positions = {tensor.name: index for index, tensor in enumerate(model.graph.initializer)}
+        initializers = {tensor.name for tensor in model.graph.initializer}
         drifts: dict[str, dict[int, float]] = {}
         for site in sites:
-            if site.name not in positions or site.in_subgraph:
+            if site.name not in initializers or site.in_subgraph:
                 continue
             drifts[site.name] = {}
             for bits in ALLOCATED_BITS:
                 books = fit_codebooks(np.asarray(site.value), 1 << bits, self.scope, site.out_axis, importance.get(site.name),
                                       iterations=self.iterations, keep_zero=self.keep_zero)
-                drifts[site.name][bits] = probe.drift(_with_initializers(model, {positions[site.name]: books.decoded()}))
+                drifts[site.name][bits] = probe.drift(with_initializer_values(model, {site.name: books.decoded()}))
         sizes = {site.name: site.value.size for site in sites if site.name in drifts}
         widths = {name: ALLOCATED_BITS[0] for name in drifts}
         spare = sum(size * (self.bits - ALLOCATED_BITS[0]) for size in sizes.values())
@@ -297,9 +298,9 @@ class Cluster(Pass):
         centroids, on the calibration samples the Hessians left out. Weights that are no main-graph
         initializer (Constant nodes, subgraphs) stay at their float values on both sides of the
         comparison, and follow its verdict."""
-        positions = {tensor.name: index for index, tensor in enumerate(model.graph.initializer)}
-        drifts = [probe.drift(_with_initializers(model, {positions[site.name]: books.decoded() for site, books in zip(sites, chosen)
-                                                         if site.name in positions}))
+        initializers = {tensor.name for tensor in model.graph.initializer}
+        drifts = [probe.drift(with_initializer_values(model, {site.name: books.decoded() for site, books in zip(sites, chosen)
+                                                              if site.name in initializers}))
                   for chosen in (compensated_books, nearest)]
         result.figures.update(drift_compensated=round(drifts[0], 6), drift_nearest=round(drifts[1], 6))
         if drifts[0] < drifts[1]:
@@ -308,7 +309,7 @@ class Cluster(Pass):
                                f"calibration samples (drift {drifts[0]:.4g} against {drifts[1]:.4g}): every weight kept at its nearest centroid")
         return False
 
-    def _compensated(self, site: WeightSite, books: Codebooks, hessians: np.ndarray) -> Codebooks:
+    def compensated(self, site: WeightSite, books: Codebooks, hessians: np.ndarray) -> Codebooks:
         """The same codebooks, the weight's indices chosen column by column with each rounding error
         compensated by the columns after it (:func:`codebook.compensated`, group by group)."""
         matrix = to_matrix(site)
@@ -323,7 +324,7 @@ class Cluster(Pass):
 
     # -- writing ----------------------------------------------------------------------------
 
-    def _materialize(self, graph: gs.Graph, site: WeightSite, books: Codebooks, packed: bool) -> int:
+    def materialize(self, graph: gs.Graph, site: WeightSite, books: Codebooks, packed: bool) -> int:
         """Indices -> Cast(int32) [-> + each channel's offset into the flat books] -> Gather(books)
         [-> x each channel's scale], in the weight's scope and read by every use instead of the weight;
         the bytes the indices, books and scales take."""
@@ -359,16 +360,6 @@ class Cluster(Pass):
         output = gs.Variable(unique_name(graph, f"{name}_{op.lower()}"), dtype=dtype, shape=shape)
         nodes.append(gs.Node(op, name=unique_name(graph, f"{name}_{op}"), attrs=attrs or {}, inputs=inputs, outputs=[output]))
         return output
-
-
-def _with_initializers(model: onnx.ModelProto, values: dict[int, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers at the given positions hold the given values (a probe)."""
-    trial = onnx.ModelProto()
-    trial.CopyFrom(model)
-    for position, value in values.items():
-        name = trial.graph.initializer[position].name
-        trial.graph.initializer[position].CopyFrom(onnx.numpy_helper.from_array(value.astype(np.float32), name))
-    return trial
 
 
 def _per_element(site: WeightSite, mean_square: np.ndarray) -> np.ndarray | None:

@@ -120,19 +120,19 @@ class WeightOnly(Pass):
         if not sites and not tables:
             result.skipped.append(Skip("model", "no MatMul with a constant 2-D float32 weight, nor embedding table, to quantize"))
             return result
-        hessians = self._hessians(model, sites, context, result) if self.method == "gptq" else {}
+        hessians = self.hessians(model, sites, context, result) if self.method == "gptq" else {}
         before = after = 0
         for site in sites:
-            codes = self._codes(np.asarray(site.value), hessians.get(site.name))
+            codes = self.codes(np.asarray(site.value), hessians.get(site.name))
             before += site.value.nbytes
-            after += self._materialize(graph, site, codes)
+            after += self.materialize(graph, site, codes)
             result.changes.append(Change(site.name, f"int{self.bits} weight-only", {
                 "nodes": site.node_names, "shape": list(site.value.shape), "block": self.block,
                 "method": self.method if self.method != "gptq" or site.name in hessians else "rtn",
                 "weight_error": _relative_error(site.value, codes)}))
             release_pages(site.value)
         for table in tables:
-            codes = self._codes(np.asarray(table.value).T, None)  # rows are the output units, blocks run along each row
+            codes = self.codes(np.asarray(table.value).T, None)  # rows are the output units, blocks run along each row
             before += table.value.nbytes
             after += self._materialize_table(table, codes)
             result.changes.append(Change(table.name, f"int{self.bits} embedding table", {
@@ -155,14 +155,14 @@ class WeightOnly(Pass):
         result.skipped.extend(Skip(r.name, r.reason) for r in rejected)
         chosen = []
         for site in sites:
-            reason = self._why_not(site)
+            reason = self.why_not(site)
             if reason:
                 result.skipped.append(Skip(site.name, reason))
             else:
                 chosen.append(site)
         return chosen
 
-    def _why_not(self, site: WeightSite) -> str:
+    def why_not(self, site: WeightSite) -> str:
         if matches(self.exclude, site.name, *site.node_names, site.op):
             return "excluded"
         if any(use.index != 1 for use in site.uses):
@@ -173,7 +173,7 @@ class WeightOnly(Pass):
             return f"{site.value.dtype} weight (float32 only)"
         return ""
 
-    def _hessians(self, model: onnx.ModelProto, sites: list[WeightSite], context: PassContext, result: PassResult) -> dict[str, np.ndarray]:
+    def hessians(self, model: onnx.ModelProto, sites: list[WeightSite], context: PassContext, result: PassResult) -> dict[str, np.ndarray]:
         """XᵀX of every chosen layer's input in the pass's input model, in one pass over the data (layers
         without a layer-wise view, in a subgraph or shared by several nodes, are rounded to nearest)."""
         if context.calibration is None:
@@ -203,7 +203,7 @@ class WeightOnly(Pass):
                 chosen.append(table)
         return chosen
 
-    def _codes(self, weight: np.ndarray, hessian: np.ndarray | None) -> BlockCodes:
+    def codes(self, weight: np.ndarray, hessian: np.ndarray | None) -> BlockCodes:
         if self.method == "gptq" and hessian is not None:
             return gptq(weight, hessian, self.scheme, self.damp, act_order=self.act_order)
         if self.method == "mse":
@@ -222,7 +222,7 @@ class WeightOnly(Pass):
             result.figures["opset_raised_to"] = BLOCKED_DEQUANTIZE_OPSET
         return converted
 
-    def _materialize(self, graph: gs.Graph, site: WeightSite, codes: BlockCodes) -> int:
+    def materialize(self, graph: gs.Graph, site: WeightSite, codes: BlockCodes) -> int:
         """Every MatMul reading the weight rewired to the codes; the bytes the codes and scales take."""
         constants = self._nbits_constants(site, codes) if self.format == "nbits" else self._qdq_constants(site, codes)
         for use in site.uses:

@@ -74,6 +74,8 @@ def families(model: onnx.ModelProto, objective: Objective, *, calibration: bool)
             # between 8 and 4 bits, with calibration data: each tensor 4 or 8 bits by its sensitivity, 6 on average
             mixed = ("cluster{bits=6 allocate=sensitivity}",) if calibration else ()
             found.append(Family("codebook", (f"cluster{{bits={CODEBOOK_BITS[0]}}}", *mixed, f"cluster{{bits={CODEBOOK_BITS[1]}}}")))
+            if calibration:  # each tensor in its own format (float16, 8- or 4-bit codebook, 4-bit blocks), chosen against the budget
+                found.append(Family("mixed precision", ("mixed-precision",)))
             criterion = " criterion=wanda" if calibration else ""
             found.append(Family("sparse", tuple(f"magnitude-prune{{sparsity={s}{criterion}}},sparse-encode" for s in SPARSITIES)))
     return found
