@@ -26,7 +26,7 @@ import onnxruntime as ort
 from google.protobuf.message import Message
 
 from .errors import RuntimeLoadError
-from .io import data_size, load
+from .io import load, tensor_bytes
 from .limits import SESSION_CACHE_BYTES
 from .weightstore import store_of
 
@@ -68,7 +68,7 @@ def _loaded(model: onnx.ModelProto, serialized: bytes | None, label: str, option
         if store is not None:  # by path: onnxruntime reads the store's files beside the model
             with store.model_file(model) as path:
                 return ort.InferenceSession(str(path), options, providers=PROVIDERS)
-        if serialized is None and model.ByteSize() < _SESSION_FROM_FILE_BYTES:
+        if serialized is None and tensor_bytes(model) < _SESSION_FROM_FILE_BYTES:  # the rest of a message fits the margin
             serialized = model.SerializeToString()
         if serialized is not None:
             return ort.InferenceSession(serialized, options, providers=PROVIDERS)
@@ -156,7 +156,7 @@ class Runtime:
         loads a model as big). ``hand_over``: a pass's result timed before the manager validates it;
         a big one's session is held, past the budget, until it is next asked for (or
         :meth:`drop_handed`), so the validation does not load it again."""
-        size = data_size(model)  # about what the session holds of its weights
+        size = tensor_bytes(model)  # about what the session holds of its weights
         big = size > self.max_bytes // 2
         pinned = timed_later and pin
         if big and not (pinned or hand_over) and not self._pinned and not self._handed:  # nothing to find or hold: not hashed
