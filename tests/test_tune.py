@@ -107,6 +107,18 @@ def test_without_a_candidate_that_beats_the_input_only_the_reports_are_written(t
     assert "no candidate within the budget is faster than the input" in capsys.readouterr().out
 
 
+def test_combinations_pair_the_channels_that_held_with_int8_and_for_size_with_mixed_precision():
+    from onnxsparse.tuner.candidates import combinations
+
+    held = {"channels": "channel-prune{ratio=0.7 refit=true never_slower=false}",
+            "int8 static": "qdq{mode=static never_slower=false sensitivity=true}", "mixed precision": "mixed-precision"}
+    size = {c.family: c.pipeline for c in combinations(held, "size")}
+    assert size == {"channels + int8 static": "channel-prune{ratio=0.7 refit=true never_slower=false},qdq{mode=static never_slower=false}",
+                    "channels + mixed precision": "channel-prune{ratio=0.7 refit=true never_slower=false},mixed-precision"}
+    assert [c.family for c in combinations(held, "latency")] == ["channels + int8 static"]  # a smaller file is no faster
+    assert combinations({k: v for k, v in held.items() if k != "channels"}, "size") == []  # nothing to pair with
+
+
 def test_the_families_follow_the_model_the_data_and_the_objective():
     from onnxsparse.tuner.candidates import families
 

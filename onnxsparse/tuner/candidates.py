@@ -26,6 +26,7 @@ CHANNEL_RATIOS = (0.25, 0.5, 0.7)
 SENSITIVITY = "sensitivity=true"
 SPARSITIES = (0.5, 0.7, 0.85)
 WEIGHT_BITS = (8, 4)
+MIXED = "mixed precision"  # the family of one rung: each tensor in its own format, chosen against the budget
 CODEBOOK_BITS = (8, 4)  # 256 centroids (uint8 indices, 0.25x) then 16 (uint4, 0.13x): below 8 bits uint8 indices save nothing more
 
 
@@ -75,7 +76,7 @@ def families(model: onnx.ModelProto, objective: Objective, *, calibration: bool)
             mixed = ("cluster{bits=6 allocate=sensitivity}",) if calibration else ()
             found.append(Family("codebook", (f"cluster{{bits={CODEBOOK_BITS[0]}}}", *mixed, f"cluster{{bits={CODEBOOK_BITS[1]}}}")))
             if calibration:  # each tensor in its own format (float16, 8- or 4-bit codebook, 4-bit blocks), chosen against the budget
-                found.append(Family("mixed precision", ("mixed-precision",)))
+                found.append(Family(MIXED, ("mixed-precision",)))
             criterion = " criterion=wanda" if calibration else ""
             found.append(Family("sparse", tuple(f"magnitude-prune{{sparsity={s}{criterion}}},sparse-encode" for s in SPARSITIES)))
     return found
@@ -83,14 +84,18 @@ def families(model: onnx.ModelProto, objective: Objective, *, calibration: bool)
 
 def combinations(held: dict[str, str], objective: Objective) -> list[Candidate]:
     """Pipelines made of the strongest rung each family held: channels removed, then int8 (the
-    pairing the README's table found best on convolutional models)."""
-    del objective  # the same pairings serve both objectives: int8 and fewer channels shrink the file too
+    pairing the README's table found best on convolutional models); for ``size``, channels removed
+    and then each remaining tensor in its own format."""
     found = []
     channels = held.get("channels")
+    if channels is None:
+        return found
     for int8 in ("int8 static", "int8 dynamic"):
-        if channels is not None and int8 in held:
+        if int8 in held:
             quantize = held[int8].replace(f" {SENSITIVITY}", "")  # scanned once, on the int8 candidate alone
             found.append(Candidate(f"{channels},{quantize}", f"channels + {int8}", parts=("channels", int8)))
+    if objective == "size" and MIXED in held:
+        found.append(Candidate(f"{channels},{held[MIXED]}", f"channels + {MIXED}", parts=("channels", MIXED)))
     return found
 
 
