@@ -86,7 +86,7 @@ def combinations(held: dict[str, str], objective: Objective) -> list[Candidate]:
     """Pipelines made of the strongest rung each family held: channels removed, then int8 (the
     pairing the README's table found best on convolutional models); for ``size``, channels removed
     and then each remaining tensor in its own format."""
-    found = []
+    found: list[Candidate] = []
     channels = held.get("channels")
     if channels is None:
         return found
