@@ -133,42 +133,65 @@ def kmeans(values: np.ndarray, levels: int, importance: np.ndarray | None = None
     With ``keep_zero`` and exact zeros among the values (pruned weights), one centroid is fixed at
     0.0, so that a zero stays exactly zero. Fewer distinct values than levels: each is its own centroid."""
     flat = np.asarray(values, dtype=np.float64).reshape(-1)
-    weight = np.ones_like(flat) if importance is None else np.broadcast_to(np.asarray(importance, dtype=np.float64), values.shape).reshape(-1)
-    weight = np.maximum(weight, 1e-12 * max(float(weight.max(initial=0.0)), 1e-30))  # no weight ignored outright
     distinct = np.unique(flat)
     if len(distinct) <= levels:
         return Codebook(distinct.astype(np.float32), np.searchsorted(distinct, flat).astype(np.uint8).reshape(np.shape(values)))
+    del distinct
     fixed_zero = keep_zero and bool(np.any(flat == 0))
     # In one dimension a cluster is a run of the sorted values: sorted once, each Lloyd step finds its
     # runs' ends among them (a search per centroid, not one per value: MiniLM's 256-level books spent
-    # 51 s in those) and sums each run in place. A zero after the values lets a trailing empty run start
-    # past them.
+    # 51 s in those) and sums each run in place. Memory: the order and the sorted values (16 bytes per
+    # value), and without importance nothing else of that size (MiniLM's table has 11.7 M values).
     order = np.argsort(flat, kind="stable")
-    ordered = flat[order]
-    weights = np.append(weight[order], 0.0)
-    weighted = np.append(weight[order] * ordered, 0.0)
-    cumulative = np.cumsum(weights[:-1])
-    targets = (np.arange(levels) + 0.5) / levels * cumulative[-1]  # start at the weighted quantiles
-    centroids = ordered[np.minimum(np.searchsorted(cumulative, targets), len(flat) - 1)]
+    padded = np.empty(len(flat) + 1)  # a zero after the values lets a trailing empty run start past them
+    ordered = padded[:-1]
+    np.take(flat, order, out=ordered)
+    padded[-1] = 0.0
+    del flat
+    if importance is None:
+        weights = weighted = None
+        targets = (np.arange(levels) + 0.5) / levels * float(len(ordered))  # the quantiles: equal shares of the values
+        first = np.ceil(targets).astype(np.int64) - 1
+    else:
+        weight = np.broadcast_to(np.asarray(importance, dtype=np.float64), np.shape(values)).reshape(-1)[order]
+        weights = np.maximum(weight, 1e-12 * max(float(weight.max(initial=0.0)), 1e-30))  # no weight ignored outright
+        del weight
+        cumulative = np.cumsum(weights)
+        targets = (np.arange(levels) + 0.5) / levels * cumulative[-1]  # the quantiles: equal shares of the weight
+        first = np.searchsorted(cumulative, targets)
+        del cumulative
+        weighted, weights = np.append(weights * ordered, 0.0), np.append(weights, 0.0)
+    centroids = ordered[np.minimum(first, len(ordered) - 1)]
     if fixed_zero:
         centroids = _with_zero(centroids)
     ends = None
     for _ in range(iterations):
-        # a value on a midpoint goes to the lower centroid, as _nearest's search puts it
-        found = np.append(np.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2, side="right"), len(flat))
+        found = _run_ends(ordered, centroids)
         if ends is not None and np.array_equal(found, ends):
             break
         ends = found
         starts = np.concatenate([[0], ends[:-1]])
         filled = ends > starts
-        counts = np.add.reduceat(weights, starts)
-        sums = np.add.reduceat(weighted, starts)
+        if weights is None or weighted is None:
+            counts = (ends - starts).astype(np.float64)
+            sums = np.add.reduceat(padded, starts)
+        else:
+            counts = np.add.reduceat(weights, starts)
+            sums = np.add.reduceat(weighted, starts)
         centroids = np.where(filled, sums / np.where(filled, counts, 1.0), centroids)
         if fixed_zero:
             centroids = _with_zero(centroids)
         centroids = np.sort(centroids)
-    indices = _nearest(flat, centroids)
-    return Codebook(centroids.astype(np.float32), indices.astype(np.uint8).reshape(np.shape(values)))
+    runs = np.diff(_run_ends(ordered, centroids), prepend=0)
+    indices = np.empty(len(ordered), dtype=np.uint8)
+    indices[order] = np.repeat(np.arange(levels, dtype=np.uint8), runs)
+    return Codebook(centroids.astype(np.float32), indices.reshape(np.shape(values)))
+
+
+def _run_ends(ordered: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Where each centroid's run of the sorted values ends: a value on a midpoint goes to the lower
+    centroid, as :func:`_nearest`'s search puts it."""
+    return np.append(np.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2, side="right"), len(ordered))
 
 
 def _with_zero(centroids: np.ndarray) -> np.ndarray:
