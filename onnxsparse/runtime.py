@@ -23,7 +23,7 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import Message
+from google.protobuf.message import EncodeError, Message
 
 from .errors import RuntimeLoadError
 from .io import load, tensor_bytes
@@ -68,8 +68,8 @@ def _loaded(model: onnx.ModelProto, serialized: bytes | None, label: str, option
         if store is not None:  # by path: onnxruntime reads the store's files beside the model
             with store.model_file(model) as path:
                 return ort.InferenceSession(str(path), options, providers=PROVIDERS)
-        if serialized is None and tensor_bytes(model) < _SESSION_FROM_FILE_BYTES:  # the rest of a message fits the margin
-            serialized = model.SerializeToString()
+        if serialized is None:
+            serialized = _serialized_if_small(model)
         if serialized is not None:
             return ort.InferenceSession(serialized, options, providers=PROVIDERS)
         with tempfile.TemporaryDirectory() as folder:
@@ -82,6 +82,20 @@ def _loaded(model: onnx.ModelProto, serialized: bytes | None, label: str, option
             return ort.InferenceSession(str(path), options, providers=PROVIDERS)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises several private exception types
         raise RuntimeLoadError(f"{label}: onnxruntime cannot load it: {_load_failure(error)}") from error
+
+
+def _serialized_if_small(model: onnx.ModelProto) -> bytes | None:
+    """The model's message when it is small enough to hand onnxruntime as bytes, else None. Serialized
+    to find out: ``ByteSize`` costs as much (it serializes to count), and the tensors' bytes alone can
+    be a tenth of a message that holds integers as varints (int32_data). Those bytes still rule out
+    the surely too big at once (protobuf takes 8.6 s to refuse a 2.4 GB message)."""
+    if tensor_bytes(model) >= _SESSION_FROM_FILE_BYTES:
+        return None
+    try:
+        serialized = model.SerializeToString()
+    except (ValueError, EncodeError):  # past protobuf's 2 GB
+        return None
+    return serialized if len(serialized) < _SESSION_FROM_FILE_BYTES else None
 
 
 def optimized_offline(model: onnx.ModelProto, label: str) -> onnx.ModelProto:

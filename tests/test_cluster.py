@@ -57,6 +57,44 @@ def test_kmeans_puts_levels_where_the_values_are_and_keeps_zeros_exact(rng: np.r
     assert weighted.centroids[0] > 2.8
 
 
+def _lloyd(values: np.ndarray, levels: int, importance: np.ndarray | None, keep_zero: bool) -> np.ndarray:
+    """Lloyd's algorithm the plain way (each value to its nearest centroid, weighted means), started
+    where kmeans starts: the decoded values it ends at."""
+    flat = values.astype(np.float64).ravel()
+    weight = np.ones_like(flat) if importance is None else np.maximum(importance, 1e-12 * importance.max())
+    order = np.argsort(flat, kind="stable")
+    cumulative = np.cumsum(weight[order])
+    centroids = flat[order][np.minimum(np.searchsorted(cumulative, (np.arange(levels) + 0.5) / levels * cumulative[-1]), len(flat) - 1)]
+    zero = keep_zero and bool(np.any(flat == 0))
+
+    def with_zero(c: np.ndarray) -> np.ndarray:
+        c = c.copy()
+        c[np.argmin(np.abs(c))] = 0.0
+        return np.sort(c)
+
+    centroids = with_zero(centroids) if zero else centroids
+    for _ in range(30):
+        assigned = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, flat)
+        sums, counts = np.bincount(assigned, weight * flat, levels), np.bincount(assigned, weight, levels)
+        centroids = np.sort(with_zero(np.where(counts > 0, sums / np.where(counts > 0, counts, 1), centroids)) if zero
+                            else np.where(counts > 0, sums / np.where(counts > 0, counts, 1), centroids))
+    return centroids[np.searchsorted((centroids[1:] + centroids[:-1]) / 2, flat)].astype(np.float32)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_kmeans_over_runs_of_the_sorted_values_ends_where_plain_lloyd_does(case: int) -> None:
+    rng = np.random.default_rng(case)
+    values = rng.standard_normal(rng.integers(200, 5000)).astype(np.float32)
+    if case % 3 == 1:
+        values[rng.random(len(values)) < 0.5] = 0.0  # pruned
+    if case % 3 == 2:
+        values = np.repeat(values[: len(values) // 7], 7)  # duplicated values
+    importance = 10.0 ** rng.uniform(-8, 4, len(values)) if case % 2 else None
+    levels = (4, 16, 64)[case % 3]
+    book = kmeans(values, levels, importance, keep_zero=case % 4 != 3)
+    np.testing.assert_allclose(book.decoded(), _lloyd(values, levels, importance, case % 4 != 3), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("scope", ["tensor", "channel", "scaled"])
 @pytest.mark.parametrize("index_type", ["auto", "uint8"])
 def test_the_clustered_model_computes_with_the_decoded_weights_and_onnxruntime_folds_the_decoding(

@@ -71,6 +71,7 @@ def _changed(model: onnx.ModelProto, original: onnx.ModelProto) -> set[str]:
 def test_the_search_steps_over_a_downgrade_that_breaks_the_tolerance_and_takes_the_ones_after_it(rng: np.random.Generator) -> None:
     model = _chain(rng)
     downgrades = [Downgrade(name, _encoding("fp16", 64 * 64 * 2, 0.0), 64 * 64 * 2, cost, 0) for cost, name in enumerate("abc")]
+    downgrades.append(Downgrade("b", _encoding("cluster8", 64 * 64, 0.0), 64 * 64, 3, 1))  # b's next step: gone with b's first
     judged: list[set[str]] = []
 
     def validate(trial: onnx.ModelProto) -> SimpleNamespace:  # "b" alone breaks it
@@ -80,9 +81,11 @@ def test_the_search_steps_over_a_downgrade_that_breaks_the_tolerance_and_takes_t
     result = PassResult(model)
     taken = MixedPrecision()._holding(model, _sites(model), downgrades, PassContext(validate=validate), result)
     assert [d.site for d in taken] == ["a", "c"]
-    assert result.figures["stepped_over"] == ["b -> fp16"] and result.figures["downgrades_taken"] == "2 of 3"
-    none_over = MixedPrecision(step_over=0)._holding(model, _sites(model), downgrades, PassContext(validate=validate), PassResult(model))
+    assert result.figures["stepped_over"] == ["b -> fp16"] and result.figures["downgrades_taken"] == "2 of 4"
+    stopped = PassResult(model)
+    none_over = MixedPrecision(step_over=0)._holding(model, _sites(model), downgrades, PassContext(validate=validate), stopped)
     assert [d.site for d in none_over] == ["a"]  # without stepping over, the search stops at the first that breaks
+    assert stopped.figures["stepped_over"] == []
 
 
 def test_what_the_search_chose_is_taken_back_until_it_holds_on_samples_it_never_judged_by(rng: np.random.Generator) -> None:
@@ -170,3 +173,78 @@ def test_options_are_checked_when_the_pass_is_built_and_calibration_is_required(
     model, inputs, _ = bundled("digits_transformer")
     with pytest.raises(RequirementError, match="calibration"):
         PassManager(parse_pipeline("mixed-precision"), inputs=inputs).run(model)
+
+
+def _passing() -> PassContext:
+    return PassContext(validate=lambda _: SimpleNamespace(passed=True), confirm=lambda _: SimpleNamespace(passed=True))
+
+
+def _calibrated(context: PassContext, rng: np.random.Generator, inputs: dict[str, tuple[int, ...]]) -> PassContext:
+    from dataclasses import replace
+
+    from onnxsparse.calibration import IterableInputs
+
+    feeds = [{name: rng.standard_normal(shape).astype(np.float32) for name, shape in inputs.items()}]
+    return replace(context, calibration=IterableInputs(feeds))
+
+
+def test_a_matmul_of_two_constants_takes_int4_for_its_weight_and_another_format_for_its_first_operand(rng: np.random.Generator) -> None:
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        agraph (float[N, 64] x) => (float[N, 64] y) <float[1, 64] c1, float[64, 64] c2> {
+            p = MatMul (c1, c2)
+            y = Add (x, p)
+        }""")
+    del model.graph.initializer[:]
+    with_initializers(model, c1=rng.standard_normal((1, 64)).astype(np.float32), c2=rng.standard_normal((64, 64)).astype(np.float32))
+    context = _calibrated(_passing(), rng, {"x": (32, 64)})
+    result = MixedPrecision(formats=("int4", "fp16"), min_elements=16).run(model, context)
+    assert {c.target: c.action for c in result.changes} == {"c1": "fp16", "c2": "int4"}  # int4 is written after the other
+    onnx.checker.check_model(result.model, full_check=True)
+    assert [n.op_type for n in result.model.graph.node].count("MatMulNBits") == 1
+    x = np.zeros((2, 64), np.float32)
+    exact = onnx.numpy_helper.to_array(model.graph.initializer[0]) @ onnx.numpy_helper.to_array(model.graph.initializer[1])
+    got = run(result.model, {"x": x})[0]
+    assert got.shape == (2, 64) and np.array_equal(got[0], got[1])
+    assert float(got[0] @ exact[0]) / (np.linalg.norm(got[0]) * np.linalg.norm(exact[0])) > 0.98  # 4-bit blocks of the product
+
+
+def test_formats_a_weight_cannot_take_are_not_offered_and_the_report_says_why(rng: np.random.Generator) -> None:
+    model = _chain(rng)
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(np.full((64, 64), 7e4, np.float32), "a"))  # past float16
+    result = MixedPrecision(formats=("fp16",), min_elements=16).run(model, _calibrated(_passing(), rng, {"x": (32, 64)}))
+    assert {c.target for c in result.changes} == {"b", "c"}
+    assert {s.target: s.reason for s in result.skipped}["a"] == "float32: float16 cannot hold its largest magnitude, 70000"
+    cnn, _, calibration = bundled("digits_cnn")
+    gemm = MixedPrecision(formats=("int4",), min_elements=16).run(cnn, PassContext(calibration=calibration, validate=_passing().validate,
+                                                                                   confirm=_passing().confirm))
+    assert not gemm.changes  # its only MatMul-like layer is a Gemm: MatMulNBits reads MatMul weights only
+    assert "int4 blocks are MatMulNBits weights, not Gemm's" in {s.target: s.reason for s in gemm.skipped}["fc.weight"]
+
+
+def test_without_the_opset_uint4_needs_the_4_bit_codebooks_are_left_out_before_any_probe(rng: np.random.Generator,
+                                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxsparse.errors import InputDataError
+    from onnxsparse.passes import mixed_precision
+
+    def refuse(model: onnx.ModelProto, wanted: int) -> onnx.ModelProto:
+        raise InputDataError("onnx cannot convert this model to opset 21")
+
+    monkeypatch.setattr(mixed_precision, "at_opset", refuse)
+    result = MixedPrecision(formats=("cluster8", "cluster4"), min_elements=16).run(_chain(rng), _calibrated(_passing(), rng, {"x": (32, 64)}))
+    assert {c.action for c in result.changes} == {"cluster8"} and all(o.domain != "" or o.version == 17 for o in result.model.opset_import)
+    assert any("4-bit codebooks left out" in w for w in result.warnings)
+    assert sum(c.details["bytes"] for c in result.changes) == result.figures["weight_bytes_after"]  # priced as written
+
+
+def test_gptq_compensates_the_int4_blocks_and_codebooks_in_the_pipeline() -> None:
+    model, inputs, calibration = bundled("digits_transformer")
+    steps = {}
+    for method in ("nearest", "gptq"):
+        manager = PassManager(parse_pipeline(f"mixed-precision{{min_elements=256 method={method} formats=int4}}"), inputs=inputs,
+                              calibration=calibration, policy="keep", keep_worse=True)
+        _, report = manager.run(model)
+        steps[method] = report.steps[0]
+    assert all(step.status == "committed" for step in steps.values()), [s.reason for s in steps.values()]
+    drift = {method: sum(c.details["drift_alone"] for c in step.changes) for method, step in steps.items()}
+    assert drift["gptq"] < drift["nearest"]

@@ -147,16 +147,34 @@ class MixedPrecision(Pass):
         if not sites:
             result.skipped.append(Skip("model", f"no float32 main-graph weight of {self.min_elements} elements or more"))
             return result
+        formats, at_uint4 = self._usable_formats(model, result)
         probe = DriftProbe(model, context.calibration)
-        ladders = self._ladders(model, sites, probe, context, result)
+        unfit: dict[str, list[str]] = {}
+        ladders = self._ladders(model, sites, formats, probe, context, result, unfit)
         downgrades = sorted((d for ladder in ladders.values() for d in ladder), key=lambda d: (d.cost, d.step))
         by_name = {s.name: s for s in sites}
         taken = self._confirmed(model, by_name, self._holding(model, by_name, downgrades, context, result), context, result)
         chosen = {d.site: d.encoding for d in taken}
-        self._explain_the_rest(sites, chosen, ladders, result)
+        self._explain_the_rest(sites, chosen, ladders, unfit, result)
         if chosen:
-            result.model = self._written(model, chosen, result)
+            packed = any(e.format == "cluster4" for e in chosen.values())
+            if packed and at_uint4 is not model:
+                result.warnings.append(f"mixed-precision: opset raised to {UINT4_CAST_OPSET} (uint4 codebook indices)")
+                result.figures["opset_raised_to"] = UINT4_CAST_OPSET
+            result.model = self._written(at_uint4 if packed and at_uint4 is not None else model, chosen, packed, result)
         return result
+
+    def _usable_formats(self, model: onnx.ModelProto, result: PassResult) -> tuple[tuple[str, ...], onnx.ModelProto | None]:
+        """The formats asked for that this model can be written in, and the model at the opset that
+        4-bit codebook indices need (uint4: 21) when they are among them. Decided before any probe:
+        the search prices a 4-bit codebook at half a byte per weight."""
+        if "cluster4" not in self.formats:
+            return self.formats, None
+        try:
+            return self.formats, at_opset(model, UINT4_CAST_OPSET)
+        except InputDataError as error:
+            result.warnings.append(f"mixed-precision: 4-bit codebooks left out: their uint4 indices need opset {UINT4_CAST_OPSET}, and {error}")
+            return tuple(f for f in self.formats if f != "cluster4"), None
 
     # -- what to probe -----------------------------------------------------------------------
 
@@ -173,17 +191,23 @@ class MixedPrecision(Pass):
                                                       "main-graph initializers)"))
         return sites
 
-    def _ladders(self, model: onnx.ModelProto, sites: list[WeightSite], probe: DriftProbe, context: PassContext,
-                 result: PassResult) -> dict[str, list[Downgrade]]:
-        """Every weight's downgrades, each format probed alone."""
-        blocked = {s.name for s in sites if "int4" in self.formats and s.op == "MatMul" and not self._blocks.why_not(s)}
+    def _ladders(self, model: onnx.ModelProto, sites: list[WeightSite], formats: tuple[str, ...], probe: DriftProbe, context: PassContext,
+                 result: PassResult, unfit: dict[str, list[str]]) -> dict[str, list[Downgrade]]:
+        """Every weight's downgrades, each format probed alone; ``unfit`` gets, per weight, why a
+        format asked for was not offered to it."""
         hessians = self._hessians(model, sites, probe, result) if self.method == "gptq" else {}
         ladders = {}
         for index, site in enumerate(sites):
-            encodings = [self._encoded(site, fmt, hessians.get(site.name)) for fmt in self.formats if fmt != "int4" or site.name in blocked]
-            for encoding in filter(None, encodings):
+            encodings = []
+            for fmt in formats:
+                why_not = self._why_not(site, fmt)
+                if why_not:
+                    unfit.setdefault(site.name, []).append(why_not)
+                else:
+                    encodings.append(self._encoded(site, fmt, hessians.get(site.name)))
+            for encoding in encodings:
                 encoding.drift = probe.drift(with_initializer_values(model, {site.name: encoding.decoded(site.value)}))
-            ladders[site.name] = _ladder(site.name, site.value.nbytes, [e for e in encodings if e is not None])
+            ladders[site.name] = _ladder(site.name, site.value.nbytes, encodings)
             if context.progress:
                 context.progress("mixed-precision probes", index + 1, len(sites))
         return ladders
@@ -201,12 +225,24 @@ class MixedPrecision(Pass):
         source = read_once(probe.held_out, model, limit=self.calibration_samples)
         return original_hessians(model, viewed, source, self.calibration_samples, label="mixed-precision layer inputs")
 
-    def _encoded(self, site: WeightSite, fmt: str, hessian: np.ndarray | None) -> Encoding | None:
-        """``site`` in ``fmt`` (None where the format cannot hold it); ``hessian``: its input's XᵀX per
-        group, to compensate the rounding with."""
+    def _why_not(self, site: WeightSite, fmt: str) -> str:
+        """Why ``site`` cannot take ``fmt`` (empty when it can)."""
+        if fmt == "fp16":
+            peak = float(np.max(np.abs(site.value)))
+            return f"float16 cannot hold its largest magnitude, {peak:.6g}" if peak > FLOAT16_MAX else ""
+        if fmt == "int4":
+            if site.op != "MatMul":
+                return f"int4 blocks are MatMulNBits weights, not {site.op}'s"
+            reason = self._blocks.why_not(site)
+            return f"int4 blocks: {reason}" if reason else ""
+        return ""
+
+    def _encoded(self, site: WeightSite, fmt: str, hessian: np.ndarray | None) -> Encoding:
+        """``site`` in ``fmt`` (one :meth:`_why_not` allows); ``hessian``: its input's XᵀX per group,
+        to compensate the rounding with."""
         value = np.asarray(site.value)
         if fmt == "fp16":
-            return Encoding(fmt, None, value.size * 2) if float(np.max(np.abs(value))) <= FLOAT16_MAX else None
+            return Encoding(fmt, None, value.size * 2)
         if fmt == "int4":
             codes = self._blocks.codes(value, hessian[0] if hessian is not None else None)
             return Encoding(fmt, codes, codes.codes.size // 2 + codes.scales.nbytes)
@@ -215,6 +251,8 @@ class MixedPrecision(Pass):
         if hessian is not None:
             books = self._codebooks.compensated(site, books, hessian)
         extra = books.centroids.nbytes + (books.scales.nbytes if books.scales is not None else 0)
+        if len(books.centroids) > 1:  # a book per channel: each channel's int32 offset into them (see Cluster.materialize)
+            extra += value.shape[site.out_axis] * 4
         return Encoding(fmt, books, (value.size * bits + 7) // 8 + extra)
 
     # -- choosing ----------------------------------------------------------------------------
@@ -237,7 +275,8 @@ class MixedPrecision(Pass):
             log.info("mixed-precision: %d + %d downgrades %s", len(taken), len(extra), "hold" if passed else "break the tolerance")
             return passed
 
-        rest, stepped_over = downgrades, []
+        rest = downgrades
+        stepped_over: list[Downgrade] = []
         while rest:
             if holds(rest):
                 taken += rest
@@ -251,9 +290,9 @@ class MixedPrecision(Pass):
                     breaking = middle
             taken += rest[:holding]
             breaker = rest[holding]
-            stepped_over.append(breaker)
-            if len(stepped_over) > self.step_over:
+            if len(stepped_over) == self.step_over:
                 break
+            stepped_over.append(breaker)
             rest = [d for d in rest[holding + 1:] if d.site != breaker.site]
         result.figures.update(downgrades_taken=f"{len(taken)} of {len(downgrades)}", validations=trials,
                               stepped_over=[f"{d.site} -> {d.encoding.format}" for d in stepped_over])
@@ -293,13 +332,15 @@ class MixedPrecision(Pass):
         return ordered[:holding]
 
     @staticmethod
-    def _explain_the_rest(sites: list[WeightSite], chosen: dict[str, Encoding], ladders: dict[str, list[Downgrade]], result: PassResult) -> None:
+    def _explain_the_rest(sites: list[WeightSite], chosen: dict[str, Encoding], ladders: dict[str, list[Downgrade]],
+                          unfit: dict[str, list[str]], result: PassResult) -> None:
         for site in sites:
             now = chosen.get(site.name)
             ladder = ladders[site.name]
             further = [d for d in ladder if now is None or d.step > next(x.step for x in ladder if x.encoding is now)]
             if not ladder:
-                result.skipped.append(Skip(site.name, "float32: every other format moved the outputs more per byte than it saved, or did not fit"))
+                why = "; ".join(unfit.get(site.name, [])) or "no format asked for stores it in fewer bytes"
+                result.skipped.append(Skip(site.name, f"float32: {why}"))
             elif further:
                 nearest = further[0].encoding
                 result.skipped.append(Skip(site.name, f"{now.format if now else 'float32'}: {nearest.format} next (drift alone {nearest.drift:.3g}) "
@@ -307,23 +348,14 @@ class MixedPrecision(Pass):
 
     # -- writing -----------------------------------------------------------------------------
 
-    def _written(self, model: onnx.ModelProto, chosen: dict[str, Encoding], result: PassResult) -> onnx.ModelProto:
-        packed = any(e.format == "cluster4" for e in chosen.values())
-        if packed:
-            try:
-                converted = at_opset(model, UINT4_CAST_OPSET)
-            except InputDataError as error:
-                result.warnings.append(f"mixed-precision: {error}: 4-bit codebook indices stored as uint8")
-                packed = False
-            else:
-                if converted is not model:
-                    result.warnings.append(f"mixed-precision: opset raised to {UINT4_CAST_OPSET} (uint4 codebook indices)")
-                    result.figures["opset_raised_to"] = UINT4_CAST_OPSET
-                model = converted
+    def _written(self, model: onnx.ModelProto, chosen: dict[str, Encoding], packed: bool, result: PassResult) -> onnx.ModelProto:
+        """``model`` with each chosen weight in its format (``packed``: 4-bit codebook indices as uint4, the
+        model at opset 21 already)."""
         graph = to_gs(model)
         sites = {s.name: s for s in self._codebooks.chosen_sites(graph, model, PassResult(model))}
         before = after = 0
-        for name, encoding in chosen.items():
+        # int4 last: MatMulNBits replaces its MatMul, which a constant first operand's decoding is placed by
+        for name, encoding in sorted(chosen.items(), key=lambda item: item[1].format == "int4"):
             site = sites[name]
             before += site.value.nbytes
             after += self._write(graph, site, encoding, packed)
