@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--recipe", help="a TOML recipe file with [[pass]] entries, tolerances and policy")
     optimize.add_argument("--calibration", nargs="+", metavar="NPZ|DIR", help="calibration inputs for passes that need data")
     optimize.add_argument("--policy", choices=("rollback", "raise", "keep"), help="what to do when a pass breaks tolerance (default rollback)")
-    optimize.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
+    optimize.add_argument("--report", metavar="FILE.json|FILE.html", help="write the full report as JSON, or as one HTML page when the "
+                          "name ends in .html: every step, the error each layer added alone where the pass measured it, what each "
+                          "layer became")
     optimize.add_argument("--markdown", metavar="FILE.md", help="write the report as Markdown")
     optimize.add_argument("--overwrite-input", action="store_true", help="allow the output to replace the input file")
     optimize.add_argument("--keep-worse", action="store_true",

@@ -114,3 +114,48 @@ def record_tensor_values(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
     monkeypatch.setattr(activations, "tensor_values", recording)
     return asked
+
+
+def screenshot_pixels(path: Path) -> np.ndarray:
+    """RGB(A) pixels of a non-interlaced 8-bit PNG, decoded with zlib (no imaging library needed)."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    offset, chunks, header = 8, [], b""
+    while offset < len(data):
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        body = data[offset + 8:offset + 8 + length]
+        if kind == b"IHDR":
+            header = body
+        elif kind == b"IDAT":
+            chunks.append(body)
+        offset += 12 + length
+    width, height, depth, colour = struct.unpack(">IIBB", header[:10])
+    assert depth == 8 and colour in (2, 6)
+    channels = 3 if colour == 2 else 4
+    raw = np.frombuffer(zlib.decompress(b"".join(chunks)), np.uint8).reshape(height, 1 + width * channels)
+    rows: list[list[int]] = []
+    previous = [0] * (width * channels)
+    for row in range(height):
+        kind, line = raw[row, 0], raw[row, 1:].tolist()
+        current = [0] * len(line)
+        for i, value in enumerate(line):  # the PNG row filters: None, Sub, Up, Average, Paeth
+            left = current[i - channels] if i >= channels else 0
+            up, corner = previous[i], (previous[i - channels] if i >= channels else 0)
+            if kind == 0:
+                predictor = 0
+            elif kind == 1:
+                predictor = left
+            elif kind == 2:
+                predictor = up
+            elif kind == 3:
+                predictor = (left + up) // 2
+            else:
+                estimate = left + up - corner
+                pa, pb, pc = abs(estimate - left), abs(estimate - up), abs(estimate - corner)
+                predictor = left if pa <= pb and pa <= pc else (up if pb <= pc else corner)
+            current[i] = (value + predictor) & 255
+        rows.append(current)
+        previous = current
+    return np.array(rows, np.uint8).reshape(height, width, channels)

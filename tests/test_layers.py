@@ -25,7 +25,7 @@ LAYERS = (
     "passes.options", "passes.base", "passes.cleanup", "passes.simplify", "passes.fold_batchnorm", "passes.sparse_encode", "passes.magnitude",
     "passes.channel_prune", "passes.qdq", "passes.weight_only", "passes.cluster", "passes.mixed_precision", "passes.fp16", "passes.distill", "passes",
     # what drives the passes
-    "report", "spec", "pipeline",
+    "report", "htmlpage", "spec", "pipeline",
     # the search over pipelines
     "tuner.candidates", "tuner.records", "tuner.cache", "tuner.executors", "tuner.html", "tuner.peers", "tuner.search", "tuner",
     "cli", "", "__main__",

@@ -6,13 +6,12 @@ import json
 import os
 import shutil
 import subprocess
-from pathlib import Path
 from xml.etree import ElementTree
 
 import numpy as np
 import onnx
 import pytest
-from conftest import MODELS, run
+from conftest import MODELS, run, screenshot_pixels
 
 from onnxsparse.cli import main
 from onnxsparse.tuner import search, tune
@@ -200,54 +199,9 @@ def test_the_report_renders_in_a_headless_browser(tmp_path, latency_by_size):
          (tmp_path / "r.html").as_uri()],
         capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "HOME": str(tmp_path)})
     assert shot.exists(), completed.stderr[-2000:]
-    pixels = _png_pixels(shot)
+    pixels = screenshot_pixels(shot)
     blue = np.all(np.abs(pixels[..., :3].astype(int) - (0x2B, 0x7B, 0xB9)) <= 8, axis=-1)  # the within-budget points
     assert blue.sum() >= 40, "no candidate point drawn"
-
-
-def _png_pixels(path: Path) -> np.ndarray:
-    """RGB(A) pixels of a non-interlaced 8-bit PNG, decoded with zlib (no imaging library needed)."""
-    import struct
-    import zlib
-
-    data = path.read_bytes()
-    offset, chunks, header = 8, [], b""
-    while offset < len(data):
-        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
-        body = data[offset + 8:offset + 8 + length]
-        if kind == b"IHDR":
-            header = body
-        elif kind == b"IDAT":
-            chunks.append(body)
-        offset += 12 + length
-    width, height, depth, colour = struct.unpack(">IIBB", header[:10])
-    assert depth == 8 and colour in (2, 6)
-    channels = 3 if colour == 2 else 4
-    raw = np.frombuffer(zlib.decompress(b"".join(chunks)), np.uint8).reshape(height, 1 + width * channels)
-    rows: list[list[int]] = []
-    previous = [0] * (width * channels)
-    for row in range(height):
-        kind, line = raw[row, 0], raw[row, 1:].tolist()
-        current = [0] * len(line)
-        for i, value in enumerate(line):  # the PNG row filters: None, Sub, Up, Average, Paeth
-            left = current[i - channels] if i >= channels else 0
-            up, corner = previous[i], (previous[i - channels] if i >= channels else 0)
-            if kind == 0:
-                predictor = 0
-            elif kind == 1:
-                predictor = left
-            elif kind == 2:
-                predictor = up
-            elif kind == 3:
-                predictor = (left + up) // 2
-            else:
-                estimate = left + up - corner
-                pa, pb, pc = abs(estimate - left), abs(estimate - up), abs(estimate - corner)
-                predictor = left if pa <= pb and pa <= pc else (up if pb <= pc else corner)
-            current[i] = (value + predictor) & 255
-        rows.append(current)
-        previous = current
-    return np.array(rows, np.uint8).reshape(height, width, channels)
 
 
 @pytest.mark.parametrize("flag, target", [("--report", "model"), ("--figures", "calibration"), ("--report", "output")])

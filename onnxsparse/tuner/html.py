@@ -13,30 +13,14 @@ from html import escape
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OnnxsparseError
+from ..htmlpage import STYLE, WIDTH, bars_svg, int8_sensitivity_bars, shortened
 from ..spec import parse_tolerance_text
 
 if TYPE_CHECKING:
     from .records import Record, TuneResult
 
-WIDTH, HEIGHT = 720, 420
+HEIGHT = 420
 LEFT, RIGHT, TOP, BOTTOM = 70, 20, 20, 50
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }
-td.number { text-align: right; font-variant-numeric: tabular-nums; }
-tr.chosen { background: #e8f4e8; font-weight: bold; }
-.within { fill: #2b7bb9; }
-.over { fill: #fff; stroke: #c0392b; stroke-width: 1.5; }
-.unchanged, .failed { fill: #bbb; }
-.chosen-ring { fill: none; stroke: #1a7f37; stroke-width: 2.5; }
-.axis { stroke: #444; }
-.bar.int8 { fill: #2b7bb9; }
-.bar.float { fill: #e67e22; }
-.grid { stroke: #eee; }
-.budget { stroke: #c0392b; stroke-dasharray: 6 4; }
-text { font-size: 11px; fill: #333; }
-"""
 
 
 def render_html(result: TuneResult) -> str:
@@ -45,7 +29,7 @@ def render_html(result: TuneResult) -> str:
                 if chosen is not None else escape(result.warnings[0] if result.warnings else "nothing was written"))
     parts = [
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"/>',
-        f"<title>onnxsparse tune: {escape(result.input)}</title><style>{_STYLE}</style></head><body>",
+        f"<title>onnxsparse tune: {escape(result.input)}</title><style>{STYLE}</style></head><body>",
         f"<h1>onnxsparse tune: <code>{escape(result.input)}</code></h1>",
         f"<p>objective: <b>{escape(result.objective)}</b>; budget: <b>{escape(result.budget)}</b>; {headline}</p>",
         (f"<p>{len(result.records)} candidates in {result.seconds:.0f} s, {escape(result.executor)}; figures cached in "
@@ -116,32 +100,16 @@ def frontier_svg(result: TuneResult) -> str:
     return "\n".join(out)
 
 
-SENSITIVITY_BARS = 30
-
-
 def sensitivity_svg(rows: list[dict[str, Any]]) -> str:
-    """One bar per node (the worst ``SENSITIVITY_BARS``), its length the error it adds alone."""
-    shown = sorted(rows, key=lambda r: float(r.get("cosine_alone", 1.0)))[:SENSITIVITY_BARS]
-    errors = [max(0.0, 1.0 - float(r.get("cosine_alone", 1.0))) for r in shown]
-    largest = max(errors, default=0.0) or 1.0
-    label_width, bar_width, row = 330, WIDTH - 330 - 90, 18
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{row * len(shown) + 10}" role="img">']
-    for index, (record, error) in enumerate(zip(shown, errors)):
-        y = 5 + index * row
-        name = f"{record.get('node', '')} ({record.get('kind', '')})"
-        out.append(f'<text x="{label_width - 6}" y="{y + 12}" text-anchor="end">{escape(name[-60:])}</text>')
-        out.append(f'<rect class="bar {"float" if record.get("status") != "int8" else "int8"}" x="{label_width}" y="{y + 2}" '
-                   f'width="{max(1.0, error / largest * bar_width):.1f}" height="{row - 5}"><title>{escape(str(record.get("status")))}</title></rect>')
-        out.append(f'<text x="{label_width + error / largest * bar_width + 6:.1f}" y="{y + 12}">{error:.2e}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
+    """One bar per node (the worst first), its length the error it adds alone."""
+    return bars_svg(int8_sensitivity_bars(rows))
 
 
 def _layers_table(result: TuneResult) -> str:
     if not result.layers:
         return ""
     rows = ["<table><tr><th>step</th><th>node, tensor or channels</th><th>what became of it</th></tr>"]
-    rows += [f"<tr><td><code>{escape(r['step'])}</code></td><td>{escape(r['target'])}</td><td>{_shortened(r['what'])}</td></tr>"
+    rows += [f"<tr><td><code>{escape(r['step'])}</code></td><td>{escape(r['target'])}</td><td>{shortened(r['what'])}</td></tr>"
              for r in result.layers]
     rows.append("</table>")
     return "\n".join(rows)
@@ -157,7 +125,7 @@ def _candidates_table(result: TuneResult) -> str:
             f"<code>{escape(record.pipeline)}</code>", escape(record.status + (" (cached)" if record.reused else "")),
             _ratio(record.size_ratio), _ratio(record.latency_estimate, "~"), _ratio(record.latency), _ratio(record.latency_all_cores),
             "-" if record.quality is None else f"{record.quality:.4g}", f"{record.build_seconds:.0f}",
-            "-" if record.peak_memory is None else f"{record.peak_memory / 2**20:.0f} MiB", _shortened(record.reason),
+            "-" if record.peak_memory is None else f"{record.peak_memory / 2**20:.0f} MiB", shortened(record.reason),
         ]
         kind = ' class="chosen"' if record is result.chosen else ""
         rows.append(f"<tr{kind}>" + "".join(f'<td class="number">{c}</td>' if 2 <= i <= 8 else f"<td>{c}</td>" for i, c in enumerate(cells)) + "</tr>")
@@ -173,13 +141,6 @@ def _steps_table(record: Record) -> str:
     rows.append("</table>")
     rows.append(f"<p>worst output against the input model: {escape(record.worst)}</p>")
     return "\n".join(rows)
-
-
-def _shortened(text: str, limit: int = 200) -> str:
-    """A long reason cut to ``limit`` characters in the cell, whole in its tooltip."""
-    if len(text) <= limit:
-        return escape(text)
-    return f'<span title="{escape(text)}">{escape(text[:limit])}...</span>'
 
 
 def _budget_line(result: TuneResult) -> float | None:
