@@ -69,6 +69,17 @@ def bars_svg(bars: list[Bar]) -> str:
     return "\n".join(out)
 
 
+def legend_svg(kinds: list[str]) -> str:
+    """A swatch and the name of each kind of bar."""
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="20" role="img">']
+    for index, kind in enumerate(kinds):
+        x = 10 + index * 110
+        out.append(f'<rect class="bar {escape(kind)}" x="{x}" y="4" width="12" height="12"><title>{escape(kind)}</title></rect>')
+        out.append(f'<text x="{x + 18}" y="14">{escape(kind)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
 def int8_sensitivity_bars(rows: list[dict[str, Any]]) -> list[Bar]:
     """qdq's per-node scan (``sensitivity=true``): each node's error when only it is int8."""
     return [Bar(f"{row.get('node', '')} ({row.get('kind', '')})", max(0.0, 1.0 - float(row.get("cosine_alone", 1.0))),
@@ -155,7 +166,8 @@ def _step_section(number: int, step: StepReport) -> list[str]:
              for change in step.changes if isinstance(change.details.get("drift_alone"), (int, float))]
     if alone:
         parts += [("<p>How far the outputs moved with only this tensor in its format (1 - cosine of the worst output, on "
-                   "calibration samples), worst first; the colour is the format.</p>"), bars_svg(alone)]
+                   "calibration samples), worst first; the colour is the format:</p>"), legend_svg(sorted({bar.kind for bar in alone})),
+                  bars_svg(alone)]
     parts.append(_layers_table(step))
     return parts
 
