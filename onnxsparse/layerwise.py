@@ -283,6 +283,14 @@ def current_hessians(model: onnx.ModelProto, site: WeightSite, inputs: ChangingM
     return total
 
 
+def viewable_hessians(model: onnx.ModelProto, sites: list[WeightSite], source: InputSource, limit: int | None = None,
+                      label: str = "layer inputs") -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """:func:`original_hessians` of the sites that have a layer-wise view, and why each other has none."""
+    unviewed = {site.name: reason for site in sites if (reason := unsupported_reason(site))}
+    viewed = [site for site in sites if site.name not in unviewed]
+    return original_hessians(model, viewed, source, limit, label=label), unviewed
+
+
 def original_hessians(model: onnx.ModelProto, sites: list[WeightSite], source: InputSource, limit: int | None = None,
                       label: str = "layer inputs") -> dict[str, np.ndarray]:
     """XᵀX per group of every listed layer's input in ``model``, in as few passes over ``source`` as

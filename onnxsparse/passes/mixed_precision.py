@@ -38,7 +38,7 @@ from ..graph import (
     unique_name,
     with_initializer_values,
 )
-from ..layerwise import original_hessians, unsupported_reason
+from ..layerwise import viewable_hessians
 from ..limits import CALIBRATION_SAMPLES
 from ..validation import SCORE_MAX_TOP1_DROP, DriftProbe, Tolerance
 from ..weights import WeightSite
@@ -215,15 +215,10 @@ class MixedPrecision(Pass):
     def _hessians(self, model: onnx.ModelProto, sites: list[WeightSite], probe: DriftProbe, result: PassResult) -> dict[str, np.ndarray]:
         """XᵀX per group of every layer's input that gptq can view, in one pass over the calibration
         samples the probe does not judge by."""
-        viewed = []
-        for site in sites:
-            reason = unsupported_reason(site)
-            if reason:
-                result.skipped.append(Skip(site.name, f"gptq: {reason}; its formats round to nearest"))
-            else:
-                viewed.append(site)
         source = read_once(probe.held_out, model, limit=self.calibration_samples)
-        return original_hessians(model, viewed, source, self.calibration_samples, label="mixed-precision layer inputs")
+        grams, unviewed = viewable_hessians(model, sites, source, self.calibration_samples, label="mixed-precision layer inputs")
+        result.skipped.extend(Skip(name, f"gptq: {reason}; its formats round to nearest") for name, reason in unviewed.items())
+        return grams
 
     def _why_not(self, site: WeightSite, fmt: str) -> str:
         """Why ``site`` cannot take ``fmt`` (empty when it can)."""

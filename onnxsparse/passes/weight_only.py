@@ -34,7 +34,7 @@ from ..graph import (
     typed_constant,
     unique_name,
 )
-from ..layerwise import original_hessians, unsupported_reason
+from ..layerwise import viewable_hessians
 from ..limits import CALIBRATION_SAMPLES
 from ..validation import SCORE_MAX_TOP1_DROP, Tolerance
 from ..weights import WeightSite, find_tables, find_weights, matches
@@ -178,16 +178,10 @@ class WeightOnly(Pass):
         without a layer-wise view, in a subgraph or shared by several nodes, are rounded to nearest)."""
         if context.calibration is None:
             raise InputDataError("weight-only method=gptq needs calibration data (--calibration)")
-        viewed = []
-        for site in sites:
-            reason = unsupported_reason(site)
-            if reason:
-                result.skipped.append(Skip(site.name, f"gptq: {reason}; rounded to nearest instead"))
-            else:
-                viewed.append(site)
         source = read_once(context.calibration, model, limit=self.calibration_samples)
-        return {name: blocks[0] for name, blocks in original_hessians(model, viewed, source, self.calibration_samples,
-                                                                       label="weight-only gptq inputs").items()}
+        grams, unviewed = viewable_hessians(model, sites, source, self.calibration_samples, label="weight-only gptq inputs")
+        result.skipped.extend(Skip(name, f"gptq: {reason}; rounded to nearest instead") for name, reason in unviewed.items())
+        return {name: blocks[0] for name, blocks in grams.items()}
 
     def _embedding_tables(self, graph: gs.Graph, model: onnx.ModelProto, result: PassResult) -> list[WeightSite]:
         """Constant 2-D float32 tables that only Gathers along axis 0 read (not a tied weight a MatMul reads too)."""
