@@ -44,6 +44,13 @@ class Codebooks:
     axis: int
 
     def decoded(self) -> np.ndarray:
+        if len(self.centroids) == 1:  # one book (scaled per channel or not): a lookup, then each channel's scale
+            values = self.centroids[0].astype(np.float64)[self.indices]
+            if self.scales is not None:
+                shape = [1] * values.ndim
+                shape[self.axis] = len(self.scales)
+                values *= self.scales.astype(np.float64).reshape(shape)
+            return values.astype(np.float32)
         rows = self.row_centroids(self.indices.shape[self.axis])
         moved = np.moveaxis(self.indices, self.axis, 0).reshape(self.indices.shape[self.axis], -1)
         values = np.take_along_axis(rows, moved.astype(np.intp), axis=1)

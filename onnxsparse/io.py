@@ -30,7 +30,7 @@ from .errors import ExternalDataError, ModelLoadError, OutputPathError
 from .files import OutputLock, Staging, describe_os_error
 from .limits import DEFAULT_MAX_INPUT_BYTES, array_bytes, elements_of, format_bytes
 from .walk import iter_all_tensors, iter_model_graphs
-from .weightstore import PACKED_BITS, WeightStore, data_bytes, inlined, store_of, write_model_with_data
+from .weightstore import PACKED_BITS, WeightStore, data_bytes, declared_bytes, inlined, store_of, write_model_with_data
 
 log = logging.getLogger(__name__)
 
@@ -536,12 +536,12 @@ def external_data_name(target: Path) -> str:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """The bytes of every tensor's values in the model, wherever they are stored, as raw data: about
-    what onnxruntime holds of its weights, counted without serializing it (onnx's ``ByteSize``
-    serializes the whole message to count it, 0.18 s for MiniLM's 90 MB, and a sensitivity probe
-    opens a session per trial). Not the message's size: integers stored as varints, string tensors
-    and attribute lists take more there."""
-    return sum(data_bytes(t) for t in iter_all_tensors(model))
+    """The bytes of every tensor's values in the model, wherever they are stored, as raw data, from
+    their types and shapes: about what onnxruntime holds of its weights, counted without serializing
+    the model or reading a value (onnx's ``ByteSize`` serializes the whole message to count it, 0.18 s
+    for MiniLM's 90 MB, and a sensitivity probe opens a session per trial). Not the message's size:
+    integers stored as varints, string tensors and attribute lists take more there."""
+    return sum(declared_bytes(t) for t in iter_all_tensors(model))
 
 
 def data_size(model: onnx.ModelProto) -> int:

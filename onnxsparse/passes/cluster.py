@@ -31,7 +31,6 @@ from ..graph import (
     to_gs,
     typed_constant,
     unique_name,
-    with_initializer_values,
 )
 from ..layers import RNN_OPS, WEIGHT_OPS, layer_kind
 from ..layerwise import current_hessians, from_matrix, original_hessians, to_matrix, unsupported_reason
@@ -269,7 +268,7 @@ class Cluster(Pass):
             for bits in ALLOCATED_BITS:
                 books = fit_codebooks(np.asarray(site.value), 1 << bits, self.scope, site.out_axis, importance.get(site.name),
                                       iterations=self.iterations, keep_zero=self.keep_zero)
-                drifts[site.name][bits] = probe.drift(with_initializer_values(model, {site.name: books.decoded()}))
+                drifts[site.name][bits] = probe.drift_with({site.name: books.decoded()})
         sizes = {site.name: site.value.size for site in sites if site.name in drifts}
         widths = {name: ALLOCATED_BITS[0] for name in drifts}
         spare = sum(size * (self.bits - ALLOCATED_BITS[0]) for size in sizes.values())
@@ -299,8 +298,7 @@ class Cluster(Pass):
         initializer (Constant nodes, subgraphs) stay at their float values on both sides of the
         comparison, and follow its verdict."""
         initializers = {tensor.name for tensor in model.graph.initializer}
-        drifts = [probe.drift(with_initializer_values(model, {site.name: books.decoded() for site, books in zip(sites, chosen)
-                                                              if site.name in initializers}))
+        drifts = [probe.drift_with({site.name: books.decoded() for site, books in zip(sites, chosen) if site.name in initializers})
                   for chosen in (compensated_books, nearest)]
         result.figures.update(drift_compensated=round(drifts[0], 6), drift_nearest=round(drifts[1], 6))
         if drifts[0] < drifts[1]:

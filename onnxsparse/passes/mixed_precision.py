@@ -206,7 +206,7 @@ class MixedPrecision(Pass):
                 else:
                     encodings.append(self._encoded(site, fmt, hessians.get(site.name)))
             for encoding in encodings:
-                encoding.drift = probe.drift(with_initializer_values(model, {site.name: encoding.decoded(site.value)}))
+                encoding.drift = probe.drift_with({site.name: encoding.decoded(site.value)})
             ladders[site.name] = _ladder(site.name, site.value.nbytes, encodings)
             if context.progress:
                 context.progress("mixed-precision probes", index + 1, len(sites))
