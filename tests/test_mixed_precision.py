@@ -248,3 +248,23 @@ def test_gptq_compensates_the_int4_blocks_and_codebooks_in_the_pipeline() -> Non
     assert all(step.status == "committed" for step in steps.values()), [s.reason for s in steps.values()]
     drift = {method: sum(c.details["drift_alone"] for c in step.changes) for method, step in steps.items()}
     assert drift["gptq"] < drift["nearest"]
+
+
+def test_a_model_read_with_external_data_is_probed_by_path_and_its_formats_stay_external(rng: np.random.Generator, tmp_path) -> None:
+    """A model read with external data (which the probes hand onnxruntime by path, the trial values
+    beside it): its new weights go to the output's data file."""
+    from onnxsparse import optimize
+
+    model = _chain(rng)
+    x = rng.standard_normal((64, 64)).astype(np.float32)
+    expected = run(model, {"x": x[:8]})[0]
+    onnx.save_model(model, tmp_path / "model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    np.savez(tmp_path / "calibration.npz", x=x)
+    report = optimize(tmp_path / "model.onnx", tmp_path / "out.onnx", "mixed-precision{min_elements=16 formats=fp16,cluster8}",
+                      calibration=tmp_path / "calibration.npz", external_data=True)
+    assert report.steps[0].status == "committed" and {c.action for c in report.steps[0].changes} <= {"fp16", "cluster8"}
+    written = onnx.load(tmp_path / "out.onnx", load_external_data=False)
+    big = [t for t in written.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.UINT8) and t.dims[0] == 64]
+    assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
+    got = run(tmp_path / "out.onnx", {"x": x[:8]})[0]
+    assert float((got * expected).sum() / (np.linalg.norm(got) * np.linalg.norm(expected))) > 0.97
