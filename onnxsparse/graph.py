@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import weakref
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -278,7 +278,7 @@ def name_unnamed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def with_initializer_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+def with_initializer_values(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of ``model`` whose named main-graph initializers hold ``values`` (float32) instead: a
     trial of other weights without graph surgery (the sensitivity probes)."""
     trial = onnx.ModelProto()

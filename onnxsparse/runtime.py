@@ -17,11 +17,10 @@ import re
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 from google.protobuf.message import EncodeError, Message
@@ -40,28 +39,16 @@ PROVIDERS = ["CPUExecutionProvider"]
 
 
 def make_session(model: onnx.ModelProto, label: str, *, timing: bool = False, threads: int = 1,
-                 overrides: Mapping[str, np.ndarray] | None = None, serialized: bytes | None = None) -> ort.InferenceSession:
+                 serialized: bytes | None = None) -> ort.InferenceSession:
     """A new onnxruntime session on the CPU, or a RuntimeLoadError naming the model and the problem.
     ``timing``: a session to time the model with, on ``threads`` threads (0: onnxruntime's choice, one
     per core) and with onnxruntime's defaults, as a deployment runs it; otherwise onnxruntime's
-    threads, and no memory pattern (see below). ``overrides``: other values for some of the model's
-    initializers (same shapes and types), handed to onnxruntime beside the model, so that a trial of
-    other weights needs no copy of the model. Given (empty too: a reference to compare such trials
-    with), the graph runs unoptimized: onnxruntime's optimizer folds and fuses initializers before
-    the overrides take effect, so a Conv weight fused with its BatchNormalization kept its old values
-    at the basic level and above (digits CNN), silently. ``serialized``: the model's message, when
-    the caller has it (see :func:`serialized_for_session`)."""
-    return _session(model, serialized, label, timing, threads, overrides)
+    threads, and no memory pattern (see below). ``serialized``: the model's message, when the caller
+    has it (a model held by a weight store goes by path whatever it is)."""
+    return _session(model, serialized, label, timing, threads)
 
 
-def serialized_for_session(model: onnx.ModelProto) -> bytes | None:
-    """What :func:`make_session` would serialize the model to (None: it goes by path), for a caller that
-    makes many sessions of one model."""
-    return None if store_of(model) is not None else _serialized_if_small(model)
-
-
-def _session(model: onnx.ModelProto, serialized: bytes | None, label: str, timing: bool, threads: int = 1,
-             overrides: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto, serialized: bytes | None, label: str, timing: bool, threads: int = 1) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if timing:
@@ -72,15 +59,7 @@ def _session(model: onnx.ModelProto, serialized: bytes | None, label: str, timin
         # times (segment runs, trials, validation), where that doubled the page faults: MobileNetV2's
         # qdq{mode=static} 21.3 -> 17.3 s CPU, 1.2 GB fewer page faults. Timing sessions keep it.
         options.enable_mem_pattern = False
-    if overrides is not None:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for value in (overrides or {}).values()]
-    for name, value in zip(overrides or {}, values):
-        options.add_initializer(name, value)
-    session = _loaded(model, serialized, label, options)
-    if values:
-        session._onnxsparse_overrides = values  # onnxruntime reads them from these buffers for the session's life
-    return session
+    return _loaded(model, serialized, label, options)
 
 
 def _loaded(model: onnx.ModelProto, serialized: bytes | None, label: str, options: ort.SessionOptions) -> ort.InferenceSession:

@@ -184,9 +184,9 @@ class MagnitudePrune(Pass):
                                    f"so {len(unfit)} probes were pruned by magnitude, not SparseGPT: give more calibration samples")
         for index, (site, target) in enumerate(chosen):
             hessians = every_hessian.get(site.name)
-            at_target = probe.drift(self._pruned_alone(model, site, target, hessians))
+            at_target = self._drift_pruned(probe, model, site, target, hessians)
             higher = _probe_above(target)
-            drifts[site.name] = [at_target, probe.drift(self._pruned_alone(model, site, higher, hessians)) if higher > target else at_target]
+            drifts[site.name] = [at_target, self._drift_pruned(probe, model, site, higher, hessians) if higher > target else at_target]
             if context.progress:
                 context.progress("magnitude-prune sensitivity", index + 1, len(chosen))
         sizes = np.array([site.value.size for site, _ in chosen], dtype=np.float64)
@@ -201,15 +201,27 @@ class MagnitudePrune(Pass):
             for (site, _), p, share in zip(chosen, exponents, shares)}
         return [(site, float(share)) for (site, _), share in zip(chosen, shares)]
 
-    def _pruned_alone(self, model: onnx.ModelProto, site: WeightSite, sparsity: float, hessians: np.ndarray | None) -> onnx.ModelProto:
-        """The model with only this tensor pruned: by SparseGPT given its input's Hessians, else by magnitude."""
+    def _drift_pruned(self, probe: DriftProbe, model: onnx.ModelProto, site: WeightSite, sparsity: float, hessians: np.ndarray | None) -> float:
+        """How far the outputs move with only this tensor pruned to ``sparsity``. A main-graph initializer's
+        trial values go to onnxruntime beside the model; other weights need a copy of the model."""
+        values = self._pruned_values(site, sparsity, hessians)
+        if not site.in_subgraph and any(tensor.name == site.name for tensor in model.graph.initializer):
+            return probe.drift_with({site.name: values})
+        return probe.drift(self._pruned_alone(model, site, values))
+
+    def _pruned_values(self, site: WeightSite, sparsity: float, hessians: np.ndarray | None) -> np.ndarray:
+        """This tensor pruned to ``sparsity``: by SparseGPT given its input's Hessians, else by magnitude."""
+        if hessians is not None:
+            return self._solve(site, hessians, None, sparsity, None)
+        keep = unstructured_mask(np.abs(site.value), sparsity)
+        return np.where(keep, site.value, 0).astype(site.value.dtype)
+
+    @staticmethod
+    def _pruned_alone(model: onnx.ModelProto, site: WeightSite, values: np.ndarray) -> onnx.ModelProto:
+        """A copy of the model with only this tensor's values replaced (a Constant node's, or one in a subgraph)."""
         trial_graph = to_gs(model)
         trial_site = next(s for s in find_weights(trial_graph, layer_ops())[0] if s.name == site.name)
-        if hessians is not None:
-            replace_weight(trial_site, self._solve(trial_site, hessians, None, sparsity, None))
-        else:
-            keep = unstructured_mask(np.abs(trial_site.value), sparsity)
-            replace_weight(trial_site, np.where(keep, trial_site.value, 0).astype(trial_site.value.dtype))
+        replace_weight(trial_site, values)
         return from_gs(trial_graph, like=model)
 
     def _choose(self, sites: list[WeightSite], result: PassResult) -> list[tuple[WeightSite, float]]:
