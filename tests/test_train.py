@@ -362,6 +362,22 @@ def test_distill_keeps_pruned_zeros_zero():
             np.testing.assert_array_equal(onnx.numpy_helper.to_array(after)[zeros], 0)
 
 
+def test_distill_after_cluster_trains_the_codebooks_and_scales_and_leaves_the_uint4_indices_as_they_are():
+    """A codebook model trains as its float parts (centroids, per-channel scales, biases); its 4-bit
+    indices, which torch has no type for, stay fixed, so the file keeps its size."""
+    student, clustered = _distilled("cluster{bits=3 min_elements=100}")
+    trained, report = _distilled("cluster{bits=3 min_elements=100},distill{epochs=3}")
+    distill = report.steps[1]
+    assert distill.figures["held_out_loss_after"] < distill.figures["held_out_loss_before"]
+    assert distill.validation.outputs[0].cosine > clustered.steps[0].validation.outputs[0].cosine + 0.01
+    before = {t.name: t for t in student.graph.initializer}
+    indices = [t for t in trained.graph.initializer if t.data_type == onnx.TensorProto.UINT4]
+    assert indices and all(t.raw_data == before[t.name].raw_data for t in indices)
+    books = [t.name for t in trained.graph.initializer if t.name.endswith("_codebook")
+             and not np.array_equal(onnx.numpy_helper.to_array(t), onnx.numpy_helper.to_array(before[t.name]))]
+    assert books  # the centroids moved
+
+
 def test_distill_after_qdq_trains_the_integer_weights_on_their_grid():
     """Quantization-aware distillation of a pruned, quantized CNN: the held-out loss falls and the
     validation cosine rises; the written model has the quantized student's nodes, integer weights of

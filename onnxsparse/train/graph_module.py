@@ -86,7 +86,7 @@ class GraphModule(torch.nn.Module):
             if name in self._grids:  # trained as the float values the integers stand for
                 self.weights[key] = torch.nn.Parameter(self._grids[name].values(value))
                 continue
-            tensor = torch.from_numpy(np.array(value))  # a writable copy: the model's arrays stay as they are
+            tensor = torch.from_numpy(_torch_ready(value))
             if trainable(name, value):
                 self.weights[key] = torch.nn.Parameter(tensor)
             else:
@@ -221,3 +221,12 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
     if dtype is None:
         raise UnsupportedModelError(f"Constant node '{node.name}': its {attribute.name} form has no rule in the training engine")
     return np.array(value, dtype=dtype)
+
+
+def _torch_ready(value: np.ndarray) -> np.ndarray:
+    """A writable copy torch takes (the model's arrays stay as they are): 4-bit integers (a codebook's
+    uint4 indices), which torch has no type for, as 8-bit ones of the same values; nothing reads them
+    but a Cast."""
+    if value.dtype.name in ("int4", "uint4"):
+        return np.asarray(value).astype(np.int8 if value.dtype.name == "int4" else np.uint8)
+    return np.array(value)
