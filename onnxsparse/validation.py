@@ -813,6 +813,9 @@ class DriftProbe:
         if self._parts is None:
             self._parts = _message_parts(self.model)
         head, pieces = self._parts
+        unknown = sorted(set(values) - set(pieces))
+        if unknown:  # a piece for it would be a second definition of a name, not a changed value
+            raise ValueError(f"drift_with: {', '.join(unknown)} is no main-graph initializer of the probe's model")
         message = b"".join([head, *(piece for name, piece in pieces.items() if name not in values),
                             *(_initializer_piece(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)) for name, value in values.items())])
         return output_drift(self.reference, outputs_on(self.model, self.source, serialized=message))

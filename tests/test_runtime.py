@@ -250,6 +250,8 @@ def test_a_probes_trial_of_other_weights_drifts_exactly_as_a_copy_of_the_model_w
     assert probe.drift(copy) > 1e-3
     assert probe.drift_with(moved) == probe.drift(copy)
     assert probe.drift_with({"pointwise.0.weight": moved["pointwise.0.weight"]}) not in (0.0, probe.drift(copy))
+    with pytest.raises(ValueError, match="no main-graph initializer"):
+        probe.drift_with({"logits": moved["fc.weight"]})
     # a model held by a weight store goes by path: a copy with the values, the same drift
     expected = probe.drift(copy)
     original = onnx.ModelProto()
