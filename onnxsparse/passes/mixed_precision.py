@@ -7,9 +7,11 @@ probed for every tensor alone on calibration samples (1 - the worst output's cos
 format that another beats on both bytes and drift, or that lies above the line between two others,
 drops out: what remains is a ladder of downgrades, each costing more drift per byte saved than the
 one before. All tensors' downgrades are sorted by that cost, and the pass keeps the longest run of
-them, cheapest first, whose model holds the step's tolerance on calibration data: a binary search,
-about log2(downgrades) validations. The drifts alone only order the downgrades; the tolerance is
-judged on the whole model, every time.
+them, cheapest first, whose model holds the step's tolerance on calibration data (a binary search,
+about log2(downgrades) validations), steps over one that breaks it and searches on (``step_over``
+times), then confirms the choice on calibration samples the search never judged by, taking the
+costliest back while it does not hold there. The drifts alone only order the downgrades; the
+tolerance is judged on the whole model, every time.
 """
 
 from __future__ import annotations
@@ -149,13 +151,12 @@ class MixedPrecision(Pass):
             return result
         formats, at_uint4 = self._usable_formats(model, result)
         probe = DriftProbe(model, context.calibration)
-        unfit: dict[str, list[str]] = {}
-        ladders = self._ladders(model, sites, formats, probe, context, result, unfit)
+        ladders = self._ladders(model, sites, formats, probe, context, result)
         downgrades = sorted((d for ladder in ladders.values() for d in ladder), key=lambda d: (d.cost, d.step))
         by_name = {s.name: s for s in sites}
         taken = self._confirmed(model, by_name, self._holding(model, by_name, downgrades, context, result), context, result)
         chosen = {d.site: d.encoding for d in taken}
-        self._explain_the_rest(sites, chosen, ladders, unfit, result)
+        self._explain_the_rest(sites, formats, chosen, ladders, result)
         if chosen:
             packed = any(e.format == "cluster4" for e in chosen.values())
             if packed and at_uint4 is not model:
@@ -192,19 +193,12 @@ class MixedPrecision(Pass):
         return sites
 
     def _ladders(self, model: onnx.ModelProto, sites: list[WeightSite], formats: tuple[str, ...], probe: DriftProbe, context: PassContext,
-                 result: PassResult, unfit: dict[str, list[str]]) -> dict[str, list[Downgrade]]:
-        """Every weight's downgrades, each format probed alone; ``unfit`` gets, per weight, why a
-        format asked for was not offered to it."""
+                 result: PassResult) -> dict[str, list[Downgrade]]:
+        """Every weight's downgrades, each format it can take probed alone."""
         hessians = self._hessians(model, sites, probe, result) if self.method == "gptq" else {}
         ladders = {}
         for index, site in enumerate(sites):
-            encodings = []
-            for fmt in formats:
-                why_not = self._why_not(site, fmt)
-                if why_not:
-                    unfit.setdefault(site.name, []).append(why_not)
-                else:
-                    encodings.append(self._encoded(site, fmt, hessians.get(site.name)))
+            encodings = [self._encoded(site, fmt, hessians.get(site.name)) for fmt in formats if not self._why_not(site, fmt)]
             for encoding in encodings:
                 encoding.drift = probe.drift_with({site.name: encoding.decoded(site.value)})
             ladders[site.name] = _ladder(site.name, site.value.nbytes, encodings)
@@ -326,15 +320,14 @@ class MixedPrecision(Pass):
                                "calibration samples it had not judged by, and were taken back")
         return ordered[:holding]
 
-    @staticmethod
-    def _explain_the_rest(sites: list[WeightSite], chosen: dict[str, Encoding], ladders: dict[str, list[Downgrade]],
-                          unfit: dict[str, list[str]], result: PassResult) -> None:
+    def _explain_the_rest(self, sites: list[WeightSite], formats: tuple[str, ...], chosen: dict[str, Encoding], ladders: dict[str, list[Downgrade]],
+                          result: PassResult) -> None:
         for site in sites:
             now = chosen.get(site.name)
             ladder = ladders[site.name]
             further = [d for d in ladder if now is None or d.step > next(x.step for x in ladder if x.encoding is now)]
             if not ladder:
-                why = "; ".join(unfit.get(site.name, [])) or "no format asked for stores it in fewer bytes"
+                why = "; ".join(filter(None, (self._why_not(site, fmt) for fmt in formats))) or "no format asked for stores it in fewer bytes"
                 result.skipped.append(Skip(site.name, f"float32: {why}"))
             elif further:
                 nearest = further[0].encoding
