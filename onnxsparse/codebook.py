@@ -197,7 +197,7 @@ def kmeans(values: np.ndarray, levels: int, importance: np.ndarray | None = None
 
 def _run_ends(ordered: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Where each centroid's run of the sorted values ends: a value on a midpoint goes to the lower
-    centroid, as :func:`_nearest`'s search puts it."""
+    centroid, as :func:`nearest_rows` puts it."""
     return np.append(np.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2, side="right"), len(ordered))
 
 
@@ -206,8 +206,3 @@ def _with_zero(centroids: np.ndarray) -> np.ndarray:
     moved = centroids.copy()
     moved[np.argmin(np.abs(moved))] = 0.0
     return np.sort(moved)
-
-
-def _nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid (ascending centroids: a search among the midpoints)."""
-    return np.searchsorted((centroids[1:] + centroids[:-1]) / 2, values).astype(np.intp)
