@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from html import escape
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import OnnxsparseError
 from ..htmlpage import STYLE, WIDTH, bars_svg, int8_sensitivity_bars, shortened
@@ -46,7 +46,8 @@ def render_html(result: TuneResult) -> str:
     if result.sensitivity:
         parts += ["<h2>Per-layer sensitivity: int8, one node at a time</h2>",
                   ("<p>How far the outputs move when only this node is quantized (1 - cosine of the worst output, on calibration "
-                   "samples), worst first; blue: int8 in that candidate, orange: kept float.</p>"), sensitivity_svg(result.sensitivity)]
+                   "samples), worst first; blue: int8 in that candidate, orange: kept float.</p>"),
+                  bars_svg(int8_sensitivity_bars(result.sensitivity))]
     if chosen is not None:
         parts += ["<h2>What the chosen pipeline did</h2>", _steps_table(chosen), _layers_table(result)]
     parts += [f"<p>{escape(w)}</p>" for w in result.warnings]
@@ -98,11 +99,6 @@ def frontier_svg(result: TuneResult) -> str:
             out.append(f'<text x="{sx(x) + 12:.1f}" y="{sy(y) - 10:.1f}">{escape(record.family)}</text>')
     out.append("</svg>")
     return "\n".join(out)
-
-
-def sensitivity_svg(rows: list[dict[str, Any]]) -> str:
-    """One bar per node (the worst first), its length the error it adds alone."""
-    return bars_svg(int8_sensitivity_bars(rows))
 
 
 def _layers_table(result: TuneResult) -> str:
