@@ -230,9 +230,14 @@ def ridge_towards(gram: np.ndarray, right: np.ndarray, start: np.ndarray, ridge:
     """Θ minimising |XΘ - Y|² + ridge |Θ - start|², from gram = XᵀX and right = XᵀY: the least-squares
     fit pulled towards the current weights rather than towards zero, so that a small calibration set
     moves them only where the data says so. Batched: gram [..., c, c], right and start [..., c, o],
-    ridge a scalar or one per leading index."""
-    ridge = np.asarray(ridge, dtype=np.float64)[..., None, None]
-    return np.linalg.solve(gram + ridge * np.eye(gram.shape[-1]), right + ridge * start)
+    ridge a scalar or one per leading index. (LU, numpy's: this OpenBLAS's Cholesky ran 1.5-3.7x
+    slower than its LU on 2,305 columns, though it does half the arithmetic.)"""
+    ridge = np.asarray(ridge, dtype=np.float64)
+    width = gram.shape[-1]
+    system = np.array(gram, dtype=np.float64)  # a copy, its diagonal raised in place: no identity matrix built
+    diagonal = system.reshape(*system.shape[:-2], width * width)[..., :: width + 1]
+    diagonal += ridge[..., None]
+    return np.linalg.solve(system, right + ridge[..., None, None] * start)
 
 
 def fit_to_teacher(matrix: np.ndarray, cross: np.ndarray, hessian: np.ndarray, strength: float) -> np.ndarray:

@@ -332,19 +332,23 @@ def test_tensor_values_feed_given_values_instead_of_computing_them_and_changing_
     assert set(changing.kept) == {"s1"}
 
 
-def test_the_refit_normal_equations_are_the_float64_products_of_the_blocks_they_were_given(rng):
+@pytest.mark.parametrize("shift_moves", [False, True], ids=["one shift", "the last block on another shift"])
+def test_the_refit_normal_equations_are_the_float64_products_of_the_blocks_they_were_given(rng, shift_moves):
     """Blocks added one by one as columns centred on a shift (the first block's means), the shift
-    added back, give XᵀX and XᵀY of the design [X, 1] and |Y|² per fold as one float64 product would."""
+    added back, give XᵀX and XᵀY of the design [X, 1] and |Y|² per fold as one float64 product would;
+    also when a block comes centred on other shifts than the blocks before it."""
     from onnxsparse.refit import NormalEquations
 
     groups, columns, outputs, folds = 3, 5, 2, 2
     blocks = [(rng.standard_normal((groups, n, columns)) * 4 + 30, rng.standard_normal((groups, n, outputs)) - 7) for n in (40, 17, 23)]
     equations = NormalEquations.zeros(groups, columns + 1, outputs, folds)  # one more column: the bias's ones
-    shift, target_shift = blocks[0][0].mean(axis=1).astype(np.float32), blocks[0][1].mean(axis=1).astype(np.float32)
     for index, (rows, target) in enumerate(blocks):
+        centred_on = blocks[index if shift_moves and index == len(blocks) - 1 else 0]
+        shift, target_shift = centred_on[0].mean(axis=1).astype(np.float32), centred_on[1].mean(axis=1).astype(np.float32)
         given_rows, given_target = rows.astype(np.float32), target.astype(np.float32)
         equations.add((given_rows - shift[:, None]).transpose(0, 2, 1), (given_target - target_shift[:, None]).transpose(0, 2, 1),
                       shift, target_shift, index % folds)
+    equations.settle()
     for fold in range(folds):
         rows = np.concatenate([r for i, (r, _) in enumerate(blocks) if i % folds == fold], axis=1).astype(np.float32).astype(np.float64)
         target = np.concatenate([t for i, (_, t) in enumerate(blocks) if i % folds == fold], axis=1).astype(np.float32).astype(np.float64)
@@ -352,3 +356,35 @@ def test_the_refit_normal_equations_are_the_float64_products_of_the_blocks_they_
         np.testing.assert_allclose(equations.gram[fold], design.transpose(0, 2, 1) @ design, rtol=2e-6)
         np.testing.assert_allclose(equations.cross[fold], design.transpose(0, 2, 1) @ target, rtol=2e-6, atol=1e-3)
         np.testing.assert_allclose(equations.norm[fold], np.sum(target**2), rtol=1e-9)
+
+
+@pytest.mark.parametrize("valley_at", range(10))
+def test_the_ridge_walk_ends_where_the_whole_grid_is_least_and_fits_fewer_strengths(valley_at):
+    """Held-out error with one valley anywhere on the grid, the edges included: the walk from the
+    fallback strength returns the grid's least (ties to the weaker strength) without fitting all ten."""
+    from onnxsparse.refit import FALLBACK_STRENGTH, STRENGTHS, least_on_the_grid
+
+    def error(strength: float) -> float:
+        fitted.append(strength)
+        return (STRENGTHS.index(strength) - valley_at) ** 2 + 1.0
+
+    fitted: list[float] = []
+    strength, held_out = least_on_the_grid(error)
+    assert (strength, held_out) == (STRENGTHS[valley_at], 1.0)
+    assert len(fitted) == len(set(fitted))  # no strength fitted twice
+    start = STRENGTHS.index(FALLBACK_STRENGTH)
+    assert len(fitted) == 3 + abs(valley_at - start) - (valley_at in (0, len(STRENGTHS) - 1))  # one more per step, none past an edge
+    assert least_on_the_grid(lambda s: 5.0) == (STRENGTHS[0], 5.0)  # all tied: the weakest, as a scan of the whole grid took
+
+
+def test_each_layers_ridge_walk_starts_where_the_last_one_ended():
+    from onnxsparse.refit import FALLBACK_STRENGTH, STRENGTHS, StrengthWalk
+
+    walk, fitted = StrengthWalk(), []
+
+    def valley_at(index: int):
+        return lambda strength: fitted.append(strength) or abs(STRENGTHS.index(strength) - index) + 1.0
+
+    assert walk.start == FALLBACK_STRENGTH and walk.least(valley_at(9)) == (STRENGTHS[9], 1.0)
+    fitted.clear()
+    assert walk.least(valley_at(9)) == (STRENGTHS[9], 1.0) and fitted == [STRENGTHS[8], STRENGTHS[9]]  # no walk up the grid again
