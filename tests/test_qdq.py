@@ -779,6 +779,35 @@ def test_the_guard_finds_the_one_harmful_node_in_a_kind_too_big_to_search_node_b
     assert len(trials) < len(names)  # fewer trials than one per node
 
 
+@pytest.mark.parametrize("others", [True, False], ids=["other samples confirm", "no other samples"])
+def test_the_guard_keeps_float_what_the_confirming_samples_need_when_the_judges_samples_pass_everything(others):
+    """The judge's few samples pass every trial (all nodes quantized included), as on MobileNetV2's
+    32 views; calibration samples the judge never saw fail unless one node stays float. The guard then
+    keeps that node float. Without
+    other samples (confirm says None), the judge's verdict stands."""
+    from types import SimpleNamespace
+
+    import onnx_graphsurgeon as gs
+
+    from onnxsparse.passes.qdq import Plan
+    from onnxsparse.results import PassResult
+
+    plan = Plan(nodes=[gs.Node("Add", name=f"add{index}") for index in range(8)])
+    confirmed: list[frozenset[str]] = []
+
+    def validate(model: frozenset[str]) -> SimpleNamespace:  # the "model" is the set of nodes kept float
+        return SimpleNamespace(passed=True, outputs=[SimpleNamespace(cosine=0.999 if "add5" in model else 0.99)])
+
+    def confirm(model: frozenset[str]) -> SimpleNamespace | None:
+        confirmed.append(model)
+        return SimpleNamespace(passed="add5" in model) if others else None
+
+    result = PassResult(None)  # type: ignore[arg-type]
+    model, kept = Qdq()._guard(frozenset, plan, frozenset(), PassContext(validate=validate, confirm=confirm), result)  # type: ignore[arg-type]
+    assert kept == ({"add5"} if others else set()) and model == frozenset(kept)
+    assert confirmed and confirmed[0] == frozenset()  # the judge passed every node quantized; the confirming samples did not
+
+
 def test_auto_on_a_model_without_matmuls_never_picks_an_empty_dynamic_candidate(monkeypatch, rng):
     """With no MatMul/Gemm, dynamic quantization changes nothing: it is the input, not a candidate
     that can be "chosen as the faster". A static candidate that runs slower keeps the input, saying
