@@ -351,6 +351,21 @@ def test_real_model_calibration_and_eval_are_disjoint(name: str) -> None:
 
 
 @pytest.mark.real
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_a_real_models_training_split_shares_no_sample_with_its_eval_split(name: str) -> None:
+    """train.npz (distill's data=, where an export or tools/realmodels/export_mobilenetv2_train.py wrote
+    one) never holds what the task is scored on."""
+    task = cached_task(name)
+    folder = task.model_path.parent
+    if not (folder / "train.npz").exists():
+        pytest.skip(f"{name}: no training split in the cache")
+    with np.load(folder / "train.npz") as train, np.load(folder / "eval.npz") as evaluation:
+        key = ORIGIN_KEY[name]
+        trained_on = origins(dict(train), key, task.input_names[0])
+        assert trained_on and not trained_on & origins(dict(evaluation), key, task.input_names[0])
+
+
+@pytest.mark.real
 @pytest.mark.parametrize("name", ["mobilenetv2", "resnet18"])
 def test_removing_all_zero_channels_of_a_real_cnn_leaves_its_outputs_unchanged(name: str, tmp_path: Path) -> None:
     """magnitude-prune with whole-filter structure, then channel-prune{mode=zero-only}: the channels
