@@ -234,7 +234,7 @@ def ridge_towards(gram: np.ndarray, right: np.ndarray, start: np.ndarray, ridge:
     slower than its LU on 2,305 columns, though it does half the arithmetic.)"""
     ridge = np.asarray(ridge, dtype=np.float64)
     width = gram.shape[-1]
-    system = np.array(gram, dtype=np.float64)  # a copy, its diagonal raised in place: no identity matrix built
+    system = np.array(gram, dtype=np.float64, order="C")  # a C-ordered copy (reshape below is then a view), its diagonal raised in place
     diagonal = system.reshape(*system.shape[:-2], width * width)[..., :: width + 1]
     diagonal += ridge[..., None]
     return np.linalg.solve(system, right + ridge[..., None, None] * start)

@@ -377,6 +377,26 @@ def test_the_ridge_walk_ends_where_the_whole_grid_is_least_and_fits_fewer_streng
     assert least_on_the_grid(lambda s: 5.0) == (STRENGTHS[0], 5.0)  # all tied: the weakest, as a scan of the whole grid took
 
 
+
+def test_a_nan_held_out_error_is_the_worst_and_never_stalls_the_walk():
+    """A NaN compares false both ways: taken as it is, the walk stepped onto it and back for ever."""
+    from onnxsparse.refit import STRENGTHS, least_on_the_grid
+
+    curve = [5.0, float("nan"), 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    assert least_on_the_grid(lambda s: curve[STRENGTHS.index(s)]) == (STRENGTHS[2], 1.0)
+
+
+def test_the_ridge_is_added_to_a_copy_of_any_layout_of_the_gram(rng):
+    """A Fortran-ordered or transposed gram: the in-place diagonal must land in the system solved."""
+    from onnxsparse.layerwise import ridge_towards
+
+    rows = rng.standard_normal((40, 6))
+    gram, right, start = rows.T @ rows, rng.standard_normal((6, 2)), rng.standard_normal((6, 2))
+    expected = np.linalg.solve(gram + 3.0 * np.eye(6), right + 3.0 * start)
+    for layout in (gram, np.asfortranarray(gram), gram.T, np.asfortranarray(gram).astype(np.float32)):
+        np.testing.assert_allclose(ridge_towards(layout, right, start, 3.0), expected, rtol=1e-5)
+
+
 def test_each_layers_ridge_walk_starts_where_the_last_one_ended():
     from onnxsparse.refit import FALLBACK_STRENGTH, STRENGTHS, StrengthWalk
 

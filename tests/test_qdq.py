@@ -808,6 +808,20 @@ def test_the_guard_keeps_float_what_the_confirming_samples_need_when_the_judges_
     assert confirmed and confirmed[0] == frozenset()  # the judge passed every node quantized; the confirming samples did not
 
 
+def test_auto_counts_a_candidate_within_tolerance_only_if_the_confirming_samples_agree():
+    """The judge's samples pass both candidates; the confirming ones fail the faster dynamic one. Auto
+    then takes the static one, as the guard would have judged it, not the faster."""
+    from types import SimpleNamespace
+
+    from onnxsparse.passes.qdq import _pick
+    from onnxsparse.results import PassResult
+
+    results = {"static": PassResult("static"), "dynamic": PassResult("dynamic")}  # type: ignore[arg-type]
+    context = PassContext(validate=lambda model: SimpleNamespace(passed=True), confirm=lambda model: SimpleNamespace(passed=model == "static"),
+                          calibration=object())  # type: ignore[arg-type]
+    assert _pick(results, {"static": 0.8, "dynamic": 0.6}, "input", context, 0.99) == ("static", "the only one within tolerance")  # type: ignore[arg-type]
+
+
 def test_auto_on_a_model_without_matmuls_never_picks_an_empty_dynamic_candidate(monkeypatch, rng):
     """With no MatMul/Gemm, dynamic quantization changes nothing: it is the input, not a candidate
     that can be "chosen as the faster". A static candidate that runs slower keeps the input, saying

@@ -542,7 +542,8 @@ class Qdq(Pass):
             kinds.setdefault(speed_kind(node), []).append(node.name)
         kept = self._fewest(list(kinds), lambda chosen: {n for kind in chosen for n in kinds[kind]}, build, context, "kinds")
         if kept is None:
-            result.warnings.append("qdq guard: even all nodes in float do not meet the tolerance; every node kept quantized")
+            result.warnings.append("qdq guard: even all nodes in float do not meet the tolerance (on the judge's calibration samples, "
+                                   "or on the others that confirm its trials); every node kept quantized")
             return quantized, set()
         candidates = [node.name for node in plan.nodes if node.name in kept[1]]  # in graph order
         if len(candidates) > GUARD_MAX_NODE_SEARCH:
@@ -778,7 +779,9 @@ def _pick(results: dict[str, PassResult], ratios: dict[str, float], model: onnx.
         return next(iter(results)), ""
     assert context.validate is not None and context.calibration is not None
     verdicts = {mode: context.validate(result.model) for mode, result in results.items()}
-    passing = [mode for mode, verdict in verdicts.items() if verdict.passed]
+    # within tolerance as the guard means it: the confirming samples agree too (a dynamic candidate
+    # the judge's few samples pass must not win over a static one the guard held to more)
+    passing = [mode for mode, verdict in verdicts.items() if verdict.passed and _confirmed(results[mode].model, context)]
     why_prefix = ""
     if not passing and not context.validate(model).passed:
         # An earlier lossy pass (pruning) moved the model past the tolerance already: then
@@ -794,7 +797,7 @@ def _pick(results: dict[str, PassResult], ratios: dict[str, float], model: onnx.
 
 
 def _sensitivity(static: StaticResult, picked: PassResult, context: PassContext) -> list[dict[str, object]]:
-    """Per planned node, what quantizing it alone does to the outputs (judged like the guard's trials),
+    """Per planned node, what quantizing it alone does to the outputs (on the judge's samples),
     with whether it ended int8 or float and why: worst first, so that "which layer broke it" has an
     answer in the report. Empty without calibration data to judge on."""
     if context.validate is None:
@@ -847,10 +850,13 @@ def _holds(model: onnx.ModelProto, context: PassContext) -> bool:
     every node quantized passed the judge's 32 views and lost 2.8% top-1 agreement on 96 held-out ones,
     and the step was rolled back whole."""
     assert context.validate is not None
-    if not context.validate(model).passed:
-        return False
-    confirmed = context.confirm(model) if context.confirm is not None else None
-    return confirmed is None or confirmed.passed
+    return context.validate(model).passed and _confirmed(model, context)
+
+
+def _confirmed(model: onnx.ModelProto, context: PassContext) -> bool:
+    """Whether the calibration samples the judge never sees agree (True where the set has none)."""
+    verdict = context.confirm(model) if context.confirm is not None else None
+    return verdict is None or verdict.passed
 
 
 def _closeness(validation: ValidationResult) -> float:
