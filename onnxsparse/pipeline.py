@@ -43,7 +43,6 @@ from .errors import (
     ValidationFailed,
 )
 from .files import OutputLock, Staging
-from .htmlpage import render_run
 from .inspect_model import Footprint, footprint, summarize
 from .io import LoadInfo, check_model, checked_output_path, load, load_with_info, same_file, stage_model
 from .latency import RETIME_RUNS, RETIME_SECONDS, relative_latency, timing_feed
@@ -796,8 +795,12 @@ class _Outputs:
                 report.output.source = str(target)  # type: ignore[union-attr]
                 report.output.file_bytes = size  # type: ignore[union-attr]
             if self.report_path is not None:
-                html = Path(self.report_path).suffix.lower() in (".html", ".htm")
-                staging.write_text(self.report_path, render_run(report) if html else report.to_json())
+                if Path(self.report_path).suffix.lower() in (".html", ".htm"):
+                    from .htmlpage import render_run  # here: only an HTML report needs it (and the html module)
+
+                    staging.write_text(self.report_path, render_run(report))
+                else:
+                    staging.write_text(self.report_path, report.to_json())
             if self.markdown_path is not None:
                 staging.write_text(self.markdown_path, report.to_markdown())
             staging.commit()
