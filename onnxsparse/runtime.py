@@ -59,6 +59,11 @@ def _session(model: onnx.ModelProto, serialized: bytes | None, label: str, timin
         # times (segment runs, trials, validation), where that doubled the page faults: MobileNetV2's
         # qdq{mode=static} 21.3 -> 17.3 s CPU, 1.2 GB fewer page faults. Timing sessions keep it.
         options.enable_mem_pattern = False
+        # onnxruntime's pool threads spin between kernels, waiting for the next one: right for a
+        # deployment timing one run, CPU burnt for ours, which run a model a few times and then do
+        # numpy work while the spinning continues. MobileNetV2's qdq{mode=static}: 43 -> 37 s of CPU
+        # (user + sys), the same wall time.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return _loaded(model, serialized, label, options)
 
 

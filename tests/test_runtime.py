@@ -260,3 +260,13 @@ def test_a_probes_trial_of_other_weights_drifts_exactly_as_a_copy_of_the_model_w
     original.CopyFrom(cnn)
     onnx.save_model(original, tmp_path / "m.onnx", save_as_external_data=True, location="m.onnx.data", size_threshold=0)
     assert DriftProbe(load(tmp_path / "m.onnx"), calibration).drift_with(moved) == expected
+
+
+def test_our_sessions_do_not_spin_between_runs_and_a_timing_session_runs_as_deployed():
+    """Our validation and probe sessions let onnxruntime's pool threads sleep between kernels (their
+    spinning burnt CPU while numpy worked); a timing session keeps onnxruntime's defaults."""
+    ours = make_session(parse(TINY), "tiny").get_session_options()
+    timing = make_session(parse(TINY), "tiny", timing=True).get_session_options()
+    assert ours.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        timing.get_session_config_entry("session.intra_op.allow_spinning")
