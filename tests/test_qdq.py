@@ -777,6 +777,7 @@ def test_the_guard_finds_the_one_harmful_node_in_a_kind_too_big_to_search_node_b
     assert kept == {"add37"} and model == frozenset({"add37"})
     assert result.figures["guard_kept_float"] == 1
     assert len(trials) < len(names)  # fewer trials than one per node
+    assert len(trials) == len(set(trials))  # each set of float nodes judged once, though ranked and then tried as a prefix
 
 
 @pytest.mark.parametrize("others", [True, False], ids=["other samples confirm", "no other samples"])

@@ -535,64 +535,34 @@ class Qdq(Pass):
         doubling the count until it holds and bisecting back to the fewest that do. "Holds" is
         :func:`_holds`: on the judge's samples and on the confirming ones."""
         assert context.validate is not None
-        if _holds(quantized, context):
+        trials = GuardTrials(build, context, quantized)
+        if trials.holds(frozenset()):
             return quantized, set()
         kinds: dict[str, list[str]] = {}
         for node in plan.nodes:
             kinds.setdefault(speed_kind(node), []).append(node.name)
-        kept = self._fewest(list(kinds), lambda chosen: {n for kind in chosen for n in kinds[kind]}, build, context, "kinds")
+        kept = trials.fewest(list(kinds), lambda chosen: {n for kind in chosen for n in kinds[kind]}, "kinds")
         if kept is None:
             result.warnings.append("qdq guard: even all nodes in float do not meet the tolerance (on the judge's calibration samples, "
                                    "or on the others that confirm its trials); every node kept quantized")
             return quantized, set()
-        candidates = [node.name for node in plan.nodes if node.name in kept[1]]  # in graph order
+        candidates = [node.name for node in plan.nodes if node.name in kept]  # in graph order
         if len(candidates) > GUARD_MAX_NODE_SEARCH:
             size = -(-len(candidates) // GUARD_RUNS)
             runs = {f"nodes {start + 1}-{min(start + size, len(candidates))}": candidates[start:start + size]
                     for start in range(0, len(candidates), size)}
-            refined = self._fewest(list(runs), lambda chosen: {n for run in chosen for n in runs[run]}, build, context, "runs of nodes")
+            refined = trials.fewest(list(runs), lambda chosen: {n for run in chosen for n in runs[run]}, "runs of nodes")
             if refined is not None:
                 kept = refined
-                candidates = [name for name in candidates if name in kept[1]]
+                candidates = [name for name in candidates if name in kept]
         if 1 < len(candidates) <= GUARD_MAX_NODE_SEARCH:
-            refined = self._fewest(candidates, set, build, context, "nodes")
+            refined = trials.fewest(candidates, set, "nodes")
             if refined is not None:
                 kept = refined
-        result.figures["guard_kept_float"] = len(kept[1])
-        result.figures["guard_kinds"] = ", ".join(sorted({speed_kind(n) for n in plan.nodes if n.name in kept[1]}))
-        return kept[0], kept[1]
-
-    @staticmethod
-    def _fewest(items: list[str], expand: Callable[[list[str]], set[str]], build: Callable[[set[str]], onnx.ModelProto],
-                context: PassContext, label: str) -> tuple[onnx.ModelProto, set[str]] | None:
-        """The shortest prefix of ``items`` (ordered by how much keeping each alone in float helps)
-        whose float nodes ``expand(prefix)`` meet the tolerance, with its model."""
-        assert context.validate is not None
-        harm = {}
-        for index, item in enumerate(items):
-            harm[item] = _closeness(context.validate(build(expand([item]))))
-            if context.progress:
-                context.progress(f"qdq guard: {label}", index + 1, len(items))
-        order = sorted(items, key=lambda item: harm[item], reverse=True)
-        count, failed, best = 1, 0, None
-        while best is None:
-            count = min(count, len(order))
-            trial = build(expand(order[:count]))
-            if _holds(trial, context):
-                best = (count, trial)
-            elif count == len(order):
-                return None
-            else:
-                failed, count = count, count * 2
-        low, high = failed, best[0]  # the fewest that pass lie in (low, high]
-        while high - low > 1:
-            middle = (low + high) // 2
-            trial = build(expand(order[:middle]))
-            if _holds(trial, context):
-                high, best = middle, (middle, trial)
-            else:
-                low = middle
-        return best[1], set(expand(order[: best[0]]))
+        result.figures["guard_kept_float"] = len(kept)
+        result.figures["guard_kinds"] = ", ".join(sorted({speed_kind(n) for n in plan.nodes if n.name in kept}))
+        result.figures["guard_trials"] = trials.built
+        return trials.model(kept), set(kept)
 
     # -- dynamic ------------------------------------------------------------------------------
 
@@ -841,6 +811,68 @@ def speed_kind(node: gs.Node) -> str:
     one_d = len(kernel) == 1 or sum(not (isinstance(d, int) and d == 1) for d in spatial) == 1
     depthwise = weight is not None and weight.shape[1] == 1 and int(node.attrs.get("group", 1)) > 1 and node.op == "Conv"
     return f"{'1-D ' if one_d else ''}{'depthwise ' if depthwise else ''}{node.op}"
+
+
+class GuardTrials:
+    """The guard's trials, by the set of nodes kept float: each set's model is built, and judged (and
+    confirmed), once. The search meets a set again where a prefix of one length is also what it ranked
+    alone, or bisects onto a count it tried; both cost a build and a judgement before."""
+
+    def __init__(self, build: Callable[[set[str]], onnx.ModelProto], context: PassContext, quantized: onnx.ModelProto) -> None:
+        self.build, self.context = build, context
+        self.built = 0
+        self._last: tuple[frozenset[str], onnx.ModelProto] = (frozenset(), quantized)  # only the last: a model each would be a copy each
+        self._judged: dict[frozenset[str], ValidationResult] = {}
+        self._holds: dict[frozenset[str], bool] = {}
+
+    def model(self, kept: frozenset[str]) -> onnx.ModelProto:
+        if self._last[0] != kept:
+            self.built += 1
+            self._last = (kept, self.build(set(kept)))
+        return self._last[1]
+
+    def judged(self, kept: frozenset[str]) -> ValidationResult:
+        """The judge's verdict on the model with ``kept`` float."""
+        assert self.context.validate is not None
+        if kept not in self._judged:
+            self._judged[kept] = self.context.validate(self.model(kept))
+        return self._judged[kept]
+
+    def holds(self, kept: frozenset[str]) -> bool:
+        """Whether the model with ``kept`` float holds the tolerance on the judge's samples and on the
+        confirming ones (asked only when the judge's hold)."""
+        if kept not in self._holds:
+            self._holds[kept] = self.judged(kept).passed and _confirmed(self.model(kept), self.context)
+        return self._holds[kept]
+
+    def fewest(self, items: list[str], expand: Callable[[list[str]], set[str]], label: str) -> frozenset[str] | None:
+        """The float nodes ``expand(prefix)`` of the shortest prefix of ``items`` (ordered by how much
+        keeping each alone in float helps) that hold the tolerance."""
+        harm = {}
+        for index, item in enumerate(items):
+            harm[item] = _closeness(self.judged(frozenset(expand([item]))))
+            if self.context.progress:
+                self.context.progress(f"qdq guard: {label}", index + 1, len(items))
+        order = sorted(items, key=lambda item: harm[item], reverse=True)
+        def kept(count: int) -> frozenset[str]:
+            return frozenset(expand(order[:count]))
+        count, failed, best = 1, 0, None
+        while best is None:
+            count = min(count, len(order))
+            if self.holds(kept(count)):
+                best = count
+            elif count == len(order):
+                return None
+            else:
+                failed, count = count, count * 2
+        low, high = failed, best  # the fewest that pass lie in (low, high]
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self.holds(kept(middle)):
+                high = middle
+            else:
+                low = middle
+        return kept(high)
 
 
 def _holds(model: onnx.ModelProto, context: PassContext) -> bool:
