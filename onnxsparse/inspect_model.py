@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
+from .bitmask import decoded_in, hidden_by
 from .errors import OnnxsparseError
 from .graph import op_histogram, outer_scope_reads, tensor_array
 from .io import LoadInfo, sparse_to_dense
@@ -67,8 +69,15 @@ def tensor_infos(model: onnx.ModelProto) -> list[TensorInfo]:
     for graph in iter_model_graphs(model):
         prefix = "subgraph " if graph is not model.graph else ""
         readers = _consumers(graph)
+        masked = decoded_in(graph)
+        parts = hidden_by(masked)  # an encoding's mask and values are not tensors of the model: what they decode to is
         for tensor in graph.initializer:
-            infos.append(_info(tensor, tensor.name, f"{prefix}initializer", readers.get(tensor.name, [])))
+            if tensor.name not in parts:
+                infos.append(_info(tensor, tensor.name, f"{prefix}initializer", readers.get(tensor.name, [])))
+        for decoded in masked:
+            info = _info(numpy_helper.from_array(decoded.dense, decoded.name), decoded.name, f"{prefix}mask-encoded", readers.get(decoded.name, []))
+            info.sparse_encoded_bytes = decoded.encoded_bytes
+            infos.append(info)
         for sparse in graph.sparse_initializer:
             info = _info(sparse_to_dense(sparse), sparse.values.name, f"{prefix}sparse_initializer", readers.get(sparse.values.name, []))
             info.sparse_encoded_bytes = sparse.ByteSize()

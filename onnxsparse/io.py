@@ -1,7 +1,7 @@
 """Loading and saving models without losing anything and without surprises.
 
-Load: external data only from inside the model's folder, ``sparse_initializer`` densified before any
-other library sees the graph (onnx-graphsurgeon 0.6 reads raw-data sparse tensors as zeros; other
+Load: external data only from inside the model's folder, ``sparse_initializer`` and mask-encoded
+tensors (bitmask.py) densified before any other library sees the graph (onnx-graphsurgeon 0.6 reads raw-data sparse tensors as zeros; other
 tools drop or reject them), the onnx checker run on what was read.
 
 Save: staged beside the target, verified, then renamed with its external data (files.py: a lock per
@@ -26,6 +26,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from onnx import external_data_helper, numpy_helper
 
+from .bitmask import declared as masked_declarations
+from .bitmask import densify_masked
 from .errors import ExternalDataError, ModelLoadError, OutputPathError
 from .files import OutputLock, Staging, describe_os_error
 from .limits import DEFAULT_MAX_INPUT_BYTES, array_bytes, elements_of, format_bytes
@@ -95,6 +97,7 @@ def load_with_info(
     if densify:
         try:
             info.densified = densify_sparse_initializers(model)
+            info.densified.update(densify_masked(model))
         except ValueError as error:
             raise ModelLoadError(f"{label}: {error}") from error
     if check:
@@ -266,6 +269,13 @@ def _check_densified_size(model: onnx.ModelProto, label: str, budget: int) -> No
     """Sparse tensors are densified on load: what they declare (a few values can declare 2^40
     elements) must fit the budget before any is allocated."""
     total = 0
+    for name, dims, data_type in masked_declarations(model):  # a mask bounds its elements, a shape can still lie
+        if any(d < 0 for d in dims) or data_type not in _KNOWN_TYPES or data_type == onnx.TensorProto.STRING:
+            raise ModelLoadError(f"{label}: mask-encoded tensor '{name}' declares shape {dims} of element type {data_type}")
+        total += array_bytes(dims, onnx.helper.tensor_dtype_to_np_dtype(data_type))
+        if total > budget:
+            raise ModelLoadError(f"{label}: mask-encoded tensor '{name}' declares shape {dims}; the model's encoded tensors would take over "
+                                 f"{format_bytes(budget)} decoded (raise --max-input-bytes if that is intended)")
     for sparse in _sparse_tensors(model):
         dims = list(sparse.dims)
         if any(d < 0 for d in dims):

@@ -14,7 +14,7 @@ LAYERS = (
     # words, errors, limits and files: no knowledge of models
     "version", "errors", "text", "limits", "files",
     # graphs and model files: walking a model, its tensors outside the message, graphsurgeon, load and save
-    "walk", "weightstore", "graph", "results", "io", "runtime",
+    "walk", "weightstore", "bitmask", "graph", "results", "io", "runtime",
     # data, running models, comparing outputs
     "calibration", "validation", "quantization", "activations", "shapes", "latency",
     # analyses and numerics over weights and channels

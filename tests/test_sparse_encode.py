@@ -22,7 +22,7 @@ def pruned_and_encoded(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sparse")
     dense, sparse = folder / "dense.onnx", folder / "sparse.onnx"
     optimize(MODELS / "digits_cnn.onnx", dense, PRUNE_90, policy="keep")
-    report = optimize(MODELS / "digits_cnn.onnx", sparse, PRUNE_90 + ",sparse-encode", policy="keep")
+    report = optimize(MODELS / "digits_cnn.onnx", sparse, PRUNE_90 + ",sparse-encode{format=coo}", policy="keep")
     return dense, sparse, report
 
 
@@ -49,7 +49,8 @@ def test_reading_it_back_gives_the_dense_pruned_weights(pruned_and_encoded):
 
 
 def test_only_tensors_that_get_smaller_are_encoded(tmp_path):
-    report = optimize(MODELS / "digits_cnn.onnx", tmp_path / "o.onnx", "fold-batchnorm,magnitude-prune{sparsity=0.3},sparse-encode", policy="keep")
+    report = optimize(MODELS / "digits_cnn.onnx", tmp_path / "o.onnx", "fold-batchnorm,magnitude-prune{sparsity=0.3},sparse-encode{format=coo}",
+                      policy="keep")
     step = report.steps[-1]
     assert not step.changes  # at 70% density no encoding is smaller than dense float32
     assert not onnx.load(tmp_path / "o.onnx").graph.sparse_initializer
@@ -58,7 +59,7 @@ def test_only_tensors_that_get_smaller_are_encoded(tmp_path):
 @pytest.mark.parametrize(("min_saving", "encoded"), [(0.0, 6), (0.25, 6), (0.3, 2), (0.4, 0)])
 def test_a_tensor_is_encoded_only_when_it_saves_min_saving_of_its_bytes(tmp_path, min_saving, encoded):
     """Half-zero tensors of the digits CNN: encoded, each takes 0.68-0.75x its dense bytes."""
-    pipeline = f"fold-batchnorm,magnitude-prune{{sparsity=0.5}},sparse-encode{{min_saving={min_saving}}}"
+    pipeline = f"fold-batchnorm,magnitude-prune{{sparsity=0.5}},sparse-encode{{format=coo min_saving={min_saving}}}"
     report = optimize(MODELS / "digits_cnn.onnx", tmp_path / "o.onnx", pipeline, policy="keep", keep_worse=True)
     step = report.steps[-1]
     ratios = [c.details["encoded_bytes"] / c.details["dense_bytes"] for c in step.changes]
@@ -73,7 +74,7 @@ def test_a_tensor_is_encoded_only_when_it_saves_min_saving_of_its_bytes(tmp_path
 def test_int32_indices_are_smaller_or_equal_load_in_onnxruntime_and_are_flagged_non_standard(pruned_and_encoded, tmp_path):
     _, sparse, _ = pruned_and_encoded
     out = tmp_path / "int32.onnx"
-    report = optimize(MODELS / "digits_cnn.onnx", out, PRUNE_90 + ",sparse-encode{index_dtype=int32}", policy="keep")
+    report = optimize(MODELS / "digits_cnn.onnx", out, PRUNE_90 + ",sparse-encode{format=coo index_dtype=int32}", policy="keep")
     assert not report.standard and any("checker" in w for w in report.warnings)
     assert out.stat().st_size <= sparse.stat().st_size
     with pytest.raises(onnx.checker.ValidationError):
@@ -108,3 +109,111 @@ def test_a_sparse_file_whose_indices_are_corrupt_is_a_load_error(pruned_and_enco
     broken.write_bytes(model.SerializeToString())
     with pytest.raises(ModelLoadError, match="not sorted, unique"):
         load(broken)
+
+
+# -- the bit-mask encoding (bitmask.py) -----------------------------------------------------------
+
+PRUNE_50 = "fold-batchnorm,magnitude-prune{sparsity=0.5}"
+
+
+@pytest.fixture(scope="module")
+def half_pruned(tmp_path_factory):
+    """The digits CNN pruned to half its weights: dense, and written with each encoding."""
+    folder = tmp_path_factory.mktemp("mask")
+    files = {"dense": folder / "dense.onnx"}
+    optimize(MODELS / "digits_cnn.onnx", files["dense"], PRUNE_50, policy="keep")
+    reports = {}
+    for encoding in ("mask", "coo", "auto"):
+        files[encoding] = folder / f"{encoding}.onnx"
+        reports[encoding] = optimize(MODELS / "digits_cnn.onnx", files[encoding], f"{PRUNE_50},sparse-encode{{format={encoding}}}", policy="keep")
+    return files, reports
+
+
+def _optimized_by_onnxruntime(path, tmp_path):
+    """The model as onnxruntime's basic level (constant folding) leaves it when it makes a session."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / f"{path.stem}.optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath)
+
+
+def test_half_zero_weights_take_about_half_their_bytes_as_masks_and_onnxruntime_folds_them_back(half_pruned, tmp_path):
+    files, reports = half_pruned
+    step = reports["mask"].steps[-1]
+    encoded = {c.target: c.details for c in step.changes}
+    assert {details["format"] for details in encoded.values()} == {"mask"}
+    # a 16x16x3x3 convolution (9 KB): a bit per weight and half the values (0.53x), and the chain's
+    # nodes, under a kilobyte (coo: 0.68x)
+    conv = encoded["block.conv1.weight"]
+    assert conv["encoded_bytes"] <= 0.55 * conv["dense_bytes"] + 1024
+    written = onnx.load(files["mask"])
+    onnx.checker.check_model(written, full_check=True)
+    assert {"BitShift", "CumSum", "Gather"} <= {n.op_type for n in written.graph.node}
+    feed = bundled_inputs("digits_cnn")
+    np.testing.assert_array_equal(run(files["mask"], feed)[0], run(files["dense"], feed)[0])
+    # onnxruntime folds every chain at load: its graph is the dense model's, with the same weights
+    folded, plain = _optimized_by_onnxruntime(files["mask"], tmp_path), _optimized_by_onnxruntime(files["dense"], tmp_path)
+    assert [n.op_type for n in folded.graph.node] == [n.op_type for n in plain.graph.node]
+    plain_weights = {t.name: onnx.numpy_helper.to_array(t) for t in plain.graph.initializer}
+    for name in encoded:
+        folded_weight = next(t for t in folded.graph.initializer if t.name == name)
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(folded_weight), plain_weights[name])
+
+
+def test_a_mask_encoded_file_reads_back_as_the_dense_weights_and_densifies(half_pruned, tmp_path, capsys):
+    files, reports = half_pruned
+    encoded = [c.target for c in reports["mask"].steps[-1].changes]
+    reread, info = load_with_info(files["mask"])
+    assert sorted(info.densified) == sorted(encoded)
+    assert not any("onnxsparse_mask" in name for node in reread.graph.node for name in [*node.input, *node.output])
+    expected = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(files["dense"]).graph.initializer}
+    assert sorted(t.name for t in reread.graph.initializer) == sorted(expected)
+    for tensor in reread.graph.initializer:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), expected[tensor.name])
+    summaries = []
+    for name in ("mask", "dense"):
+        assert main(["inspect", str(files[name])]) == 0
+        summaries.append(capsys.readouterr().out.splitlines()[1])
+    assert summaries[0] == summaries[1]  # "14 nodes, 5,834 parameters (2,970 non-zero, ...)": the weights, not their parts
+    plain = tmp_path / "plain.onnx"
+    assert main(["densify", str(files["mask"]), "-o", str(plain)]) == 0
+    assert f"{len(encoded)} sparse tensor(s) densified" in capsys.readouterr().out
+    assert [n.op_type for n in onnx.load(plain).graph.node] == [n.op_type for n in onnx.load(files["dense"]).graph.node]
+
+
+def test_auto_takes_the_smaller_encoding_of_each_tensor(half_pruned):
+    files, reports = half_pruned
+    sizes = {encoding: files[encoding].stat().st_size for encoding in ("mask", "coo", "auto")}
+    assert sizes["auto"] <= min(sizes["mask"], sizes["coo"]) < files["dense"].stat().st_size
+    formats = {c.details["format"] for c in reports["auto"].steps[-1].changes}
+    assert formats == {"mask", "coo"}  # the convolutions as masks, the small tensors (a mask chain costs ~1 KB of names) as coo
+
+
+def test_a_mask_chain_that_is_not_ours_is_a_load_error_naming_the_tensor(half_pruned, tmp_path):
+    files, _ = half_pruned
+    model = onnx.load(files["mask"])
+    mod = next(n for n in model.graph.node if n.op_type == "Mod")
+    mod.op_type = "Div"
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelLoadError, match=r"broken.onnx: tensor '.*': its mask-decoding nodes are not the chain onnxsparse writes"):
+        load(broken)
+
+
+def test_below_opset_11_a_mask_cannot_be_written_and_auto_writes_coo(tmp_path):
+    rng = np.random.default_rng(0)
+    model = onnx.parser.parse_model("""
+        <ir_version: 5, opset_import: ["" : 10]>
+        g (float[N, 64] x) => (float[N, 64] y) { y = MatMul(x, w) }""")
+    weight = rng.standard_normal((64, 64)).astype(np.float32)
+    weight[rng.random(weight.shape) < 0.9] = 0
+    model.graph.initializer.append(onnx.numpy_helper.from_array(weight, "w"))
+    source = tmp_path / "old.onnx"
+    source.write_bytes(model.SerializeToString())
+    masked = optimize(source, tmp_path / "mask.onnx", "sparse-encode{format=mask}", dims={"N": 2}, policy="keep")
+    assert not masked.steps[-1].changes and any("opset 10 is below 11" in w for w in masked.steps[-1].warnings)
+    auto = optimize(source, tmp_path / "auto.onnx", "sparse-encode", dims={"N": 2}, policy="keep")
+    assert [c.details["format"] for c in auto.steps[-1].changes] == ["coo"]

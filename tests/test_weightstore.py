@@ -197,7 +197,8 @@ def test_sparse_encode_spends_a_bounded_share_of_the_message_in_an_external_data
     before the .onnx message holds more than its budget of them, and says why for the rest."""
     monkeypatch.setattr("onnxsparse.passes.sparse_encode.SPARSE_MESSAGE_BYTES", 60_000)
     source = mlp_with_external_data(tmp_path / "in")
-    report = onnxsparse.optimize(source, tmp_path / "out.onnx", "magnitude-prune{sparsity=0.9},sparse-encode", dims={"N": 4}, keep_worse=True, policy="keep")
+    report = onnxsparse.optimize(source, tmp_path / "out.onnx", "magnitude-prune{sparsity=0.9},sparse-encode{format=coo}", dims={"N": 4}, keep_worse=True,
+                                 policy="keep")
     step = report.steps[-1]
     # 256x256 at 10% density: ~46 KB encoded, so w2 would pass 60 KB; w3 (256x10, ~2 KB) still fits
     assert [c.target for c in step.changes] == ["w1", "w3"]
@@ -205,6 +206,25 @@ def test_sparse_encode_spends_a_bounded_share_of_the_message_in_an_external_data
     written = onnx.load(tmp_path / "out.onnx", load_external_data=False)
     assert [s.values.name for s in written.graph.sparse_initializer] == ["w1", "w3"]
     assert external_data_helper.uses_external_data(next(t for t in written.graph.initializer if t.name == "w2"))
+
+
+def test_mask_encoded_weights_of_an_external_data_model_are_external_data_too(tmp_path):
+    """Unlike sparse_initializer, a mask encoding is ordinary initializers: a model whose weights are
+    external data keeps its encoded weights there (a model over 2 GB can be encoded), and the file
+    computes what the dense pruned one does."""
+    source = mlp_with_external_data(tmp_path / "in")
+    pruned, encoded = tmp_path / "pruned" / "m.onnx", tmp_path / "encoded" / "m.onnx"
+    for target, pipeline in ((pruned, "magnitude-prune{sparsity=0.5}"), (encoded, "magnitude-prune{sparsity=0.5},sparse-encode")):
+        target.parent.mkdir()
+        onnxsparse.optimize(source, target, pipeline, dims={"N": 4}, policy="keep")
+    written = onnx.load(encoded, load_external_data=False)
+    external = {t.name for t in written.graph.initializer if external_data_helper.uses_external_data(t)}
+    assert {"onnxsparse_mask/0/values", "onnxsparse_mask/1/values"} <= external  # w1 and w2, 256x256
+    assert encoded.stat().st_size < 20_000 and not written.graph.sparse_initializer
+    data = {folder: sum(f.stat().st_size for f in folder.iterdir()) for folder in (pruned.parent, encoded.parent)}
+    assert data[encoded.parent] < 0.6 * data[pruned.parent]
+    feed = {"x": np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)}
+    np.testing.assert_array_equal(run(encoded, feed)[0], run(pruned, feed)[0])
 
 
 def test_the_input_is_given_out_as_its_own_file_and_a_rewritten_model_copies_only_what_it_reads(tmp_path):

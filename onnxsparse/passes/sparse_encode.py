@@ -1,4 +1,4 @@
-"""``sparse-encode``: store sparse-enough initializers as ONNX ``sparse_initializer``."""
+"""``sparse-encode``: store mostly-zero initializers as bit masks (bitmask.py) or ONNX ``sparse_initializer``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..graph import tensor_array
+from ..bitmask import ENCODABLE, MIN_OPSET, MaskEncoding, encode, masked_bytes, shared_constants
+from ..graph import opset_version, tensor_array
 from ..io import EXTERNAL_DATA_THRESHOLD_BYTES
 from ..limits import SPARSE_MESSAGE_BYTES, format_bytes
 from ..weightstore import store_of, stored_bytes
@@ -21,13 +22,17 @@ _INDEX_DTYPES = {"int64": (np.int64, onnx.TensorProto.INT64), "int32": (np.int32
 @register
 @dataclass(frozen=True)
 class SparseEncode(Pass):
-    """Store initializers as sparse_initializer (values + linear indices) wherever that makes them clearly smaller.
+    """Store mostly-zero initializers in fewer bytes, wherever that makes them clearly smaller.
 
-    Runs last: the saving is on disk and in transfer; onnxruntime densifies at load, so inference is
-    unchanged. A tensor is encoded when that saves at least ``min_saving`` of its bytes: many tools
-    reject sparse initializers, and a half-zero tensor saves about a tenth (its indices cost nearly
-    what its zeros did), which is not worth that. Indices are written whichever way is smaller, as packed varints (3 bytes for a tensor
-    under 2M elements) or raw; ``index_dtype=int32`` is loaded by onnxruntime but rejected by the onnx
+    Two encodings (``format``): ``mask``, one bit per element and the non-zero values, rebuilt by a
+    chain of standard ops that onnxruntime folds when it loads the model (bitmask.py; needs opset 11:
+    a half-zero float32 tensor takes 0.53x its bytes, int8 0.63x); and ``coo``, ONNX's own
+    sparse_initializer (values + linear indices), which onnxruntime densifies at load, smaller only
+    below about 4% density, and which stays in the .onnx message (never external data). ``auto``
+    takes the smaller per tensor. Runs last: the saving is on disk and in transfer; inference is
+    unchanged. A tensor is encoded when that saves at least ``min_saving`` of its bytes. ``coo``
+    indices are written whichever way is smaller, as packed varints (3 bytes for a tensor under 2M
+    elements) or raw; ``index_dtype=int32`` is loaded by onnxruntime but rejected by the onnx
     checker, so it is reported as non-standard. ``onnxsparse densify`` turns the file back into a
     plain one; every onnxsparse command reads it as it is.
     """
@@ -35,7 +40,9 @@ class SparseEncode(Pass):
     name = "sparse-encode"
     must_be_last: ClassVar[bool] = True
 
-    index_dtype: Literal["int64", "int32"] = field(default="int64", metadata={"help": "int32 is smaller but fails the onnx checker"})
+    format: Literal["auto", "mask", "coo"] = field(default="auto", metadata={
+        "help": "mask: a bit per element and the non-zero values (standard ops, folded at load); coo: sparse_initializer; auto: the smaller"})
+    index_dtype: Literal["int64", "int32"] = field(default="int64", metadata={"help": "int32 is smaller but fails the onnx checker (coo)"})
     min_size: int = field(default=16, metadata={"help": "leave tensors with fewer elements dense"})
     min_saving: float = field(default=0.25, metadata={"help": "encode a tensor only when that saves at least this share of its bytes"})
 
@@ -47,44 +54,62 @@ class SparseEncode(Pass):
         result = PassResult(model, standard=self.index_dtype == "int64")
         graph = model.graph
         graph_inputs = {value.name for value in graph.input}
-        keep_dense = []
+        masks_possible = self.format != "coo" and opset_version(model) >= MIN_OPSET
+        if self.format == "mask" and not masks_possible:
+            result.warnings.append(f"sparse-encode{{format=mask}}: opset {opset_version(model)} is below {MIN_OPSET} (BitShift, CumSum): nothing encoded")
+        keep_dense: list[onnx.TensorProto] = []
+        masked: list[MaskEncoding] = []
         # Sparse tensors stay in the message (the onnx checker cannot read them from external data):
         # encoding stops before the message passes protobuf's 2 GB limit, or, in a model whose weights
-        # are external, spends more than SPARSE_MESSAGE_BYTES on them.
+        # are external, spends more than SPARSE_MESSAGE_BYTES on them. Mask encodings are ordinary
+        # initializers, external like any other.
         message = model.ByteSize()
         external = store_of(model) is not None
         budget = message + SPARSE_MESSAGE_BYTES if external else EXTERNAL_DATA_THRESHOLD_BYTES
         full = (f"kept dense: sparse tensors cannot be external data, and those encoded already take the {format_bytes(SPARSE_MESSAGE_BYTES)} "
                 "the .onnx file may hold of them beside its external data" if external else "kept dense: encoded, the model would pass protobuf's 2 GB limit")
         for tensor in graph.initializer:
-            encoded, reason = self._encode(tensor, graph_inputs, budget - message, full)
+            encoded, reason = self._encode(tensor, graph_inputs, budget - message, full, masks_possible, len(masked))
             if encoded is None:
                 keep_dense.append(tensor)
                 if reason:
                     result.skipped.append(Skip(tensor.name, reason))
                 continue
-            message += encoded.ByteSize() - tensor.ByteSize()
-            graph.sparse_initializer.append(encoded)
-            result.changes.append(Change(tensor.name, "sparse-encoded", {
-                "dense_bytes": stored_bytes(tensor), "encoded_bytes": encoded.ByteSize(),
-                "density": round(int(encoded.values.dims[0]) / int(np.prod(tensor.dims, dtype=np.int64)), 6),
-                "index_dtype": self.index_dtype,
-            }))
+            dense_elements = int(np.prod(tensor.dims, dtype=np.int64))
+            if isinstance(encoded, MaskEncoding):
+                masked.append(encoded)
+                nonzero = int(encoded.initializers[1].dims[0]) - 1
+                details = {"format": "mask", "dense_bytes": stored_bytes(tensor), "encoded_bytes": encoded.nbytes}
+            else:
+                message += encoded.ByteSize() - tensor.ByteSize()
+                graph.sparse_initializer.append(encoded)
+                nonzero = int(encoded.values.dims[0])
+                details = {"format": "coo", "dense_bytes": stored_bytes(tensor), "encoded_bytes": encoded.ByteSize(), "index_dtype": self.index_dtype}
+            details["density"] = round(nonzero / dense_elements, 6)
+            result.changes.append(Change(tensor.name, "sparse-encoded", details))
         if not result.changes and not result.skipped:
             result.skipped.append(Skip("model", f"no initializer of {self.min_size} or more elements is sparse enough to save "
-                                                f"{self.min_saving:g} of its bytes encoded (at most ~1/3 non-zero with int64 indices)"))
+                                                f"{self.min_saving:g} of its bytes encoded"))
         if result.changes:
             del graph.initializer[:]
             graph.initializer.extend(keep_dense)
+        if masked:
+            graph.initializer.extend([*shared_constants(), *(t for encoding in masked for t in encoding.initializers)])
+            nodes = [*(n for encoding in masked for n in encoding.nodes), *graph.node]  # before every reader
+            del graph.node[:]
+            graph.node.extend(nodes)
         saved = sum(c.details["dense_bytes"] - c.details["encoded_bytes"] for c in result.changes)
-        result.figures.update(tensors_encoded=len(result.changes), bytes_saved=saved, index_dtype=self.index_dtype)
+        result.figures.update(tensors_encoded=len(result.changes), bytes_saved=saved, format=self.format,
+                              masked=len(masked), index_dtype=self.index_dtype)
         if not result.standard:
             result.warnings.append("sparse-encode{index_dtype=int32}: onnxruntime loads this file, the onnx checker and most tools reject it")
         return result
 
-    def _encode(self, tensor: onnx.TensorProto, graph_inputs: set[str], room: int, full: str) -> tuple[onnx.SparseTensorProto | None, str]:
-        """The sparse form of ``tensor`` when it is smaller than the dense one and takes less than
-        ``room`` bytes of the message (else None, with ``full`` as the reason); or None and why not."""
+    def _encode(self, tensor: onnx.TensorProto, graph_inputs: set[str], room: int, full: str,
+                masks_possible: bool, chain: int) -> tuple[onnx.SparseTensorProto | MaskEncoding | None, str]:
+        """The smaller encoding of ``tensor`` that saves ``min_saving`` of its bytes (a sparse one
+        also within ``room`` bytes of the message, else None with ``full`` as the reason); or None
+        and why not."""
         if tensor.name in graph_inputs:
             return None, "also a graph input (overridable): kept dense"
         if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
@@ -94,24 +119,41 @@ class SparseEncode(Pass):
             return None, ""
         dense = tensor_array(tensor).reshape(-1)
         positions = np.flatnonzero(dense)
-        if positions.size > 0.6 * size:
-            return None, ""  # above this, no index encoding is smaller; dense tensors get no report line
-        numpy_dtype, _ = _INDEX_DTYPES[self.index_dtype]
-        raw_bytes, varint_bytes = positions.size * np.dtype(numpy_dtype).itemsize, _varint_bytes(positions)
-        # sized before it is built: a packed-varint list of millions of indices takes seconds to build
-        estimate = dense.dtype.itemsize * positions.size + min(raw_bytes, varint_bytes)
         dense_bytes = stored_bytes(tensor)
         most = dense_bytes * (1 - self.min_saving)
-        not_worth = (f"density {positions.size / size:.2f}: encoded, it would take {estimate / dense_bytes:.2f}x its dense bytes "
-                     f"(encoded when at most {1 - self.min_saving:.2f}x: min_saving={self.min_saving:g}; min_saving=0 encodes whatever gets smaller)")
-        if estimate >= most:
-            return None, not_worth
-        if estimate >= room:
+
+        def not_worth(encoded_bytes: int) -> str:
+            return (f"density {positions.size / size:.2f}: encoded, it would take {encoded_bytes / dense_bytes:.2f}x its dense bytes "
+                    f"(encoded when at most {1 - self.min_saving:.2f}x: min_saving={self.min_saving:g}; min_saving=0 encodes whatever gets smaller)")
+
+        # sized before either is built (a packed-varint list of millions of indices takes seconds to build)
+        mask_bytes = masked_bytes(size, positions.size, dense.dtype.itemsize) if masks_possible and tensor.data_type in ENCODABLE else None
+        coo_bytes = self._coo_bytes(positions, dense.dtype.itemsize) if self.format != "mask" else None
+        sized = [b for b in (mask_bytes, coo_bytes) if b is not None]
+        if not sized or positions.size > (0.9 if mask_bytes is not None else 0.6) * size:
+            return None, ""  # above this, no encoding is smaller: dense tensors get no report line
+        if min(sized) >= most:
+            return None, not_worth(min(sized))
+        if mask_bytes is not None and (coo_bytes is None or mask_bytes <= coo_bytes):
+            masked = encode(tensor.name, dense.reshape(tuple(tensor.dims)), chain)
+            # the chain's nodes cost bytes too (a kilobyte or two: its tensors' names), which a small tensor notices
+            if masked.nbytes < most and (coo_bytes is None or masked.nbytes <= coo_bytes or coo_bytes >= room):
+                return masked, ""
+            if coo_bytes is None or coo_bytes >= most:
+                return None, not_worth(masked.nbytes)
+        assert coo_bytes is not None
+        if coo_bytes >= room:
             return None, full
-        encoded = self._encoded(tensor, dense[positions], positions, raw=raw_bytes < varint_bytes)
+        raw = positions.size * np.dtype(_INDEX_DTYPES[self.index_dtype][0]).itemsize < _varint_bytes(positions)
+        encoded = self._encoded(tensor, dense[positions], positions, raw=raw)
         if encoded.ByteSize() >= most:
-            return None, not_worth
+            return None, not_worth(encoded.ByteSize())
         return encoded, ""
+
+    def _coo_bytes(self, positions: np.ndarray, itemsize: int) -> int:
+        """What the sparse_initializer would take: its values and the smaller form of its indices."""
+        raw_bytes = positions.size * np.dtype(_INDEX_DTYPES[self.index_dtype][0]).itemsize
+        return itemsize * positions.size + min(raw_bytes, _varint_bytes(positions))
 
     def _encoded(self, tensor: onnx.TensorProto, values: np.ndarray, positions: np.ndarray, *, raw: bool) -> onnx.SparseTensorProto:
         """The encoding with raw indices or packed-varint ones (the smaller, chosen by the caller)."""

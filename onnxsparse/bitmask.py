@@ -1,0 +1,205 @@
+"""Bit-mask encoding of mostly-zero tensors, in standard ONNX ops that onnxruntime folds at load.
+
+ONNX's own ``sparse_initializer`` stores a position per non-zero value: a half-zero float32 tensor
+keeps about nine tenths of its bytes (its indices cost nearly what its zeros did). Here a tensor is
+instead one bit per element (set where the value is non-zero, packed eight to a byte, little-endian)
+and its non-zero values in order, after one leading zero:
+
+    mask (uint8 [ceil(N/8)]) -> Reshape [-1, 1] -> BitShift RIGHT by 0..7 -> Mod 2 -> Reshape [-1]
+    -> Slice [0, N) -> Cast int -> CumSum -> Mul by itself  (0 at a zero, the value's rank elsewhere)
+    -> Gather from values -> Reshape to the tensor's shape
+
+A half-zero float32 tensor then takes 0.53x its bytes, int8 0.63x. Every input of the chain is an
+initializer, so onnxruntime's constant folding (its basic level, on by default) turns the chain back
+into the dense initializer when the session is made: inference runs exactly as before. The ops are
+standard from opset 11 (BitShift, CumSum), so the onnx checker and other runtimes read the file too.
+The values and the mask are ordinary initializers, so unlike ``sparse_initializer`` they can be
+external data (a model over 2 GB).
+
+The chain's own tensors are named ``onnxsparse_mask/<chain>/<step>``; :func:`densify_masked`
+recognises the chain by those names and its exact ops, and puts the dense initializer back (every
+onnxsparse command reads such a file as it was before encoding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, helper, numpy_helper
+
+from .walk import iter_model_graphs
+from .weightstore import read_external, stored_bytes
+
+MASK_DECODE = "onnxsparse_mask/"  # the chain's own tensors: onnxsparse_mask/<chain>/<part>
+MIN_OPSET = 11  # BitShift and CumSum
+# Gather, Reshape, Slice and Cast take every numeric type; these are the values worth encoding.
+ENCODABLE = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16,
+                       onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
+                       onnx.TensorProto.INT64})
+
+# constants every chain of a graph shares
+_SHIFTS, _TWO, _COLUMN, _FLAT, _ZERO, _AXIS = (f"onnxsparse_mask_{name}" for name in ("shifts", "two", "column", "flat", "zero", "axis"))
+_SHARED = (_SHIFTS, _TWO, _COLUMN, _FLAT, _ZERO, _AXIS)
+# the chain's ops in order; the Slice is left out when the element count is a multiple of 8
+_CHAIN = ("Reshape", "BitShift", "Mod", "Reshape", "Slice", "Cast", "CumSum", "Mul", "Gather", "Reshape")
+# ranks up to this many elements are counted in int32 (half the memory onnxruntime folds the chain in)
+_INT32_ELEMENTS = 2**31 - 1
+
+
+def masked_bytes(elements: int, nonzero: int, itemsize: int) -> int:
+    """The bytes a tensor takes mask-encoded: its mask, and its non-zero values after one zero."""
+    return -(-elements // 8) + (nonzero + 1) * itemsize
+
+
+@dataclass(frozen=True)
+class MaskEncoding:
+    """One tensor's encoding: the initializers that replace it and the nodes that rebuild it."""
+
+    initializers: list[onnx.TensorProto]
+    nodes: list[onnx.NodeProto]
+
+    @property
+    def nbytes(self) -> int:
+        """What the encoding adds to the file: its tensors' data and the chain's nodes."""
+        return sum(t.ByteSize() for t in self.initializers) + sum(n.ByteSize() for n in self.nodes)
+
+
+def encode(name: str, dense: np.ndarray, chain: int) -> MaskEncoding:
+    """``dense`` (any shape) as a mask and its non-zero values, rebuilt under ``name`` by the chain
+    numbered ``chain`` (unique in its graph: it names the chain's tensors, shorter than ``name``)."""
+    flat = dense.reshape(-1)
+    present = flat != 0
+    elements = flat.size
+    values = np.concatenate([np.zeros(1, dtype=flat.dtype), flat[present]])
+    mask = np.packbits(present, bitorder="little")
+    prefix = f"{MASK_DECODE}{chain}/"
+    own = {part: f"{prefix}{part}" for part in ("mask", "values", "shape", "count")}
+    initializers = [numpy_helper.from_array(mask, own["mask"]), numpy_helper.from_array(values, own["values"]),
+                    numpy_helper.from_array(np.array(dense.shape, dtype=np.int64), own["shape"])]
+    counter = onnx.TensorProto.INT32 if elements <= _INT32_ELEMENTS else onnx.TensorProto.INT64
+
+    def step(index: int) -> str:
+        return f"{prefix}{index}"
+
+    nodes = [helper.make_node("Reshape", [own["mask"], _COLUMN], [step(0)]),
+             helper.make_node("BitShift", [step(0), _SHIFTS], [step(1)], direction="RIGHT"),
+             helper.make_node("Mod", [step(1), _TWO], [step(2)]),
+             helper.make_node("Reshape", [step(2), _FLAT], [step(3)])]
+    bits = step(3)
+    if elements % 8:
+        initializers.append(numpy_helper.from_array(np.array([elements], dtype=np.int64), own["count"]))
+        nodes.append(helper.make_node("Slice", [bits, _ZERO, own["count"]], [step(4)]))
+        bits = step(4)
+    nodes += [helper.make_node("Cast", [bits], [step(5)], to=counter),
+              helper.make_node("CumSum", [step(5), _AXIS], [step(6)]),
+              helper.make_node("Mul", [step(6), step(5)], [step(7)]),  # 0 at a zero: values[0] is 0
+              helper.make_node("Gather", [own["values"], step(7)], [step(8)], axis=0),
+              helper.make_node("Reshape", [step(8), own["shape"]], [name])]
+    return MaskEncoding(initializers, nodes)
+
+
+def shared_constants() -> list[onnx.TensorProto]:
+    """The constants every chain of a graph reads, added once."""
+    return [numpy_helper.from_array(np.arange(8, dtype=np.uint8), _SHIFTS), numpy_helper.from_array(np.array(2, dtype=np.uint8), _TWO),
+            numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), _COLUMN), numpy_helper.from_array(np.array([-1], dtype=np.int64), _FLAT),
+            numpy_helper.from_array(np.array([0], dtype=np.int64), _ZERO), numpy_helper.from_array(np.array(0, dtype=np.int64), _AXIS)]
+
+
+def declared(model: onnx.ModelProto) -> Iterator[tuple[str, list[int], int]]:
+    """(name, shape, element type) of every mask-encoded tensor, as its shape initializer declares it,
+    read before anything is decoded (so a caller can bound what decoding would allocate)."""
+    for graph in iter_model_graphs(model):
+        tensors = {t.name: t for t in graph.initializer}
+        made = {node.input[0]: node.output[0] for node in graph.node if node.op_type == "Reshape" and node.input and node.output}
+        for name, tensor in tensors.items():
+            prefix = name.removesuffix("shape")
+            if name.startswith(MASK_DECODE) and name.endswith("/shape") and (values := tensors.get(f"{prefix}values")):
+                yield made.get(f"{prefix}8", prefix), [int(d) for d in _array(tensor).reshape(-1)], values.data_type
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One mask-encoded tensor of a graph, decoded."""
+
+    name: str
+    dense: np.ndarray
+    encoded_bytes: int  # its mask and values as stored
+    own: list[str]  # the initializers only its chain reads
+    nodes: list[onnx.NodeProto]
+
+
+def decoded_in(graph: onnx.GraphProto) -> list[Decoded]:
+    """Every mask-encoded tensor of ``graph`` (not its subgraphs); a chain that is not exactly
+    :func:`encode`'s is a ValueError."""
+    chains: dict[str, list[onnx.NodeProto]] = {}  # by the chain's prefix
+    names: dict[str, str] = {}  # the tensor each chain makes
+    for node in graph.node:
+        made = node.output[0] if node.output else ""
+        if made.startswith(MASK_DECODE):
+            chains.setdefault(made.rpartition("/")[0] + "/", []).append(node)
+        elif node.op_type == "Reshape" and node.input and node.input[0].startswith(MASK_DECODE) and node.input[0].endswith("/8"):
+            prefix = node.input[0].removesuffix("8")
+            chains.setdefault(prefix, []).append(node)  # the chain's last node makes the tensor itself
+            names[prefix] = made
+    if not chains:
+        return []
+    initializers = {t.name: t for t in graph.initializer}
+    found = []
+    for prefix, nodes in chains.items():
+        name = names.get(prefix, prefix)
+        dense, own = _decoded(name, prefix, nodes, initializers)
+        found.append(Decoded(name, dense, sum(stored_bytes(initializers[part]) for part in own), own, nodes))
+    return found
+
+
+def hidden_by(decoded: list[Decoded]) -> set[str]:
+    """The initializers that are parts of the encodings (theirs and the shared constants), not tensors of the model."""
+    return {part for tensor in decoded for part in tensor.own} | (set(_SHARED) if decoded else set())
+
+
+def densify_masked(model: onnx.ModelProto) -> dict[str, int]:
+    """Replace every mask-encoded tensor by its dense initializer, in place. Returns the names with
+    their encoded size in bytes; a chain that is not exactly :func:`encode`'s is a ValueError."""
+    densified: dict[str, int] = {}
+    for graph in iter_model_graphs(model):
+        decoded = decoded_in(graph)
+        if not decoded:
+            continue
+        chain_nodes = {id(node) for tensor in decoded for node in tensor.nodes}
+        kept_nodes = [node for node in graph.node if id(node) not in chain_nodes]
+        del graph.node[:]
+        graph.node.extend(kept_nodes)
+        read = {name for node in graph.node for name in node.input}
+        own = {part for tensor in decoded for part in tensor.own}
+        kept = [t for t in graph.initializer if t.name not in own and (t.name not in _SHARED or t.name in read)]
+        del graph.initializer[:]
+        graph.initializer.extend([*kept, *(numpy_helper.from_array(tensor.dense, tensor.name) for tensor in decoded)])
+        densified.update({tensor.name: tensor.encoded_bytes for tensor in decoded})
+    return densified
+
+
+def _decoded(name: str, prefix: str, nodes: list[onnx.NodeProto], initializers: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, list[str]]:
+    """The dense tensor a chain rebuilds, and its own initializers' names."""
+    ops = tuple(node.op_type for node in nodes)
+    if ops not in (_CHAIN, tuple(op for op in _CHAIN if op != "Slice")) or nodes[-1].output[0] != name:
+        raise ValueError(f"tensor '{name}': its mask-decoding nodes are not the chain onnxsparse writes ({', '.join(ops)})")
+    own = [f"{prefix}{part}" for part in ("mask", "values", "shape")]
+    missing = [part for part in own if part not in initializers]
+    if missing:
+        raise ValueError(f"tensor '{name}': its mask-decoding initializer '{missing[0]}' is missing")
+    mask, values, shape = (_array(initializers[part]) for part in own)
+    elements = int(np.prod(shape, dtype=np.int64))
+    present = np.unpackbits(mask, bitorder="little", count=elements).astype(bool) if mask.size * 8 >= elements else None
+    if present is None or int(present.sum()) != values.size - 1:
+        raise ValueError(f"tensor '{name}': its mask and its {values.size - 1} values do not agree on the non-zero count")
+    dense = np.zeros(elements, dtype=values.dtype)
+    dense[present] = values[1:]
+    count = f"{prefix}count"
+    return dense.reshape(shape), own + ([count] if count in initializers else [])
+
+
+def _array(tensor: onnx.TensorProto) -> np.ndarray:
+    return read_external(tensor) if external_data_helper.uses_external_data(tensor) else numpy_helper.to_array(tensor)
