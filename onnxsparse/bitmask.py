@@ -31,27 +31,33 @@ import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
 from .walk import iter_model_graphs
-from .weightstore import read_external, stored_bytes
+from .weightstore import SPILL_MIN_BYTES, WeightStore, read_external, store_of, stored_bytes
 
 MASK_DECODE = "onnxsparse_mask/"  # the chain's own tensors: onnxsparse_mask/<chain>/<part>
 MIN_OPSET = 11  # BitShift and CumSum
 # Gather, Reshape, Slice and Cast take every numeric type; these are the values worth encoding.
 ENCODABLE = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16,
                        onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
-                       onnx.TensorProto.INT64})
+                       onnx.TensorProto.INT64, onnx.TensorProto.UINT4, onnx.TensorProto.INT4})
+# 4-bit values have no Gather or Reshape kernel (and Gather no 4-bit type before opset 23): they are
+# gathered as 8-bit and cast back (Cast takes them from opset 21, which a 4-bit tensor's model has).
+_WIDENED: dict[int, int] = {onnx.TensorProto.UINT4: onnx.TensorProto.UINT8, onnx.TensorProto.INT4: onnx.TensorProto.INT8}
 
 # constants every chain of a graph shares
 _SHIFTS, _TWO, _COLUMN, _FLAT, _ZERO, _AXIS = (f"onnxsparse_mask_{name}" for name in ("shifts", "two", "column", "flat", "zero", "axis"))
 _SHARED = (_SHIFTS, _TWO, _COLUMN, _FLAT, _ZERO, _AXIS)
-# the chain's ops in order; the Slice is left out when the element count is a multiple of 8
+# the chain's ops in order; the Slice is left out when the element count is a multiple of 8, and
+# 4-bit values are widened before the Gather and cast back at the end
 _CHAIN = ("Reshape", "BitShift", "Mod", "Reshape", "Slice", "Cast", "CumSum", "Mul", "Gather", "Reshape")
+_CHAINS = frozenset(chain for sliced in (_CHAIN, tuple(op for op in _CHAIN if op != "Slice"))
+                    for chain in (sliced, (*sliced[:-2], "Cast", "Gather", "Reshape", "Cast")))
 # ranks up to this many elements are counted in int32 (half the memory onnxruntime folds the chain in)
 _INT32_ELEMENTS = 2**31 - 1
 
 
-def masked_bytes(elements: int, nonzero: int, itemsize: int) -> int:
-    """The bytes a tensor takes mask-encoded: its mask, and its non-zero values after one zero."""
-    return -(-elements // 8) + (nonzero + 1) * itemsize
+def masked_bytes(elements: int, nonzero: int, bits: int) -> int:
+    """The bytes a tensor takes mask-encoded: its mask, and its non-zero values after one zero, of ``bits`` each."""
+    return -(-elements // 8) + -(-(nonzero + 1) * bits // 8)
 
 
 @dataclass(frozen=True)
@@ -67,9 +73,10 @@ class MaskEncoding:
         return sum(t.ByteSize() for t in self.initializers) + sum(n.ByteSize() for n in self.nodes)
 
 
-def encode(name: str, dense: np.ndarray, chain: int) -> MaskEncoding:
-    """``dense`` (any shape) as a mask and its non-zero values, rebuilt under ``name`` by the chain
-    numbered ``chain`` (unique in its graph: it names the chain's tensors, shorter than ``name``)."""
+def encode(name: str, dense: np.ndarray, chain: int, data_type: int) -> MaskEncoding:
+    """``dense`` (any shape, of ONNX type ``data_type``) as a mask and its non-zero values, rebuilt
+    under ``name`` by the chain numbered ``chain`` (unique in its graph: it names the chain's
+    tensors, shorter than ``name``)."""
     flat = dense.reshape(-1)
     present = flat != 0
     elements = flat.size
@@ -77,7 +84,7 @@ def encode(name: str, dense: np.ndarray, chain: int) -> MaskEncoding:
     mask = np.packbits(present, bitorder="little")
     prefix = f"{MASK_DECODE}{chain}/"
     own = {part: f"{prefix}{part}" for part in ("mask", "values", "shape", "count")}
-    initializers = [numpy_helper.from_array(mask, own["mask"]), numpy_helper.from_array(values, own["values"]),
+    initializers = [numpy_helper.from_array(mask, own["mask"]), numpy_helper.from_array(values, own["values"]),  # 4-bit: packed
                     numpy_helper.from_array(np.array(dense.shape, dtype=np.int64), own["shape"])]
     counter = onnx.TensorProto.INT32 if elements <= _INT32_ELEMENTS else onnx.TensorProto.INT64
 
@@ -95,9 +102,16 @@ def encode(name: str, dense: np.ndarray, chain: int) -> MaskEncoding:
         bits = step(4)
     nodes += [helper.make_node("Cast", [bits], [step(5)], to=counter),
               helper.make_node("CumSum", [step(5), _AXIS], [step(6)]),
-              helper.make_node("Mul", [step(6), step(5)], [step(7)]),  # 0 at a zero: values[0] is 0
-              helper.make_node("Gather", [own["values"], step(7)], [step(8)], axis=0),
-              helper.make_node("Reshape", [step(8), own["shape"]], [name])]
+              helper.make_node("Mul", [step(6), step(5)], [step(7)])]  # 0 at a zero: values[0] is 0
+    values_read = own["values"]
+    if data_type in _WIDENED:
+        nodes.append(helper.make_node("Cast", [values_read], [step(10)], to=_WIDENED[data_type]))
+        values_read = step(10)
+    nodes.append(helper.make_node("Gather", [values_read, step(7)], [step(8)], axis=0))
+    if data_type in _WIDENED:
+        nodes += [helper.make_node("Reshape", [step(8), own["shape"]], [step(9)]), helper.make_node("Cast", [step(9)], [name], to=data_type)]
+    else:
+        nodes.append(helper.make_node("Reshape", [step(8), own["shape"]], [name]))
     return MaskEncoding(initializers, nodes)
 
 
@@ -113,11 +127,11 @@ def declared(model: onnx.ModelProto) -> Iterator[tuple[str, list[int], int]]:
     read before anything is decoded (so a caller can bound what decoding would allocate)."""
     for graph in iter_model_graphs(model):
         tensors = {t.name: t for t in graph.initializer}
-        made = {node.input[0]: node.output[0] for node in graph.node if node.op_type == "Reshape" and node.input and node.output}
+        _, made = _chains(graph)
         for name, tensor in tensors.items():
             prefix = name.removesuffix("shape")
             if name.startswith(MASK_DECODE) and name.endswith("/shape") and (values := tensors.get(f"{prefix}values")):
-                yield made.get(f"{prefix}8", prefix), [int(d) for d in _array(tensor).reshape(-1)], values.data_type
+                yield made.get(prefix, prefix), [int(d) for d in _array(tensor).reshape(-1)], values.data_type
 
 
 @dataclass(frozen=True)
@@ -134,16 +148,7 @@ class Decoded:
 def decoded_in(graph: onnx.GraphProto) -> list[Decoded]:
     """Every mask-encoded tensor of ``graph`` (not its subgraphs); a chain that is not exactly
     :func:`encode`'s is a ValueError."""
-    chains: dict[str, list[onnx.NodeProto]] = {}  # by the chain's prefix
-    names: dict[str, str] = {}  # the tensor each chain makes
-    for node in graph.node:
-        made = node.output[0] if node.output else ""
-        if made.startswith(MASK_DECODE):
-            chains.setdefault(made.rpartition("/")[0] + "/", []).append(node)
-        elif node.op_type == "Reshape" and node.input and node.input[0].startswith(MASK_DECODE) and node.input[0].endswith("/8"):
-            prefix = node.input[0].removesuffix("8")
-            chains.setdefault(prefix, []).append(node)  # the chain's last node makes the tensor itself
-            names[prefix] = made
+    chains, names = _chains(graph)
     if not chains:
         return []
     initializers = {t.name: t for t in graph.initializer}
@@ -155,6 +160,23 @@ def decoded_in(graph: onnx.GraphProto) -> list[Decoded]:
     return found
 
 
+def _chains(graph: onnx.GraphProto) -> tuple[dict[str, list[onnx.NodeProto]], dict[str, str]]:
+    """The nodes of each chain of ``graph`` by its prefix (``onnxsparse_mask/<chain>/``), and the tensor each makes."""
+    chains: dict[str, list[onnx.NodeProto]] = {}
+    names: dict[str, str] = {}
+    for node in graph.node:
+        made = node.output[0] if node.output else ""
+        if made.startswith(MASK_DECODE):
+            chains.setdefault(made.rpartition("/")[0] + "/", []).append(node)
+            continue
+        read = next((name for name in node.input if name.startswith(MASK_DECODE) and name.rpartition("/")[2].isdigit()), None)
+        if read is not None:  # the chain's last node: it makes the tensor itself
+            prefix = read.rpartition("/")[0] + "/"
+            chains.setdefault(prefix, []).append(node)
+            names[prefix] = made
+    return chains, names
+
+
 def hidden_by(decoded: list[Decoded]) -> set[str]:
     """The initializers that are parts of the encodings (theirs and the shared constants), not tensors of the model."""
     return {part for tensor in decoded for part in tensor.own} | (set(_SHARED) if decoded else set())
@@ -164,6 +186,7 @@ def densify_masked(model: onnx.ModelProto) -> dict[str, int]:
     """Replace every mask-encoded tensor by its dense initializer, in place. Returns the names with
     their encoded size in bytes; a chain that is not exactly :func:`encode`'s is a ValueError."""
     densified: dict[str, int] = {}
+    store = store_of(model)
     for graph in iter_model_graphs(model):
         decoded = decoded_in(graph)
         if not decoded:
@@ -176,7 +199,7 @@ def densify_masked(model: onnx.ModelProto) -> dict[str, int]:
         own = {part for tensor in decoded for part in tensor.own}
         kept = [t for t in graph.initializer if t.name not in own and (t.name not in _SHARED or t.name in read)]
         del graph.initializer[:]
-        graph.initializer.extend([*kept, *(numpy_helper.from_array(tensor.dense, tensor.name) for tensor in decoded)])
+        graph.initializer.extend([*kept, *(_held(tensor.dense, tensor.name, store) for tensor in decoded)])
         densified.update({tensor.name: tensor.encoded_bytes for tensor in decoded})
     return densified
 
@@ -184,7 +207,7 @@ def densify_masked(model: onnx.ModelProto) -> dict[str, int]:
 def _decoded(name: str, prefix: str, nodes: list[onnx.NodeProto], initializers: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, list[str]]:
     """The dense tensor a chain rebuilds, and its own initializers' names."""
     ops = tuple(node.op_type for node in nodes)
-    if ops not in (_CHAIN, tuple(op for op in _CHAIN if op != "Slice")) or nodes[-1].output[0] != name:
+    if ops not in _CHAINS or nodes[-1].output[0] != name:
         raise ValueError(f"tensor '{name}': its mask-decoding nodes are not the chain onnxsparse writes ({', '.join(ops)})")
     own = [f"{prefix}{part}" for part in ("mask", "values", "shape")]
     missing = [part for part in own if part not in initializers]
@@ -203,3 +226,10 @@ def _decoded(name: str, prefix: str, nodes: list[onnx.NodeProto], initializers: 
 
 def _array(tensor: onnx.TensorProto) -> np.ndarray:
     return read_external(tensor) if external_data_helper.uses_external_data(tensor) else numpy_helper.to_array(tensor)
+
+
+def _held(dense: np.ndarray, name: str, store: WeightStore | None) -> onnx.TensorProto:
+    """A decoded tensor, in the model's weight store when it has one (a model past 2 GB stays one
+    that protobuf can write), else in the message."""
+    held = store.put(dense, name) if store is not None and dense.nbytes >= SPILL_MIN_BYTES else None
+    return held if held is not None else numpy_helper.from_array(dense, name)

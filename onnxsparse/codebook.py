@@ -10,7 +10,7 @@ so) pulls its centroid by that much: the error k-means minimises is sum_i w_i (x
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -60,6 +60,25 @@ class Codebooks:
         """[channels, levels]: what each channel's indices stand for (scale included)."""
         rows = np.broadcast_to(self.centroids, (channels, self.centroids.shape[1])).astype(np.float64)
         return rows * self.scales[:, None] if self.scales is not None else rows
+
+
+def zero_first(books: Codebooks) -> Codebooks:
+    """The same weights with each book's exact-zero centroid (pruned weights keep one) at index 0 and
+    its other centroids rotated after it, the indices moved with them: a pruned weight's index is then
+    0, which sparse-encode's bit mask stores in one bit. A book without a zero stays as it is."""
+    levels = books.centroids.shape[1]
+    shifts = np.array([int(np.flatnonzero(row == 0)[0]) if np.any(row == 0) else 0 for row in books.centroids])
+    if not shifts.any():
+        return books
+    centroids = np.stack([np.roll(row, -int(shift)) for row, shift in zip(books.centroids, shifts)])
+    if len(shifts) == 1:
+        moved = shifts[0]
+    else:  # a book per channel along the axis
+        shape = [1] * books.indices.ndim
+        shape[books.axis] = len(shifts)
+        moved = shifts.reshape(shape)
+    indices = ((books.indices.astype(np.int16) - moved) % levels).astype(np.uint8)
+    return replace(books, centroids=centroids, indices=indices)
 
 
 def fit_codebooks(weight: np.ndarray, levels: int, scope: str, axis: int, importance: np.ndarray | None = None, *,

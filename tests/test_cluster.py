@@ -230,3 +230,51 @@ def test_gptq_on_too_few_samples_to_hold_any_out_fits_on_all_and_says_so(rng: np
     many = IterableInputs([{"x": rng.standard_normal((40, 8, 6, 6)).astype(np.float32)}])
     checked = Cluster(method="gptq", min_elements=1).run(model, PassContext(calibration=many))
     assert {"drift_compensated", "drift_nearest"} <= set(checked.figures)  # judged on the samples the fit left out
+
+
+@pytest.mark.parametrize("scope", ["tensor", "channel", "scaled"])
+def test_a_pruned_weights_books_put_the_zero_first_and_decode_to_the_same_values(scope: str, rng: np.random.Generator) -> None:
+    """zero_first rotates each book so its exact-zero centroid is index 0: a pruned weight's index is
+    then 0, which a bit mask stores in one bit (sparse-encode). The weights decoded are unchanged."""
+    from onnxsparse.codebook import zero_first
+
+    weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    weight[rng.random(weight.shape) < 0.5] = 0
+    books = fit_codebooks(weight, 16, scope, 0)
+    first = zero_first(books)
+    np.testing.assert_array_equal(first.decoded(), books.decoded())
+    assert np.all(first.indices[weight == 0] == 0)
+    assert np.all(first.centroids[:, 0] == 0)
+
+
+def test_pruned_4_bit_indices_are_mask_encoded_smaller_and_compute_the_same(rng: np.random.Generator, tmp_path) -> None:
+    """cluster after 50% pruning, then sparse-encode: the uint4 indices are stored as a bit mask and
+    their non-zero indices (widened to 8 bits for the Gather, cast back to uint4, all folded by
+    onnxruntime at load); the file is smaller and its outputs those of the cluster alone."""
+    from onnxsparse import load
+
+    model = onnx.parser.parse_model(CONV_MATMUL.replace("float[16, 8, 3, 3] w", "float[512, 8, 3, 3] w")
+                                    .replace("float[16, 12] m", "float[512, 12] m"))
+    del model.graph.initializer[:]
+    weights = {"w": rng.standard_normal((512, 8, 3, 3)).astype(np.float32), "m": rng.standard_normal((512, 12)).astype(np.float32)}
+    for value in weights.values():
+        value[rng.random(value.shape) < 0.5] = 0
+    source = tmp_path / "pruned.onnx"
+    source.write_bytes(with_initializers(model, **weights).SerializeToString())
+    from onnxsparse import optimize
+
+    x = {"x": rng.standard_normal((2, 8, 6, 6)).astype(np.float32)}
+    plain, encoded = tmp_path / "clustered.onnx", tmp_path / "encoded.onnx"
+    optimize(source, plain, "cluster{min_elements=1}", dims={"N": 2}, policy="keep", keep_worse=True)
+    report = optimize(source, encoded, "cluster{min_elements=1},sparse-encode", dims={"N": 2}, policy="keep", keep_worse=True)
+    masked = [c for c in report.steps[-1].changes if c.details["format"] == "mask"]
+    assert [c.target for c in masked] == [t.name for t in onnx.load(plain).graph.initializer if t.name == "w_indices"]
+    written = onnx.load(encoded)
+    values = next(t for t in written.graph.initializer if t.name.endswith("/values"))
+    assert values.data_type == onnx.TensorProto.UINT4
+    assert encoded.stat().st_size < 0.85 * plain.stat().st_size
+    np.testing.assert_array_equal(run(encoded, x)[0], run(plain, x)[0])
+    reread = {t.name: onnx.numpy_helper.to_array(t) for t in load(encoded).graph.initializer}
+    expected = {t.name: onnx.numpy_helper.to_array(t) for t in load(plain).graph.initializer}
+    assert reread.keys() == expected.keys() and reread["w_indices"].dtype == expected["w_indices"].dtype
+    np.testing.assert_array_equal(reread["w_indices"].astype(np.uint8), expected["w_indices"].astype(np.uint8))

@@ -225,6 +225,12 @@ def test_mask_encoded_weights_of_an_external_data_model_are_external_data_too(tm
     assert data[encoded.parent] < 0.6 * data[pruned.parent]
     feed = {"x": np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)}
     np.testing.assert_array_equal(run(encoded, feed)[0], run(pruned, feed)[0])
+    with WeightStore(tmp_path) as store:  # read back, the decoded weights go to the store, not into the message
+        decoded = {t.name: t for t in io.load(encoded, weights=store).graph.initializer}
+        expected = {t.name: onnx.numpy_helper.to_array(t) for t in io.load(pruned).graph.initializer}
+        assert sorted(decoded) == sorted(expected) and external_data_helper.uses_external_data(decoded["w2"])
+        for name, tensor in decoded.items():
+            np.testing.assert_array_equal(graph.tensor_array(tensor), expected[name])
 
 
 def test_the_input_is_given_out_as_its_own_file_and_a_rewritten_model_copies_only_what_it_reads(tmp_path):

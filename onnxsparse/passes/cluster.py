@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from ..activations import ChangingModelValues, collect_channel_stats
 from ..calibration import read_once
-from ..codebook import Codebooks, compensated, fit_codebooks, nearest_rows
+from ..codebook import Codebooks, compensated, fit_codebooks, nearest_rows, zero_first
 from ..errors import InputDataError
 from ..graph import (
     at_opset,
@@ -326,6 +326,7 @@ class Cluster(Pass):
         """Indices -> Cast(int32) [-> + each channel's offset into the flat books] -> Gather(books)
         [-> x each channel's scale], in the weight's scope and read by every use instead of the weight;
         the bytes the indices, books and scales take."""
+        books = zero_first(books)  # the same weights; pruned ones at index 0, one bit each to sparse-encode
         levels = books.centroids.shape[1]
         shape = list(site.value.shape)
         channel_shape = [1] * len(shape)
