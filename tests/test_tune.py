@@ -116,6 +116,12 @@ def test_combinations_pair_the_channels_that_held_with_int8_and_for_size_with_mi
                     "channels + mixed precision": "channel-prune{ratio=0.7 refit=true never_slower=false},mixed-precision"}
     assert [c.family for c in combinations(held, "latency")] == ["channels + int8 static"]  # a smaller file is no faster
     assert combinations({k: v for k, v in held.items() if k != "channels"}, "size") == []  # nothing to pair with
+    # pruned weights, then codebooks (or each tensor's own format), then encoded as masks
+    held |= {"sparse": "magnitude-prune{sparsity=0.5 criterion=wanda},sparse-encode", "codebook": "cluster{bits=4}"}
+    size = {c.family: c.pipeline for c in combinations(held, "size")}
+    assert size["sparse + codebook"] == "magnitude-prune{sparsity=0.5 criterion=wanda},cluster{bits=4},sparse-encode"
+    assert size["sparse + mixed precision"] == "magnitude-prune{sparsity=0.5 criterion=wanda},mixed-precision,sparse-encode"
+    assert "sparse + codebook" not in {c.family for c in combinations(held, "latency")}
 
 
 def test_the_families_follow_the_model_the_data_and_the_objective():

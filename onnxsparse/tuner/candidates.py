@@ -85,17 +85,23 @@ def families(model: onnx.ModelProto, objective: Objective, *, calibration: bool)
 def combinations(held: dict[str, str], objective: Objective) -> list[Candidate]:
     """Pipelines made of the strongest rung each family held: channels removed, then int8 (the
     pairing the README's table found best on convolutional models); for ``size``, channels removed
-    and then each remaining tensor in its own format."""
+    and then each remaining tensor in its own format, and the weights pruned, then as codebooks (or
+    each in its own format), then encoded: a pruned weight's codebook index takes one bit as a mask
+    (ResNet-18: 0.095x at the accuracy of 16 centroids alone, 0.126x)."""
     found: list[Candidate] = []
     channels = held.get("channels")
-    if channels is None:
-        return found
     for int8 in ("int8 static", "int8 dynamic"):
-        if int8 in held:
+        if channels is not None and int8 in held:
             quantize = held[int8].replace(f" {SENSITIVITY}", "")  # scanned once, on the int8 candidate alone
             found.append(Candidate(f"{channels},{quantize}", f"channels + {int8}", parts=("channels", int8)))
-    if objective == "size" and MIXED in held:
+    if objective != "size":
+        return found
+    if channels is not None and MIXED in held:
         found.append(Candidate(f"{channels},{held[MIXED]}", f"channels + {MIXED}", parts=("channels", MIXED)))
+    pruned = held.get("sparse", "").removesuffix(",sparse-encode")
+    for formats in ("codebook", MIXED):
+        if pruned and formats in held:
+            found.append(Candidate(f"{pruned},{held[formats]},sparse-encode", f"sparse + {formats}", parts=("sparse", formats)))
     return found
 
 
