@@ -23,6 +23,7 @@ onnxsparse command reads such a file as it was before encoding).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -35,6 +36,13 @@ from .weightstore import SPILL_MIN_BYTES, WeightStore, read_external, store_of, 
 
 MASK_DECODE = "onnxsparse_mask/"  # the chain's own tensors: onnxsparse_mask/<chain>/<part>
 MIN_OPSET = 11  # BitShift and CumSum
+# what a type's chain needs beyond that: 4-bit Cast (21), bfloat16 Gather and Cast (13)
+_TYPE_OPSET: dict[int, int] = {onnx.TensorProto.UINT4: 21, onnx.TensorProto.INT4: 21, onnx.TensorProto.BFLOAT16: 13}
+
+
+def encodable(data_type: int, opset: int) -> bool:
+    """Whether a tensor of ``data_type`` can be mask-encoded in a model at ``opset``."""
+    return data_type in ENCODABLE and opset >= max(MIN_OPSET, _TYPE_OPSET.get(data_type, MIN_OPSET))
 # Gather, Reshape, Slice and Cast take every numeric type; these are the values worth encoding.
 ENCODABLE = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16,
                        onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
@@ -43,6 +51,7 @@ ENCODABLE = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.Te
 # gathered as 8-bit and cast back (Cast takes them from opset 21, which a 4-bit tensor's model has).
 _WIDENED: dict[int, int] = {onnx.TensorProto.UINT4: onnx.TensorProto.UINT8, onnx.TensorProto.INT4: onnx.TensorProto.INT8}
 
+_BFLOAT16 = helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16)  # ml_dtypes' (numpy kind "V")
 # constants every chain of a graph shares
 _SHIFTS, _TWO, _COLUMN, _FLAT, _ZERO, _AXIS = (f"onnxsparse_mask_{name}" for name in ("shifts", "two", "column", "flat", "zero", "axis"))
 _SHARED = (_SHIFTS, _TWO, _COLUMN, _FLAT, _ZERO, _AXIS)
@@ -53,6 +62,14 @@ _CHAINS = frozenset(chain for sliced in (_CHAIN, tuple(op for op in _CHAIN if op
                     for chain in (sliced, (*sliced[:-2], "Cast", "Gather", "Reshape", "Cast")))
 # ranks up to this many elements are counted in int32 (half the memory onnxruntime folds the chain in)
 _INT32_ELEMENTS = 2**31 - 1
+
+
+def stored_elements(flat: np.ndarray) -> np.ndarray:
+    """Where a 1-D array's values must be stored: non-zero ones, and -0.0 (1 / -0.0 is -inf)."""
+    present = flat != 0
+    if flat.dtype.kind == "f" or flat.dtype == _BFLOAT16:
+        present |= np.signbit(flat)
+    return present
 
 
 def masked_bytes(elements: int, nonzero: int, bits: int) -> int:
@@ -78,7 +95,7 @@ def encode(name: str, dense: np.ndarray, chain: int, data_type: int) -> MaskEnco
     under ``name`` by the chain numbered ``chain`` (unique in its graph: it names the chain's
     tensors, shorter than ``name``)."""
     flat = dense.reshape(-1)
-    present = flat != 0
+    present = stored_elements(flat)
     elements = flat.size
     values = np.concatenate([np.zeros(1, dtype=flat.dtype), flat[present]])
     mask = np.packbits(present, bitorder="little")
@@ -149,9 +166,10 @@ def decoded_in(graph: onnx.GraphProto) -> list[Decoded]:
     """Every mask-encoded tensor of ``graph`` (not its subgraphs); a chain that is not exactly
     :func:`encode`'s is a ValueError."""
     chains, names = _chains(graph)
+    initializers = {t.name: t for t in graph.initializer}
+    chains = {prefix: nodes for prefix, nodes in chains.items() if f"{prefix}mask" in initializers}  # a plain model's own names
     if not chains:
         return []
-    initializers = {t.name: t for t in graph.initializer}
     found = []
     for prefix, nodes in chains.items():
         name = names.get(prefix, prefix)
@@ -175,6 +193,16 @@ def _chains(graph: onnx.GraphProto) -> tuple[dict[str, list[onnx.NodeProto]], di
             chains.setdefault(prefix, []).append(node)
             names[prefix] = made
     return chains, names
+
+
+def chain_ops(model: onnx.ModelProto) -> Counter[str]:
+    """The op types of every mask chain's nodes, counted: nodes that only rebuild a weight."""
+    counted: Counter[str] = Counter()
+    for graph in iter_model_graphs(model):
+        chains, _ = _chains(graph)
+        initializers = {t.name for t in graph.initializer}
+        counted.update(node.op_type for prefix, nodes in chains.items() if f"{prefix}mask" in initializers for node in nodes)
+    return counted
 
 
 def hidden_by(decoded: list[Decoded]) -> set[str]:
@@ -205,23 +233,38 @@ def densify_masked(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _decoded(name: str, prefix: str, nodes: list[onnx.NodeProto], initializers: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, list[str]]:
-    """The dense tensor a chain rebuilds, and its own initializers' names."""
-    ops = tuple(node.op_type for node in nodes)
-    if ops not in _CHAINS or nodes[-1].output[0] != name:
-        raise ValueError(f"tensor '{name}': its mask-decoding nodes are not the chain onnxsparse writes ({', '.join(ops)})")
+    """The dense tensor a chain rebuilds, and its own initializers' names. The chain must be exactly
+    what :func:`encode` writes for it (ops, wiring, attributes and constants, in any node order): a
+    decoder that read other weights than onnxruntime folds would report what the file does not run."""
     own = [f"{prefix}{part}" for part in ("mask", "values", "shape")]
     missing = [part for part in own if part not in initializers]
     if missing:
         raise ValueError(f"tensor '{name}': its mask-decoding initializer '{missing[0]}' is missing")
     mask, values, shape = (_array(initializers[part]) for part in own)
+    if mask.dtype != np.uint8 or mask.ndim != 1 or shape.dtype != np.int64 or shape.ndim != 1 or values.ndim != 1 or not values.size:
+        raise ValueError(f"tensor '{name}': its mask-decoding initializers are not a 1-D uint8 mask, 1-D values and a 1-D int64 shape")
     elements = int(np.prod(shape, dtype=np.int64))
-    present = np.unpackbits(mask, bitorder="little", count=elements).astype(bool) if mask.size * 8 >= elements else None
-    if present is None or int(present.sum()) != values.size - 1:
+    if (shape < 0).any() or mask.size != -(-elements // 8):
+        raise ValueError(f"tensor '{name}': its mask of {mask.size} bytes does not fit its shape {shape.tolist()}")
+    present = np.unpackbits(mask, bitorder="little", count=elements).astype(bool)
+    if int(present.sum()) != values.size - 1:
         raise ValueError(f"tensor '{name}': its mask and its {values.size - 1} values do not agree on the non-zero count")
     dense = np.zeros(elements, dtype=values.dtype)
     dense[present] = values[1:]
+    dense = dense.reshape(shape)
+    chain = prefix.removeprefix(MASK_DECODE).rstrip("/")
+    expected = encode(name, dense, int(chain) if chain.isdigit() else -1, initializers[own[1]].data_type)
+    written = {t.name: t for t in expected.initializers}
+    if (sorted(n.SerializeToString() for n in nodes) != sorted(n.SerializeToString() for n in expected.nodes)
+            or any(part not in initializers or _array(initializers[part]).tolist() != _array(written[part]).tolist()
+                   for part in written if part.endswith("count"))):
+        raise ValueError(f"tensor '{name}': its mask-decoding nodes are not the chain onnxsparse writes ({', '.join(n.op_type for n in nodes)})")
+    for constant in shared_constants():
+        if constant.name in {i for n in nodes for i in n.input} and (
+                constant.name not in initializers or not np.array_equal(_array(initializers[constant.name]), numpy_helper.to_array(constant))):
+            raise ValueError(f"tensor '{name}': its mask-decoding constant '{constant.name}' is not the one onnxsparse writes")
     count = f"{prefix}count"
-    return dense.reshape(shape), own + ([count] if count in initializers else [])
+    return dense, own + ([count] if count in initializers else [])
 
 
 def _array(tensor: onnx.TensorProto) -> np.ndarray:

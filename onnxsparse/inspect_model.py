@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .bitmask import decoded_in, hidden_by
+from .bitmask import chain_ops, decoded_in, hidden_by
 from .errors import OnnxsparseError
 from .graph import op_histogram, outer_scope_reads, tensor_array
 from .io import LoadInfo, sparse_to_dense
@@ -130,7 +130,7 @@ def summarize(model: onnx.ModelProto, info: LoadInfo | None = None, *, with_tens
     bytes_by_location: Counter[str] = Counter()
     for tensor in tensors:
         bytes_by_location[tensor.location] += tensor.bytes
-    histogram = op_histogram(model)
+    histogram = op_histogram(model) - chain_ops(model)  # a mask chain rebuilds a weight: not a node of the model's
     return ModelSummary(
         source=info.source if info else "",
         file_bytes=info.file_bytes if info else model.ByteSize(),

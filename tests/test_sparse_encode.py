@@ -217,3 +217,107 @@ def test_below_opset_11_a_mask_cannot_be_written_and_auto_writes_coo(tmp_path):
     assert not masked.steps[-1].changes and any("opset 10 is below 11" in w for w in masked.steps[-1].warnings)
     auto = optimize(source, tmp_path / "auto.onnx", "sparse-encode", dims={"N": 2}, policy="keep")
     assert [c.details["format"] for c in auto.steps[-1].changes] == ["coo"]
+
+
+def _identity_model(tmp_path, weight: np.ndarray | onnx.TensorProto, opset: int = 17, name: str = "m.onnx"):
+    """y = Cast(w) to float: a model whose one output is its weight."""
+    tensor = weight if isinstance(weight, onnx.TensorProto) else onnx.numpy_helper.from_array(weight, "w")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Cast", ["w"], ["y"], to=onnx.TensorProto.FLOAT)], "g", [],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, list(tensor.dims))], [tensor])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = 10 if opset >= 21 else 8
+    path = tmp_path / name
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _uint4(values: np.ndarray) -> onnx.TensorProto:
+    return onnx.helper.make_tensor("w", onnx.TensorProto.UINT4, list(values.shape), values.reshape(-1).tolist())
+
+
+def test_four_bit_tensors_are_masks_and_only_where_the_opset_casts_them(tmp_path):
+    """onnxruntime cannot densify a sparse_initializer of packed 4-bit values, so a 4-bit tensor is a
+    mask or stays dense, however sparse; its chain's Casts need opset 21."""
+    rng = np.random.default_rng(0)
+    values = rng.integers(1, 16, (64, 512)).astype(np.uint8)
+    values[rng.random(values.shape) < 0.985] = 0
+    report = optimize(_identity_model(tmp_path, _uint4(values), 21), tmp_path / "out.onnx", "sparse-encode", policy="keep")
+    assert report.steps[-1].status == "committed" and [c.details["format"] for c in report.steps[-1].changes] == ["mask"]
+    np.testing.assert_array_equal(run(tmp_path / "out.onnx", {})[0], values.astype(np.float32))
+    from onnxsparse.bitmask import encodable
+
+    assert encodable(onnx.TensorProto.FLOAT, 11) and not encodable(onnx.TensorProto.FLOAT, 10)
+    assert encodable(onnx.TensorProto.UINT4, 21) and not encodable(onnx.TensorProto.INT4, 20)  # a model with int4 blocks at 17
+    assert not encodable(onnx.TensorProto.BFLOAT16, 12)  # Gather takes bfloat16 from 13
+
+
+def test_auto_takes_a_mask_where_the_smaller_coo_would_not_fit_the_message(tmp_path, monkeypatch):
+    monkeypatch.setattr("onnxsparse.passes.sparse_encode.EXTERNAL_DATA_THRESHOLD_BYTES", 1000)
+    weight = np.zeros((256, 256), np.float32)
+    weight[::40, ::40] = 1.0  # 0.06% non-zero: coo is the smaller, but over the (patched) message budget
+    report = optimize(_identity_model(tmp_path, weight), tmp_path / "out.onnx", "sparse-encode", policy="keep")
+    assert [c.details["format"] for c in report.steps[-1].changes] == ["mask"]
+
+
+def test_negative_zeros_are_kept(tmp_path):
+    weight = np.zeros(64, np.float32)
+    weight[1], weight[5] = -0.0, 2.0
+    for encoding in ("mask", "coo"):
+        out = tmp_path / f"{encoding}.onnx"
+        optimize(_identity_model(tmp_path, weight), out, f"sparse-encode{{format={encoding} min_saving=0}}", policy="keep")
+        assert np.signbit(run(out, {})[0][1]) and np.signbit(onnx.numpy_helper.to_array(load(out).graph.initializer[0])[1])
+
+
+def test_at_70_percent_density_masks_save_what_coo_cannot(tmp_path):
+    """The digits CNN pruned to 30%: as masks its 9 KB convolutions save ~0.2 (over the default 0.1 a
+    mask must save); as coo nothing gets smaller (coo must save 0.25 by default)."""
+    pipeline = "fold-batchnorm,magnitude-prune{sparsity=0.3},sparse-encode"
+    masked = optimize(MODELS / "digits_cnn.onnx", tmp_path / "mask.onnx", pipeline + "{format=mask}", policy="keep").steps[-1]
+    coo = optimize(MODELS / "digits_cnn.onnx", tmp_path / "coo.onnx", pipeline + "{format=coo}", policy="keep").steps[-1]
+    assert masked.changes and all(c.details["encoded_bytes"] <= 0.9 * c.details["dense_bytes"] for c in masked.changes)
+    assert not coo.changes
+
+
+@pytest.mark.parametrize("tamper", ["shift left", "exclusive cumsum", "float shape", "int64 mask"])
+def test_a_chain_that_would_fold_to_other_weights_is_a_load_error_not_a_crash(half_pruned, tmp_path, tamper):
+    """A decoder that read other weights than onnxruntime folds would report what the file does not
+    run: every node, attribute and constant of a chain must be what onnxsparse writes."""
+    files, _ = half_pruned
+    model = onnx.load(files["mask"])
+    nodes = {n.op_type: n for n in model.graph.node}
+    tensors = {t.name: t for t in model.graph.initializer}
+    if tamper == "shift left":
+        nodes["BitShift"].attribute[0].s = b"LEFT"
+    elif tamper == "exclusive cumsum":
+        nodes["CumSum"].attribute.append(onnx.helper.make_attribute("exclusive", 1))
+    else:
+        part = "onnxsparse_mask/0/shape" if tamper == "float shape" else "onnxsparse_mask/0/mask"
+        tensors[part].CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensors[part]).astype(np.float32 if "shape" in part
+                                                                                                                 else np.int64), part))
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelLoadError, match="broken.onnx: tensor '"):
+        load(broken)
+
+
+def test_a_chain_in_another_node_order_and_a_plain_node_named_like_one_still_load(half_pruned, tmp_path):
+    import onnx_graphsurgeon as gs
+
+    files, _ = half_pruned
+    model = onnx.load(files["mask"])
+    shuffled = onnx.ModelProto()
+    shuffled.CopyFrom(model)
+    nodes = list(shuffled.graph.node)
+    del shuffled.graph.node[:]
+    shuffled.graph.node.extend(nodes[::-1])  # not topological: only the order load reads them in
+    resorted = gs.export_onnx(gs.import_onnx(shuffled).toposort())
+    path = tmp_path / "resorted.onnx"
+    path.write_bytes(resorted.SerializeToString())
+    assert sorted(load_with_info(path)[1].densified) == sorted(load_with_info(files["mask"])[1].densified)
+    plain = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[4] x) => (float[4] y) { m = Relu(x) y = Neg(m) }""")
+    plain.graph.node[0].output[0] = plain.graph.node[1].input[0] = "onnxsparse_mask/0/1"
+    named = tmp_path / "named.onnx"
+    named.write_bytes(plain.SerializeToString())
+    assert [n.op_type for n in load(named).graph.node] == ["Relu", "Neg"]

@@ -9,13 +9,17 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..bitmask import ENCODABLE, MIN_OPSET, MaskEncoding, encode, masked_bytes, shared_constants
+from ..bitmask import MIN_OPSET, MaskEncoding, encodable, encode, masked_bytes, shared_constants, stored_elements
 from ..graph import opset_version, tensor_array
 from ..io import EXTERNAL_DATA_THRESHOLD_BYTES
 from ..limits import SPARSE_MESSAGE_BYTES, format_bytes
-from ..weightstore import store_of, stored_bytes
+from ..weightstore import PACKED_BITS, store_of, stored_bytes
 from .base import Change, Pass, PassContext, PassResult, Skip, register
 
+# A mask costs a folding at load (standard ops), so it is worth less than coo, a sparse_initializer
+# many tools reject: a half-zero 4-bit tensor (cluster's indices after pruning) saves 0.27 of its bytes
+# as a mask, with the chain's nodes a little less; a half-zero float32 tensor saves ~0.1 as coo.
+MASK_MIN_SAVING, COO_MIN_SAVING = 0.1, 0.25
 _INDEX_DTYPES = {"int64": (np.int64, onnx.TensorProto.INT64), "int32": (np.int32, onnx.TensorProto.INT32)}
 
 
@@ -44,22 +48,21 @@ class SparseEncode(Pass):
         "help": "mask: a bit per element and the non-zero values (standard ops, folded at load); coo: sparse_initializer; auto: the smaller"})
     index_dtype: Literal["int64", "int32"] = field(default="int64", metadata={"help": "int32 is smaller but fails the onnx checker (coo)"})
     min_size: int = field(default=16, metadata={"help": "leave tensors with fewer elements dense"})
-    # 0.1: a half-zero 4-bit tensor (cluster's indices after pruning) saves 0.27 of its bytes as a mask,
-    # with the chain's nodes a little less, and each encoding costs a folding at load, not a tool that
-    # cannot read the file (coo is chosen only far below half density, where it saves most of them)
-    min_saving: float = field(default=0.1, metadata={"help": "encode a tensor only when that saves at least this share of its bytes"})
+    min_saving: float | None = field(default=None, metadata={
+        "help": f"encode a tensor only when that saves at least this share of its bytes (default {MASK_MIN_SAVING:g} for a mask, "
+                f"{COO_MIN_SAVING:g} for coo)"})
 
     def __post_init__(self) -> None:
-        if not 0 <= self.min_saving < 1:
+        if self.min_saving is not None and not 0 <= self.min_saving < 1:
             raise ValueError(f"min_saving {self.min_saving} is outside [0, 1)")
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         result = PassResult(model, standard=self.index_dtype == "int64")
         graph = model.graph
         graph_inputs = {value.name for value in graph.input}
-        masks_possible = self.format != "coo" and opset_version(model) >= MIN_OPSET
-        if self.format == "mask" and not masks_possible:
-            result.warnings.append(f"sparse-encode{{format=mask}}: opset {opset_version(model)} is below {MIN_OPSET} (BitShift, CumSum): nothing encoded")
+        opset = opset_version(model)
+        if self.format == "mask" and opset < MIN_OPSET:
+            result.warnings.append(f"sparse-encode{{format=mask}}: opset {opset} is below {MIN_OPSET} (BitShift, CumSum): nothing encoded")
         keep_dense: list[onnx.TensorProto] = []
         masked: list[MaskEncoding] = []
         # Sparse tensors stay in the message (the onnx checker cannot read them from external data):
@@ -72,7 +75,7 @@ class SparseEncode(Pass):
         full = (f"kept dense: sparse tensors cannot be external data, and those encoded already take the {format_bytes(SPARSE_MESSAGE_BYTES)} "
                 "the .onnx file may hold of them beside its external data" if external else "kept dense: encoded, the model would pass protobuf's 2 GB limit")
         for tensor in graph.initializer:
-            encoded, reason = self._encode(tensor, graph_inputs, budget - message, full, masks_possible, len(masked))
+            encoded, reason = self._encode(tensor, graph_inputs, budget - message, full, opset, len(masked))
             if encoded is None:
                 keep_dense.append(tensor)
                 if reason:
@@ -92,7 +95,7 @@ class SparseEncode(Pass):
             result.changes.append(Change(tensor.name, "sparse-encoded", details))
         if not result.changes and not result.skipped:
             result.skipped.append(Skip("model", f"no initializer of {self.min_size} or more elements is sparse enough to save "
-                                                f"{self.min_saving:g} of its bytes encoded"))
+                                                f"{self._least_saving(self.format):g} of its bytes encoded"))
         if result.changes:
             del graph.initializer[:]
             graph.initializer.extend(keep_dense)
@@ -111,50 +114,65 @@ class SparseEncode(Pass):
         return result
 
     def _encode(self, tensor: onnx.TensorProto, graph_inputs: set[str], room: int, full: str,
-                masks_possible: bool, chain: int) -> tuple[onnx.SparseTensorProto | MaskEncoding | None, str]:
-        """The smaller encoding of ``tensor`` that saves ``min_saving`` of its bytes (a sparse one
-        also within ``room`` bytes of the message, else None with ``full`` as the reason); or None
-        and why not."""
+                opset: int, chain: int) -> tuple[onnx.SparseTensorProto | MaskEncoding | None, str]:
+        """The smaller encoding of ``tensor`` that saves its share of bytes (:meth:`_least_saving`;
+        a sparse one also within ``room`` bytes of the message, else None with ``full`` as the
+        reason); or None and why not."""
         if tensor.name in graph_inputs:
             return None, "also a graph input (overridable): kept dense"
         if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
             return None, ""
         size = int(np.prod(tensor.dims, dtype=np.int64))
-        if size < self.min_size:
+        if size < max(self.min_size, 1):
             return None, ""
         dense = tensor_array(tensor).reshape(-1)
-        positions = np.flatnonzero(dense)
+        positions = np.flatnonzero(stored_elements(dense))  # -0.0 is stored: 1 / -0.0 is -inf
         dense_bytes = stored_bytes(tensor)
-        most = dense_bytes * (1 - self.min_saving)
-
-        def not_worth(encoded_bytes: int) -> str:
-            return (f"density {positions.size / size:.2f}: encoded, it would take {encoded_bytes / dense_bytes:.2f}x its dense bytes "
-                    f"(encoded when at most {1 - self.min_saving:.2f}x: min_saving={self.min_saving:g}; min_saving=0 encodes whatever gets smaller)")
-
         # sized before either is built (a packed-varint list of millions of indices takes seconds to build)
-        bits = 4 if tensor.data_type in (onnx.TensorProto.UINT4, onnx.TensorProto.INT4) else 8 * dense.dtype.itemsize
-        mask_bytes = masked_bytes(size, positions.size, bits) if masks_possible and tensor.data_type in ENCODABLE else None
-        coo_bytes = self._coo_bytes(positions, dense.dtype.itemsize) if self.format != "mask" else None
-        sized = [b for b in (mask_bytes, coo_bytes) if b is not None]
-        if not sized or positions.size > (0.9 if mask_bytes is not None else 0.6) * size:
+        packed = tensor.data_type in PACKED_BITS
+        bits = PACKED_BITS[tensor.data_type] if packed else 8 * dense.dtype.itemsize
+        mask_bytes = masked_bytes(size, positions.size, bits) if self.format != "coo" and encodable(tensor.data_type, opset) else None
+        # onnxruntime cannot densify a sparse tensor of packed (4-bit) values; coo must also fit the message
+        coo_bytes = self._coo_bytes(positions, dense.dtype.itemsize) if self.format != "mask" and not packed else None
+        coo_full = coo_bytes is not None and coo_bytes >= room
+        if coo_full and mask_bytes is not None:
+            coo_bytes = None
+        if mask_bytes is None and coo_bytes is None:
+            return None, ""
+        if positions.size > (0.9 if mask_bytes is not None else 0.6) * size:
             return None, ""  # above this, no encoding is smaller: dense tensors get no report line
-        if min(sized) >= most:
-            return None, not_worth(min(sized))
         if mask_bytes is not None and (coo_bytes is None or mask_bytes <= coo_bytes):
+            if mask_bytes >= dense_bytes * (1 - self._least_saving("mask")):
+                return None, self._not_worth(positions.size / size, mask_bytes / dense_bytes, "mask")
             masked = encode(tensor.name, dense.reshape(tuple(tensor.dims)), chain, tensor.data_type)
             # the chain's nodes cost bytes too (a kilobyte or two: its tensors' names), which a small tensor notices
-            if masked.nbytes < most and (coo_bytes is None or masked.nbytes <= coo_bytes or coo_bytes >= room):
+            if masked.nbytes < dense_bytes * (1 - self._least_saving("mask")) and (coo_bytes is None or masked.nbytes <= coo_bytes):
                 return masked, ""
-            if coo_bytes is None or coo_bytes >= most:
-                return None, not_worth(masked.nbytes)
+            if coo_bytes is None:
+                return None, self._not_worth(positions.size / size, masked.nbytes / dense_bytes, "mask")
         assert coo_bytes is not None
-        if coo_bytes >= room:
+        most = dense_bytes * (1 - self._least_saving("coo"))
+        if coo_bytes >= most:
+            return None, self._not_worth(positions.size / size, coo_bytes / dense_bytes, "coo")
+        if coo_full:
             return None, full
         raw = positions.size * np.dtype(_INDEX_DTYPES[self.index_dtype][0]).itemsize < _varint_bytes(positions)
         encoded = self._encoded(tensor, dense[positions], positions, raw=raw)
         if encoded.ByteSize() >= most:
-            return None, not_worth(encoded.ByteSize())
+            return None, self._not_worth(positions.size / size, encoded.ByteSize() / dense_bytes, "coo")
         return encoded, ""
+
+    def _least_saving(self, encoding: str) -> float:
+        """The share of its bytes an encoding must save: ``min_saving``, by default less for a mask
+        (standard ops, folded at load) than for coo (a sparse_initializer many tools reject)."""
+        if self.min_saving is not None:
+            return self.min_saving
+        return MASK_MIN_SAVING if encoding == "mask" else COO_MIN_SAVING
+
+    def _not_worth(self, density: float, ratio: float, encoding: str) -> str:
+        least = self._least_saving(encoding)
+        return (f"density {density:.2f}: encoded ({encoding}), it would take {ratio:.2f}x its dense bytes (encoded when at most "
+                f"{1 - least:.2f}x: min_saving={least:g}; min_saving=0 encodes whatever gets smaller)")
 
     def _coo_bytes(self, positions: np.ndarray, itemsize: int) -> int:
         """What the sparse_initializer would take: its values and the smaller form of its indices."""
