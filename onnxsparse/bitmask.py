@@ -39,10 +39,6 @@ MIN_OPSET = 11  # BitShift and CumSum
 # what a type's chain needs beyond that: 4-bit Cast (21), bfloat16 Gather and Cast (13)
 _TYPE_OPSET: dict[int, int] = {onnx.TensorProto.UINT4: 21, onnx.TensorProto.INT4: 21, onnx.TensorProto.BFLOAT16: 13}
 
-
-def encodable(data_type: int, opset: int) -> bool:
-    """Whether a tensor of ``data_type`` can be mask-encoded in a model at ``opset``."""
-    return data_type in ENCODABLE and opset >= max(MIN_OPSET, _TYPE_OPSET.get(data_type, MIN_OPSET))
 # Gather, Reshape, Slice and Cast take every numeric type; these are the values worth encoding.
 ENCODABLE = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16,
                        onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
@@ -55,13 +51,13 @@ _BFLOAT16 = helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16)  # ml_dty
 # constants every chain of a graph shares
 _SHIFTS, _TWO, _COLUMN, _FLAT, _ZERO, _AXIS = (f"onnxsparse_mask_{name}" for name in ("shifts", "two", "column", "flat", "zero", "axis"))
 _SHARED = (_SHIFTS, _TWO, _COLUMN, _FLAT, _ZERO, _AXIS)
-# the chain's ops in order; the Slice is left out when the element count is a multiple of 8, and
-# 4-bit values are widened before the Gather and cast back at the end
-_CHAIN = ("Reshape", "BitShift", "Mod", "Reshape", "Slice", "Cast", "CumSum", "Mul", "Gather", "Reshape")
-_CHAINS = frozenset(chain for sliced in (_CHAIN, tuple(op for op in _CHAIN if op != "Slice"))
-                    for chain in (sliced, (*sliced[:-2], "Cast", "Gather", "Reshape", "Cast")))
 # ranks up to this many elements are counted in int32 (half the memory onnxruntime folds the chain in)
 _INT32_ELEMENTS = 2**31 - 1
+
+
+def encodable(data_type: int, opset: int) -> bool:
+    """Whether a tensor of ``data_type`` can be mask-encoded in a model at ``opset``."""
+    return data_type in ENCODABLE and opset >= max(MIN_OPSET, _TYPE_OPSET.get(data_type, MIN_OPSET))
 
 
 def stored_elements(flat: np.ndarray) -> np.ndarray:
