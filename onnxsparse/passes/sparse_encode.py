@@ -34,7 +34,8 @@ class SparseEncode(Pass):
     sparse_initializer (values + linear indices), which onnxruntime densifies at load, smaller only
     below about 4% density, and which stays in the .onnx message (never external data). ``auto``
     takes the smaller per tensor. Runs last: the saving is on disk and in transfer; inference is
-    unchanged. A tensor is encoded when that saves at least ``min_saving`` of its bytes. ``coo``
+    unchanged. A tensor is encoded when that saves at least ``min_saving`` of its bytes (by default
+    a tenth as a mask, a quarter as coo, which many tools reject). ``coo``
     indices are written whichever way is smaller, as packed varints (3 bytes for a tensor under 2M
     elements) or raw; ``index_dtype=int32`` is loaded by onnxruntime but rejected by the onnx
     checker, so it is reported as non-standard. ``onnxsparse densify`` turns the file back into a
@@ -95,7 +96,7 @@ class SparseEncode(Pass):
             result.changes.append(Change(tensor.name, "sparse-encoded", details))
         if not result.changes and not result.skipped:
             result.skipped.append(Skip("model", f"no initializer of {self.min_size} or more elements is sparse enough to save "
-                                                f"{self._least_saving(self.format):g} of its bytes encoded"))
+                                                f"{self._least_saving('coo' if self.format == 'coo' else 'mask'):g} of its bytes encoded"))
         if result.changes:
             del graph.initializer[:]
             graph.initializer.extend(keep_dense)
