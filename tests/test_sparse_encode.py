@@ -321,3 +321,34 @@ def test_a_chain_in_another_node_order_and_a_plain_node_named_like_one_still_loa
     named = tmp_path / "named.onnx"
     named.write_bytes(plain.SerializeToString())
     assert [n.op_type for n in load(named).graph.node] == ["Relu", "Neg"]
+
+
+def test_masked_int8_weights_fold_before_onnxruntime_fuses_the_int8_kernels(tmp_path):
+    """Constant folding (basic level) runs before the QDQ fusions (extended level): an int8 model
+    whose int8 weights are masks runs the same fused kernels, with the same outputs."""
+    import collections
+
+    import onnxruntime as ort
+
+    from onnxsparse.validation import Tolerance, Tolerances
+
+    loose = Tolerances(per_pass={"magnitude-prune": Tolerance(min_cosine=0.0), "qdq": Tolerance(min_cosine=0.0)})
+    pipeline = "fold-batchnorm,magnitude-prune{sparsity=0.5},qdq{mode=static never_slower=false}"
+    calibration = str(MODELS / "digits_cnn.calibration.npz")
+    plain, masked = tmp_path / "int8.onnx", tmp_path / "masked.onnx"
+    optimize(MODELS / "digits_cnn.onnx", plain, pipeline, calibration=calibration, tolerances=loose, policy="keep", keep_worse=True)
+    report = optimize(MODELS / "digits_cnn.onnx", masked, pipeline + ",sparse-encode{format=mask min_saving=0}", calibration=calibration,
+                      tolerances=loose, policy="keep", keep_worse=True)
+    encoded = {t.name: t.data_type for t in onnx.load(plain).graph.initializer if t.name in {c.target for c in report.steps[-1].changes}}
+    # the two 16x16x3x3 convolutions' int8 weights (the others are too small to pay for a chain)
+    assert len(encoded) == 2 and set(encoded.values()) == {onnx.TensorProto.INT8}
+
+    def fused(path):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{path.stem}.optimized.onnx")
+        outputs = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, bundled_inputs("digits_cnn"))
+        return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node), outputs[0]
+
+    (plain_ops, plain_out), (masked_ops, masked_out) = fused(plain), fused(masked)
+    assert plain_ops["QLinearConv"] == 5 and masked_ops == plain_ops
+    np.testing.assert_array_equal(masked_out, plain_out)
