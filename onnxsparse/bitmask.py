@@ -11,7 +11,9 @@ and its non-zero values in order, after one leading zero:
 
 A half-zero float32 tensor then takes 0.53x its bytes, int8 0.63x. Every input of the chain is an
 initializer, so onnxruntime's constant folding (its basic level, on by default) turns the chain back
-into the dense initializer when the session is made: inference runs exactly as before. The ops are
+into the dense initializer when the session is made: inference runs exactly as before. The price is
+paid at load: the folding holds about 24 bytes per encoded float32 element until it ends (:func:`fold_bytes`),
+so a big model loads in several times the memory and time. The ops are
 standard from opset 11 (BitShift, CumSum), so the onnx checker and other runtimes read the file too.
 The values and the mask are ordinary initializers, so unlike ``sparse_initializer`` they can be
 external data (a model over 2 GB).
@@ -71,6 +73,16 @@ def stored_elements(flat: np.ndarray) -> np.ndarray:
 def masked_bytes(elements: int, nonzero: int, bits: int) -> int:
     """The bytes a tensor takes mask-encoded: its mask, and its non-zero values after one zero, of ``bits`` each."""
     return -(-elements // 8) + -(-(nonzero + 1) * bits // 8)
+
+
+def fold_bytes(elements: int, data_type: int) -> int:
+    """What onnxruntime holds while it folds one chain at load, besides the weight itself: its constant
+    folding keeps every intermediate until the pass ends (the bits 4 bytes an element as uint8 steps,
+    the ranks 12 in int32, the gathered values twice). Measured: a 168 MB model whose 42 M weights
+    are all masks took 1.17 GB to load against 0.24 GB dense, 22 bytes an element (this estimate: 24)."""
+    counter = 4 if elements <= _INT32_ELEMENTS else 8
+    itemsize = 1 if data_type in _WIDENED else int(helper.tensor_dtype_to_np_dtype(data_type).itemsize)
+    return elements * (4 + 3 * counter + 2 * itemsize)
 
 
 @dataclass(frozen=True)

@@ -117,10 +117,10 @@ def test_combinations_pair_the_channels_that_held_with_int8_and_for_size_with_mi
     assert [c.family for c in combinations(held, "latency")] == ["channels + int8 static"]  # a smaller file is no faster
     assert combinations({k: v for k, v in held.items() if k != "channels"}, "size") == []  # nothing to pair with
     # pruned weights, then codebooks (or each tensor's own format), then encoded as masks
-    held |= {"sparse": "magnitude-prune{sparsity=0.5 criterion=wanda},sparse-encode", "codebook": "cluster{bits=4}"}
+    held |= {"sparse": "magnitude-prune{sparsity=0.5 criterion=wanda},sparse-encode{format=auto}", "codebook": "cluster{bits=4}"}
     size = {c.family: c.pipeline for c in combinations(held, "size")}
-    assert size["sparse + codebook"] == "magnitude-prune{sparsity=0.5 criterion=wanda},cluster{bits=4},sparse-encode"
-    assert size["sparse + mixed precision"] == "magnitude-prune{sparsity=0.5 criterion=wanda},mixed-precision,sparse-encode"
+    assert size["sparse + codebook"] == "magnitude-prune{sparsity=0.5 criterion=wanda},cluster{bits=4},sparse-encode{format=auto}"
+    assert size["sparse + mixed precision"] == "magnitude-prune{sparsity=0.5 criterion=wanda},mixed-precision,sparse-encode{format=auto}"
     assert "sparse + codebook" not in {c.family for c in combinations(held, "latency")}
 
 

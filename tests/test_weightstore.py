@@ -214,7 +214,7 @@ def test_mask_encoded_weights_of_an_external_data_model_are_external_data_too(tm
     computes what the dense pruned one does."""
     source = mlp_with_external_data(tmp_path / "in")
     pruned, encoded = tmp_path / "pruned" / "m.onnx", tmp_path / "encoded" / "m.onnx"
-    for target, pipeline in ((pruned, "magnitude-prune{sparsity=0.5}"), (encoded, "magnitude-prune{sparsity=0.5},sparse-encode")):
+    for target, pipeline in ((pruned, "magnitude-prune{sparsity=0.5}"), (encoded, "magnitude-prune{sparsity=0.5},sparse-encode{format=auto}")):
         target.parent.mkdir()
         onnxsparse.optimize(source, target, pipeline, dims={"N": 4}, policy="keep")
     written = onnx.load(encoded, load_external_data=False)

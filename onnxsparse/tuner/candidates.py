@@ -27,6 +27,8 @@ SENSITIVITY = "sensitivity=true"
 SPARSITIES = (0.5, 0.7, 0.85)
 WEIGHT_BITS = (8, 4)
 MIXED = "mixed precision"  # the family of one rung: each tensor in its own format, chosen against the budget
+# for size, the smaller encoding per tensor (its load-time memory is the candidate's to measure)
+ENCODE = "sparse-encode{format=auto}"
 CODEBOOK_BITS = (8, 4)  # 256 centroids (uint8 indices, 0.25x) then 16 (uint4, 0.13x): below 8 bits uint8 indices save nothing more
 
 
@@ -78,7 +80,7 @@ def families(model: onnx.ModelProto, objective: Objective, *, calibration: bool)
             if calibration:  # each tensor in its own format (float16, 8- or 4-bit codebook, 4-bit blocks), chosen against the budget
                 found.append(Family(MIXED, ("mixed-precision",)))
             criterion = " criterion=wanda" if calibration else ""
-            found.append(Family("sparse", tuple(f"magnitude-prune{{sparsity={s}{criterion}}},sparse-encode" for s in SPARSITIES)))
+            found.append(Family("sparse", tuple(f"magnitude-prune{{sparsity={s}{criterion}}},{ENCODE}" for s in SPARSITIES)))
     return found
 
 
@@ -98,10 +100,10 @@ def combinations(held: dict[str, str], objective: Objective) -> list[Candidate]:
         return found
     if channels is not None and MIXED in held:
         found.append(Candidate(f"{channels},{held[MIXED]}", f"channels + {MIXED}", parts=("channels", MIXED)))
-    pruned = held.get("sparse", "").removesuffix(",sparse-encode")
+    pruned = held.get("sparse", "").removesuffix(f",{ENCODE}")
     for formats in ("codebook", MIXED):
         if pruned and formats in held:
-            found.append(Candidate(f"{pruned},{held[formats]},sparse-encode", f"sparse + {formats}", parts=("sparse", formats)))
+            found.append(Candidate(f"{pruned},{held[formats]},{ENCODE}", f"sparse + {formats}", parts=("sparse", formats)))
     return found
 
 
