@@ -108,36 +108,42 @@ def encode(name: str, dense: np.ndarray, chain: int, data_type: int) -> MaskEnco
     values = np.concatenate([np.zeros(1, dtype=flat.dtype), flat[present]])
     mask = np.packbits(present, bitorder="little")
     prefix = f"{MASK_DECODE}{chain}/"
-    own = {part: f"{prefix}{part}" for part in ("mask", "values", "shape", "count")}
-    initializers = [numpy_helper.from_array(mask, own["mask"]), numpy_helper.from_array(values, own["values"]),  # 4-bit: packed
-                    numpy_helper.from_array(np.array(dense.shape, dtype=np.int64), own["shape"])]
+    initializers = [numpy_helper.from_array(mask, f"{prefix}mask"), numpy_helper.from_array(values, f"{prefix}values"),  # 4-bit: packed
+                    numpy_helper.from_array(np.array(dense.shape, dtype=np.int64), f"{prefix}shape")]
+    if elements % 8:
+        initializers.append(numpy_helper.from_array(np.array([elements], dtype=np.int64), f"{prefix}count"))
+    return MaskEncoding(initializers, _chain_nodes(name, prefix, elements, data_type))
+
+
+def _chain_nodes(name: str, prefix: str, elements: int, data_type: int) -> list[onnx.NodeProto]:
+    """The chain that rebuilds ``name`` (``elements`` values of ``data_type``) from the initializers
+    ``<prefix>mask``, ``values``, ``shape`` and, when ``elements`` is not a multiple of 8, ``count``."""
     counter = onnx.TensorProto.INT32 if elements <= _INT32_ELEMENTS else onnx.TensorProto.INT64
 
     def step(index: int) -> str:
         return f"{prefix}{index}"
 
-    nodes = [helper.make_node("Reshape", [own["mask"], _COLUMN], [step(0)]),
+    nodes = [helper.make_node("Reshape", [f"{prefix}mask", _COLUMN], [step(0)]),
              helper.make_node("BitShift", [step(0), _SHIFTS], [step(1)], direction="RIGHT"),
              helper.make_node("Mod", [step(1), _TWO], [step(2)]),
              helper.make_node("Reshape", [step(2), _FLAT], [step(3)])]
     bits = step(3)
     if elements % 8:
-        initializers.append(numpy_helper.from_array(np.array([elements], dtype=np.int64), own["count"]))
-        nodes.append(helper.make_node("Slice", [bits, _ZERO, own["count"]], [step(4)]))
+        nodes.append(helper.make_node("Slice", [bits, _ZERO, f"{prefix}count"], [step(4)]))
         bits = step(4)
     nodes += [helper.make_node("Cast", [bits], [step(5)], to=counter),
               helper.make_node("CumSum", [step(5), _AXIS], [step(6)]),
               helper.make_node("Mul", [step(6), step(5)], [step(7)])]  # 0 at a zero: values[0] is 0
-    values_read = own["values"]
+    values_read = f"{prefix}values"
     if data_type in _WIDENED:
         nodes.append(helper.make_node("Cast", [values_read], [step(10)], to=_WIDENED[data_type]))
         values_read = step(10)
     nodes.append(helper.make_node("Gather", [values_read, step(7)], [step(8)], axis=0))
     if data_type in _WIDENED:
-        nodes += [helper.make_node("Reshape", [step(8), own["shape"]], [step(9)]), helper.make_node("Cast", [step(9)], [name], to=data_type)]
+        nodes += [helper.make_node("Reshape", [step(8), f"{prefix}shape"], [step(9)]), helper.make_node("Cast", [step(9)], [name], to=data_type)]
     else:
-        nodes.append(helper.make_node("Reshape", [step(8), own["shape"]], [name]))
-    return MaskEncoding(initializers, nodes)
+        nodes.append(helper.make_node("Reshape", [step(8), f"{prefix}shape"], [name]))
+    return nodes
 
 
 def shared_constants() -> list[onnx.TensorProto]:
@@ -260,18 +266,15 @@ def _decoded(name: str, prefix: str, nodes: list[onnx.NodeProto], initializers: 
     dense = np.zeros(elements, dtype=values.dtype)
     dense[present] = values[1:]
     dense = dense.reshape(shape)
-    chain = prefix.removeprefix(MASK_DECODE).rstrip("/")
-    expected = encode(name, dense, int(chain) if chain.isdigit() else -1, initializers[own[1]].data_type)
-    written = {t.name: t for t in expected.initializers}
-    if (sorted(n.SerializeToString() for n in nodes) != sorted(n.SerializeToString() for n in expected.nodes)
-            or any(part not in initializers or _array(initializers[part]).tolist() != _array(written[part]).tolist()
-                   for part in written if part.endswith("count"))):
+    count = f"{prefix}count"
+    expected = _chain_nodes(name, prefix, elements, initializers[own[1]].data_type)  # the nodes only: the data was checked above
+    if (sorted(n.SerializeToString() for n in nodes) != sorted(n.SerializeToString() for n in expected)
+            or (elements % 8 and (count not in initializers or _array(initializers[count]).tolist() != [elements]))):
         raise ValueError(f"tensor '{name}': its mask-decoding nodes are not the chain onnxsparse writes ({', '.join(n.op_type for n in nodes)})")
     for constant in shared_constants():
         if constant.name in {i for n in nodes for i in n.input} and (
                 constant.name not in initializers or not np.array_equal(_array(initializers[constant.name]), numpy_helper.to_array(constant))):
             raise ValueError(f"tensor '{name}': its mask-decoding constant '{constant.name}' is not the one onnxsparse writes")
-    count = f"{prefix}count"
     return dense, own + ([count] if count in initializers else [])
 
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .bitmask import chain_ops, decoded_in, hidden_by
 from .errors import OnnxsparseError
@@ -75,7 +74,7 @@ def tensor_infos(model: onnx.ModelProto) -> list[TensorInfo]:
             if tensor.name not in parts:
                 infos.append(_info(tensor, tensor.name, f"{prefix}initializer", readers.get(tensor.name, [])))
         for decoded in masked:
-            info = _info(numpy_helper.from_array(decoded.dense, decoded.name), decoded.name, f"{prefix}mask-encoded", readers.get(decoded.name, []))
+            info = _array_info(decoded.dense, decoded.name, f"{prefix}mask-encoded", readers.get(decoded.name, []))
             info.sparse_encoded_bytes = decoded.encoded_bytes
             infos.append(info)
         for sparse in graph.sparse_initializer:
@@ -89,7 +88,10 @@ def tensor_infos(model: onnx.ModelProto) -> list[TensorInfo]:
 
 
 def _info(tensor: onnx.TensorProto, name: str, location: str, consumers: list[str]) -> TensorInfo:
-    array = tensor_array(tensor)  # memory-mapped when a weight store holds it
+    return _array_info(tensor_array(tensor), name, location, consumers)  # memory-mapped when a weight store holds it
+
+
+def _array_info(array: np.ndarray, name: str, location: str, consumers: list[str]) -> TensorInfo:
     zeros = zero_count(array) if array.dtype != object else 0
     return TensorInfo(
         name=name,
