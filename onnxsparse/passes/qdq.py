@@ -533,7 +533,7 @@ class Qdq(Pass):
         nodes, by runs of nodes next to each other in graph order (GUARD_RUNS of them) the same way.
         Then, within what is kept (up to GUARD_MAX_NODE_SEARCH nodes), node by node the same way,
         doubling the count until it holds and bisecting back to the fewest that do. "Holds" is
-        :func:`_holds`: on the judge's samples and on the confirming ones."""
+        :meth:`GuardTrials.holds`: on the judge's samples and on the confirming ones."""
         assert context.validate is not None
         trials = GuardTrials(build, context, quantized)
         if trials.holds(frozenset()):
@@ -840,7 +840,10 @@ class GuardTrials:
 
     def holds(self, kept: frozenset[str]) -> bool:
         """Whether the model with ``kept`` float holds the tolerance on the judge's samples and on the
-        confirming ones (asked only when the judge's hold)."""
+        confirming ones (asked only when the judge's hold). The guard tries many models against the
+        judge's few samples, so what it settles on fits them a little: on MobileNetV2 every node
+        quantized passed the judge's 32 views and lost 2.8% top-1 agreement on 96 held-out ones, and
+        the step was rolled back whole."""
         if kept not in self._holds:
             self._holds[kept] = self.judged(kept).passed and _confirmed(self.model(kept), self.context)
         return self._holds[kept]
@@ -873,16 +876,6 @@ class GuardTrials:
             else:
                 low = middle
         return kept(high)
-
-
-def _holds(model: onnx.ModelProto, context: PassContext) -> bool:
-    """Whether the tolerance holds on the judge's calibration samples and, where the set has others,
-    on those too (``context.confirm``, checked only once the judge passes). The guard tries many
-    models against the judge's few samples, so what it settles on fits them a little: on MobileNetV2
-    every node quantized passed the judge's 32 views and lost 2.8% top-1 agreement on 96 held-out ones,
-    and the step was rolled back whole."""
-    assert context.validate is not None
-    return context.validate(model).passed and _confirmed(model, context)
 
 
 def _confirmed(model: onnx.ModelProto, context: PassContext) -> bool:
