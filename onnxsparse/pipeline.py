@@ -61,7 +61,7 @@ from .report import (
     RunReport,
     StepReport,
 )
-from .runtime import Runtime, open_session
+from .runtime import Runtime, open_session, return_freed_memory
 from .shapes import infer_shapes
 from .spec import format_pipeline, load_recipe, parse_pipeline
 from .validation import (
@@ -194,6 +194,7 @@ class PassManager:
             recovery_follows = index + 1 < len(self.passes) and self.passes[index + 1].recovers
             step, result_model, outputs = self._run_step(pass_, chain, reference, data, judge, label, recovery_follows)
             self.runtime.drop_handed()  # a result the pass timed and handed over, if the step did not validate it
+            return_freed_memory()  # the step's sessions and arrays, before the next step maps weights or loads a model
             step.judged_on = report.inputs if step.validation is not None else ""  # a step that changed nothing was not judged
             log.info("step %d/%d %s: %s (%s)", index + 1, len(self.passes), pass_.name, step.status,
                      ", ".join(f"{phase_name} {seconds:.1f} s" for phase_name, seconds in step.seconds.items()))

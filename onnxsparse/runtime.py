@@ -10,6 +10,8 @@ and its use (timing or not), within a memory budget (:data:`~onnxsparse.limits.S
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -17,7 +19,7 @@ import re
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,8 @@ def make_session(model: onnx.ModelProto, label: str, *, timing: bool = False, th
 
 
 def _session(model: onnx.ModelProto, serialized: bytes | None, label: str, timing: bool, threads: int = 1) -> ort.InferenceSession:
+    if tensor_bytes(model) >= _TRIM_BEFORE_BYTES:
+        return_freed_memory()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if timing:
@@ -89,6 +93,31 @@ def _loaded(model: onnx.ModelProto, serialized: bytes | None, label: str, option
             return ort.InferenceSession(str(path), options, providers=PROVIDERS)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises several private exception types
         raise RuntimeLoadError(f"{label}: onnxruntime cannot load it: {_load_failure(error)}") from error
+
+
+# A session whose weights take this much is made after the freed heap has gone back to the system.
+_TRIM_BEFORE_BYTES = 32 * 2**20
+
+
+def return_freed_memory() -> None:
+    """Give the heap memory freed so far back to the system (glibc's ``malloc_trim``; nothing where
+    the C library has none). glibc keeps freed memory for reuse, and once it has returned one big
+    block it serves blocks of up to 32 MB from the heap: a big model's freed session (its packed
+    weights), or a pass's arrays, then stay in the process's resident memory while the next step
+    maps weights or loads a session. The 168 MB test model's `magnitude-prune,sparse-encode` peaked
+    at 321 MiB (2.00x the model) with its validated session freed but kept; 305 MiB when trimmed."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim  # the process's own C library
+    except (OSError, AttributeError):  # macOS, Windows, musl
+        return None
+    return trim
 
 
 def _serialized_if_small(model: onnx.ModelProto) -> bytes | None:

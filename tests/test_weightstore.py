@@ -300,6 +300,25 @@ def test_a_replaced_weight_goes_into_the_store_at_once(tmp_path):
         assert all(use.node.inputs[use.index] is replacement for use in site.uses)
 
 
+def test_a_dynamic_int8_weight_goes_into_the_store_at_once(tmp_path):
+    """qdq{mode=dynamic} holds one int8 weight at a time in memory, not all of them until export."""
+    from onnxsparse.passes.qdq import dynamic_matmul
+    from onnxsparse.quantization import WeightScheme
+
+    source = mlp_with_external_data(tmp_path / "in")
+    with WeightStore(tmp_path) as store:
+        model = io.load(source, weights=store)
+        imported = graph.to_gs(model)
+        node = next(n for n in imported.nodes if n.op == "MatMul" and n.inputs[1].name == "w1")
+        float_weight = np.array(node.inputs[1].values)
+        assert dynamic_matmul(imported, node, WeightScheme(), set()) == ""
+        integer = next(n for n in imported.nodes if n.op == "MatMulInteger")
+        stored = integer.inputs[1]
+        assert isinstance(stored._values, graph.MappedValues)  # in the store, not in memory
+        scale = next(t for t in imported.tensors().values() if t.name.endswith("_weight_scale")).values
+        np.testing.assert_allclose(stored.values * scale, float_weight, atol=float(scale.max()) / 2 + 1e-7)
+
+
 CONSTANT_NODE_WEIGHT = """
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[N, 256] x) => (float[N, 256] y) {

@@ -28,6 +28,7 @@ from ..graph import (
     name_unnamed_nodes,
     opset_version,
     overridable_initializers,
+    stored_constant,
     to_gs,
     unique_name,
 )
@@ -1103,7 +1104,7 @@ def dynamic_lstm(graph: gs.Graph, scope: gs.Graph, node: gs.Node, weights: Weigh
             integers, scale = np.stack([p.values for p in parts]), np.array([float(p.scale) for p in parts], np.float32)
         values = np.ascontiguousarray(integers.reshape(directions, rows, columns).transpose(0, 2, 1))
         base = f"{node.name or node.outputs[0].name}_{role}"
-        new_inputs.append(gs.Constant(unique_name(graph, f"{base}_quantized"), values))
+        new_inputs.append(stored_constant(unique_name(graph, f"{base}_quantized"), values, node.inputs[1]))
         quantized.append((gs.Constant(unique_name(graph, f"{base}_scale"), np.asarray(scale, np.float32)),
                           gs.Constant(unique_name(graph, f"{base}_zero_point"), np.zeros(np.shape(scale), np.int8))))
     optional = list(node.inputs[3:8]) + [gs.Variable.empty()] * (8 - max(3, len(node.inputs)))
@@ -1142,6 +1143,7 @@ def dynamic_matmul(graph: gs.Graph, node: gs.Node, weights: WeightScheme, overri
         alpha = 1.0
     quant = quantize_weight(weight, 1 if weights.per_channel else None, weights.bound)
     release_pages(weight)  # read once: a store-held weight's pages need not stay in memory
+    weight_input = node.inputs[1]  # where the int8 weight is stored: the float one's store, if any (not held in memory)
     base = node.name or node.outputs[0].name
     x = node.inputs[0]
     xq = gs.Variable(unique_name(graph, f"{base}_x_quantized"), dtype=np.uint8)
@@ -1156,7 +1158,7 @@ def dynamic_matmul(graph: gs.Graph, node: gs.Node, weights: WeightScheme, overri
     new_nodes = [
         gs.Node("DynamicQuantizeLinear", name=unique_name(graph, f"{base}_DynamicQuantizeLinear"), inputs=[x], outputs=[xq, xs, xz]),
         gs.Node("MatMulInteger", name=unique_name(graph, f"{base}_MatMulInteger"),
-                inputs=[xq, gs.Constant(unique_name(graph, f"{base}_weight_quantized"), quant.values), xz,
+                inputs=[xq, stored_constant(unique_name(graph, f"{base}_weight_quantized"), quant.values, weight_input), xz,
                         gs.Constant(unique_name(graph, f"{base}_weight_zero_point"), quant.zero_point)], outputs=[accumulated]),
         gs.Node("Mul", name=unique_name(graph, f"{base}_scale_Mul"), inputs=[xs, weight_scale], outputs=[scale]),
         gs.Node("Cast", name=unique_name(graph, f"{base}_Cast"), attrs={"to": onnx.TensorProto.FLOAT}, inputs=[accumulated], outputs=[as_float]),
