@@ -1,5 +1,5 @@
 """The arithmetic of int8 quantization: choosing a range from calibration statistics, and turning
-ranges and weights into scales, zero points and integers. No graph code here (see passes/qdq.py)."""
+ranges and weights into scales, zero points and integers. No graph code here (see passes/qdq/)."""
 
 from __future__ import annotations
 

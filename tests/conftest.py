@@ -62,7 +62,7 @@ def steps_run_no_slower(monkeypatch: pytest.MonkeyPatch) -> None:
     input's time; the tests of that rule set their own figures. qdq's own timing of its candidates
     (never_slower, mode=auto) is pinned the same way."""
     monkeypatch.setattr("onnxsparse.pipeline.relative_latency", lambda *args, **kwargs: 0.9)
-    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", lambda *args, **kwargs: 0.9)
+    monkeypatch.setattr("onnxsparse.passes.qdq.quantize.relative_latency", lambda *args, **kwargs: 0.9)
 
 
 @pytest.fixture

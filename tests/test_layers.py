@@ -23,7 +23,9 @@ LAYERS = (
     "train", "train.augment", "train.ops", "train.graph_module",
     # the pass contract, then the passes
     "passes.options", "passes.base", "passes.cleanup", "passes.simplify", "passes.fold_batchnorm", "passes.sparse_encode", "passes.magnitude",
-    "passes.channel_prune", "passes.qdq", "passes.weight_only", "passes.cluster", "passes.mixed_precision", "passes.fp16", "passes.distill", "passes",
+    "passes.channel_prune",
+    "passes.qdq.rules", "passes.qdq.plan", "passes.qdq.materialize", "passes.qdq.guard", "passes.qdq.quantize", "passes.qdq",
+    "passes.weight_only", "passes.cluster", "passes.mixed_precision", "passes.fp16", "passes.distill", "passes",
     # what drives the passes
     "report", "htmlpage", "spec", "pipeline",
     # the search over pipelines

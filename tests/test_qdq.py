@@ -234,7 +234,7 @@ def test_reduce_range_keeps_weights_within_seven_bits(tmp_path, pipeline, bound)
 
 @pytest.mark.parametrize("saturates", [True, False])
 def test_reduce_range_auto_follows_what_this_machines_kernels_do(tmp_path, monkeypatch, saturates):
-    import onnxsparse.passes.qdq as qdq_module
+    import onnxsparse.passes.qdq.quantize as qdq_module
 
     monkeypatch.setattr(qdq_module, "int8_kernels_saturate", lambda: saturates)
     out, report = _quantize("digits_cnn", tmp_path, "fold-batchnorm,qdq{mode=static}")
@@ -272,7 +272,7 @@ def test_weights_inside_subgraphs_count_as_quantized_in_the_report(rng):
 def test_auto_choosing_dynamic_reports_the_dynamic_candidate_not_the_static_ones_figures(tmp_path, monkeypatch):
     """The static candidate's guard kept nodes in float; when auto picks dynamic, the report must
     not carry that count (MiniLM showed 56 nodes kept float while all 36 weight MatMuls were int8)."""
-    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", lambda reference, candidate, feed, **_: 0.5 if any(
+    monkeypatch.setattr("onnxsparse.passes.qdq.quantize.relative_latency", lambda reference, candidate, feed, **_: 0.5 if any(
         n.op_type == "MatMulInteger" for n in candidate.graph.node) else 0.9)
     _, report = _quantize("digits_transformer", tmp_path, "qdq{guard=true}", tolerances=None)
     figures, step = report.steps[0].figures, report.steps[0]
@@ -291,7 +291,7 @@ def test_without_calibration_the_pass_times_at_the_users_dims_as_it_validates(tm
         timed.append(feed["x"].shape)
         return 0.5
 
-    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", recorded)
+    monkeypatch.setattr("onnxsparse.passes.qdq.quantize.relative_latency", recorded)
     model = onnx.parser.parse_model("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[batch, seq, 64] x, float[64, 64] w) => (float[batch, seq, 64] y) { y = MatMul (x, w) }""")
@@ -346,7 +346,7 @@ def test_bias_correction_patched_into_one_built_model_equals_building_it_per_lay
     real_build = Qdq._build
     results = {}
     for patch in (True, False):
-        monkeypatch.setattr("onnxsparse.passes.qdq.PATCH_BIASES", patch)
+        monkeypatch.setattr("onnxsparse.passes.qdq.quantize.PATCH_BIASES", patch)
         count = builds.setdefault(patch, [0])
 
         def counting(self, *args, count=count, **kwargs):
@@ -518,7 +518,7 @@ def test_every_op_qdq_quantizes_through_runs_on_int8_in_onnxruntime(tmp_path, op
     the int8 data (it drops the pair); one it runs in float only gains a Q/DQ pair."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from onnxsparse.passes.qdq import SAME_SCALE
+    from onnxsparse.passes.qdq.rules import SAME_SCALE
 
     assert set(SAME_SCALE_PROBES) == set(SAME_SCALE)  # a new op in SAME_SCALE needs its probe here
     attrs, constants, *more = SAME_SCALE_PROBES[op]
@@ -545,7 +545,7 @@ def _reads_dequantized(model: onnx.ModelProto, op: str) -> bool:
 
 
 def test_never_slower_keeps_the_input_when_no_candidate_runs_faster(monkeypatch):
-    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", lambda *args, **kwargs: 1.2)
+    monkeypatch.setattr("onnxsparse.passes.qdq.quantize.relative_latency", lambda *args, **kwargs: 1.2)
     model, inputs, calibration = bundled("digits_cnn")
     _, report = PassManager(parse_pipeline("qdq"), inputs=inputs, calibration=calibration).run(model)
     step = report.steps[0]
@@ -565,7 +565,7 @@ def test_a_kind_of_node_whose_int8_form_is_slower_stays_float(monkeypatch, tmp_p
                    for n in model.graph.node)
 
     timed = []
-    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency",
+    monkeypatch.setattr("onnxsparse.passes.qdq.quantize.relative_latency",
                         lambda reference, candidate, feed, **_: timed.append(candidate) or (1.05 if depthwise_int8(candidate) else 0.7))
     out, report = _quantize("digits_cnn", tmp_path, "fold-batchnorm,qdq{mode=static}")
     step = report.steps[1]
@@ -592,7 +592,7 @@ def test_a_layer_kept_float_between_int8_neighbours_runs_float_in_onnxruntime(tm
 
 def test_speed_kinds_tell_one_dimensional_and_depthwise_convolutions_apart():
     from onnxsparse.graph import to_gs
-    from onnxsparse.passes.qdq import speed_kind
+    from onnxsparse.passes.qdq.rules import speed_kind
 
     model = with_initializers(onnx.parser.parse_model("""
     <ir_version: 8, opset_import: ["" : 17]>
@@ -724,7 +724,7 @@ def test_lstms_run_through_the_default_pass_on_a_time_major_model_and_stay_float
     inputs = IterableInputs([{"x": rng.standard_normal((12, 4, 16)).astype(np.float32)}])
     final, report = PassManager(parse_pipeline("qdq"), inputs=inputs, calibration=calibration).run(model)
     assert report.steps[0].status == "committed" and "DynamicQuantizeLSTM" in {n.op_type for n in final.graph.node}
-    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", lambda reference, candidate, feed, **_: 1.3 if any(
+    monkeypatch.setattr("onnxsparse.passes.qdq.quantize.relative_latency", lambda reference, candidate, feed, **_: 1.3 if any(
         n.op_type == "DynamicQuantizeLSTM" for n in candidate.graph.node) else 1.0)
     final, report = PassManager(parse_pipeline("qdq"), inputs=inputs, calibration=calibration).run(model)
     step = report.steps[0]
@@ -740,7 +740,7 @@ def test_a_slow_kind_kept_float_on_top_of_the_guard_reports_both(monkeypatch):
                        for o in n.output}
         return any(n.op_type == "MatMul" and n.input[1] in dequantized for n in model.graph.node)
 
-    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", lambda reference, candidate, feed, **_: 1.05 if weights_int8(candidate) else 0.7)
+    monkeypatch.setattr("onnxsparse.passes.qdq.quantize.relative_latency", lambda reference, candidate, feed, **_: 1.05 if weights_int8(candidate) else 0.7)
     model, inputs, calibration = bundled("digits_transformer")
     strict = Tolerances(per_pass={"qdq": Tolerance(min_cosine=0.99995)})
     _, report = PassManager(parse_pipeline("qdq{mode=static}"), inputs=inputs, calibration=calibration, tolerances=strict).run(model)
@@ -759,7 +759,8 @@ def test_the_guard_finds_the_one_harmful_node_in_a_kind_too_big_to_search_node_b
 
     import onnx_graphsurgeon as gs
 
-    from onnxsparse.passes.qdq import GUARD_MAX_NODE_SEARCH, Plan
+    from onnxsparse.passes.qdq.guard import GUARD_MAX_NODE_SEARCH, guarded
+    from onnxsparse.passes.qdq.plan import Plan
     from onnxsparse.results import PassResult
 
     names = [f"add{index}" for index in range(60)]
@@ -773,7 +774,7 @@ def test_the_guard_finds_the_one_harmful_node_in_a_kind_too_big_to_search_node_b
         return SimpleNamespace(passed=fine, outputs=[SimpleNamespace(cosine=1.0 if fine else 0.9)])
 
     result = PassResult(None)  # type: ignore[arg-type]
-    model, kept = Qdq()._guard(frozenset, plan, frozenset(), PassContext(validate=validate), result)  # type: ignore[arg-type]
+    model, kept = guarded(frozenset, plan, frozenset(), PassContext(validate=validate), result)  # type: ignore[arg-type]
     assert kept == {"add37"} and model == frozenset({"add37"})
     assert result.figures["guard_kept_float"] == 1
     assert len(trials) < len(names)  # fewer trials than one per node
@@ -790,7 +791,8 @@ def test_the_guard_keeps_float_what_the_confirming_samples_need_when_the_judges_
 
     import onnx_graphsurgeon as gs
 
-    from onnxsparse.passes.qdq import Plan
+    from onnxsparse.passes.qdq.guard import guarded
+    from onnxsparse.passes.qdq.plan import Plan
     from onnxsparse.results import PassResult
 
     plan = Plan(nodes=[gs.Node("Add", name=f"add{index}") for index in range(8)])
@@ -804,7 +806,7 @@ def test_the_guard_keeps_float_what_the_confirming_samples_need_when_the_judges_
         return SimpleNamespace(passed="add5" in model) if others else None
 
     result = PassResult(None)  # type: ignore[arg-type]
-    model, kept = Qdq()._guard(frozenset, plan, frozenset(), PassContext(validate=validate, confirm=confirm), result)  # type: ignore[arg-type]
+    model, kept = guarded(frozenset, plan, frozenset(), PassContext(validate=validate, confirm=confirm), result)  # type: ignore[arg-type]
     assert kept == ({"add5"} if others else set()) and model == frozenset(kept)
     assert confirmed and confirmed[0] == frozenset()  # the judge passed every node quantized; the confirming samples did not
 
@@ -814,7 +816,7 @@ def test_auto_counts_a_candidate_within_tolerance_only_if_the_confirming_samples
     then takes the static one, as the guard would have judged it, not the faster."""
     from types import SimpleNamespace
 
-    from onnxsparse.passes.qdq import _pick
+    from onnxsparse.passes.qdq.quantize import _pick
     from onnxsparse.results import PassResult
 
     results = {"static": PassResult("static"), "dynamic": PassResult("dynamic")}  # type: ignore[arg-type]
@@ -842,7 +844,7 @@ def test_auto_on_a_model_without_matmuls_never_picks_an_empty_dynamic_candidate(
     def int8_is_slower(reference, candidate, feed, **_):
         return 1.4 if any(n.op_type == "QuantizeLinear" for n in candidate.graph.node) else 1.0
 
-    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", int8_is_slower)
+    monkeypatch.setattr("onnxsparse.passes.qdq.quantize.relative_latency", int8_is_slower)
     _, report = PassManager(parse_pipeline("qdq"), inputs=IterableInputs(feeds[:2]), calibration=IterableInputs(feeds[2:])).run(model)
     step = report.steps[0]
     assert step.status == "worse" and "1.40x its input's time" in step.reason, step.reason

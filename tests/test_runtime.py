@@ -156,7 +156,7 @@ def _counted_loads(monkeypatch, counted) -> collections.Counter[str]:
         latency.relative_latency(*args, **kwargs)
         return 0.5
 
-    monkeypatch.setattr("onnxsparse.passes.qdq.relative_latency", timed_as_faster)
+    monkeypatch.setattr("onnxsparse.passes.qdq.quantize.relative_latency", timed_as_faster)
     monkeypatch.setattr(ort, "InferenceSession", counted_session)
     return loads
 

@@ -302,7 +302,7 @@ def test_a_replaced_weight_goes_into_the_store_at_once(tmp_path):
 
 def test_a_dynamic_int8_weight_goes_into_the_store_at_once(tmp_path):
     """qdq{mode=dynamic} holds one int8 weight at a time in memory, not all of them until export."""
-    from onnxsparse.passes.qdq import dynamic_matmul
+    from onnxsparse.passes.qdq.materialize import dynamic_matmul
     from onnxsparse.quantization import WeightScheme
 
     source = mlp_with_external_data(tmp_path / "in")

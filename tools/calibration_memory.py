@@ -27,7 +27,7 @@ from onnxsparse.activations import collect_ranges
 from onnxsparse.calibration import IterableInputs, model_inputs
 from onnxsparse.graph import to_gs
 from onnxsparse.passes.base import PassResult
-from onnxsparse.passes.qdq import plan_static
+from onnxsparse.passes.qdq.plan import plan_static
 from onnxsparse.shapes import shapes_where_known
 
 path, feeds, method = sys.argv[1], int(sys.argv[2]), sys.argv[3]

@@ -1,11 +1,12 @@
-"""``qdq``: int8 quantization by QuantizeLinear/DequantizeLinear pairs, calibrated on data."""
+"""The ``qdq`` pass: int8 quantization by QuantizeLinear/DequantizeLinear pairs, calibrated on data; static
+or dynamic (or the better of both), guarded, never slower than its input."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -14,11 +15,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..activations import ChangingModelValues, channel_means, collect_ranges, tensor_values
-from ..calibration import first_samples, samples_read
-from ..errors import InputDataError, RuntimeLoadError
-from ..files import write_text_atomically
-from ..graph import (
+from ...activations import ChangingModelValues, channel_means, collect_ranges, tensor_values
+from ...calibration import first_samples, samples_read
+from ...errors import InputDataError, RuntimeLoadError
+from ...files import write_text_atomically
+from ...graph import (
     MICROSOFT_DOMAIN,
     at_opset,
     constant_value,
@@ -28,77 +29,44 @@ from ..graph import (
     name_unnamed_nodes,
     opset_version,
     overridable_initializers,
-    stored_constant,
     to_gs,
-    unique_name,
 )
-from ..io import check_model
-from ..latency import RETIME_RUNS, RETIME_SECONDS, relative_latency, timing_feed
-from ..layers import CONV_TRANSPOSE, layer_kind
-from ..layerwise import add_output_shift
-from ..limits import CALIBRATION_SAMPLES
-from ..quantization import (
-    CALIBRATION_METHODS,
-    ActivationParams,
-    WeightScheme,
-    activation_params,
-    bias_in_scale,
-    int8_kernels_saturate,
-    quantize_bias,
-    quantize_weight,
+from ...io import check_model
+from ...latency import RETIME_RUNS, RETIME_SECONDS, relative_latency, timing_feed
+from ...layerwise import add_output_shift
+from ...limits import CALIBRATION_SAMPLES
+from ...quantization import CALIBRATION_METHODS, WeightScheme, activation_params, int8_kernels_saturate, quantize_weight
+from ...shapes import shapes_where_known
+from ...validation import SCORE_MAX_TOP1_DROP, DriftProbe, Tolerance
+from ...walk import iter_graphs
+from ...weights import matches
+from ..base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
+from ..simplify import Simplify
+from .guard import GUARD_REASON, closeness, confirmed, guarded
+from .materialize import (
+    BiasSite,
+    bias_site,
+    dequantized,
+    dynamic_lstm,
+    dynamic_matmul,
+    insert_qdq,
+    int8_entry,
+    keep_float_in_onnxruntime,
+    patchable,
+    quantize_node_weights,
 )
-from ..shapes import shapes_where_known
-from ..validation import SCORE_MAX_TOP1_DROP, DriftProbe, Tolerance, ValidationResult
-from ..walk import iter_graphs
-from ..weights import matches
-from ..weightstore import release_pages
-from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
-from .simplify import Simplify
+from .plan import Plan, nested_weight_layers, plan_static, tensors_of
+from .rules import COMPUTE, QUANTIZED_OPS, RECURRENT, speed_kind
 
 log = logging.getLogger(__name__)
 
-# op -> the input indices that carry activations to quantize
-COMPUTE = {"Conv": (0,), "ConvTranspose": (0,), "Gemm": (0,), "MatMul": (0, 1)}
-ELEMENTWISE = {"Add": (0, 1), "Mul": (0, 1)}
-POOLS = {"GlobalAveragePool": (0,), "AveragePool": (0,)}
-CONCAT = "Concat"
-# Ops onnxruntime runs on int8 when input and output share one scale (data movement): it drops the
-# DQ before and the Q after them (tests/test_qdq.py checks each on its optimized graph). Not
-# GlobalMaxPool, SpaceToDepth or Pad: onnxruntime 1.32 runs them in float between DQ and Q, so
-# quantizing through them only adds a Q/DQ pair.
-SAME_SCALE = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Slice", "Identity",
-                        "DepthToSpace", "Split", "Gather"})
-# a QDQ right after these is what onnxruntime folds into the producer's int8 kernel
-FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 # Bias correction patches each layer's shift into one built int8 model; False builds the model again
 # per layer (the same bytes, measured by a test; kept to check the patching against).
 PATCH_BIASES = True
-GUARD_REASON = "kept in float by the accuracy guard"
-# The guard searches node by node within the kinds it kept float up to this many nodes (one trial
-# each, about 1 s on MiniLM, 2 s on PP-OCRv4): beyond it, whole kinds stay float. 96 took MiniLM's
-# static candidate (which auto then did not choose) from 15 s to 104 s. With kinds split finer
-# (depthwise, 1-D), MobileNetV2's largest kind is 35 convolutions.
-GUARD_MAX_NODE_SEARCH = 48
-# Beyond it, the kept kinds' nodes are first searched in this many runs of graph neighbours (a
-# detector's 60 convolutions are one kind; its class head alone may be what a metric needs float).
-GUARD_RUNS = 8
 # never_slower: a best candidate at this ratio to its input or above is tried with each kind of node
 # in float; a ratio within CLOSE_TO_EVEN of 1 is timed again, longer, before it decides anything.
 SPEED_SEARCH_ABOVE = 0.95
 CLOSE_TO_EVEN = 0.03
-# Recurrent ops: onnxruntime has an int8 kernel for LSTM only (DynamicQuantizeLSTM, a contrib op).
-RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
-QUANTIZED_OPS = frozenset({"DynamicQuantizeLSTM", "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
-                           "ConvInteger", "DynamicQuantizeLinear"})
-
-
-@dataclass
-class Plan:
-    """What to quantize: nodes, activation tensors with their own ranges, tensors sharing a range."""
-
-    nodes: list[gs.Node] = field(default_factory=list)
-    tensors: list[str] = field(default_factory=list)
-    shared: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose range it reuses
 
 
 @register
@@ -341,7 +309,7 @@ class Qdq(Pass):
             if table is None or table.ndim != 2 or table.dtype != np.float32 or table.size < 1024 or matches(self.exclude, node.name, node.op):
                 continue
             quant = quantize_weight(table, 0)
-            node.inputs[0] = _dequantized(graph, graph, node.inputs[0].name, quant.values, quant.scale, quant.zero_point, 0)
+            node.inputs[0] = dequantized(graph, graph, node.inputs[0].name, quant.values, quant.scale, quant.zero_point, 0)
             result.changes.append(Change(node.name or node.outputs[0].name, "int8 embedding table", {"rows": int(table.shape[0])}))
         graph.cleanup().toposort()
         result.model = from_gs(graph, like=result.model)
@@ -361,7 +329,7 @@ class Qdq(Pass):
 
         quantized = build(kept_float)
         if self.guard and context.validate is not None:
-            quantized, kept_float = self._guard(build, plan, quantized, context, result)
+            quantized, kept_float = guarded(build, plan, quantized, context, result)
         result.figures.update(mode="static", activations=self.activations, weights=weights.describe())
         static = StaticResult(graph, plan, nested, build, kept_float, result)
         static.first = static.result(quantized, dict.fromkeys(kept_float, GUARD_REASON))
@@ -451,7 +419,7 @@ class Qdq(Pass):
             if shifts and node.name in shifts:
                 add_output_shift(graph, node, shifts[node.name])
         shifted_biases = {n.name: constant_value(n.inputs[2]) for n in chosen if shifts and n.name in shifts and n.op == "Conv" and len(n.inputs) > 2}
-        tensors = {t for t in _tensors_of(chosen, plan, graph)}
+        tensors = {t for t in tensors_of(chosen, plan, graph)}
         params = {name: activation_params(*ranges[name], self.activations, self.symmetric) for name in plan.tensors if name in tensors}
         for name, root in plan.shared.items():
             if name in tensors and root in params:
@@ -472,7 +440,7 @@ class Qdq(Pass):
                 if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
                     quantize_node_weights(graph, node, {}, weights, scope=scope)
         if biases is not None:
-            biases.update({name: site for name, bias in shifted_biases.items() if bias is not None and (site := _bias_site(nodes[name], bias))})
+            biases.update({name: site for name, bias in shifted_biases.items() if bias is not None and (site := bias_site(nodes[name], bias))})
         graph.cleanup().toposort()
         return from_gs(graph, like=model)
 
@@ -497,7 +465,7 @@ class Qdq(Pass):
         # shift would be an Add node that changes what onnxruntime fuses) are corrected by building
         # again, as before, once their turn comes; both ways give the same bytes (tests/test_qdq.py).
         biases: dict[str, BiasSite] = {}
-        zero = {layer.name: np.zeros_like(reference[layer.outputs[0].name], dtype=np.float32) for layer in layers if _patchable(layer)}
+        zero = {layer.name: np.zeros_like(reference[layer.outputs[0].name], dtype=np.float32) for layer in layers if patchable(layer)}
         patched = self._build(model, plan, ranges, set(), weights, zero, biases) if PATCH_BIASES else None
         # Each layer's output is computed from the int8 activation entering the layer before it, kept
         # from the step before (a segment run), not by running the model from its inputs: that made
@@ -511,7 +479,7 @@ class Qdq(Pass):
                 values.kept.clear()  # values of another build
             else:
                 quantized = patched
-            entry = _int8_entry(quantized, layer.name)
+            entry = int8_entry(quantized, layer.name)
             observed = channel_means(values.values(quantized, [output, *([entry] if entry else [])]), {output: axes[output]})[output]
             values.kept.pop(output, None)  # the layer's bias changes now: its output with it
             shifts[layer.name] = (reference[output] - observed).astype(np.float32)
@@ -523,47 +491,6 @@ class Qdq(Pass):
         return shifts
 
     # -- the accuracy guard -------------------------------------------------------------------
-
-    def _guard(self, build: Callable[[set[str]], onnx.ModelProto], plan: Plan, quantized: onnx.ModelProto, context: PassContext,
-               result: PassResult) -> tuple[onnx.ModelProto, set[str]]:
-        """Keep the most harmful nodes in float until the tolerance holds.
-
-        First by kind (:func:`speed_kind`: op type, depthwise and 1-D convolutions and MatMuls of two
-        activations apart): each kind is kept float on its own, kinds are then kept float in order of
-        how much that helps until the tolerance holds. Within kinds of more than GUARD_MAX_NODE_SEARCH
-        nodes, by runs of nodes next to each other in graph order (GUARD_RUNS of them) the same way.
-        Then, within what is kept (up to GUARD_MAX_NODE_SEARCH nodes), node by node the same way,
-        doubling the count until it holds and bisecting back to the fewest that do. "Holds" is
-        :meth:`GuardTrials.holds`: on the judge's samples and on the confirming ones."""
-        assert context.validate is not None
-        trials = GuardTrials(build, context, quantized)
-        if trials.holds(frozenset()):
-            return quantized, set()
-        kinds: dict[str, list[str]] = {}
-        for node in plan.nodes:
-            kinds.setdefault(speed_kind(node), []).append(node.name)
-        kept = trials.fewest(list(kinds), lambda chosen: {n for kind in chosen for n in kinds[kind]}, "kinds")
-        if kept is None:
-            result.warnings.append("qdq guard: even all nodes in float do not meet the tolerance (on the judge's calibration samples, "
-                                   "or on the others that confirm its trials); every node kept quantized")
-            return quantized, set()
-        candidates = [node.name for node in plan.nodes if node.name in kept]  # in graph order
-        if len(candidates) > GUARD_MAX_NODE_SEARCH:
-            size = -(-len(candidates) // GUARD_RUNS)
-            runs = {f"nodes {start + 1}-{min(start + size, len(candidates))}": candidates[start:start + size]
-                    for start in range(0, len(candidates), size)}
-            refined = trials.fewest(list(runs), lambda chosen: {n for run in chosen for n in runs[run]}, "runs of nodes")
-            if refined is not None:
-                kept = refined
-                candidates = [name for name in candidates if name in kept]
-        if 1 < len(candidates) <= GUARD_MAX_NODE_SEARCH:
-            refined = trials.fewest(candidates, set, "nodes")
-            if refined is not None:
-                kept = refined
-        result.figures["guard_kept_float"] = len(kept)
-        result.figures["guard_kinds"] = ", ".join(sorted({speed_kind(n) for n in plan.nodes if n.name in kept}))
-        result.figures["guard_trials"] = trials.built
-        return trials.model(kept), set(kept)
 
     # -- dynamic ------------------------------------------------------------------------------
 
@@ -637,7 +564,7 @@ class StaticResult:
         stays float or a tensor goes unquantized."""
         def quantized(float_nodes: set[str]) -> tuple[set[str], set[str]]:
             chosen = [n for n in self.plan.nodes if n.name not in float_nodes]
-            return _tensors_of(chosen, self.plan, self.graph), {n.name for n in chosen if n.op in COMPUTE}
+            return tensors_of(chosen, self.plan, self.graph), {n.name for n in chosen if n.op in COMPUTE}
         return quantized(kept) != quantized(self.guard_kept)
 
     def result(self, model: onnx.ModelProto, kept: dict[str, str]) -> PassResult:
@@ -661,65 +588,6 @@ class StaticResult:
         return result
 
 
-@dataclass(frozen=True)
-class BiasSite:
-    """Where a Conv's (zero-shifted) bias ended up in a built int8 model: an initializer holding it as
-    int32 in units of ``scale`` (behind a DequantizeLinear), or as float (``scale`` None)."""
-
-    initializer: str
-    bias: np.ndarray  # float32, as add_output_shift left it with a zero shift
-    scale: np.ndarray | None
-
-    def patch(self, model: onnx.ModelProto, shift: np.ndarray) -> None:
-        """Put ``bias + shift`` into ``model`` exactly as a build with that shift would: the sum taken
-        in float64 and stored as float32 (add_output_shift), then quantized with the same scale."""
-        shifted = (self.bias.astype(np.float64) + shift).astype(np.float32)
-        stored = bias_in_scale(shifted, self.scale) if self.scale is not None else shifted
-        tensor = next(t for t in model.graph.initializer if t.name == self.initializer)
-        tensor.CopyFrom(onnx.numpy_helper.from_array(stored, self.initializer))
-
-
-def _int8_entry(model: onnx.ModelProto, name: str) -> str | None:
-    """The quantized activation that the node ``name`` reads through a DequantizeLinear, if it does."""
-    node = next((n for n in model.graph.node if n.name == name), None)
-    if node is None or not node.input:
-        return None
-    producer = next((n for n in model.graph.node if node.input[0] in n.output), None)
-    return producer.input[0] if producer is not None and producer.op_type == "DequantizeLinear" else None
-
-
-def _patchable(layer: gs.Node) -> bool:
-    """A Conv whose bias is a constant or absent: its shift lands in one initializer, whatever its value."""
-    return layer.op == "Conv" and (len(layer.inputs) < 3 or constant_value(layer.inputs[2]) is not None)
-
-
-def _bias_site(node: gs.Node, bias: np.ndarray) -> BiasSite | None:
-    """Where ``node``'s bias is after quantization: a float constant, or an int32 constant read by
-    the DequantizeLinear in front of it; None where it is anything else."""
-    tensor = node.inputs[2]
-    if isinstance(tensor, gs.Constant):
-        return BiasSite(tensor.name, bias, None)
-    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-    if producer is None or producer.op != "DequantizeLinear" or not isinstance(producer.inputs[0], gs.Constant):
-        return None
-    scale = constant_value(producer.inputs[1])
-    if producer.inputs[0].values.dtype != np.int32 or scale is None:
-        return None
-    return BiasSite(producer.inputs[0].name, bias, scale.astype(np.float32))
-
-
-def nested_weight_layers(graph: gs.Graph) -> list[gs.Node]:
-    """The layers inside If/Loop bodies whose float weight ``_build`` stores as int8 (their activations
-    cannot be observed, so they are not calibrated)."""
-    layers = []
-    for scope in graph.subgraphs(recursive=True):
-        for node in scope.nodes:
-            weight = constant_value(node.inputs[1]) if node.op in COMPUTE and len(node.inputs) > 1 else None
-            if weight is not None and weight.dtype == np.float32 and weight.ndim >= 2:
-                layers.append(node)
-    return layers
-
-
 def _simplified(model: onnx.ModelProto, context: PassContext, result: PassResult) -> PassResult | None:
     """The simplify pass's result on ``model``; None, said in a warning, when onnxruntime's optimizer
     cannot load it."""
@@ -728,12 +596,6 @@ def _simplified(model: onnx.ModelProto, context: PassContext, result: PassResult
     except RuntimeLoadError as error:
         result.warnings.append(f"qdq: not simplified first: {error}")
         return None
-
-
-def _kind(node: gs.Node) -> str:
-    if node.op == "MatMul" and all(constant_value(t) is None for t in node.inputs[:2]):
-        return "MatMul of activations"
-    return node.op
 
 
 def _within_own_bound(model: onnx.ModelProto, results: dict[str, PassResult], context: PassContext, bound: float) -> list[str]:
@@ -752,7 +614,7 @@ def _pick(results: dict[str, PassResult], ratios: dict[str, float], model: onnx.
     verdicts = {mode: context.validate(result.model) for mode, result in results.items()}
     # within tolerance as the guard means it: the confirming samples agree too (a dynamic candidate
     # the judge's few samples pass must not win over a static one the guard held to more)
-    passing = [mode for mode, verdict in verdicts.items() if verdict.passed and _confirmed(results[mode].model, context)]
+    passing = [mode for mode, verdict in verdicts.items() if verdict.passed and confirmed(results[mode].model, context)]
     why_prefix = ""
     if not passing and not context.validate(model).passed:
         # An earlier lossy pass (pruning) moved the model past the tolerance already: then
@@ -764,7 +626,7 @@ def _pick(results: dict[str, PassResult], ratios: dict[str, float], model: onnx.
         return passing[0], why_prefix + "the only one within tolerance"
     if passing:
         return min(passing, key=lambda mode: ratios[mode]), why_prefix + "both within tolerance; the faster"
-    return max(results, key=lambda mode: _closeness(verdicts[mode])), "neither within tolerance; the closer to the original"
+    return max(results, key=lambda mode: closeness(verdicts[mode])), "neither within tolerance; the closer to the original"
 
 
 def _sensitivity(static: StaticResult, picked: PassResult, context: PassContext) -> list[dict[str, object]]:
@@ -780,7 +642,7 @@ def _sensitivity(static: StaticResult, picked: PassResult, context: PassContext)
         label = node.name or node.outputs[0].name
         verdict = context.validate(static.build(planned - {node.name}))
         top1 = [o.top1 for o in verdict.outputs if o.top1 is not None]
-        row: dict[str, object] = {"node": label, "kind": speed_kind(node), "cosine_alone": round(_closeness(verdict), 6),
+        row: dict[str, object] = {"node": label, "kind": speed_kind(node), "cosine_alone": round(closeness(verdict), 6),
                                   "top1_alone": round(min(top1), 4) if top1 else None, "status": why_float.get(label, "int8")}
         if verdict.metric is not None:
             row["metric_alone"] = verdict.metric.value
@@ -798,376 +660,3 @@ def _time_against(original: onnx.ModelProto, candidate: onnx.ModelProto, feed: d
     bounds = (1.0,) if bound is None or bound == 1.0 else (1.0, bound)
     return relative_latency(original, candidate, feed, runtime=context.runtime, keep_candidate=keep, hand_over=keep,
                             decide_at=bounds if early else ())
-
-
-def speed_kind(node: gs.Node) -> str:
-    """The kind of node whose int8 form tends to be fast or slow alike: a 1-D convolution (an
-    exporter's conv1d over an unsqueezed axis, often between Transposes), a depthwise one, a MatMul
-    of two activations, or the op type."""
-    if node.op not in ("Conv", "ConvTranspose"):
-        return _kind(node)
-    weight = constant_value(node.inputs[1])
-    kernel = list(weight.shape[2:]) if weight is not None else []
-    spatial = list(node.inputs[0].shape[2:]) if node.inputs[0].shape is not None else kernel
-    one_d = len(kernel) == 1 or sum(not (isinstance(d, int) and d == 1) for d in spatial) == 1
-    depthwise = weight is not None and weight.shape[1] == 1 and int(node.attrs.get("group", 1)) > 1 and node.op == "Conv"
-    return f"{'1-D ' if one_d else ''}{'depthwise ' if depthwise else ''}{node.op}"
-
-
-class GuardTrials:
-    """The guard's trials, by the set of nodes kept float: each set's model is built, and judged (and
-    confirmed), once. The search meets a set again where a prefix of one length is also what it ranked
-    alone, or bisects onto a count it tried; both cost a build and a judgement before."""
-
-    def __init__(self, build: Callable[[set[str]], onnx.ModelProto], context: PassContext, quantized: onnx.ModelProto) -> None:
-        self.build, self.context = build, context
-        self.built = 0
-        self._last: tuple[frozenset[str], onnx.ModelProto] = (frozenset(), quantized)  # only the last: a model each would be a copy each
-        self._judged: dict[frozenset[str], ValidationResult] = {}
-        self._holds: dict[frozenset[str], bool] = {}
-
-    def model(self, kept: frozenset[str]) -> onnx.ModelProto:
-        if self._last[0] != kept:
-            self.built += 1
-            self._last = (kept, self.build(set(kept)))
-        return self._last[1]
-
-    def judged(self, kept: frozenset[str]) -> ValidationResult:
-        """The judge's verdict on the model with ``kept`` float."""
-        assert self.context.validate is not None
-        if kept not in self._judged:
-            self._judged[kept] = self.context.validate(self.model(kept))
-        return self._judged[kept]
-
-    def holds(self, kept: frozenset[str]) -> bool:
-        """Whether the model with ``kept`` float holds the tolerance on the judge's samples and on the
-        confirming ones (asked only when the judge's hold). The guard tries many models against the
-        judge's few samples, so what it settles on fits them a little: on MobileNetV2 every node
-        quantized passed the judge's 32 views and lost 2.8% top-1 agreement on 96 held-out ones, and
-        the step was rolled back whole."""
-        if kept not in self._holds:
-            self._holds[kept] = self.judged(kept).passed and _confirmed(self.model(kept), self.context)
-        return self._holds[kept]
-
-    def fewest(self, items: list[str], expand: Callable[[list[str]], set[str]], label: str) -> frozenset[str] | None:
-        """The float nodes ``expand(prefix)`` of the shortest prefix of ``items`` (ordered by how much
-        keeping each alone in float helps) that hold the tolerance."""
-        harm = {}
-        for index, item in enumerate(items):
-            harm[item] = _closeness(self.judged(frozenset(expand([item]))))
-            if self.context.progress:
-                self.context.progress(f"qdq guard: {label}", index + 1, len(items))
-        order = sorted(items, key=lambda item: harm[item], reverse=True)
-        def kept(count: int) -> frozenset[str]:
-            return frozenset(expand(order[:count]))
-        count, failed, best = 1, 0, None
-        while best is None:
-            count = min(count, len(order))
-            if self.holds(kept(count)):
-                best = count
-            elif count == len(order):
-                return None
-            else:
-                failed, count = count, count * 2
-        low, high = failed, best  # the fewest that pass lie in (low, high]
-        while high - low > 1:
-            middle = (low + high) // 2
-            if self.holds(kept(middle)):
-                high = middle
-            else:
-                low = middle
-        return kept(high)
-
-
-def _confirmed(model: onnx.ModelProto, context: PassContext) -> bool:
-    """Whether the calibration samples the judge never sees agree (True where the set has none)."""
-    verdict = context.confirm(model) if context.confirm is not None else None
-    return verdict is None or verdict.passed
-
-
-def _closeness(validation: ValidationResult) -> float:
-    """How close a trial is to the original: the worst output's cosine (higher is closer)."""
-    cosines = [o.cosine for o in validation.outputs if o.cosine is not None]
-    return min(cosines) if cosines else 0.0
-
-
-# ---------------------------------------------------------------------------------------------
-# planning
-# ---------------------------------------------------------------------------------------------
-
-
-def plan_static(graph: gs.Graph, exclude: Iterable[str], overridable: set[str], result: PassResult) -> Plan:
-    plan = Plan()
-    own: set[str] = set()
-    for node in graph.nodes:
-        inputs = _activation_inputs(node, overridable)
-        if inputs is None:
-            continue
-        if matches(exclude, node.name, node.op):
-            result.skipped.append(Skip(node.name or node.outputs[0].name, "excluded by pattern"))
-            continue
-        plan.nodes.append(node)
-        own.update(t.name for t in inputs)
-        own.add(_quantized_output(graph, node.outputs[0]).name)
-    # data-movement ops after a quantized tensor keep its range (every output of a Split), so that
-    # they run on int8 too; Gather's data is its input 0, the indices are not quantized
-    for node in graph.nodes:
-        if node.op in SAME_SCALE and node.inputs and _is_float(node.inputs[0]):
-            source = node.inputs[0].name
-            root = plan.shared.get(source, source)
-            if root in own:
-                plan.shared.update({output.name: root for output in node.outputs if _is_float(output)})
-    plan.tensors = sorted(own)
-    return plan
-
-
-def _activation_inputs(node: gs.Node, overridable: set[str]) -> list[gs.Tensor] | None:
-    """The float activations a quantizable node reads, or None if it is not quantized."""
-    if node.op in COMPUTE:
-        if node.op in ("Conv", "ConvTranspose", "Gemm"):
-            weight = node.inputs[1] if len(node.inputs) > 1 else None
-            if weight is None or constant_value(weight) is None or weight.name in overridable:
-                return None
-            if node.op == "Gemm" and node.attrs.get("transA", 0):
-                return None
-        indices = COMPUTE[node.op]
-    elif node.op in ELEMENTWISE:
-        indices = ELEMENTWISE[node.op]
-        if any(constant_value(node.inputs[i]) is not None for i in indices):
-            return None  # an Add of a bias stays float: quantizing the constant costs precision
-    elif node.op in POOLS:
-        indices = POOLS[node.op]
-    elif node.op == CONCAT:
-        indices = tuple(range(len(node.inputs)))
-        if any(constant_value(t) is not None for t in node.inputs):
-            return None
-    else:
-        return None
-    tensors = [node.inputs[i] for i in indices if i < len(node.inputs) and constant_value(node.inputs[i]) is None]
-    if not tensors or not all(_is_float(t) for t in [*tensors, *node.outputs[:1]]):
-        return None
-    return tensors
-
-
-def _is_float(tensor: gs.Tensor) -> bool:
-    return tensor.dtype is not None and np.dtype(tensor.dtype) == np.float32
-
-
-def _quantized_output(graph: gs.Graph, output: gs.Tensor) -> gs.Tensor:
-    """Where the output's QDQ goes: after a Relu/Clip that is its only reader (onnxruntime then
-    runs Conv+Relu as one int8 kernel)."""
-    readers = output.outputs
-    if len(readers) == 1 and readers[0].op in FUSED_ACTIVATIONS and output not in graph.outputs and readers[0].outputs[0] not in graph.outputs:
-        return readers[0].outputs[0]
-    return output  # a graph output keeps its float tensor (the interface): the pair goes before the activation
-
-
-def _tensors_of(nodes: list[gs.Node], plan: Plan, graph: gs.Graph) -> set[str]:
-    """The planned tensors that the chosen nodes read or write (a float node's own tensors go)."""
-    names: set[str] = set()
-    own = set(plan.tensors)
-    for node in nodes:
-        names.update(t.name for t in node.inputs if t.name in own)
-        names.add(_quantized_output(graph, node.outputs[0]).name)
-    names &= own
-    names.update(t for t, root in plan.shared.items() if root in names)
-    return names
-
-
-# ---------------------------------------------------------------------------------------------
-# graph surgery
-# ---------------------------------------------------------------------------------------------
-
-
-def insert_qdq(graph: gs.Graph, tensor: gs.Tensor, params: ActivationParams, main_nodes: set[int]) -> None:
-    """tensor -> QuantizeLinear -> DequantizeLinear -> every main-graph reader of tensor
-    (``main_nodes``: ids of the main graph's nodes; a subgraph reading the tensor keeps the float)."""
-    readers = [node for node in tensor.outputs if id(node) in main_nodes]
-    scale = gs.Constant(unique_name(graph, f"{tensor.name}_scale"), np.array(params.scale, dtype=np.float32))
-    zero_point = gs.Constant(unique_name(graph, f"{tensor.name}_zero_point"), params.zero_point)
-    quantized = gs.Variable(unique_name(graph, f"{tensor.name}_quantized"), dtype=params.dtype, shape=tensor.shape)
-    restored = gs.Variable(unique_name(graph, f"{tensor.name}_dequantized"), dtype=np.float32, shape=tensor.shape)
-    graph.nodes.append(gs.Node("QuantizeLinear", name=unique_name(graph, f"{tensor.name}_QuantizeLinear"), inputs=[tensor, scale, zero_point], outputs=[quantized]))
-    graph.nodes.append(gs.Node("DequantizeLinear", name=unique_name(graph, f"{tensor.name}_DequantizeLinear"), inputs=[quantized, scale, zero_point], outputs=[restored]))
-    for node in readers:
-        for index, value in enumerate(node.inputs):
-            if value is tensor:
-                node.inputs[index] = restored
-
-
-# onnxruntime (WeightBiasQuantization, 1.21 on) quantizes the float weight of these ops itself, to
-# per-tensor int8, when the activation comes from a DequantizeLinear and the output goes (through
-# Relu/Clip only) to a QuantizeLinear: such a node "kept float" between int8 neighbours would run int8.
-WEIGHTS_QUANTIZED_BY_ONNXRUNTIME = frozenset({"Conv", "ConvTranspose", "Gemm"})
-
-
-def keep_float_in_onnxruntime(node: gs.Node) -> None:
-    """Make a float ``node`` that onnxruntime would quantize itself (see
-    WEIGHTS_QUANTIZED_BY_ONNXRUNTIME) read its activation before the QuantizeLinear, not after the
-    DequantizeLinear. Its producer's output then has two readers, so the producer runs float too:
-    the float region grows by one node, which the guard and the speed timing measure."""
-    if node.op not in WEIGHTS_QUANTIZED_BY_ONNXRUNTIME or not node.inputs or not _path_to_quantize(node):
-        return
-    dequantize = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
-    if dequantize is None or dequantize.op != "DequantizeLinear" or not dequantize.inputs[0].inputs:
-        return
-    quantize = dequantize.inputs[0].inputs[0]
-    if quantize.op == "QuantizeLinear":
-        node.inputs[0] = quantize.inputs[0]
-
-
-def _path_to_quantize(node: gs.Node) -> bool:
-    """Whether ``node``'s output reaches a QuantizeLinear through single readers that are Relu/Clip."""
-    current = node
-    while len(current.outputs) == 1 and len(current.outputs[0].outputs) == 1:
-        current = current.outputs[0].outputs[0]
-        if current.op == "QuantizeLinear":
-            return True
-        if current.op not in FUSED_ACTIVATIONS:
-            return False
-    return False
-
-
-def _weight_axis(node: gs.Node, rank: int) -> int | None:
-    """The weight's axis of output units (per-channel scales run along it), from layers.py."""
-    kind = layer_kind(node.op)
-    return None if kind is None else kind.output_axis(node.attrs, 1, rank)
-
-
-def quantize_node_weights(graph: gs.Graph, node: gs.Node, params: dict[str, ActivationParams], weights: WeightScheme,
-                          scope: gs.Graph | None = None) -> None:
-    """Weight (input 1) to int8 behind a DequantizeLinear; bias to int32 when the input is quantized."""
-    scope = scope or graph
-    weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    if weight is None or weight.dtype != np.float32 or weight.ndim < 2:
-        return
-    axis = _weight_axis(node, weight.ndim) if weights.per_channel else None
-    if node.op == "ConvTranspose" and CONV_TRANSPOSE.groups(node.attrs) != 1:
-        axis = None  # per-channel scales follow output channels, which groups split across axis 1
-    quant = quantize_weight(weight, axis, weights.bound)
-    release_pages(weight)
-    node.inputs[1] = _dequantized(graph, scope, node.inputs[1].name, quant.values, quant.scale, quant.zero_point, axis)
-    if len(node.inputs) > 2 and node.op in ("Conv", "ConvTranspose", "Gemm"):
-        _quantize_bias(graph, scope, node, params, quant.scale, axis)
-
-
-def _quantize_bias(graph: gs.Graph, scope: gs.Graph, node: gs.Node, params: dict[str, ActivationParams], weight_scale: np.ndarray, axis: int | None) -> None:
-    bias = constant_value(node.inputs[2])
-    source = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
-    # the activation's scale: the DequantizeLinear just inserted in front of this node
-    if bias is None or bias.ndim != 1 or source is None or source.op != "DequantizeLinear":
-        return
-    if node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) != 1.0:
-        return
-    input_scale = constant_value(source.inputs[1])
-    if input_scale is None or input_scale.size != 1:
-        return
-    scales = weight_scale if axis is not None else np.full(bias.shape, weight_scale, dtype=np.float32)
-    if scales.shape != bias.shape:
-        return
-    values, scale = quantize_bias(bias, np.float32(input_scale.reshape(())), scales)
-    node.inputs[2] = _dequantized(graph, scope, node.inputs[2].name, values, scale, np.zeros(scale.shape, np.int32), 0)
-
-
-def _dequantized(graph: gs.Graph, scope: gs.Graph, base: str, values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None) -> gs.Variable:
-    quantized = gs.Constant(unique_name(graph, f"{base}_quantized"), values)
-    scale_tensor = gs.Constant(unique_name(graph, f"{base}_scale"), scale)
-    zero_tensor = gs.Constant(unique_name(graph, f"{base}_zero_point"), zero_point)
-    restored = gs.Variable(unique_name(graph, f"{base}_dequantized"), dtype=np.float32, shape=list(values.shape))
-    attrs = {"axis": axis} if axis is not None and scale.ndim == 1 else {}
-    scope.nodes.append(gs.Node("DequantizeLinear", name=unique_name(graph, f"{base}_DequantizeLinear"), attrs=attrs,
-                               inputs=[quantized, scale_tensor, zero_tensor], outputs=[restored]))
-    return restored
-
-
-def dynamic_lstm(graph: gs.Graph, scope: gs.Graph, node: gs.Node, weights: WeightScheme, overridable: set[str]) -> str:
-    """Replace an LSTM by onnxruntime's DynamicQuantizeLSTM: W and R int8 (symmetric, one scale per gate
-    unit and direction, or per direction), stored transposed as the kernel reads them ([directions,
-    inputs, 4 x hidden]). Returns why not, or ''."""
-    if int(node.attrs.get("layout", 0)) != 0:
-        return "batch-first layout (layout=1): DynamicQuantizeLSTM has no such attribute"
-    matrices = []
-    for tensor in node.inputs[1:3]:
-        value = constant_value(tensor)
-        if value is None or value.dtype != np.float32 or value.ndim != 3 or tensor.name in overridable:
-            return "W or R is not a constant float32 weight"
-        matrices.append(value)
-    new_inputs = [node.inputs[0]]
-    quantized = []
-    for value, role in zip(matrices, ("W", "R")):
-        directions, rows, columns = value.shape
-        if weights.per_channel:
-            quant = quantize_weight(value.reshape(directions * rows, columns), 0, weights.bound)
-            integers, scale = quant.values, quant.scale.reshape(directions, rows)
-        else:
-            parts = [quantize_weight(value[d], None, weights.bound) for d in range(directions)]
-            integers, scale = np.stack([p.values for p in parts]), np.array([float(p.scale) for p in parts], np.float32)
-        values = np.ascontiguousarray(integers.reshape(directions, rows, columns).transpose(0, 2, 1))
-        base = f"{node.name or node.outputs[0].name}_{role}"
-        new_inputs.append(stored_constant(unique_name(graph, f"{base}_quantized"), values, node.inputs[1]))
-        quantized.append((gs.Constant(unique_name(graph, f"{base}_scale"), np.asarray(scale, np.float32)),
-                          gs.Constant(unique_name(graph, f"{base}_zero_point"), np.zeros(np.shape(scale), np.int8))))
-    optional = list(node.inputs[3:8]) + [gs.Variable.empty()] * (8 - max(3, len(node.inputs)))
-    new_inputs += optional[:5]
-    for scale, zero in quantized:
-        new_inputs += [scale, zero]
-    attrs = {k: v for k, v in node.attrs.items() if k != "layout"}
-    replacement = gs.Node("DynamicQuantizeLSTM", name=unique_name(graph, f"{node.name or node.outputs[0].name}_int8"), attrs=attrs,
-                          inputs=new_inputs, outputs=list(node.outputs), domain=MICROSOFT_DOMAIN)
-    node.outputs.clear()
-    node.inputs.clear()
-    scope.nodes.append(replacement)
-    return ""
-
-
-def dynamic_matmul(graph: gs.Graph, node: gs.Node, weights: WeightScheme, overridable: set[str]) -> str:
-    """Replace MatMul/Gemm(x, W) by DynamicQuantizeLinear + MatMulInteger + scale multiply, the
-    pattern onnxruntime fuses into DynamicQuantizeMatMul. Returns why not, or ''."""
-    weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    if weight is None or weight.ndim != 2 or weight.dtype != np.float32 or node.inputs[1].name in overridable:
-        return "no constant 2-D float weight"
-    if constant_value(node.inputs[0]) is not None or not _is_float(node.inputs[0]):
-        return "the left operand is not a float activation"
-    bias = None
-    if node.op == "Gemm":
-        if node.attrs.get("transA", 0):
-            return "Gemm with transA"
-        weight = weight.T if node.attrs.get("transB", 0) else weight
-        alpha = float(node.attrs.get("alpha", 1.0))
-        if len(node.inputs) > 2:
-            bias = constant_value(node.inputs[2])
-            if bias is None:
-                return "Gemm bias is not a constant"
-            bias = (bias * float(node.attrs.get("beta", 1.0))).astype(np.float32)
-    else:
-        alpha = 1.0
-    quant = quantize_weight(weight, 1 if weights.per_channel else None, weights.bound)
-    release_pages(weight)  # read once: a store-held weight's pages need not stay in memory
-    weight_input = node.inputs[1]  # where the int8 weight is stored: the float one's store, if any (not held in memory)
-    base = node.name or node.outputs[0].name
-    x = node.inputs[0]
-    xq = gs.Variable(unique_name(graph, f"{base}_x_quantized"), dtype=np.uint8)
-    xs = gs.Variable(unique_name(graph, f"{base}_x_scale"), dtype=np.float32)
-    xz = gs.Variable(unique_name(graph, f"{base}_x_zero_point"), dtype=np.uint8)
-    accumulated = gs.Variable(unique_name(graph, f"{base}_int32"), dtype=np.int32)
-    as_float = gs.Variable(unique_name(graph, f"{base}_int32_float"), dtype=np.float32)
-    scale = gs.Variable(unique_name(graph, f"{base}_scale"), dtype=np.float32)
-    weight_scale = gs.Constant(unique_name(graph, f"{base}_weight_scale"), np.asarray(quant.scale * np.float32(alpha), dtype=np.float32))  # an array even per tensor
-    output = node.outputs[0]
-    scaled = output if bias is None else gs.Variable(unique_name(graph, f"{base}_unbiased"), dtype=np.float32)
-    new_nodes = [
-        gs.Node("DynamicQuantizeLinear", name=unique_name(graph, f"{base}_DynamicQuantizeLinear"), inputs=[x], outputs=[xq, xs, xz]),
-        gs.Node("MatMulInteger", name=unique_name(graph, f"{base}_MatMulInteger"),
-                inputs=[xq, stored_constant(unique_name(graph, f"{base}_weight_quantized"), quant.values, weight_input), xz,
-                        gs.Constant(unique_name(graph, f"{base}_weight_zero_point"), quant.zero_point)], outputs=[accumulated]),
-        gs.Node("Mul", name=unique_name(graph, f"{base}_scale_Mul"), inputs=[xs, weight_scale], outputs=[scale]),
-        gs.Node("Cast", name=unique_name(graph, f"{base}_Cast"), attrs={"to": onnx.TensorProto.FLOAT}, inputs=[accumulated], outputs=[as_float]),
-        gs.Node("Mul", name=unique_name(graph, f"{base}_output_Mul"), inputs=[as_float, scale], outputs=[scaled]),
-    ]
-    if bias is not None:
-        new_nodes.append(gs.Node("Add", name=unique_name(graph, f"{base}_bias_Add"),
-                                 inputs=[scaled, gs.Constant(unique_name(graph, f"{base}_bias"), bias)], outputs=[output]))
-    node.outputs.clear()
-    node.inputs.clear()
-    graph.nodes.extend(new_nodes)
-    return ""
