@@ -52,7 +52,7 @@ def pruning_pays_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """channel-prune keeps its input when the pruned model does not run faster in onnxruntime. On
     tiny test graphs and a shared CI machine that timing is noise, so tests pin the pruned model
     at half its input's time; the tests of the guard itself set their own figure."""
-    monkeypatch.setattr("onnxsparse.passes.channel_prune.relative_latency", lambda *args, **kwargs: 0.5)
+    monkeypatch.setattr("onnxsparse.passes.channel_prune.budget.relative_latency", lambda *args, **kwargs: 0.5)
 
 
 @pytest.fixture(autouse=True)

@@ -210,7 +210,7 @@ def test_by_default_channel_counts_stay_on_the_runtime_blocks_of_16_and_8():
 
 def test_a_pruned_model_that_runs_slower_than_its_input_is_not_kept(monkeypatch):
     model = infer_shapes(load(MODELS / "digits_sklearn_mlp.onnx"))
-    monkeypatch.setattr("onnxsparse.passes.channel_prune.relative_latency", lambda *args, **kwargs: 1.2)
+    monkeypatch.setattr("onnxsparse.passes.channel_prune.budget.relative_latency", lambda *args, **kwargs: 1.2)
     guarded = ChannelPrune(ratio=0.5).run(clone(model), PassContext())
     assert guarded.model.graph == model.graph and not guarded.changes
     assert guarded.figures["latency_ratio"] == 1.2 and "1.20x its input's time" in guarded.warnings[0]
@@ -304,7 +304,7 @@ def test_activation_importance_needs_calibration_and_shapes_must_be_inferable():
 
 
 def test_output_criterion_weighs_a_channel_by_what_its_consumers_make_of_it(rng, monkeypatch):
-    import onnxsparse.passes.channel_prune as channel_prune_module
+    import onnxsparse.passes.channel_prune.importance as channel_prune_module
 
     # hidden channel 0: a large filter whose consumer all but ignores it; channel 1: a small filter the consumer amplifies
     model = onnx.parser.parse_model("""
@@ -376,7 +376,7 @@ def test_a_latency_budget_leaves_whole_the_groups_whose_probe_ran_no_faster(monk
         hidden = _initializer(candidate, "mlp.0.bias").shape[0]
         return 1.0 if hidden < 64 else count_macs(candidate) / count_macs(reference)
 
-    monkeypatch.setattr("onnxsparse.passes.channel_prune.relative_latency", fake_latency)
+    monkeypatch.setattr("onnxsparse.passes.channel_prune.budget.relative_latency", fake_latency)
     result = _prune(model, PassContext(calibration=calibration), ratio=0.2, scope="sensitivity", budget="latency", round_to=1)
     scan = {entry["channels"]: entry for entry in result.figures["sensitivity"].values()}
     assert scan[64]["removed"] == 0 and scan[64]["time_saved_at_ratio"] <= 0
@@ -390,7 +390,7 @@ def test_a_latency_budget_fits_its_probes_and_plans_the_share_of_time_asked_for(
     """A stand-in timer with a fixed overhead: time = 0.2 + 0.8 x MACs share. 30% of the time is then
     37.5% of the MACs, which the fitted model must find (a MACs budget of 30% would stop short)."""
     model, _, calibration = bundled("digits_cnn")
-    monkeypatch.setattr("onnxsparse.passes.channel_prune.relative_latency",
+    monkeypatch.setattr("onnxsparse.passes.channel_prune.budget.relative_latency",
                         lambda reference, candidate, feed, **kwargs: 0.2 + 0.8 * count_macs(candidate) / count_macs(reference))
     result = _prune(model, PassContext(calibration=calibration), ratio=0.3, scope="sensitivity", budget="latency", round_to=1)
     assert len(result.figures["sensitivity"]) >= 3 and result.figures["latency_model"]["r2"] > 0.99
@@ -400,7 +400,7 @@ def test_a_latency_budget_fits_its_probes_and_plans_the_share_of_time_asked_for(
 
 
 def test_probe_timings_are_smoothed_by_a_fit_on_the_work_each_probe_saved_and_a_slower_probe_stays_closed():
-    from onnxsparse.passes.channel_prune import TimeSaved
+    from onnxsparse.passes.channel_prune.budget import TimeSaved
 
     model = infer_shapes(load(MODELS / "digits_transformer.onnx"))
     measure = TimeSaved(model, {})
@@ -484,18 +484,19 @@ def test_a_group_whose_compensated_costs_soar_past_the_probe_gives_up_fewer_chan
     """Two groups drift alike at their probe (4 of 8 units) and save alike per unit; one's removal costs
     stay flat to the end (its channels duplicate each other), the other's soar once 4 are gone. The
     quadratic model would split the goal evenly; the cost curves send it to the redundant group."""
-    from onnxsparse.passes.channel_prune import Group, _allocate, _damage_shape
+    from onnxsparse.passes.channel_prune.budget import allocate, damage_shape
+    from onnxsparse.passes.channel_prune.groups import Group
 
     redundant, exhausted = Group([]), Group([])
     redundant.removal_costs = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8], dtype=float)
     exhausted.removal_costs = np.array([0, 1, 2, 3, 4, 40, 400, 4000, 40000], dtype=float)
-    shapes = {0: _damage_shape(redundant, 8, 4), 1: _damage_shape(exhausted, 8, 4)}
+    shapes = {0: damage_shape(redundant, 8, 4), 1: damage_shape(exhausted, 8, 4)}
     assert shapes[0][4] == shapes[1][4] == 1.0  # each measured drift stands at the probe
-    taken = _allocate({0: 0.1, 1: 0.1}, shapes, {}, {0: 7, 1: 7}, goal=11)
+    taken = allocate({0: 0.1, 1: 0.1}, shapes, {}, {0: 7, 1: 7}, goal=11)
     assert taken == {0: 7, 1: 4}
-    quadratic = {i: _damage_shape(Group([]), 8, 4) for i in (0, 1)}
+    quadratic = {i: damage_shape(Group([]), 8, 4) for i in (0, 1)}
     np.testing.assert_allclose(quadratic[0], (np.arange(9) / 4) ** 2)
-    assert sorted(_allocate({0: 0.1, 1: 0.1}, quadratic, {}, {0: 7, 1: 7}, goal=11).values()) == [5, 6]
+    assert sorted(allocate({0: 0.1, 1: 0.1}, quadratic, {}, {0: 7, 1: 7}, goal=11).values()) == [5, 6]
 
 
 def test_a_reconstruction_probe_lets_the_readers_make_up_for_a_duplicated_channel(rng):
@@ -566,7 +567,8 @@ def test_refit_targets_come_from_few_runs_of_the_original_and_inputs_from_kept_v
 
 @pytest.mark.parametrize(("timings", "saved"), [((1.05, 0.90), 0.10), ((1.05, 1.04), -0.04), ((0.80,), 0.20)])
 def test_a_probe_timed_no_faster_is_timed_again_longer_before_it_closes_its_group(monkeypatch, timings, saved):
-    from onnxsparse.passes.channel_prune import RETIME_RUNS, TimeSaved
+    from onnxsparse.latency import RETIME_RUNS
+    from onnxsparse.passes.channel_prune.budget import TimeSaved
 
     model = infer_shapes(load(MODELS / "digits_transformer.onnx"))
     calls = []
@@ -575,7 +577,7 @@ def test_a_probe_timed_no_faster_is_timed_again_longer_before_it_closes_its_grou
         calls.append(kwargs.get("min_runs"))
         return timings[len(calls) - 1]
 
-    monkeypatch.setattr("onnxsparse.passes.channel_prune.relative_latency", timer)
+    monkeypatch.setattr("onnxsparse.passes.channel_prune.budget.relative_latency", timer)
     assert TimeSaved(model, {})(model) == pytest.approx(saved)
     assert calls == [None, RETIME_RUNS][: len(timings)]
 
@@ -585,7 +587,7 @@ def test_a_sensitivity_probe_is_compensated_on_other_samples_than_those_that_jud
     the very samples that judge the probe, it reproduces them and the probe looks harmless; fit on the
     others, the probe shows what the removal costs on data it has not seen."""
     from onnxsparse.calibration import IterableInputs
-    from onnxsparse.passes import channel_prune
+    from onnxsparse.passes.channel_prune import prune as channel_prune
 
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
@@ -601,7 +603,7 @@ def test_a_sensitivity_probe_is_compensated_on_other_samples_than_those_that_jud
     drift = {}
     for fitting in ("others", "the judged too"):
         if fitting == "the judged too":
-            monkeypatch.setattr(channel_prune, "_fitting_samples", lambda calibration, model: calibration)
+            monkeypatch.setattr(channel_prune, "fitting_samples", lambda calibration, model: calibration)
         result = _prune(model, PassContext(calibration=calibration), ratio=0.5, scope="sensitivity", criterion="reconstruction",
                         round_to=1, never_slower=False)
         (entry,) = result.figures["sensitivity"].values()

@@ -486,7 +486,7 @@ def test_a_slower_step_under_policy_raise_is_rolled_back_not_raised(monkeypatch)
 
 
 def test_a_pass_that_keeps_its_input_because_its_result_ran_slower_is_worse_not_no_change(monkeypatch):
-    monkeypatch.setattr("onnxsparse.passes.channel_prune.relative_latency", lambda *args, **kwargs: 1.25)
+    monkeypatch.setattr("onnxsparse.passes.channel_prune.budget.relative_latency", lambda *args, **kwargs: 1.25)
     _, report = PassManager(parse_pipeline("channel-prune{ratio=0.5}"), inputs=IterableInputs([{"input": _digits("inputs")}])).run(
         load(MODELS / "digits_cnn.onnx"))
     assert report.steps[0].status == "worse" and "took 1.25x its input's time" in report.steps[0].reason

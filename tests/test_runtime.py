@@ -94,7 +94,7 @@ def test_the_readme_main_job_loads_each_model_version_once_and_exports_each_once
 
     # the real timings (conftest pins them elsewhere): their sessions are counted too
     monkeypatch.setattr("onnxsparse.pipeline.relative_latency", latency.relative_latency)
-    monkeypatch.setattr("onnxsparse.passes.channel_prune.relative_latency", latency.relative_latency)
+    monkeypatch.setattr("onnxsparse.passes.channel_prune.budget.relative_latency", latency.relative_latency)
     monkeypatch.setattr(ort, "InferenceSession", counted_session)
     monkeypatch.setattr(gs, "export_onnx", counted_export)
     report = optimize(MODELS / "digits_cnn.onnx", output,

@@ -1,8 +1,7 @@
-"""``channel-prune``: remove whole channels and everything that depends on them, so the model shrinks."""
+"""The ``channel-prune`` pass: remove whole channels and everything that depends on them, so the model shrinks."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -11,145 +10,24 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..activations import collect_channel_grams, collect_channel_stats, tensor_values
-from ..calibration import InputSource, SyntheticInputs
-from ..channels import Analysis, ConsumerUse, Producer, analyze, apply_plan
-from ..errors import RequirementError
-from ..graph import constant_value, from_gs, overridable_initializers, to_gs, unique_name
-from ..inspect_model import count_macs, count_work, summarize
-from ..latency import RETIME_RUNS, RETIME_SECONDS, relative_latency, timing_feed
-from ..layerwise import ReadingLayer, add_output_shift, compensated_removal, greedy_removal_costs
-from ..limits import CALIBRATION_SAMPLES
-from ..refit import layers_from, refit_layers
-from ..runtime import Runtime
-from ..validation import EXACT, DriftProbe, Tolerance
-from ..weights import matches
-from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
-
-log = logging.getLogger(__name__)
+from ...channels import Analysis, analyze, apply_plan
+from ...errors import RequirementError
+from ...graph import from_gs, overridable_initializers, to_gs
+from ...inspect_model import count_macs
+from ...latency import timing_feed
+from ...layerwise import add_output_shift
+from ...limits import CALIBRATION_SAMPLES
+from ...validation import EXACT, DriftProbe, Tolerance
+from ...weights import matches
+from ..base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
+from .budget import BudgetMeasure, TimeSaved, allocate, damage_shape, latency_ratio, macs_saved
+from .edit import compensated_readers, pruned_copy, refit_consumers, reinfer, size_figures
+from .exact import consumer_constants, fold_constant, why_not_exact
+from .groups import Group, Plan, Unit, unit_label
+from .importance import activation_importance, batchnorm_scale, fitting_samples, reconstruction_importance
 
 # Times a sensitivity plan is measured whole and re-aimed at its budget (each costs one shape inference).
 PLAN_ADJUSTMENTS = 4
-# A probe timed no faster than its input is timed again (latency.RETIME_RUNS and RETIME_SECONDS).
-# Reader inputs up to which criterion=reconstruction runs its greedy OBS order (each removal updates an n x n inverse).
-GREEDY_WIDTH = 4096
-
-
-@dataclass
-class Unit:
-    """Root channels removed together (one channel of every coupled tensor)."""
-
-    members: list[int]
-    group: int
-    importance: float = 0.0
-    pinned: str = ""
-
-
-@dataclass
-class BudgetMeasure:
-    """A budget other than channels: its total for the input model, and what a pruned copy saves of it."""
-
-    total: float
-    saved_by: Callable[[onnx.ModelProto], float | None]  # None: not known (shapes not inferred)
-
-    def __call__(self, trial: onnx.ModelProto) -> float:
-        """What a probe saves; an unknown saving counts as none, which leaves the group whole."""
-        return self.saved_by(trial) or 0.0
-
-    def settle(self, saved: dict[int, float]) -> dict[int, float]:
-        """The savings to plan with, given every probe's (keyed in the order they were measured)."""
-        return saved
-
-    def predict(self, plan: onnx.ModelProto) -> float | None:
-        """What a whole plan saves (None: not known without timing it)."""
-        return self.saved_by(plan)
-
-
-class TimeSaved(BudgetMeasure):
-    """The share of the input's onnxruntime time a pruned copy saves (one thread, interleaved runs).
-
-    One timing on a shared machine is off by a few percent, as much as a small group saves, so the
-    allocation uses a fit over all probes instead (a whole plan is timed): time saved = a x MACs
-    saved + b x activation elements saved (a, b >= 0; the second is what depthwise convs and
-    activations pay for). A probe that ran no faster than its input keeps its measured figure (a
-    block cut off onnxruntime's channel blocks can run slower), which closes its group."""
-
-    def __init__(self, model: onnx.ModelProto, feed: dict[str, np.ndarray], runtime: Runtime | None = None) -> None:
-        super().__init__(1.0, self._time)
-        self.model, self.feed, self.runtime = model, feed, runtime
-        self.work = count_work(model)
-        self.measured: list[tuple[float, float, float]] = []  # (time, MACs, elements) saved, per probe
-        self.fit: tuple[float, float, float] | None = None  # per MAC, per element, R²
-
-    def _time(self, trial: onnx.ModelProto) -> float:
-        saved = 1.0 - relative_latency(self.model, trial, self.feed, runtime=self.runtime, keep_candidate=False)
-        if saved <= 0:  # closes the group: make sure with a longer timing (a busy core made 3 of 25 MobileNetV2 probes "slower")
-            saved = 1.0 - relative_latency(self.model, trial, self.feed, min_runs=RETIME_RUNS, min_seconds=RETIME_SECONDS, runtime=self.runtime,
-                                           keep_candidate=False)
-        work = count_work(trial)
-        if self.work is not None and work is not None:
-            self.measured.append((saved, self.work.macs - work.macs, self.work.activation_elements - work.activation_elements))
-        return saved
-
-    def settle(self, saved: dict[int, float]) -> dict[int, float]:
-        if len(self.measured) != len(saved) or len(saved) < 3:
-            return saved
-        times, features = np.array([m[0] for m in self.measured]), np.array([m[1:] for m in self.measured], dtype=np.float64)
-        scale = np.maximum(features.max(axis=0), 1.0)
-        import scipy.optimize  # here, not at the top: 0.3 s and 40 MB that every command would pay for one fit
-
-        coefficients, _ = scipy.optimize.nnls(features / scale, times)
-        fitted = (features / scale) @ coefficients
-        residual = float(np.sum((times - fitted) ** 2))
-        spread = float(np.sum((times - times.mean()) ** 2)) or 1.0
-        self.fit = (*(coefficients / scale), 1.0 - residual / spread)
-        return {key: (value if value <= 0 else float(model)) for (key, value), model in zip(saved.items(), fitted)}
-
-    def predict(self, plan: onnx.ModelProto) -> float | None:
-        """A whole plan's saving, timed rather than read off the fit: it is a large share of the time,
-        well above one timing's noise, while the fit of small probes on a busy machine can be poor
-        (MobileNetV2, R² 0.12: a plan for 50% of the time ran in 0.29x)."""
-        return 1.0 - relative_latency(self.model, plan, self.feed, runtime=self.runtime, keep_candidate=False)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Channels per group for one budget goal; ``achieved``: what the whole plan saves, when known."""
-
-    taken: dict[int, int]
-    chosen: list[Unit]
-    achieved: float | None
-    at_caps: bool
-
-
-@dataclass
-class Reader:
-    """A layer that reads a group's channels, as criterion=reconstruction costs it: what a sensitivity
-    probe needs to make up for a removal in its weights, as the refit will after the real one."""
-
-    output: str  # the node's first output (nodes may be unnamed)
-    weight_index: int
-    axis: int
-    weight_shape: tuple[int, ...]
-    alpha: float  # a Gemm's alpha: the bias shift is in output units
-    layer: ReadingLayer
-
-
-@dataclass
-class Group:
-    """Producers whose channels are coupled, and their units."""
-
-    producers: list[Producer]
-    units: list[Unit] = field(default_factory=list)
-    # criterion=reconstruction: what removing the k cheapest free units costs the reading layers after
-    # compensation, k = 0..free (rises faster than k² where the group runs out of redundant channels)
-    removal_costs: np.ndarray | None = None
-    readers: list[Reader] = field(default_factory=list)  # criterion=reconstruction: the layers costed
-    slots: dict[int, int] = field(default_factory=dict)  # id(unit) -> its row in the readers' positions
-
-    @property
-    def label(self) -> str:
-        return ", ".join(p.node.name or p.node.outputs[0].name for p in self.producers)
 
 
 @register
@@ -218,7 +96,7 @@ class ChannelPrune(Pass):
         if self.refit_strength != "auto" and not self.refit_strength >= 0:
             raise ValueError(f"refit_strength {self.refit_strength} must be >= 0")
 
-    preserves = frozenset({Requirement.SHAPES})  # its result's shapes are inferred again (_reinfer)
+    preserves = frozenset({Requirement.SHAPES})  # its result's shapes are inferred again (reinfer)
 
     def needs(self) -> frozenset[Requirement]:
         needs = {Requirement.SHAPES}
@@ -256,7 +134,7 @@ class ChannelPrune(Pass):
         apply_plan(graph, analysis, removed)
         self._apply_shifts(graph, analysis, removed, shifts)
         graph.cleanup().toposort()
-        pruned = _reinfer(from_gs(graph, like=model))
+        pruned = reinfer(from_gs(graph, like=model))
         if self.never_slower and not self._faster(model, pruned, context, result):
             return result
         self._report_groups(groups, removed, analysis, result)
@@ -265,13 +143,13 @@ class ChannelPrune(Pass):
             pruned = refit_consumers(model, pruned, analysis, removed, context, self.calibration_samples, result, self.refit_strength,
                                      downstream=self.refit_scope == "downstream")
         result.model = pruned
-        result.figures.update(_size_figures(model, pruned, macs_before))
+        result.figures.update(size_figures(model, pruned, macs_before))
         result.figures["channels_removed"] = int(sum(len(u.members) for u in chosen))
         return result
 
     def _faster(self, model: onnx.ModelProto, pruned: onnx.ModelProto, context: PassContext, result: PassResult) -> bool:
         """Whether ``pruned`` runs faster than ``model``; if not, say so in ``result`` (which keeps the input)."""
-        ratio = relative_latency(model, pruned, timing_feed(model, context.timing_inputs()), runtime=context.runtime, decide_at=(1.0,))
+        ratio = latency_ratio(model, pruned, timing_feed(model, context.timing_inputs()), context.runtime)
         result.figures["latency_ratio"] = round(ratio, 3)
         if ratio < 1.0:
             return True
@@ -328,23 +206,23 @@ class ChannelPrune(Pass):
         if self.criterion == "reconstruction":
             # A sensitivity probe's compensation must not be fit on the samples that judge it: a reader
             # with more inputs than samples (a classifier, one row per image) would make up for anything.
-            fitting = _fitting_samples(context.calibration, model) if self.scope == "sensitivity" and context.calibration else None
-            _reconstruction_importance(model, analysis, groups, fitting or context.calibration, self.calibration_samples,
+            fitting = fitting_samples(context.calibration, model) if self.scope == "sensitivity" and context.calibration else None
+            reconstruction_importance(model, analysis, groups, fitting or context.calibration, self.calibration_samples,
                                        compensate=fitting is not None)
 
     def _root_importance(self, model: onnx.ModelProto, analysis: Analysis, context: PassContext) -> np.ndarray:
         importance = np.full(len(analysis.parent), np.nan)
         if self.criterion == "reconstruction":
-            order = 1  # the filter norm stands for groups that no layer reads (see _reconstruction_importance)
+            order = 1  # the filter norm stands for groups that no layer reads (see reconstruction_importance)
         elif self.criterion in ("activation", "output"):
-            return _activation_importance(model, analysis, context, self.calibration_samples, importance, through_consumers=self.criterion == "output")
+            return activation_importance(model, analysis, context, self.calibration_samples, importance, through_consumers=self.criterion == "output")
         else:
             order = 1 if self.criterion == "l1" else 2
         for producer in analysis.producers:
             moved = np.moveaxis(producer.weight.astype(np.float64), producer.out_axis, 0).reshape(producer.channels, -1)
             norms = np.linalg.norm(moved, ord=order, axis=1)
             if self.bn_scale:
-                norms = norms * _batchnorm_scale(producer)
+                norms = norms * batchnorm_scale(producer)
             importance[producer.roots] = norms
         return importance
 
@@ -415,11 +293,11 @@ class ChannelPrune(Pass):
     def _plan(self, model: onnx.ModelProto, groups: list[Group], free: dict[int, list[Unit]], damage: dict[int, float],
               probes: dict[int, int], saving: dict[int, float], caps: dict[int, int], goal: float, measure: BudgetMeasure | None) -> Plan:
         """The allocation for ``goal``, rounded per group, with what the whole of it saves when that is known."""
-        shapes = {i: _damage_shape(groups[i], len(free[i]), probes[i]) for i in damage}
-        taken = _allocate(damage, shapes, saving, caps, goal)
+        shapes = {i: damage_shape(groups[i], len(free[i]), probes[i]) for i in damage}
+        taken = allocate(damage, shapes, saving, caps, goal)
         taken = {i: self._removable(len(groups[i].units), len(free[i]), count) for i, count in taken.items()}
         chosen = [unit for i, count in taken.items() for unit in free[i][:count]]
-        achieved = measure.predict(_pruned_copy(model, [m for u in chosen for m in u.members])) if measure is not None and chosen else None
+        achieved = measure.predict(pruned_copy(model, [m for u in chosen for m in u.members])) if measure is not None and chosen else None
         return Plan(taken, chosen, achieved, at_caps=all(taken[i] >= caps[i] for i in damage))
 
     def _report_plan(self, plan: Plan, wanted: float, measure: BudgetMeasure | None, result: PassResult) -> None:
@@ -449,7 +327,7 @@ class ChannelPrune(Pass):
             if probes[i] == 0:
                 continue
             removed = units[: probes[i]]
-            trial = _pruned_copy(model, [m for u in removed for m in u.members], _compensations(groups[i], removed))
+            trial = pruned_copy(model, [m for u in removed for m in u.members], compensated_readers(groups[i], removed))
             damage[i] = probe.drift(trial)
             if measure is not None:
                 saved[i] = measure(trial)
@@ -476,7 +354,7 @@ class ChannelPrune(Pass):
             total_macs = count_macs(model)
             if not total_macs:
                 raise RequirementError("channel-prune{budget=macs} needs the model's MACs, and its shapes cannot be inferred")
-            return BudgetMeasure(float(total_macs), lambda trial: _macs_saved(total_macs, trial))
+            return BudgetMeasure(float(total_macs), lambda trial: macs_saved(total_macs, trial))
         if self.budget == "latency":
             return TimeSaved(model, timing_feed(model, context.timing_inputs()), context.runtime)
         return None
@@ -517,16 +395,16 @@ class ChannelPrune(Pass):
         dead_roots = np.zeros(len(analysis.parent), dtype=bool)
         for unit in candidates:
             dead_roots[unit.members] = True
-        constants = _consumer_constants(model, analysis, dead_roots)
+        constants = consumer_constants(model, analysis, dead_roots)
         chosen = []
         for unit in candidates:
-            reason = _why_not_exact(unit, analysis, constants)
+            reason = why_not_exact(unit, analysis, constants)
             if reason:
-                result.skipped.append(Skip(f"channel of {_unit_label(unit, analysis)}", reason))
+                result.skipped.append(Skip(f"channel of {unit_label(unit, analysis)}", reason))
                 continue
             chosen.append(unit)
             for use, values, _ in constants.values():
-                _fold_constant(use, values, unit, shifts)
+                fold_constant(use, values, unit, shifts)
         return chosen
 
     def _apply_shifts(self, graph: gs.Graph, analysis: Analysis, removed: np.ndarray, shifts: dict[int, tuple[gs.Node, np.ndarray]]) -> None:
@@ -572,11 +450,6 @@ class ChannelPrune(Pass):
                 f"{step} (round_to) and at least {self.min_channels} (min_channels), leaves none to remove; try round_to=1 or a larger ratio")
 
 
-# ---------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------
-
-
 def _why_no_layer(graph: gs.Graph) -> str:
     """Why the analysis found no channels to remove at all: where the model's weight layers are, if anywhere."""
     layers = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -585,293 +458,3 @@ def _why_no_layer(graph: gs.Graph) -> str:
         return (f"no Conv/Gemm/MatMul with a constant weight in the main graph; {nested} such layer(s) sit inside If/Loop/Scan "
                 "subgraphs, which channel removal does not reach")
     return "no Conv/Gemm/MatMul with a constant weight: no channels to remove"
-
-
-def _macs_saved(total_macs: int, trial: onnx.ModelProto) -> float | None:
-    macs = count_macs(trial)
-    return None if macs is None else float(total_macs - macs)
-
-
-def _damage_shape(group: Group, free: int, probe: int) -> np.ndarray:
-    """How a group's damage grows with the units removed, k = 0..free, as a multiple of the damage its
-    probe measured: the compensated removal costs where criterion=reconstruction gave them, else (k / probe)²."""
-    costs = group.removal_costs
-    if costs is not None and len(costs) == free + 1 and 0 < probe <= free and costs[probe] > 0:
-        return costs / costs[probe]
-    return np.square(np.arange(free + 1) / max(probe, 1))
-
-
-def _allocate(damage: dict[int, float], shapes: dict[int, np.ndarray], saving: dict[int, float], caps: dict[int, int], goal: float) -> dict[int, int]:
-    """Channels per group, one at a time where the marginal damage per unit of budget is lowest,
-    until ``goal`` is spent or every group is at its cap. Group i's damage at k units removed is
-    damage_i x shapes_i[k] (see :func:`_damage_shape`)."""
-    taken = {i: 0 for i in caps}
-
-    def marginal(i: int) -> float:  # what the next unit of group i adds to the damage, per unit of budget
-        shape = shapes[i]
-        step = shape[taken[i] + 1] - shape[taken[i]] if taken[i] + 1 < len(shape) else np.inf
-        return damage[i] * step / saving.get(i, 1.0)
-
-    spent = 0.0
-    while spent < goal:
-        open_groups = [i for i in damage if taken[i] < caps[i]]
-        if not open_groups:
-            break
-        cheapest = min(open_groups, key=marginal)
-        taken[cheapest] += 1
-        spent += saving.get(cheapest, 1.0)
-    return taken
-
-
-def _pruned_copy(model: onnx.ModelProto, roots: list[int], compensations: Mapping[str, Compensation] | None = None) -> onnx.ModelProto:
-    """The model with the given root channels removed (analysed afresh: edits hold graph nodes), the
-    readers named in ``compensations`` (by first output) given their compensated weights first."""
-    graph = to_gs(model)
-    for node in list(graph.nodes):  # a MatMul's shift appends an Add
-        if node.outputs and node.outputs[0].name in (compensations or {}):
-            index, weight, shift = compensations[node.outputs[0].name]  # type: ignore[index]
-            dtype = constant_value(node.inputs[index]).dtype  # type: ignore[union-attr]
-            node.inputs[index] = gs.Constant(unique_name(graph, f"{node.inputs[index].name}_compensated"), weight.astype(dtype))
-            add_output_shift(graph, node, shift)
-    if compensations:
-        graph.toposort()  # the analysis walks nodes in order
-    analysis = analyze(graph, overridable_initializers(model))
-    removed = np.zeros(len(analysis.parent), dtype=bool)
-    removed[roots] = True
-    apply_plan(graph, analysis, removed)
-    graph.cleanup().toposort()
-    return from_gs(graph, like=model)
-
-
-# A reader's weight index, its compensated weight and the shift of its output.
-Compensation = tuple[int, np.ndarray, np.ndarray]
-
-
-def _compensations(group: Group, removed: list[Unit]) -> dict[str, Compensation]:
-    """For each layer reading ``group``, keyed by its first output: its weight with ``removed`` taken
-    out of its input and made up for by the other inputs (:func:`compensated_removal`), still holding the
-    removed positions (zero), and what the constant input's column adds to its output."""
-    slots = [group.slots[id(unit)] for unit in removed if id(unit) in group.slots]
-    compensations = {}
-    for reader in group.readers:
-        positions = reader.layer.positions[slots]
-        positions = positions[positions >= 0]
-        if not positions.size:
-            continue
-        weight = compensated_removal(reader.layer, positions)  # [rows, inputs + 1]
-        shape = reader.weight_shape
-        moved = (shape[reader.axis], *(d for a, d in enumerate(shape) if a != reader.axis))
-        restored = np.moveaxis(weight[:, :-1].T.reshape(moved), 0, reader.axis)
-        outputs = shape[0] if len(shape) > 2 else weight.shape[0]  # a conv's rows are (output, tap) pairs
-        if weight.shape[0] % outputs:
-            continue
-        shift = reader.alpha * weight[:, -1].reshape(outputs, -1).sum(axis=1)
-        compensations[reader.output] = (reader.weight_index, restored, shift)
-    return compensations
-
-
-def _unit_label(unit: Unit, analysis: Analysis) -> str:
-    producer = analysis.producer_of(unit.members[0])
-    return f"{producer.node.name}[{unit.members[0] - producer.base}]" if producer else str(unit.members[0])
-
-
-def _batchnorm_scale(producer: Producer) -> np.ndarray:
-    """|gamma| / sqrt(var + eps) of a BatchNormalization reading only this producer's output."""
-    readers = producer.node.outputs[0].outputs
-    if len(readers) == 1 and readers[0].op == "BatchNormalization":
-        bn = readers[0]
-        gamma, var = constant_value(bn.inputs[1]), constant_value(bn.inputs[4])
-        if gamma is not None and var is not None:
-            return np.abs(gamma) / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
-    return np.ones(producer.channels)
-
-
-def _activation_importance(model: onnx.ModelProto, analysis: Analysis, context: PassContext, samples: int, importance: np.ndarray,
-                          *, through_consumers: bool) -> np.ndarray:
-    """Mean |activation| of each root where consumers read it (averaged over its positions); or,
-    ``through_consumers``, the output energy it feeds them: mean(a²) x |W[:, c]|² summed over consumers
-    (what removing it costs the next layers before any refit, if channels were uncorrelated)."""
-    if context.calibration is None:
-        raise RequirementError(f"channel-prune{{criterion={'output' if through_consumers else 'activation'}}} needs calibration data")
-    axes = {use.tensor.name: _axis_of(analysis, use) for use in analysis.consumers}
-    stats = collect_channel_stats(model, context.calibration, axes, limit=samples, label="channel importance")
-    total = np.zeros(len(analysis.parent))
-    count = np.zeros(len(analysis.parent))
-    for use in analysis.consumers:
-        channel = stats[use.tensor.name]
-        if through_consumers:
-            weight = constant_value(use.node.inputs[use.weight_index])
-            weight = np.moveaxis(np.asarray(weight, dtype=np.float64), use.axis, 0).reshape(len(use.roots), -1)
-            np.add.at(total, use.roots, channel.mean_square * np.square(weight).sum(axis=1))
-        else:
-            np.add.at(total, use.roots, channel.mean_abs)
-        np.add.at(count, use.roots, 1)
-    seen = count > 0
-    importance[seen] = total[seen] if through_consumers else total[seen] / count[seen]
-    return importance
-
-
-def _fitting_samples(calibration: InputSource, model: onnx.ModelProto) -> InputSource | None:
-    """The calibration samples but those a :class:`DriftProbe` of ``model`` judges by; None unless as
-    many are left (the probes then go uncompensated)."""
-    others = DriftProbe.not_judged(calibration, model)
-    return others if others.total >= DriftProbe.SAMPLES else None
-
-
-def _reconstruction_importance(model: onnx.ModelProto, analysis: Analysis, groups: list[Group], source: InputSource | None, samples: int,
-                               *, compensate: bool = False) -> None:
-    """Each free unit's cumulative cost along its group's greedy OBS removal order (see
-    :func:`greedy_removal_costs`), over the layers that read the group (the analysis records only
-    channel-mixing readers: a depthwise conv passes its channels on to the pointwise conv that reads
-    them, which is costed). Pinned units stay in every Gram as compensators. A reader wider than
-    ``GREEDY_WIDTH`` inputs is costed without compensation (its input variance x |W|²), which the
-    greedy updates would make cubic; a group no layer reads keeps its filter norm. ``compensate``
-    keeps each group's readers, for sensitivity probes to make up for their removal with."""
-    if source is None:
-        raise RequirementError("channel-prune{criterion=reconstruction} needs calibration data: pass --calibration")
-    axes = {use.tensor.name: _axis_of(analysis, use) for use in analysis.consumers}
-    grams = collect_channel_grams(model, source, axes, limit=samples, label="channel Grams")
-    for group in groups:
-        free = [unit for unit in group.units if not unit.pinned]
-        unit_of = {root: index for index, unit in enumerate(free) for root in unit.members}
-        layers = [(use, layer) for use in analysis.consumers
-                  if (layer := _reading_layer(use, unit_of, grams.get(use.tensor.name), len(free))) is not None]
-        if not free or not layers:
-            continue
-        if max(len(layer.gram) for _, layer in layers) > GREEDY_WIDTH:
-            costs = np.sum([_uncompensated_costs(layer) for _, layer in layers], axis=0)
-            group.removal_costs = np.concatenate([[0.0], np.cumsum(np.sort(costs))])
-        else:
-            costs = greedy_removal_costs([layer for _, layer in layers], len(free))  # cumulative along the greedy order
-            group.removal_costs = np.concatenate([[0.0], np.sort(costs)])
-            if compensate:  # keep what a sensitivity probe needs to make up for its removal
-                group.readers = [reader for use, layer in layers if (reader := _reader(use, layer)) is not None]
-                group.slots = {id(unit): index for index, unit in enumerate(free)}
-        for unit, cost in zip(free, costs):
-            unit.importance = float(cost)
-
-
-def _reader(use: ConsumerUse, layer: ReadingLayer) -> Reader | None:
-    """How to compensate in ``use``'s weights; None for layers whose output axis the shift would miss
-    (ConvTranspose, a batched MatMul weight)."""
-    node = use.node
-    alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
-    weight = constant_value(node.inputs[use.weight_index])
-    if node.op not in ("Conv", "Gemm", "MatMul") or weight is None or (node.op != "Conv" and weight.ndim != 2):
-        return None
-    return Reader(node.outputs[0].name, use.weight_index, use.axis, tuple(weight.shape), alpha, layer)  # type: ignore[union-attr]
-
-
-def _uncompensated_costs(layer: ReadingLayer) -> np.ndarray:
-    """Per unit, what its positions carry through the layer when nothing stands in: var(a_p) x |W[:, p]|²."""
-    variance = np.maximum(np.diag(layer.gram)[:-1] - np.square(layer.gram[-1, :-1]), 0.0)
-    per_position = variance * np.square(layer.weight[:, :-1]).sum(axis=0)
-    held = layer.positions >= 0
-    return np.where(held, per_position[np.where(held, layer.positions, 0)], 0.0).sum(axis=1)
-
-
-def _reading_layer(use: ConsumerUse, unit_of: dict[int, int], gram: np.ndarray | None, units: int) -> ReadingLayer | None:
-    """The layer ``use`` as a :class:`ReadingLayer` over the free units it reads; None if it reads none."""
-    index = np.array([unit_of.get(int(root), -1) for root in use.roots])
-    weight = constant_value(use.node.inputs[use.weight_index])
-    if (index < 0).all() or weight is None or gram is None or len(gram) != len(index) + 1:
-        return None
-    matrix = np.moveaxis(np.asarray(weight, dtype=np.float64), use.axis, 0).reshape(len(index), -1).T  # [rows, inputs]
-    slots = max(int(np.bincount(index[index >= 0]).max()), 1)
-    positions = np.full((units, slots), -1, dtype=np.int64)
-    filled = np.zeros(units, dtype=np.int64)
-    for position, unit in enumerate(index.tolist()):
-        if unit >= 0:
-            positions[unit, filled[unit]] = position
-            filled[unit] += 1
-    # the constant column: a reader's bias absorbs a removed channel's mean, so it is never removed
-    return ReadingLayer(np.concatenate([matrix, np.zeros((len(matrix), 1))], axis=1), gram, positions)
-
-
-def _axis_of(analysis: Analysis, use: ConsumerUse) -> int:
-    return analysis.spaces[use.tensor.name].axis
-
-
-def _consumer_constants(model: onnx.ModelProto, analysis: Analysis, dead: np.ndarray) -> dict[int, tuple[ConsumerUse, np.ndarray, np.ndarray]]:
-    """For each consumer reading dead roots: per position, the constant value seen (NaN where the
-    value varies), from two synthetic feeds (a dead channel is constant for any input)."""
-    uses = [use for use in analysis.consumers if dead[use.roots].any()]
-    names = {use.tensor.name for use in uses}
-    low: dict[str, np.ndarray] = {}
-    high: dict[str, np.ndarray] = {}
-    for values in tensor_values(model, SyntheticInputs(model, samples=2, seed=1), names, label="dead-channel probe"):
-        for name in names:
-            axis = analysis.spaces[name].axis
-            moved = np.moveaxis(np.asarray(values[name], dtype=np.float64), axis, 0).reshape(values[name].shape[axis], -1)
-            low[name] = np.minimum(low.get(name, moved.min(axis=1)), moved.min(axis=1))
-            high[name] = np.maximum(high.get(name, moved.max(axis=1)), moved.max(axis=1))
-    constants = {}
-    for use in uses:
-        value = np.where(low[use.tensor.name] == high[use.tensor.name], low[use.tensor.name], np.nan)
-        constants[id(use)] = (use, value, dead[use.roots])
-    return constants
-
-
-def _why_not_exact(unit: Unit, analysis: Analysis, constants: dict[int, tuple[ConsumerUse, np.ndarray, np.ndarray]]) -> str:
-    if any(m in analysis.approximate for m in unit.members):
-        return analysis.approximate[next(m for m in unit.members if m in analysis.approximate)] + ": removal is not exact"
-    members = set(unit.members)
-    for use, values, _ in constants.values():
-        positions = [i for i, root in enumerate(use.roots.tolist()) if root in members]
-        seen = values[positions]
-        if np.isnan(seen).any():
-            return f"not constant where {use.node.op} '{use.node.name}' reads it (padding or a non-linear path)"
-        if np.any(seen != 0) and not _linear_without_padding(use.node):
-            return f"constant {float(seen[seen != 0][0]):g} feeds {use.node.op} '{use.node.name}', which pads: the border sees zeros"
-    return ""
-
-
-def _linear_without_padding(node: gs.Node) -> bool:
-    if node.op != "Conv":
-        return node.op in ("Gemm", "MatMul")
-    return not any(node.attrs.get("pads", [])) and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
-
-
-def _fold_constant(use: ConsumerUse, values: np.ndarray, unit: Unit, shifts: dict[int, tuple[gs.Node, np.ndarray]]) -> None:
-    """Add what the unit's constant contributed through this consumer to its output shift."""
-    members = set(unit.members)
-    positions = [i for i, root in enumerate(use.roots.tolist()) if root in members and values[i] != 0]
-    if not positions:
-        return
-    weight = constant_value(use.node.inputs[use.weight_index]).astype(np.float64)  # type: ignore[union-attr]
-    moved = np.moveaxis(weight, use.axis, 0)[positions]  # [positions, outputs..., kernel...]
-    contribution = np.tensordot(values[positions], moved, axes=1)
-    node = use.node
-    if node.op in ("Conv",):
-        contribution = contribution.reshape(contribution.shape[0], -1).sum(axis=1)
-    elif node.op == "Gemm":
-        contribution = contribution * float(node.attrs.get("alpha", 1.0))
-    previous = shifts.get(id(node), (node, np.zeros_like(contribution)))[1]
-    shifts[id(node)] = (node, previous + contribution)
-
-
-def _reinfer(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shapes inferred again after the plan (value_info of pruned tensors was dropped)."""
-    try:
-        return onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - the checker that follows reports real problems
-        log.debug("shape inference after channel removal failed", exc_info=True)
-        return model
-
-
-def _size_figures(before: onnx.ModelProto, after: onnx.ModelProto, macs_before: int | None) -> dict[str, int | float]:
-    params_before = summarize(before, with_tensors=False).parameters
-    params_after = summarize(after, with_tensors=False).parameters
-    macs_after = count_macs(after)
-    figures: dict[str, int | float] = {"parameters_before": params_before, "parameters_after": params_after}
-    if macs_before is not None and macs_after is not None:
-        figures.update(macs_before=macs_before, macs_after=macs_after, macs_ratio=round(macs_after / max(macs_before, 1), 4))
-    return figures
-
-
-def refit_consumers(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analysis, removed: np.ndarray,
-                    context: PassContext, samples: int, result: PassResult, strength: float | Literal["auto"], downstream: bool = False) -> onnx.ModelProto:
-    consumers = [use.node.name for use in analysis.consumers if removed[use.roots].any()]
-    names = layers_from(pruned, consumers) if downstream else consumers
-    kept = {name: (space.axis, ~removed[space.roots]) for name, space in analysis.spaces.items()}
-    return refit_layers(original, pruned, names, context.calibration, samples, result, strength, kept)  # type: ignore[arg-type]
