@@ -115,7 +115,7 @@ def return_freed_memory() -> None:
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
         trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim  # the process's own C library
-    except (OSError, AttributeError):  # macOS, Windows, musl
+    except (OSError, AttributeError, TypeError):  # macOS and musl have no malloc_trim; Windows no CDLL(None)
         return None
     return trim
 

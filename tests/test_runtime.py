@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from conftest import MODELS, bundled, parse, run
 
-from onnxsparse import latency, load, optimize
+from onnxsparse import latency, load, optimize, runtime
 from onnxsparse.io import tensor_bytes
 from onnxsparse.runtime import Runtime, make_session
 from onnxsparse.runtime import content_key as runtime_content
@@ -290,7 +290,7 @@ print(before - anon_mib())
 """
 
 
-@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "malloc_trim"), reason="the C library has no malloc_trim (not glibc)")
+@pytest.mark.skipif(runtime._malloc_trim() is None, reason="the C library has no malloc_trim (not glibc)")
 def test_freed_heap_memory_goes_back_to_the_system():
     """What a freed session or a pass's arrays held leaves the process's resident memory: glibc keeps
     freed blocks of up to 32 MB (a weight each) on the heap, where they count until trimmed."""
