@@ -774,8 +774,8 @@ def test_the_guard_finds_the_one_harmful_node_in_a_kind_too_big_to_search_node_b
         return SimpleNamespace(passed=fine, outputs=[SimpleNamespace(cosine=1.0 if fine else 0.9)])
 
     result = PassResult(None)  # type: ignore[arg-type]
-    model, kept = guarded(frozenset, plan, frozenset(), PassContext(validate=validate), result)  # type: ignore[arg-type]
-    assert kept == {"add37"} and model == frozenset({"add37"})
+    model, kept, holds = guarded(frozenset, plan, frozenset(), PassContext(validate=validate), result)  # type: ignore[arg-type]
+    assert kept == {"add37"} and model == frozenset({"add37"}) and holds
     assert result.figures["guard_kept_float"] == 1
     assert len(trials) < len(names)  # fewer trials than one per node
     assert len(trials) == len(set(trials))  # each set of float nodes judged once, though ranked and then tried as a prefix
@@ -806,8 +806,8 @@ def test_the_guard_keeps_float_what_the_confirming_samples_need_when_the_judges_
         return SimpleNamespace(passed="add5" in model) if others else None
 
     result = PassResult(None)  # type: ignore[arg-type]
-    model, kept = guarded(frozenset, plan, frozenset(), PassContext(validate=validate, confirm=confirm), result)  # type: ignore[arg-type]
-    assert kept == ({"add5"} if others else set()) and model == frozenset(kept)
+    model, kept, holds = guarded(frozenset, plan, frozenset(), PassContext(validate=validate, confirm=confirm), result)  # type: ignore[arg-type]
+    assert kept == ({"add5"} if others else set()) and model == frozenset(kept) and holds
     assert confirmed and confirmed[0] == frozenset()  # the judge passed every node quantized; the confirming samples did not
 
 
@@ -823,6 +823,27 @@ def test_auto_counts_a_candidate_within_tolerance_only_if_the_confirming_samples
     context = PassContext(validate=lambda model: SimpleNamespace(passed=True), confirm=lambda model: SimpleNamespace(passed=model == "static"),
                           calibration=object())  # type: ignore[arg-type]
     assert _pick(results, {"static": 0.8, "dynamic": 0.6}, "input", context, 0.99) == ("static", "the only one within tolerance")  # type: ignore[arg-type]
+
+
+def test_auto_judges_no_model_twice_the_guards_static_choice_included(tmp_path, monkeypatch):
+    """mode=auto chooses between the guard's static model and the dynamic one: the static model's
+    verdicts (judge and confirmation) are the guard's, not asked of the calibration samples again."""
+    from collections import Counter
+
+    from onnxsparse import pipeline
+    from onnxsparse.runtime import content_key
+
+    asked: Counter[tuple[str, bool]] = Counter()
+    judge = pipeline._CalibrationJudge.validate
+
+    def counted(self, model, tolerance_of, label, *, confirming=False):  # type: ignore[no-untyped-def]
+        asked[(content_key(model), confirming)] += 1
+        return judge(self, model, tolerance_of, label, confirming=confirming)
+
+    monkeypatch.setattr(pipeline._CalibrationJudge, "validate", counted)
+    _, report = _quantize("digits_transformer", tmp_path, "qdq{mode=auto}")
+    assert report.steps[0].figures["mode_choice"]  # both candidates were there to choose from
+    assert asked and max(asked.values()) == 1
 
 
 def test_auto_on_a_model_without_matmuls_never_picks_an_empty_dynamic_candidate(monkeypatch, rng):

@@ -24,8 +24,9 @@ GUARD_RUNS = 8
 
 
 def guarded(build: Callable[[set[str]], onnx.ModelProto], plan: Plan, quantized: onnx.ModelProto, context: PassContext,
-            result: PassResult) -> tuple[onnx.ModelProto, set[str]]:
-    """Keep the most harmful nodes in float until the tolerance holds.
+            result: PassResult) -> tuple[onnx.ModelProto, set[str], bool]:
+    """Keep the most harmful nodes in float until the tolerance holds: the model, the nodes kept
+    float, and whether it holds (False when even every node in float does not).
 
     First by kind (:func:`speed_kind`: op type, depthwise and 1-D convolutions and MatMuls of two
     activations apart): each kind is kept float on its own, kinds are then kept float in order of
@@ -37,7 +38,7 @@ def guarded(build: Callable[[set[str]], onnx.ModelProto], plan: Plan, quantized:
     assert context.validate is not None
     trials = GuardTrials(build, context, quantized)
     if trials.holds(frozenset()):
-        return quantized, set()
+        return quantized, set(), True
     kinds: dict[str, list[str]] = {}
     for node in plan.nodes:
         kinds.setdefault(speed_kind(node), []).append(node.name)
@@ -45,7 +46,7 @@ def guarded(build: Callable[[set[str]], onnx.ModelProto], plan: Plan, quantized:
     if kept is None:
         result.warnings.append("qdq guard: even all nodes in float do not meet the tolerance (on the judge's calibration samples, "
                                "or on the others that confirm its trials); every node kept quantized")
-        return quantized, set()
+        return quantized, set(), False
     candidates = [node.name for node in plan.nodes if node.name in kept]  # in graph order
     if len(candidates) > GUARD_MAX_NODE_SEARCH:
         size = -(-len(candidates) // GUARD_RUNS)
@@ -62,7 +63,7 @@ def guarded(build: Callable[[set[str]], onnx.ModelProto], plan: Plan, quantized:
     result.figures["guard_kept_float"] = len(kept)
     result.figures["guard_kinds"] = ", ".join(sorted({speed_kind(n) for n in plan.nodes if n.name in kept}))
     result.figures["guard_trials"] = trials.built
-    return trials.model(kept), set(kept)
+    return trials.model(kept), set(kept), True  # what fewest returns holds
 
 
 class GuardTrials:

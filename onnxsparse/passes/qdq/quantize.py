@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -37,7 +37,7 @@ from ...layerwise import add_output_shift
 from ...limits import CALIBRATION_SAMPLES
 from ...quantization import CALIBRATION_METHODS, WeightScheme, activation_params, int8_kernels_saturate, quantize_weight
 from ...shapes import shapes_where_known
-from ...validation import SCORE_MAX_TOP1_DROP, DriftProbe, Tolerance
+from ...validation import SCORE_MAX_TOP1_DROP, DriftProbe, Tolerance, ValidationResult
 from ...walk import iter_graphs
 from ...weights import matches
 from ..base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
@@ -199,7 +199,10 @@ class Qdq(Pass):
         # a sole candidate's session is kept: the manager validates it next
         ratios = {mode: _time_against(original, c.model, feed, context, early=not several, keep=not several)
                   for mode, c in candidates.items()} if timed else {}
-        chosen, why = _pick(candidates, ratios, original, context, self.default_tolerance.min_cosine or 0.97)
+        # what the guard already judged of the static candidate, if it is still the model it judged (not one with embeddings)
+        known = ({"static": static.guard_holds} if static is not None and static.guard_holds is not None and "static" in candidates
+                 and candidates["static"].model is static.guard_model else {})
+        chosen, why = _pick(candidates, ratios, original, context, self.default_tolerance.min_cosine or 0.97, known)
         picked = candidates[chosen]
         if len(candidates) > 1:
             picked.figures.update(mode_choice=why, **{f"{mode}_latency_ratio": round(r, 3) for mode, r in ratios.items()})
@@ -328,10 +331,11 @@ class Qdq(Pass):
             return self._build(model, plan, ranges, kept, weights, shifts)
 
         quantized = build(kept_float)
+        holds = None
         if self.guard and context.validate is not None:
-            quantized, kept_float = guarded(build, plan, quantized, context, result)
+            quantized, kept_float, holds = guarded(build, plan, quantized, context, result)
         result.figures.update(mode="static", activations=self.activations, weights=weights.describe())
-        static = StaticResult(graph, plan, nested, build, kept_float, result)
+        static = StaticResult(graph, plan, nested, build, kept_float, result, quantized, holds)
         static.first = static.result(quantized, dict.fromkeys(kept_float, GUARD_REASON))
         return static
 
@@ -557,6 +561,8 @@ class StaticResult:
     build: Callable[[set[str]], onnx.ModelProto]  # the model with these nodes kept float
     guard_kept: set[str]  # kept float by the accuracy guard
     said: PassResult  # what was said before any variant: calibration, guard figures, excluded nodes
+    guard_model: onnx.ModelProto  # the model the guard chose
+    guard_holds: bool | None  # whether it holds the tolerance on the judge's and the confirming samples (None: no guard ran)
     first: PassResult = field(init=False)  # the variant the guard chose
 
     def changes_anything(self, kept: set[str]) -> bool:
@@ -605,16 +611,30 @@ def _within_own_bound(model: onnx.ModelProto, results: dict[str, PassResult], co
     return [mode for mode, result in results.items() if 1.0 - probe.drift(result.model) >= bound]
 
 
-def _pick(results: dict[str, PassResult], ratios: dict[str, float], model: onnx.ModelProto, context: PassContext, own_bound: float) -> tuple[str, str]:
+def _pick(results: dict[str, PassResult], ratios: dict[str, float], model: onnx.ModelProto, context: PassContext, own_bound: float,
+          known: Mapping[str, bool] | None = None) -> tuple[str, str]:
     """mode=auto: the candidate within tolerance; if several are, the faster in onnxruntime on one
-    thread (``ratios``, against ``model``). One candidate is simply itself."""
+    thread (``ratios``, against ``model``). One candidate is simply itself. ``known``: whether a
+    candidate holds, where that was judged already (the guard's static model)."""
     if len(results) == 1:
         return next(iter(results)), ""
     assert context.validate is not None and context.calibration is not None
-    verdicts = {mode: context.validate(result.model) for mode, result in results.items()}
-    # within tolerance as the guard means it: the confirming samples agree too (a dynamic candidate
-    # the judge's few samples pass must not win over a static one the guard held to more)
-    passing = [mode for mode, verdict in verdicts.items() if verdict.passed and confirmed(results[mode].model, context)]
+    validate = context.validate
+    verdicts: dict[str, ValidationResult] = {}
+
+    def verdict(mode: str) -> ValidationResult:
+        if mode not in verdicts:
+            verdicts[mode] = validate(results[mode].model)
+        return verdicts[mode]
+
+    def holds(mode: str) -> bool:
+        # within tolerance as the guard means it: the confirming samples agree too (a dynamic candidate
+        # the judge's few samples pass must not win over a static one the guard held to more)
+        if known is not None and mode in known:
+            return known[mode]
+        return verdict(mode).passed and confirmed(results[mode].model, context)
+
+    passing = [mode for mode in results if holds(mode)]
     why_prefix = ""
     if not passing and not context.validate(model).passed:
         # An earlier lossy pass (pruning) moved the model past the tolerance already: then
@@ -626,7 +646,7 @@ def _pick(results: dict[str, PassResult], ratios: dict[str, float], model: onnx.
         return passing[0], why_prefix + "the only one within tolerance"
     if passing:
         return min(passing, key=lambda mode: ratios[mode]), why_prefix + "both within tolerance; the faster"
-    return max(results, key=lambda mode: closeness(verdicts[mode])), "neither within tolerance; the closer to the original"
+    return max(results, key=lambda mode: closeness(verdict(mode))), "neither within tolerance; the closer to the original"
 
 
 def _sensitivity(static: StaticResult, picked: PassResult, context: PassContext) -> list[dict[str, object]]:
