@@ -111,7 +111,6 @@ class SparseEncode(Pass):
             nodes = [*(n for encoding in masked for n in encoding.nodes), *graph.node]  # before every reader
             del graph.node[:]
             graph.node.extend(nodes)
-        if masked:
             folding = sum(c.details.get("fold_bytes", 0) for c in result.changes)
             result.figures["load_fold_bytes"] = folding
             result.warnings.append(f"sparse-encode: onnxruntime holds about {format_bytes(folding)} more while it loads this file, "
@@ -143,7 +142,7 @@ class SparseEncode(Pass):
         bits = PACKED_BITS[tensor.data_type] if packed else 8 * dense.dtype.itemsize
         mask_bytes = masked_bytes(size, positions.size, bits) if self.format != "coo" and encodable(tensor.data_type, opset) else None
         # onnxruntime cannot densify a sparse tensor of packed (4-bit) values; coo must also fit the message
-        coo_bytes = self._coo_bytes(positions, dense.dtype.itemsize) if self.format != "mask" and not packed else None
+        coo_bytes, raw = self._coo_bytes(positions, dense.dtype.itemsize) if self.format != "mask" and not packed else (None, False)
         coo_full = coo_bytes is not None and coo_bytes >= room
         if coo_full and mask_bytes is not None:
             coo_bytes = None
@@ -166,7 +165,6 @@ class SparseEncode(Pass):
             return None, self._not_worth(positions.size / size, coo_bytes / dense_bytes, "coo")
         if coo_full:
             return None, full
-        raw = positions.size * np.dtype(_INDEX_DTYPES[self.index_dtype][0]).itemsize < _varint_bytes(positions)
         encoded = self._encoded(tensor, dense[positions], positions, raw=raw)
         if encoded.ByteSize() >= most:
             return None, self._not_worth(positions.size / size, encoded.ByteSize() / dense_bytes, "coo")
@@ -184,10 +182,12 @@ class SparseEncode(Pass):
         return (f"density {density:.2f}: encoded ({encoding}), it would take {ratio:.2f}x its dense bytes (encoded when at most "
                 f"{1 - least:.2f}x: min_saving={least:g}; min_saving=0 encodes whatever gets smaller)")
 
-    def _coo_bytes(self, positions: np.ndarray, itemsize: int) -> int:
-        """What the sparse_initializer would take: its values and the smaller form of its indices."""
+    def _coo_bytes(self, positions: np.ndarray, itemsize: int) -> tuple[int, bool]:
+        """What the sparse_initializer would take (its values and the smaller form of its indices), and
+        whether that form is raw indices rather than packed varints."""
         raw_bytes = positions.size * np.dtype(_INDEX_DTYPES[self.index_dtype][0]).itemsize
-        return itemsize * positions.size + min(raw_bytes, _varint_bytes(positions))
+        varint_bytes = _varint_bytes(positions)
+        return itemsize * positions.size + min(raw_bytes, varint_bytes), raw_bytes < varint_bytes
 
     def _encoded(self, tensor: onnx.TensorProto, values: np.ndarray, positions: np.ndarray, *, raw: bool) -> onnx.SparseTensorProto:
         """The encoding with raw indices or packed-varint ones (the smaller, chosen by the caller)."""
