@@ -143,16 +143,25 @@ def test_the_calibration_cache_is_written_then_read(tmp_path):
     assert second.steps[0].figures["calibration"] == f"read from {cache}"
 
 
-def test_the_guard_keeps_harmful_nodes_in_float_until_a_strict_tolerance_holds(tmp_path):
+def test_the_guard_keeps_harmful_nodes_in_float_until_a_strict_tolerance_holds(tmp_path, monkeypatch):
     model, inputs, calibration = bundled("digits_transformer")
+    from onnxsparse.passes.qdq import materialize
     from onnxsparse.validation import Tolerance, Tolerances
 
+    quantized_weights: Counter[bytes] = Counter()
+    real_quantize_weight = materialize.quantize_weight
+    def counting(weight, *args):
+        quantized_weights[np.asarray(weight).tobytes()] += 1
+        return real_quantize_weight(weight, *args)
+    monkeypatch.setattr(materialize, "quantize_weight", counting)
     strict = Tolerances(per_pass={"qdq": Tolerance(min_cosine=0.99995)})
     _, report = PassManager(parse_pipeline("qdq{mode=static}"), inputs=inputs, calibration=calibration, tolerances=strict).run(model)
     step = report.steps[0]
     assert step.status == "committed" and 0 < step.figures["guard_kept_float"] < step.figures["nodes_quantized"] + step.figures["guard_kept_float"]
     assert any("accuracy guard" in s.reason for s in step.skipped)
     assert step.validation.outputs[0].cosine >= 0.99995
+    # the guard built many trials, and each weight was made int8 once for all of them
+    assert step.figures["guard_trials"] > 3 and quantized_weights and max(quantized_weights.values()) == 1
 
 
 def test_static_mode_needs_calibration_and_bad_options_are_errors():

@@ -11,10 +11,34 @@ import onnx_graphsurgeon as gs
 
 from ...graph import MICROSOFT_DOMAIN, constant_value, stored_constant, unique_name
 from ...layers import CONV_TRANSPOSE, layer_kind
-from ...quantization import ActivationParams, WeightScheme, bias_in_scale, quantize_bias, quantize_weight
+from ...quantization import ActivationParams, WeightQuant, WeightScheme, bias_in_scale, quantize_bias, quantize_weight
 from ...weightstore import release_pages
 from .plan import is_float
 from .rules import FUSED_ACTIVATIONS, WEIGHTS_QUANTIZED_BY_ONNXRUNTIME
+
+# A built model's int8 weights are kept for the next build (the guard builds dozens: MobileNetV2 41,
+# re-quantizing 1.5 s of 4.5 s) up to this many bytes; beyond it each build quantizes again, so a
+# big model never holds a second set of int8 weights beside the one its built model holds.
+WEIGHT_MEMO_BYTES = 64 << 20
+
+
+class WeightMemo:
+    """The int8 form of each weight by (name, axis, bound), for builds of one model that differ only in
+    which nodes stay float: the weights themselves never change between them."""
+
+    def __init__(self, budget: int = WEIGHT_MEMO_BYTES) -> None:
+        self._quants: dict[tuple[str, int | None, int], WeightQuant] = {}
+        self._room = budget
+
+    def quantized(self, name: str, weight: np.ndarray, axis: int | None, bound: int) -> WeightQuant:
+        key = (name, axis, bound)
+        if key in self._quants:
+            return self._quants[key]
+        quant = quantize_weight(weight, axis, bound)
+        if quant.values.nbytes <= self._room:
+            self._room -= quant.values.nbytes
+            self._quants[key] = quant
+        return quant
 
 
 @dataclass(frozen=True)
@@ -114,8 +138,9 @@ def _weight_axis(node: gs.Node, rank: int) -> int | None:
 
 
 def quantize_node_weights(graph: gs.Graph, node: gs.Node, params: dict[str, ActivationParams], weights: WeightScheme,
-                          scope: gs.Graph | None = None) -> None:
-    """Weight (input 1) to int8 behind a DequantizeLinear; bias to int32 when the input is quantized."""
+                          scope: gs.Graph | None = None, memo: WeightMemo | None = None) -> None:
+    """Weight (input 1) to int8 behind a DequantizeLinear; bias to int32 when the input is quantized.
+    ``memo``: where an earlier build of the same model left its int8 weights (main graph only)."""
     scope = scope or graph
     weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or weight.dtype != np.float32 or weight.ndim < 2:
@@ -123,7 +148,10 @@ def quantize_node_weights(graph: gs.Graph, node: gs.Node, params: dict[str, Acti
     axis = _weight_axis(node, weight.ndim) if weights.per_channel else None
     if node.op == "ConvTranspose" and CONV_TRANSPOSE.groups(node.attrs) != 1:
         axis = None  # per-channel scales follow output channels, which groups split across axis 1
-    quant = quantize_weight(weight, axis, weights.bound)
+    if memo is not None and scope is graph:
+        quant = memo.quantized(node.inputs[1].name, weight, axis, weights.bound)
+    else:
+        quant = quantize_weight(weight, axis, weights.bound)
     release_pages(weight)
     node.inputs[1] = dequantized(graph, scope, node.inputs[1].name, quant.values, quant.scale, quant.zero_point, axis)
     if len(node.inputs) > 2 and node.op in ("Conv", "ConvTranspose", "Gemm"):

@@ -45,6 +45,7 @@ from ..simplify import Simplify
 from .guard import GUARD_REASON, closeness, confirmed, guarded
 from .materialize import (
     BiasSite,
+    WeightMemo,
     bias_site,
     dequantized,
     dynamic_lstm,
@@ -325,10 +326,11 @@ class Qdq(Pass):
         ranges = self._ranges(model, plan, context, result)
         kept_float: set[str] = set()
         shifts: dict[str, np.ndarray] = {}
+        memo = WeightMemo()
         if self.bias_correction != "off" and (self.bias_correction == "on" or self.method == "minmax"):
-            shifts = self._bias_shifts(model, plan, ranges, weights, context, result)
+            shifts = self._bias_shifts(model, plan, ranges, weights, context, result, memo)
         def build(kept: set[str]) -> onnx.ModelProto:  # the quantized model for a set of nodes kept float
-            return self._build(model, plan, ranges, kept, weights, shifts)
+            return self._build(model, plan, ranges, kept, weights, shifts, memo=memo)
 
         quantized = build(kept_float)
         holds = None
@@ -404,11 +406,13 @@ class Qdq(Pass):
     # -- building the quantized graph ---------------------------------------------------------
 
     def _build(self, model: onnx.ModelProto, plan: Plan, ranges: dict[str, tuple[float, float]], kept_float: set[str], weights: WeightScheme,
-               shifts: dict[str, np.ndarray] | None = None, biases: dict[str, BiasSite] | None = None) -> onnx.ModelProto:
+               shifts: dict[str, np.ndarray] | None = None, biases: dict[str, BiasSite] | None = None,
+               memo: WeightMemo | None = None) -> onnx.ModelProto:
         """The model with every planned node quantized except those in ``kept_float``; a quantized
         node's bias first takes its correction from ``shifts`` (a float node keeps its own bias).
         ``biases``, when given, is filled with where each shifted Conv's bias ended up, so that a
-        later shift can be patched into the built model instead of building it again."""
+        later shift can be patched into the built model instead of building it again. ``memo``: the
+        int8 weights of earlier builds of ``model``."""
         graph = to_gs(model)
         nodes = {n.name: n for n in graph.nodes}
         chosen = [nodes[n.name] for n in plan.nodes if n.name not in kept_float and n.name in nodes]
@@ -438,7 +442,7 @@ class Qdq(Pass):
                 keep_float_in_onnxruntime(node)
         for node in chosen:
             if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-                quantize_node_weights(graph, node, params, weights)
+                quantize_node_weights(graph, node, params, weights, memo=memo)
         for scope in graph.subgraphs(recursive=True):
             for node in scope.nodes:
                 if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
@@ -449,7 +453,7 @@ class Qdq(Pass):
         return from_gs(graph, like=model)
 
     def _bias_shifts(self, model: onnx.ModelProto, plan: Plan, ranges: dict[str, tuple[float, float]], weights: WeightScheme,
-                     context: PassContext, result: PassResult) -> dict[str, np.ndarray]:
+                     context: PassContext, result: PassResult, memo: WeightMemo | None = None) -> dict[str, np.ndarray]:
         """Per quantized layer, the shift that brings its mean int8 output (per channel, with every
         earlier layer already corrected) back to the float model's. Quantization error is not
         zero-mean, and a shifted mean is what the next layers amplify. Measured here on
@@ -470,7 +474,7 @@ class Qdq(Pass):
         # again, as before, once their turn comes; both ways give the same bytes (tests/test_qdq.py).
         biases: dict[str, BiasSite] = {}
         zero = {layer.name: np.zeros_like(reference[layer.outputs[0].name], dtype=np.float32) for layer in layers if patchable(layer)}
-        patched = self._build(model, plan, ranges, set(), weights, zero, biases) if PATCH_BIASES else None
+        patched = self._build(model, plan, ranges, set(), weights, zero, biases, memo) if PATCH_BIASES else None
         # Each layer's output is computed from the int8 activation entering the layer before it, kept
         # from the step before (a segment run), not by running the model from its inputs: that made
         # the correction quadratic in depth. The int8 tensor is kept, not its dequantized twin, so
@@ -479,7 +483,7 @@ class Qdq(Pass):
         for index, layer in enumerate(layers):
             output = layer.outputs[0].name
             if patched is None or any(name not in biases for name in shifts):
-                quantized = self._build(model, plan, ranges, set(), weights, shifts)
+                quantized = self._build(model, plan, ranges, set(), weights, shifts, memo=memo)
                 values.kept.clear()  # values of another build
             else:
                 quantized = patched
