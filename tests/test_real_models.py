@@ -408,3 +408,38 @@ def test_detector_metric_file_agrees_with_the_task_evaluator() -> None:
     assert result.value == pytest.approx(kept, abs=1e-12)
     assert not result.within_budget
     assert metric.measure(reference, reference, task.eval_feeds).value == 1.0
+
+
+def test_fortune_files_give_plain_prose_sentences_once_and_never_a_held_one(tmp_path):
+    """The sentence embedders' training text: a fortune file's cookies cut into sentences, keeping plain
+    prose of a few words; verse, attributions, code, shouting, a sentence cut at its start, a repeat and
+    a calibration or eval sentence are left out."""
+    from realmodels.fortune_sentences import sentences_in
+
+    (tmp_path / "b_file").write_text(
+        "A stitch in time saves nine, as my grandmother used to say.\n"
+        "%\n"
+        "Never put off until tomorrow what you can do today.\n"
+        "\t\t-- Benjamin Franklin, who was never put off by anything at all\n"
+        "%\n"
+        "    Roses are red and violets are blue, she said to him.\n"
+        "THIS IS A VERY LOUD SENTENCE THAT NOBODY WANTS HERE.\n"
+        "%\n"
+        "if (x == 1) { return the value of the thing; }\n"
+        "%\n"
+        "The held sentence is in the calibration data already.\n"
+        "%\n"
+        "a stitch in time saves nine, as my grandmother used to say.\n"
+        "Short one.\n")
+    (tmp_path / "a_file").write_text(
+        "The early bird gets the worm, but the second mouse gets the cheese.\n"
+        "%\n"
+        "half a sentence broken over\n"
+        "two lines without a start. The next one is whole and reads well.\n")
+    found = sentences_in([tmp_path / "b_file", tmp_path / "a_file"], (6, 24), {"The held sentence is in the calibration data already."})
+    assert found == [
+        "The early bird gets the worm, but the second mouse gets the cheese.",  # a_file comes first: file-name order
+        "The next one is whole and reads well.",
+        "A stitch in time saves nine, as my grandmother used to say.",
+        "Never put off until tomorrow what you can do today.",
+    ]

@@ -13,8 +13,10 @@ import hashlib
 import importlib.metadata
 import json
 import platform
+import subprocess
 import sys
 import traceback
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -199,3 +201,16 @@ def finish(
 
 def write_info(out: Path, info: Mapping[str, Any]) -> None:
     (out / "info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def unpacked(packages: list[str], folder: Path) -> dict[str, tuple[Path, str]]:
+    """Each Debian package downloaded with apt-get (not installed) and unpacked under ``folder``:
+    name -> (root, version)."""
+    subprocess.run(["apt-get", "download", *packages], cwd=folder, check=True, capture_output=True)
+    roots = {}
+    for package in packages:
+        deb = next(folder.glob(f"{package}_*.deb"))
+        root = folder / package
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+        roots[package] = (root, urllib.parse.unquote(deb.name.split("_")[1]))  # the epoch's ':' is %3a in the file name
+    return roots

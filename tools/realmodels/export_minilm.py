@@ -91,20 +91,43 @@ SINGLES: tuple[str, ...] = (
 )
 
 
-# The training split (train.npz, what distill{data=...} trains a compressed model on): English prose
-# shipped with Python itself, the language reference topics of pydoc (pydoc_data/topics.py), cut into
-# sentences. Another domain than the eval sentences: distillation needs text, not labels or topics.
+# The training split (train.npz, what distill{data=...} trains a compressed model on): everyday English
+# from Debian's fortune cookie packages (fortune_sentences.py), TRAIN_SENTENCES of them drawn at random;
+# where apt-get cannot fetch them, English prose shipped with Python itself (the language reference
+# topics of pydoc_data/topics.py, then the standard library's docstrings). Other text than the eval
+# sentences either way: distillation needs text, not labels or topics. info.json says which was used.
 TRAIN_SENTENCES = 4000
 TRAIN_WORDS = (6, 24)  # words per sentence kept
+TRAIN_SEED = 0
 
 
-def training_sentences(tokenizer: object) -> list[str]:
-    """Up to TRAIN_SENTENCES prose sentences (no code, no markup) of pydoc's topics, then of the
-    standard library's docstrings, each within SEQ_LEN tokens, none a calibration or eval sentence."""
+def training_sentences(tokenizer: object) -> tuple[list[str], str]:
+    """Up to TRAIN_SENTENCES sentences within SEQ_LEN tokens, none a calibration or eval sentence, and
+    where they came from."""
+    import subprocess
+    import tempfile
+
+    from realmodels import fortune_sentences
+
+    held = {s for side in split_sentences().values() for s in side[0]}
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            found, source = fortune_sentences.sentences(Path(folder), TRAIN_WORDS, held)
+    except (OSError, subprocess.CalledProcessError) as error:
+        print(f"training text: Debian's fortunes are out of reach ({error}); Python's own prose instead")
+        found, source = _python_prose(held), "prose sentences of Python's pydoc_data/topics.py and standard library docstrings"
+    fits = [s for s, ids in zip(found, tokenizer(found)["input_ids"]) if len(ids) <= SEQ_LEN]  # type: ignore[operator]
+    if len(fits) > TRAIN_SENTENCES:
+        drawn = np.random.default_rng(TRAIN_SEED).permutation(len(fits))[:TRAIN_SENTENCES]
+        fits = [fits[i] for i in drawn]
+    return fits, f"{len(fits)} of {len(found)} sentences ({TRAIN_WORDS[0]}-{TRAIN_WORDS[1]} words) from {source}"
+
+
+def _python_prose(held: set[str]) -> list[str]:
+    """Prose sentences (no code, no markup) of pydoc's topics, then of the standard library's docstrings."""
     import re
     from pydoc_data.topics import topics
 
-    held = {s for side in split_sentences().values() for s in side[0]}
     kept: list[str] = []
     seen: set[str] = set()
     for text in [topics[name] for name in sorted(topics)] + _standard_library_docstrings():
@@ -115,8 +138,7 @@ def training_sentences(tokenizer: object) -> list[str]:
             if prose and TRAIN_WORDS[0] <= len(words) <= TRAIN_WORDS[1] and sentence not in seen and sentence not in held:
                 seen.add(sentence)
                 kept.append(sentence)
-    fits = [s for s, ids in zip(kept, tokenizer(kept)["input_ids"]) if len(ids) <= SEQ_LEN]  # type: ignore[operator]
-    return fits[:TRAIN_SENTENCES]
+    return kept
 
 
 def _standard_library_docstrings() -> list[str]:
@@ -222,13 +244,12 @@ def write_task(model: torch.nn.Module, tokenizer: object, out: Path, width: int,
     for side, (sentences, pair_ids) in sides.items():
         extra = {"sentence": np.array(sentences), "pair_id": np.array(pair_ids, dtype=np.int64)}
         _export.save_npz(out / f"{side}.npz", {**data[side], **extra})
-    train = training_sentences(tokenizer)
+    train, train_source = training_sentences(tokenizer)
     _export.save_npz(out / "train.npz", {**tokenize(tokenizer, train, input_names), "sentence": np.array(train)})
     with torch.no_grad():
         embeddings = model(*(torch.from_numpy(data["eval"][name]) for name in input_names)).numpy()
     splits = {
-        "train": {"size": len(train), "file": "train.npz",
-                  "split": f"prose sentences of Python's pydoc_data/topics.py ({TRAIN_WORDS[0]}-{TRAIN_WORDS[1]} words), for distillation"},
+        "train": {"size": len(train), "file": "train.npz", "split": f"{train_source}, for distillation"},
         "calibration": {
             "size": len(sides["calibration"][0]),
             "split": f"paraphrase pairs 0-{len(PAIRS) // 2 - 1} and the first {len(SINGLES) // 2} single sentences; "

@@ -19,7 +19,6 @@ Needs Debian's apt-get and dpkg-deb (the packages are downloaded, never installe
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -52,20 +51,8 @@ PHOTOS: tuple[tuple[str, str], ...] = (
 )
 
 
-def unpacked(packages: list[str], folder: Path) -> dict[str, tuple[Path, str]]:
-    """Each package downloaded with apt-get (not installed) and unpacked: name -> (root, version)."""
-    subprocess.run(["apt-get", "download", *packages], cwd=folder, check=True, capture_output=True)
-    roots = {}
-    for package in packages:
-        deb = next(folder.glob(f"{package}_*.deb"))
-        root = folder / package
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
-        roots[package] = (root, deb.name.split("_")[1])
-    return roots
-
-
 def photos(folder: Path) -> list[Photo]:
-    roots = unpacked(sorted({package for package, _ in PHOTOS}), folder)
+    roots = _export.unpacked(sorted({package for package, _ in PHOTOS}), folder)
     found = []
     Image.MAX_IMAGE_PIXELS = None  # Volna is 5120 x 2880
     for package, inside in PHOTOS:
