@@ -25,7 +25,7 @@ LAYERS = (
     "passes.options", "passes.base", "passes.cleanup", "passes.simplify", "passes.fold_batchnorm", "passes.sparse_encode", "passes.magnitude",
     "passes.channel_prune.groups", "passes.channel_prune.budget", "passes.channel_prune.importance", "passes.channel_prune.exact",
     "passes.channel_prune.edit", "passes.channel_prune.prune", "passes.channel_prune",
-    "passes.qdq.rules", "passes.qdq.plan", "passes.qdq.materialize", "passes.qdq.guard", "passes.qdq.quantize", "passes.qdq",
+    "passes.qdq.rules", "passes.qdq.plan", "passes.qdq.materialize", "passes.qdq.bias_correction", "passes.qdq.guard", "passes.qdq.quantize", "passes.qdq",
     "passes.weight_only", "passes.cluster", "passes.mixed_precision", "passes.fp16", "passes.distill", "passes",
     # what drives the passes
     "report", "htmlpage", "spec", "pipeline",

@@ -351,18 +351,20 @@ def test_bias_correction_patched_into_one_built_model_equals_building_it_per_lay
     built int8 model or the model is built again per layer; and patching does build fewer times."""
     model = _bias_kinds_model(rng)
     feeds = [{"x": rng.standard_normal((8, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
+    from onnxsparse.passes.qdq.materialize import StaticBuilder
+
     builds = {}
-    real_build = Qdq._build
+    real_build = StaticBuilder.build
     results = {}
     for patch in (True, False):
-        monkeypatch.setattr("onnxsparse.passes.qdq.quantize.PATCH_BIASES", patch)
+        monkeypatch.setattr("onnxsparse.passes.qdq.bias_correction.PATCH_BIASES", patch)
         count = builds.setdefault(patch, [0])
 
         def counting(self, *args, count=count, **kwargs):
             count[0] += 1
             return real_build(self, *args, **kwargs)
 
-        monkeypatch.setattr(Qdq, "_build", counting)
+        monkeypatch.setattr(StaticBuilder, "build", counting)
         result = Qdq(mode="static", guard=False, bias_correction=correction, per_channel=per_channel).run(
             clone(model), PassContext(calibration=IterableInputs(feeds)))
         results[patch] = (result.model.SerializeToString(), result.figures["bias_corrected_layers"])

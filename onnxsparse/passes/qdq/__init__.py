@@ -2,9 +2,11 @@
 
 - ``rules``: what onnxruntime runs on int8, op by op (teach the pass a new op here);
 - ``plan``: which nodes and activations are quantized, decided on the unmodified graph;
-- ``materialize``: the Q/DQ pairs, int8 weights and int32 biases, and the dynamic int8 forms;
+- ``materialize``: the Q/DQ pairs, int8 weights and int32 biases (a static model built for any set of nodes
+  kept float), and the dynamic int8 forms;
+- ``bias_correction``: each layer's bias shifted so that its mean int8 output matches float;
 - ``guard``: the fewest nodes kept float that bring the model within tolerance;
-- ``quantize``: the pass itself (calibration, bias correction, static/dynamic/auto, never slower).
+- ``quantize``: the pass itself (calibration, static/dynamic/auto, never slower).
 """
 
 from .quantize import Qdq

@@ -3,18 +3,27 @@ int8 forms of dynamic MatMuls and LSTMs. It decides nothing."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ...graph import MICROSOFT_DOMAIN, constant_value, stored_constant, unique_name
+from ...graph import MICROSOFT_DOMAIN, constant_value, downstream_names, from_gs, stored_constant, to_gs, unique_name
 from ...layers import CONV_TRANSPOSE, layer_kind
-from ...quantization import ActivationParams, WeightQuant, WeightScheme, bias_in_scale, quantize_bias, quantize_weight
+from ...layerwise import add_output_shift
+from ...quantization import (
+    ActivationParams,
+    WeightQuant,
+    WeightScheme,
+    activation_params,
+    bias_in_scale,
+    quantize_bias,
+    quantize_weight,
+)
 from ...weightstore import release_pages
-from .plan import is_float
-from .rules import FUSED_ACTIVATIONS, WEIGHTS_QUANTIZED_BY_ONNXRUNTIME
+from .plan import Plan, is_float, tensors_of
+from .rules import COMPUTE, FUSED_ACTIVATIONS, WEIGHTS_QUANTIZED_BY_ONNXRUNTIME
 
 # A built model's int8 weights are kept for the next build (the guard builds dozens: MobileNetV2 41,
 # re-quantizing 1.5 s of 4.5 s) up to this many bytes; beyond it each build quantizes again, so a
@@ -57,6 +66,66 @@ class BiasSite:
         stored = bias_in_scale(shifted, self.scale) if self.scale is not None else shifted
         tensor = next(t for t in model.graph.initializer if t.name == self.initializer)
         tensor.CopyFrom(onnx.numpy_helper.from_array(stored, self.initializer))
+
+
+@dataclass
+class StaticBuilder:
+    """Static int8 models of ``model`` as ``plan`` says, for any set of nodes kept float: the guard, the
+    bias correction and the speed search each build many of one model, and every build's int8
+    weights are kept for the next (:class:`WeightMemo`)."""
+
+    model: onnx.ModelProto
+    plan: Plan
+    ranges: dict[str, tuple[float, float]]
+    weights: WeightScheme
+    activations: str  # "uint8" or "int8"
+    symmetric: bool
+    memo: WeightMemo = field(default_factory=WeightMemo)
+
+    def build(self, kept_float: set[str], shifts: dict[str, np.ndarray] | None = None,
+              biases: dict[str, BiasSite] | None = None) -> onnx.ModelProto:
+        """The model with every planned node quantized except those in ``kept_float``; a quantized
+        node's bias first takes its correction from ``shifts`` (a float node keeps its own bias).
+        ``biases``, when given, is filled with where each shifted Conv's bias ended up, so that a
+        later shift can be patched into the built model instead of building it again."""
+        graph = to_gs(self.model)
+        nodes = {n.name: n for n in graph.nodes}
+        chosen = [nodes[n.name] for n in self.plan.nodes if n.name not in kept_float and n.name in nodes]
+        if shifts and kept_float:
+            # A shift corrects the error of every int8 layer above it: below a layer kept float that
+            # error is another, and the shift measured with everything int8 would add one of its own.
+            # (from layers only: an Add or a pool "kept float" between int8 neighbours still runs int8)
+            after_float = downstream_names(nodes[name] for name in kept_float if name in nodes and nodes[name].op in COMPUTE)
+            shifts = {name: shift for name, shift in shifts.items()
+                      if name in nodes and not any(t.name in after_float for t in nodes[name].inputs)}
+        for node in chosen:
+            if shifts and node.name in shifts:
+                add_output_shift(graph, node, shifts[node.name])
+        shifted_biases = {n.name: constant_value(n.inputs[2]) for n in chosen if shifts and n.name in shifts and n.op == "Conv" and len(n.inputs) > 2}
+        tensors = {t for t in tensors_of(chosen, self.plan, graph)}
+        params = {name: activation_params(*self.ranges[name], self.activations, self.symmetric) for name in self.plan.tensors if name in tensors}
+        for name, root in self.plan.shared.items():
+            if name in tensors and root in params:
+                params[name] = params[root]
+        variables = graph.tensors()
+        main_nodes = {id(node) for node in graph.nodes}
+        for name, value in params.items():
+            insert_qdq(graph, variables[name], value, main_nodes)
+        chosen_ids = {id(node) for node in chosen}
+        for node in list(graph.nodes):
+            if id(node) not in chosen_ids:
+                keep_float_in_onnxruntime(node)
+        for node in chosen:
+            if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                quantize_node_weights(graph, node, params, self.weights, memo=self.memo)
+        for scope in graph.subgraphs(recursive=True):
+            for node in scope.nodes:
+                if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                    quantize_node_weights(graph, node, {}, self.weights, scope=scope)
+        if biases is not None:
+            biases.update({name: site for name, bias in shifted_biases.items() if bias is not None and (site := bias_site(nodes[name], bias))})
+        graph.cleanup().toposort()
+        return from_gs(graph, like=self.model)
 
 
 def int8_entry(model: onnx.ModelProto, name: str) -> str | None:

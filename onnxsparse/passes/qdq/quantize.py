@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ...activations import ChangingModelValues, channel_means, collect_ranges, tensor_values
+from ...activations import collect_ranges
 from ...calibration import first_samples, samples_read
 from ...errors import InputDataError, RuntimeLoadError
 from ...files import write_text_atomically
@@ -23,7 +23,6 @@ from ...graph import (
     MICROSOFT_DOMAIN,
     at_opset,
     constant_value,
-    downstream_names,
     from_gs,
     import_domain,
     name_unnamed_nodes,
@@ -33,37 +32,22 @@ from ...graph import (
 )
 from ...io import check_model
 from ...latency import RETIME_RUNS, RETIME_SECONDS, relative_latency, timing_feed
-from ...layerwise import add_output_shift
 from ...limits import CALIBRATION_SAMPLES
-from ...quantization import CALIBRATION_METHODS, WeightScheme, activation_params, int8_kernels_saturate, quantize_weight
+from ...quantization import CALIBRATION_METHODS, WeightScheme, int8_kernels_saturate, quantize_weight
 from ...shapes import shapes_where_known
 from ...validation import SCORE_MAX_TOP1_DROP, DriftProbe, Tolerance, ValidationResult
 from ...walk import iter_graphs
 from ...weights import matches
 from ..base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 from ..simplify import Simplify
+from .bias_correction import bias_shifts
 from .guard import GUARD_REASON, closeness, confirmed, guarded
-from .materialize import (
-    BiasSite,
-    WeightMemo,
-    bias_site,
-    dequantized,
-    dynamic_lstm,
-    dynamic_matmul,
-    insert_qdq,
-    int8_entry,
-    keep_float_in_onnxruntime,
-    patchable,
-    quantize_node_weights,
-)
+from .materialize import StaticBuilder, dequantized, dynamic_lstm, dynamic_matmul
 from .plan import Plan, nested_weight_layers, plan_static, tensors_of
 from .rules import COMPUTE, QUANTIZED_OPS, RECURRENT, speed_kind
 
 log = logging.getLogger(__name__)
 
-# Bias correction patches each layer's shift into one built int8 model; False builds the model again
-# per layer (the same bytes, measured by a test; kept to check the patching against).
-PATCH_BIASES = True
 # never_slower: a best candidate at this ratio to its input or above is tried with each kind of node
 # in float; a ratio within CLOSE_TO_EVEN of 1 is timed again, longer, before it decides anything.
 SPEED_SEARCH_ABOVE = 0.95
@@ -326,11 +310,16 @@ class Qdq(Pass):
         ranges = self._ranges(model, plan, context, result)
         kept_float: set[str] = set()
         shifts: dict[str, np.ndarray] = {}
-        memo = WeightMemo()
+        builder = StaticBuilder(model, plan, ranges, weights, self.activations, self.symmetric)
         if self.bias_correction != "off" and (self.bias_correction == "on" or self.method == "minmax"):
-            shifts = self._bias_shifts(model, plan, ranges, weights, context, result, memo)
+            assert context.calibration is not None  # the manager checked needs()
+            source = first_samples(context.calibration, model, self.correction_samples)
+            # auto corrects convolutions only: on MiniLM's MatMuls it lowered the cosine (0.947 -> 0.932)
+            ops = ("Conv", "Gemm", "MatMul") if self.bias_correction == "on" else ("Conv",)
+            shifts = bias_shifts(builder, source, ops, context.progress)
+            result.figures["bias_corrected_layers"] = len(shifts)
         def build(kept: set[str]) -> onnx.ModelProto:  # the quantized model for a set of nodes kept float
-            return self._build(model, plan, ranges, kept, weights, shifts, memo=memo)
+            return builder.build(kept, shifts)
 
         quantized = build(kept_float)
         holds = None
@@ -402,101 +391,6 @@ class Qdq(Pass):
         if not self.cache:
             return
         write_text_atomically(self.cache, json.dumps({"method": self.method, "ranges": ranges}, indent=1))
-
-    # -- building the quantized graph ---------------------------------------------------------
-
-    def _build(self, model: onnx.ModelProto, plan: Plan, ranges: dict[str, tuple[float, float]], kept_float: set[str], weights: WeightScheme,
-               shifts: dict[str, np.ndarray] | None = None, biases: dict[str, BiasSite] | None = None,
-               memo: WeightMemo | None = None) -> onnx.ModelProto:
-        """The model with every planned node quantized except those in ``kept_float``; a quantized
-        node's bias first takes its correction from ``shifts`` (a float node keeps its own bias).
-        ``biases``, when given, is filled with where each shifted Conv's bias ended up, so that a
-        later shift can be patched into the built model instead of building it again. ``memo``: the
-        int8 weights of earlier builds of ``model``."""
-        graph = to_gs(model)
-        nodes = {n.name: n for n in graph.nodes}
-        chosen = [nodes[n.name] for n in plan.nodes if n.name not in kept_float and n.name in nodes]
-        if shifts and kept_float:
-            # A shift corrects the error of every int8 layer above it: below a layer kept float that
-            # error is another, and the shift measured with everything int8 would add one of its own.
-            # (from layers only: an Add or a pool "kept float" between int8 neighbours still runs int8)
-            after_float = downstream_names(nodes[name] for name in kept_float if name in nodes and nodes[name].op in COMPUTE)
-            shifts = {name: shift for name, shift in shifts.items()
-                      if name in nodes and not any(t.name in after_float for t in nodes[name].inputs)}
-        for node in chosen:
-            if shifts and node.name in shifts:
-                add_output_shift(graph, node, shifts[node.name])
-        shifted_biases = {n.name: constant_value(n.inputs[2]) for n in chosen if shifts and n.name in shifts and n.op == "Conv" and len(n.inputs) > 2}
-        tensors = {t for t in tensors_of(chosen, plan, graph)}
-        params = {name: activation_params(*ranges[name], self.activations, self.symmetric) for name in plan.tensors if name in tensors}
-        for name, root in plan.shared.items():
-            if name in tensors and root in params:
-                params[name] = params[root]
-        variables = graph.tensors()
-        main_nodes = {id(node) for node in graph.nodes}
-        for name, value in params.items():
-            insert_qdq(graph, variables[name], value, main_nodes)
-        chosen_ids = {id(node) for node in chosen}
-        for node in list(graph.nodes):
-            if id(node) not in chosen_ids:
-                keep_float_in_onnxruntime(node)
-        for node in chosen:
-            if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-                quantize_node_weights(graph, node, params, weights, memo=memo)
-        for scope in graph.subgraphs(recursive=True):
-            for node in scope.nodes:
-                if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-                    quantize_node_weights(graph, node, {}, weights, scope=scope)
-        if biases is not None:
-            biases.update({name: site for name, bias in shifted_biases.items() if bias is not None and (site := bias_site(nodes[name], bias))})
-        graph.cleanup().toposort()
-        return from_gs(graph, like=model)
-
-    def _bias_shifts(self, model: onnx.ModelProto, plan: Plan, ranges: dict[str, tuple[float, float]], weights: WeightScheme,
-                     context: PassContext, result: PassResult, memo: WeightMemo | None = None) -> dict[str, np.ndarray]:
-        """Per quantized layer, the shift that brings its mean int8 output (per channel, with every
-        earlier layer already corrected) back to the float model's. Quantization error is not
-        zero-mean, and a shifted mean is what the next layers amplify. Measured here on
-        MobileNetV2 (minmax): mean logit cosine 0.973 -> 0.982. With clipped ranges (entropy,
-        percentile, mse) it made things worse, hence ``auto`` (minmax, convolutions)."""
-        assert context.calibration is not None
-        source = first_samples(context.calibration, model, self.correction_samples)
-        # auto corrects convolutions only: on MiniLM's MatMuls it lowered the cosine (0.947 -> 0.932)
-        ops = ("Conv", "Gemm", "MatMul") if self.bias_correction == "on" else ("Conv",)
-        layers = [n for n in plan.nodes if n.op in ops and n.name and constant_value(n.inputs[1]) is not None]
-        axes = {n.outputs[0].name: (-1 if n.op == "MatMul" else 1) for n in layers}
-        reference = channel_means(tensor_values(model, source, axes, label="bias correction (float)"), axes)
-        shifts: dict[str, np.ndarray] = {}
-        # One int8 model, built with a zero shift on every Conv whose bias is a constant or absent, whose
-        # biases are then patched as their shifts become known: building the model again per layer took
-        # half of qdq's time (MobileNetV2: 53 builds, 6.1 s of 22 s). Other layers (a MatMul, whose
-        # shift would be an Add node that changes what onnxruntime fuses) are corrected by building
-        # again, as before, once their turn comes; both ways give the same bytes (tests/test_qdq.py).
-        biases: dict[str, BiasSite] = {}
-        zero = {layer.name: np.zeros_like(reference[layer.outputs[0].name], dtype=np.float32) for layer in layers if patchable(layer)}
-        patched = self._build(model, plan, ranges, set(), weights, zero, biases, memo) if PATCH_BIASES else None
-        # Each layer's output is computed from the int8 activation entering the layer before it, kept
-        # from the step before (a segment run), not by running the model from its inputs: that made
-        # the correction quadratic in depth. The int8 tensor is kept, not its dequantized twin, so
-        # that onnxruntime fuses the segment's first layer as it does in the whole model.
-        values = ChangingModelValues(source, None, label="bias correction (int8)")
-        for index, layer in enumerate(layers):
-            output = layer.outputs[0].name
-            if patched is None or any(name not in biases for name in shifts):
-                quantized = self._build(model, plan, ranges, set(), weights, shifts, memo=memo)
-                values.kept.clear()  # values of another build
-            else:
-                quantized = patched
-            entry = int8_entry(quantized, layer.name)
-            observed = channel_means(values.values(quantized, [output, *([entry] if entry else [])]), {output: axes[output]})[output]
-            values.kept.pop(output, None)  # the layer's bias changes now: its output with it
-            shifts[layer.name] = (reference[output] - observed).astype(np.float32)
-            if patched is not None and layer.name in biases:
-                biases[layer.name].patch(patched, shifts[layer.name])
-            if context.progress:
-                context.progress("qdq bias correction", index + 1, len(layers))
-        result.figures["bias_corrected_layers"] = len(shifts)
-        return shifts
 
     # -- the accuracy guard -------------------------------------------------------------------
 
