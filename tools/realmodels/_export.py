@@ -209,7 +209,9 @@ def unpacked(packages: list[str], folder: Path) -> dict[str, tuple[Path, str]]:
     subprocess.run(["apt-get", "download", *packages], cwd=folder, check=True, capture_output=True)
     roots = {}
     for package in packages:
-        deb = next(folder.glob(f"{package}_*.deb"))
+        deb = next(folder.glob(f"{package}_*.deb"), None)
+        if deb is None:
+            raise FileNotFoundError(f"apt-get download {package} wrote no .deb into {folder}")
         root = folder / package
         subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
         roots[package] = (root, urllib.parse.unquote(deb.name.split("_")[1]))  # the epoch's ':' is %3a in the file name
