@@ -295,7 +295,7 @@ class PassManager:
                                PassContext(calibration=data.calibration, validate=validate if data.calibration is not None else None,
                                            confirm=confirm if data.calibration is not None else None,
                                            progress=self.progress, runtime=self.runtime, original=judge.original,
-                                           timing=data.validation))
+                                           timing=data.validation, after_lossy=chain.drifted))
         except _CALLER_ERRORS:
             raise
         except Exception as error:  # a broken pass is rolled back, not fatal

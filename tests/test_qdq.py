@@ -836,11 +836,13 @@ def test_auto_counts_a_candidate_within_tolerance_only_if_the_confirming_samples
     assert _pick(results, {"static": 0.8, "dynamic": 0.6}, "input", context, 0.99) == ("static", "the only one within tolerance")  # type: ignore[arg-type]
 
 
-def test_auto_judges_quantization_against_its_input_when_neither_candidate_holds_though_the_input_does(monkeypatch):
-    """A refit model passes the judge's calibration samples (it fit them) at the edge of the tolerance;
-    any quantization tips it over, so neither candidate holds. Auto then weighs what quantization
-    itself adds (drift from the pass's input), and takes the faster of those within that bound, not
-    "the closer to the original", which is merely the one that quantized less."""
+@pytest.mark.parametrize("after_lossy", [True, False], ids=["after a lossy pass", "on a model nothing changed"])
+def test_auto_judges_quantization_against_its_input_when_neither_candidate_holds_after_a_lossy_pass(monkeypatch, after_lossy):
+    """After a lossy pass, a refit model passes the judge's calibration samples (it fit them) at the edge
+    of the tolerance; any quantization tips it over, so neither candidate holds. Auto then weighs what
+    quantization itself adds (drift from the pass's input) and takes the faster within that bound, not
+    "the closer to the original", which is merely the one that quantized less. On a model no lossy pass
+    touched, the user's tolerance is quantization's own: the closer candidate stays the choice."""
     from types import SimpleNamespace
 
     from onnxsparse.passes.qdq.quantize import _pick
@@ -851,10 +853,14 @@ def test_auto_judges_quantization_against_its_input_when_neither_candidate_holds
     def validate(model: str) -> SimpleNamespace:
         return SimpleNamespace(passed=model == "input", outputs=[SimpleNamespace(cosine=0.999 if model == "dynamic" else 0.99)])
 
-    context = PassContext(validate=validate, confirm=lambda model: SimpleNamespace(passed=True), calibration=object())  # type: ignore[arg-type]
+    context = PassContext(validate=validate, confirm=lambda model: SimpleNamespace(passed=True), calibration=object(),  # type: ignore[arg-type]
+                          after_lossy=after_lossy)
     monkeypatch.setattr("onnxsparse.passes.qdq.quantize._within_own_bound", lambda model, candidates, context, bound: list(candidates))
-    mode, why = _pick(results, {"static": 0.56, "dynamic": 0.99}, "input", context, 0.97)  # type: ignore[arg-type]
-    assert (mode, why) == ("static", "neither within tolerance of the original; judged against this pass's input: both within tolerance; the faster")
+    chosen = _pick(results, {"static": 0.56, "dynamic": 0.99}, "input", context, 0.97)  # type: ignore[arg-type]
+    if after_lossy:
+        assert chosen == ("static", "neither within tolerance of the original; judged against this pass's input: both within tolerance; the faster")
+    else:
+        assert chosen == ("dynamic", "neither within tolerance; the closer to the original")
 
 
 def test_auto_judges_no_model_twice_the_guards_static_choice_included(tmp_path, monkeypatch):

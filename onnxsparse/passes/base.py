@@ -62,6 +62,9 @@ class PassContext:
     # What a pass times models on: the run's validation inputs when it has no calibration, so that a
     # timing without calibration data runs at the user's --dims (not a synthetic default shape).
     timing: InputSource | None = None
+    # Whether an earlier lossy step changed the model this pass gets (its drift from the original then
+    # counts against this step's tolerance too): qdq's choice of mode then weighs its own drift.
+    after_lossy: bool = False
 
     def timing_inputs(self) -> InputSource | None:
         """The inputs to time on: the calibration data, else :attr:`timing`."""

@@ -27,7 +27,7 @@ from .rules import COMPUTE, FUSED_ACTIVATIONS, WEIGHTS_QUANTIZED_BY_ONNXRUNTIME
 
 # A built model's int8 weights are kept for the next build (the guard builds dozens: MobileNetV2's 41
 # builds quantized 1,815 weights, 0.5 s) up to this many bytes; beyond it each build quantizes again,
-# so a big model never holds a second set of int8 weights beside the one its built model holds.
+# so a big model holds at most this much int8 beside what its built model holds.
 WEIGHT_MEMO_BYTES = 64 << 20
 
 
@@ -45,6 +45,8 @@ class WeightMemo:
             return self._quants[key]
         quant = quantize_weight(weight, axis, bound)
         if quant.values.nbytes <= self._room:
+            for shared in (quant.values, quant.scale, quant.zero_point):
+                shared.setflags(write=False)  # every later build reads these very arrays
             self._room -= quant.values.nbytes
             self._quants[key] = quant
         return quant
@@ -68,7 +70,7 @@ class BiasSite:
         tensor.CopyFrom(onnx.numpy_helper.from_array(stored, self.initializer))
 
 
-@dataclass
+@dataclass(frozen=True)
 class StaticBuilder:
     """Static int8 models of ``model`` as ``plan`` says, for any set of nodes kept float: the guard, the
     bias correction and the speed search each build many of one model, and every build's int8

@@ -534,12 +534,13 @@ def _pick(results: dict[str, PassResult], ratios: dict[str, float], model: onnx.
 
     passing = [mode for mode in results if holds(mode)]
     why_prefix = ""
-    if not passing:
-        # Neither candidate holds the original's tolerance. After a lossy pass that moved the model past
-        # it, or to its edge (a refit that fit the calibration samples passes the judge there, and any
-        # quantization then tips it over), "the closer to the original" is merely the one that
-        # quantized less: MobileNetV2 pruned to 0.70x then kept dynamic's one Gemm (0.99x) over
-        # static's 0.56x. Judge what quantization itself adds: the drift from this pass's input.
+    if not passing and (context.after_lossy or not context.validate(model).passed):
+        # Neither candidate holds the original's tolerance, after a lossy pass that moved the model past
+        # it or to its edge (a refit that fit the calibration samples passes the judge there, and any
+        # quantization then tips it over). "The closer to the original" is then merely the one that
+        # quantized less: MobileNetV2 pruned to 0.70x kept dynamic's one Gemm (0.99x) over static's
+        # 0.56x. Judge what quantization itself adds: the drift from this pass's input. (On a model no
+        # lossy pass touched, the user's tolerance is quantization's own, and stays the measure.)
         passing = _within_own_bound(model, results, context, own_bound)
         why_prefix = "neither within tolerance of the original; judged against this pass's input: "
     if len(passing) == 1:
