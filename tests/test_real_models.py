@@ -412,24 +412,28 @@ def test_detector_metric_file_agrees_with_the_task_evaluator() -> None:
 
 def test_fortune_files_give_plain_prose_sentences_once_and_never_a_held_one(tmp_path):
     """The sentence embedders' training text: a fortune file's cookies cut into sentences, keeping plain
-    prose of a few words; verse, attributions, code, shouting, a sentence cut at its start, a repeat and
-    a calibration or eval sentence are left out."""
+    prose of a few words; verse, an attribution and what follows it, code, shouting (a line, or a
+    sentence of many capitals), a sentence cut at its start, a repeat (in other case) and a calibration
+    or eval sentence are left out."""
     from realmodels.fortune_sentences import sentences_in
 
     (tmp_path / "b_file").write_text(
         "A stitch in time saves nine, as my grandmother used to say.\n"
         "%\n"
         "Never put off until tomorrow what you can do today.\n"
-        "\t\t-- Benjamin Franklin, who was never put off by anything at all\n"
+        "\t\t-- Benjamin Franklin\n"
+        "Nothing written after the attribution belongs to the cookie.\n"
         "%\n"
-        "    Roses are red and violets are blue, she said to him.\n"
+        "    Roses are red and violets are blue, she said to him\n"
+        "And so the verse ran on into a line of prose. The next sentence here is a whole one.\n"
         "THIS IS A VERY LOUD SENTENCE THAT NOBODY WANTS HERE.\n"
+        "The NASA team met the ESA team today in town.\n"
         "%\n"
         "if (x == 1) { return the value of the thing; }\n"
         "%\n"
         "The held sentence is in the calibration data already.\n"
         "%\n"
-        "a stitch in time saves nine, as my grandmother used to say.\n"
+        "A stitch in Time saves nine, as my grandmother used to say.\n"
         "Short one.\n")
     (tmp_path / "a_file").write_text(
         "The early bird gets the worm, but the second mouse gets the cheese.\n"
@@ -442,4 +446,5 @@ def test_fortune_files_give_plain_prose_sentences_once_and_never_a_held_one(tmp_
         "The next one is whole and reads well.",
         "A stitch in time saves nine, as my grandmother used to say.",
         "Never put off until tomorrow what you can do today.",
+        "The next sentence here is a whole one.",  # the one before it may start mid-verse
     ]

@@ -206,7 +206,7 @@ def write_info(out: Path, info: Mapping[str, Any]) -> None:
 def unpacked(packages: list[str], folder: Path) -> dict[str, tuple[Path, str]]:
     """Each Debian package downloaded with apt-get (not installed) and unpacked under ``folder``:
     name -> (root, version)."""
-    subprocess.run(["apt-get", "download", *packages], cwd=folder, check=True, capture_output=True)
+    subprocess.run(["apt-get", "download", *packages], cwd=folder, check=True, capture_output=True, timeout=600)
     roots = {}
     for package in packages:
         deb = next(folder.glob(f"{package}_*.deb"), None)

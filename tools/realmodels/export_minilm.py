@@ -113,8 +113,10 @@ def training_sentences(tokenizer: object) -> tuple[list[str], str]:
     try:
         with tempfile.TemporaryDirectory() as folder:
             found, source = fortune_sentences.sentences(Path(folder), TRAIN_WORDS, held)
-    except (OSError, subprocess.CalledProcessError) as error:
-        print(f"training text: Debian's fortunes are out of reach ({error}); Python's own prose instead")
+    except (OSError, subprocess.SubprocessError) as error:  # no apt-get, no package lists, no mirror
+        detail = getattr(error, "stderr", None) or b""
+        said = detail.decode(errors="replace").strip().splitlines()[-1:] if isinstance(detail, bytes) else []
+        print(f"training text: Debian's fortunes are out of reach ({error}{': ' + said[0] if said else ''}); Python's own prose instead")
         found, source = _python_prose(held), "prose sentences of Python's pydoc_data/topics.py and standard library docstrings"
     fits = [s for s, ids in zip(found, tokenizer(found)["input_ids"]) if len(ids) <= SEQ_LEN]  # type: ignore[operator]
     if len(fits) > TRAIN_SENTENCES:
