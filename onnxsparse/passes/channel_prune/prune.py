@@ -15,6 +15,7 @@ from ...errors import RequirementError
 from ...graph import from_gs, overridable_initializers, to_gs
 from ...inspect_model import count_macs
 from ...latency import timing_feed
+from ...layers import WEIGHT_OPS
 from ...layerwise import add_output_shift
 from ...limits import CALIBRATION_SAMPLES
 from ...validation import EXACT, DriftProbe, Tolerance
@@ -452,8 +453,7 @@ class ChannelPrune(Pass):
 
 def _why_no_layer(graph: gs.Graph) -> str:
     """Why the analysis found no channels to remove at all: where the model's weight layers are, if anywhere."""
-    layers = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-    nested = sum(node.op in layers for subgraph in graph.subgraphs(recursive=True) for node in subgraph.nodes)
+    nested = sum(node.op in WEIGHT_OPS for subgraph in graph.subgraphs(recursive=True) for node in subgraph.nodes)
     if nested:
         return (f"no Conv/Gemm/MatMul with a constant weight in the main graph; {nested} such layer(s) sit inside If/Loop/Scan "
                 "subgraphs, which channel removal does not reach")

@@ -104,7 +104,7 @@ class StaticBuilder:
             if shifts and node.name in shifts:
                 add_output_shift(graph, node, shifts[node.name])
         shifted_biases = {n.name: constant_value(n.inputs[2]) for n in chosen if shifts and n.name in shifts and n.op == "Conv" and len(n.inputs) > 2}
-        tensors = {t for t in tensors_of(chosen, self.plan, graph)}
+        tensors = tensors_of(chosen, self.plan, graph)
         params = {name: activation_params(*self.ranges[name], self.activations, self.symmetric) for name in self.plan.tensors if name in tensors}
         for name, root in self.plan.shared.items():
             if name in tensors and root in params:
@@ -118,11 +118,11 @@ class StaticBuilder:
             if id(node) not in chosen_ids:
                 keep_float_in_onnxruntime(node)
         for node in chosen:
-            if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            if node.op in COMPUTE:
                 quantize_node_weights(graph, node, params, self.weights, memo=self.memo)
         for scope in graph.subgraphs(recursive=True):
             for node in scope.nodes:
-                if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                if node.op in COMPUTE:
                     quantize_node_weights(graph, node, {}, self.weights, scope=scope)
         if biases is not None:
             biases.update({name: site for name, bias in shifted_biases.items() if bias is not None and (site := bias_site(nodes[name], bias))})
