@@ -130,13 +130,15 @@ def _python_prose(held: set[str]) -> list[str]:
     import re
     from pydoc_data.topics import topics
 
+    from realmodels.fortune_sentences import PROSE
+
     kept: list[str] = []
     seen: set[str] = set()
     for text in [topics[name] for name in sorted(topics)] + _standard_library_docstrings():
         for raw in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
             sentence = raw.strip()
             words = sentence.split()
-            prose = re.fullmatch(r"[A-Z][A-Za-z0-9 ,;:'\"()-]+[a-z)][.!?]", sentence) is not None and "  " not in sentence
+            prose = PROSE.fullmatch(sentence) is not None and "  " not in sentence
             if prose and TRAIN_WORDS[0] <= len(words) <= TRAIN_WORDS[1] and sentence not in seen and sentence not in held:
                 seen.add(sentence)
                 kept.append(sentence)

@@ -19,7 +19,8 @@ from realmodels import _export
 PACKAGES = ("fortunes", "fortunes-min")
 INSIDE = Path("usr/share/games/fortunes")
 SKIPPED_FILES = frozenset({"art", "ascii-art"})  # pictures drawn in characters, not prose
-_PROSE = re.compile(r"[A-Z][A-Za-z0-9 ,;:'\"()-]+[a-z)][.!?]")
+# A sentence of plain prose: a capital first, plain characters, a closing stop (the pydoc fallback uses it too)
+PROSE = re.compile(r"[A-Z][A-Za-z0-9 ,;:'\"()-]+[a-z)][.!?]")
 _ODD_CHARACTERS = re.compile(r"[{}<>\[\]|\\#$@=_*^~`/]")
 _SENTENCE_END = re.compile(r"[.!?][\"')]?\s*$")
 
@@ -111,7 +112,7 @@ def _cookie_sentences(cookie: list[str]) -> Iterator[str]:
 
 def _plain(sentence: str) -> bool:
     """A sentence of plain prose: capital first, a closing stop, balanced quotes, few capitals."""
-    if _PROSE.fullmatch(sentence) is None or "--" in sentence or sentence.count('"') % 2:
+    if PROSE.fullmatch(sentence) is None or "--" in sentence or sentence.count('"') % 2:
         return False
     letters = [c for c in sentence if c.isalpha()]
     return sum(c.isupper() for c in letters) / len(letters) <= 0.2
