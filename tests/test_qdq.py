@@ -586,8 +586,41 @@ def test_a_kind_of_node_whose_int8_form_is_slower_stays_float(monkeypatch, tmp_p
     ops = _fused_ops(out, tmp_path)
     assert ops["QLinearConv"] == 4 and ops["Conv"] + ops["FusedConv"] == 1, ops
     # the Add's tensors are quantized by its int8 neighbours whatever is said of it: not timed alone
-    assert step.figures["kinds_in_float_latency"] == "Conv: 1.050; Gemm: 1.050; GlobalAveragePool: 1.050; depthwise Conv: 0.700"
-    assert len(timed) == 1 + 4
+    assert step.figures["kinds_in_float_latency"] == ("Conv: 1.050; Gemm: 1.050; GlobalAveragePool: 1.050; depthwise Conv: 0.700; "
+                                                      "input Conv: 1.050")
+    assert len(timed) == 1 + 5
+
+
+def _first_conv_float(model: onnx.ModelProto) -> bool:
+    """Whether the model's first Conv reads its float input: no QuantizeLinear of the input in front."""
+    first = next(n for n in model.graph.node if n.op_type == "Conv")
+    return first.input[0] == model.graph.input[0].name
+
+
+@pytest.mark.parametrize(("float_first_is", "kept_float"), [(0.95, True), (0.995, False)])
+def test_the_layer_reading_the_model_input_stays_float_when_that_is_timed_faster(monkeypatch, tmp_path, float_first_is, kept_float):
+    """A clearly faster int8 model (0.6x its input) is still timed with its first layer in float, against
+    itself: int8 there costs a QuantizeLinear of the input, and a first layer's few channels can run
+    faster in float. It stays float only when that is at least 1% faster, and says why."""
+    def timing(reference, candidate, feed, **_):
+        if any(n.op_type == "QuantizeLinear" for n in reference.graph.node):  # the trial, against the int8 model
+            return float_first_is if _first_conv_float(candidate) else 1.0
+        return 0.6
+
+    monkeypatch.setattr("onnxsparse.passes.qdq.quantize.relative_latency", timing)
+    out, report = _quantize("digits_cnn", tmp_path, "fold-batchnorm,qdq{mode=static}")
+    step = report.steps[1]
+    assert step.status == "committed" and report.final_validation.passed
+    assert step.figures["input_layers_in_float_latency"] == round(0.6 * float_first_is, 3)
+    ops = _fused_ops(out, tmp_path)
+    first = [s for s in step.skipped if "reads the model's input" in s.reason]
+    if kept_float:
+        assert step.figures["latency_ratio"] == 0.57 and _first_conv_float(onnx.load(out))
+        assert len(first) == 1 and "reads the model's input, and the model ran faster with this Conv in float (0.600x -> 0.570x" in first[0].reason
+        assert ops["QLinearConv"] == 4 and ops["Conv"] + ops["FusedConv"] == 1, ops
+    else:
+        assert step.figures["latency_ratio"] == 0.6 and not first and not _first_conv_float(onnx.load(out))
+        assert ops["QLinearConv"] == 5 and "Conv" not in ops and "FusedConv" not in ops, ops
 
 
 @pytest.mark.parametrize("excluded", ["/block/conv1/Conv", "/pointwise/pointwise.0/Conv"])
@@ -603,7 +636,7 @@ def test_a_layer_kept_float_between_int8_neighbours_runs_float_in_onnxruntime(tm
 
 def test_speed_kinds_tell_one_dimensional_and_depthwise_convolutions_apart():
     from onnxsparse.graph import to_gs
-    from onnxsparse.passes.qdq.rules import speed_kind
+    from onnxsparse.passes.qdq.rules import speed_kind, timing_kind
 
     model = with_initializers(onnx.parser.parse_model("""
     <ir_version: 8, opset_import: ["" : 17]>
@@ -617,6 +650,9 @@ def test_speed_kinds_tell_one_dimensional_and_depthwise_convolutions_apart():
     graph = to_gs(onnx.shape_inference.infer_shapes(model))
     kinds = {n.outputs[0].name: speed_kind(n) for n in graph.nodes if n.op == "Conv"}
     assert kinds == {"a": "1-D Conv", "y": "1-D depthwise Conv", "z": "Conv"}
+    # the speed search times the layers reading the model's input (through data movement only) apart
+    kinds = {n.outputs[0].name: timing_kind(n) for n in graph.nodes if n.op == "Conv"}
+    assert kinds == {"a": "input 1-D Conv", "y": "1-D depthwise Conv", "z": "input Conv"}
 
 
 def test_class_scores_are_held_to_top1_agreement_by_default_and_other_outputs_are_not():

@@ -31,6 +31,29 @@ QUANTIZED_OPS = frozenset({"DynamicQuantizeLSTM", "QuantizeLinear", "DequantizeL
 WEIGHTS_QUANTIZED_BY_ONNXRUNTIME = frozenset({"Conv", "ConvTranspose", "Gemm"})
 
 
+# Ops that move a tensor's values without changing them: a layer behind only these still reads the
+# model's input.
+_MOVES_ONLY = frozenset({"Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
+INPUT_KIND = "input "
+
+
+def timing_kind(node: gs.Node) -> str:
+    """The kind the speed search times in float as one: :func:`speed_kind`, with the layers that read
+    the model's input apart (``INPUT_KIND`` before their kind)."""
+    kind = speed_kind(node)
+    return INPUT_KIND + kind if node.op in COMPUTE and reads_model_input(node) else kind
+
+
+def reads_model_input(node: gs.Node) -> bool:
+    """Whether the node's first input is a model input, directly or through data movement only. In
+    int8 such a layer costs a QuantizeLinear of the input itself, and a first layer has few input
+    channels (3 for RGB), where onnxruntime's float kernel can be the faster one."""
+    tensor = node.inputs[0] if node.inputs else None
+    while tensor is not None and len(tensor.inputs) == 1 and tensor.inputs[0].op in _MOVES_ONLY:
+        tensor = tensor.inputs[0].inputs[0] if tensor.inputs[0].inputs else None
+    return isinstance(tensor, gs.Variable) and not tensor.inputs
+
+
 def speed_kind(node: gs.Node) -> str:
     """The kind of node whose int8 form tends to be fast or slow alike: a 1-D convolution (an
     exporter's conv1d over an unsqueezed axis, often between Transposes), a depthwise one, a MatMul
