@@ -107,6 +107,10 @@ CASES = [
      " k = DequantizeLinear <axis = 1> (wq, ws)\n y = MatMul (d, k)"), "float[3, 4] x", "float[3, 5] y", {"x": _floats(3, 4) * 2},
      {"s": np.array(0.02, np.float32), "z": np.array(128, np.uint8), "wq": RNG.integers(-127, 128, (4, 5)).astype(np.int8),
       "ws": np.array([0.01, 0.02, 0.03, 0.04, 0.05], np.float32)}, 17),
+    ("dynamic quantization and an integer MatMul (qdq's dynamic mode)", ("q, qs, qz = DynamicQuantizeLinear (x)\n"
+     " i = MatMulInteger (q, wq, qz, wz)\n f = Cast <to = 1> (i)\n s = Mul (qs, ws)\n y = Mul (f, s)"), "float[3, 4] x", "float[3, 5] y",
+     {"x": _floats(3, 4) * 2 + 0.5}, {"wq": RNG.integers(-127, 128, (4, 5)).astype(np.int8), "wz": np.zeros(5, np.int8),
+                                      "ws": np.array([0.01, 0.02, 0.03, 0.04, 0.05], np.float32)}, 17),
     ("pad constant and reflect", "p = Pad <mode = \"constant\"> (x, pads, v)\n y = Pad <mode = \"reflect\"> (p, pads)", "float[1, 2, 4, 4] x",
      "float[1, 2, 8, 8] y", {"x": _floats(1, 2, 4, 4)}, {"pads": np.array([0, 0, 1, 0, 0, 0, 1, 2], np.int64), "v": np.array(0.5, np.float32)}, 17),
     ("resize nearest x2 (an upsample)", "y = Resize <mode = \"nearest\", coordinate_transformation_mode = \"asymmetric\", nearest_mode = \"floor\"> (x, , scales)",
@@ -400,6 +404,27 @@ def test_distill_after_qdq_trains_the_integer_weights_on_their_grid():
         np.testing.assert_array_equal(after[name], before[name])
     _, no_qat = _distilled(chain + ",distill{epochs=10 learning_rate=0.001 qat=false}")
     assert not no_qat.steps[2].changes and "qat=true" in no_qat.steps[2].skipped[0].reason
+
+
+def test_distill_after_dynamic_qdq_trains_the_float_parts_around_the_integer_matmuls():
+    """qdq's dynamic mode (the one it picks on transformers) writes DynamicQuantizeLinear ->
+    MatMulInteger -> scale multiply; distill runs it with the activations' rounding straight through,
+    trains the float parts (biases, norms, embeddings) and leaves the int8 weights and their scales
+    as they are."""
+    chain = "channel-prune{ratio=0.5 round_to=1 never_slower=false},qdq{mode=dynamic never_slower=false}"
+    student, quantized = _distilled(chain, "digits_transformer")
+    trained, report = _distilled(chain + ",distill{epochs=10 learning_rate=0.001}", "digits_transformer")
+    distill = report.steps[2]
+    assert any(n.op_type == "MatMulInteger" for n in student.graph.node)
+    assert distill.changes and distill.figures["held_out_loss_after"] < distill.figures["held_out_loss_before"]
+    assert distill.validation.outputs[0].cosine > quantized.steps[1].validation.outputs[0].cosine
+    assert [(n.name, n.op_type, list(n.input)) for n in trained.graph.node] == [(n.name, n.op_type, list(n.input)) for n in student.graph.node]
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in student.graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in trained.graph.initializer}
+    integers = {n.input[1] for n in student.graph.node if n.op_type == "MatMulInteger"}
+    scales = [n for n in before if n.endswith("_weight_scale")]
+    assert integers and scales and all(np.array_equal(after[n], before[n]) for n in integers | set(scales))
+    assert any(not np.array_equal(after[n], before[n]) for n in before)
 
 
 def test_distill_trains_on_the_samples_of_its_data_option_without_calibration(tmp_path):

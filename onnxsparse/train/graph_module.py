@@ -75,7 +75,7 @@ class GraphModule(torch.nn.Module):
         constants.update({node.output[0]: _constant_value(node) for node in graph.node if node.op_type == "Constant"})
         # Measured or decided, not learnt: a BatchNormalization's running statistics, quantization scales and zero points.
         fixed = {name for node in graph.node if node.op_type == "BatchNormalization" for name in node.input[3:5]}
-        fixed |= {name for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear") for name in node.input[1:3]}
+        fixed |= _quantization_parameters(graph)
         trainable = trainable or (lambda name, value: value.dtype.kind == "f" and value.size > 1 and name not in fixed)
         self._grids = _integer_grids(graph, constants) if quantized else {}
         self.weights = torch.nn.ParameterDict()
@@ -177,6 +177,17 @@ def _integer_grids(graph: onnx.GraphProto, constants: Mapping[str, np.ndarray]) 
         grids[name] = _Grid(along(torch.from_numpy(constants[scale_name].astype(np.float32)), value.ndim, axis),
                             along(torch.from_numpy(zero.astype(np.float32)), value.ndim, axis), int(info.min), int(info.max))
     return grids
+
+
+def _quantization_parameters(graph: onnx.GraphProto) -> set[str]:
+    """The scales and zero points of QuantizeLinear/DequantizeLinear, and the weight scales that multiply a
+    DynamicQuantizeLinear's scale (qdq's dynamic mode): a step of Adam sized for weights would move such
+    a scale (0.002) by half of itself."""
+    names = {name for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear") for name in node.input[1:3]}
+    dynamic_scales = {node.output[1] for node in graph.node if node.op_type == "DynamicQuantizeLinear" and len(node.output) > 1}
+    names |= {name for node in graph.node if node.op_type == "Mul" and dynamic_scales & set(node.input)
+              for name in node.input if name not in dynamic_scales}
+    return names
 
 
 def _fused_quantizations(graph: onnx.GraphProto) -> set[str]:

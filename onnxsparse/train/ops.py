@@ -602,6 +602,28 @@ def _dequantize(node: OnnxNode, q: Tensor, scale: Tensor, zero_point: Tensor | N
     return (values - zero) * _per_axis(node, values, scale)
 
 
+@rule("DynamicQuantizeLinear")
+def _dynamic_quantize(node: OnnxNode, x: Tensor) -> list[Tensor]:
+    """uint8 integers of ``x`` on the range of this very tensor (0 always inside it), as a float tensor
+    whose gradient passes straight through the rounding; the scale and zero point it chose, as
+    constants of this step (qdq's dynamic mode writes it before each MatMulInteger)."""
+    with torch.no_grad():
+        low, high = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+        scale = (high - low) / 255.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero tensor: every integer is the zero point
+        zero = torch.clamp(torch.round(-low / scale), 0, 255)
+    return [straight_through_integers(x, scale, zero, 0, 255), scale.to(x.dtype), zero.to(torch.uint8)]
+
+
+@rule("MatMulInteger")
+def _matmul_integer(node: OnnxNode, a: Tensor, b: Tensor, a_zero: Tensor | None = None, b_zero: Tensor | None = None) -> Tensor:
+    """The int32 products of two integer matrices less their zero points, as float32 (exact while the
+    sums stay below 2^24): the activation side carries its straight-through gradient."""
+    left = a.float() - (a_zero.float() if a_zero is not None else 0.0)
+    right = b.float() - (b_zero.float() if b_zero is not None else 0.0)
+    return torch.matmul(left, right)
+
+
 # -- recurrent ---------------------------------------------------------------------------------
 
 _GATE_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Relu": torch.relu}
