@@ -204,8 +204,8 @@ class Runtime:
         loaded once for its validation and its timing, not twice (0.7 s of 5.4 s for a 504 MB one),
         and its session lives through what comes between (the caller's word that nothing between
         loads a model as big). ``hand_over``: a pass's result timed before the manager validates it;
-        a big one's session is held, past the budget, until it is next asked for (or
-        :meth:`drop_handed`), so the validation does not load it again."""
+        a big one's session is held, past the budget, until it is next asked for other than to be
+        handed over again (or :meth:`drop_handed`), so the validation does not load it again."""
         size = tensor_bytes(model)  # about what the session holds of its weights
         big = size > self.max_bytes // 2
         pinned = timed_later and pin
@@ -222,7 +222,7 @@ class Runtime:
             if held is not None:
                 self._held.move_to_end(key)
                 self.reused += 1
-                if key in self._handed:  # handed over once: the receiver holds it from here
+                if key in self._handed and not hand_over:  # handed over once: the receiver holds it from here
                     self._handed.discard(key)
                     del self._held[key]
                 return held.session

@@ -603,8 +603,8 @@ def test_the_layer_reading_the_model_input_stays_float_when_that_is_timed_faster
     itself: int8 there costs a QuantizeLinear of the input, and a first layer's few channels can run
     faster in float. It stays float only when that is at least 1% faster, and says why."""
     def timing(reference, candidate, feed, **_):
-        if any(n.op_type == "QuantizeLinear" for n in reference.graph.node):  # the trial, against the int8 model
-            return float_first_is if _first_conv_float(candidate) else 1.0
+        if any(n.op_type == "QuantizeLinear" for n in reference.graph.node):  # the int8 model, against the trial
+            return 1 / float_first_is if _first_conv_float(reference) else 1.0
         return 0.6
 
     monkeypatch.setattr("onnxsparse.passes.qdq.quantize.relative_latency", timing)
@@ -621,6 +621,55 @@ def test_the_layer_reading_the_model_input_stays_float_when_that_is_timed_faster
     else:
         assert step.figures["latency_ratio"] == 0.6 and not first and not _first_conv_float(onnx.load(out))
         assert ops["QLinearConv"] == 5 and "Conv" not in ops and "FusedConv" not in ops, ops
+
+
+def test_a_model_with_nodes_kept_float_has_its_biases_corrected_again_for_them(monkeypatch, tmp_path):
+    """Bias shifts measured with every node int8 are dropped below a layer kept float (they would correct
+    an error that is no longer there): with the first layer float, that is every shift. The model
+    chosen with it float has its biases measured again with it float: fewer layers corrected, closer
+    to the original than without them (and here than every node int8)."""
+    from onnxsparse.passes.qdq import quantize
+
+    monkeypatch.setattr(quantize, "relative_latency", lambda reference, candidate, feed, **_: (
+        (1 / 0.95 if _first_conv_float(reference) else 1.0) if any(n.op_type == "QuantizeLinear" for n in reference.graph.node) else 0.6))
+    x = np.concatenate([np.load(MODELS / f"digits_cnn.{part}.npz")["input"] for part in ("inputs", "calibration")])
+    fp32 = ort.InferenceSession(str(MODELS / "digits_cnn.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    measured = quantize.bias_shifts
+    errors, corrected = {}, {}
+    for again in (True, False):
+        if not again:  # what the variant was before: shifts measured with every node int8, so all dropped
+            monkeypatch.setattr(quantize, "bias_shifts", lambda *args, kept_float=frozenset(), **kwargs: (
+                {} if kept_float else measured(*args, **kwargs)))
+        out, report = _quantize("digits_cnn", tmp_path, "fold-batchnorm,qdq{mode=static guard=false}")
+        assert _first_conv_float(onnx.load(out))
+        y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+        errors[again], corrected[again] = float(np.abs(y - fp32).mean()), report.steps[1].figures["bias_corrected_layers"]
+    assert corrected == {True: 4, False: 0}
+    assert errors[True] < 0.8 * errors[False], errors
+
+
+@pytest.mark.parametrize(("judged", "confirmed", "current_holds", "expected"), [
+    ((True, 0.99), True, True, (True, True)),  # holds on both sets of samples
+    ((True, 0.99), False, True, (False, False)),  # the judge's samples only: a search's choice must hold on the others too
+    ((False, 0.50), True, False, (True, False)),  # neither holds (after a lossy step): closer to the original than current
+    ((False, 0.30), True, False, (False, False)),  # neither holds, and further from the original
+])
+def test_a_variant_replaces_the_guards_model_when_it_holds_on_both_sample_sets_or_neither_does_and_it_is_closer(
+        judged, confirmed, current_holds, expected):
+    from types import SimpleNamespace
+
+    from onnxsparse.passes.qdq.quantize import _replaces
+
+    variant, current = onnx.ModelProto(), onnx.ModelProto()
+    variant.doc_string, current.doc_string = "variant", "current"
+
+    def verdict(passed: bool, cosine: float) -> SimpleNamespace:
+        return SimpleNamespace(passed=passed, outputs=[SimpleNamespace(cosine=cosine)])
+
+    context = PassContext(
+        validate=lambda model: verdict(*judged) if model.doc_string == "variant" else verdict(current_holds, 0.4),
+        confirm=lambda model: verdict(confirmed if model.doc_string == "variant" else True, 0.0))
+    assert _replaces(variant, current, context)[:2] == expected
 
 
 @pytest.mark.parametrize("excluded", ["/block/conv1/Conv", "/pointwise/pointwise.0/Conv"])
@@ -640,19 +689,20 @@ def test_speed_kinds_tell_one_dimensional_and_depthwise_convolutions_apart():
 
     model = with_initializers(onnx.parser.parse_model("""
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[1, 8, 1, 32] x) => (float[1, 8, 1, 32] y, float[1, 8, 4, 4] z) {
+    g (float[1, 8, 1, 32] x, float[32, 4] h) => (float[1, 8, 1, 32] y, float[1, 8, 4, 4] z, float[1, 8, 1, 4] m) {
         a = Conv <pads = [0, 1, 0, 1]> (x, w13)
         y = Conv <pads = [0, 1, 0, 1], group = 8> (a, wd)
         p = Reshape (x, shape)
         z = Conv <pads = [1, 1, 1, 1]> (p, w33)
+        m = MatMul (y, h)
     }"""), w13=np.ones((8, 8, 1, 3), np.float32), wd=np.ones((8, 1, 1, 3), np.float32), w33=np.ones((8, 8, 3, 3), np.float32),
         shape=np.array([1, 8, 4, 8], np.int64))
     graph = to_gs(onnx.shape_inference.infer_shapes(model))
     kinds = {n.outputs[0].name: speed_kind(n) for n in graph.nodes if n.op == "Conv"}
     assert kinds == {"a": "1-D Conv", "y": "1-D depthwise Conv", "z": "Conv"}
-    # the speed search times the layers reading the model's input (through data movement only) apart
-    kinds = {n.outputs[0].name: timing_kind(n) for n in graph.nodes if n.op == "Conv"}
-    assert kinds == {"a": "input 1-D Conv", "y": "1-D depthwise Conv", "z": "input Conv"}
+    # the speed search times the layers reading a model input (through data movement only, as any operand) apart
+    kinds = {n.outputs[0].name: timing_kind(n) for n in graph.nodes if n.op in ("Conv", "MatMul")}
+    assert kinds == {"a": "input 1-D Conv", "y": "1-D depthwise Conv", "z": "input Conv", "m": "input MatMul of activations"}
 
 
 def test_class_scores_are_held_to_top1_agreement_by_default_and_other_outputs_are_not():

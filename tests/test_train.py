@@ -135,6 +135,16 @@ def test_each_op_gives_onnxruntimes_outputs(body, inputs, outputs, feed, initial
         np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("x", [np.zeros((0, 4), np.float32), -np.abs(_floats(3, 4)), np.zeros((3, 4), np.float32)],
+                         ids=["empty", "all negative", "all zero"])
+def test_dynamic_quantization_picks_onnxruntimes_scale_and_zero_point_at_the_edges(x):
+    model = _model("q, s, z = DynamicQuantizeLinear (x)", "float[N, 4] x", "uint8[N, 4] q, float s, uint8 z")
+    ours, theirs = _ours_and_theirs(model, {"x": x})
+    np.testing.assert_array_equal(ours[0], theirs[0].astype(np.float32))  # the integers, as a float tensor
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-6)
+    assert ours[2].dtype == theirs[2].dtype and ours[2] == theirs[2]
+
+
 @pytest.mark.parametrize("name", ["digits_cnn", "digits_transformer"])
 def test_the_bundled_models_give_onnxruntimes_outputs(name):
     model = load(MODELS / f"{name}.onnx")

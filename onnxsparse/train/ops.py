@@ -608,7 +608,9 @@ def _dynamic_quantize(node: OnnxNode, x: Tensor) -> list[Tensor]:
     whose gradient passes straight through the rounding; the scale and zero point it chose, as
     constants of this step (qdq's dynamic mode writes it before each MatMulInteger)."""
     with torch.no_grad():
-        low, high = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+        empty = x.numel() == 0  # onnxruntime gives an empty tensor scale 1 and zero point 0
+        low = torch.zeros((), dtype=x.dtype) if empty else torch.clamp(x.min(), max=0.0)
+        high = torch.zeros((), dtype=x.dtype) if empty else torch.clamp(x.max(), min=0.0)
         scale = (high - low) / 255.0
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero tensor: every integer is the zero point
         zero = torch.clamp(torch.round(-low / scale), 0, 255)

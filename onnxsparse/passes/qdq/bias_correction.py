@@ -21,11 +21,12 @@ PATCH_BIASES = True
 
 
 def bias_shifts(builder: StaticBuilder, source: InputSource, ops: Sequence[str],
-                progress: Callable[[str, int, int], None] | None = None) -> dict[str, np.ndarray]:
+                progress: Callable[[str, int, int], None] | None = None, kept_float: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
     """Per planned layer of ``ops`` with a constant weight, in graph order, the shift that brings its
-    mean int8 output back to the float model's on ``source``."""
+    mean int8 output back to the float model's on ``source``, with the nodes of ``kept_float`` float
+    (build with ``measured_with=kept_float``)."""
     model, plan = builder.model, builder.plan
-    layers = [n for n in plan.nodes if n.op in ops and n.name and constant_value(n.inputs[1]) is not None]
+    layers = [n for n in plan.nodes if n.op in ops and n.name and n.name not in kept_float and constant_value(n.inputs[1]) is not None]
     axes = {n.outputs[0].name: (-1 if n.op == "MatMul" else 1) for n in layers}
     reference = channel_means(tensor_values(model, source, axes, label="bias correction (float)"), axes)
     shifts: dict[str, np.ndarray] = {}
@@ -36,7 +37,7 @@ def bias_shifts(builder: StaticBuilder, source: InputSource, ops: Sequence[str],
     # before, once their turn comes; both ways give the same bytes (tests/test_qdq.py).
     biases: dict[str, BiasSite] = {}
     zero = {layer.name: np.zeros_like(reference[layer.outputs[0].name], dtype=np.float32) for layer in layers if patchable(layer)}
-    patched = builder.build(set(), zero, biases) if PATCH_BIASES else None
+    patched = builder.build(set(kept_float), zero, biases, kept_float) if PATCH_BIASES else None
     # Each layer's output is computed from the int8 activation entering the layer before it, kept from
     # the step before (a segment run), not by running the model from its inputs: that made the
     # correction quadratic in depth. The int8 tensor is kept, not its dequantized twin, so that
@@ -45,7 +46,7 @@ def bias_shifts(builder: StaticBuilder, source: InputSource, ops: Sequence[str],
     for index, layer in enumerate(layers):
         output = layer.outputs[0].name
         if patched is None or any(name not in biases for name in shifts):
-            quantized = builder.build(set(), shifts)
+            quantized = builder.build(set(kept_float), shifts, measured_with=kept_float)
             values.kept.clear()  # values of another build
         else:
             quantized = patched

@@ -85,21 +85,16 @@ class StaticBuilder:
     memo: WeightMemo = field(default_factory=WeightMemo)
 
     def build(self, kept_float: set[str], shifts: dict[str, np.ndarray] | None = None,
-              biases: dict[str, BiasSite] | None = None) -> onnx.ModelProto:
+              biases: dict[str, BiasSite] | None = None, measured_with: frozenset[str] = frozenset()) -> onnx.ModelProto:
         """The model with every planned node quantized except those in ``kept_float``; a quantized
-        node's bias first takes its correction from ``shifts`` (a float node keeps its own bias).
-        ``biases``, when given, is filled with where each shifted Conv's bias ended up, so that a
-        later shift can be patched into the built model instead of building it again."""
+        node's bias first takes its correction from ``shifts``, measured with the nodes of
+        ``measured_with`` float (a float node keeps its own bias). ``biases``, when given, is filled
+        with where each shifted Conv's bias ended up, so that a later shift can be patched into the
+        built model instead of building it again."""
         graph = to_gs(self.model)
         nodes = {n.name: n for n in graph.nodes}
         chosen = [nodes[n.name] for n in self.plan.nodes if n.name not in kept_float and n.name in nodes]
-        if shifts and kept_float:
-            # A shift corrects the error of every int8 layer above it: below a layer kept float that
-            # error is another, and the shift measured with everything int8 would add one of its own.
-            # (from layers only: an Add or a pool "kept float" between int8 neighbours still runs int8)
-            after_float = downstream_names(nodes[name] for name in kept_float if name in nodes and nodes[name].op in COMPUTE)
-            shifts = {name: shift for name, shift in shifts.items()
-                      if name in nodes and not any(t.name in after_float for t in nodes[name].inputs)}
+        shifts = applicable_shifts(graph, kept_float, shifts or {}, measured_with)
         for node in chosen:
             if shifts and node.name in shifts:
                 add_output_shift(graph, node, shifts[node.name])
@@ -128,6 +123,20 @@ class StaticBuilder:
             biases.update({name: site for name, bias in shifted_biases.items() if bias is not None and (site := bias_site(nodes[name], bias))})
         graph.cleanup().toposort()
         return from_gs(graph, like=self.model)
+
+
+def applicable_shifts(graph: gs.Graph, kept_float: set[str], shifts: dict[str, np.ndarray],
+                      measured_with: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """The bias shifts a build with ``kept_float`` float applies: a shift corrects the error of every int8
+    layer above it, and below a layer float now and not when the shift was measured (``measured_with``)
+    that error is another, so the shift would add one of its own. (From layers only: an Add or a pool
+    "kept float" between int8 neighbours still runs int8.)"""
+    newly_float = kept_float - measured_with
+    if not shifts or not newly_float:
+        return shifts
+    nodes = {n.name: n for n in graph.nodes}
+    after_float = downstream_names(nodes[name] for name in newly_float if name in nodes and nodes[name].op in COMPUTE)
+    return {name: shift for name, shift in shifts.items() if name in nodes and not any(t.name in after_float for t in nodes[name].inputs)}
 
 
 def int8_entry(model: onnx.ModelProto, name: str) -> str | None:

@@ -42,7 +42,7 @@ from ..base import Change, Pass, PassContext, PassResult, Requirement, Skip, reg
 from ..simplify import Simplify
 from .bias_correction import bias_shifts
 from .guard import GUARD_REASON, closeness, confirmed, guarded
-from .materialize import StaticBuilder, dequantized, dynamic_lstm, dynamic_matmul
+from .materialize import StaticBuilder, applicable_shifts, dequantized, dynamic_lstm, dynamic_matmul
 from .plan import Plan, nested_weight_layers, plan_static, tensors_of
 from .rules import COMPUTE, INPUT_KIND, QUANTIZED_OPS, RECURRENT, speed_kind, timing_kind
 
@@ -276,8 +276,7 @@ class Qdq(Pass):
             return picked, ratio
         slow = {name: f"kept in float: int8 {kind} made the model slower ({ratio:.2f}x -> {trials[best]:.2f}x its input's time "
                       f"with every {'+'.join(best)} in float)" for kind in best for name in kinds[kind]}
-        faster = self._variant(static, picked, slow, static.build(static.guard_kept | set(slow)), context,
-                               f"{'+'.join(best)} in float ran faster ({trials[best]:.2f}x)")
+        faster = self._variant(static, picked, slow, context, f"{'+'.join(best)} in float ran faster ({trials[best]:.2f}x)")
         return (picked, ratio) if faster is None else (faster, trials[best])
 
     def _without_slow_input_layers(self, static: StaticResult, picked: PassResult, ratio: float, feed: dict[str, np.ndarray],
@@ -291,28 +290,33 @@ class Qdq(Pass):
                  if node.name not in static.guard_kept and timing_kind(node).startswith(INPUT_KIND)}
         if not first or not static.changes_anything(static.guard_kept | set(first)):
             return picked, ratio
-        model = static.build(static.guard_kept | set(first))
-        relative = relative_latency(picked.model, self._with_embeddings(PassResult(model)).model, feed, runtime=context.runtime,
-                                    keep_candidate=False, decide_at=(INPUT_FLOAT_GAIN,))
+        model = self._with_embeddings(PassResult(static.build(static.guard_kept | set(first)))).model
+        # picked is timed as the candidate, so that its session stays handed over for the manager's validation
+        relative = 1.0 / relative_latency(model, picked.model, feed, runtime=context.runtime, keep_candidate=True, hand_over=True,
+                                          decide_at=(1.0 / INPUT_FLOAT_GAIN,))
         timed = ratio * relative
         picked.figures["input_layers_in_float_latency"] = round(timed, 3)
         if relative >= INPUT_FLOAT_GAIN:
             return picked, ratio
         slow = {name: f"kept in float: it reads the model's input, and the model ran faster with this {kind} in float ({ratio:.3f}x "
                       f"-> {timed:.3f}x its input's time)" for name, kind in first.items()}
-        faster = self._variant(static, picked, slow, model, context, f"the layers reading the model's input in float ran faster ({timed:.2f}x)")
+        faster = self._variant(static, picked, slow, context, f"the layers reading the model's input in float ran faster ({timed:.2f}x)")
         return (picked, ratio) if faster is None else (faster, timed)
 
-    def _variant(self, static: StaticResult, picked: PassResult, slow: dict[str, str], model: onnx.ModelProto, context: PassContext,
-                 what: str) -> PassResult | None:
-        """``model``, the guard's choice with the ``slow`` nodes (name -> why) kept float too, reported as
-        such; None, said on ``picked``, when it breaks the tolerance."""
-        if context.validate is not None and not context.validate(model).passed:
-            picked.warnings.append(f"qdq: {what} but broke the tolerance: kept int8")
+    def _variant(self, static: StaticResult, picked: PassResult, slow: dict[str, str], context: PassContext, what: str) -> PassResult | None:
+        """The guard's choice with the ``slow`` nodes (name -> why) kept float too, its biases corrected
+        for that, reported as such; None, said on ``picked``, when it does not hold the tolerance as
+        well as the guard's choice (see :func:`_replaces`)."""
+        model, layers = static.corrected(static.guard_kept | set(slow))
+        replaces, _, why = _replaces(model, static.guard_model, context, static.guard_holds) if context.validate is not None else (True, None, "")
+        if not replaces:
+            picked.warnings.append(f"qdq: {what} but {why}: kept int8")
             return None
         guarded = dict.fromkeys(static.guard_kept, GUARD_REASON)
         faster = self._with_embeddings(static.result(model, {**guarded, **slow}))
         faster.figures = {**picked.figures, **faster.figures}  # the mode choice and the trials' timings stay
+        if "bias_corrected_layers" in faster.figures:
+            faster.figures["bias_corrected_layers"] = layers
         return faster
 
     def _scheme(self, per_channel: bool, result: PassResult) -> WeightScheme:
@@ -349,22 +353,37 @@ class Qdq(Pass):
         kept_float: set[str] = set()
         shifts: dict[str, np.ndarray] = {}
         builder = StaticBuilder(model, plan, ranges, weights, self.activations, self.symmetric)
-        if self.bias_correction != "off" and (self.bias_correction == "on" or self.method == "minmax"):
-            assert context.calibration is not None  # the manager checked needs()
-            source = first_samples(context.calibration, model, self.correction_samples)
-            # auto corrects convolutions only: on MiniLM's MatMuls it lowered the cosine (0.947 -> 0.932)
-            ops = ("Conv", "Gemm", "MatMul") if self.bias_correction == "on" else ("Conv",)
+        correcting = self.bias_correction != "off" and (self.bias_correction == "on" or self.method == "minmax")
+        # auto corrects convolutions only: on MiniLM's MatMuls it lowered the cosine (0.947 -> 0.932)
+        ops = ("Conv", "Gemm", "MatMul") if self.bias_correction == "on" else ("Conv",)
+        source = first_samples(context.calibration, model, self.correction_samples) if correcting and context.calibration is not None else None
+        if source is not None:
             shifts = bias_shifts(builder, source, ops, context.progress)
             result.figures["bias_corrected_layers"] = len(shifts)
-        def build(kept: set[str]) -> onnx.ModelProto:  # the quantized model for a set of nodes kept float
+        def build(kept: set[str]) -> onnx.ModelProto:  # the quantized model for a set of nodes kept float (trials)
             return builder.build(kept, shifts)
+
+        def corrected(kept: set[str]) -> tuple[onnx.ModelProto, int]:
+            """The model for ``kept`` with its biases corrected again with exactly those nodes float (the
+            trials drop every shift below a float layer: for a first layer kept float, all of them),
+            and how many layers were corrected."""
+            if not shifts or not kept or source is None:
+                return build(kept), len(applicable_shifts(graph, kept, shifts))
+            again = bias_shifts(builder, source, ops, context.progress, kept_float=frozenset(kept))
+            return builder.build(kept, again, measured_with=frozenset(kept)), len(again)
 
         quantized = build(kept_float)
         holds = None
         if self.guard and context.validate is not None:
             quantized, kept_float, holds = guarded(build, plan, quantized, context, result)
+            if shifts and kept_float:
+                again, layers = corrected(kept_float)
+                replaces, again_holds, _ = _replaces(again, quantized, context, holds)
+                if replaces:
+                    quantized, holds = again, again_holds
+                result.figures["bias_corrected_layers"] = layers if replaces else len(applicable_shifts(graph, kept_float, shifts))
         result.figures.update(mode="static", activations=self.activations, weights=weights.describe())
-        static = StaticResult(graph, plan, nested, build, kept_float, result, quantized, holds)
+        static = StaticResult(graph, plan, nested, build, corrected, kept_float, result, quantized, holds)
         static.first = static.result(quantized, dict.fromkeys(kept_float, GUARD_REASON))
         return static
 
@@ -495,6 +514,7 @@ class StaticResult:
     plan: Plan
     nested: list[str]  # weights inside subgraphs, stored int8
     build: Callable[[set[str]], onnx.ModelProto]  # the model with these nodes kept float
+    corrected: Callable[[set[str]], tuple[onnx.ModelProto, int]]  # the same, biases corrected for exactly them; layers corrected
     guard_kept: set[str]  # kept float by the accuracy guard
     said: PassResult  # what was said before any variant: calibration, guard figures, excluded nodes
     guard_model: onnx.ModelProto  # the model the guard chose
@@ -528,6 +548,24 @@ class StaticResult:
             subgraph_weights_quantized=len(self.nested), tensors_calibrated=len(self.plan.tensors),
         )
         return result
+
+
+def _replaces(model: onnx.ModelProto, current: onnx.ModelProto, context: PassContext, current_holds: bool | None = None) -> tuple[bool, bool, str]:
+    """Whether ``model`` may replace ``current``, whether it holds the tolerance, and why not: it may when
+    it holds it (on the judge's samples and the confirming ones), or when neither does and it is no
+    further from the original (after a lossy step nothing may hold). ``current_holds``: whether
+    ``current`` holds, when that is known (None: judged here if needed)."""
+    assert context.validate is not None
+    verdict = context.validate(model)
+    if verdict.passed and confirmed(model, context):
+        return True, True, ""
+    if current_holds:
+        return False, False, "broke the tolerance"
+    before = context.validate(current)
+    if current_holds is None and before.passed and confirmed(current, context):
+        return False, False, "broke the tolerance"
+    closer, kept = closeness(verdict), closeness(before)
+    return closer >= kept, False, f"was further from the original (cosine {closer:.6f} against {kept:.6f}), and neither holds the tolerance"
 
 
 def _simplified(model: onnx.ModelProto, context: PassContext, result: PassResult) -> PassResult | None:

@@ -45,12 +45,15 @@ def timing_kind(node: gs.Node) -> str:
 
 
 def reads_model_input(node: gs.Node) -> bool:
-    """Whether the node's first input is a model input, directly or through data movement only. In
-    int8 such a layer costs a QuantizeLinear of the input itself, and a first layer has few input
-    channels (3 for RGB), where onnxruntime's float kernel can be the faster one."""
-    tensor = node.inputs[0] if node.inputs else None
-    while tensor is not None and len(tensor.inputs) == 1 and tensor.inputs[0].op in _MOVES_ONLY:
-        tensor = tensor.inputs[0].inputs[0] if tensor.inputs[0].inputs else None
+    """Whether an activation the node quantizes is a model input, directly or through data movement
+    only. In int8 such a layer costs a QuantizeLinear of the input itself, and a first layer has few
+    input channels (3 for RGB), where onnxruntime's float kernel can be the faster one."""
+    return any(_from_model_input(node.inputs[i]) for i in COMPUTE.get(node.op, (0,)) if i < len(node.inputs))
+
+
+def _from_model_input(tensor: gs.Tensor) -> bool:
+    while len(tensor.inputs) == 1 and tensor.inputs[0].op in _MOVES_ONLY and tensor.inputs[0].inputs:
+        tensor = tensor.inputs[0].inputs[0]
     return isinstance(tensor, gs.Variable) and not tensor.inputs
 
 
