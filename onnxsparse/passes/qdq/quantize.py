@@ -101,8 +101,8 @@ class Qdq(Pass):
         "help": "time each candidate against the pass's input in onnxruntime (one thread, interleaved runs) and keep the "
                 "input when none is faster, saying so; when the best is not clearly faster, each kind of quantized node "
                 "(1-D Conv, depthwise Conv, MatMul of activations, Add, the layers reading the model's input, ...) is also tried in "
-                "float, and a kind whose int8 form made the model slower stays float; when it is, the layers reading the model's "
-                "input are still tried in float. The pass manager also rolls back a step slower than its input"})
+                "float, and a kind whose int8 form made the model slower stays float; when it is clearly faster, the layers reading "
+                "the model's input are still tried in float (kept so when 1% faster). The pass manager also rolls back a step slower than its input"})
     sensitivity: bool = field(default=False, metadata={
         "help": "measure each planned node's error alone (only it in int8: output cosine, top-1 agreement, your --metric) on "
                 "the guard's calibration samples, and list them worst first with the nodes kept float and why, in the report "
