@@ -53,9 +53,11 @@ log = logging.getLogger(__name__)
 # CLOSE_TO_EVEN of 1 is timed again, longer, before it decides anything.
 SPEED_SEARCH_ABOVE = 0.95
 CLOSE_TO_EVEN = 0.03
-# The layers reading the model's input stay float when that is at least 1% faster: less is within a
-# timing's noise, and "faster" would then be a coin's throw.
-INPUT_FLOAT_GAIN = 0.99
+# A change is faster when it takes under this ratio of the time without it: a gain under 1% is within a
+# timing's noise (one thread, interleaved, on a shared machine), and "faster" would then be a coin's throw.
+# Used for the int8 model against its input (never_slower: not worth its rounding error otherwise) and for
+# the layers reading the model's input kept float against the int8 model.
+CLEAR_GAIN = 0.99
 
 
 @register
@@ -99,7 +101,7 @@ class Qdq(Pass):
     cache: str = field(default="", metadata={"help": "JSON file of calibrated ranges: read if present, written if not"})
     never_slower: bool = field(default=True, metadata={
         "help": "time each candidate against the pass's input in onnxruntime (one thread, interleaved runs) and keep the "
-                "input when none is faster, saying so; when the best is not clearly faster, each kind of quantized node "
+                "input when none is at least 1% faster (less is within a timing's noise), saying so; when the best is not clearly faster, each kind of quantized node "
                 "(1-D Conv, depthwise Conv, MatMul of activations, Add, the layers reading the model's input, ...) is also tried in "
                 "float, and a kind whose int8 form made the model slower stays float; when it is clearly faster, the layers reading "
                 "the model's input are still tried in float (kept so when 1% faster). The pass manager also rolls back a step slower than its input"})
@@ -211,13 +213,15 @@ class Qdq(Pass):
             ratio = relative_latency(original, picked.model, feed, runtime=context.runtime, keep_candidate=False,
                                      min_runs=RETIME_RUNS, min_seconds=RETIME_SECONDS)
         picked.figures["latency_ratio"] = round(ratio, 3)
-        if ratio < 1.0:
+        if ratio < CLEAR_GAIN:
             picked.latency_vs_input = ratio
             return picked
         kept = PassResult(original, warnings=picked.warnings, figures=picked.figures, skipped=picked.skipped)
-        kept.worse = (f"the quantized model took {ratio:.2f}x its input's time in onnxruntime (one thread), so the input is kept: "
-                      "quantizing activations at run time and around small layers can cost more than the int8 kernels save "
-                      "(never_slower=false keeps the int8 model)")
+        why = ("quantizing activations at run time and around small layers can cost more than the int8 kernels save" if ratio >= 1.0 else
+               f"a gain under {1 - CLEAR_GAIN:.0%} is within a timing's noise, and not worth int8's rounding error")
+        shown = f"{ratio:.3f}" if ratio < 1.0 else f"{ratio:.2f}"  # 0.995x would read 0.99x or 1.00x
+        kept.worse = (f"the quantized model took {shown}x its input's time in onnxruntime (one thread), so the input is kept: "
+                      f"{why} (never_slower=false keeps the int8 model)")
         kept.warnings.append(f"qdq: {kept.worse}")
         return kept
 
@@ -293,10 +297,10 @@ class Qdq(Pass):
         model = self._with_embeddings(PassResult(static.build(static.guard_kept | set(first)))).model
         # picked is timed as the candidate, so that its session stays handed over for the manager's validation
         relative = 1.0 / relative_latency(model, picked.model, feed, runtime=context.runtime, keep_candidate=True, hand_over=True,
-                                          decide_at=(1.0 / INPUT_FLOAT_GAIN,))
+                                          decide_at=(1.0 / CLEAR_GAIN,))
         timed = ratio * relative
         picked.figures["input_layers_in_float_latency"] = round(timed, 3)
-        if relative >= INPUT_FLOAT_GAIN:
+        if relative >= CLEAR_GAIN:
             return picked, ratio
         slow = {name: f"kept in float: it reads the model's input, and the model ran faster with this {kind} in float ({ratio:.3f}x "
                       f"-> {timed:.3f}x its input's time)" for name, kind in first.items()}
@@ -652,8 +656,8 @@ def _sensitivity(static: StaticResult, picked: PassResult, context: PassContext)
 def _time_against(original: onnx.ModelProto, candidate: onnx.ModelProto, feed: dict[str, np.ndarray], context: PassContext,
                   bound: float | None = None, *, early: bool = True, keep: bool = False) -> float:
     """``candidate``'s one-thread onnxruntime time over ``original``'s. With ``early``, timing stops
-    once the ratio is clearly on one side of 1 (and of ``bound``); ``keep`` holds the candidate's
-    session for its validation."""
-    bounds = (1.0,) if bound is None or bound == 1.0 else (1.0, bound)
+    once the ratio is clearly on one side of 1, of CLEAR_GAIN (and of ``bound``); ``keep`` holds the
+    candidate's session for its validation."""
+    bounds = tuple(sorted({1.0, CLEAR_GAIN} | ({bound} if bound is not None else set())))
     return relative_latency(original, candidate, feed, runtime=context.runtime, keep_candidate=keep, hand_over=keep,
                             decide_at=bounds if early else ())
