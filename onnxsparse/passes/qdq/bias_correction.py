@@ -37,7 +37,7 @@ def bias_shifts(builder: StaticBuilder, source: InputSource, ops: Sequence[str],
     # before, once their turn comes; both ways give the same bytes (tests/test_qdq.py).
     biases: dict[str, BiasSite] = {}
     zero = {layer.name: np.zeros_like(reference[layer.outputs[0].name], dtype=np.float32) for layer in layers if patchable(layer)}
-    patched = builder.build(set(kept_float), zero, biases, kept_float) if PATCH_BIASES else None
+    patched = builder.build(set(kept_float), zero, biases, measured_with=kept_float) if PATCH_BIASES else None
     # Each layer's output is computed from the int8 activation entering the layer before it, kept from
     # the step before (a segment run), not by running the model from its inputs: that made the
     # correction quadratic in depth. The int8 tensor is kept, not its dequantized twin, so that

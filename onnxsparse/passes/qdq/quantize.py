@@ -44,7 +44,7 @@ from .bias_correction import bias_shifts
 from .guard import GUARD_REASON, closeness, confirmed, guarded
 from .materialize import StaticBuilder, applicable_shifts, dequantized, dynamic_lstm, dynamic_matmul
 from .plan import Plan, nested_weight_layers, plan_static, tensors_of
-from .rules import COMPUTE, INPUT_KIND, QUANTIZED_OPS, RECURRENT, speed_kind, timing_kind
+from .rules import COMPUTE, QUANTIZED_OPS, RECURRENT, is_input_layer, speed_kind, timing_kind
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class Qdq(Pass):
         (one thread, VNNI: MobileNetV2 0.495x -> 0.475x its input's time, the depthwise stack 0.636x
         -> 0.590x, the tf2onnx conv1d model 0.441x -> 0.457x)."""
         first = {node.name: speed_kind(node) for node in static.plan.nodes
-                 if node.name not in static.guard_kept and timing_kind(node).startswith(INPUT_KIND)}
+                 if node.name not in static.guard_kept and is_input_layer(node)}
         if not first or not static.changes_anything(static.guard_kept | set(first)):
             return picked, ratio
         model = self._with_embeddings(PassResult(static.build(static.guard_kept | set(first)))).model

@@ -41,7 +41,12 @@ def timing_kind(node: gs.Node) -> str:
     """The kind the speed search times in float as one: :func:`speed_kind`, with the layers that read
     the model's input apart (``INPUT_KIND`` before their kind)."""
     kind = speed_kind(node)
-    return INPUT_KIND + kind if node.op in COMPUTE and reads_model_input(node) else kind
+    return INPUT_KIND + kind if is_input_layer(node) else kind
+
+
+def is_input_layer(node: gs.Node) -> bool:
+    """A compute layer (Conv, Gemm, MatMul, ...) that quantizes the model's input: see :func:`reads_model_input`."""
+    return node.op in COMPUTE and reads_model_input(node)
 
 
 def reads_model_input(node: gs.Node) -> bool:
