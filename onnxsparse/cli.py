@@ -233,7 +233,7 @@ def _seed(args: argparse.Namespace) -> int:
 
 
 def _add_tolerance_options(parser: argparse.ArgumentParser, *, per_pass: bool) -> None:
-    group = parser.add_argument_group("tolerances (bounds: max_abs max_rel min_cosine min_sqnr_db min_top1 max_top1_drop max_kl min_agreement)")
+    group = parser.add_argument_group("tolerances (bounds: max_abs max_rel min_cosine min_sqnr_db min_top1 max_top1_drop max_kl min_agreement min_sequence_agreement max_sequence_drop)")
     group.add_argument("--tolerance", metavar='"max_rel=1e-3 ..."', help="global tolerance")
     group.add_argument("--output-tolerance", action="append", default=[], metavar='NAME:"min_cosine=0.99 ..."', help="per output (repeatable)")
     if per_pass:
@@ -430,10 +430,12 @@ def _validation_dict(result: ValidationResult) -> dict[str, Any]:
 def render_validation(result: ValidationResult) -> str:
     rows = [
         [o.name, o.dtype, "x".join(map(str, o.shape)), _number(o.max_abs, ".3g"), _number(o.max_rel, ".3g"), _number(o.cosine, ".6f"),
-         _number(o.sqnr_db, ".1f"), _number(o.top1, ".3f"), _number(o.kl, ".3g"), _number(o.agreement, ".3f"), o.note]
+         _number(o.sqnr_db, ".1f"), _number(o.top1, ".3f"), _number(o.kl, ".3g"), _number(o.agreement, ".3f"),
+         _number(o.sequence_agreement, ".3f"), o.note]
         for o in result.outputs
     ]
-    table = format_table(["output", "dtype", "shape", "max abs", "max rel", "cosine", "SQNR dB", "top-1", "KL", "equal", "note"], rows, right=range(3, 10))
+    headers = ["output", "dtype", "shape", "max abs", "max rel", "cosine", "SQNR dB", "top-1", "KL", "equal", "same read", "note"]
+    table = format_table(headers, rows, right=range(3, 11))
     verdict = "passed" if result.passed else "FAILED\n" + "\n".join(f"  {f}" for f in result.verdict.failures)
     notes = "".join(f"\nnote: {note}" for note in result.verdict.notes)
     return (f"{table}\n\n{result.feeds} feed(s), tolerance {next(iter(result.verdict.tolerances.values()), 'none')}{_metric_text(result)}: "

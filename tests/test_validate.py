@@ -80,6 +80,70 @@ def test_top1_drop_costs_a_flip_what_the_original_gave_each_class():
     assert not verdict.passed and "top1_drop" in verdict.failures[0]
 
 
+def one_hot_frames(paths: list[list[int]], classes: int = 5) -> np.ndarray:
+    """[samples, positions, classes] scores whose best class per position is ``paths``."""
+    frames = np.zeros((len(paths), len(paths[0]), classes), np.float32)
+    for sample, path in enumerate(paths):
+        frames[sample, np.arange(len(path)), path] = 4.0
+    return frames
+
+
+def test_read_labels_merges_runs_and_drops_the_background():
+    from onnxsparse.validation import read_labels
+
+    assert read_labels(np.array([0, 3, 3, 0, 0, 3, 2, 2, 0]), background=0) == (3, 3, 2)
+    assert read_labels(np.array([4, 4, 1]), background=0) == (4, 1)
+    assert read_labels(np.array([], np.int16), background=0) == ()
+
+
+def test_sequence_agreement_counts_samples_that_read_the_same_not_positions():
+    """Background (the original's commonest class: 0 here) flipping at the edge of a run, or a run
+    boundary moving, reads the same; a label gained or changed does not. Positions do not count:
+    a changed line is one sample whatever its length."""
+    ref = one_hot_frames([[0, 1, 1, 0, 2, 0], [0, 3, 0, 0, 3, 0], [0, 2, 2, 4, 4, 0], [0, 1, 0, 0, 0, 0]])
+    cand = one_hot_frames([[0, 0, 1, 0, 2, 2], [0, 3, 0, 3, 3, 0], [0, 2, 4, 4, 4, 0], [0, 1, 0, 0, 0, 0]])
+    metrics, verdict = metrics_of(ref, cand, Tolerance(min_sequence_agreement=0.99))
+    assert (metrics.sequence_agreement, metrics.sequences) == (1.0, 4) and verdict.passed
+    cand[1, 2] = one_hot_frames([[3]])[0, 0]  # 3 0 3 -> 3 3 3: one label lost from sample 1
+    cand[3, 4] = one_hot_frames([[2]])[0, 0]  # a label gained by sample 3
+    metrics, verdict = metrics_of(ref, cand, Tolerance(min_sequence_agreement=0.99))
+    assert metrics.sequence_agreement == 0.5 and metrics.top1 == 18 / 24  # 6 of 24 positions flipped, 2 of 4 lines changed
+    assert not verdict.passed and "sequence_agreement 0.5 < 0.99" in verdict.failures[0]
+    assert metrics_of(ref[:, :, 0], cand[:, :, 0])[0].sequence_agreement is None  # [batch, classes]: labels, not sequences
+
+
+def test_sequence_drop_costs_a_changed_read_what_the_original_gave_each_path():
+    """As top1_drop with paths for classes: a read that changes where the original itself was on a near
+    tie costs little, one away from a confident path almost a whole sample; a path that changes but
+    reads the same costs nothing. Positions are not judged one by one (top1_drop is not computed)."""
+    logits = np.zeros((2, 3, 3), np.float32)  # 2 samples, 3 positions, classes 0 (background), 1, 2
+    logits[:, :, 0] = 6.0
+    logits[0, 1] = [0.0, 6.0, 5.9]  # sample 0 reads "1", on a near tie with "2"
+    logits[1, 1] = [0.0, 6.0, 0.0]  # sample 1 reads "1", sure of it
+    p = np.exp(logits) / np.exp(logits).sum(axis=2, keepdims=True)
+    paths = p.max(axis=2).prod(axis=1)  # each sample's best path, by the original's probabilities
+    near_tie, confident = logits.copy(), logits.copy()
+    near_tie[0, 1] = [0.0, 5.9, 6.0]
+    confident[1, 1] = [0.0, 0.0, 6.0]
+    metrics = metrics_of(logits, near_tie)[0]
+    assert metrics.sequence_drop == pytest.approx((paths[0] - p[0, 0, 0] * p[0, 1, 2] * p[0, 2, 0]) / 2, rel=1e-5)
+    assert metrics.sequence_drop < 0.03 and metrics.sequence_agreement == 0.5 and metrics.top1_drop is None
+    metrics, verdict = metrics_of(logits, confident, Tolerance(max_sequence_drop=0.01))
+    assert metrics.sequence_drop == pytest.approx((paths[1] - p[1, 0, 0] * p[1, 1, 2] * p[1, 2, 0]) / 2, rel=1e-5)
+    assert metrics.sequence_drop > 0.3 and not verdict.passed and "sequence_drop" in verdict.failures[0]
+    edge = logits.copy()
+    edge[1, 2] = [0.0, 6.0, 0.0]  # "1" one position longer: the same read
+    assert metrics_of(logits, edge)[0].sequence_drop == 0.0
+
+
+def test_a_sequence_verdict_on_few_samples_says_how_precisely_it_is_known():
+    paths = [[0, 1, 0, 2]] * 16
+    metrics, verdict = metrics_of(one_hot_frames(paths), one_hot_frames(paths), Tolerance(min_sequence_agreement=0.99))
+    assert verdict.passed and metrics.sequence_agreement == 1.0
+    note = next(n for n in verdict.notes if "read the same labels" in n)
+    assert "1.000 of 16 sample(s)" in note and "known only to 0.81-1.00" in note
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_kl_divergence_at_a_temperature_matches_softmax_by_hand(temperature):
     ref = np.array([[2.0, 1.0, 0.0], [0.5, 0.5, 3.0]], np.float32)
@@ -406,16 +470,18 @@ def test_an_npz_source_reads_each_file_once_and_hands_out_read_only_arrays(tmp_p
     assert len(reads) == 3 + 6
 
 
-def test_only_class_scores_of_one_label_per_sample_get_a_passs_label_bound():
-    """[batch, classes] logits carry one label per sample; a recogniser's [batch, frames, classes]
-    softmax flips at ambiguous frames without changing the text read from it."""
+def test_class_scores_read_per_sample_or_per_position_get_a_passs_label_bounds_and_maps_do_not():
+    """[batch, classes] logits carry one label per sample, a recogniser's [batch, frames, classes] a
+    sequence of them; a [batch, H, W, classes] map of scores is left to cosine (an edge pixel flipping
+    is not a change of what is read)."""
     from onnxsparse.validation import class_score_outputs, label_outputs
 
     model = parse("""
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[N, 8] x, float[N, 5, 8] f) => (float[N, 8] logits, float[N, 5, 8] frames) {
+    g (float[N, 8] x, float[N, 5, 8] f, float[N, 4, 4, 8] m) => (float[N, 8] logits, float[N, 5, 8] frames, float[N, 4, 4, 8] map) {
         logits = Softmax (x)
         frames = Softmax <axis = -1> (f)
+        map = Softmax <axis = -1> (m)
     }""")
     scores = class_score_outputs(model)
-    assert scores == {"logits", "frames"} and label_outputs(model, scores) == {"logits"}
+    assert scores == {"logits", "frames", "map"} and label_outputs(model, scores) == {"logits", "frames"}

@@ -35,7 +35,7 @@ from ..graph import (
 from ..layers import RNN_OPS, WEIGHT_OPS, layer_kind
 from ..layerwise import current_hessians, from_matrix, original_hessians, to_matrix, unsupported_reason
 from ..limits import CALIBRATION_SAMPLES
-from ..validation import SCORE_MAX_TOP1_DROP, DriftProbe, Tolerance
+from ..validation import DriftProbe, Tolerance
 from ..weights import WeightSite, find_tables, find_weights, matches, replace_weight
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 from .weight_only import INT4_IR_VERSION
@@ -63,6 +63,7 @@ class Cluster(Pass):
 
     name = "cluster"
     default_tolerance = Tolerance(min_cosine=0.97)
+    bounds_labels = True
 
     bits: float = field(default=4, metadata={"help": "bits per index: 2^bits centroids (1 to 8); with allocate=sensitivity, the average "
                                                    "index bits per weight (4 to 8)"})
@@ -102,9 +103,6 @@ class Cluster(Pass):
     def needs(self) -> frozenset[Requirement]:
         data = self.weighted or self.method == "gptq" or self.allocate == "sensitivity"
         return frozenset({Requirement.CALIBRATION}) if data else frozenset()
-
-    def score_tolerance(self) -> Tolerance:
-        return replace(self.tolerance(), max_top1_drop=SCORE_MAX_TOP1_DROP)
 
     @property
     def packed(self) -> bool:

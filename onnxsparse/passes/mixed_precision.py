@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -42,7 +42,7 @@ from ..graph import (
 )
 from ..layerwise import viewable_hessians
 from ..limits import CALIBRATION_SAMPLES
-from ..validation import SCORE_MAX_TOP1_DROP, DriftProbe, Tolerance
+from ..validation import DriftProbe, Tolerance
 from ..weights import WeightSite
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
 from .cluster import UINT4_CAST_OPSET, Cluster
@@ -99,6 +99,7 @@ class MixedPrecision(Pass):
 
     name = "mixed-precision"
     default_tolerance = Tolerance(min_cosine=0.97)
+    bounds_labels = True
     may_change_speed = True  # MatMulNBits is a kernel of its own
 
     formats: tuple[str, ...] = field(default=FORMATS, metadata={
@@ -129,9 +130,6 @@ class MixedPrecision(Pass):
 
     def needs(self) -> frozenset[Requirement]:
         return frozenset({Requirement.CALIBRATION})
-
-    def score_tolerance(self) -> Tolerance:
-        return replace(self.tolerance(), max_top1_drop=SCORE_MAX_TOP1_DROP)
 
     @property
     def _codebooks(self) -> Cluster:

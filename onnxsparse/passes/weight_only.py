@@ -11,7 +11,7 @@ The arithmetic is in :mod:`onnxsparse.blockwise`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -36,7 +36,7 @@ from ..graph import (
 )
 from ..layerwise import viewable_hessians
 from ..limits import CALIBRATION_SAMPLES
-from ..validation import SCORE_MAX_TOP1_DROP, Tolerance
+from ..validation import Tolerance
 from ..weights import WeightSite, find_tables, find_weights, matches
 from ..weightstore import release_pages
 from .base import Change, Pass, PassContext, PassResult, Requirement, Skip, register
@@ -65,6 +65,7 @@ class WeightOnly(Pass):
     name = "weight-only"
     # Looser than int8's 0.97: 4-bit round-to-nearest gives MiniLM's embedding 0.968 (onnxruntime's quantizer the same)
     default_tolerance = Tolerance(min_cosine=0.95)
+    bounds_labels = True
     may_change_speed = True
 
     bits: int = field(default=4, metadata={"help": "bits per weight: 4 or 8 (2 for MatMulNBits only)"})
@@ -99,9 +100,6 @@ class WeightOnly(Pass):
             raise ValueError("accuracy_level is an attribute of MatMulNBits: format=nbits")
         if self.calibration_samples < 1 or not 0 < self.damp < 1:
             raise ValueError("calibration_samples must be at least 1 and damp within (0, 1)")
-
-    def score_tolerance(self) -> Tolerance:
-        return replace(self.tolerance(), max_top1_drop=SCORE_MAX_TOP1_DROP)  # labels are what a classifier's user reads
 
     def needs(self) -> frozenset[Requirement]:
         return frozenset({Requirement.CALIBRATION}) if self.method == "gptq" else frozenset()

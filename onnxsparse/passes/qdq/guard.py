@@ -3,13 +3,13 @@ searched by kind, then by runs of neighbours, then node by node; each trial buil
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import onnx
+import onnx_graphsurgeon as gs
 
 from ...validation import ValidationResult
 from ..base import PassContext, PassResult
-from .plan import Plan
 from .rules import speed_kind
 
 GUARD_REASON = "kept in float by the accuracy guard"
@@ -23,10 +23,11 @@ GUARD_MAX_NODE_SEARCH = 48
 GUARD_RUNS = 8
 
 
-def guarded(build: Callable[[set[str]], onnx.ModelProto], plan: Plan, quantized: onnx.ModelProto, context: PassContext,
+def guarded(build: Callable[[set[str]], onnx.ModelProto], nodes: Sequence[gs.Node], quantized: onnx.ModelProto, context: PassContext,
             result: PassResult) -> tuple[onnx.ModelProto, set[str], bool]:
-    """Keep the most harmful nodes in float until the tolerance holds: the model, the nodes kept
-    float, and whether it holds (False when even every node in float does not).
+    """Keep the most harmful of ``nodes`` (the quantized ones, in graph order) in float until the
+    tolerance holds: the model, the nodes kept float, and whether it holds (False when even every
+    node in float does not).
 
     First by kind (:func:`speed_kind`: op type, depthwise and 1-D convolutions and MatMuls of two
     activations apart): each kind is kept float on its own, kinds are then kept float in order of
@@ -40,14 +41,14 @@ def guarded(build: Callable[[set[str]], onnx.ModelProto], plan: Plan, quantized:
     if trials.holds(frozenset()):
         return quantized, set(), True
     kinds: dict[str, list[str]] = {}
-    for node in plan.nodes:
+    for node in nodes:
         kinds.setdefault(speed_kind(node), []).append(node.name)
     kept = trials.fewest(list(kinds), lambda chosen: {n for kind in chosen for n in kinds[kind]}, "kinds")
     if kept is None:
         result.warnings.append("qdq guard: even all nodes in float do not meet the tolerance (on the judge's calibration samples, "
                                "or on the others that confirm its trials); every node kept quantized")
         return quantized, set(), False
-    candidates = [node.name for node in plan.nodes if node.name in kept]  # in graph order
+    candidates = [node.name for node in nodes if node.name in kept]  # in graph order
     if len(candidates) > GUARD_MAX_NODE_SEARCH:
         size = -(-len(candidates) // GUARD_RUNS)
         runs = {f"nodes {start + 1}-{min(start + size, len(candidates))}": candidates[start:start + size]
@@ -61,7 +62,7 @@ def guarded(build: Callable[[set[str]], onnx.ModelProto], plan: Plan, quantized:
         if refined is not None:
             kept = refined
     result.figures["guard_kept_float"] = len(kept)
-    result.figures["guard_kinds"] = ", ".join(sorted({speed_kind(n) for n in plan.nodes if n.name in kept}))
+    result.figures["guard_kinds"] = ", ".join(sorted({speed_kind(n) for n in nodes if n.name in kept}))
     result.figures["guard_trials"] = trials.built
     return trials.model(kept), set(kept), True  # what fewest returns holds
 
