@@ -1054,3 +1054,28 @@ def test_the_guard_keeps_float_the_matmul_whose_dynamic_int8_breaks_the_model_an
     unguarded = optimize(tmp_path / "m.onnx", tmp_path / "u.onnx", "qdq{mode=dynamic never_slower=false guard=false}", inputs=tmp_path / "x.npz",
                          calibration=tmp_path / "calibration.npz", policy="keep")
     assert not unguarded.steps[0].validation.passed  # what the guard prevents
+
+
+def test_a_static_candidate_the_guard_kept_wholly_float_does_not_stand_in_for_a_dynamic_one_that_holds(tmp_path, monkeypatch):
+    """When the guard keeps every node of the static candidate float, that candidate is the simplified
+    input, which can time faster than the dynamic candidate: auto must pick the dynamic one, not
+    return the input (PP-OCRv4 did, at 0.957x against 0.984x)."""
+    from onnxsparse.passes.qdq import quantize
+
+    real = quantize.guarded
+
+    def static_wholly_float(build, nodes, quantized, context, result):  # type: ignore[no-untyped-def]
+        if not any(n.op_type == "QuantizeLinear" for n in quantized.graph.node):
+            return real(build, nodes, quantized, context, result)  # the dynamic candidate's guard
+        names = {node.name for node in nodes}
+        return build(names), names, True
+
+    monkeypatch.setattr(quantize, "guarded", static_wholly_float)
+    # the float (simplified) model times faster than the dynamic one, as PP-OCRv4's did
+    monkeypatch.setattr(quantize, "relative_latency", lambda reference, candidate, feed, **_: (
+        0.9 if any(n.op_type == "DynamicQuantizeLinear" for n in candidate.graph.node) else 0.5))
+    out, report = _quantize("digits_transformer", tmp_path, "qdq{never_slower=false}")
+    step = report.steps[0]
+    assert step.status == "committed" and step.figures["mode"] == "dynamic", step.figures
+    assert step.figures["mode_choice"] == "static: the accuracy guard kept every node float"
+    assert _fused_ops(out, tmp_path)["DynamicQuantizeMatMul"] + _fused_ops(out, tmp_path)["MatMulIntegerToFloat"] >= 1
