@@ -431,11 +431,11 @@ def render_validation(result: ValidationResult) -> str:
     rows = [
         [o.name, o.dtype, "x".join(map(str, o.shape)), _number(o.max_abs, ".3g"), _number(o.max_rel, ".3g"), _number(o.cosine, ".6f"),
          _number(o.sqnr_db, ".1f"), _number(o.top1, ".3f"), _number(o.kl, ".3g"), _number(o.agreement, ".3f"),
-         _number(o.sequence_agreement, ".3f"), o.note]
+         _number(o.sequence_agreement, ".3f"), _number(o.sequence_drop, ".3g"), o.note]
         for o in result.outputs
     ]
-    headers = ["output", "dtype", "shape", "max abs", "max rel", "cosine", "SQNR dB", "top-1", "KL", "equal", "same read", "note"]
-    table = format_table(headers, rows, right=range(3, 11))
+    headers = ["output", "dtype", "shape", "max abs", "max rel", "cosine", "SQNR dB", "top-1", "KL", "equal", "same read", "read drop", "note"]
+    table = format_table(headers, rows, right=range(3, 12))
     verdict = "passed" if result.passed else "FAILED\n" + "\n".join(f"  {f}" for f in result.verdict.failures)
     notes = "".join(f"\nnote: {note}" for note in result.verdict.notes)
     return (f"{table}\n\n{result.feeds} feed(s), tolerance {next(iter(result.verdict.tolerances.values()), 'none')}{_metric_text(result)}: "

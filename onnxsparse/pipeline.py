@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -167,7 +167,7 @@ class PassManager:
         report.input.source = label
         limit = None if data.held_out else self.max_samples
         feeds = collect_feeds(first_samples(data.validation, model, limit), model, extras=self.metric is not None)
-        if self.inputs is not None and data.fitting:
+        if self.inputs is not None and self.calibration is not None and data.fitting:
             _refuse_overlap(self.inputs, feeds, self.calibration, model, data.fitting)  # type: ignore[arg-type]
         validated = _count_samples(feeds, model)
         report.inputs = _describe_feeds(data.validation, validated, limit)
@@ -180,7 +180,7 @@ class PassManager:
         # calibration data in sessions of its own meanwhile (two copies of a big model's weights).
         first = self.passes[0] if self.passes else None
         timed = self.measure_speed and first is not None and first.may_change_speed
-        pin = timed and first is not None and Requirement.CALIBRATION not in first.needs()
+        pin = timed and first is not None and not first.fits_on_calibration()
         reference = Reference.of(model, feeds, f"{label} (original)", self._progress("reference"), runtime=self.runtime, metric=self.metric,
                                  timed_later=timed, pin=pin)
         log.info("reference: the original's outputs on %s in %.1f s", report.inputs, time.perf_counter() - phase)
@@ -210,7 +210,7 @@ class PassManager:
         self._report_progress("passes", len(self.passes), len(self.passes))
         final = _finalize_versions(clone(chain.model), model)
         phase = time.perf_counter()
-        final_tolerance = chain.tolerance_of(None, reference.labels, self.tolerances)
+        final_tolerance = chain.tolerance_of(None, reference.labels, self.tolerances, reference.sequences)
         if chain.outputs_current and final.ir_version == chain.model.ir_version:  # the model its last step already ran
             report.final_validation = reference.compared(chain.outputs, final_tolerance, temperature=self.temperature)
         else:
@@ -232,7 +232,7 @@ class PassManager:
     def _plan_data(self, model: onnx.ModelProto) -> DataPlan:
         """Validate on the user's inputs; else on calibration samples held out of every fit (on all of
         them when no pass fits on data); else on the fallback (seeded synthetic) inputs."""
-        fitting = tuple(p.name for p in self.passes if Requirement.CALIBRATION in p.needs())
+        fitting = tuple(p.name for p in self.passes if p.fits_on_calibration())
         if self.calibration is None:
             validation = self.inputs or self.fallback_inputs or resolve_inputs(None, model)
             return DataPlan(validation, None, fitting)
@@ -277,9 +277,9 @@ class PassManager:
         if self.report is not None:  # in the report at once: a `raise` below still leaves it there
             self.report.steps.append(step)
         started = time.perf_counter()
-        fits = Requirement.CALIBRATION in pass_.needs()
+        fits = pass_.fits_on_calibration()
         step.fitted_on = data.calibration.describe() if fits and data.calibration is not None else ""
-        tolerance_of = chain.tolerance_of(pass_, reference.labels, self.tolerances)
+        tolerance_of = chain.tolerance_of(pass_, reference.labels, self.tolerances, reference.sequences)
 
         def validate(model: onnx.ModelProto) -> ValidationResult:  # for passes that search (the qdq guard): calibration only
             verdict = judge.validate(model, tolerance_of, f"{label} trial of {pass_.name}")
@@ -431,7 +431,7 @@ class _Chain:
     outputs: list[dict[str, np.ndarray]]
     footprint: Footprint
     budget: Tolerance = EXACT
-    score_budget: Tolerance = EXACT  # the same for outputs of one label per sample (Pass.score_tolerance)
+    score_budget: Tolerance = EXACT  # the same for outputs labels are read from (Pass.score_tolerance, validation.with_score_bounds)
     last_pass: str | None = None
     drifted: bool = False
     outputs_current: bool = True  # ``outputs`` are the committed model's own (not an earlier one's)
@@ -446,12 +446,18 @@ class _Chain:
     def score_budget_with(self, pass_: Pass) -> Tolerance:
         return _widened(self.score_budget, pass_.score_tolerance())
 
-    def tolerance_of(self, pass_: Pass | None, scores: frozenset[str] | None, tolerances: Tolerances) -> Callable[[str], Tolerance]:
-        """Each output's tolerance: the user's, else the budget with ``pass_`` (class-score outputs their own)."""
+    def tolerance_of(self, pass_: Pass | None, labels: frozenset[str] | None, tolerances: Tolerances,
+                     sequences: frozenset[str] = frozenset()) -> Callable[[str], Tolerance]:
+        """Each output's tolerance: the user's, else the budget with ``pass_``; outputs read as a label per
+        sample (``labels``) or a sequence of them (``sequences``) have the score budget's bound on that."""
         budget = self.budget_with(pass_) if pass_ is not None else self.budget
         score_budget = self.score_budget_with(pass_) if pass_ is not None else self.score_budget
+        of_labels, of_sequences = replace(score_budget, max_sequence_drop=None), replace(score_budget, max_top1_drop=None)
         name = pass_.name if pass_ is not None else self.last_pass
-        return lambda output: tolerances.for_output(output, name, score_budget if scores and output in scores else budget)
+
+        def default(output: str) -> Tolerance:
+            return of_labels if labels and output in labels else of_sequences if output in sequences else budget
+        return lambda output: tolerances.for_output(output, name, default(output))
 
     def commit(self, model: onnx.ModelProto, outputs: list[dict[str, np.ndarray]] | None, pass_: Pass) -> None:
         self.budget = self.budget_with(pass_)

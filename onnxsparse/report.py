@@ -113,7 +113,7 @@ def worst_output(validation: ValidationResult | None) -> str:
     if worst.top1 is not None:
         text += f", top1 {worst.top1:.3f}"
     if worst.sequence_agreement is not None:
-        text += f", same read {worst.sequence_agreement:.3f}"
+        text += f", same read {worst.sequence_agreement:.3f} (drop {worst.sequence_drop:.3g})"
     if validation.metric is not None:
         text += f", metric {validation.metric.value:.4g}"
     return text

@@ -259,8 +259,8 @@ class OutputMetrics:
     # [batch, positions, classes] scores: the share of samples whose labels read the same (read_labels)
     sequence_agreement: float | None = None
     # the accuracy of what is read lost if the original's probabilities are right, as top1_drop with a
-    # sample's best path in the place of its best class: the mean over samples of P(original's path) -
-    # P(candidate's path), both by the original's probabilities per position, where the reads differ
+    # sample's read in the place of its best class: the mean over samples of P(original's read) -
+    # P(candidate's read) by the original's probabilities (read_log_probability), where the reads differ
     sequence_drop: float | None = None
     sequence_drop_error: float | None = None  # standard error of that mean over ``sequences``
     sequences: int = 0  # samples the sequence metrics were computed over
@@ -276,27 +276,27 @@ class OutputMetrics:
 
 
 class _OutputAccumulator:
-    """Streams one output's statistics over feeds, so memory does not grow with the feed count."""
+    """Streams one output's statistics over feeds, so memory grows with the feed count only by a
+    number per sample of a sequence output."""
 
-    def __init__(self, name: str, temperature: float, scores: bool | None = None) -> None:
+    def __init__(self, name: str, temperature: float, scores: bool | None = None, sequences: bool | None = None) -> None:
         self.name = name
         self.temperature = temperature
         self.scores = scores  # True/False: the output is / is not class scores; None: judged by its shape alone
+        self.sequences = sequences  # the same for reading a sequence per sample (rank 3: [batch, positions, classes])
         self.dtype = ""
         self.shape: list[int] = []
         self.max_abs = 0.0
         self.scale = 0.0
         self.dot = self.ref_sq = self.cand_sq = self.err_sq = 0.0
         self.equal = self.count = self.nonfinite = 0
-        self.top1_equal = self.rows = self.drop_rows = 0
+        self.top1_equal = self.rows = 0
         self.drop_sum = self.drop_sq_sum = 0.0
         self.kl_sum = 0.0
-        # best class per position of each sample, original's and candidate's, and the probability of
-        # each path by the original's ([batch, positions, classes] outputs): kept until the end because
-        # the background class is the original's commonest
-        self.ref_paths: list[np.ndarray] = []
-        self.cand_paths: list[np.ndarray] = []
-        self.path_probabilities: list[np.ndarray] = []  # per feed: [samples, 2], original's path then candidate's
+        # per sample of a sequence output: whether it reads otherwise, and what that costs (sequence_drop)
+        self.background: int | None = None  # the class not read: the commonest in the original's first feed
+        self.read_changed: list[bool] = []
+        self.read_drops: list[float] = []
         self.unit = 0.0
         self.note = ""
         self.broken = False
@@ -365,23 +365,32 @@ class _OutputAccumulator:
         log_q = _log_softmax(cand2 / self.temperature)
         p = np.exp(log_p)
         self.kl_sum += float(np.sum(p * (log_p - log_q)))
-        probabilities = ref2 if _are_probabilities(ref2) else p  # the softmax taken once, for both
+        given = _are_probabilities(ref2)
+        probabilities = ref2 if given else p  # the softmax taken once, for both
         rows = np.arange(ref2.shape[0])
-        ref_p, cand_p = probabilities[rows, ref_top], probabilities[rows, cand_top]
-        if ref.ndim == 3:  # a sequence per sample: what is read is the path, not each position alone
-            self._add_paths(ref.shape[:2], ref_top, cand_top, ref_p, cand_p)
-            return
-        drops = ref_p - cand_p
-        self.drop_rows += len(drops)
+        drops = probabilities[rows, ref_top] - probabilities[rows, cand_top]
         self.drop_sum += float(np.sum(drops))
         self.drop_sq_sum += float(np.sum(drops * drops))
+        if ref.ndim == 3 and self.sequences is not False:
+            self._add_reads(ref, ref_top.reshape(ref.shape[:2]), cand_top.reshape(ref.shape[:2]), given)
 
-    def _add_paths(self, shape: tuple[int, ...], ref_top: np.ndarray, cand_top: np.ndarray, ref_p: np.ndarray, cand_p: np.ndarray) -> None:
-        self.ref_paths.extend(_narrow(ref_top).reshape(shape))
-        self.cand_paths.extend(_narrow(cand_top).reshape(shape))
-        with np.errstate(divide="ignore"):  # a class the original gives probability 0: a path of probability 0
-            log_paths = np.stack([np.log(ref_p).reshape(shape).sum(axis=1), np.log(cand_p).reshape(shape).sum(axis=1)], axis=1)
-        self.path_probabilities.append(np.exp(log_paths))
+    def _add_reads(self, ref: np.ndarray, ref_paths: np.ndarray, cand_paths: np.ndarray, given: bool) -> None:
+        """What each sample reads, and for one that reads otherwise what that costs: P(original's read) -
+        P(candidate's read), each summed over every path that reads it (CTC's forward pass, the
+        background as the blank), by the original's probabilities at temperature 1."""
+        if self.background is None:
+            self.background = int(np.bincount(ref_paths.ravel()).argmax())
+        for sample, (ref_path, cand_path) in enumerate(zip(ref_paths, cand_paths)):
+            ref_read, cand_read = read_labels(ref_path, self.background), read_labels(cand_path, self.background)
+            self.read_changed.append(ref_read != cand_read)
+            if ref_read == cand_read:
+                self.read_drops.append(0.0)
+                continue
+            with np.errstate(divide="ignore"):  # a class of probability 0 reads with probability 0
+                log_probabilities = np.log(ref[sample]) if given else _log_softmax(ref[sample])
+            drop = math.exp(read_log_probability(log_probabilities, ref_read, self.background)) - math.exp(
+                read_log_probability(log_probabilities, cand_read, self.background))
+            self.read_drops.append(max(drop, 0.0))  # greedy reading is not always the likeliest: no credit for that
 
     def result(self) -> OutputMetrics:
         metrics = OutputMetrics(name=self.name, dtype=self.dtype, shape=self.shape, note=self.note, broken=self.broken)
@@ -405,22 +414,15 @@ class _OutputAccumulator:
             metrics.top1_interval = wilson_interval(self.top1_equal, self.rows)
             metrics.rows = self.rows
             metrics.kl = self.kl_sum / self.rows
-        if self.drop_rows:
-            metrics.top1_drop = self.drop_sum / self.drop_rows
-            metrics.top1_drop_error = math.sqrt(max(self.drop_sq_sum / self.drop_rows - metrics.top1_drop**2, 0.0) / self.drop_rows)
-        if self.ref_paths:
-            self._sequence_metrics(metrics)
+            metrics.top1_drop = self.drop_sum / self.rows
+            metrics.top1_drop_error = math.sqrt(max(self.drop_sq_sum / self.rows - metrics.top1_drop**2, 0.0) / self.rows)
+        if self.read_changed:
+            drops = np.array(self.read_drops)
+            metrics.sequences = len(drops)
+            metrics.sequence_agreement = 1.0 - float(np.mean(self.read_changed))
+            metrics.sequence_drop = float(drops.mean())
+            metrics.sequence_drop_error = float(drops.std() / math.sqrt(len(drops)))
         return metrics
-
-    def _sequence_metrics(self, metrics: OutputMetrics) -> None:
-        background = int(np.bincount(np.concatenate(self.ref_paths)).argmax())
-        changed = np.array([read_labels(r, background) != read_labels(c, background) for r, c in zip(self.ref_paths, self.cand_paths)])
-        paths = np.concatenate(self.path_probabilities)
-        drops = np.where(changed, paths[:, 0] - paths[:, 1], 0.0)
-        metrics.sequences = len(changed)
-        metrics.sequence_agreement = 1.0 - float(changed.mean())
-        metrics.sequence_drop = float(drops.mean())
-        metrics.sequence_drop_error = float(drops.std() / math.sqrt(len(drops)))
 
 
 def read_labels(path: np.ndarray, background: int) -> tuple[int, ...]:
@@ -432,9 +434,24 @@ def read_labels(path: np.ndarray, background: int) -> tuple[int, ...]:
     return tuple(int(label) for label in runs if label != background)
 
 
-def _narrow(labels: np.ndarray) -> np.ndarray:
-    """Class indices in the smallest integer type that holds them: kept per sample until the end."""
-    return labels.astype(np.int16 if labels.size == 0 or labels.max() < 2**15 else np.int32)
+def read_log_probability(log_probabilities: np.ndarray, read: tuple[int, ...], blank: int) -> float:
+    """log P(read) of a [positions, classes] array of log-probabilities: the sum over every path of one
+    class per position that reads it (runs merged, ``blank`` dropped), by CTC's forward pass. Summed
+    over paths, not the one best: a frame at the edge of a run that could go either way reads the same
+    both ways, and a path's probability alone would fall with every such frame."""
+    extended = np.full(2 * len(read) + 1, blank)
+    extended[1::2] = read
+    # a label may follow the one two back (skipping a blank) unless it repeats it: "aa" reads as "a"
+    skip = np.zeros(len(extended), bool)
+    skip[2:] = (extended[2:] != blank) & (extended[2:] != extended[:-2])
+    alpha = np.full(len(extended), -np.inf)
+    alpha[:2] = log_probabilities[0, extended[:2]]
+    for frame in log_probabilities[1:]:
+        previous = alpha
+        alpha = np.logaddexp(previous, np.concatenate(([-np.inf], previous[:-1])))
+        alpha[skip] = np.logaddexp(alpha[skip], previous[:-2][skip[2:]])
+        alpha = alpha + frame[extended]
+    return float(np.logaddexp(alpha[-1], alpha[-2]) if len(alpha) > 1 else alpha[-1])
 
 
 # How far the true top-1 agreement may lie from the measured one before a verdict on it is flagged
@@ -502,6 +519,9 @@ def judge(metrics: Sequence[OutputMetrics], tolerance_of: Callable[[str], Tolera
         for bound in TOLERANCE_FIELDS:
             value = output.value_of(bound)
             if value is None:
+                if getattr(tolerance, bound) is not None and bound in _SCORE_BOUNDS + _SEQUENCE_BOUNDS:
+                    verdict.notes.append(f"output '{output.name}': {bound} is not measured on it ({_why_unmeasured(output, bound)}), "
+                                         "so it was not checked")
                 continue
             reached[bound] = value
             limit = getattr(tolerance, bound)
@@ -555,6 +575,12 @@ def _sequence_precision_note(output: OutputMetrics) -> list[str]:
              f"samples pin it to +-{TOP1_PRECISION:g}")]
 
 
+def _why_unmeasured(output: OutputMetrics, bound: str) -> str:
+    if bound in _SEQUENCE_BOUNDS:
+        return "a sequence is read only from float scores of shape [batch, positions, classes]"
+    return "top-1 is measured only on float scores whose last axis holds at least 2 classes"
+
+
 def _drop_precision_note(name: str, metric: str, value: float | None, error: float | None, samples: int, bound: float) -> list[str]:
     """A note when a mean drop (top1_drop, sequence_drop) is known less precisely than half its bound:
     on a few samples (or views of a few photos, which flip together) one hard sample decides the verdict."""
@@ -562,7 +588,11 @@ def _drop_precision_note(name: str, metric: str, value: float | None, error: flo
         return []
     half = _Z95 * error
     if half <= bound / 2:
-        return []
+        if samples * bound >= 1 or bound <= 0:
+            return []
+        # no spread to measure (nothing changed, or one sample), yet a single sample decides the verdict
+        return [(f"output '{name}': {metric} {value:.4f} on {samples} sample(s): one sample changing with confidence costs up to "
+                 f"{1 / samples:.3g}, over the bound {bound:g} alone; {math.ceil(1 / bound)} or more samples can tell a bound this fine")]
     needed = math.ceil(samples * (half / (bound / 2)) ** 2)
     return [(f"output '{name}': {metric} {value:.4f} on {samples} sample(s) is known only to +-{half:.4f} "
              f"(95%, samples taken as independent); about {needed} samples judge it to +-{bound / 2:g}")]
@@ -704,6 +734,7 @@ def compare(
     temperature: float = 1.0,
     seconds: float = 0.0,
     scores: Collection[str] | None = None,
+    sequences: Collection[str] | None = None,
     metric: TaskMetric | None = None,
     feeds: Sequence[Feed] = (),
 ) -> ValidationResult:
@@ -715,7 +746,8 @@ def compare(
     accumulators: dict[str, _OutputAccumulator] = {}
     for ref_outputs, cand_outputs in zip(reference, candidate, strict=True):
         for name, ref_value in ref_outputs.items():
-            accumulator = accumulators.get(name) or accumulators.setdefault(name, _OutputAccumulator(name, temperature, _is_scored(name, scores, tolerance_of)))
+            accumulator = accumulators.get(name) or accumulators.setdefault(name, _OutputAccumulator(
+                name, temperature, _is_scored(name, scores, tolerance_of), _reads_sequences(name, sequences, tolerance_of)))
             if name not in cand_outputs:
                 accumulator.mark_broken("output missing from the candidate")
             elif not accumulator.broken:
@@ -732,9 +764,19 @@ def compare(
 
 def _is_scored(name: str, scores: Collection[str] | None, tolerance_of: Callable[[str], Tolerance]) -> bool | None:
     tolerance = tolerance_of(name)
-    if tolerance.min_top1 is not None or tolerance.max_kl is not None or tolerance.max_top1_drop is not None:
+    if any(getattr(tolerance, bound) is not None for bound in _SCORE_BOUNDS + _SEQUENCE_BOUNDS):
         return True  # the user asked for a verdict on them
     return None if scores is None else name in scores
+
+
+def _reads_sequences(name: str, sequences: Collection[str] | None, tolerance_of: Callable[[str], Tolerance]) -> bool | None:
+    if any(getattr(tolerance_of(name), bound) is not None for bound in _SEQUENCE_BOUNDS):
+        return True
+    return None if sequences is None else name in sequences
+
+
+_SCORE_BOUNDS = ("min_top1", "max_kl", "max_top1_drop")
+_SEQUENCE_BOUNDS = ("min_sequence_agreement", "max_sequence_drop")
 
 
 # Ops whose float output is class scores (probabilities), and ops that compute logits (a last layer).
@@ -771,12 +813,22 @@ def class_score_outputs(model: onnx.ModelProto) -> frozenset[str]:
 
 
 def label_outputs(model: onnx.ModelProto, scores: frozenset[str]) -> frozenset[str]:
-    """The class-score outputs a user reads labels from: one per sample ([batch, classes]) or a
-    sequence per sample ([batch, positions, classes], a text recogniser's frames). A pass's default
-    bounds on what is read (with_score_bounds) apply to these; a feature map of scores is left to
-    cosine, as a pixel flipping at an edge is not a change of what is read."""
+    """The class-score outputs that give one label per sample ([batch, classes]): a pass's default
+    bound on label flips (max_top1_drop) applies to these."""
     ranks = {o.name: len(o.type.tensor_type.shape.dim) for o in model.graph.output if o.type.HasField("tensor_type")}
-    return frozenset(name for name in scores if ranks.get(name) in (2, 3))
+    return frozenset(name for name in scores if ranks.get(name) == 2)
+
+
+def sequence_outputs(scores: frozenset[str], feeds: Sequence[Feed], outputs: Sequence[Mapping[str, Any]]) -> frozenset[str]:
+    """The class-score outputs that give a sequence of labels per sample ([batch, positions, classes], a
+    text recogniser's frames), axis 0 following the samples of every feed (not a time-major [positions,
+    batch, classes] one): a pass's default bound on what is read (max_sequence_drop) applies to these.
+    A flip at one position is not: a recogniser moves a label's frame at the edge of a run without
+    changing what is read. A map of scores (rank 4) is left to cosine."""
+    def batch_major(name: str) -> bool:
+        values = [output.get(name) for output in outputs]
+        return all(isinstance(v, np.ndarray) and v.ndim == 3 and v.shape[0] == samples_in(feed) for v, feed in zip(values, feeds))
+    return frozenset(name for name in scores if outputs and batch_major(name))
 
 
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
@@ -792,6 +844,7 @@ class Reference:
     scores: frozenset[str] | None = None
     metric: TaskMetric | None = None  # judged beside the tolerances on every candidate
     labels: frozenset[str] = frozenset()  # the score outputs with one label per sample (label_outputs)
+    sequences: frozenset[str] = frozenset()  # those with a sequence of labels per sample (sequence_outputs)
 
     @classmethod
     def of(cls, model: onnx.ModelProto, feeds: list[Feed], label: str, progress: ProgressCallback | None = None, *,
@@ -810,7 +863,7 @@ class Reference:
                     "the original must give finite outputs to be compared with (fix the model, or give inputs it is defined on)"
                 )
         scores = class_score_outputs(model)
-        return cls(feeds, outputs, scores, metric, label_outputs(model, scores))
+        return cls(feeds, outputs, scores, metric, label_outputs(model, scores), sequence_outputs(scores, feeds, outputs))
 
     def validate(
         self,
@@ -826,11 +879,12 @@ class Reference:
         session = open_session(candidate, label, runtime=runtime)
         outputs = run_feeds(session, self.feeds, label, progress)
         return compare(self.outputs, outputs, tolerance_of, temperature=temperature, seconds=time.perf_counter() - start, scores=self.scores,
-                       metric=self.metric, feeds=self.feeds)
+                       sequences=self.sequences, metric=self.metric, feeds=self.feeds)
 
     def compared(self, outputs: list[dict[str, np.ndarray]], tolerance_of: Callable[[str], Tolerance], *, temperature: float = 1.0) -> ValidationResult:
         """A verdict on outputs a candidate already gave on these feeds: a model is never run twice on them."""
-        return compare(self.outputs, outputs, tolerance_of, temperature=temperature, scores=self.scores, metric=self.metric, feeds=self.feeds)
+        return compare(self.outputs, outputs, tolerance_of, temperature=temperature, scores=self.scores, sequences=self.sequences,
+                       metric=self.metric, feeds=self.feeds)
 
 
 def _nonfinite_count(values: Iterable[object]) -> tuple[int, int]:

@@ -204,17 +204,18 @@ def test_a_big_session_handed_over_is_held_until_it_is_next_asked_for():
     assert runtime.session(other, "validation") is not dropped
 
 
-@pytest.mark.parametrize("spec, loads_of_the_original, loads_of_the_result", [("qdq{mode=dynamic}", 1, 3), ("qdq{mode=static}", 4, 3)])
+@pytest.mark.parametrize("spec, loads_of_the_original, loads_of_the_result",
+                         [("qdq{mode=dynamic guard=false}", 1, 1), ("qdq{mode=dynamic}", 4, 3), ("qdq{mode=static}", 4, 3)])
 def test_a_big_original_is_held_for_its_timing_only_when_the_pass_runs_no_sessions_of_its_own(tmp_path, monkeypatch, spec,
                                                                                              loads_of_the_original, loads_of_the_result):
-    """Every model counts as big here (a budget of 1 byte). qdq{mode=dynamic} runs nothing between the
-    reference and its timing: the original is loaded once. qdq{mode=static} calibrates in sessions of
-    its own: the original is not held through that (two copies of a big model's weights), so it is
-    loaded for the reference, the guard's judge, the judge's confirming samples and the timing
-    (simplify's offline optimizer aside).
-    The result is timed by the pass and handed over to the manager's validation: loaded once, and
-    twice more because the guard judged it before on the judge's samples and on the confirming ones
-    (on all cores, not one thread): qdq{mode=dynamic} is guarded too when calibration data is given."""
+    """Every model counts as big here (a budget of 1 byte). qdq{mode=dynamic guard=false} runs nothing
+    between the reference and its timing: the original is loaded once. qdq{mode=static} calibrates in
+    sessions of its own, and the guard (dynamic mode's too, given calibration data) judges trials: the
+    original is not held through that (two copies of a big model's weights), so it is loaded for the
+    reference, the guard's judge, the judge's confirming samples and the timing (simplify's offline
+    optimizer aside). The result is timed by the pass and handed over to the manager's validation:
+    loaded once, and twice more where the guard judged it before on the judge's samples and on the
+    confirming ones (on all cores, not one thread)."""
     import onnxsparse.pipeline as pipeline_module
     from onnxsparse.calibration import resolve_inputs
     from onnxsparse.spec import parse_pipeline

@@ -104,6 +104,12 @@ class Pass:
         """What this instance needs; options can add to the class's ``requires`` (wanda needs data)."""
         return self.requires
 
+    def fits_on_calibration(self) -> bool:
+        """Whether the pass chooses anything by calibration data when there is some: what it needs, or
+        uses when given (qdq's dynamic mode, whose guard judges its trials on calibration samples). The
+        manager then keeps those samples out of the verdict, and reports what the pass fitted on."""
+        return Requirement.CALIBRATION in self.needs()
+
     def tolerance(self) -> Tolerance:
         """The tolerance used when the user sets none; options may make a pass exact (zero-only)."""
         return self.default_tolerance

@@ -126,6 +126,9 @@ class Qdq(Pass):
     def needs(self) -> frozenset[Requirement]:
         return frozenset({Requirement.CALIBRATION}) if self.mode != "dynamic" else frozenset()
 
+    def fits_on_calibration(self) -> bool:
+        return self.mode != "dynamic" or self.guard  # the dynamic guard judges its trials on calibration samples, when given
+
     def run(self, model: onnx.ModelProto, context: PassContext) -> PassResult:
         result = PassResult(model)
         already = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
@@ -166,7 +169,7 @@ class Qdq(Pass):
         if self.mode == "auto" and context.validate is not None and context.calibration is not None:
             # guarded only where it could win: a static model that holds with every node int8 is not
             # beaten by a dynamic one with some in float
-            whole = static.guard_holds is not False and not static.guard_kept
+            whole = bool(static.first.changes) and static.guard_holds is not False and not static.guard_kept
             dynamic = self._dynamic(model, said, weights) if whole else self._guarded_dynamic(model, said, weights, context)
             if dynamic.changes:  # a dynamic candidate that quantizes nothing is the input: never slower or "chosen"
                 candidates["dynamic"] = dynamic
@@ -175,7 +178,8 @@ class Qdq(Pass):
                     # time faster than a dynamic model within tolerance and then take its place (PP-OCRv4:
                     # 0.957x against 0.984x, and the pass returned its input)
                     del candidates["static"]
-                    dynamic.figures["mode_choice"] = "static: the accuracy guard kept every node float"
+                    dynamic.figures["mode_choice"] = ("static: the accuracy guard kept every node float" if static.guard_kept else
+                                                      "static: nothing to quantize")
         chosen = self._kept_if_faster({mode: self._with_embeddings(c) for mode, c in candidates.items()}, original, context, weights, static)
         if self.sensitivity and chosen.figures.get("mode") == "static":  # also when the input was kept: what each node did
             chosen.figures["sensitivity"] = _sensitivity(static, chosen, context)
