@@ -778,6 +778,9 @@ def test_sensitivity_lists_each_node_alone_worst_first_and_explain_prints_it_fro
     assert cosines == sorted(cosines) and all(0 < c <= 1 for c in cosines)
     kept = {row["node"] for row in rows if row["status"] == "kept in float by the accuracy guard"}
     assert kept and kept == {s.target for s in step.skipped if s.reason == "kept in float by the accuracy guard"}
+    # whether each node alone holds the step's tolerance on the judge's samples (here cosine 0.99995 alone)
+    assert [row["holds_alone"] for row in rows] == [row["cosine_alone"] >= 0.99995 for row in rows]
+    assert all(row["same_read_alone"] is None for row in rows)  # class scores per sample: no sequence read
     assert main(["explain", str(tmp_path / "r.json")]) == 0
     text = capsys.readouterr().out
     assert "each node quantized alone, worst first:" in text and rows[0]["node"] in text

@@ -681,8 +681,11 @@ def _sensitivity(static: StaticResult, picked: PassResult, context: PassContext)
         label = node.name or node.outputs[0].name
         verdict = context.validate(static.build(planned - {node.name}))
         top1 = [o.top1 for o in verdict.outputs if o.top1 is not None]
+        reads = [o.sequence_agreement for o in verdict.outputs if o.sequence_agreement is not None]
         row: dict[str, object] = {"node": label, "kind": speed_kind(node), "cosine_alone": round(closeness(verdict), 6),
-                                  "top1_alone": round(min(top1), 4) if top1 else None, "status": why_float.get(label, "int8")}
+                                  "top1_alone": round(min(top1), 4) if top1 else None,
+                                  "same_read_alone": round(min(reads), 4) if reads else None,
+                                  "holds_alone": verdict.passed, "status": why_float.get(label, "int8")}
         if verdict.metric is not None:
             row["metric_alone"] = verdict.metric.value
         rows.append(row)
