@@ -567,13 +567,18 @@ def explain_step(step: dict[str, Any], top: int) -> str:
         shown_rows = rows if top <= 0 else rows[:top]
         table = [[r["node"], r["kind"], _number(r.get("cosine_alone"), ".6f"), _number(r.get("top1_alone"), ".3f"),
                   _number(r.get("same_read_alone"), ".3f"), _number(r.get("metric_alone"), ".4g"),
-                  {True: "yes", False: "no"}.get(r.get("holds_alone"), "-"), r["status"]] for r in shown_rows]  # type: ignore[call-overload]
+                  _yes_no(r.get("holds_alone")), r["status"]] for r in shown_rows]
         lines.append("  each node quantized alone, worst first:")
         headers = ["node", "kind", "cosine", "top-1", "same read", "metric", "holds alone", "in the result"]
         lines.extend("  " + line for line in format_table(headers, table, right=(2, 3, 4, 5)).splitlines())
         if len(shown_rows) < len(rows):
             lines.append(f"  ... and {len(rows) - len(shown_rows)} more (--top 0 shows all)")
     return "\n".join(lines)
+
+
+def _yes_no(value: object) -> str:
+    """A flag for a table cell; "-" where there is none (a report written before the flag existed)."""
+    return "-" if value is None else "yes" if value else "no"
 
 
 def _number(value: object, spec: str) -> str:

@@ -520,7 +520,7 @@ def judge(metrics: Sequence[OutputMetrics], tolerance_of: Callable[[str], Tolera
             value = output.value_of(bound)
             if value is None:
                 if getattr(tolerance, bound) is not None and bound in _SCORE_BOUNDS + _SEQUENCE_BOUNDS:
-                    verdict.notes.append(f"output '{output.name}': {bound} is not measured on it ({_why_unmeasured(output, bound)}), "
+                    verdict.notes.append(f"output '{output.name}': {bound} is not measured on it ({_why_unmeasured(bound)}), "
                                          "so it was not checked")
                 continue
             reached[bound] = value
@@ -575,7 +575,7 @@ def _sequence_precision_note(output: OutputMetrics) -> list[str]:
              f"samples pin it to +-{TOP1_PRECISION:g}")]
 
 
-def _why_unmeasured(output: OutputMetrics, bound: str) -> str:
+def _why_unmeasured(bound: str) -> str:
     if bound in _SEQUENCE_BOUNDS:
         return "a sequence is read only from float scores of shape [batch, positions, classes]"
     return "top-1 is measured only on float scores whose last axis holds at least 2 classes"
